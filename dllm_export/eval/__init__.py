@@ -1,0 +1,1 @@
+"""Outlier analysis, likelihood, task suites and reports: see issue 6."""

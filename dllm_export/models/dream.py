@@ -1,0 +1,205 @@
+"""Dream (Dream-v0-Base/Instruct-7B) in plain PyTorch: a Qwen2 body with bidirectional attention.
+
+Module names mirror the released safetensors (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+Arithmetic mirrors the hub `modeling_dream.py` (shared/research/models.md, section 2): fp32
+`inv_freq`, cos/sin cast to the activation dtype before rotation, q/k/v biases, no o_proj bias.
+The forward returns unshifted logits; the decoding loop and the scorer apply the shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .layers import RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
+from .spec import ModelSpec
+
+DREAM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPEC = ModelSpec(
+    family="dream",
+    model_type="Dream",
+    mask_id=151666,
+    eos_id=151643,
+    pad_id=151643,
+    bos_id=151665,
+    eot_id=151645,
+    shift_logits=True,
+    default_sampler="entropy",
+    blocks="model.layers",
+    linears={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    norms={"attn": "input_layernorm", "ffn": "post_attention_layernorm"},
+    embedding="model.embed_tokens",
+    final_norm="model.norm",
+    head="lm_head",
+    smooth_pairs=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    gguf_arch="dream",
+    context_key="max_position_embeddings",
+    chat_template=DREAM_CHAT_TEMPLATE,
+)
+
+
+@dataclass(frozen=True)
+class DreamConfig:
+    """The fields of Dream's config.json that define the forward pass."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DreamConfig":
+        """Parse a released config.json dict, refusing options this implementation does not compute."""
+        if d.get("rope_scaling") not in (None, {}):
+            raise CheckpointError(f"unsupported Dream config: rope_scaling={d['rope_scaling']!r}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"unsupported Dream config: hidden_act={d['hidden_act']!r}")
+        try:
+            heads = int(d["num_attention_heads"])
+            cfg = cls(
+                hidden_size=int(d["hidden_size"]),
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                vocab_size=int(d["vocab_size"]),
+                max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+                rope_theta=float(d.get("rope_theta", 10000.0)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"Dream config.json lacks required key {e.args[0]!r}") from None
+        if cfg.hidden_size % heads or heads % cfg.num_key_value_heads:
+            raise CheckpointError(
+                f"Dream config: hidden_size {cfg.hidden_size}, heads {heads}, kv heads {cfg.num_key_value_heads} do not divide")
+        return cfg
+
+
+class DreamAttention(nn.Module):
+    def __init__(self, cfg: DreamConfig, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=True, **kw)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False, **kw)
+
+    def forward(self, h, cos, sin, mask):
+        B, T, _ = h.shape
+        cfg = self.cfg
+        q = self.q_proj(h).view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # in the activation dtype, as Dream does
+        att = attention(q, k, v, mask)
+        return self.o_proj(att.transpose(1, 2).reshape(B, T, -1))
+
+
+class DreamMLP(nn.Module):
+    def __init__(self, cfg: DreamConfig, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **kw)
+
+    def forward(self, h):
+        return self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DreamLayer(nn.Module):
+    def __init__(self, cfg: DreamConfig, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = DreamAttention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = DreamMLP(cfg, **kw)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DreamModelLM(nn.Module):
+    """Dream mask predictor. `forward(input_ids)` returns raw, unshifted logits (B, L, vocab)."""
+
+    def __init__(self, cfg: DreamConfig, spec: ModelSpec = SPEC, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.config = cfg
+        self.spec = spec
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.model.layers = nn.ModuleList(DreamLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    @staticmethod
+    def padding_inputs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position_ids, 4-D bool mask) from a [B, T] 0/1 mask, as Dream's `diffusion_generate` builds them:
+        positions count real tokens only (pads get 1) and pad rows and columns are both masked."""
+        keep = attention_mask.to(torch.bool)
+        pos = attention_mask.long().cumsum(-1) - 1
+        pos = pos.masked_fill(~keep, 1)
+        mask = keep[:, None, None, :] & keep[:, None, :, None]  # (B, 1, T, T)
+        return pos, mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        check_ids(input_ids, self.config.vocab_size)
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.to(torch.bool)
+        elif attention_mask is not None and bool((attention_mask == 0).any()):
+            pos, mask = self.padding_inputs(attention_mask)
+            position_ids = pos if position_ids is None else position_ids
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hd)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        x = self.model.norm(x)
+        return nn.functional.linear(x, self.head_weight())

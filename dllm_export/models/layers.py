@@ -1,0 +1,69 @@
+"""Building blocks shared by the LLaDA and Dream re-implementations.
+
+Precision choices follow the released code exactly (see shared/research/models.md, section 8):
+RMSNorm normalises in fp32, casts back, then multiplies by the weight in the model dtype;
+RoPE is rotate-half with fp32 inverse frequencies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in LLaDA's `RMSLayerNorm` and HF Llama/Qwen2 (identical arithmetic)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX rotation: (x1, x2) -> (-x2, x1) over the two halves of the head dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables in fp32 for integer positions of any shape; result shape (*positions.shape, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, in the dtype of the operands."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional SDPA over (B, H, T, hd) with GQA by repeat-interleave of the kv heads."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+
+
+def check_ids(input_ids: torch.Tensor, vocab_rows: int) -> None:
+    """Raise a clear error for token ids outside the embedding table (instead of an IndexError deep inside)."""
+    from ..errors import InputError
+
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise InputError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_rows):
+        raise InputError(
+            f"token ids must lie in [0, {vocab_rows}); got min {int(input_ids.min())}, max {int(input_ids.max())}"
+        )

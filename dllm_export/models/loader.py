@@ -1,0 +1,156 @@
+"""Load a released checkpoint folder (config.json + safetensors, single or sharded).
+
+The model is built on the meta device and filled tensor by tensor straight from the
+memory-mapped shards, so peak memory stays near one copy of the weights in the target dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from . import family_for
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+# Non-persistent buffers some exporters write; they carry nothing the forward needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".rotary.inv_freq")
+
+BUNDLED = {"default": "llada-default", "default-dream": "dream-default"}
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """Map `default` / `default-dream` to the bundled checkpoints; check that a folder exists."""
+    if str(path) in BUNDLED:
+        p = Path(__file__).resolve().parent.parent / "assets" / BUNDLED[str(path)]
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"the bundled model {str(path)!r} is not installed (expected {p})")
+        return p
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model folder not found: {p}")
+    if not p.is_dir():
+        raise CheckpointError(f"expected a checkpoint folder (config.json + safetensors), got a file: {p}")
+    return p
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a checkpoint folder, with a clear error when missing or malformed."""
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"missing config.json in {path}")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by the index, or model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"missing safetensors shard: {f}")
+    return files
+
+
+def resolve_dtype(dtype: torch.dtype | str, config: dict) -> torch.dtype:
+    """torch dtype from a dtype or a name; 'auto' takes the checkpoint's own `torch_dtype`."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r} (choose from float32, bfloat16, float16, auto)")
+    return DTYPES[dtype]
+
+
+def build_model(config: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "meta") -> nn.Module:
+    """An (unfilled, meta by default) model for a config dict, with `.spec` ids taken from the config."""
+    fam = family_for(config.get("model_type"))
+    cfg = fam.parse_config(config)
+    ids = {field: int(config[key]) for field, key in fam.id_keys.items() if config.get(key) is not None}
+    spec = dataclasses.replace(fam.spec, **ids)
+    with torch.device(device):
+        model = fam.module(cfg, spec, dtype=dtype)
+    return model
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a LLaDA or Dream checkpoint in its released Hugging Face layout.
+
+    Args:
+        path: checkpoint folder (config.json + model.safetensors or sharded shards with index),
+            or `default` / `default-dream` for the bundled models.
+        dtype: compute dtype (float32, bfloat16, float16, or 'auto' for the checkpoint's own).
+        device: where the weights go.
+    Returns:
+        an eval-mode `nn.Module` with `.spec` (a `ModelSpec`) and `.config`; `model(input_ids)`
+        returns raw logits (B, L, V) in `dtype` (Dream's are unshifted).
+    Raises:
+        CheckpointError: missing/truncated files, unknown model_type, wrong tensor shapes.
+    """
+    from safetensors import safe_open
+
+    path = resolve_model_path(path)
+    config = read_config(path)
+    dtype = resolve_dtype(dtype, config)
+    model = build_model(config, dtype=dtype, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    if key not in expected:
+                        unexpected.append(key)
+                        continue
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        raise CheckpointError(f"{file.name}: tensor {key} has shape {list(shape)}, "
+                                              f"config.json implies {list(expected[key])}")
+                    _set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
+                    filled.add(key)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise CheckpointError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors for {model.spec.family} in {path}: "
+                              f"{', '.join(sorted(unexpected)[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    missing = sorted(set(expected) - filled)
+    if missing:
+        raise CheckpointError(f"tensors missing from {path}: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    model.eval()
+    model.checkpoint_path = path
+    model.raw_config = config
+    return model

@@ -1,0 +1,59 @@
+"""ModelSpec: everything later passes need to know about a model family, as data.
+
+One spec per family (LLaDA, Dream). Token ids are family defaults that `load_model`
+overrides from the checkpoint's config.json, so tiny test models and fine-tunes with
+other vocabularies work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Static facts about one dLLM family.
+
+    Attributes:
+        family: short name ("llada", "dream").
+        model_type: the `model_type` string of the released config.json.
+        mask_id / eos_id / pad_id / bos_id / eot_id: special token ids (eot = end of turn).
+        shift_logits: Dream keeps next-token alignment (position i predicts token i+1);
+            the decoding loop and the scorer shift, never the forward.
+        default_sampler: the sampler `generate` uses when none is given.
+        blocks: dotted path of the list of transformer blocks in the module tree.
+        linears: role -> module name inside a block (q, k, v, o, gate, up, down).
+        norms: role -> module name inside a block (attn, ffn).
+        embedding / final_norm / head: dotted paths of the embedding, last norm and LM head.
+        smooth_pairs: (norm or linear, [linears it feeds]) pairs for AWQ / SmoothQuant folding.
+        gguf_arch: llama.cpp architecture name.
+        context_key: config key holding the context length.
+        chat_template: Jinja template used when the checkpoint ships none.
+    """
+
+    family: str
+    model_type: str
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None
+    eot_id: int | None
+    shift_logits: bool
+    default_sampler: str
+    blocks: str
+    linears: dict[str, str]
+    norms: dict[str, str]
+    embedding: str
+    final_norm: str
+    head: str
+    smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
+    gguf_arch: str
+    context_key: str
+    chat_template: str = field(repr=False, default="")
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable view (for manifests and `dllm-export info`)."""
+        d = asdict(self)
+        d.pop("chat_template")
+        d["smooth_pairs"] = [[a, list(b)] for a, b in self.smooth_pairs]
+        return d

@@ -1,0 +1,1 @@
+"""Post-training quantization passes (RTN, GPTQ, AWQ, SmoothQuant, QuaRot, DuQuant): see issue 5."""

@@ -1,0 +1,53 @@
+"""Backends of the unmasking loop. A backend only supplies `forward(ids) -> logits`.
+
+Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logits [B, L, V] float32`,
+raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
+`max_length` (context) describe the model. Other runtimes (onnxruntime, llama.cpp) implement the
+same three attributes and one method.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..models.spec import ModelSpec
+
+
+@runtime_checkable
+class Backend(Protocol):
+    spec: ModelSpec
+    vocab_size: int
+    max_length: int
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class TorchBackend:
+    """Runs a loaded `nn.Module` (from `load_model`) under inference mode; logits come back as float32."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.spec: ModelSpec = model.spec
+        cfg = model.config
+        self.vocab_size = int(getattr(cfg, "embedding_size", None) or cfg.vocab_size)
+        self.max_length = int(getattr(cfg, model.spec.context_key))
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.inference_mode():
+            dev = self.model.head_weight().device
+            am = None if attention_mask is None else attention_mask.to(dev)
+            return self.model(ids.to(dev), attention_mask=am).float().cpu()
+
+
+def as_backend(model_or_backend) -> Backend:
+    """Wrap an `nn.Module` in a TorchBackend; pass backends through."""
+    if isinstance(model_or_backend, nn.Module):
+        return TorchBackend(model_or_backend)
+    if isinstance(model_or_backend, Backend):
+        return model_or_backend
+    raise TypeError(f"expected a model from load_model or a backend with forward(ids), got {type(model_or_backend).__name__}")

@@ -1,0 +1,207 @@
+"""The iterative-unmasking loop shared by every backend.
+
+The canvas is prompt + `gen_length` mask tokens, decoded left to right in blocks of
+`block_length` (semi-autoregressive; one block = the whole answer by default). Each step runs
+the backend over the whole canvas, applies classifier-free guidance and the family's logit
+shift, and commits positions of the current block by the sampler's rule. Steps are split evenly
+over blocks, as LLaDA's `generate.py` does; with `threshold` a block runs until it is decoded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import InputError
+from . import samplers as S
+from .backends import Backend, as_backend
+
+
+@dataclass
+class GenerateOutput:
+    """Result of `generate`.
+
+    Attributes:
+        ids: (B, P + gen_length) int64 prompt (left-padded) and generated tokens.
+        commit_step: (B, gen_length) int64, 0-based step (counted across blocks) at which each
+            generated position stopped being the mask token; -1 if it never did.
+        prompt_length: P.
+        attention_mask: (B, P + gen_length) 0/1, zeros at left padding.
+        nfe: number of backend forward calls (a CFG step counts once).
+        seconds: wall time of the loop.
+        settings: the resolved decoding settings.
+    """
+
+    ids: torch.Tensor
+    commit_step: torch.Tensor
+    prompt_length: int
+    attention_mask: torch.Tensor
+    nfe: int
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """(B, gen_length) the generated part of `ids`."""
+        return self.ids[:, self.prompt_length:]
+
+
+def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) from a tensor [B, P] / [P] or (ragged) lists of ids; ragged rows are left-padded."""
+    if isinstance(prompt_ids, torch.Tensor):
+        ids = prompt_ids.long()
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise InputError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long().reshape(ids.shape)
+        return ids, mask
+    rows: Sequence = prompt_ids
+    if rows and isinstance(rows[0], int):
+        rows = [rows]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise InputError("the prompt is empty")
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, P - len(r):] = 1
+    return ids, mask
+
+
+def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int | None = None,
+             block_length: int | None = None, sampler: str | None = None, temperature: float = 0.0,
+             cfg_scale: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             alg_temp: float | None = None, eps: float = 1e-3, threshold: float | None = None,
+             attention_mask=None, seed: int | None = None, generator: torch.Generator | None = None,
+             callback: Callable[[int, int], None] | None = None) -> GenerateOutput:
+    """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
+
+    Args:
+        model_or_backend: a model from `load_model` or any backend with `forward(ids) -> logits`.
+        prompt_ids: [B, P] tensor, a list of ids, or a list of lists (left-padded with the pad id).
+        gen_length: tokens to generate.
+        steps: denoising steps in total (default gen_length), split evenly over the blocks.
+        block_length: semi-autoregressive block size (default gen_length: one block).
+        sampler: `low_confidence` | `random` (LLaDA remasking), `origin` | `maskgit_plus` |
+            `topk_margin` | `entropy` (Dream algorithms); default from the model's spec.
+        temperature: 0 is greedy. LLaDA samplers use float64 Gumbel noise, Dream's categorical draws.
+        cfg_scale: classifier-free guidance; the unconditional pass masks the prompt.
+        top_k, top_p: Dream's filtering, applied only when given (Dream's own `diffusion_generate`
+            silently applies top_k=50 when top_k is omitted: pass top_k=50 to reproduce that).
+        alg_temp: Dream: sample positions from softmax(confidence / alg_temp) instead of top-k.
+        eps: Dream's final timestep (timesteps = linspace(1, eps, steps_per_block + 1)).
+        threshold: Fast-dLLM parallel decoding: per step commit every position of the block whose
+            top-1 probability is >= threshold, at least one; a block runs until it is decoded.
+        attention_mask: [B, P] 0/1 for a pre-padded prompt tensor.
+        seed / generator: randomness (None = torch's global generator, like the references).
+        callback: called as callback(step_done, steps_total_estimate) after each step.
+    Returns:
+        GenerateOutput with `.ids` [B, P + gen_length] and `.commit_step` [B, gen_length].
+    Raises:
+        InputError: bad schedule, unknown sampler, ids out of the vocabulary, context overflow.
+    """
+    backend: Backend = as_backend(model_or_backend)
+    spec = backend.spec
+    sampler = sampler or spec.default_sampler
+    steps = gen_length if steps is None else steps
+    block_length = gen_length if block_length is None else block_length
+    _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+
+    prompt, pmask = prepare_prompt(prompt_ids, spec.pad_id, attention_mask)
+    B, P = prompt.shape
+    if P + gen_length > backend.max_length:
+        raise InputError(f"prompt ({P} tokens) + gen_length ({gen_length}) = {P + gen_length} exceeds "
+                         f"the model's context of {backend.max_length} tokens")
+    if int(prompt.min()) < 0 or int(prompt.max()) >= backend.vocab_size:
+        raise InputError(f"prompt token ids must lie in [0, {backend.vocab_size}); got min {int(prompt.min())}, "
+                         f"max {int(prompt.max())}")
+
+    mask_id = spec.mask_id
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    am = torch.cat([pmask, torch.ones(B, gen_length, dtype=torch.long)], dim=1)
+    fwd_mask = None if bool((am == 1).all()) else am
+    prompt_index = x != mask_id
+    commit = torch.full((B, gen_length), -1, dtype=torch.long)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    max_block_steps = steps_per_block if threshold is None else 2 * block_length
+    total_estimate = steps if threshold is None else gen_length
+    nfe = 0
+    t0 = time.perf_counter()
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        if cfg_scale > 0:
+            un_x = x.clone()
+            un_x[prompt_index] = mask_id
+            both = backend.forward(torch.cat([x, un_x]), None if fwd_mask is None else torch.cat([fwd_mask, fwd_mask]))
+            cond, un = both.chunk(2, dim=0)
+            logits = un + (cfg_scale + 1) * (cond - un)
+        else:
+            logits = backend.forward(x, fwd_mask)
+        if spec.shift_logits:  # position i is predicted by the output at i - 1
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    for b in range(num_blocks):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
+        upto_block = torch.zeros_like(x, dtype=torch.bool)
+        upto_block[:, :hi] = True
+        quota = S.get_num_transfer_tokens(x[:, lo:hi] == mask_id, steps_per_block)
+        timesteps = torch.linspace(1, eps, steps_per_block + 1)
+        for i in range(max_block_steps):
+            eligible = (x == mask_id) & upto_block
+            if not bool(eligible.any()):
+                break  # nothing left to unmask in this block
+            logits = logits_of(x)
+            nfe += 1
+            before = x == mask_id
+            if threshold is not None:
+                S.threshold_step(logits, x, eligible, threshold, temperature, generator)
+            elif sampler in S.LLADA_SAMPLERS:
+                S.llada_step(logits, x, eligible, quota[:, i], sampler, temperature, generator)
+            else:
+                S.dream_step(logits, x, eligible, sampler, i, steps_per_block, timesteps, temperature,
+                             top_p, top_k, alg_temp, mask_id, generator)
+            newly = (before & (x != mask_id))[:, P:]
+            commit[newly & (commit < 0)] = nfe - 1
+            if callback is not None:
+                callback(nfe, total_estimate)
+
+    settings = dict(gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
+                    temperature=temperature, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                    alg_temp=alg_temp, eps=eps, threshold=threshold, seed=seed)
+    return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=nfe,
+                          seconds=time.perf_counter() - t0, settings=settings)
+
+
+def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold) -> None:
+    if sampler not in S.SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r} (choose from {', '.join(S.SAMPLERS)})")
+    if gen_length < 1 or steps < 1 or block_length < 1:
+        raise InputError(f"gen_length, steps and block_length must be >= 1 (got {gen_length}, {steps}, {block_length})")
+    if gen_length % block_length:
+        raise InputError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    num_blocks = gen_length // block_length
+    if threshold is None and steps % num_blocks:
+        raise InputError(f"steps {steps} must be a multiple of the number of blocks {num_blocks} "
+                         f"(gen_length {gen_length} / block_length {block_length})")
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must lie in (0, 1], got {top_p}")
+    if threshold is not None:
+        if not 0 < threshold <= 1:
+            raise InputError(f"threshold must lie in (0, 1], got {threshold}")
+        if sampler in ("random", "origin"):
+            raise InputError(f"threshold decoding ranks by confidence; sampler {sampler!r} has none")

@@ -1,0 +1,1 @@
+"""Device profiles as data (x86, ARM, CUDA): see issue 10."""
