@@ -65,3 +65,70 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# Qwen2's pre-tokenizer regex (llama.cpp pre-tokenizer "qwen2"): digits split one by one, which
+# keeps arithmetic learnable, and llama.cpp's gpt2-style BPE loader reproduces it exactly.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+SAMPLE_TEXT = '''def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+12+34=46 7*8=56 90-45=45 The quick brown fox jumps over the lazy dog.
+'''
+
+
+def train_tokenizer(texts, vocab_size: int, family: str) -> tuple[dict[str, str], dict[str, int]]:
+    """Train a byte-level BPE (Qwen2 pre-tokenizer) with the family's special tokens first.
+
+    Args:
+        texts: iterable of training strings.
+        vocab_size: total vocabulary including the special tokens (>= 256 + specials).
+        family: "llada" or "dream" (which special tokens and chat template).
+    Returns:
+        (files, ids): file name -> content for tokenizer.json and tokenizer_config.json, and the
+        config.json id keys (mask_token_id, eos_token_id, pad_token_id, bos_token_id).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .models import FAMILIES
+
+    spec = FAMILIES[family].spec
+    specials = list(dict.fromkeys(spec.special_tokens.values()))
+    if vocab_size < 256 + len(specials):
+        raise CheckpointError(f"a byte-level tokenizer needs vocab_size >= {256 + len(specials)}, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    ids = {role: tok.token_to_id(text) for role, text in spec.special_tokens.items()}
+    st = spec.special_tokens
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
+        "bos_token": st["bos"], "eos_token": st["eos"], "pad_token": st["pad"],
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "chat_template": spec.chat_template,
+    }
+    files = {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(tok_config, indent=2) + "\n"}
+    config_ids = {"mask_token_id": ids["mask"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+    if family == "dream":
+        config_ids["bos_token_id"] = ids["bos"]
+    return files, config_ids

@@ -52,6 +52,8 @@ SPEC = ModelSpec(
     ),
     gguf_arch="dream",
     context_key="max_position_embeddings",
+    special_tokens={"eos": "<|endoftext|>", "pad": "<|endoftext|>", "im_start": "<|im_start|>",
+                    "eot": "<|im_end|>", "bos": "<|beginoftext|>", "mask": "<|mask|>"},
     chat_template=DREAM_CHAT_TEMPLATE,
 )
 

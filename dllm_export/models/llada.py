@@ -51,6 +51,9 @@ SPEC = ModelSpec(
     ),
     gguf_arch="llada",
     context_key="max_sequence_length",
+    special_tokens={"bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>",
+                    "mask": "<|mdm_mask|>", "eot": "<|eot_id|>", "header_start": "<|start_header_id|>",
+                    "header_end": "<|end_header_id|>"},
     chat_template=LLADA_CHAT_TEMPLATE,
 )
 

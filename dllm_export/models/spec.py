@@ -28,6 +28,7 @@ class ModelSpec:
         smooth_pairs: (norm or linear, [linears it feeds]) pairs for AWQ / SmoothQuant folding.
         gguf_arch: llama.cpp architecture name.
         context_key: config key holding the context length.
+        special_tokens: role (bos, eos, pad, mask, eot, ...) -> token text of the released tokenizer.
         chat_template: Jinja template used when the checkpoint ships none.
     """
 
@@ -49,6 +50,7 @@ class ModelSpec:
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
     gguf_arch: str
     context_key: str
+    special_tokens: dict[str, str] = field(default_factory=dict)
     chat_template: str = field(repr=False, default="")
 
     def to_dict(self) -> dict:

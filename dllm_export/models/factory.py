@@ -1,0 +1,189 @@
+"""Write checkpoints in the released Hugging Face layout: tiny random models for tests, full-size
+random shapes for benchmarks, and trained models.
+
+Config keys and tensor names are exactly those of the released checkpoints (the reference code's
+`save_pretrained` output, see tests/golden/*/config.json), so every part of the project is tested on
+files that look like the real ones. Tensors are generated and written shard by shard, so an
+8B-shaped checkpoint never exists in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import InputError
+from .loader import DTYPES, build_model
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def llada_config(d_model: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int | None = None,
+                 mlp_hidden_size: int = 96, vocab_size: int = 128, max_sequence_length: int = 64,
+                 rope_theta: float = 500000.0, mask_token_id: int | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, weight_tying: bool = False, dtype: str = "float32") -> dict:
+    """A LLaDA config.json dict with every key of the released file (ModelConfig dumped by save_pretrained)."""
+    mask = vocab_size - 8 if mask_token_id is None else mask_token_id
+    eos = vocab_size - 28 if eos_token_id is None else eos_token_id
+    return {
+        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": d_model,
+        "embedding_dropout": 0.0, "embedding_size": vocab_size, "eos_token_id": eos, "flash_attention": False,
+        "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+        "layer_norm_with_affine": True, "mask_token_id": mask, "max_sequence_length": max_sequence_length,
+        "mlp_hidden_size": mlp_hidden_size, "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None,
+        "n_heads": n_heads, "n_kv_heads": n_heads if n_kv_heads is None else n_kv_heads, "n_layers": n_layers,
+        "pad_token_id": eos if pad_token_id is None else pad_token_id, "precision": None, "residual_dropout": 0.0,
+        "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True, "rope_theta": rope_theta,
+        "scale_logits": False, "torch_dtype": dtype, "transformers_version": "4.46.2", "use_cache": False,
+        "vocab_size": vocab_size, "weight_tying": weight_tying,
+    }
+
+
+def dream_config(hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                 num_key_value_heads: int | None = 2, intermediate_size: int = 96, vocab_size: int = 128,
+                 max_position_embeddings: int = 64, rope_theta: float = 1e6, mask_token_id: int | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, bos_token_id: int | None = None,
+                 tie_word_embeddings: bool = False, dtype: str = "float32") -> dict:
+    """A Dream config.json dict with every key of the released file (DreamConfig dumped by save_pretrained)."""
+    return {
+        "architectures": ["DreamModel"], "attention_dropout": 0.0,
+        "bos_token_id": vocab_size - 29 if bos_token_id is None else bos_token_id,
+        "eos_token_id": vocab_size - 28 if eos_token_id is None else eos_token_id,
+        "hidden_act": "silu", "hidden_size": hidden_size, "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "mask_token_id": vocab_size - 8 if mask_token_id is None else mask_token_id,
+        "max_position_embeddings": max_position_embeddings, "max_window_layers": 28, "model_type": "Dream",
+        "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_hidden_layers,
+        "num_key_value_heads": num_attention_heads if num_key_value_heads is None else num_key_value_heads,
+        "pad_token_id": 0 if pad_token_id is None else pad_token_id, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": rope_theta, "sliding_window": None, "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": dtype, "transformers_version": "4.46.2", "use_cache": False, "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+
+
+CONFIGS: dict[str, Callable[..., dict]] = {"llada": llada_config, "dream": dream_config}
+
+
+def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor a checkpoint of this config holds (computed on the meta device)."""
+    model = build_model(config, device="meta")
+    return {k: tuple(v.shape) for k, v in model.named_parameters()}
+
+
+def random_tensor(name: str, shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
+    """Random init: norms 1 + noise, everything else N(0, std^2)."""
+    if name.endswith(("norm.weight", "ln_f.weight")):
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    return std * torch.randn(shape, generator=generator)
+
+
+def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],
+                     dtype: torch.dtype = torch.float32, max_shard_bytes: int | None = None,
+                     extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write config.json + safetensors (sharded with an index when `max_shard_bytes` is set) atomically.
+
+    `tensors` may be a generator: each shard is written as soon as it is full, so peak memory is
+    about one shard. The folder appears only when complete (written to a temp dir, then renamed).
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"output folder {out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = dict(config, torch_dtype=_DTYPE_NAMES[dtype])
+        shards: list[list[str]] = []
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
+        n_written = 0
+
+        def flush():
+            nonlocal shard, size, n_written
+            if shard:
+                n_written += 1
+                save_file(shard, str(tmp / f"shard-{n_written:05d}.tmp"), metadata={"format": "pt"})
+                shards.append(list(shard))
+                shard, size = {}, 0
+
+        for name, t in tensors:
+            t = t.to(dtype).contiguous()
+            nbytes = t.numel() * t.element_size()
+            if max_shard_bytes and shard and size + nbytes > max_shard_bytes:
+                flush()
+            shard[name] = t
+            size += nbytes
+            total += nbytes
+        flush()
+        n = len(shards)
+        if max_shard_bytes is None or n == 1:
+            os.replace(tmp / "shard-00001.tmp", tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                os.replace(tmp / f"shard-{i:05d}.tmp", tmp / fname)
+                weight_map.update({k: fname for k in names})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for fname, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / fname, mode) as f:
+                f.write(content)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def make_random_checkpoint(out_dir: str | Path, family: str = "llada", *, dtype: torch.dtype | str = torch.float32,
+                           seed: int = 0, std: float = 0.2, max_shard_bytes: int | None = None,
+                           tokenizer: bool = False, **config_kwargs) -> Path:
+    """A random-init checkpoint of any size in the released layout (tiny for tests, 8B-shaped for benchmarks).
+
+    Args:
+        family: "llada" or "dream"; `config_kwargs` go to `llada_config` / `dream_config`.
+        std: weight scale; the default 0.2 gives peaky logits, so decoding traces are well-conditioned.
+        max_shard_bytes: shard like the 8B releases (model-0000k-of-0000n.safetensors + index).
+        tokenizer: also write a small byte-level BPE tokenizer.json whose special tokens sit at the
+            config's ids (needs vocab_size >= 300).
+    """
+    if family not in CONFIGS:
+        raise InputError(f"unknown family {family!r} (choose from {', '.join(CONFIGS)})")
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    extra = {}
+    if tokenizer:
+        from ..tokenizer import SAMPLE_TEXT, train_tokenizer
+
+        files, ids = train_tokenizer([SAMPLE_TEXT], config_kwargs.get("vocab_size", 128), family)
+        config_kwargs = {**ids, **config_kwargs}
+        extra.update(files)
+    config = CONFIGS[family](**config_kwargs)
+    shapes = tensor_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+    mask_id = config["mask_token_id"]
+
+    def tensors():
+        for name, shape in shapes.items():
+            t = random_tensor(name, shape, std, gen)
+            if name in ("model.transformer.ff_out.weight", "lm_head.weight"):
+                t[mask_id] = 0  # a mask predictor never proposes the mask itself
+            yield name, t
+
+    return write_checkpoint(out_dir, config, tensors(), dtype=dtype, max_shard_bytes=max_shard_bytes,
+                            extra_files=extra)
