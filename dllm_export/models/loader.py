@@ -84,12 +84,43 @@ def resolve_dtype(dtype: torch.dtype | str, config: dict) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build_model(config: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "meta") -> nn.Module:
-    """An (unfilled, meta by default) model for a config dict, with `.spec` ids taken from the config."""
+def tokenizer_special_ids(path: Path) -> dict[str, int]:
+    """token text -> id of the added (special) tokens of a folder's tokenizer.json, if any."""
+    f = path / "tokenizer.json"
+    if not f.is_file():
+        return {}
+    try:
+        return {t["content"]: int(t["id"]) for t in json.loads(f.read_text()).get("added_tokens", [])}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def resolve_spec(fam, config: dict, vocab_rows: int, added_tokens: dict[str, int] | None = None):
+    """The family spec with ids from config.json first, then the tokenizer's special tokens, then the
+    family defaults; a default id outside the vocabulary (a small custom model) becomes None."""
+    ids = {}
+    for role in ("mask", "eos", "pad", "bos", "eot"):
+        field = f"{role}_id"
+        key = fam.id_keys.get(field)
+        text = fam.spec.special_tokens.get(role)
+        if key and config.get(key) is not None:
+            ids[field] = int(config[key])
+        elif added_tokens and text in added_tokens:
+            ids[field] = added_tokens[text]
+        elif getattr(fam.spec, field) is not None and getattr(fam.spec, field) >= vocab_rows:
+            ids[field] = None
+    if ids.get("mask_id", fam.spec.mask_id) is None:
+        raise CheckpointError(f"no mask token id: set mask_token_id in config.json")
+    return dataclasses.replace(fam.spec, **ids)
+
+
+def build_model(config: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "meta",
+                added_tokens: dict[str, int] | None = None) -> nn.Module:
+    """An (unfilled, meta by default) model for a config dict, with `.spec` ids resolved by `resolve_spec`."""
     fam = family_for(config.get("model_type"))
     cfg = fam.parse_config(config)
-    ids = {field: int(config[key]) for field, key in fam.id_keys.items() if config.get(key) is not None}
-    spec = dataclasses.replace(fam.spec, **ids)
+    vocab_rows = int(getattr(cfg, "embedding_size", None) or cfg.vocab_size)
+    spec = resolve_spec(fam, config, vocab_rows, added_tokens)
     with torch.device(device):
         model = fam.module(cfg, spec, dtype=dtype)
     return model
@@ -120,7 +151,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     path = resolve_model_path(path)
     config = read_config(path)
     dtype = resolve_dtype(dtype, config)
-    model = build_model(config, dtype=dtype, device="meta")
+    model = build_model(config, dtype=dtype, device="meta", added_tokens=tokenizer_special_ids(path))
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
     filled: set[str] = set()
     unexpected: list[str] = []

@@ -151,11 +151,13 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         return logits
 
     for b in range(num_blocks):
-        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        hi = P + (b + 1) * block_length
         # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
         upto_block = torch.zeros_like(x, dtype=torch.bool)
         upto_block[:, :hi] = True
-        quota = S.get_num_transfer_tokens(x[:, lo:hi] == mask_id, steps_per_block)
+        # LLaDA's quota counts the block's masks; masks left of it (infilling prompts) count too, so
+        # they are decoded as well (identical to the reference when the prompt has none)
+        quota = S.get_num_transfer_tokens((x == mask_id) & upto_block, steps_per_block)
         timesteps = torch.linspace(1, eps, steps_per_block + 1)
         for i in range(max_block_steps):
             eligible = (x == mask_id) & upto_block

@@ -1,0 +1,373 @@
+"""Masked-diffusion pre-training of the small bundled default models (LLaDA and Dream layouts).
+
+The objective is LLaDA's pre-training loss (Nie et al. 2025, "Large Language Diffusion Models";
+shared/research/models.md section 4.1): per sequence t ~ U(0, 1), p_mask = (1 - eps) t + eps, every
+token masked i.i.d. with probability p_mask, and
+
+    loss = sum over masked tokens of CE(logits_i, x_i) / p_mask  /  (B * L).
+
+Dream (Ye et al. 2025, "Dream 7B") trains the same objective with its logits shifted one position
+(position i predicts token i + 1, models.md 2.5); its first position is never masked.
+
+Training is deterministic from a seed: the corpus (`dllm_export.corpus`), the tokenizer, the init,
+the windows and the masks all come from seeded generators. Checkpoints (model, optimizer, step,
+RNG state) are written every few minutes and at the end; `--resume` continues bit-for-bit on the
+same machine. `--minutes` is a wall-clock budget after which training stops cleanly and saves.
+
+    python -m dllm_export.train --family llada --out runs/llada --minutes 90
+    python -m dllm_export.train --family llada --out runs/llada --resume --minutes 60
+    python -m dllm_export.train --family llada --out runs/llada --export dllm_export/assets/llada-default
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .corpus import CorpusRecipe, build_corpus, corpus_summary
+from .models.factory import dream_config, llada_config, write_checkpoint
+from .models.loader import build_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model shape and optimisation settings of one training run.
+
+    Attributes:
+        family: "llada" or "dream".
+        d_model / n_layers / n_heads / n_kv_heads / mlp_hidden: transformer shape.
+        vocab_size: BPE vocabulary including the family's special tokens.
+        context: max_sequence_length / max_position_embeddings written to config.json.
+        seq_len / batch_size: packed training windows per step.
+        lr / min_lr_ratio / warmup_steps / steps: AdamW learning rate, linear warmup then cosine
+            decay to lr * min_lr_ratio at `steps` (the schedule length; `--minutes` may stop earlier).
+        weight_decay / betas / grad_clip: AdamW and clipping.
+        eps: minimum mask probability (LLaDA's 1e-3).
+        rope_theta: RoPE base.
+        seed: seeds init, windows and masks.
+    """
+
+    family: str = "llada"
+    d_model: int = 256
+    n_layers: int = 5
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    mlp_hidden: int = 704
+    vocab_size: int = 4096
+    context: int = 1024
+    seq_len: int = 128
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    steps: int = 6000
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    eps: float = 1e-3
+    rope_theta: float = 10000.0
+    seed: int = 0
+
+
+# The shapes of the bundled models (see the model cards in dllm_export/assets/*/README.md).
+PRESETS: dict[str, TrainConfig] = {
+    "llada": TrainConfig(),
+    "dream": TrainConfig(family="dream", d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_hidden=512,
+                         vocab_size=4096, steps=6000),
+}
+
+
+def model_config(cfg: TrainConfig, ids: dict[str, int]) -> dict:
+    """The released-layout config.json dict of the model `cfg` describes, with the tokenizer's ids."""
+    if cfg.family == "llada":
+        return llada_config(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                            n_kv_heads=cfg.n_kv_heads, mlp_hidden_size=cfg.mlp_hidden, vocab_size=cfg.vocab_size,
+                            max_sequence_length=cfg.context, rope_theta=cfg.rope_theta, **ids)
+    return dream_config(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                        num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.mlp_hidden,
+                        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context, rope_theta=cfg.rope_theta,
+                        **ids)
+
+
+def init_weights(model: torch.nn.Module, n_layers: int, generator: torch.Generator, std: float = 0.02) -> None:
+    """GPT-2 style init: N(0, std^2), residual output projections scaled by 1/sqrt(2 n_layers), norms 1, biases 0."""
+    residual_out = (".attn_out.weight", ".ff_out.weight", ".o_proj.weight", ".down_proj.weight")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "ln_f.weight")):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif name.endswith(residual_out) and (".blocks." in name or ".layers." in name):
+                p.copy_(torch.randn(p.shape, generator=generator) * (std / math.sqrt(2 * n_layers)))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def prepare_data(cfg: TrainConfig, recipe: CorpusRecipe) -> dict:
+    """Tokenizer files, config ids and the token streams of each source (deterministic)."""
+    from tokenizers import Tokenizer
+
+    from .tokenizer import train_tokenizer
+
+    corpus = build_corpus(recipe)
+    files, ids = train_tokenizer(corpus.tokenizer_texts(), cfg.vocab_size, cfg.family)
+    tok = Tokenizer.from_str(files["tokenizer.json"])
+    eos = ids["eos_token_id"]
+
+    def encode_docs(docs: list[str]) -> torch.Tensor:
+        out: list[int] = []
+        for enc in tok.encode_batch(docs, add_special_tokens=False):
+            out.extend(enc.ids)
+            out.append(eos)
+        return torch.tensor(out, dtype=torch.int32)
+
+    lines = [line + "\n" for line in corpus.arithmetic_train]
+    arith = tok.encode("".join(lines), add_special_tokens=False).ids
+    # digits, + - * = and \n are single characters that the pre-tokenizer isolates: one token each
+    assert len(arith) == sum(map(len, lines)), "arithmetic characters must map to one token each"
+    starts = torch.tensor([0] + [len(x) for x in lines[:-1]], dtype=torch.int64).cumsum(0)
+    eng_docs = ["\n".join(corpus.english_train[i:i + 32]) for i in range(0, len(corpus.english_train), 32)]
+    return {
+        "tokenizer_files": files, "ids": ids, "summary": corpus_summary(corpus),
+        "streams": {"code": encode_docs(corpus.code_train), "english": encode_docs(eng_docs),
+                    "arithmetic": torch.tensor(arith, dtype=torch.int32)},
+        "arithmetic_starts": starts,
+    }
+
+
+class WindowSampler:
+    """Draws [B, seq_len] windows: a source per row by the recipe's shares, then a random offset
+    (arithmetic windows start at a line start, so `47+38=` at position 0 looks like training)."""
+
+    def __init__(self, data: dict, recipe: CorpusRecipe, seq_len: int):
+        self.streams = data["streams"]
+        self.names = ["code", "arithmetic", "english"]
+        self.shares = torch.tensor([recipe.code, recipe.arithmetic, recipe.english], dtype=torch.float64)
+        self.starts = data["arithmetic_starts"]
+        self.starts = self.starts[self.starts <= len(self.streams["arithmetic"]) - seq_len]
+        self.seq_len = seq_len
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """One batch of windows (int64)."""
+        src = torch.multinomial(self.shares, batch_size, replacement=True, generator=generator)
+        rows = []
+        for s in src.tolist():
+            name = self.names[s]
+            stream = self.streams[name]
+            if name == "arithmetic":
+                off = int(self.starts[torch.randint(len(self.starts), (1,), generator=generator)])
+            else:
+                off = int(torch.randint(len(stream) - self.seq_len, (1,), generator=generator))
+            rows.append(stream[off:off + self.seq_len])
+        return torch.stack(rows).long()
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+def shift_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Dream alignment: position i is predicted by the logits of position i - 1 (position 0 keeps its own)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def masked_diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
+                          eps: float = 1e-3, shift: bool = False) -> tuple[torch.Tensor, dict]:
+    """LLaDA pre-training loss (models.md 4.1) on clean windows `x0` [B, L].
+
+    Returns:
+        (loss, stats): the 1/p_mask-weighted CE summed over masked tokens / (B * L), and the
+        unweighted mean CE and accuracy over masked tokens (for logs).
+    """
+    B, L = x0.shape
+    t = torch.rand(B, generator=generator)
+    p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)
+    masked = torch.rand(B, L, generator=generator) < p_mask
+    if shift:
+        masked[:, 0] = False  # Dream: the first position has no left neighbour to predict it
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    logits = model(xt)
+    if shift:
+        logits = shift_logits(logits)
+    ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")
+    loss = (ce / p_mask[masked]).sum() / (B * L)
+    with torch.no_grad():
+        acc = (logits[masked].argmax(-1) == x0[masked]).float().mean() if ce.numel() else torch.tensor(0.0)
+        stats = {"ce": float(ce.mean()) if ce.numel() else 0.0, "acc": float(acc), "n_masked": int(masked.sum())}
+    return loss, stats
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup for `warmup_steps`, then cosine decay to lr * min_lr_ratio at `steps` (flat after)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on embeddings, norms, biases)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() == 2 and "wte" not in name and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe(), minutes: float = 60.0,
+          resume: bool = False, checkpoint_minutes: float = 5.0, log_every: int = 20) -> Path:
+    """Train (or resume) a run in folder `out` until `cfg.steps` or the wall-clock budget; return the checkpoint path.
+
+    `out` holds data.pt (tokenizer + token streams, built once), ckpt.pt (model, optimizer, step,
+    RNG state) and run.json (settings and progress).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, data_path = out / "ckpt.pt", out / "data.pt"
+    t_start = time.time()
+    if resume:
+        state = torch.load(ckpt_path, weights_only=False)
+        cfg = TrainConfig(**{**state["train_config"], "betas": tuple(state["train_config"]["betas"]),
+                             "steps": max(cfg.steps, state["train_config"]["steps"])})
+        recipe = CorpusRecipe(**state["recipe"])
+    if data_path.exists():
+        data = torch.load(data_path, weights_only=False)
+    else:
+        _log("building corpus and tokenizer ...")
+        data = prepare_data(cfg, recipe)
+        _save(data_path, data)
+        _log(f"data: {json.dumps(data['summary'])[:400]} tokens: "
+             f"{ {k: len(v) for k, v in data['streams'].items()} }")
+    config = model_config(cfg, data["ids"])
+    model = build_model(config, dtype=torch.float32, device="cpu")
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, elapsed, tokens = 0, 0.0, 0
+    if resume:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
+        _log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+    else:
+        init_weights(model, cfg.n_layers, gen)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"{cfg.family}: {n_params / 1e6:.2f}M params, {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len}, "
+         f"threads {torch.get_num_threads()}")
+    sampler = WindowSampler(data, recipe, cfg.seq_len)
+    shift = model.spec.shift_logits
+    mask_id = model.spec.mask_id
+
+    def checkpoint():
+        _save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                          "step": step, "elapsed_s": elapsed + time.time() - t_start, "tokens": tokens,
+                          "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe),
+                          "model_config": config})
+        (out / "run.json").write_text(json.dumps({
+            "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "step": step,
+            "trained_minutes": round((elapsed + time.time() - t_start) / 60, 2), "tokens": tokens,
+            "params": n_params, "threads": torch.get_num_threads(), "corpus": data["summary"]}, indent=2))
+        _log(f"checkpoint at step {step} -> {ckpt_path}")
+
+    last_ckpt = t_window = time.time()
+    run_loss = run_ce = run_acc = 0.0
+    n_run = 0
+    while step < cfg.steps:
+        if time.time() - t_start > minutes * 60:
+            _log(f"wall-clock budget of {minutes} min reached")
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        x0 = sampler.sample(cfg.batch_size, gen)
+        loss, stats = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, shift)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens += x0.numel()
+        run_loss, run_ce, run_acc, n_run = run_loss + float(loss), run_ce + stats["ce"], run_acc + stats["acc"], n_run + 1
+        if step % log_every == 0:
+            dt = time.time() - t_window
+            _log(f"step {step} loss {run_loss / n_run:.3f} masked-ce {run_ce / n_run:.3f} "
+                 f"masked-acc {run_acc / n_run:.3f} lr {lr_at(step, cfg):.2e} gnorm {float(gnorm):.2f} "
+                 f"tok/s {n_run * x0.numel() / dt:.0f}")
+            run_loss = run_ce = run_acc = 0.0
+            n_run, t_window = 0, time.time()
+        if time.time() - last_ckpt > checkpoint_minutes * 60:
+            checkpoint()
+            last_ckpt = time.time()
+    checkpoint()
+    _log(f"done: step {step}, {tokens / 1e6:.1f}M tokens")
+    return ckpt_path
+
+
+def export(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the run's current weights as a bf16 checkpoint in the released layout, with tokenizer files."""
+    run_dir = Path(run_dir)
+    state = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    data = torch.load(run_dir / "data.pt", weights_only=False)
+    config = state["model_config"]
+    model = build_model(config, dtype=torch.float32, device="cpu")
+    model.load_state_dict(state["model"])
+    tensors = ((name, p.detach()) for name, p in model.named_parameters())
+    return write_checkpoint(out_dir, config, tensors, dtype=torch.bfloat16, extra_files=data["tokenizer_files"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: train, resume or export a default model run."""
+    ap = argparse.ArgumentParser(prog="python -m dllm_export.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=sorted(PRESETS), default="llada")
+    ap.add_argument("--out", required=True, help="run folder (data.pt, ckpt.pt, run.json)")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget; stops cleanly and saves")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--steps", type=int, help="schedule length (default: the preset's)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--export", metavar="DIR", help="write OUT's checkpoint as a bf16 model folder and exit")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.export:
+        _log(f"exported to {export(args.out, args.export)}")
+        return 0
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                                   "lr": args.lr, "seed": args.seed}.items() if v is not None}
+    cfg = dataclasses.replace(PRESETS[args.family], **overrides)
+    train(args.out, cfg, minutes=args.minutes, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes,
+          log_every=args.log_every)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The `dllm-export` CLI: each subcommand end to end on tiny checkpoints, and its error contract."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dllm_export.cli import main
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_generate_json(tiny_dirs, capsys, name):
+    rc = main(["generate", "--model", str(tiny_dirs[name]), "--prompt", "def f(x):", "--prompt", "12+34=",
+               "--gen-length", "16", "--steps", "8", "--block-length", "8", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["text"]) == 2 and len(out["commit_step"]) == 2 and len(out["commit_step"][0]) == 16
+    assert out["nfe"] == 8 and out["settings"]["block_length"] == 8
+    assert out["timings"]["generate_s"] > 0 and out["timings"]["tokens_per_s"] > 0
+
+
+def test_generate_text_with_chat_template(tiny_dirs, capsys):
+    rc = main(["generate", "--model", str(tiny_dirs["llada"]), "--prompt", "hi", "--chat", "--gen-length", "8",
+               "--threshold", "0.5"])
+    assert rc == 0 and capsys.readouterr().out.strip() != ""
+
+
+def test_info(tiny_dirs, capsys):
+    assert main(["info", "--model", str(tiny_dirs["llada_gqa"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "llada" and info["config"]["n_kv_heads"] == 2 and info["parameters"] > 0
+    assert info["spec"]["shift_logits"] is False
+    assert main(["info", "--model", str(tiny_dirs["dream"])]) == 0
+    assert "dream" in capsys.readouterr().out
+
+
+def test_target_lists_what_exists(capsys):
+    assert main(["--target", "onnx", "--bits", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dllm-export: error: export target 'onnx' is not available") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "model folder not found"),
+    (["generate", "--model", "{llada}", "--prompt", "x", "--gen-length", "500"], "exceeds the model's context"),
+    (["generate", "--model", "{llada}", "--prompt", "x", "--sampler", "nope"], "unknown sampler"),
+    (["info", "--model", "{llada}", "--dtype", "int3"], None),
+    (["generate", "--model", "{llada}", "--prompt", "x", "--dtype", "int3"], "unknown dtype 'int3'"),
+])
+def test_errors_are_one_line_with_nonzero_exit(tiny_dirs, capsys, args, message):
+    args = [a.format(llada=tiny_dirs["llada"]) for a in args]
+    rc = main(args)
+    if message is None:  # info never loads weights, so a dtype is irrelevant there
+        assert rc == 0
+        return
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point returns the error code to the shell."""
+    proc = subprocess.run([sys.executable, "-m", "dllm_export.cli", "info", "--model", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "model folder not found" in proc.stderr
