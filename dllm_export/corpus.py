@@ -51,8 +51,8 @@ class CorpusRecipe:
         n_arithmetic_train_lines: arithmetic lines in the training stream.
     """
 
-    code: float = 0.45
-    arithmetic: float = 0.45
+    code: float = 0.38
+    arithmetic: float = 0.52
     english: float = 0.10
     seed: int = 1234
     n_arithmetic_test: int = 1000

@@ -312,7 +312,7 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
         opt.step()
         step += 1
         tokens += x0.numel()
-        run_loss, run_ce, run_acc, n_run = run_loss + float(loss), run_ce + stats["ce"], run_acc + stats["acc"], n_run + 1
+        run_loss, run_ce, run_acc, n_run = run_loss + float(loss.detach()), run_ce + stats["ce"], run_acc + stats["acc"], n_run + 1
         if step % log_every == 0:
             dt = time.time() - t_window
             _log(f"step {step} loss {run_loss / n_run:.3f} masked-ce {run_ce / n_run:.3f} "

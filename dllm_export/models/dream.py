@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .layers import RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
+from .layers import Embedding, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
 from .spec import ModelSpec
 
 DREAM_CHAT_TEMPLATE = (
@@ -112,10 +112,10 @@ class DreamAttention(nn.Module):
         kw = dict(dtype=dtype, device=device)
         d, hd = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=True, **kw)
-        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
-        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False, **kw)
+        self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=True, **kw)
+        self.k_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
+        self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=False, **kw)
 
     def forward(self, h, cos, sin, mask):
         B, T, _ = h.shape
@@ -132,9 +132,9 @@ class DreamMLP(nn.Module):
     def __init__(self, cfg: DreamConfig, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **kw)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **kw)
 
     def forward(self, h):
         return self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -163,11 +163,11 @@ class DreamModelLM(nn.Module):
         self.config = cfg
         self.spec = spec
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.model.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
         self.model.layers = nn.ModuleList(DreamLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw)
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -12,6 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Linear(nn.Linear):
+    """nn.Linear that skips random init on the meta device (the loader fills it; init there only
+    costs a one-time ~1 s import of torch's meta kernels)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips random init on the meta device (see Linear)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as in LLaDA's `RMSLayerNorm` and HF Llama/Qwen2 (identical arithmetic)."""
 

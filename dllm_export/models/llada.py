@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .layers import RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
+from .layers import Embedding, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
 from .spec import ModelSpec
 
 LLADA_CHAT_TEMPLATE = (
@@ -130,14 +130,14 @@ class LLaDABlock(nn.Module):
         d, hd, nkv = cfg.d_model, cfg.head_dim, cfg.n_kv_heads
         self.cfg = cfg
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
-        self.q_proj = nn.Linear(d, d, bias=cfg.include_qkv_bias, **kw)
-        self.k_proj = nn.Linear(d, nkv * hd, bias=cfg.include_qkv_bias, **kw)
-        self.v_proj = nn.Linear(d, nkv * hd, bias=cfg.include_qkv_bias, **kw)
-        self.attn_out = nn.Linear(d, d, bias=False, **kw)
+        self.q_proj = Linear(d, d, bias=cfg.include_qkv_bias, **kw)
+        self.k_proj = Linear(d, nkv * hd, bias=cfg.include_qkv_bias, **kw)
+        self.v_proj = Linear(d, nkv * hd, bias=cfg.include_qkv_bias, **kw)
+        self.attn_out = Linear(d, d, bias=False, **kw)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
-        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False, **kw)
-        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False, **kw)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False, **kw)
+        self.ff_proj = Linear(d, cfg.mlp_hidden_size, bias=False, **kw)
+        self.up_proj = Linear(d, cfg.mlp_hidden_size, bias=False, **kw)
+        self.ff_out = Linear(cfg.mlp_hidden_size, d, bias=False, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -168,12 +168,12 @@ class LLaDAModelLM(nn.Module):
         self.spec = spec
         self.model = nn.Module()
         tr = nn.ModuleDict({
-            "wte": nn.Embedding(cfg.embedding_size, cfg.d_model, **kw),
+            "wte": Embedding(cfg.embedding_size, cfg.d_model, **kw),
             "blocks": nn.ModuleList(LLaDABlock(cfg, **kw) for _ in range(cfg.n_layers)),
             "ln_f": RMSNorm(cfg.d_model, cfg.rms_norm_eps, **kw),
         })
         if not cfg.weight_tying:
-            tr["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False, **kw)
+            tr["ff_out"] = Linear(cfg.d_model, cfg.embedding_size, bias=False, **kw)
         self.model.transformer = tr
 
     @property

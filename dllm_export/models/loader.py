@@ -121,9 +121,9 @@ def build_model(config: dict, dtype: torch.dtype = torch.float32, device: str | 
     cfg = fam.parse_config(config)
     vocab_rows = int(getattr(cfg, "embedding_size", None) or cfg.vocab_size)
     spec = resolve_spec(fam, config, vocab_rows, added_tokens)
-    with torch.device(device):
-        model = fam.module(cfg, spec, dtype=dtype)
-    return model
+    # constructed with device= rather than `with torch.device(...)`: the context manager pulls in
+    # torch._dynamo on first use (~1 s)
+    return fam.module(cfg, spec, dtype=dtype, device=device)
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
