@@ -125,3 +125,11 @@ def test_bad_prompts_raise_clear_errors(llada, prompt, message):
 def test_forward_rejects_out_of_vocab_ids(llada):
     with pytest.raises(D.InputError, match="token ids must lie in"):
         llada(torch.tensor([[1, 128]]))
+
+
+def test_stops_early_when_nothing_is_left_to_unmask(llada):
+    """More steps than tokens: the reference runs idle forwards; the loop skips them, same tokens."""
+    out = D.generate(llada, PROMPT, gen_length=16, steps=32, block_length=8)
+    assert out.nfe == 16
+    ref = D.generate(llada, PROMPT, gen_length=16, steps=16, block_length=8)
+    assert torch.equal(out.ids, ref.ids)

@@ -1,0 +1,228 @@
+"""Quality of the bundled default models (issue 4): arithmetic, held-out code likelihood, a sample.
+
+Measures, for each model (default: the bundled `default` LLaDA and `default-dream`):
+
+* **arithmetic exact match** on the held-out 2-digit `+`/`-` problems of `dllm_export.corpus`
+  (never seen in training): prompt `47+38=`, `ARITH_SETTINGS` generation with the family's default
+  sampler, answer = the generated text up to the first non-digit.
+* **masked-token accuracy and ELBO bits/token** on the held-out stdlib modules, cut into windows of
+  `--window` tokens. The ELBO is LLaDA's Monte-Carlo estimator (shared/research/models.md 4.2: exact
+  mask counts l evenly spaced over the copies, weight L / l, here with an empty prompt); Dream uses its
+  shifted logits and never masks the first position (4.4). Accuracy is reported over those random
+  mask ratios and at fixed ratios 15% and 50%.
+* the **unigram baseline**: the entropy (bits/token) of the training code's unigram distribution, the
+  cross-entropy of the held-out tokens under it (add-one smoothing) and the accuracy of always
+  predicting the most frequent training token.
+* a **sample** from `def fibonacci(n):` and the load + 32-token generation wall time on CPU.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/eval_default.py
+    PYTHONPATH=. .venv/bin/python benchmarks/eval_default.py --models /tmp/ckpt --out /tmp/r.json
+
+Prints a summary and writes JSON (default benchmarks/results/default_models.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dllm_export as D
+from dllm_export.corpus import CorpusRecipe, arithmetic_test_problems, code_texts, format_problem
+
+# Default generation settings for the arithmetic task: one block, one token per step, greedy.
+ARITH_SETTINGS = {"gen_length": 4, "steps": 4, "block_length": 4, "temperature": 0.0}
+CODE_PROMPT = "def fibonacci(n):"
+SAMPLE_SETTINGS = {"gen_length": 64, "steps": 64, "block_length": 16, "temperature": 0.0}
+TIMING_SETTINGS = {"gen_length": 32, "steps": 32, "block_length": 32, "temperature": 0.0}
+
+
+def shifted(logits: torch.Tensor) -> torch.Tensor:
+    """Dream alignment: position i is predicted by the logits of position i - 1."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def forward_logits(model, ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Aligned logits (Dream's shifted), computed in row chunks."""
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(ids), chunk):
+            lg = model(ids[i:i + chunk]).float()
+            outs.append(shifted(lg) if model.spec.shift_logits else lg)
+    return torch.cat(outs)
+
+
+def arithmetic_exact_match(model, tok, recipe: CorpusRecipe, batch: int = 250) -> dict:
+    """Exact match on the held-out 2-digit +/- problems with `ARITH_SETTINGS` and the default sampler."""
+    probs = arithmetic_test_problems(recipe)
+    correct = {"+": 0, "-": 0}
+    total = {"+": 0, "-": 0}
+    examples = []
+    for i in range(0, len(probs), batch):
+        chunk = probs[i:i + batch]
+        prompts = [tok(f"{a}{op}{b}=", add_special_tokens=False)["input_ids"] for a, op, b in chunk]
+        out = D.generate(model, prompts, **ARITH_SETTINGS)
+        for (a, op, b), row in zip(chunk, out.generated):
+            text = tok.decode(row.tolist())
+            answer = ""
+            for c in text:
+                if not c.isdigit():
+                    break
+                answer += c
+            want = format_problem(a, op, b).split("=")[1]
+            ok = answer == want
+            correct[op] += ok
+            total[op] += 1
+            if len(examples) < 12:
+                examples.append({"prompt": f"{a}{op}{b}=", "generated": text, "answer": answer, "correct": ok})
+    return {
+        "exact_match": sum(correct.values()) / sum(total.values()),
+        "exact_match_add": correct["+"] / total["+"], "exact_match_sub": correct["-"] / total["-"],
+        "n_problems": sum(total.values()), "settings": dict(ARITH_SETTINGS, sampler=model.spec.default_sampler),
+        "examples": examples,
+    }
+
+
+def held_out_windows(tok, window: int) -> tuple[torch.Tensor, list[int]]:
+    """Non-overlapping windows of the held-out modules' tokens ([N, window]) and all their tokens."""
+    eos = tok.eos_token_id
+    stream: list[int] = []
+    for _, text in code_texts(held_out=True):
+        stream += tok(text, add_special_tokens=False)["input_ids"] + [eos]
+    n = len(stream) // window
+    return torch.tensor(stream[:n * window]).view(n, window), stream
+
+
+def elbo_and_accuracy(model, windows: torch.Tensor, mc: int, seed: int) -> dict:
+    """LLaDA's MC ELBO (models.md 4.2, empty prompt) and masked-token accuracy on `windows`."""
+    gen = torch.Generator().manual_seed(seed)
+    N, L = windows.shape
+    first = 1 if model.spec.shift_logits else 0  # Dream: position 0 is context, never scored
+    Lt = L - first
+    mask_id = model.spec.mask_id
+    nll_sum = 0.0
+    hit = n_masked = 0
+    for w in range(N):
+        k = int(torch.randint(1, Lt + 1, (1,), generator=gen))
+        counts = torch.linspace(k, k + (mc - 1) * Lt / mc, mc).round().long()
+        counts = ((counts - 1) % Lt) + 1
+        rank = torch.rand(mc, Lt, generator=gen).argsort(1).argsort(1)
+        masked = torch.zeros(mc, L, dtype=torch.bool)
+        masked[:, first:] = rank < counts[:, None]
+        x0 = windows[w].expand(mc, L)
+        logits = forward_logits(model, torch.where(masked, mask_id, x0))
+        ce = F.cross_entropy(logits[masked], x0[masked], reduction="none")
+        weight = (Lt / counts.float())[:, None].expand(mc, L)[masked]
+        nll_sum += float((ce * weight).sum()) / mc
+        hit += int((logits[masked].argmax(-1) == x0[masked]).sum())
+        n_masked += int(masked.sum())
+    result = {"elbo_bits_per_token": nll_sum / (N * Lt) / math.log(2),
+              "masked_acc_random_ratio": hit / n_masked}
+    for ratio in (0.15, 0.5):
+        m = max(1, round(ratio * Lt))
+        rank = torch.rand(N, Lt, generator=gen).argsort(1).argsort(1)
+        masked = torch.zeros(N, L, dtype=torch.bool)
+        masked[:, first:] = rank < m
+        logits = forward_logits(model, torch.where(masked, mask_id, windows))
+        result[f"masked_acc_{int(ratio * 100)}pct"] = float((logits[masked].argmax(-1) == windows[masked]).float().mean())
+        result[f"masked_ce_bits_{int(ratio * 100)}pct"] = float(F.cross_entropy(logits[masked], windows[masked])) / math.log(2)
+    result.update({"n_windows": N, "window_tokens": L, "mc_per_window": mc})
+    return result
+
+
+def unigram_baseline(tok, held_out_tokens: list[int]) -> dict:
+    """Unigram entropy of the training code, its cross-entropy on held-out tokens, most-frequent accuracy."""
+    texts = [t for _, t in code_texts(held_out=False)]
+    counts = torch.zeros(len(tok), dtype=torch.float64)
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        counts += torch.bincount(torch.tensor(ids), minlength=len(tok)).double()
+    p = counts / counts.sum()
+    entropy = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    smoothed = (counts + 1) / (counts.sum() + len(counts))
+    held = torch.tensor(held_out_tokens)
+    cross = float(-smoothed[held].log2().mean())
+    top = int(counts.argmax())
+    return {"unigram_entropy_train_bits": entropy, "unigram_cross_entropy_held_out_bits": cross,
+            "most_frequent_token_acc_held_out": float((held == top).double().mean())}
+
+
+def sample_and_timing(name: str) -> dict:
+    """Load time, 32-token generation time, and a greedy sample from `CODE_PROMPT`."""
+    t0 = time.perf_counter()
+    model = D.load_model(name)
+    tok = D.load_tokenizer(name)
+    t_load = time.perf_counter() - t0
+    ids = tok(CODE_PROMPT, add_special_tokens=False)["input_ids"]
+    t0 = time.perf_counter()
+    D.generate(model, ids, **TIMING_SETTINGS)
+    t_gen = time.perf_counter() - t0
+    out = D.generate(model, ids, **SAMPLE_SETTINGS)
+    text = CODE_PROMPT + tok.decode(out.generated[0].tolist())
+    return {"load_s": t_load, "generate_32_tokens_s": t_gen, "timing_settings": TIMING_SETTINGS,
+            "sample_prompt": CODE_PROMPT, "sample_settings": dict(SAMPLE_SETTINGS, sampler=model.spec.default_sampler),
+            "sample": text}
+
+
+def evaluate(name: str, window: int, mc: int, max_windows: int | None, seed: int) -> dict:
+    """Every measurement for one model folder (or `default` / `default-dream`)."""
+    torch.manual_seed(seed)
+    model = D.load_model(name)
+    tok = D.load_tokenizer(name)
+    n_params = sum(p.numel() for p in model.parameters())
+    res = {"model": name, "family": model.spec.family, "params": n_params}
+    t0 = time.perf_counter()
+    res["arithmetic"] = arithmetic_exact_match(model, tok, CorpusRecipe())
+    windows, stream = held_out_windows(tok, window)
+    if max_windows:
+        windows = windows[:max_windows]
+    res["held_out_code"] = elbo_and_accuracy(model, windows, mc, seed)
+    res["held_out_code"]["modules"] = [n for n, _ in code_texts(held_out=True)]
+    res["unigram_baseline"] = unigram_baseline(tok, windows.flatten().tolist())
+    res.update(sample_and_timing(name))
+    res["eval_s"] = time.perf_counter() - t0
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: evaluate the bundled (or given) models and save JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["default", "default-dream"])
+    ap.add_argument("--window", type=int, default=128, help="tokens per held-out window")
+    ap.add_argument("--mc", type=int, default=8, help="Monte-Carlo mask draws per window")
+    ap.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/default_models.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+               "machine": platform.machine(), "models": {}}
+    for name in args.models:
+        r = evaluate(name, args.window, args.mc, args.max_windows, args.seed)
+        results["models"][name] = r
+        a, h, u = r["arithmetic"], r["held_out_code"], r["unigram_baseline"]
+        print(f"== {name} ({r['family']}, {r['params'] / 1e6:.2f}M params)")
+        print(f"arithmetic exact match {a['exact_match']:.3f} (+ {a['exact_match_add']:.3f}, - {a['exact_match_sub']:.3f}) "
+              f"on {a['n_problems']} held-out problems, {a['settings']}")
+        print(f"held-out code: ELBO {h['elbo_bits_per_token']:.3f} bits/token vs unigram "
+              f"{u['unigram_cross_entropy_held_out_bits']:.3f} (train entropy {u['unigram_entropy_train_bits']:.3f}); "
+              f"masked acc {h['masked_acc_random_ratio']:.3f} random ratio, {h['masked_acc_15pct']:.3f} at 15%, "
+              f"{h['masked_acc_50pct']:.3f} at 50% (most-frequent {u['most_frequent_token_acc_held_out']:.3f})")
+        print(f"load {r['load_s']:.2f}s, 32-token generation {r['generate_32_tokens_s']:.2f}s")
+        print(f"sample:\n{r['sample']}\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
