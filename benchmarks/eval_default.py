@@ -170,7 +170,8 @@ def sample_and_timing(name: str) -> dict:
             "sample": text}
 
 
-def evaluate(name: str, window: int, mc: int, max_windows: int | None, seed: int) -> dict:
+def evaluate(name: str, window: int, mc: int, max_windows: int | None, seed: int,
+             arithmetic_only: bool = False) -> dict:
     """Every measurement for one model folder (or `default` / `default-dream`)."""
     torch.manual_seed(seed)
     model = D.load_model(name)
@@ -179,6 +180,8 @@ def evaluate(name: str, window: int, mc: int, max_windows: int | None, seed: int
     res = {"model": name, "family": model.spec.family, "params": n_params}
     t0 = time.perf_counter()
     res["arithmetic"] = arithmetic_exact_match(model, tok, CorpusRecipe())
+    if arithmetic_only:
+        return res
     windows, stream = held_out_windows(tok, window)
     if max_windows:
         windows = windows[:max_windows]
@@ -199,18 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arithmetic-only", action="store_true", help="quick check: only the arithmetic task")
     ap.add_argument("--out", default="benchmarks/results/default_models.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                "machine": platform.machine(), "models": {}}
     for name in args.models:
-        r = evaluate(name, args.window, args.mc, args.max_windows, args.seed)
+        r = evaluate(name, args.window, args.mc, args.max_windows, args.seed, args.arithmetic_only)
         results["models"][name] = r
-        a, h, u = r["arithmetic"], r["held_out_code"], r["unigram_baseline"]
+        a = r["arithmetic"]
         print(f"== {name} ({r['family']}, {r['params'] / 1e6:.2f}M params)")
         print(f"arithmetic exact match {a['exact_match']:.3f} (+ {a['exact_match_add']:.3f}, - {a['exact_match_sub']:.3f}) "
               f"on {a['n_problems']} held-out problems, {a['settings']}")
+        print("examples:", " ".join(f"{e['prompt']}{e['answer']}" for e in a["examples"]))
+        if args.arithmetic_only:
+            continue
+        h, u = r["held_out_code"], r["unigram_baseline"]
         print(f"held-out code: ELBO {h['elbo_bits_per_token']:.3f} bits/token vs unigram "
               f"{u['unigram_cross_entropy_held_out_bits']:.3f} (train entropy {u['unigram_entropy_train_bits']:.3f}); "
               f"masked acc {h['masked_acc_random_ratio']:.3f} random ratio, {h['masked_acc_15pct']:.3f} at 15%, "

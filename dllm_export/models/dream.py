@@ -186,11 +186,9 @@ class DreamModelLM(nn.Module):
         mask = keep[:, None, None, :] & keep[:, None, :, None]  # (B, 1, T, T)
         return pos, mask
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        check_ids(input_ids, self.config.vocab_size)
-        B, T = input_ids.shape
-        x = self.model.embed_tokens(input_ids)
+    def block_context(self, T: int, dtype: torch.dtype, device=None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None):
+        """What every layer takes besides x: (cos, sin, attention mask) for a length-T canvas."""
         mask = None
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask.to(torch.bool)
@@ -198,10 +196,16 @@ class DreamModelLM(nn.Module):
             pos, mask = self.padding_inputs(attention_mask)
             position_ids = pos if position_ids is None else position_ids
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(T, device=device)[None]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hd)
+        return cos[:, None].to(dtype), sin[:, None].to(dtype), mask  # (B or 1, 1, T, hd)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        check_ids(input_ids, self.config.vocab_size)
+        x = self.model.embed_tokens(input_ids)
+        ctx = self.block_context(input_ids.shape[1], x.dtype, input_ids.device, attention_mask, position_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, *ctx)
         x = self.model.norm(x)
         return nn.functional.linear(x, self.head_weight())

@@ -90,12 +90,14 @@ def random_tensor(name: str, shape: tuple[int, ...], std: float, generator: torc
 
 
 def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],
-                     dtype: torch.dtype = torch.float32, max_shard_bytes: int | None = None,
-                     extra_files: dict[str, str | bytes] | None = None) -> Path:
+                     dtype: torch.dtype | None = torch.float32, max_shard_bytes: int | None = None,
+                     extra_files: dict[str, str | bytes] | Callable[[], dict[str, str | bytes]] | None = None) -> Path:
     """Write config.json + safetensors (sharded with an index when `max_shard_bytes` is set) atomically.
 
     `tensors` may be a generator: each shard is written as soon as it is full, so peak memory is
-    about one shard. The folder appears only when complete (written to a temp dir, then renamed).
+    about one shard. `dtype` casts every tensor (None keeps each tensor's own dtype and config's
+    torch_dtype). `extra_files` may be a callable, evaluated after the tensors are written. The
+    folder appears only when complete (written to a temp dir, then renamed).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -103,7 +105,8 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        config = dict(config, torch_dtype=_DTYPE_NAMES[dtype])
+        if dtype is not None:
+            config = dict(config, torch_dtype=_DTYPE_NAMES[dtype])
         shards: list[list[str]] = []
         shard: dict[str, torch.Tensor] = {}
         size = total = 0
@@ -118,7 +121,7 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[
                 shard, size = {}, 0
 
         for name, t in tensors:
-            t = t.to(dtype).contiguous()
+            t = (t if dtype is None else t.to(dtype)).contiguous()
             nbytes = t.numel() * t.element_size()
             if max_shard_bytes and shard and size + nbytes > max_shard_bytes:
                 flush()
@@ -138,7 +141,8 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for fname, content in (extra_files or {}).items():
+        extra = extra_files() if callable(extra_files) else (extra_files or {})
+        for fname, content in extra.items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)

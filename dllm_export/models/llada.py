@@ -197,13 +197,17 @@ class LLaDAModelLM(nn.Module):
         keep = attention_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, T)
         return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
+    def block_context(self, T: int, dtype: torch.dtype, device=None, attention_mask: torch.Tensor | None = None):
+        """What every block takes besides x: (cos, sin, attention bias) for a length-T canvas."""
+        cos, sin = self.rope(T, device)
+        return cos, sin, self.attention_bias(attention_mask, dtype)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         check_ids(input_ids, self.config.embedding_size)
         tr = self.model.transformer
         x = tr.wte(input_ids)
-        cos, sin = self.rope(input_ids.shape[1], input_ids.device)
-        bias = self.attention_bias(attention_mask, x.dtype)
+        ctx = self.block_context(input_ids.shape[1], x.dtype, input_ids.device, attention_mask)
         for block in tr.blocks:
-            x = block(x, cos, sin, bias)
+            x = block(x, *ctx)
         x = tr.ln_f(x)
         return nn.functional.linear(x, self.head_weight())

@@ -151,6 +151,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     path = resolve_model_path(path)
     config = read_config(path)
     dtype = resolve_dtype(dtype, config)
+    if (path / "manifest.json").is_file():  # a quantized checkpoint written by dllm-export quantize
+        from ..quant.load import load_quantized
+
+        return load_quantized(path, dtype, device)
     model = build_model(config, dtype=dtype, device="meta", added_tokens=tokenizer_special_ids(path))
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
     filled: set[str] = set()

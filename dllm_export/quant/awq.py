@@ -1,0 +1,1 @@
+"""awq: in progress."""

@@ -1,0 +1,230 @@
+"""What every PTQ pass shares: its config, the method interface, and block-level helpers
+(running a block over calibration activations, capturing linear inputs with hooks, swapping
+a linear for its quantized version)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..models.spec import ModelSpec
+from .calibrate import CalibConfig
+from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, sqnr_db
+from .qlinear import QLinear
+from .schemes import Scheme, get_scheme
+
+# Sequential order in which a block's linears are quantized (GPTQ's "true sequential"): each
+# group sees the inputs produced by the already-quantized groups before it.
+GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings of one quantization run (written to the manifest).
+
+    Attributes:
+        method: rtn | gptq | awq | smoothquant | quarot | duquant.
+        scheme: W8A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4.
+        group_size: override of the scheme's group size (0 = per channel).
+        sym: override of the scheme's symmetry.
+        zero_kind: "int" zero points or "float" minimums for asymmetric grids.
+        mse_clip: RTN/GPTQ grid clip search (QuaRot's w_clip).
+        act_order, percdamp, block_size: GPTQ options.
+        alpha: SmoothQuant migration strength.
+        weight_method: how smoothquant/quarot/duquant round their weights ("rtn" or "gptq").
+        act_sym: symmetric activation quantization (default per method).
+        calib: calibration recipe.
+        batch_size: sequences per calibration forward.
+        seed: seeds the method's own randomness (rotations).
+    """
+
+    method: str = "gptq"
+    scheme: str = "W4A16"
+    group_size: int | None = None
+    sym: bool | None = None
+    zero_kind: str = "int"
+    mse_clip: bool = False
+    act_order: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    alpha: float = 0.5
+    weight_method: str = "gptq"
+    act_sym: bool | None = None
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        get_scheme(self.scheme)
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.weight_method not in ("rtn", "gptq"):
+            raise InputError(f"weight_method must be rtn or gptq, got {self.weight_method!r}")
+        if not 0 < self.alpha < 1:
+            raise InputError(f"alpha must lie in (0, 1), got {self.alpha}")
+        self.weight_config()  # validates bits / group size / zero kind
+
+    @property
+    def scheme_(self) -> Scheme:
+        return get_scheme(self.scheme)
+
+    def weight_config(self) -> WeightQuantConfig:
+        return self.scheme_.weight_config(self.group_size, self.sym, self.zero_kind)
+
+    def act_config(self, default_sym: bool = True) -> ActQuantConfig | None:
+        return self.scheme_.act_config(sym=default_sym if self.act_sym is None else self.act_sym)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["calib"] = self.calib.to_dict()
+        return d
+
+
+class QuantMethod:
+    """A PTQ method: exact transforms plus rounding, applied block by block by the driver.
+
+    Subclasses implement `process_block`, which must replace every linear of the block by a
+    `QLinear` (or leave it high precision) and return per-layer info for the manifest. Methods
+    that rotate the residual stream also override `transform_embedding` / `transform_head`.
+    """
+
+    name = "base"
+    default_act_sym = True
+
+    def __init__(self, qcfg: QuantizeConfig, spec: ModelSpec, model_config):
+        self.qcfg = qcfg
+        self.spec = spec
+        self.model_config = model_config
+        self.wcfg = qcfg.weight_config()
+        self.acfg = qcfg.act_config(self.default_act_sym)
+
+    def transform_embedding(self, W: torch.Tensor) -> torch.Tensor:
+        return W
+
+    def transform_head(self, norm_w: torch.Tensor, head_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm_w, head_w
+
+    def prepare_block(self, block: nn.Module, index: int) -> None:
+        """Exact transforms that need no calibration data (applied before the block's reference output)."""
+
+    def process_block(self, block: nn.Module, X: torch.Tensor, ctx: tuple, index: int) -> dict[str, dict]:
+        """Transform and round the block (replacing its linears); return per-layer manifest info."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[QuantMethod]] = {}
+
+
+def register_method(cls):
+    """Class decorator: make a method available by its `name`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+# ---- block helpers --------------------------------------------------------------------------------
+
+def linear_names(spec: ModelSpec, roles: tuple[str, ...] | None = None) -> list[str]:
+    """Module names (relative to a block) of the linears with the given roles, in GROUPS order."""
+    roles = roles or tuple(r for g in GROUPS for r in g)
+    return [spec.linears[r] for r in roles]
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, X: torch.Tensor, ctx: tuple, batch_size: int = 8) -> torch.Tensor:
+    """block(X) over calibration activations X [N, L, d], in batches of sequences."""
+    return torch.cat([block(X[i:i + batch_size], *ctx) for i in range(0, X.shape[0], batch_size)])
+
+
+@contextmanager
+def capture_inputs(block: nn.Module, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call fn(name, x) with the input of each named submodule during forwards inside the context."""
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: fn(n, args[0].detach()))
+               for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def install_qlinear(block: nn.Module, name: str, qw: QuantizedWeight, act: ActQuantConfig | None,
+                    W_ref: torch.Tensor, input_transform: nn.Module | None = None, **info) -> dict:
+    """Replace block.<name> by a QLinear; return the layer's manifest info (grid, SQNR vs W_ref)."""
+    lin = block.get_submodule(name)
+    bias = lin.bias if isinstance(lin, nn.Linear) else getattr(lin, "bias", None)
+    set_module(block, name, QLinear(qw, bias, act, input_transform, dtype=W_ref.dtype))
+    out = {"sqnr_db": round(sqnr_db(W_ref, qw.dequantize()), 3)}
+    out.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in info.items()})
+    return out
+
+
+def hessians(block: nn.Module, X: torch.Tensor, ctx: tuple, names: list[str], batch_size: int) -> dict:
+    """GPTQ Hessians of the inputs of `names` (layers sharing an input share one accumulator)."""
+    from .gptq import HessianStats
+
+    stats: dict[str, HessianStats] = {}
+
+    def add(n, x):
+        if n not in stats:
+            stats[n] = HessianStats(x.shape[-1])
+        stats[n].update(x)
+
+    with capture_inputs(block, names, add):
+        forward_block(block, X, ctx, batch_size)
+    return stats
+
+
+def output_rel_err(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> float:
+    """Relative output error ||X (W - Q)^T||^2 / ||X W^T||^2 over the inputs X behind H = 2 X^T X / n."""
+    W = W.double()
+    dW = W - qw.dequantize(torch.float64)
+    H = H.to(torch.float64)
+    return float(torch.einsum("oi,ij,oj->", dW, H, dW) / torch.einsum("oi,ij,oj->", W, H, W))
+
+
+def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, wcfg: WeightQuantConfig,
+                 method: str) -> tuple[QuantizedWeight, dict]:
+    """Round W with RTN or GPTQ (GPTQ needs the Hessian H); returns the weight and manifest info."""
+    from .gptq import gptq_quantize
+    from .rtn import rtn_quantize
+
+    info = {}
+    if method == "gptq":
+        qw, info["gptq_loss"] = gptq_quantize(W, H, wcfg, block_size=qcfg.block_size, percdamp=qcfg.percdamp,
+                                              act_order=qcfg.act_order, mse_clip=qcfg.mse_clip)
+    else:
+        qw = rtn_quantize(W, wcfg, mse_clip=qcfg.mse_clip)
+    if H is not None:
+        info["out_rel_err"] = output_rel_err(W, qw, H)
+    return qw, info
+
+
+def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, ctx: tuple, rounding: str,
+                        transforms: dict[str, nn.Module] | None = None, with_hessian: bool = True) -> dict[str, dict]:
+    """Quantize a block's linears group by group (GROUPS order), each group's Hessian taken on the
+    inputs produced by the already-quantized groups; linears of a group share their input."""
+    info: dict[str, dict] = {}
+    transforms = transforms or {}
+    for roles in GROUPS:
+        names = linear_names(method.spec, roles)
+        H = None
+        if with_hessian or rounding == "gptq":
+            H = hessians(block, X, ctx, names[:1], method.qcfg.batch_size)[names[0]].H
+            if names[0] in transforms:  # the layer will see T(x): H_T = T^T H T
+                T = transforms[names[0]].matrix(H.shape[0])
+                H = T.T @ H @ T
+        for n in names:
+            W = block.get_submodule(n).weight.data.float()
+            qw, extra = round_weight(W, H, method.qcfg, method.wcfg, rounding)
+            info[n] = install_qlinear(block, n, qw, method.acfg, W, transforms.get(n), **extra)
+    return info

@@ -1,0 +1,118 @@
+"""Calibration data, mask-aware by default: sequences as a dLLM sees them while decoding.
+
+Each calibration window keeps a visible prefix and masks the rest with probability t, with t
+stratified over the set (t_i = (i + u_i) / N): the activations statistics then cover the whole
+denoising trajectory, from all-masked canvases to nearly-clean ones. `mask="none"` gives the
+plain-text calibration of earlier PTQ studies, for comparison. Text comes from the bundled
+corpus or a local .txt / .jsonl file; never from a download.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration recipe (recorded in the manifest).
+
+    Attributes:
+        source: "default" (the bundled corpus recipe) or a path to a .txt / .jsonl file
+            (JSONL: one object per line with a "text" field).
+        n_samples: number of windows.
+        seq_len: tokens per window (capped at the model's context).
+        mask: "uniform" (mask ratio t ~ stratified U(0, 1) after a visible prefix) or "none".
+        max_prefix: the visible prefix is U(0, max_prefix) of the window.
+        seed: everything random here derives from it.
+    """
+
+    source: str = "default"
+    n_samples: int = 64
+    seq_len: int = 256
+    mask: str = "uniform"
+    max_prefix: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mask not in ("uniform", "none"):
+            raise InputError(f"calibration mask must be 'uniform' or 'none', got {self.mask!r}")
+        if self.n_samples < 1 or self.seq_len < 8:
+            raise InputError(f"calibration needs n_samples >= 1 and seq_len >= 8 (got {self.n_samples}, {self.seq_len})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_texts(source: str) -> list[str]:
+    """The raw texts of a calibration source."""
+    if source == "default":
+        from ..corpus import build_corpus
+
+        c = build_corpus()
+        # code, then English and arithmetic in chunks of similar size, so a seeded document order mixes them
+        chunk = lambda lines, n: ["\n".join(lines[i:i + n]) for i in range(0, len(lines), n)]
+        return c.code_train + chunk(c.english_train, 200) + chunk(c.arithmetic_train[:20000], 1000)
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"calibration file not found: {path}")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{path}:{i}: expected a JSON object with a 'text' field") from None
+    else:
+        texts = [raw]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise InputError(f"calibration file is empty: {path}")
+    return texts
+
+
+def calibration_ids(tokenizer, spec, cfg: CalibConfig, max_len: int) -> tuple[torch.Tensor, dict]:
+    """Token windows [n_samples, seq_len] for calibration, masked as configured.
+
+    Returns:
+        (ids, summary) where summary records the realised mask ratios and prefix lengths.
+    """
+    L = min(cfg.seq_len, max_len)
+    eos = spec.eos_id if spec.eos_id is not None else spec.pad_id
+    texts = calibration_texts(cfg.source)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    stream: list[int] = []
+    for i in order:  # documents in a seeded order, until there is twice what the windows need
+        stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= 2 * cfg.n_samples * L:
+            break
+    if len(stream) < L:
+        raise InputError(f"calibration text has {len(stream)} tokens, fewer than one window of {L}")
+    data = torch.tensor(stream, dtype=torch.long)
+    g = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, len(stream) - L + 1, (cfg.n_samples,), generator=g)
+    ids = torch.stack([data[s:s + L] for s in starts.tolist()])
+    summary = {"windows": cfg.n_samples, "seq_len": L, "tokens": cfg.n_samples * L}
+    if cfg.mask == "none":
+        return ids, summary
+    N = cfg.n_samples
+    t = (torch.arange(N) + torch.rand(N, generator=g)) / N  # stratified U(0, 1)
+    t = t[torch.randperm(N, generator=g)]
+    prefix = (torch.rand(N, generator=g) * cfg.max_prefix * L).long()
+    u = torch.rand(N, L, generator=g)
+    pos = torch.arange(L)[None]
+    masked = (u < t[:, None]) & (pos >= prefix[:, None])
+    ids = ids.masked_fill(masked, spec.mask_id)
+    summary.update(mask_ratio_mean=float(masked.float().mean()), t_min=float(t.min()), t_max=float(t.max()),
+                   prefix_mean=float(prefix.float().mean()))
+    return ids, summary

@@ -1,0 +1,210 @@
+"""The layer-streamed calibration driver shared by every PTQ method.
+
+Only the embedding, one transformer block and the calibration activations are in memory at a
+time: the block's weights are read from the safetensors shards, the calibration activations are
+pushed through it, the method transforms and rounds it, the result is written to the output
+shard stream and the block is freed. Peak memory is about one block (fp32) + the activations
+[n_samples, seq_len, d] + the embedding, so an 8B checkpoint quantizes on a 24 GB machine.
+
+The same driver runs on an in-memory model (`source=model`): both paths give the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from ..models.loader import (build_model, read_config, resolve_model_path, tokenizer_special_ids, weight_files)
+
+from .base import METHODS, QuantizeConfig, forward_block
+from .calibrate import calibration_ids
+from .primitives import pack_codes
+from .qlinear import ActQuantLinear, QLinear
+
+MANIFEST_FORMAT = "dllm-export/quantized"
+MANIFEST_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+class CheckpointSource:
+    """Named fp32 tensors read on demand from a checkpoint's safetensors shards."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.files = {}
+        self.handles = [safe_open(str(f), framework="pt", device="cpu") for f in weight_files(path)]
+        for h in self.handles:
+            for k in h.keys():
+                self.files[k] = h
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise InputError(f"tensor {name} missing from the checkpoint")
+        return self.files[name].get_tensor(name).to(torch.float32)
+
+
+class ModuleSource:
+    """Named fp32 tensors of an in-memory model (for the in-memory path and tests)."""
+
+    def __init__(self, model: nn.Module):
+        self.state = dict(model.named_parameters())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name].detach().to(torch.float32).clone()
+
+
+def materialize(module: nn.Module, prefix: str, source) -> None:
+    """Fill a meta module's parameters from `source` (fp32)."""
+    for name, _ in list(module.named_parameters()):
+        mod_name, _, attr = name.rpartition(".")
+        sub = module.get_submodule(mod_name) if mod_name else module
+        sub._parameters[attr] = nn.Parameter(source.get(prefix + name), requires_grad=False)
+
+
+def block_tensors(block: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors to write for a processed block: packed codes, scales, zeros/mins and transforms for
+    quantized linears; the other parameters in the checkpoint's dtype."""
+    out: dict[str, torch.Tensor] = {}
+    quantized = set()
+    for name, mod in block.named_modules():
+        if isinstance(mod, QLinear):
+            qw, p = mod.qweight, prefix + name
+            out[p + ".qweight"] = pack_codes(qw.codes, qw.cfg)
+            out[p + ".scales"] = qw.scales
+            if qw.zeros is not None:
+                out[p + ".qzeros"] = qw.zeros.to(torch.uint8)
+            if qw.mins is not None:
+                out[p + ".qmins"] = qw.mins
+            if mod.bias is not None:
+                out[p + ".bias"] = mod.bias.to(dtype)
+            if mod.input_transform is not None:
+                for k, v in mod.input_transform.tensors().items():
+                    out[f"{p}.input_transform.{k}"] = v
+            quantized.add(name)
+        elif isinstance(mod, ActQuantLinear):
+            quantized.add(name)
+            out[prefix + name + ".weight"] = mod.linear.weight.to(dtype)
+            if mod.linear.bias is not None:
+                out[prefix + name + ".bias"] = mod.linear.bias.to(dtype)
+            if mod.input_transform is not None:
+                for k, v in mod.input_transform.tensors().items():
+                    out[f"{prefix}{name}.input_transform.{k}"] = v
+    for name, p in block.named_parameters():
+        owner = name.rpartition(".")[0]
+        if not any(owner == q or owner.startswith(q + ".") for q in quantized):
+            out[prefix + name] = p.detach().to(dtype)
+    return out
+
+
+def layer_manifest(block: nn.Module, prefix: str) -> dict[str, dict]:
+    """Per-layer grid / activation / transform entries of a processed block."""
+    layers = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, (QLinear, ActQuantLinear)):
+            entry = {"weight": mod.qweight.cfg.to_dict() if isinstance(mod, QLinear) else None,
+                     "act": None if mod.act is None else mod.act.to_dict(),
+                     "input_transform": None if mod.input_transform is None else mod.input_transform.spec()}
+            layers[prefix + name] = entry
+    return layers
+
+
+def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: QuantizeConfig, *,
+                        source_model: nn.Module | None = None, progress: bool = True) -> Path:
+    """Quantize a checkpoint folder with `qcfg` and write a quantized checkpoint folder.
+
+    Args:
+        model_path: checkpoint folder (or `default`); its tokenizer feeds calibration.
+        out_dir: output folder (must not exist or be empty); written atomically.
+        qcfg: method, scheme and calibration.
+        source_model: take the weights from this in-memory model instead of streaming them
+            from the shards (same result; used to check the streamed path).
+        progress: a progress bar over blocks on stderr.
+    Returns:
+        the output folder, holding safetensors, config.json, tokenizer files and manifest.json.
+    """
+    from ..models.factory import write_checkpoint
+    from ..tokenizer import load_tokenizer
+
+    path = resolve_model_path(model_path)
+    config = read_config(path)
+    model = build_model(config, dtype=torch.float32, device="meta", added_tokens=tokenizer_special_ids(path))
+    spec = model.spec
+    method = METHODS[qcfg.method](qcfg, spec, model.config)
+    out_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.get("torch_dtype"), torch.float32)
+    source = ModuleSource(source_model) if source_model is not None else CheckpointSource(path)
+    max_len = int(getattr(model.config, spec.context_key))
+    ids, calib_summary = calibration_ids(load_tokenizer(path), spec, qcfg.calib, max_len)
+    L = ids.shape[1]
+    ctx = model.block_context(L, torch.float32)
+    t0 = time.perf_counter()
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "method": qcfg.method, "scheme": qcfg.scheme,
+        "settings": qcfg.to_dict(), "calibration": {**qcfg.calib.to_dict(), **calib_summary},
+        "source": str(path), "family": spec.family, "spec": spec.to_dict(),
+        "high_precision": [spec.embedding, spec.final_norm, spec.head], "layers": {}, "blocks": [],
+    }
+    tied = spec.head == spec.embedding or f"{spec.head}.weight" not in source
+
+    def tensors():
+        emb_name = f"{spec.embedding}.weight"
+        W_emb = method.transform_embedding(source.get(emb_name))
+        yield emb_name, W_emb.to(out_dtype)
+        X = F.embedding(ids, W_emb)  # (N, L, d) fp32
+        blocks = model.blocks
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(blocks), desc=f"{qcfg.method} {qcfg.scheme}", unit="block", leave=False)
+        for i, block in enumerate(blocks):
+            prefix = f"{spec.blocks}.{i}."
+            materialize(block, prefix, source)
+            method.prepare_block(block, i)  # exact, calibration-free transforms (QuaRot's rotations)
+            n_err = min(X.shape[0], 4)
+            Y_ref = forward_block(block, X[:n_err], ctx, qcfg.batch_size)
+            info = method.process_block(block, X, ctx, i)
+            X = forward_block(block, X, ctx, qcfg.batch_size)
+            rel = float((X[:n_err] - Y_ref).pow(2).sum() / Y_ref.pow(2).sum().clamp(min=1e-30))
+            layers = layer_manifest(block, prefix)
+            for name, extra in info.items():
+                layers.setdefault(prefix + name, {}).update(extra)
+            manifest["layers"].update(layers)
+            manifest["blocks"].append({"index": i, "out_rel_err": round(rel, 8)})
+            yield from block_tensors(block, prefix, out_dtype).items()
+            blocks[i] = nn.Identity()  # free the processed block's weights
+            del block
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        norm_w = source.get(f"{spec.final_norm}.weight")
+        head_w = source.get(emb_name if tied else f"{spec.head}.weight")
+        norm_w, head_w = method.transform_head(norm_w, head_w)
+        yield f"{spec.final_norm}.weight", norm_w.to(out_dtype)
+        if not tied:
+            yield f"{spec.head}.weight", head_w.to(out_dtype)
+        manifest["seconds"] = round(time.perf_counter() - t0, 2)
+
+    def extra_files():
+        files = {"manifest.json": json.dumps(manifest, indent=2) + "\n"}
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                files[name] = (path / name).read_bytes()
+        return files
+
+    return write_checkpoint(out_dir, config, tensors(), dtype=None, extra_files=extra_files)

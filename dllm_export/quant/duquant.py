@@ -1,0 +1,1 @@
+"""duquant: in progress."""

@@ -1,0 +1,129 @@
+"""GPTQ (Frantar et al., 2022, arXiv 2210.17323): quantize W column by column, spreading each
+column's rounding error onto the not-yet-quantized columns through the inverse Hessian.
+
+Names follow the paper and IST-DASLab/gptq: H = 2 X X^T / n, damping `percdamp` of mean(diag H),
+Hinv its upper Cholesky factor, lazy batch updates of `block_size` columns. With `act_order`
+columns go by decreasing diag(H), and groups are computed up front on the original column order
+("static groups"), so every group stays a contiguous slice of the input dim, as exporters need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import QuantMethod, register_method, sequential_quantize
+from .primitives import QuantizedWeight, WeightQuantConfig, compute_grid, quantize_to_grid
+from .rtn import mse_clip_ratios
+
+
+class HessianStats:
+    """Running H = 2/n * sum x x^T over calibration inputs x [..., in] (fed by a forward hook)."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, block_size: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False, mse_clip: bool = False) -> tuple[QuantizedWeight, float]:
+    """GPTQ of W [out, in] given the Hessian H [in, in] of its inputs.
+
+    Returns:
+        (QuantizedWeight with codes in the original column order, the GPTQ loss sum (w - q)^2 / d^2 / 2).
+    """
+    W = W.detach().clone().to(torch.float64)
+    out, n = W.shape
+    H = H.detach().clone().to(torch.float64)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gs = cfg.group_size or n
+    G = cfg.groups(n)
+    scales = torch.empty(out, G, dtype=cfg.scale_dtype)
+    zeros = torch.empty(out, G, dtype=torch.int16) if (not cfg.sym and cfg.zero_kind == "int") else None
+    mins = torch.empty(out, G, dtype=cfg.scale_dtype) if (not cfg.sym and cfg.zero_kind == "float") else None
+
+    def set_grid(g: int, Wgroup: torch.Tensor) -> None:
+        clip = mse_clip_ratios(Wgroup, _single(cfg)) if mse_clip else 1.0
+        s, z, m = compute_grid(Wgroup.float(), _single(cfg), clip)
+        scales[:, g:g + 1] = s
+        if zeros is not None:
+            zeros[:, g:g + 1] = z
+        if mins is not None:
+            mins[:, g:g + 1] = m
+
+    perm = torch.arange(n)
+    if act_order:
+        for g in range(G):  # static groups on the original order
+            set_grid(g, W[:, g * gs:(g + 1) * gs])
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(n, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    codes = torch.zeros(out, n, dtype=torch.float64)
+    losses = torch.zeros(out, dtype=torch.float64)
+    qmin, qmax = float(cfg.qmin), float(cfg.qmax)
+    cur = -1  # group whose grid is loaded in s, z, m (float64 copies of the stored fp16 / int grid)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not act_order and col % gs == 0:
+                # grid from the current (error-updated) columns of this group
+                width = min(gs, n - col)
+                set_grid(g, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width])
+            if g != cur:
+                cur = g
+                s = scales[:, g].to(torch.float64)
+                z = zeros[:, g].to(torch.float64) if zeros is not None else None
+                m = mins[:, g].to(torch.float64) if mins is not None else None
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if m is not None:
+                q = torch.round((w - m) / s).clamp_(qmin, qmax)
+                wq = s * q + m
+            elif z is not None:
+                q = (torch.round(w / s) + z).clamp_(qmin, qmax)
+                wq = s * (q - z)
+            else:
+                q = torch.round(w / s).clamp_(qmin, qmax)
+                wq = s * q
+            codes[:, col] = q
+            losses += (w - wq) ** 2 / d ** 2 / 2
+            err = (w - wq) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes = codes.to(torch.int16)
+    return QuantizedWeight(codes, scales, zeros, mins, cfg), float(losses.sum())
+
+
+def _single(cfg: WeightQuantConfig) -> WeightQuantConfig:
+    """The same grid viewed as one group over whatever columns are passed (a group or a column)."""
+    return WeightQuantConfig(bits=cfg.bits, group_size=0, sym=cfg.sym, zero_kind=cfg.zero_kind,
+                             scale_dtype=cfg.scale_dtype)
+
+
+@register_method
+class GPTQ(QuantMethod):
+    """GPTQ on every block linear (q/k/v included), true-sequential within the block."""
+
+    name = "gptq"
+
+    def process_block(self, block, X, ctx, index):
+        return sequential_quantize(self, block, X, ctx, rounding="gptq")

@@ -1,0 +1,250 @@
+"""The one representation of a quantized weight, its quantizer grid, and activation fake-quant.
+
+`QuantizedWeight` is what every PTQ method produces and every exporter consumes:
+integer codes, fp16 scales, zero points (integer, ONNX/GPTQ style) or minimums (float, GGUF
+Q4_1/Q5_1 style), bits, group size and symmetry. Dequantization is defined once, here:
+
+    sym:            w = scale * code                  code in [-2^(b-1), 2^(b-1) - 1]
+    asym, int zero: w = scale * (code - zero)         code, zero in [0, 2^b - 1]
+    asym, float min: w = scale * code + min           code in [0, 2^b - 1]
+
+computed in float32 from fp16 scales, so an exporter that stores the same fp16 numbers
+reproduces our dequantized weights bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """How to quantize a weight matrix.
+
+    Attributes:
+        bits: 2..8.
+        group_size: input channels sharing one scale; 0 = per output channel (one group per row).
+        sym: symmetric grid (no zero point).
+        zero_kind: for asymmetric grids, "int" (integer zero point) or "float" (fp16 minimum).
+        scale_dtype: storage dtype of scales and minimums (the targets store fp16).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    zero_kind: str = "int"
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise InputError(f"weight bits must lie in 2..8, got {self.bits}")
+        if self.group_size < 0:
+            raise InputError(f"group size must be >= 0 (0 = per channel), got {self.group_size}")
+        if self.zero_kind not in ("int", "float"):
+            raise InputError(f"zero_kind must be 'int' or 'float', got {self.zero_kind!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.sym else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.sym else (1 << self.bits) - 1
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups along the input dim; raises if the group size does not divide it."""
+        g = self.group_size or in_features
+        if in_features % g:
+            raise InputError(f"group size {g} does not divide the input width {in_features}")
+        return in_features // g
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scale_dtype"] = str(self.scale_dtype).replace("torch.", "")
+        return d
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [out_features, in_features] weight: integer codes plus per-group scales.
+
+    Attributes:
+        codes: int16 [out, in] integer codes (unpacked; see `pack_codes` for storage).
+        scales: [out, n_groups] in `cfg.scale_dtype` (may be negative for symmetric grids).
+        zeros: [out, n_groups] int16 zero points (asymmetric, zero_kind "int") or None.
+        mins: [out, n_groups] minimums in `cfg.scale_dtype` (asymmetric, zero_kind "float") or None.
+        cfg: the grid.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    mins: torch.Tensor | None
+    cfg: WeightQuantConfig
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the quantized layer computes with (float32 arithmetic, then cast)."""
+        out, n = self.codes.shape
+        G = self.scales.shape[1]
+        q = self.codes.to(torch.float32).view(out, G, n // G)
+        s = self.scales.to(torch.float32)[..., None]
+        if self.mins is not None:
+            w = s * q + self.mins.to(torch.float32)[..., None]
+        elif self.zeros is not None:
+            w = s * (q - self.zeros.to(torch.float32)[..., None])
+        else:
+            w = s * q
+        return w.view(out, n).to(dtype)
+
+
+def _group_view(W: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
+    out, n = W.shape
+    G = cfg.groups(n)
+    return W.reshape(out, G, n // G)
+
+
+def compute_grid(W: torch.Tensor, cfg: WeightQuantConfig, clip: torch.Tensor | float = 1.0):
+    """Scales and zero points / minimums for W [out, in] (fp32), optionally shrinking the range by `clip`.
+
+    Symmetric: the largest-magnitude weight of each group maps exactly onto the most negative
+    code (scale = x_absmax_signed / -2^(b-1), as GGUF Q4_0 does), using all 2^b levels.
+    Asymmetric: [min, max] (each scaled by `clip`) spans [0, 2^b - 1].
+    Returns:
+        (scales [out, G] in scale_dtype, zeros [out, G] int16 or None, mins [out, G] or None).
+    """
+    Wg = _group_view(W.float(), cfg)  # (out, G, g)
+    clip = torch.as_tensor(clip, dtype=torch.float32)
+    if clip.dim() == 2:
+        clip = clip[..., None]
+    if cfg.sym:
+        idx = Wg.abs().argmax(dim=-1, keepdim=True)
+        xm = torch.gather(Wg, -1, idx).squeeze(-1) * clip.squeeze(-1)  # signed max-magnitude value
+        scales = (xm / cfg.qmin).to(cfg.scale_dtype)
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        return scales, None, None
+    xmax = (Wg.amax(dim=-1) * clip.squeeze(-1)).clamp(min=0)
+    xmin = (Wg.amin(dim=-1) * clip.squeeze(-1)).clamp(max=0)
+    scales = ((xmax - xmin) / cfg.qmax).to(cfg.scale_dtype)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    if cfg.zero_kind == "float":
+        return scales, None, xmin.to(cfg.scale_dtype)
+    zeros = torch.round(-xmin / scales.float()).clamp(0, cfg.qmax).to(torch.int16)
+    return scales, zeros, None
+
+
+def quantize_to_grid(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, mins: torch.Tensor | None,
+                     cfg: WeightQuantConfig) -> torch.Tensor:
+    """Round W [out, in] (or one group column block) onto a given grid; returns int16 codes of W's shape."""
+    out, n = W.shape
+    G = scales.shape[1]
+    Wg = W.float().reshape(out, G, n // G)
+    s = scales.float()[..., None]
+    if mins is not None:
+        q = torch.round((Wg - mins.float()[..., None]) / s)
+    elif zeros is not None:
+        q = torch.round(Wg / s) + zeros.float()[..., None]
+    else:
+        q = torch.round(Wg / s)
+    return q.clamp(cfg.qmin, cfg.qmax).to(torch.int16).reshape(out, n)
+
+
+def quantize_weight(W: torch.Tensor, cfg: WeightQuantConfig, clip: torch.Tensor | float = 1.0) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [out, in] onto the grid of `compute_grid`."""
+    scales, zeros, mins = compute_grid(W, cfg, clip)
+    codes = quantize_to_grid(W, scales, zeros, mins, cfg)
+    return QuantizedWeight(codes, scales, zeros, mins, cfg)
+
+
+def fake_quantize_weight(W: torch.Tensor, cfg: WeightQuantConfig, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """quantize_weight(...).dequantize() in W's dtype."""
+    return quantize_weight(W, cfg, clip).dequantize(W.dtype)
+
+
+# ---- storage: codes packed little-endian along the input dim (2 per byte for <= 4 bits) ------------
+
+def pack_codes(codes: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
+    """uint8 storage of int16 codes: offset to unsigned, then two 4-bit codes per byte when bits <= 4
+    (low nibble = even input index)."""
+    u = (codes.to(torch.int32) - cfg.qmin).to(torch.uint8)
+    if cfg.bits <= 4:
+        if u.shape[-1] % 2:
+            raise InputError(f"cannot pack {cfg.bits}-bit codes of odd width {u.shape[-1]}")
+        return u[..., 0::2] | (u[..., 1::2] << 4)
+    return u
+
+
+def unpack_codes(packed: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
+    """Inverse of `pack_codes`."""
+    if cfg.bits <= 4:
+        u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    else:
+        u = packed
+    return (u.to(torch.int32) + cfg.qmin).to(torch.int16)
+
+
+# ---- activations ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """Activation quantization at a linear layer's input.
+
+    Attributes:
+        bits: 4..16 (16 = off).
+        granularity: "per_token" (dynamic, one scale per token) or "per_tensor" (static scale
+            from calibration, stored in the layer as `act_scale`).
+        sym: symmetric (signed) or asymmetric (unsigned with zero point).
+        clip: fraction of the absmax (per token) kept, as DuQuant's `lac`.
+    """
+
+    bits: int = 8
+    granularity: str = "per_token"
+    sym: bool = True
+    clip: float = 1.0
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 16:
+            raise InputError(f"activation bits must lie in 2..16, got {self.bits}")
+        if self.granularity not in ("per_token", "per_tensor"):
+            raise InputError(f"activation granularity must be per_token or per_tensor, got {self.granularity!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fake_quantize_act(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.Tensor | None = None,
+                      static_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations x [..., C] (per token over C, or with a static per-tensor scale)."""
+    if cfg.bits >= 16:
+        return x
+    xf = x.float()
+    if cfg.sym:
+        qmax = (1 << (cfg.bits - 1)) - 1
+        if static_scale is None:
+            s = (xf.abs().amax(dim=-1, keepdim=True) * cfg.clip / qmax).clamp(min=1e-8)
+        else:
+            s = static_scale.float()
+        return (torch.round(xf / s).clamp(-qmax - 1, qmax) * s).to(x.dtype)
+    qmax = (1 << cfg.bits) - 1
+    if static_scale is None:
+        hi = (xf.amax(dim=-1, keepdim=True) * cfg.clip).clamp(min=0)
+        lo = (xf.amin(dim=-1, keepdim=True) * cfg.clip).clamp(max=0)
+        s = ((hi - lo) / qmax).clamp(min=1e-8)
+        z = torch.round(-lo / s)
+    else:
+        s, z = static_scale.float(), static_zero.float()
+    return ((torch.round(xf / s) + z).clamp(0, qmax) - z).mul(s).to(x.dtype)
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    ref, approx = ref.double(), approx.double()
+    noise = (ref - approx).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp(min=1e-300)))

@@ -1,0 +1,1 @@
+"""quarot: in progress."""
