@@ -52,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    q = sub.add_parser("quantize", help="post-training quantization into a quantized checkpoint folder")
+    q.add_argument("--model", default="default", help="checkpoint folder or 'default' (default: %(default)s)")
+    q.add_argument("--method", default="gptq", help="rtn | gptq | awq | smoothquant | quarot | duquant (default: %(default)s)")
+    q.add_argument("--scheme", default="W4A16", help="W8A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: %(default)s)")
+    q.add_argument("--bits", type=int, dest="w_bits", help="override the scheme's weight bits (2..8)")
+    q.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
+    q.add_argument("--asym", action="store_true", help="asymmetric weight grid (default: the scheme's / method's)")
+    q.add_argument("--sym", action="store_true", help="symmetric weight grid")
+    q.add_argument("--zero-kind", default="int", help="asymmetric zero as 'int' zero point or 'float' minimum")
+    q.add_argument("--mse-clip", action="store_true", help="MSE clip search of the weight grid (RTN/GPTQ)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: %(default)s)")
+    q.add_argument("--weight-method", default="gptq", help="rounding for smoothquant/quarot/duquant: rtn | gptq")
+    q.add_argument("--calib", default="default", help="'default' (bundled corpus) or a local .txt / .jsonl file")
+    q.add_argument("--calib-mask", default="uniform", help="'uniform' (mask-aware, default) or 'none' (plain text)")
+    q.add_argument("--calib-samples", type=int, default=64)
+    q.add_argument("--calib-seq-len", type=int, default=256)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    q.add_argument("--no-progress", action="store_true")
+
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
     i.add_argument("--json", action="store_true")
@@ -100,6 +121,24 @@ def cmd_generate(args) -> int:
     else:
         for prompt, text in zip(args.prompt, texts):
             print(prompt + text if not args.chat else text)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quant import CalibConfig, QuantizeConfig, quantize
+
+    sym = True if args.sym else (False if args.asym else None)
+    qcfg = QuantizeConfig(method=args.method, scheme=args.scheme, bits=args.w_bits, group_size=args.group_size, sym=sym,
+                          zero_kind=args.zero_kind, mse_clip=args.mse_clip, act_order=args.act_order, alpha=args.alpha,
+                          weight_method=args.weight_method, seed=args.seed,
+                          calib=CalibConfig(source=args.calib, n_samples=args.calib_samples,
+                                            seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed))
+    out = quantize(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty())
+    manifest = json.loads((out / "manifest.json").read_text())
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    worst = max(manifest["blocks"], key=lambda b: b["out_rel_err"])
+    print(f"{out}: {args.method} {args.scheme}, {len(manifest['layers'])} quantized layers, {size / 2**20:.2f} MiB, "
+          f"{manifest['seconds']} s; worst block output error {worst['out_rel_err']:.3g} (block {worst['index']})")
     return 0
 
 
@@ -155,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return 2
             return cmd_export(args)
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ a linear for its quantized version)."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -30,6 +31,7 @@ class QuantizeConfig:
     Attributes:
         method: rtn | gptq | awq | smoothquant | quarot | duquant.
         scheme: W8A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4.
+        bits: override of the scheme's weight bits (2..8).
         group_size: override of the scheme's group size (0 = per channel).
         sym: override of the scheme's symmetry.
         zero_kind: "int" zero points or "float" minimums for asymmetric grids.
@@ -45,6 +47,7 @@ class QuantizeConfig:
 
     method: str = "gptq"
     scheme: str = "W4A16"
+    bits: int | None = None
     group_size: int | None = None
     sym: bool | None = None
     zero_kind: str = "int"
@@ -74,7 +77,8 @@ class QuantizeConfig:
         return get_scheme(self.scheme)
 
     def weight_config(self) -> WeightQuantConfig:
-        return self.scheme_.weight_config(self.group_size, self.sym, self.zero_kind)
+        cfg = self.scheme_.weight_config(self.group_size, self.sym, self.zero_kind)
+        return cfg if self.bits is None else dataclasses.replace(cfg, bits=self.bits)
 
     def act_config(self, default_sym: bool = True) -> ActQuantConfig | None:
         return self.scheme_.act_config(sym=default_sym if self.act_sym is None else self.act_sym)
@@ -95,11 +99,14 @@ class QuantMethod:
 
     name = "base"
     default_act_sym = True
+    default_weight_sym: bool | None = None  # None: the scheme's
 
     def __init__(self, qcfg: QuantizeConfig, spec: ModelSpec, model_config):
         self.qcfg = qcfg
         self.spec = spec
         self.model_config = model_config
+        if qcfg.sym is None and self.default_weight_sym is not None:
+            qcfg = dataclasses.replace(qcfg, sym=self.default_weight_sym)
         self.wcfg = qcfg.weight_config()
         self.acfg = qcfg.act_config(self.default_act_sym)
 

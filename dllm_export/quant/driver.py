@@ -145,6 +145,8 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     model = build_model(config, dtype=torch.float32, device="meta", added_tokens=tokenizer_special_ids(path))
     spec = model.spec
     method = METHODS[qcfg.method](qcfg, spec, model.config)
+    for role, name in spec.linears.items():  # fail before any work if the grid cannot tile a layer
+        method.wcfg.groups(model.blocks[0].get_submodule(name).in_features)
     out_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.get("torch_dtype"), torch.float32)
     source = ModuleSource(source_model) if source_model is not None else CheckpointSource(path)
     max_len = int(getattr(model.config, spec.context_key))

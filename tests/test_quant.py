@@ -1,0 +1,225 @@
+"""PTQ: quantizer grids, packing, GPTQ vs RTN, exact smoothing transforms, the streamed driver,
+quantized checkpoints and their error contract."""
+
+import json
+
+import pytest
+import torch
+
+import dllm_export as D
+from dllm_export.models.factory import make_random_checkpoint
+from dllm_export.quant import CalibConfig, QuantizeConfig, WeightQuantConfig, quantize
+from dllm_export.quant.base import METHODS
+from dllm_export.quant.calibrate import calibration_ids
+from dllm_export.quant.gptq import HessianStats, gptq_quantize
+from dllm_export.quant.primitives import (ActQuantConfig, fake_quantize_act, pack_codes, quantize_weight, sqnr_db,
+                                          unpack_codes)
+from dllm_export.quant.rtn import rtn_quantize
+
+# SQNR floors (dB) of RTN on N(0, 1) weights, per bits, group 128 (measured ~6.02 dB/bit + offset)
+SQNR_FLOOR = {8: 40.0, 6: 29.0, 5: 23.5, 4: 17.5, 3: 11.5, 2: 5.0}
+
+
+def _W(out=128, n=512, seed=0):
+    return torch.randn(out, n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sym,zero_kind", [(True, "int"), (False, "int"), (False, "float")])
+@pytest.mark.parametrize("bits", sorted(SQNR_FLOOR))
+def test_rtn_sqnr_floor(bits, sym, zero_kind):
+    W = _W()
+    qw = rtn_quantize(W, WeightQuantConfig(bits=bits, group_size=128, sym=sym, zero_kind=zero_kind))
+    assert qw.codes.min() >= qw.cfg.qmin and qw.codes.max() <= qw.cfg.qmax
+    assert sqnr_db(W, qw.dequantize()) >= SQNR_FLOOR[bits]
+
+
+@pytest.mark.parametrize("group_size", [0, 32, 64, 128])
+def test_smaller_groups_and_mse_clip_do_not_hurt(group_size):
+    W = _W()
+    cfg = WeightQuantConfig(bits=4, group_size=group_size)
+    plain = sqnr_db(W, rtn_quantize(W, cfg).dequantize())
+    assert sqnr_db(W, rtn_quantize(W, cfg, mse_clip=True).dequantize()) >= plain - 1e-6
+    if group_size:
+        assert plain >= sqnr_db(W, rtn_quantize(W, WeightQuantConfig(bits=4, group_size=0)).dequantize())
+
+
+def test_symmetric_grid_hits_the_largest_weight_exactly():
+    """The largest-magnitude weight of a group maps onto the most negative code (GGUF Q4_0's rule)."""
+    W = _W(4, 32)
+    qw = quantize_weight(W, WeightQuantConfig(bits=4, group_size=32))
+    i = W.abs().argmax(dim=1)
+    assert (qw.codes[torch.arange(4), i] == -8).all()
+    assert qw.scales.dtype == torch.float16
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_round_trip_is_exact(bits, sym):
+    cfg = WeightQuantConfig(bits=bits, group_size=0, sym=sym)
+    codes = torch.randint(cfg.qmin, cfg.qmax + 1, (16, 64), dtype=torch.int16)
+    packed = pack_codes(codes, cfg)
+    assert packed.dtype == torch.uint8 and packed.shape[1] == (32 if bits <= 4 else 64)
+    assert torch.equal(unpack_codes(packed, cfg), codes)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_activation_fake_quant(sym):
+    x = torch.randn(4, 16, 256) * torch.linspace(0.1, 10, 256)
+    for bits, floor in [(8, 35.0), (4, 12.0)]:
+        assert sqnr_db(x, fake_quantize_act(x, ActQuantConfig(bits=bits, sym=sym))) >= floor
+    assert torch.equal(fake_quantize_act(x, ActQuantConfig(bits=16)), x)
+
+
+@pytest.mark.parametrize("cfg", [WeightQuantConfig(4, 128, True), WeightQuantConfig(4, 64, False),
+                                 WeightQuantConfig(3, 0, True), WeightQuantConfig(4, 32, False, "float")],
+                         ids=["w4g128sym", "w4g64asym", "w3chan", "w4g32min"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_calibration_inputs(cfg, act_order):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 256, generator=g)
+    X = torch.randn(2048, 256, generator=g) @ torch.randn(256, 256, generator=g) * 0.3 + 2 * torch.randn(256, generator=g)
+    st = HessianStats(256)
+    st.update(X)
+    err = lambda q: float((X @ W.T - X @ q.dequantize().T).pow(2).mean())  # noqa: E731
+    qg, _ = gptq_quantize(W, st.H, cfg, act_order=act_order)
+    assert err(qg) < 0.7 * err(rtn_quantize(W, cfg))
+
+
+# ---- model passes -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("calib") / "calib.txt"
+    f.write_text((
+        "def add(a, b):\n    return a + b\n\n12+34=46\n7*8=56\nThe parser reads one token at a time.\n"
+        "class Node:\n    def __init__(self, value):\n        self.value = value\n        self.next = None\n") * 20)
+    return f
+
+
+@pytest.fixture(scope="module")
+def tiny_q(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinyq")
+    return {
+        "llada": make_random_checkpoint(root / "llada", "llada", vocab_size=384, tokenizer=True, std=0.05, n_kv_heads=2,
+                                        d_model=64, mlp_hidden_size=128, max_sequence_length=128),
+        "dream": make_random_checkpoint(root / "dream", "dream", vocab_size=384, tokenizer=True, std=0.05,
+                                        hidden_size=64, intermediate_size=128, max_position_embeddings=128),
+    }
+
+
+def _calib(calib_file, **kw):
+    return CalibConfig(source=str(calib_file), n_samples=6, seq_len=48, **kw)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("method", ["smoothquant", "awq"])
+def test_scale_folding_is_exact(tiny_q, family, method):
+    """SmoothQuant's and AWQ's scales, folded without rounding, leave the logits unchanged."""
+    from dllm_export.quant.awq import search_scales
+    from dllm_export.quant.base import capture_inputs, forward_block
+    from dllm_export.quant.smoothquant import fold_scales, heads, kv_group_scales, smooth_block
+
+    for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 1e-3)]:
+        model = D.load_model(tiny_q[family], dtype=dtype)
+        ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+        ref = model(ids)
+        m = METHODS[method](QuantizeConfig(method=method, scheme="W4A8"), model.spec, model.config)
+        X = model.model.embed_tokens(ids) if family == "dream" else model.model.transformer.wte(ids)
+        ctx = model.block_context(24, dtype)
+        for block in model.blocks:
+            if method == "smoothquant":
+                smooth_block(m, block, X, ctx, 0.5)
+            else:  # AWQ's searched scales, folded, without its final rounding
+                n_heads, n_kv = heads(model.config)
+                for prev, consumers in model.spec.smooth_pairs:
+                    xs = []
+                    with capture_inputs(block, [consumers[0]], lambda n, x: xs.append(x.reshape(-1, x.shape[-1]))):
+                        forward_block(block, X, ctx)
+                    x = torch.cat(xs).float()
+                    Ws = [block.get_submodule(c).weight.float() for c in consumers]
+                    expand, x_mean = None, None
+                    if Ws[0].shape[1] != block.get_submodule(prev).weight.shape[0]:
+                        hd = Ws[0].shape[1] // n_heads
+                        x_mean = kv_group_scales(x.abs().mean(0), n_heads, n_kv, reduce=torch.mean)
+                        expand = lambda s: s.view(n_kv, 1, hd).expand(n_kv, n_heads // n_kv, hd).reshape(-1)  # noqa
+                    s, _ = search_scales(x, Ws, m.wcfg, expand=expand, x_mean=x_mean)
+                    assert not torch.allclose(s, torch.ones_like(s))
+                    fold_scales(block, prev, list(consumers), s.to(dtype), n_heads, n_kv)
+            X = forward_block(block, X, ctx)
+        assert (model(ids) - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_streamed_driver_equals_in_memory(tiny_q, calib_file, tmp_path, method):
+    from safetensors.torch import load_file
+
+    qcfg = QuantizeConfig(method=method, scheme="W4A16", group_size=32, calib=_calib(calib_file))
+    a = quantize(tiny_q["llada"], tmp_path / "streamed", qcfg, progress=False)
+    b = quantize(tiny_q["llada"], tmp_path / "memory", qcfg, source_model=D.load_model(tiny_q["llada"]), progress=False)
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("method,scheme,tol", [("rtn", "W8A16", 0.02), ("gptq", "W8A16", 0.02), ("awq", "W8A16", 0.02),
+                                               ("rtn", "W8A8", 0.05), ("smoothquant", "W8A8", 0.05),
+                                               ("gptq", "W4A16", 0.6)])
+def test_quantized_checkpoint_round_trip(tiny_q, calib_file, tmp_path, family, method, scheme, tol):
+    out = quantize(tiny_q[family], tmp_path / "q", QuantizeConfig(method=method, scheme=scheme, calib=_calib(calib_file),
+                                                                  group_size=32 if scheme.endswith("A16") else 0),
+                   progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == method and manifest["scheme"] == scheme and len(manifest["layers"]) == 14
+    assert all(b["out_rel_err"] < 1 for b in manifest["blocks"])
+    assert manifest["calibration"]["mask"] == "uniform" and 0 < manifest["calibration"]["mask_ratio_mean"] < 1
+    fp, q = D.load_model(tiny_q[family]), D.load_model(out)
+    assert q.spec == fp.spec
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    rel = ((q(ids) - fp(ids)).norm() / fp(ids).norm()).item()
+    assert rel < tol
+    out_gen = D.generate(q, [5, 6, 7], gen_length=8, steps=8)
+    assert out_gen.ids.shape == (1, 11)
+
+
+def test_mask_aware_calibration(tiny_q, calib_file):
+    tok = D.load_tokenizer(tiny_q["llada"])
+    spec = D.load_model(tiny_q["llada"]).spec
+    ids, summary = calibration_ids(tok, spec, CalibConfig(source=str(calib_file), n_samples=32, seq_len=64), 128)
+    frac = (ids == spec.mask_id).float().mean(1)
+    assert ids.shape == (32, 64) and 0.25 < summary["mask_ratio_mean"] < 0.55
+    assert frac.min() < 0.15 and frac.max() > 0.6  # stratified over the set: nearly clean to nearly masked
+    plain, _ = calibration_ids(tok, spec, CalibConfig(source=str(calib_file), n_samples=32, seq_len=64, mask="none"), 128)
+    assert not (plain == spec.mask_id).any()
+    again, _ = calibration_ids(tok, spec, CalibConfig(source=str(calib_file), n_samples=32, seq_len=64), 128)
+    assert torch.equal(ids, again)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="sparsegpt"), "unknown method 'sparsegpt'"),
+    (dict(scheme="W5A5"), "unknown scheme 'W5A5'"),
+    (dict(group_size=48), "group size 48 does not divide the input width 64"),
+    (dict(bits=9), "weight bits must lie in 2..8"),
+    (dict(calib=CalibConfig(source="/nonexistent.txt"), group_size=32), "calibration file not found"),
+    (dict(calib="EMPTY"), "calibration file is empty"),
+])
+def test_bad_input_gives_clear_error_and_no_output(tiny_q, tmp_path, kwargs, message):
+    if kwargs.get("calib") == "EMPTY":
+        (tmp_path / "empty.txt").write_text("  \n")
+        kwargs = dict(calib=CalibConfig(source=str(tmp_path / "empty.txt")), group_size=32)
+    with pytest.raises(D.InputError, match=message):
+        quantize(tiny_q["llada"], tmp_path / "out", QuantizeConfig(**kwargs), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_quantize_then_generate(tiny_q, calib_file, tmp_path, capsys):
+    from dllm_export.cli import main
+
+    out = tmp_path / "w4"
+    assert main(["quantize", "--model", str(tiny_q["dream"]), "--method", "gptq", "--scheme", "W4A16", "--group-size",
+                 "32", "--calib", str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32", "--out",
+                 str(out)]) == 0
+    assert "gptq W4A16, 14 quantized layers" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--prompt", "def f", "--gen-length", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 8
+    assert main(["quantize", "--model", str(tiny_q["dream"]), "--scheme", "W3A3", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown scheme" in capsys.readouterr().err
