@@ -147,8 +147,9 @@ class LLaDABlock(nn.Module):
         k = self.k_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.rope_full_precision:  # LLaDA rotates q/k in fp32, then casts back
-            q = apply_rope(q.float(), cos, sin).type_as(v)
-            k = apply_rope(k.float(), cos, sin).type_as(v)
+            up = torch.promote_types(q.dtype, torch.float32)
+            q = apply_rope(q.to(up), cos.to(up), sin.to(up)).type_as(v)
+            k = apply_rope(k.to(up), cos.to(up), sin.to(up)).type_as(v)
         else:
             q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
             k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
