@@ -30,6 +30,7 @@ from .qlinear import ActQuantLinear, QLinear
 
 MANIFEST_FORMAT = "dllm-export/quantized"
 MANIFEST_VERSION = 1
+SHARD_BYTES = 1 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 
@@ -165,8 +166,9 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     def tensors():
         emb_name = f"{spec.embedding}.weight"
         W_emb = method.transform_embedding(source.get(emb_name))
-        yield emb_name, W_emb.to(out_dtype)
         X = F.embedding(ids, W_emb)  # (N, L, d) fp32
+        yield emb_name, W_emb.to(out_dtype)
+        del W_emb
         blocks = model.blocks
         bar = None
         if progress:
@@ -209,4 +211,6 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
                 files[name] = (path / name).read_bytes()
         return files
 
-    return write_checkpoint(out_dir, config, tensors(), dtype=None, extra_files=extra_files)
+    # 1 GiB shards: finished blocks leave memory as soon as their shard is written
+    return write_checkpoint(out_dir, config, tensors(), dtype=None, extra_files=extra_files,
+                            max_shard_bytes=SHARD_BYTES)
