@@ -193,10 +193,11 @@ def hessians(block: nn.Module, X: torch.Tensor, ctx: tuple, names: list[str], ba
 
 def output_rel_err(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> float:
     """Relative output error ||X (W - Q)^T||^2 / ||X W^T||^2 over the inputs X behind H = 2 X^T X / n."""
-    W = W.double()
-    dW = W - qw.dequantize(torch.float64)
-    H = H.to(torch.float64)
-    return float(torch.einsum("oi,ij,oj->", dW, H, dW) / torch.einsum("oi,ij,oj->", W, H, W))
+    W = W.float()
+    dW = W - qw.dequantize(torch.float32)
+    H = H.float()
+    # tr(A H A^T) as sum((A H) * A): two fp32 matmuls instead of an fp64 einsum (8B down proj: 6e11 flops)
+    return float(((dW @ H) * dW).sum() / ((W @ H) * W).sum().clamp(min=1e-30))
 
 
 def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, wcfg: WeightQuantConfig,
