@@ -331,19 +331,17 @@ class DuQuant(QuantMethod):
 
     def round_block(self, block: nn.Module, X: torch.Tensor, ctx: tuple,
                     transforms: dict[str, InputTransform]) -> dict[str, dict]:
-        """RTN with the fixed swc clip, group by group; the Hessian (of the transformed inputs, on
-        inputs from the already-quantized groups) only measures the output error for the manifest."""
+        """RTN with the fixed swc clip, group by group; sample inputs (transformed, from the
+        already-quantized groups) only measure the output error for the manifest."""
         info: dict[str, dict] = {}
         for roles in GROUPS:
             names = linear_names(self.spec, roles)
-            H = hessians(block, X, ctx, names[:1], self.qcfg.batch_size)[names[0]].H
-            T = transforms[names[0]]
-            H = T(T(H).T).T  # the layer sees x T: H_T = T^T H T, without a dense [C, C] T
+            X_s = transforms[names[0]](hessians(block, X, ctx, names[:1], self.qcfg.batch_size)[names[0]].sample)
             for n in names:
                 W = block.get_submodule(n).weight.data.float()
                 qw = quantize_weight(W, self.wcfg, clip=self.dcfg.weight_clip)
                 info[n] = install_qlinear(block, n, qw, self.acfg, W, transforms[n],
-                                          weight_clip=self.dcfg.weight_clip, out_rel_err=output_rel_err(W, qw, H))
+                                          weight_clip=self.dcfg.weight_clip, out_rel_err=output_rel_err(W, qw, X_s))
         return info
 
     def process_block(self, block, X, ctx, index):
