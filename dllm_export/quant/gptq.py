@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .base import QuantMethod, register_method, sequential_quantize
-from .primitives import QuantizedWeight, WeightQuantConfig, compute_grid, quantize_to_grid
+from .primitives import QuantizedWeight, single_thread, WeightQuantConfig, compute_grid, quantize_to_grid
 from .rtn import mse_clip_ratios
 
 
@@ -88,34 +88,35 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // gs
-            if not act_order and col % gs == 0:
-                # grid from the current (error-updated) columns of this group
-                width = min(gs, n - col)
-                set_grid(g, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width])
-            if g != cur:
-                cur = g
-                s = scales[:, g].to(torch.float32)
-                z = zeros[:, g].to(torch.float32) if zeros is not None else None
-                m = mins[:, g].to(torch.float32) if mins is not None else None
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if m is not None:
-                q = torch.round((w - m) / s).clamp_(qmin, qmax)
-                wq = s * q + m
-            elif z is not None:
-                q = (torch.round(w / s) + z).clamp_(qmin, qmax)
-                wq = s * (q - z)
-            else:
-                q = torch.round(w / s).clamp_(qmin, qmax)
-                wq = s * q
-            codes[:, col] = q
-            losses += (w - wq) ** 2 / d ** 2 / 2
-            err = (w - wq) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+        with single_thread():  # the column loop is hundreds of tiny ops: OpenMP hand-offs dominate
+            for i in range(i2 - i1):
+                col = int(perm[i1 + i])
+                g = col // gs
+                if not act_order and col % gs == 0:
+                    # grid from the current (error-updated) columns of this group
+                    width = min(gs, n - col)
+                    set_grid(g, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width])
+                if g != cur:
+                    cur = g
+                    s = scales[:, g].to(torch.float32)
+                    z = zeros[:, g].to(torch.float32) if zeros is not None else None
+                    m = mins[:, g].to(torch.float32) if mins is not None else None
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if m is not None:
+                    q = torch.round((w - m) / s).clamp_(qmin, qmax)
+                    wq = s * q + m
+                elif z is not None:
+                    q = (torch.round(w / s) + z).clamp_(qmin, qmax)
+                    wq = s * (q - z)
+                else:
+                    q = torch.round(w / s).clamp_(qmin, qmax)
+                    wq = s * q
+                codes[:, col] = q
+                losses += (w - wq) ** 2 / d ** 2 / 2
+                err = (w - wq) / d
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # in-place rank-1 update
+                Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     codes = codes.to(torch.int16)
     return QuantizedWeight(codes, scales, zeros, mins, cfg), float(losses.sum())
