@@ -46,7 +46,7 @@ from ..errors import InputError
 from .base import (GROUPS, QuantMethod, capture_inputs, forward_block, hessians, install_qlinear, linear_names,
                    output_rel_err, register_method, sequential_quantize)
 from .hadamard import sylvester
-from .primitives import quantize_weight
+from .primitives import quantize_weight, single_thread
 from .smoothquant import smooth_block
 from .transforms import BlockDiagonalTransform, ChainTransform, InputTransform
 
@@ -185,12 +185,13 @@ def greedy_rotation(act_absmax_or_samples: torch.Tensor, block_size: int, max_st
     switch = torch.arange(b).repeat(b, 1)
     switch[:, 0] = torch.arange(b)
     switch[torch.arange(b), torch.arange(b)] = 0
-    for j in range(max_steps):  # few, batched ops per step: the loop is overhead-bound on small inputs
-        cur = torch.bmm(cur, Ms[j][switch[ch_peak.argmax(dim=-1)]])  # d = each block's outlier channel
-        ch_peak = cur[:, :n].abs().amax(dim=1)
-        peak = ch_peak.amax(dim=-1)
-        best_R = torch.where((peak < best)[:, None, None], cur[:, n:], best_R)
-        best = torch.minimum(peak, best)
+    with single_thread():  # few, batched ops per step: the loop is overhead-bound on small inputs
+        for j in range(max_steps):
+            cur = torch.bmm(cur, Ms[j][switch[ch_peak.argmax(dim=-1)]])  # d = each block's outlier channel
+            ch_peak = cur[:, :n].abs().amax(dim=1)
+            peak = ch_peak.amax(dim=-1)
+            best_R = torch.where((peak < best)[:, None, None], cur[:, n:], best_R)
+            best = torch.minimum(peak, best)
     return best_R.contiguous()
 
 
