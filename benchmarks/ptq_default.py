@@ -67,7 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--mc", type=int, default=32)
-    ap.add_argument("--mc-batch", type=int, default=32)
+    ap.add_argument("--mc-batch", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="weight-only group size (the bundled models' FFN width 704 is not a multiple of 128)")
     ap.add_argument("--arith", type=int, default=200)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--workdir", default="runs/ptq")
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
         for method, scheme, mask in cells:
             out = Path(args.workdir) / f"{name}-{method}-{scheme}-{mask}"
             if not (out / "manifest.json").is_file():
-                qcfg = QuantizeConfig(method=method, scheme=scheme, weight_method="gptq",
+                gs = args.group_size if scheme.endswith("A16") else None
+                qcfg = QuantizeConfig(method=method, scheme=scheme, weight_method="gptq", group_size=gs,
                                       calib=CalibConfig(n_samples=args.calib_samples, seq_len=128, mask=mask))
                 quantize(name, out, qcfg, progress=False)
             manifest = json.loads((out / "manifest.json").read_text())
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
     lines = [f"Command: `python benchmarks/ptq_default.py{' --quick' if args.quick else ''} --models {args.models}`",
+             "", f"Weight-only schemes use groups of {args.group_size}; weight-activation schemes per-channel weights.",
              "", f"ELBO bits/token on held-out stdlib modules ({args.windows} windows of {args.window} tokens, "
              f"LLaDA MC estimator, mc={args.mc}, seed 0, paired masks) and 2-digit +/- exact match ({args.arith} problems).",
              "", "| model | method | scheme | calibration | bits/token | delta | arith EM | delta |",

@@ -223,3 +223,11 @@ def test_cli_quantize_then_generate(tiny_q, calib_file, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["nfe"] == 8
     assert main(["quantize", "--model", str(tiny_q["dream"]), "--scheme", "W3A3", "--out", str(tmp_path / "x")]) == 2
     assert "unknown scheme" in capsys.readouterr().err
+
+
+def test_scheme_group_size_shrinks_to_fit_but_an_explicit_one_does_not():
+    from dllm_export.quant.driver import fit_group_size
+
+    assert fit_group_size(QuantizeConfig(scheme="W4A16"), [256, 704]).group_size == 64
+    assert fit_group_size(QuantizeConfig(scheme="W4A16", group_size=128), [704]).group_size == 128
+    assert fit_group_size(QuantizeConfig(scheme="W8A8"), [704]).group_size is None  # per channel

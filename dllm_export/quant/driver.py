@@ -11,8 +11,8 @@ The same driver runs on an in-memory model (`source=model`): both paths give the
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -124,6 +124,17 @@ def layer_manifest(block: nn.Module, prefix: str) -> dict[str, dict]:
     return layers
 
 
+def fit_group_size(qcfg: QuantizeConfig, widths: list[int]) -> QuantizeConfig:
+    """When the group size comes from the scheme (not the user) and does not divide every layer
+    width, halve it down to 16 until it does (small models: FFN 704 = 11 * 64)."""
+    g = qcfg.scheme_.group_size
+    if qcfg.group_size is not None or g == 0 or all(w % g == 0 for w in widths):
+        return qcfg
+    while g > 16 and any(w % g for w in widths):
+        g //= 2
+    return dataclasses.replace(qcfg, group_size=g)
+
+
 def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: QuantizeConfig, *,
                         source_model: nn.Module | None = None, progress: bool = True) -> Path:
     """Quantize a checkpoint folder with `qcfg` and write a quantized checkpoint folder.
@@ -145,9 +156,11 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     config = read_config(path)
     model = build_model(config, dtype=torch.float32, device="meta", added_tokens=tokenizer_special_ids(path))
     spec = model.spec
+    widths = [model.blocks[0].get_submodule(name).in_features for name in spec.linears.values()]
+    qcfg = fit_group_size(qcfg, widths)
     method = METHODS[qcfg.method](qcfg, spec, model.config)
-    for role, name in spec.linears.items():  # fail before any work if the grid cannot tile a layer
-        method.wcfg.groups(model.blocks[0].get_submodule(name).in_features)
+    for w in widths:  # fail before any work if the grid cannot tile a layer
+        method.wcfg.groups(w)
     out_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.get("torch_dtype"), torch.float32)
     source = ModuleSource(source_model) if source_model is not None else CheckpointSource(path)
     max_len = int(getattr(model.config, spec.context_key))
