@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--zero-kind", default="int", help="asymmetric zero as 'int' zero point or 'float' minimum")
     q.add_argument("--mse-clip", action="store_true", help="MSE clip search of the weight grid (RTN/GPTQ)")
     q.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    q.add_argument("--act-granularity", default="per_token",
+                   help="activations: per_token (dynamic, default) or per_tensor (static, calibrated)")
     q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: %(default)s)")
     q.add_argument("--weight-method", default="gptq", help="rounding for smoothquant/quarot/duquant: rtn | gptq")
     q.add_argument("--calib", default="default", help="'default' (bundled corpus) or a local .txt / .jsonl file")
@@ -130,7 +132,7 @@ def cmd_quantize(args) -> int:
     sym = True if args.sym else (False if args.asym else None)
     qcfg = QuantizeConfig(method=args.method, scheme=args.scheme, bits=args.w_bits, group_size=args.group_size, sym=sym,
                           zero_kind=args.zero_kind, mse_clip=args.mse_clip, act_order=args.act_order, alpha=args.alpha,
-                          weight_method=args.weight_method, seed=args.seed,
+                          weight_method=args.weight_method, seed=args.seed, act_granularity=args.act_granularity,
                           calib=CalibConfig(source=args.calib, n_samples=args.calib_samples,
                                             seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed))
     out = quantize(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty())

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import QuantMethod, capture_inputs, forward_block, install_qlinear, register_method
+from .base import (QuantMethod, calibrate_static_acts, capture_inputs, forward_block, install_qlinear,
+                   register_method)
 from .primitives import QuantizedWeight, WeightQuantConfig, compute_grid, quantize_to_grid
 from .smoothquant import fold_scales, heads, kv_group_scales
 
@@ -130,4 +131,5 @@ class AWQ(QuantMethod):
                 y = x @ W.T
                 rel = float((x @ qw.dequantize().T - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
                 info[c] = install_qlinear(block, c, qw, self.acfg, W, out_rel_err=rel, **info.get(c, {}))
+        calibrate_static_acts(block, [c for _, cs in pairs for c in cs], X, ctx, self.qcfg.batch_size)
         return info

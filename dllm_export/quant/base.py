@@ -40,6 +40,7 @@ class QuantizeConfig:
         alpha: SmoothQuant migration strength.
         weight_method: how smoothquant/quarot/duquant round their weights ("rtn" or "gptq").
         act_sym: symmetric activation quantization (default per method).
+        act_granularity: "per_token" (dynamic) or "per_tensor" (static, calibrated per layer).
         calib: calibration recipe.
         batch_size: sequences per calibration forward.
         seed: seeds the method's own randomness (rotations).
@@ -58,6 +59,7 @@ class QuantizeConfig:
     alpha: float = 0.5
     weight_method: str = "gptq"
     act_sym: bool | None = None
+    act_granularity: str = "per_token"
     calib: CalibConfig = field(default_factory=CalibConfig)
     batch_size: int = 8
     seed: int = 0
@@ -68,6 +70,8 @@ class QuantizeConfig:
             raise InputError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.weight_method not in ("rtn", "gptq"):
             raise InputError(f"weight_method must be rtn or gptq, got {self.weight_method!r}")
+        if self.act_granularity not in ("per_token", "per_tensor"):
+            raise InputError(f"act_granularity must be per_token or per_tensor, got {self.act_granularity!r}")
         if not 0 < self.alpha < 1:
             raise InputError(f"alpha must lie in (0, 1), got {self.alpha}")
         self.weight_config()  # validates bits / group size / zero kind
@@ -80,8 +84,9 @@ class QuantizeConfig:
         cfg = self.scheme_.weight_config(self.group_size, self.sym, self.zero_kind)
         return cfg if self.bits is None else dataclasses.replace(cfg, bits=self.bits)
 
-    def act_config(self, default_sym: bool = True) -> ActQuantConfig | None:
-        return self.scheme_.act_config(sym=default_sym if self.act_sym is None else self.act_sym)
+    def act_config(self, default_sym: bool = True, clip: float = 1.0) -> ActQuantConfig | None:
+        return self.scheme_.act_config(granularity=self.act_granularity, clip=clip,
+                                       sym=default_sym if self.act_sym is None else self.act_sym)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -236,4 +241,20 @@ def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, 
             W = block.get_submodule(n).weight.data.float()
             qw, extra = round_weight(W, H, method.qcfg, method.wcfg, rounding, X_s)
             info[n] = install_qlinear(block, n, qw, method.acfg, W, transforms.get(n), **extra)
+        calibrate_static_acts(block, names, X, ctx, method.qcfg.batch_size)
     return info
+
+
+@torch.no_grad()
+def calibrate_static_acts(block: nn.Module, names: list[str], X: torch.Tensor, ctx: tuple, batch_size: int) -> None:
+    """Fix the static (per-tensor) activation grids of the named QLinears from one calibration pass;
+    a no-op for dynamic (per-token) activations."""
+    layers = [block.get_submodule(n) for n in names]
+    layers = [m for m in layers if isinstance(m, QLinear) and m.act is not None and m.act.granularity == "per_tensor"]
+    if not layers:
+        return
+    for m in layers:
+        m.observe()
+    forward_block(block, X, ctx, batch_size)
+    for m in layers:
+        m.calibrate()

@@ -93,6 +93,10 @@ def block_tensors(block: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str
                 out[p + ".qmins"] = qw.mins
             if mod.bias is not None:
                 out[p + ".bias"] = mod.bias.to(dtype)
+            if mod.act_scale is not None:
+                out[p + ".act_scale"] = mod.act_scale.reshape(1).float()
+            if mod.act_zero is not None:
+                out[p + ".act_zero"] = mod.act_zero.reshape(1).float()
             if mod.input_transform is not None:
                 for k, v in mod.input_transform.tensors().items():
                     out[f"{p}.input_transform.{k}"] = v

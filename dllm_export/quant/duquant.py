@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import (GROUPS, QuantMethod, capture_inputs, forward_block, hessians, install_qlinear, linear_names,
-                   output_rel_err, register_method, sequential_quantize)
+from .base import (GROUPS, QuantMethod, calibrate_static_acts, capture_inputs, forward_block, hessians,
+                   install_qlinear, linear_names, output_rel_err, register_method, sequential_quantize)
 from .hadamard import sylvester
 from .primitives import quantize_weight, single_thread
 from .smoothquant import smooth_block
@@ -296,7 +296,7 @@ class DuQuant(QuantMethod):
         sym_w = self.default_weight_sym if qcfg.sym is None else qcfg.sym
         self.wcfg = qcfg.scheme_.weight_config(qcfg.group_size, sym_w, qcfg.zero_kind)
         sym_a = self.default_act_sym if qcfg.act_sym is None else qcfg.act_sym
-        self.acfg = qcfg.scheme_.act_config(sym=sym_a, clip=self.dcfg.act_clip)
+        self.acfg = qcfg.scheme_.act_config(granularity=qcfg.act_granularity, sym=sym_a, clip=self.dcfg.act_clip)
 
     def transform_block(self, block: nn.Module, X: torch.Tensor, ctx: tuple,
                         index: int) -> tuple[dict[str, InputTransform], dict[str, dict]]:
@@ -343,6 +343,7 @@ class DuQuant(QuantMethod):
                 qw = quantize_weight(W, self.wcfg, clip=self.dcfg.weight_clip)
                 info[n] = install_qlinear(block, n, qw, self.acfg, W, transforms[n],
                                           weight_clip=self.dcfg.weight_clip, out_rel_err=output_rel_err(W, qw, X_s))
+            calibrate_static_acts(block, names, X, ctx, self.qcfg.batch_size)
         return info
 
     def process_block(self, block, X, ctx, index):

@@ -86,7 +86,11 @@ def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
             if qw.shape != expected:
                 raise CheckpointError(f"quantized layer {name} has shape {list(qw.shape)}, config implies {list(expected)}")
             module = QLinear(qw, bias, act, transform, dtype=dtype)
-            used.update({f"{name}.qweight", f"{name}.scales", f"{name}.qzeros", f"{name}.qmins", f"{name}.bias"})
+            if f"{name}.act_scale" in handles:  # static per-tensor activation grid
+                module.act_scale = get(f"{name}.act_scale")[0]
+                module.act_zero = get(f"{name}.act_zero")[0] if f"{name}.act_zero" in handles else None
+            used.update({f"{name}.qweight", f"{name}.scales", f"{name}.qzeros", f"{name}.qmins", f"{name}.bias",
+                         f"{name}.act_scale", f"{name}.act_zero"})
         set_module(model, name, module.to(device))
     for pname, p in list(model.named_parameters()):
         if p.is_meta:

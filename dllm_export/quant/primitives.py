@@ -199,8 +199,8 @@ class ActQuantConfig:
 
     Attributes:
         bits: 4..16 (16 = off).
-        granularity: "per_token" (dynamic, one scale per token) or "per_tensor" (static scale
-            from calibration, stored in the layer as `act_scale`).
+        granularity: "per_token" (dynamic, one scale per token) or "per_tensor" (static scale and
+            zero point from the calibration range, stored with the layer as `act_scale` / `act_zero`).
         sym: symmetric (signed) or asymmetric (unsigned with zero point).
         clip: fraction of the absmax (per token) kept, as DuQuant's `lac`.
     """
@@ -242,6 +242,16 @@ def fake_quantize_act(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.
     else:
         s, z = static_scale.float(), static_zero.float()
     return ((torch.round(xf / s) + z).clamp(0, qmax) - z).mul(s).to(x.dtype)
+
+
+def static_act_params(lo: float, hi: float, cfg: ActQuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-tensor (scale, zero) from the calibrated range [lo, hi] of a layer's input (clip applied)."""
+    lo, hi = min(lo * cfg.clip, 0.0), max(hi * cfg.clip, 0.0)
+    if cfg.sym:
+        qmax = (1 << (cfg.bits - 1)) - 1
+        return torch.tensor(max(-lo, hi) / qmax).clamp(min=1e-8), None
+    scale = torch.tensor((hi - lo) / ((1 << cfg.bits) - 1)).clamp(min=1e-8)
+    return scale, torch.round(-lo / scale)
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import ActQuantConfig, QuantizedWeight, fake_quantize_act
+from .primitives import ActQuantConfig, QuantizedWeight, fake_quantize_act, static_act_params
 
 
 class QLinear(nn.Module):
@@ -26,12 +26,27 @@ class QLinear(nn.Module):
         self.input_transform = input_transform
         self.register_buffer("weight", qweight.dequantize(dtype), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.act_scale: torch.Tensor | None = None  # static per-tensor activation grid
+        self.act_zero: torch.Tensor | None = None
+        self.observed: list[float] | None = None  # [min, max] of inputs while calibrating
+
+    def observe(self) -> None:
+        """Start recording the input range (activations pass unquantized meanwhile)."""
+        self.observed = [0.0, 0.0]
+
+    def calibrate(self) -> None:
+        """Fix the static activation grid from the recorded range."""
+        self.act_scale, self.act_zero = static_act_params(self.observed[0], self.observed[1], self.act)
+        self.observed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
-        if self.act is not None:
-            x = fake_quantize_act(x, self.act)
+        if self.observed is not None:
+            self.observed[0] = min(self.observed[0], float(x.min()))
+            self.observed[1] = max(self.observed[1], float(x.max()))
+        elif self.act is not None:
+            x = fake_quantize_act(x, self.act, self.act_scale, self.act_zero)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
