@@ -6,7 +6,7 @@ scores it with the same seeded estimator as the fp baseline (paired masks, so di
 cells are far less noisy than each number's own standard error).
 
     python benchmarks/ptq_default.py                          # both bundled models, the full grid
-    python benchmarks/ptq_default.py --models default --quick # a few cells
+    python benchmarks/ptq_default.py --models default --grid quick   # a few cells
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ GRID = [("rtn", "W8A16"), ("gptq", "W8A16"), ("awq", "W8A16"),
         ("rtn", "W3A16"), ("gptq", "W3A16"), ("awq", "W3A16"),
         ("smoothquant", "W8A8"), ("quarot", "W8A8"), ("duquant", "W8A8"),
         ("smoothquant", "W4A8"), ("quarot", "W4A8"), ("duquant", "W4A8"),
+        ("smoothquant", "W4A4"), ("quarot", "W4A4"), ("duquant", "W4A4")]
+LEAN = [("rtn", "W4A16"), ("gptq", "W4A16"), ("awq", "W4A16"),
+        ("rtn", "W3A16"), ("gptq", "W3A16"), ("awq", "W3A16"),
+        ("smoothquant", "W8A8"), ("quarot", "W8A8"), ("duquant", "W8A8"),
         ("smoothquant", "W4A4"), ("quarot", "W4A4"), ("duquant", "W4A4")]
 QUICK = [("rtn", "W4A16"), ("gptq", "W4A16"), ("gptq", "W3A16"), ("smoothquant", "W4A4"), ("quarot", "W4A4")]
 # cells also run with plain-text calibration (the issue's comparison)
@@ -63,7 +67,9 @@ def score(model, tok, texts, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="default,default-dream")
-    ap.add_argument("--quick", action="store_true", help=f"only {QUICK}")
+    ap.add_argument("--grid", choices=["full", "lean", "quick"], default="full",
+                    help="full: every method at W8/W4/W3 (weight-only) and W8A8/W4A8/W4A4; lean: W4/W3 and "
+                         "W8A8/W4A4; quick: five cells")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--mc", type=int, default=32)
@@ -88,7 +94,7 @@ def main(argv=None) -> int:
         base = score(model, tok, texts, args)
         rows.append({"model": name, "method": "fp", "scheme": "bf16", "calib": "-", **base})
         print(json.dumps(rows[-1]), flush=True)
-        cells = [(m, s, "uniform") for m, s in (QUICK if args.quick else GRID)]
+        cells = [(m, s, "uniform") for m, s in {"full": GRID, "lean": LEAN, "quick": QUICK}[args.grid]]
         cells += [(m, s, "none") for m, s, _ in list(cells) if s in PLAIN_CALIB]
         for method, scheme, mask in cells:
             out = Path(args.workdir) / f"{name}-{method}-{scheme}-{mask}"
@@ -107,7 +113,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
-    lines = [f"Command: `python benchmarks/ptq_default.py{' --quick' if args.quick else ''} --models {args.models}`",
+    cmd = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
+    lines = [f"Command: `python benchmarks/ptq_default.py {cmd}`",
              "", f"Weight-only schemes use groups of {args.group_size}; weight-activation schemes per-channel weights.",
              "", f"ELBO bits/token on held-out stdlib modules ({args.windows} windows of {args.window} tokens, "
              f"LLaDA MC estimator, mc={args.mc}, seed 0, paired masks) and 2-digit +/- exact match ({args.arith} problems).",

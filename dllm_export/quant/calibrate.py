@@ -9,6 +9,7 @@ corpus or a local .txt / .jsonl file; never from a download.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,15 +50,21 @@ class CalibConfig:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=1)
+def _default_texts() -> tuple[str, ...]:
+    """The bundled corpus recipe's training texts (built once per process: it reads the stdlib)."""
+    from ..corpus import build_corpus
+
+    c = build_corpus()
+    # code, then English and arithmetic in chunks of similar size, so a seeded document order mixes them
+    chunk = lambda lines, n: ["\n".join(lines[i:i + n]) for i in range(0, len(lines), n)]  # noqa: E731
+    return tuple(c.code_train + chunk(c.english_train, 200) + chunk(c.arithmetic_train[:20000], 1000))
+
+
 def calibration_texts(source: str) -> list[str]:
     """The raw texts of a calibration source."""
     if source == "default":
-        from ..corpus import build_corpus
-
-        c = build_corpus()
-        # code, then English and arithmetic in chunks of similar size, so a seeded document order mixes them
-        chunk = lambda lines, n: ["\n".join(lines[i:i + n]) for i in range(0, len(lines), n)]
-        return c.code_train + chunk(c.english_train, 200) + chunk(c.arithmetic_train[:20000], 1000)
+        return list(_default_texts())
     path = Path(source)
     if not path.is_file():
         raise InputError(f"calibration file not found: {path}")
