@@ -326,3 +326,17 @@ def test_quarot_beats_plain_rounding_with_outliers(tiny_dirs, tmp_path, calib_tx
                                                               calib=calib), progress=False)
         errs[method] = _rel(D.load_model(out)(ids), ref)
     assert errs["quarot"] < 0.6 * errs["rtn"]
+
+
+def test_head_count_without_hadamard_skips_only_the_across_heads_transform(tmp_path):
+    """6 heads have no Hadamard matrix: o_proj keeps its offline per-head rotation, no online one."""
+    path = make_random_checkpoint(tmp_path / "m", "dream", vocab_size=128, hidden_size=96, num_attention_heads=6,
+                                  num_key_value_heads=2, intermediate_size=128)
+    model = D.load_model(path, dtype=torch.float64)
+    ids = _ids()
+    ref = model(ids)
+    rotate_model(model, seed=0)
+    assert float((model(ids) - ref).abs().max()) <= 1e-9
+    block = model.blocks[0]
+    assert not isinstance(block.get_submodule(model.spec.linears["o"]), OnlineTransformLinear)
+    assert isinstance(block.get_submodule(model.spec.linears["down"]), OnlineTransformLinear)

@@ -163,18 +163,26 @@ class QuaRotRotation:
                              "the head needs the final norm weight fused into it, the embedding must not have it")
         self.spec = spec
         self.dims = model_dims(model_config)
-        for key in ("d_model", "mlp", "n_heads", "head_dim"):  # fail before any work if a size has no Hadamard
+        for key in ("d_model", "mlp", "head_dim"):  # fail before any work if a size has no Hadamard
             try:
                 hadamard_factorization(self.dims[key])
             except InputError as e:
                 raise InputError(f"QuaRot cannot rotate this model ({key} = {self.dims[key]}): {e}") from None
+        try:  # the across-heads Hadamard before o_proj is optional: e.g. 6 heads have none
+            hadamard_factorization(self.dims["n_heads"])
+            self.across_heads = True
+        except InputError:
+            self.across_heads = False
         self.signs = random_signs(self.dims["d_model"], seed)
 
     def online_transforms(self) -> dict[str, HadamardTransform]:
-        """Block-relative layer name -> the online Hadamard its input gets."""
+        """Block-relative layer name -> the online Hadamard its input gets (o_proj's only when the
+        head count has a Hadamard matrix; its per-head rotation is offline either way)."""
         d = self.dims
-        return {self.spec.linears["o"]: HadamardTransform(d["n_heads"], inner=d["head_dim"]),
-                self.spec.linears["down"]: HadamardTransform(d["mlp"])}
+        out = {self.spec.linears["down"]: HadamardTransform(d["mlp"])}
+        if self.across_heads:
+            out[self.spec.linears["o"]] = HadamardTransform(d["n_heads"], inner=d["head_dim"])
+        return out
 
     def embedding(self, W: torch.Tensor) -> torch.Tensor:
         """Embedding rows rotated: W_emb Q."""
