@@ -131,8 +131,9 @@ def elbo_and_accuracy(model, windows: torch.Tensor, mc: int, seed: int) -> dict:
         masked = torch.zeros(N, L, dtype=torch.bool)
         masked[:, first:] = rank < m
         logits = forward_logits(model, torch.where(masked, mask_id, windows))
-        result[f"masked_acc_{int(ratio * 100)}pct"] = float((logits[masked].argmax(-1) == windows[masked]).float().mean())
-        result[f"masked_ce_bits_{int(ratio * 100)}pct"] = float(F.cross_entropy(logits[masked], windows[masked])) / math.log(2)
+        pct = int(ratio * 100)
+        result[f"masked_acc_{pct}pct"] = float((logits[masked].argmax(-1) == windows[masked]).float().mean())
+        result[f"masked_ce_bits_{pct}pct"] = float(F.cross_entropy(logits[masked], windows[masked])) / math.log(2)
     result.update({"n_windows": N, "window_tokens": L, "mc_per_window": mc})
     return result
 
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = r
         a = r["arithmetic"]
         print(f"== {name} ({r['family']}, {r['params'] / 1e6:.2f}M params)")
-        print(f"arithmetic exact match {a['exact_match']:.3f} (+ {a['exact_match_add']:.3f}, - {a['exact_match_sub']:.3f}) "
+        print(f"arithmetic exact match {a['exact_match']:.3f} "
+              f"(+ {a['exact_match_add']:.3f}, - {a['exact_match_sub']:.3f}) "
               f"on {a['n_problems']} held-out problems, {a['settings']}")
         print("examples:", " ".join(f"{e['prompt']}{e['answer']}" for e in a["examples"]))
         if args.arithmetic_only:

@@ -55,6 +55,8 @@ class TrainConfig:
         eps: minimum mask probability (LLaDA's 1e-3).
         rope_theta: RoPE base.
         seed: seeds init, windows and masks.
+        arithmetic_answer_only: mask only the answers (`85\n` of `47+38=85\n`) in arithmetic windows:
+            LLaDA's SFT rule "the prompt is never masked" (models.md 4.1) applied to `47+38=`.
     """
 
     family: str = "llada"
@@ -77,6 +79,7 @@ class TrainConfig:
     eps: float = 1e-3
     rope_theta: float = 10000.0
     seed: int = 0
+    arithmetic_answer_only: bool = False
 
 
 # The shapes of the bundled models (see the model cards in dllm_export/assets/*/README.md).
@@ -152,7 +155,12 @@ class WindowSampler:
     """Draws [B, seq_len] windows: a source per row by the recipe's shares, then a random offset
     (arithmetic windows start at a line start, so `47+38=` at position 0 looks like training)."""
 
-    def __init__(self, data: dict, recipe: CorpusRecipe, seq_len: int):
+    def __init__(self, data: dict, recipe: CorpusRecipe, seq_len: int, answer_only: bool = False):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(data["tokenizer_files"]["tokenizer.json"])
+        self.eq_id, self.nl_id = (tok.encode(c, add_special_tokens=False).ids[0] for c in "=\n")
+        self.answer_only = answer_only
         self.streams = data["streams"]
         self.names = ["code", "arithmetic", "english"]
         self.shares = torch.tensor([recipe.code, recipe.arithmetic, recipe.english], dtype=torch.float64)
@@ -160,10 +168,19 @@ class WindowSampler:
         self.starts = self.starts[self.starts <= len(self.streams["arithmetic"]) - seq_len]
         self.seq_len = seq_len
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """One batch of windows (int64)."""
+    def answer_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """[L] bool: the tokens after an `=` up to and including the next newline (a line-aligned window)."""
+        idx = torch.arange(len(x))
+        last_eq = torch.where(x == self.eq_id, idx, -1).cummax(0).values
+        last_nl = torch.where(x == self.nl_id, idx, -1).cummax(0).values
+        before_eq = torch.cat([torch.tensor([-1]), last_eq[:-1]])
+        before_nl = torch.cat([torch.tensor([-1]), last_nl[:-1]])
+        return before_eq > before_nl
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch of windows (int64) and which of their tokens may be masked."""
         src = torch.multinomial(self.shares, batch_size, replacement=True, generator=generator)
-        rows = []
+        rows, maskable = [], []
         for s in src.tolist():
             name = self.names[s]
             stream = self.streams[name]
@@ -171,8 +188,12 @@ class WindowSampler:
                 off = int(self.starts[torch.randint(len(self.starts), (1,), generator=generator)])
             else:
                 off = int(torch.randint(len(stream) - self.seq_len, (1,), generator=generator))
-            rows.append(stream[off:off + self.seq_len])
-        return torch.stack(rows).long()
+            rows.append(stream[off:off + self.seq_len].long())
+            if self.answer_only and name == "arithmetic":
+                maskable.append(self.answer_positions(rows[-1]))
+            else:
+                maskable.append(torch.ones(self.seq_len, dtype=torch.bool))
+        return torch.stack(rows), torch.stack(maskable)
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -183,8 +204,12 @@ def shift_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def masked_diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
-                          eps: float = 1e-3, shift: bool = False) -> tuple[torch.Tensor, dict]:
+                          eps: float = 1e-3, shift: bool = False,
+                          maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """LLaDA pre-training loss (models.md 4.1) on clean windows `x0` [B, L].
+
+    `maskable` [B, L] (optional) marks the tokens that may be masked; the others are always visible
+    (LLaDA SFT's never-masked prompt).
 
     Returns:
         (loss, stats): the 1/p_mask-weighted CE summed over masked tokens / (B * L), and the
@@ -194,6 +219,8 @@ def masked_diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, mask_id: int
     t = torch.rand(B, generator=generator)
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)
     masked = torch.rand(B, L, generator=generator) < p_mask
+    if maskable is not None:
+        masked &= maskable
     if shift:
         masked[:, 0] = False  # Dream: the first position has no left neighbour to predict it
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
@@ -238,8 +265,17 @@ def _log(msg: str) -> None:
 
 
 def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe(), minutes: float = 60.0,
-          resume: bool = False, checkpoint_minutes: float = 5.0, log_every: int = 20) -> Path:
+          resume: bool = False, checkpoint_minutes: float = 5.0, log_every: int = 20,
+          steps: int | None = None, mix: tuple[float, float, float] | None = None,
+          answer_only: bool | None = None, until_step: int | None = None) -> Path:
     """Train (or resume) a run in folder `out` until `cfg.steps` or the wall-clock budget; return the checkpoint path.
+
+    On `resume` the saved settings are used, except the schedule length when `steps` is given
+    (to lengthen, or shorten, the cosine decay of a resumed run). `mix` = (code, arithmetic, english)
+    window shares replaces the recipe's from the current step on (a curriculum; recorded in
+    `mix_history` of run.json as [step, shares, arithmetic_answer_only]); so does `answer_only`, which
+    sets `arithmetic_answer_only`. `until_step` stops (and saves) at that step, so a run that changed
+    settings part-way can be replayed phase by phase.
 
     `out` holds data.pt (tokenizer + token streams, built once), ckpt.pt (model, optimizer, step,
     RNG state) and run.json (settings and progress).
@@ -250,9 +286,14 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
     t_start = time.time()
     if resume:
         state = torch.load(ckpt_path, weights_only=False)
-        cfg = TrainConfig(**{**state["train_config"], "betas": tuple(state["train_config"]["betas"]),
-                             "steps": max(cfg.steps, state["train_config"]["steps"])})
+        saved = {**state["train_config"], "betas": tuple(state["train_config"]["betas"])}
+        cfg = TrainConfig(**{**saved, "steps": steps or saved["steps"]})
         recipe = CorpusRecipe(**state["recipe"])
+    mix_history = []
+    if resume:
+        mix_history = state.get("mix_history", [[0, [recipe.code, recipe.arithmetic, recipe.english], False]])
+    if mix is not None:
+        recipe = dataclasses.replace(recipe, code=mix[0], arithmetic=mix[1], english=mix[2])
     if data_path.exists():
         data = torch.load(data_path, weights_only=False)
     else:
@@ -280,7 +321,12 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"{cfg.family}: {n_params / 1e6:.2f}M params, {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len}, "
          f"threads {torch.get_num_threads()}")
-    sampler = WindowSampler(data, recipe, cfg.seq_len)
+    if answer_only is not None:
+        cfg = dataclasses.replace(cfg, arithmetic_answer_only=answer_only)
+    entry = [[recipe.code, recipe.arithmetic, recipe.english], cfg.arithmetic_answer_only]
+    if not mix_history or mix_history[-1][1:] != entry:
+        mix_history.append([step, *entry])
+    sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only)
     shift = model.spec.shift_logits
     mask_id = model.spec.mask_id
 
@@ -288,31 +334,35 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
         _save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
                           "step": step, "elapsed_s": elapsed + time.time() - t_start, "tokens": tokens,
                           "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe),
-                          "model_config": config})
+                          "model_config": config, "mix_history": mix_history})
         (out / "run.json").write_text(json.dumps({
             "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "step": step,
             "trained_minutes": round((elapsed + time.time() - t_start) / 60, 2), "tokens": tokens,
-            "params": n_params, "threads": torch.get_num_threads(), "corpus": data["summary"]}, indent=2))
+            "mix_history": mix_history, "params": n_params, "threads": torch.get_num_threads(),
+            "corpus": data["summary"]}, indent=2))
         _log(f"checkpoint at step {step} -> {ckpt_path}")
 
     last_ckpt = t_window = time.time()
     run_loss = run_ce = run_acc = 0.0
     n_run = 0
-    while step < cfg.steps:
+    while step < min(cfg.steps, until_step or cfg.steps):
         if time.time() - t_start > minutes * 60:
             _log(f"wall-clock budget of {minutes} min reached")
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        x0 = sampler.sample(cfg.batch_size, gen)
-        loss, stats = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, shift)
+        x0, maskable = sampler.sample(cfg.batch_size, gen)
+        loss, stats = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, shift, maskable)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         tokens += x0.numel()
-        run_loss, run_ce, run_acc, n_run = run_loss + float(loss.detach()), run_ce + stats["ce"], run_acc + stats["acc"], n_run + 1
+        run_loss += float(loss.detach())
+        run_ce += stats["ce"]
+        run_acc += stats["acc"]
+        n_run += 1
         if step % log_every == 0:
             dt = time.time() - t_window
             _log(f"step {step} loss {run_loss / n_run:.3f} masked-ce {run_ce / n_run:.3f} "
@@ -347,11 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="run folder (data.pt, ckpt.pt, run.json)")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget; stops cleanly and saves")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    ap.add_argument("--steps", type=int, help="schedule length (default: the preset's)")
+    ap.add_argument("--steps", type=int, help="schedule length (default: the preset's; with --resume, the run's)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--mix", type=lambda v: tuple(float(x) for x in v.split(",")),
+                    help="code,arithmetic,english window shares (overrides the recipe from the current step on)")
+    ap.add_argument("--answer-only-arithmetic", action="store_true", default=None,
+                    help="from now on mask only the answers of arithmetic lines (LLaDA SFT: prompt never masked)")
+    ap.add_argument("--until-step", type=int, help="stop and save at this step (to replay a multi-phase run)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0)
     ap.add_argument("--log-every", type=int, default=20)
@@ -365,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "lr": args.lr, "seed": args.seed}.items() if v is not None}
     cfg = dataclasses.replace(PRESETS[args.family], **overrides)
     train(args.out, cfg, minutes=args.minutes, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes,
-          log_every=args.log_every)
+          log_every=args.log_every, steps=args.steps, mix=args.mix,
+          answer_only=args.answer_only_arithmetic, until_step=args.until_step)
     return 0
 
 

@@ -146,6 +146,10 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)
+        # mkdtemp makes 0700 / 0600 entries: give the folder the usual permissions
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
