@@ -44,18 +44,13 @@ SAMPLE_SETTINGS = {"gen_length": 64, "steps": 64, "block_length": 16, "temperatu
 TIMING_SETTINGS = {"gen_length": 32, "steps": 32, "block_length": 32, "temperature": 0.0}
 
 
-def shifted(logits: torch.Tensor) -> torch.Tensor:
-    """Dream alignment: position i is predicted by the logits of position i - 1."""
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-
-
 def forward_logits(model, ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """Aligned logits (Dream's shifted), computed in row chunks."""
     outs = []
     with torch.inference_mode():
         for i in range(0, len(ids), chunk):
             lg = model(ids[i:i + chunk]).float()
-            outs.append(shifted(lg) if model.spec.shift_logits else lg)
+            outs.append(model.spec.align_logits(lg))
     return torch.cat(outs)
 
 

@@ -198,14 +198,8 @@ class WindowSampler:
 
 # ----------------------------------------------------------------------------------------------- loss
 
-def shift_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Dream alignment: position i is predicted by the logits of position i - 1 (position 0 keeps its own)."""
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-
-
 def masked_diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
-                          eps: float = 1e-3, shift: bool = False,
-                          maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                          eps: float = 1e-3, maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """LLaDA pre-training loss (models.md 4.1) on clean windows `x0` [B, L].
 
     `maskable` [B, L] (optional) marks the tokens that may be masked; the others are always visible
@@ -221,12 +215,10 @@ def masked_diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, mask_id: int
     masked = torch.rand(B, L, generator=generator) < p_mask
     if maskable is not None:
         masked &= maskable
-    if shift:
+    if model.spec.shift_logits:
         masked[:, 0] = False  # Dream: the first position has no left neighbour to predict it
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    logits = model(xt)
-    if shift:
-        logits = shift_logits(logits)
+    logits = model.spec.align_logits(model(xt))
     ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")
     loss = (ce / p_mask[masked]).sum() / (B * L)
     with torch.no_grad():
@@ -327,7 +319,6 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
     if not mix_history or mix_history[-1][1:] != entry:
         mix_history.append([step, *entry])
     sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only)
-    shift = model.spec.shift_logits
     mask_id = model.spec.mask_id
 
     def checkpoint():
@@ -352,7 +343,7 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x0, maskable = sampler.sample(cfg.batch_size, gen)
-        loss, stats = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, shift, maskable)
+        loss, stats = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, maskable)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

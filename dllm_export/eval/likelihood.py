@@ -42,13 +42,6 @@ class ElboResult:
         return self.nll_per_token / math.log(2)
 
 
-def _logits(backend, x: torch.Tensor) -> torch.Tensor:
-    logits = backend.forward(x)
-    if backend.spec.shift_logits:
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    return logits
-
-
 @torch.no_grad()
 def elbo(model_or_backend, prompt_ids, answer_ids, *, mc: int = 128, batch: int = 16, estimator: str = "llada",
          eps: float = 1e-3, seed: int = 0) -> ElboResult:
@@ -90,7 +83,7 @@ def elbo(model_or_backend, prompt_ids, answer_ids, *, mc: int = 128, batch: int 
         masked = torch.zeros(batch, P + L, dtype=torch.bool)
         masked[:, P:] = masked_ans
         x = torch.where(masked, torch.full_like(seq, mask_id), seq)
-        logits = _logits(backend, x)
+        logits = backend.spec.align_logits(backend.forward(x))
         ce = F.cross_entropy(logits[masked], seq[masked], reduction="none").double()
         rows = masked.nonzero()[:, 0]
         per_row = torch.zeros(batch, dtype=torch.float64).index_add_(0, rows, ce) / p_mask

@@ -53,6 +53,15 @@ class ModelSpec:
     special_tokens: dict[str, str] = field(default_factory=dict)
     chat_template: str = field(repr=False, default="")
 
+    def align_logits(self, logits: "torch.Tensor") -> "torch.Tensor":
+        """Raw model logits [B, L, V] re-indexed so that row i predicts token i: Dream's are shifted
+        right by one (row 0 reuses its own output, which is never scored); LLaDA's pass through."""
+        if not self.shift_logits:
+            return logits
+        import torch
+
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
     def to_dict(self) -> dict:
         """A JSON-serialisable view (for manifests and `dllm-export info`)."""
         d = asdict(self)

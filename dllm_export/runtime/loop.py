@@ -146,9 +146,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             logits = un + (cfg_scale + 1) * (cond - un)
         else:
             logits = backend.forward(x, fwd_mask)
-        if spec.shift_logits:  # position i is predicted by the output at i - 1
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        return spec.align_logits(logits)
 
     for b in range(num_blocks):
         hi = P + (b + 1) * block_length
