@@ -82,8 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    import torch  # noqa: F401  (imported here to keep `dllm-export --help` fast)
-
     from . import generate, load_model, load_tokenizer
     from .tokenizer import encode_prompt
 

@@ -1,6 +1,7 @@
 """PTQ: quantizer grids, packing, GPTQ vs RTN, exact smoothing transforms, the streamed driver,
 quantized checkpoints and their error contract."""
 
+import functools
 import json
 
 import pytest
@@ -117,7 +118,7 @@ def test_scale_folding_is_exact(tiny_q, family, method):
     """SmoothQuant's and AWQ's scales, folded without rounding, leave the logits unchanged."""
     from dllm_export.quant.awq import search_scales
     from dllm_export.quant.base import capture_inputs, forward_block
-    from dllm_export.quant.smoothquant import fold_scales, heads, kv_group_scales, smooth_block
+    from dllm_export.quant.smoothquant import expand_kv_scales, fold_scales, heads, kv_group_scales, smooth_block
 
     for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 1e-3)]:
         model = D.load_model(tiny_q[family], dtype=dtype)
@@ -139,9 +140,8 @@ def test_scale_folding_is_exact(tiny_q, family, method):
                     Ws = [block.get_submodule(c).weight.float() for c in consumers]
                     expand, x_mean = None, None
                     if Ws[0].shape[1] != block.get_submodule(prev).weight.shape[0]:
-                        hd = Ws[0].shape[1] // n_heads
                         x_mean = kv_group_scales(x.abs().mean(0), n_heads, n_kv, reduce=torch.mean)
-                        expand = lambda s: s.view(n_kv, 1, hd).expand(n_kv, n_heads // n_kv, hd).reshape(-1)  # noqa
+                        expand = functools.partial(expand_kv_scales, n_heads=n_heads, n_kv=n_kv)
                     s, _ = search_scales(x, Ws, m.wcfg, expand=expand, x_mean=x_mean)
                     assert not torch.allclose(s, torch.ones_like(s))
                     fold_scales(block, prev, list(consumers), s.to(dtype), n_heads, n_kv)

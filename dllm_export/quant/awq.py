@@ -14,13 +14,15 @@ on the consumers' own outputs, never by re-running the whole block on normalised
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .base import (QuantMethod, calibrate_static_acts, capture_inputs, forward_block, install_qlinear,
                    register_method)
 from .primitives import QuantizedWeight, WeightQuantConfig, compute_grid, quantize_to_grid
-from .smoothquant import fold_scales, heads, kv_group_scales
+from .smoothquant import expand_kv_scales, fold_scales, heads, kv_group_scales
 
 
 def _fake_quant(W: torch.Tensor, cfg: WeightQuantConfig, clip=1.0) -> torch.Tensor:
@@ -91,7 +93,6 @@ class AWQ(QuantMethod):
     def process_block(self, block, X, ctx, index):
         spec = self.spec
         pairs = spec.smooth_pairs
-        leaders = [c[0] for _, c in pairs] + [n for _, c in pairs for n in c[1:]]
         inputs: dict[str, list[torch.Tensor]] = {}
         g = torch.Generator().manual_seed(self.qcfg.seed + index)
         n_tok = X.shape[0] * X.shape[1]
@@ -111,9 +112,8 @@ class AWQ(QuantMethod):
             p = block.get_submodule(prev)
             expand, x_mean = None, None
             if isinstance(p, nn.Linear) and p.weight.shape[0] != Ws[0].shape[1]:  # v -> o under GQA
-                hd = Ws[0].shape[1] // n_heads
                 x_mean = kv_group_scales(x.abs().mean(0), n_heads, n_kv, reduce=torch.mean)
-                expand = lambda s: s.view(n_kv, 1, hd).expand(n_kv, n_heads // n_kv, hd).reshape(-1)  # noqa: E731
+                expand = functools.partial(expand_kv_scales, n_heads=n_heads, n_kv=n_kv)
             s, loss = search_scales(x, Ws, self.wcfg, expand=expand, x_mean=x_mean)
             fold_scales(block, prev, list(consumers), s, n_heads, n_kv)
             se = s if expand is None else expand(s)

@@ -196,6 +196,18 @@ def hessians(block: nn.Module, X: torch.Tensor, ctx: tuple, names: list[str], ba
     return stats
 
 
+@torch.no_grad()
+def input_sample(block: nn.Module, X: torch.Tensor, ctx: tuple, name: str, batch_size: int,
+                 keep: int = 256) -> torch.Tensor:
+    """The first `keep` input rows [keep, in] of block.<name> (the rows HessianStats.sample keeps),
+    from a forward over only as many calibration sequences as they need."""
+    rows: list[torch.Tensor] = []
+    n_seq = -(-keep // X.shape[1])
+    with capture_inputs(block, [name], lambda n, x: rows.append(x.reshape(-1, x.shape[-1]).float())):
+        forward_block(block, X[:n_seq], ctx, batch_size)
+    return torch.cat(rows)[:keep]
+
+
 def output_rel_err(W: torch.Tensor, qw: QuantizedWeight, X: torch.Tensor) -> float:
     """Relative output error ||X (W - Q)^T||^2 / ||X W^T||^2 on sample inputs X [T, in]."""
     W = W.float()

@@ -97,18 +97,16 @@ def block_tensors(block: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str
                 out[p + ".act_scale"] = mod.act_scale.reshape(1).float()
             if mod.act_zero is not None:
                 out[p + ".act_zero"] = mod.act_zero.reshape(1).float()
-            if mod.input_transform is not None:
-                for k, v in mod.input_transform.tensors().items():
-                    out[f"{p}.input_transform.{k}"] = v
-            quantized.add(name)
         elif isinstance(mod, ActQuantLinear):
-            quantized.add(name)
             out[prefix + name + ".weight"] = mod.linear.weight.to(dtype)
             if mod.linear.bias is not None:
                 out[prefix + name + ".bias"] = mod.linear.bias.to(dtype)
-            if mod.input_transform is not None:
-                for k, v in mod.input_transform.tensors().items():
-                    out[f"{prefix}{name}.input_transform.{k}"] = v
+        else:
+            continue
+        quantized.add(name)
+        if mod.input_transform is not None:
+            for k, v in mod.input_transform.tensors().items():
+                out[f"{prefix}{name}.input_transform.{k}"] = v
     for name, p in block.named_parameters():
         owner = name.rpartition(".")[0]
         if not any(owner == q or owner.startswith(q + ".") for q in quantized):

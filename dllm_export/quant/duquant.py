@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import (GROUPS, QuantMethod, calibrate_static_acts, capture_inputs, forward_block, hessians,
+from .base import (GROUPS, QuantMethod, calibrate_static_acts, capture_inputs, forward_block, input_sample,
                    install_qlinear, linear_names, output_rel_err, register_method, sequential_quantize)
 from .hadamard import sylvester
 from .primitives import quantize_weight, single_thread
@@ -337,7 +337,7 @@ class DuQuant(QuantMethod):
         info: dict[str, dict] = {}
         for roles in GROUPS:
             names = linear_names(self.spec, roles)
-            X_s = transforms[names[0]](hessians(block, X, ctx, names[:1], self.qcfg.batch_size)[names[0]].sample)
+            X_s = transforms[names[0]](input_sample(block, X, ctx, names[0], self.qcfg.batch_size))
             for n in names:
                 W = block.get_submodule(n).weight.data.float()
                 qw = quantize_weight(W, self.wcfg, clip=self.dcfg.weight_clip)

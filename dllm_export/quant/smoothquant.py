@@ -40,6 +40,13 @@ def kv_group_scales(s_o: torch.Tensor, n_heads: int, n_kv: int, reduce=torch.ama
     return reduce(s_o.view(n_kv, n_heads // n_kv, hd), dim=1).reshape(-1)
 
 
+def expand_kv_scales(s_kv: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """Inverse of `kv_group_scales`: per-v-output-channel values [n_kv*hd] repeated over the query
+    heads of each kv group, giving one per o input channel [n_heads*hd]."""
+    hd = s_kv.numel() // n_kv
+    return s_kv.view(n_kv, 1, hd).expand(n_kv, n_heads // n_kv, hd).reshape(-1)
+
+
 @torch.no_grad()
 def fold_scales(block: nn.Module, prev: str, consumers: list[str], s: torch.Tensor, n_heads: int = 1,
                 n_kv: int = 1) -> None:
@@ -51,8 +58,7 @@ def fold_scales(block: nn.Module, prev: str, consumers: list[str], s: torch.Tens
     p = block.get_submodule(prev)
     s_c = s
     if isinstance(p, nn.Linear) and p.weight.shape[0] != block.get_submodule(consumers[0]).weight.shape[1]:
-        hd = s.numel() // n_kv
-        s_c = s.view(n_kv, 1, hd).expand(n_kv, n_heads // n_kv, hd).reshape(-1)
+        s_c = expand_kv_scales(s, n_heads, n_kv)
     if isinstance(p, nn.Linear):
         p.weight.div_(s.to(p.weight.dtype)[:, None])
         if p.bias is not None:
