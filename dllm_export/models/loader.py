@@ -73,6 +73,21 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def open_shards(path: Path) -> dict:
+    """tensor name -> open safetensors handle, over every shard of a checkpoint (memory-mapped;
+    nothing is read until `get_tensor`). Corrupt or truncated files raise CheckpointError."""
+    from safetensors import safe_open
+
+    handles = {}
+    for f in weight_files(path):
+        try:
+            h = safe_open(str(f), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
+        handles.update({k: h for k in h.keys()})
+    return handles
+
+
 def resolve_dtype(dtype: torch.dtype | str, config: dict) -> torch.dtype:
     """torch dtype from a dtype or a name; 'auto' takes the checkpoint's own `torch_dtype`."""
     if isinstance(dtype, torch.dtype):

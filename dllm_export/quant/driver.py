@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..models.loader import (build_model, read_config, resolve_model_path, tokenizer_special_ids, weight_files)
+from ..models.loader import build_model, open_shards, read_config, resolve_model_path, tokenizer_special_ids
 
 from .base import METHODS, QuantizeConfig, forward_block
 from .calibrate import calibration_ids
@@ -39,13 +39,7 @@ class CheckpointSource:
     """Named fp32 tensors read on demand from a checkpoint's safetensors shards."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.files = {}
-        self.handles = [safe_open(str(f), framework="pt", device="cpu") for f in weight_files(path)]
-        for h in self.handles:
-            for k in h.keys():
-                self.files[k] = h
+        self.files = open_shards(path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files

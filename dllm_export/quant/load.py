@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..models.loader import _set_tensor, build_model, read_config, tokenizer_special_ids, weight_files
+from ..models.loader import _set_tensor, build_model, open_shards, read_config, tokenizer_special_ids
 from .base import set_module
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, unpack_codes
 from .qlinear import ActQuantLinear, QLinear
@@ -39,20 +39,10 @@ def weight_config(d: dict) -> WeightQuantConfig:
 
 def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
     """Build the model with QLinear layers from a quantized checkpoint (see quant.driver)."""
-    from safetensors import safe_open
-
     manifest = read_manifest(path)
     config = read_config(path)
     model = build_model(config, dtype=dtype, device="meta", added_tokens=tokenizer_special_ids(path))
-    handles = {}
-    try:
-        for f in weight_files(path):
-            h = safe_open(str(f), framework="pt", device="cpu")
-            handles.update({k: h for k in h.keys()})
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    handles = open_shards(path)
 
     def get(name: str) -> torch.Tensor:
         if name not in handles:
