@@ -234,21 +234,25 @@ def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, 
 
 
 def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, ctx: tuple, rounding: str,
-                        transforms: dict[str, nn.Module] | None = None, with_hessian: bool = True) -> dict[str, dict]:
-    """Quantize a block's linears group by group (GROUPS order), each group's Hessian taken on the
-    inputs produced by the already-quantized groups; linears of a group share their input."""
+                        transforms: dict[str, nn.Module] | None = None) -> dict[str, dict]:
+    """Quantize a block's linears group by group (GROUPS order), each group's Hessian (GPTQ) or
+    input sample (RTN: for the output error only) taken on the inputs produced by the
+    already-quantized groups; linears of a group share their input."""
     info: dict[str, dict] = {}
     transforms = transforms or {}
     for roles in GROUPS:
         names = linear_names(method.spec, roles)
-        H = X_s = None
-        if with_hessian or rounding == "gptq":
+        H = None
+        if rounding == "gptq":
             stats = hessians(block, X, ctx, names[:1], method.qcfg.batch_size)[names[0]]
             H, X_s = stats.H, stats.sample
             if names[0] in transforms:  # the layer will see T(x): H_T = T^T H T
                 T = transforms[names[0]].matrix(H.shape[0]).to(H.dtype)
                 H = T.T @ H @ T
-                X_s = transforms[names[0]](X_s)
+        else:
+            X_s = input_sample(block, X, ctx, names[0], method.qcfg.batch_size)
+        if names[0] in transforms:
+            X_s = transforms[names[0]](X_s)
         for n in names:
             W = block.get_submodule(n).weight.data.float()
             qw, extra = round_weight(W, H, method.qcfg, method.wcfg, rounding, X_s)
