@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .layers import Embedding, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
-from .spec import ModelSpec
+from .spec import Dims, ModelSpec
 
 DREAM_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -36,6 +36,7 @@ SPEC = ModelSpec(
     bos_id=151665,
     eot_id=151645,
     shift_logits=True,
+    positions_skip_padding=True,
     default_sampler="entropy",
     blocks="model.layers",
     linears={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -76,6 +77,14 @@ class DreamConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def dims(self) -> Dims:
+        """The shape under the family-neutral names exporters use."""
+        return Dims(d_model=self.hidden_size, n_layers=self.num_hidden_layers, n_heads=self.num_attention_heads,
+                    n_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, mlp_hidden=self.intermediate_size,
+                    vocab_rows=self.vocab_size, context=self.max_position_embeddings, rope_theta=self.rope_theta,
+                    norm_eps=self.rms_norm_eps, qkv_bias=True, tied_head=self.tie_word_embeddings)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DreamConfig":

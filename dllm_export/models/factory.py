@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import InputError
+from ..fileio import atomic_folder
 from .loader import DTYPES, build_model
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -100,11 +99,7 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[
     folder appears only when complete (written to a temp dir, then renamed).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"output folder {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         if dtype is not None:
             config = dict(config, torch_dtype=_DTYPE_NAMES[dtype])
         shards: list[list[str]] = []
@@ -146,16 +141,6 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)
-        # mkdtemp makes 0700 / 0600 entries: give the folder the usual permissions
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .layers import Embedding, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
-from .spec import ModelSpec
+from .spec import Dims, ModelSpec
 
 LLADA_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}"
@@ -35,6 +35,7 @@ SPEC = ModelSpec(
     bos_id=126080,
     eot_id=126348,
     shift_logits=False,
+    positions_skip_padding=False,
     default_sampler="low_confidence",
     blocks="model.transformer.blocks",
     linears={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out",
@@ -87,6 +88,14 @@ class LLaDAConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def dims(self) -> Dims:
+        """The shape under the family-neutral names exporters use."""
+        return Dims(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                    head_dim=self.head_dim, mlp_hidden=self.mlp_hidden_size, vocab_rows=self.embedding_size,
+                    context=self.max_sequence_length, rope_theta=self.rope_theta, norm_eps=self.rms_norm_eps,
+                    qkv_bias=self.include_qkv_bias, tied_head=self.weight_tying)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLaDAConfig":

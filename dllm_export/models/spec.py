@@ -11,6 +11,33 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
+class Dims:
+    """The architecture numbers every exporter needs, under one set of names for all families.
+
+    Attributes:
+        d_model / n_layers / n_heads / n_kv_heads / head_dim / mlp_hidden: transformer shape.
+        vocab_rows: rows of the embedding and of the LM head.
+        context: maximum sequence length (rows of the RoPE table).
+        rope_theta / norm_eps: RoPE base and RMSNorm epsilon.
+        qkv_bias: q/k/v projections carry biases.
+        tied_head: the LM head reuses the embedding matrix.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_hidden: int
+    vocab_rows: int
+    context: int
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool
+    tied_head: bool
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Static facts about one dLLM family.
 
@@ -20,6 +47,8 @@ class ModelSpec:
         mask_id / eos_id / pad_id / bos_id / eot_id: special token ids (eot = end of turn).
         shift_logits: Dream keeps next-token alignment (position i predicts token i+1);
             the decoding loop and the scorer shift, never the forward.
+        positions_skip_padding: with a padded batch, RoPE positions count real tokens only
+            (Dream's `diffusion_generate`); LLaDA keeps absolute positions.
         default_sampler: the sampler `generate` uses when none is given.
         blocks: dotted path of the list of transformer blocks in the module tree.
         linears: role -> module name inside a block (q, k, v, o, gate, up, down).
@@ -40,6 +69,7 @@ class ModelSpec:
     bos_id: int | None
     eot_id: int | None
     shift_logits: bool
+    positions_skip_padding: bool
     default_sampler: str
     blocks: str
     linears: dict[str, str]

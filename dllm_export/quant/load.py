@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from ..models.loader import _set_tensor, build_model, open_shards, read_config, 
 from .base import set_module
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, unpack_codes
 from .qlinear import ActQuantLinear, QLinear
-from .transforms import transform_from_spec
+from .transforms import InputTransform, transform_from_spec
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -37,54 +38,88 @@ def weight_config(d: dict) -> WeightQuantConfig:
     return WeightQuantConfig(**d)
 
 
+@dataclass
+class StoredLinear:
+    """One linear layer of a quantized checkpoint, as stored: a QuantizedWeight (or, for layers kept
+    in high precision, a float weight), plus bias, activation quantization and input transform."""
+
+    name: str
+    qweight: QuantizedWeight | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    act: ActQuantConfig | None
+    transform: InputTransform | None
+    act_scale: torch.Tensor | None = None  # static per-tensor activation grid (scalar tensors)
+    act_zero: torch.Tensor | None = None
+    tensor_names: set[str] = field(default_factory=set)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape if self.qweight is not None else tuple(self.weight.shape)
+
+
+def read_linear(handles: dict, name: str, entry: dict, path: Path) -> StoredLinear:
+    """Read layer `name` described by manifest `entry` from open shards (see `open_shards`)."""
+
+    def get(key: str) -> torch.Tensor:
+        if key not in handles:
+            raise CheckpointError(f"tensor {key} missing from quantized checkpoint {path}")
+        return handles[key].get_tensor(key)
+
+    def opt(key: str) -> torch.Tensor | None:
+        return get(key) if key in handles else None
+
+    names = {f"{name}.bias"}
+    transform = None
+    if entry.get("input_transform"):
+        pre = f"{name}.input_transform."
+        tt = {k[len(pre):]: get(k) for k in handles if k.startswith(pre)}
+        names.update(pre + k for k in tt)
+        transform = transform_from_spec(entry["input_transform"], tt)
+    act = ActQuantConfig(**entry["act"]) if entry.get("act") else None
+    bias = opt(f"{name}.bias")
+    if entry.get("weight") is None:
+        names.add(f"{name}.weight")
+        return StoredLinear(name, None, get(f"{name}.weight"), bias, act, transform, tensor_names=names)
+    cfg = weight_config(entry["weight"])
+    zeros = opt(f"{name}.qzeros")
+    qw = QuantizedWeight(unpack_codes(get(f"{name}.qweight"), cfg), get(f"{name}.scales"),
+                         None if zeros is None else zeros.to(torch.int16), opt(f"{name}.qmins"), cfg)
+    scale, zero = opt(f"{name}.act_scale"), opt(f"{name}.act_zero")
+    names.update(f"{name}.{k}" for k in ("qweight", "scales", "qzeros", "qmins", "act_scale", "act_zero"))
+    return StoredLinear(name, qw, None, bias, act, transform, None if scale is None else scale[0],
+                        None if zero is None else zero[0], names)
+
+
 def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
     """Build the model with QLinear layers from a quantized checkpoint (see quant.driver)."""
     manifest = read_manifest(path)
     config = read_config(path)
     model = build_model(config, dtype=dtype, device="meta", added_tokens=tokenizer_special_ids(path))
     handles = open_shards(path)
-
-    def get(name: str) -> torch.Tensor:
-        if name not in handles:
-            raise CheckpointError(f"tensor {name} missing from quantized checkpoint {path}")
-        return handles[name].get_tensor(name)
-
     used = set()
     for name, entry in manifest["layers"].items():
-        transform = None
-        if entry.get("input_transform"):
-            pre = f"{name}.input_transform."
-            tt = {k[len(pre):]: get(k) for k in handles if k.startswith(pre)}
-            used.update(pre + k for k in tt)
-            transform = transform_from_spec(entry["input_transform"], tt)
-        act = ActQuantConfig(**entry["act"]) if entry.get("act") else None
-        bias = get(f"{name}.bias").to(dtype) if f"{name}.bias" in handles else None
-        if entry.get("weight") is None:
-            lin = nn.Linear(0, 0)
-            lin.weight = nn.Parameter(get(f"{name}.weight").to(dtype), requires_grad=False)
-            lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-            lin.in_features, lin.out_features = lin.weight.shape[1], lin.weight.shape[0]
-            module = ActQuantLinear(lin, act, transform)
-            used.update({f"{name}.weight", f"{name}.bias"})
+        lin = read_linear(handles, name, entry, path)
+        used |= lin.tensor_names
+        bias = None if lin.bias is None else lin.bias.to(dtype)
+        if lin.qweight is None:
+            dense = nn.Linear(0, 0)
+            dense.weight = nn.Parameter(lin.weight.to(dtype), requires_grad=False)
+            dense.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+            dense.in_features, dense.out_features = lin.weight.shape[1], lin.weight.shape[0]
+            module = ActQuantLinear(dense, lin.act, lin.transform)
         else:
-            cfg = weight_config(entry["weight"])
-            codes = unpack_codes(get(f"{name}.qweight"), cfg)
-            zeros = get(f"{name}.qzeros").to(torch.int16) if f"{name}.qzeros" in handles else None
-            mins = get(f"{name}.qmins") if f"{name}.qmins" in handles else None
-            qw = QuantizedWeight(codes, get(f"{name}.scales"), zeros, mins, cfg)
             expected = tuple(model.get_submodule(name).weight.shape)
-            if qw.shape != expected:
-                raise CheckpointError(f"quantized layer {name} has shape {list(qw.shape)}, config implies {list(expected)}")
-            module = QLinear(qw, bias, act, transform, dtype=dtype)
-            if f"{name}.act_scale" in handles:  # static per-tensor activation grid
-                module.act_scale = get(f"{name}.act_scale")[0]
-                module.act_zero = get(f"{name}.act_zero")[0] if f"{name}.act_zero" in handles else None
-            used.update({f"{name}.qweight", f"{name}.scales", f"{name}.qzeros", f"{name}.qmins", f"{name}.bias",
-                         f"{name}.act_scale", f"{name}.act_zero"})
+            if lin.shape != expected:
+                raise CheckpointError(f"quantized layer {name} has shape {list(lin.shape)}, config implies {list(expected)}")
+            module = QLinear(lin.qweight, bias, lin.act, lin.transform, dtype=dtype)
+            module.act_scale, module.act_zero = lin.act_scale, lin.act_zero
         set_module(model, name, module.to(device))
     for pname, p in list(model.named_parameters()):
         if p.is_meta:
-            _set_tensor(model, pname, get(pname).to(device=device, dtype=dtype))
+            if pname not in handles:
+                raise CheckpointError(f"tensor {pname} missing from quantized checkpoint {path}")
+            _set_tensor(model, pname, handles[pname].get_tensor(pname).to(device=device, dtype=dtype))
             used.add(pname)
     unexpected = sorted(set(handles) - used)
     if unexpected:

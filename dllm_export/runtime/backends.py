@@ -51,3 +51,29 @@ def as_backend(model_or_backend) -> Backend:
     if isinstance(model_or_backend, Backend):
         return model_or_backend
     raise TypeError(f"expected a model from load_model or a backend with forward(ids), got {type(model_or_backend).__name__}")
+
+
+def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.float32, threads: int = 0,
+                 **options) -> Backend:
+    """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
+    onnxruntime, anything else (a checkpoint folder, `default`) on torch in `dtype`.
+
+    `backend` forces one ("torch", "onnxruntime"); `threads` and `options` go to the onnxruntime
+    session (torch's thread count is the caller's, `torch.set_num_threads`).
+    """
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..models.loader import BUNDLED, load_model
+
+    p = Path(path)
+    kind = backend
+    if kind == "auto":
+        kind = "onnxruntime" if str(path) not in BUNDLED and (p / "model.onnx").is_file() else "torch"
+    if kind == "onnxruntime":
+        from .ort import OrtBackend
+
+        return OrtBackend(p, threads=threads, **options)
+    if kind == "torch":
+        return TorchBackend(load_model(path, dtype=dtype))
+    raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime)")

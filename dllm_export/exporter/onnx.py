@@ -1,0 +1,562 @@
+"""ONNX export: the full-sequence forward of a LLaDA / Dream checkpoint, float or quantized.
+
+The graph is built node by node from the checkpoint folder (no torch tracing), one tensor at a
+time, with every weight streamed into `model.onnx.data`: an 8B export never holds the model.
+Quantized layers keep their calibrated codes and fp16 scales exactly:
+
+* `qdq`: DequantizeLinear(int4/uint4/int8/uint8 [K, N], axis 0, block_size = group) -> MatMul,
+  the standard form onnxruntime rewrites into MatMulNBits at load;
+* `matmulnbits`: com.microsoft MatMulNBits with codes packed along K (bits 2, 4, 8).
+
+Activation quantization: per-token dynamic 8-bit activations with per-channel weights run as
+an integer GEMM (uint8 activations x int8 weights, MatMulInteger), static per-tensor 8-bit as
+QuantizeLinear/DequantizeLinear pairs onnxruntime turns into integer kernels, W4A8 with blocked
+weights as MatMulNBits accuracy level 4 (int8 activations per K-block inside the kernel), and
+anything else (4-bit activations) as an explicit fake-quant simulation graph, flagged in the
+manifest. Online rotations become MatMul / Einsum nodes (Kronecker-factored Hadamards).
+
+Graph inputs: `input_ids` int64 [B, L], `attention_mask` int64 [B, L] (1 = real token), and,
+unless disabled, `logit_positions` int64 [B, P] selecting the rows that reach the LM head.
+Output: raw (unshifted) `logits` float32 [B, P, V].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+from ..fileio import atomic_folder
+from ..models import family_for
+from ..models.layers import rope_cos_sin
+from ..models.loader import open_shards, read_config, resolve_model_path, resolve_spec, tokenizer_special_ids
+from ..quant.primitives import ActQuantConfig, QuantizedWeight
+
+FORMAT = "dllm-export/onnx"
+VERSION = 1
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 23  # ONNX Attention (bidirectional, GQA) and blocked int4 DequantizeLinear
+IR_VERSION = 11
+WEIGHT_FORMATS = ("qdq", "matmulnbits")
+ACT_KERNELS = ("auto", "integer", "nbits", "simulate")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_F32_MIN = float(np.finfo(np.float32).min)
+
+
+@dataclass(frozen=True)
+class OnnxExportConfig:
+    """How to write the graph.
+
+    Attributes:
+        weight_format: "qdq" (DequantizeLinear -> MatMul) or "matmulnbits" (the contrib op) for
+            quantized weights; float weights are always plain MatMuls.
+        accuracy_level: MatMulNBits compute precision of weight-only layers (0 = fp32 activations,
+            exact; 4 = int8 activations per K-block, faster on CPU); None = 0. For `qdq` it is the
+            session option the backend sets (`session.qdq_matmulnbits_accuracy_level`). Layers whose
+            activations are quantized per token by the scheme never get a second, kernel-side one.
+        act_kernel: how per-token 8-bit activation quantization runs: "integer" (MatMulInteger,
+            exact, needs per-channel weights), "nbits" (MatMulNBits accuracy level 4, needs a
+            power-of-two group), "simulate" (fake-quant ops + float GEMM), or "auto" (integer when
+            the weights are per channel, else nbits when the group allows, else simulate).
+        logit_positions: add the `logit_positions` input, so the LM head runs only on those rows.
+    """
+
+    weight_format: str = "qdq"
+    accuracy_level: int | None = None
+    act_kernel: str = "auto"
+    logit_positions: bool = True
+
+    def __post_init__(self):
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise InputError(f"unknown ONNX weight format {self.weight_format!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise InputError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.act_kernel not in ACT_KERNELS:
+            raise InputError(f"unknown activation kernel {self.act_kernel!r} (choose from {', '.join(ACT_KERNELS)})")
+
+
+# ----------------------------------------------------------------------------------------------- graph
+
+class _Graph:
+    """Nodes, small constants and streamed external initializers of one ONNX graph."""
+
+    def __init__(self, data_path: Path):
+        import onnx
+
+        self.onnx = onnx
+        self.nodes: list = []
+        self.initializers: list = []
+        self.data = open(data_path, "wb")
+        self.offset = 0
+        self._names: dict[str, int] = {}
+        self.op_counts: dict[str, int] = {}
+
+    def fresh(self, base: str) -> str:
+        n = self._names.get(base, 0)
+        self._names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, domain: str = "", **attrs) -> str:
+        out = self.fresh(name or op_type.lower())
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [out], name=f"{out}/{op_type}", domain=domain, **attrs))
+        self.op_counts[op_type] = self.op_counts.get(op_type, 0) + 1
+        return out
+
+    def const(self, value, dtype=np.float32, name: str = "const") -> str:
+        """A small constant initializer stored inline."""
+        arr = np.asarray(value, dtype=dtype)
+        out = self.fresh(name)
+        self.initializers.append(self.onnx.numpy_helper.from_array(arr, out))
+        return out
+
+    def weight(self, name: str, data: np.ndarray | bytes, dims: list[int], elem_type: int) -> str:
+        """A weight initializer whose bytes go to the external data file (page-aligned when large)."""
+        raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+        out = self.fresh(name)
+        t = self.onnx.TensorProto()
+        t.name, t.data_type = out, elem_type
+        t.dims.extend(int(d) for d in dims)
+        if len(raw) < 1024:
+            t.raw_data = raw
+        else:
+            align = 4096 if len(raw) >= 1 << 16 else 64
+            pad = -self.offset % align
+            self.data.write(b"\0" * pad)
+            self.offset += pad
+            for key, value in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = self.onnx.TensorProto.EXTERNAL
+            self.data.write(raw)
+            self.offset += len(raw)
+        self.initializers.append(t)
+        return out
+
+    def close(self) -> None:
+        self.data.close()
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _pack_nibbles(u: np.ndarray) -> bytes:
+    """Two 4-bit values per byte, first element in the low nibble (ONNX int4 and MatMulNBits order)."""
+    flat = u.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def _pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis of unsigned codes `u` LSB-first into uint8 (2, 4 or 8 bits per value)."""
+    per = 8 // bits
+    u = u.astype(np.uint8)
+    pad = -u.shape[-1] % per
+    if pad:
+        u = np.concatenate([u, np.zeros((*u.shape[:-1], pad), np.uint8)], axis=-1)
+    u = u.reshape(*u.shape[:-1], -1, per)
+    out = np.zeros(u.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= u[..., i] << (bits * i)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+class _Builder:
+    """Emits the forward of one model family into a `_Graph`."""
+
+    def __init__(self, g: _Graph, cfg: OnnxExportConfig):
+        self.g = g
+        self.cfg = cfg
+        # weight-only layers compute with float activations unless the user asks for the int8 kernel
+        self.acc = cfg.accuracy_level or 0
+        self.notes: dict[str, str] = {}  # layer -> how its activations run
+        self.simulated = False
+
+    # -- transforms and activation quantization (x [..., K] -> same shape)
+
+    def transform(self, x: str, t, name: str) -> str:
+        g, kind = self.g, t.kind
+        if kind == "matrix":
+            return g.op("MatMul", [x, g.weight(f"{name}.T", _f32(t.M), list(t.M.shape), 1)], f"{name}.rot")
+        if kind == "chain":
+            for i, part in enumerate(t.parts):
+                x = self.transform(x, part, f"{name}.{i}")
+            return x
+        if kind == "block_diagonal":
+            if t.perm is not None:
+                x = g.op("Gather", [x, g.const(t.perm.numpy(), np.int64, f"{name}.perm")], f"{name}.permuted", axis=-1)
+            k, b, _ = t.blocks.shape
+            xb = g.op("Reshape", [x, g.const([0, 0, k, b], np.int64)], f"{name}.blocks_in")
+            yb = g.op("Einsum", [xb, g.weight(f"{name}.R", _f32(t.blocks), [k, b, b], 1)], f"{name}.blocks_out",
+                      equation="xykb,kbc->xykc")
+            return g.op("Reshape", [yb, g.const([0, 0, k * b], np.int64)], f"{name}.rot")
+        if kind == "hadamard":
+            # x @ (H_m (x) H_p1 (x) ... (x) I_inner) / sqrt(n): one small contraction per Kronecker factor
+            factors = [f.numpy().astype(np.float32) for f in t.factors()]
+            sizes = [f.shape[0] for f in factors]
+            y = g.op("Reshape", [x, g.const([0, 0, *sizes, t.inner], np.int64)], f"{name}.kron_in")
+            letters = "abcdefgh"[:len(sizes)]
+            for i, f in enumerate(factors):
+                src = f"xy{letters}i"
+                dst = src.replace(letters[i], "z")
+                y = g.op("Einsum", [y, g.const(f, np.float32, f"{name}.H{i}")], f"{name}.kron{i}",
+                         equation=f"{src},{letters[i]}z->{dst}")
+            y = g.op("Reshape", [y, g.const([0, 0, t.size], np.int64)], f"{name}.kron_out")
+            return g.op("Mul", [y, g.const(1.0 / math.sqrt(t.n), np.float32)], f"{name}.rot")
+        raise InputError(f"layer {name}: online transform {kind!r} has no ONNX form")
+
+    def fake_quant_act(self, x: str, a: ActQuantConfig, name: str, static=None) -> str:
+        """The exact fake-quant of `quant.primitives.fake_quantize_act` as float ops."""
+        g = self.g
+        self.simulated = True
+        if a.sym:
+            qmax = float((1 << (a.bits - 1)) - 1)
+            lo, hi = -qmax - 1, qmax
+            if static is None:
+                amax = g.op("ReduceMax", [g.op("Abs", [x]), g.const([-1], np.int64)], keepdims=1)
+                s = g.op("Max", [g.op("Div", [g.op("Mul", [amax, g.const(a.clip)]), g.const(qmax)]), g.const(1e-8)])
+            else:
+                s = g.const(float(static[0]), name=f"{name}.act_scale")
+            q = g.op("Clip", [g.op("Round", [g.op("Div", [x, s])]), g.const(lo), g.const(hi)])
+            return g.op("Mul", [q, s], f"{name}.xq")
+        qmax = float((1 << a.bits) - 1)
+        if static is None:
+            hi_ = g.op("Max", [g.op("Mul", [g.op("ReduceMax", [x, g.const([-1], np.int64)], keepdims=1), g.const(a.clip)]),
+                               g.const(0.0)])
+            lo_ = g.op("Min", [g.op("Mul", [g.op("ReduceMin", [x, g.const([-1], np.int64)], keepdims=1), g.const(a.clip)]),
+                               g.const(0.0)])
+            s = g.op("Max", [g.op("Div", [g.op("Sub", [hi_, lo_]), g.const(qmax)]), g.const(1e-8)])
+            z = g.op("Round", [g.op("Div", [g.op("Neg", [lo_]), s])])
+        else:
+            s = g.const(float(static[0]), name=f"{name}.act_scale")
+            z = g.const(float(static[1]), name=f"{name}.act_zero")
+        q = g.op("Clip", [g.op("Add", [g.op("Round", [g.op("Div", [x, s])]), z]), g.const(0.0), g.const(qmax)])
+        return g.op("Mul", [g.op("Sub", [q, z]), s], f"{name}.xq")
+
+    # -- weights
+
+    def float_matmul(self, x: str, W: torch.Tensor, name: str) -> str:
+        w = self.g.weight(f"{name}.weight_T", _f32(W).T, [W.shape[1], W.shape[0]], 1)
+        return self.g.op("MatMul", [x, w], name)
+
+    def dq_weight(self, qw: QuantizedWeight, name: str) -> str:
+        """DequantizeLinear of the codes as [K, N] (the layout onnxruntime's MatMulNBits fusion wants)."""
+        import onnx
+
+        g, c = self.g, qw.cfg
+        N, K = qw.shape
+        G = qw.scales.shape[1]
+        if c.sym:
+            codes, elem = qw.codes.numpy().T, (onnx.TensorProto.INT4 if c.bits <= 4 else onnx.TensorProto.INT8)
+        else:
+            codes, elem = qw.codes.numpy().T, (onnx.TensorProto.UINT4 if c.bits <= 4 else onnx.TensorProto.UINT8)
+        if c.bits <= 4:
+            q = g.weight(f"{name}.qweight", _pack_nibbles(codes & 0xF), [K, N], elem)
+        else:
+            q = g.weight(f"{name}.qweight", codes.astype(np.int8 if c.sym else np.uint8), [K, N], elem)
+        scales = _f32(qw.scales).T  # [G, N], fp16 -> fp32 is exact
+        inputs = [q]
+        if G == 1:  # per output channel
+            inputs.append(g.weight(f"{name}.scales", scales[0], [N], 1))
+            attrs = {"axis": 1}
+        else:
+            inputs.append(g.weight(f"{name}.scales", scales, [G, N], 1))
+            attrs = {"axis": 0, "block_size": K // G}
+        if qw.zeros is not None:
+            z = qw.zeros.numpy().T
+            zdims = [N] if G == 1 else [G, N]
+            zdata = _pack_nibbles(z) if c.bits <= 4 else z.astype(np.uint8)
+            inputs.append(g.weight(f"{name}.qzeros", zdata, zdims, elem))
+        return g.op("DequantizeLinear", inputs, f"{name}.weight", **attrs)
+
+    def nbits_matmul(self, x: str, qw: QuantizedWeight, name: str, acc: int) -> str:
+        g, c = self.g, qw.cfg
+        N, K = qw.shape
+        G = qw.scales.shape[1]
+        bs = K // G
+        if c.bits not in (2, 4, 8):
+            raise InputError(f"layer {name}: MatMulNBits stores 2, 4 or 8-bit weights, not {c.bits}-bit "
+                             f"(use --format qdq, which stores them in an int4/int8 container)")
+        if bs < 16 or bs & (bs - 1):
+            raise InputError(f"layer {name}: MatMulNBits needs a power-of-two block size >= 16, the grid has groups "
+                             f"of {bs} (quantize with --group-size 32/64/128, or use --format qdq)")
+        u = (qw.codes.to(torch.int32) - c.qmin).numpy().astype(np.uint8).reshape(N, G, bs)  # unsigned codes
+        blob = _pack_bits(u, c.bits)  # [N, G, bs * bits / 8]
+        inputs = [x, g.weight(f"{name}.qweight", blob, list(blob.shape), 2),
+                  g.weight(f"{name}.scales", _f32(qw.scales), [N, G], 1)]
+        if qw.zeros is not None:  # asymmetric: explicit zero points, packed like the codes
+            zp = _pack_bits(qw.zeros.numpy().astype(np.uint8), c.bits)
+            inputs.append(g.weight(f"{name}.qzeros", zp, list(zp.shape), 2))
+        # symmetric codes c in [-2^(b-1), 2^(b-1)) stored as c + 2^(b-1): the op's default zero point
+        return g.op("MatMulNBits", inputs, name, domain="com.microsoft",
+                    K=K, N=N, bits=c.bits, block_size=bs, accuracy_level=acc)
+
+    def integer_matmul(self, x: str, qw: QuantizedWeight, a: ActQuantConfig, name: str) -> str:
+        """Per-token dynamic 8-bit activations x per-channel weights, accumulated in int32 (MatMulInteger).
+
+        Activations go as uint8 (the fast u8 x s8 path on x86): symmetric ones as round(x/s) + 128 with
+        zero point 128; asymmetric ones as round(x/s) + z_token, whose per-row zero point is taken out
+        after the GEMM as z_token * sum_k(W_q[k, n] - z_w[n]). Same grid as `fake_quantize_act`.
+        """
+        g = self.g
+        N, K = qw.shape
+        x8 = self._act_codes(x, a, name)
+        if qw.zeros is None:
+            wq = g.weight(f"{name}.qweight", qw.codes.numpy().T.astype(np.int8), [K, N], 3)
+            w_inputs = [wq]
+        else:
+            wq = g.weight(f"{name}.qweight", qw.codes.numpy().T.astype(np.uint8), [K, N], 2)
+            w_inputs = [wq, g.weight(f"{name}.qzeros", qw.zeros[:, 0].numpy().astype(np.uint8), [N], 2)]
+        a_zp = g.const(np.array(128 if a.sym else 0, np.uint8), np.uint8, f"{name}.act_zero")
+        acc = g.op("MatMulInteger", [x8["codes"], w_inputs[0], a_zp, *w_inputs[1:]], f"{name}.acc")
+        if not a.sym:  # remove the per-token zero point: acc - z * colsum(W_q - z_w)
+            w_int = qw.codes.to(torch.int64) - (0 if qw.zeros is None else qw.zeros.to(torch.int64))
+            colsum = g.weight(f"{name}.colsum", w_int.sum(1).numpy().astype(np.int32), [N], 6)
+            acc = g.op("Sub", [acc, g.op("Mul", [g.op("Cast", [x8["zero"]], to=6), colsum])])
+        y = g.op("Mul", [g.op("Cast", [acc], to=1), x8["scale"]])
+        return g.op("Mul", [y, g.weight(f"{name}.scales", _f32(qw.scales)[:, 0], [N], 1)], name)
+
+    def _act_codes(self, x: str, a: ActQuantConfig, name: str) -> dict[str, str]:
+        """uint8 codes, scale and zero point of per-token 8-bit activations (`fake_quantize_act`'s grid)."""
+        g = self.g
+        axis = g.const([-1], np.int64)
+        if a.sym:
+            amax = g.op("ReduceMax", [g.op("Abs", [x]), axis], keepdims=1)
+            s = g.op("Max", [g.op("Div", [g.op("Mul", [amax, g.const(a.clip)]), g.const(127.0)]), g.const(1e-8)],
+                     f"{name}.act_scale")
+            q = g.op("Add", [g.op("Clip", [g.op("Round", [g.op("Div", [x, s])]), g.const(-128.0), g.const(127.0)]),
+                             g.const(128.0)])
+            return {"codes": g.op("Cast", [q], f"{name}.xq", to=2), "scale": s}
+        hi = g.op("Max", [g.op("Mul", [g.op("ReduceMax", [x, axis], keepdims=1), g.const(a.clip)]), g.const(0.0)])
+        lo = g.op("Min", [g.op("Mul", [g.op("ReduceMin", [x, axis], keepdims=1), g.const(a.clip)]), g.const(0.0)])
+        s = g.op("Max", [g.op("Div", [g.op("Sub", [hi, lo]), g.const(255.0)]), g.const(1e-8)], f"{name}.act_scale")
+        z = g.op("Round", [g.op("Div", [g.op("Neg", [lo]), s])], f"{name}.act_zero")
+        q = g.op("Clip", [g.op("Add", [g.op("Round", [g.op("Div", [x, s])]), z]), g.const(0.0), g.const(255.0)])
+        return {"codes": g.op("Cast", [q], f"{name}.xq", to=2), "scale": s, "zero": z}
+
+    def linear(self, x: str, lin, name: str) -> str:
+        """One linear layer (a StoredLinear, or a plain float weight + bias) on x [B, L, K]."""
+        g = self.g
+        if lin.transform is not None:
+            x = self.transform(x, lin.transform, f"{name}.input_transform")
+        qw, a = lin.qweight, lin.act
+        how = "float"
+        if qw is not None and qw.mins is not None:
+            raise InputError(f"layer {name}: float minimums (zero_kind='float', GGUF Q4_1 style) have no exact ONNX "
+                             f"form; quantize with integer zero points, or use --target gguf")
+        if a is not None and a.bits < 16:
+            kernel = self._act_kernel(qw, a)
+            if kernel == "integer":
+                y = self.integer_matmul(x, qw, a, name)
+                self.notes[name] = "integer"
+                return self._bias(y, lin, name)
+            if kernel == "static":
+                s = g.const(float(lin.act_scale), name=f"{name}.act_scale")
+                z = g.const(np.array(0 if a.sym else int(lin.act_zero), np.int8 if a.sym else np.uint8),
+                            np.int8 if a.sym else np.uint8, f"{name}.act_zero")
+                x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, z]), s, z], f"{name}.xq")
+                how = "static-qdq"
+            elif kernel == "nbits":
+                self.notes[name] = "nbits-acc4"
+                return self._bias(self.nbits_matmul(x, qw, name, 4), lin, name)
+            else:
+                static = None if lin.act_scale is None else (lin.act_scale, lin.act_zero if lin.act_zero is not None else 0)
+                x = self.fake_quant_act(x, a, name, static)
+                how = "simulated"
+        if qw is None:
+            y = self.float_matmul(x, lin.weight, name)
+        elif self.cfg.weight_format == "matmulnbits":
+            y = self.nbits_matmul(x, qw, name, self.acc if how == "float" else 0)
+        else:
+            y = g.op("MatMul", [x, self.dq_weight(qw, name)], name)
+        self.notes[name] = how
+        return self._bias(y, lin, name)
+
+    def _bias(self, y: str, lin, name: str) -> str:
+        if lin.bias is None:
+            return y
+        return self.g.op("Add", [y, self.g.weight(f"{name}.bias", _f32(lin.bias), [lin.bias.shape[0]], 1)])
+
+    def _act_kernel(self, qw: QuantizedWeight | None, a: ActQuantConfig) -> str:
+        static = a.granularity == "per_tensor"
+        if static:
+            return "static" if a.bits == 8 and qw is not None else "simulate"
+        want = self.cfg.act_kernel
+        per_channel = qw is not None and qw.scales.shape[1] == 1 and qw.mins is None
+        G = qw.scales.shape[1] if qw is not None else 0
+        bs = qw.shape[1] // G if G else 0
+        nbits_ok = qw is not None and qw.cfg.bits in (2, 4, 8) and bs >= 16 and not bs & (bs - 1)
+        exact_int = a.bits == 8 and per_channel
+        if want == "auto":
+            return "integer" if exact_int else "nbits" if (nbits_ok and a.bits == 8 and G > 1) else "simulate"
+        if want == "integer" and not exact_int:
+            raise InputError("act_kernel 'integer' needs 8-bit per-token activations and per-channel weights "
+                             "(scheme W8A8 / W4A8 with group size 0)")
+        if want == "nbits" and not (nbits_ok and a.bits == 8):
+            raise InputError("act_kernel 'nbits' needs 8-bit activations and 2/4/8-bit weights with a power-of-two "
+                             "group >= 16 (e.g. --group-size 128)")
+        return want
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+def _rms_norm(g: _Graph, x: str, w: torch.Tensor, eps: float, name: str) -> str:
+    """weight * x / sqrt(mean(x^2) + eps), the pattern onnxruntime fuses into SimplifiedLayerNormalization."""
+    ms = g.op("ReduceMean", [g.op("Pow", [x, g.const(2.0)]), g.const([-1], np.int64)], keepdims=1)
+    h = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.const(eps)])])])
+    return g.op("Mul", [h, g.weight(f"{name}.weight", _f32(w), [w.shape[0]], 1)], name)
+
+
+def _rope(g: _Graph, x: str, n_heads: int, hd: int, cos: str, sin: str, name: str) -> str:
+    """x * cos + rotate_half(x) * sin on x [B, L, n_heads * hd], cos/sin [B or 1, L, 1, hd]."""
+    x4 = g.op("Reshape", [x, g.const([0, 0, n_heads, hd], np.int64)])
+    half = hd // 2
+    x1 = g.op("Slice", [x4, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)])
+    x2 = g.op("Slice", [x4, g.const([half], np.int64), g.const([hd], np.int64), g.const([-1], np.int64)])
+    rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    y = g.op("Add", [g.op("Mul", [x4, cos]), g.op("Mul", [rot, sin])])
+    return g.op("Reshape", [y, g.const([0, 0, n_heads * hd], np.int64)], name)
+
+
+def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConfig = OnnxExportConfig()) -> Path:
+    """Write `model.onnx` (+ `model.onnx.data`, config, tokenizer, manifest.json) for a checkpoint folder.
+
+    Args:
+        model_path: a float checkpoint (config.json + safetensors) or a quantized one written by
+            `dllm-export quantize` (manifest.json), or `default` / `default-dream`.
+        out_dir: the artifact folder (must not exist or be empty); written atomically.
+        cfg: weight format, accuracy level, activation kernel.
+    Returns:
+        `out_dir`. The graph computes what the torch model (with QLinear fake-quant) computes,
+        up to float summation order, except where the manifest's `layers` say `nbits-acc4`
+        (int8 activations per K-block inside the kernel).
+    """
+    import onnx
+
+    from ..quant.load import StoredLinear, read_linear, read_manifest
+
+    src = resolve_model_path(model_path)
+    config = read_config(src)
+    fam = family_for(config.get("model_type"))
+    dims = fam.parse_config(config).dims
+    spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(src))
+    qmanifest = read_manifest(src) if (src / "manifest.json").is_file() else None
+    layers = qmanifest["layers"] if qmanifest else {}
+    handles = open_shards(src)
+
+    def tensor(name: str) -> torch.Tensor:
+        if name not in handles:
+            raise CheckpointError(f"tensor {name} missing from {src}")
+        return handles[name].get_tensor(name)
+
+    def stored(name: str) -> StoredLinear:
+        if name in layers:
+            lin = read_linear(handles, name, layers[name], src)
+        else:
+            b = f"{name}.bias"
+            lin = StoredLinear(name, None, tensor(f"{name}.weight"), tensor(b) if b in handles else None, None, None)
+        return lin
+
+    TP = onnx.TensorProto
+    with atomic_folder(out_dir) as tmp:
+        g = _Graph(tmp / DATA_FILE)
+        try:
+            b = _Builder(g, cfg)
+            d, H, kvH, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
+            inputs = [onnx.helper.make_tensor_value_info("input_ids", TP.INT64, ["batch", "length"]),
+                      onnx.helper.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "length"])]
+            if cfg.logit_positions:
+                inputs.append(onnx.helper.make_tensor_value_info("logit_positions", TP.INT64, ["batch", "positions"]))
+            # key-padding bias [B, 1, L, L] (onnxruntime's Attention wants the query axis spelled out);
+            # pad query rows stay finite, real rows give pad keys exactly zero weight
+            maskf = g.op("Cast", ["attention_mask"], "mask_f", to=TP.FLOAT)
+            kbias = g.op("Mul", [g.op("Sub", [g.const(1.0), maskf]), g.const(_F32_MIN)])
+            kbias = g.op("Unsqueeze", [kbias, g.const([1, 2], np.int64)])
+            shape_l = g.op("Shape", ["input_ids"], start=1, end=2)
+            bshape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64), shape_l, shape_l],
+                          axis=0)
+            attn_bias = g.op("Expand", [kbias, bshape], "attn_bias")
+            # RoPE positions: 0..L-1, or (Dream, padded) the count of real tokens before each one
+            cos_t, sin_t = rope_cos_sin(torch.arange(dims.context), hd, dims.rope_theta)
+            if spec.positions_skip_padding:
+                csum = g.op("CumSum", ["attention_mask", g.const(1, np.int64)])
+                pos = g.op("Where", [g.op("Cast", ["attention_mask"], to=TP.BOOL),
+                                     g.op("Sub", [csum, g.const(1, np.int64)]), g.const(1, np.int64)], "positions")
+            else:
+                L = g.op("Squeeze", [shape_l])
+                pos = g.op("Unsqueeze", [g.op("Range", [g.const(0, np.int64), L, g.const(1, np.int64)]),
+                                         g.const([0], np.int64)], "positions")
+            cos = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.cos", cos_t.numpy(), list(cos_t.shape), 1), pos]),
+                                     g.const([2], np.int64)], "rope_cos")
+            sin = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.sin", sin_t.numpy(), list(sin_t.shape), 1), pos]),
+                                     g.const([2], np.int64)], "rope_sin")
+
+            W_emb = tensor(f"{spec.embedding}.weight")
+            x = g.op("Gather", [g.weight(f"{spec.embedding}.weight", _f32(W_emb), list(W_emb.shape), 1), "input_ids"],
+                     "embed")
+            del W_emb
+            for i in range(dims.n_layers):
+                p = f"{spec.blocks}.{i}."
+                ln = {role: p + n for role, n in spec.linears.items()}
+                h = _rms_norm(g, x, tensor(p + spec.norms["attn"] + ".weight"), dims.norm_eps, p + spec.norms["attn"])
+                q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, hd, cos, sin, f"{p}q_rot")
+                k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, hd, cos, sin, f"{p}k_rot")
+                v = b.linear(h, stored(ln["v"]), ln["v"])
+                att = g.op("Attention", [q, k, v, attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
+                           kv_num_heads=kvH)
+                x = g.op("Add", [x, b.linear(att, stored(ln["o"]), ln["o"])], f"{p}attn_residual")
+                h = _rms_norm(g, x, tensor(p + spec.norms["ffn"] + ".weight"), dims.norm_eps, p + spec.norms["ffn"])
+                gate = b.linear(h, stored(ln["gate"]), ln["gate"])
+                up = b.linear(h, stored(ln["up"]), ln["up"])
+                act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], f"{p}swiglu")
+                x = g.op("Add", [x, b.linear(act, stored(ln["down"]), ln["down"])], f"{p}ffn_residual")
+            x = _rms_norm(g, x, tensor(f"{spec.final_norm}.weight"), dims.norm_eps, spec.final_norm)
+            if cfg.logit_positions:  # only the requested rows reach the head
+                x = g.op("GatherND", [x, g.op("Unsqueeze", ["logit_positions", g.const([-1], np.int64)])],
+                         "head_rows", batch_dims=1)
+            head = f"{spec.embedding}.weight" if dims.tied_head else f"{spec.head}.weight"
+            W_head = tensor(head)
+            g.nodes.append(onnx.helper.make_node("MatMul", [x, g.weight("lm_head.weight_T", _f32(W_head).T,
+                                                                         [W_head.shape[1], W_head.shape[0]], 1)],
+                                                 ["logits"], name="lm_head"))
+            del W_head
+        finally:
+            g.close()
+        outputs = [onnx.helper.make_tensor_value_info(
+            "logits", TP.FLOAT, ["batch", "positions" if cfg.logit_positions else "length", dims.vocab_rows])]
+        graph = onnx.helper.make_graph(g.nodes, f"{spec.family}_forward", inputs, outputs, initializer=g.initializers)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET),
+                                                             onnx.helper.make_opsetid("com.microsoft", 1)],
+                                       producer_name="dllm-export")
+        model.ir_version = IR_VERSION
+        manifest = {
+            "format": FORMAT, "version": VERSION, "family": spec.family, "source": str(src),
+            "export": dataclasses.asdict(cfg), "accuracy_level": b.acc, "opset": OPSET,
+            "inputs": [i.name for i in inputs], "output": "logits", "logits_shifted": False,
+            "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,
+            "quantize_settings": qmanifest["settings"] if qmanifest else None,
+            "simulated": b.simulated,
+            "layers": b.notes, "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
+            "ops": dict(sorted(g.op_counts.items())),
+            "session_options": {"session.qdq_matmulnbits_accuracy_level": str(b.acc)},
+            "data_bytes": g.offset,
+        }
+        onnx.helper.set_model_props(model, {"dllm_export.manifest": json.dumps(manifest)})
+        onnx.save_model(model, str(tmp / MODEL_FILE))
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                (tmp / name).write_bytes((src / name).read_bytes())
+    return Path(out_dir)

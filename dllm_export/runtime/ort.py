@@ -1,0 +1,107 @@
+"""onnxruntime backend of the unmasking loop: runs an artifact written by `exporter.onnx`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..models import family_for
+from ..models.loader import read_config, resolve_spec, tokenizer_special_ids
+
+
+def read_onnx_manifest(path: Path) -> dict:
+    """manifest.json of an ONNX artifact folder, checked for its format tag."""
+    from ..exporter.onnx import FORMAT
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ONNX manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path / 'manifest.json'} is not a dllm-export ONNX manifest")
+    return manifest
+
+
+class OrtBackend:
+    """`forward(ids, attention_mask) -> logits` through an onnxruntime InferenceSession.
+
+    Args:
+        path: artifact folder (model.onnx, model.onnx.data, config.json, manifest.json, tokenizer).
+        threads: intra-op threads (0 = onnxruntime's default).
+        providers: execution providers (default: CUDA when available, then CPU).
+        accuracy_level: override the manifest's MatMulNBits accuracy level for QDQ-fused nodes.
+        optimize: False runs the graph as written (ORT_DISABLE_ALL), an oracle for fusion bugs.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None,
+                 accuracy_level: int | None = None, optimize: bool = True):
+        import onnxruntime as ort
+
+        from ..exporter.onnx import MODEL_FILE
+
+        path = Path(path)
+        if not (path / MODEL_FILE).is_file():
+            raise CheckpointError(f"no {MODEL_FILE} in {path}")
+        self.manifest = read_onnx_manifest(path)
+        config = read_config(path)
+        fam = family_for(config.get("model_type"))
+        dims = fam.parse_config(config).dims
+        self.spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(path))
+        self.vocab_size = dims.vocab_rows
+        self.max_length = dims.context
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        for key, value in self.manifest.get("session_options", {}).items():
+            opts.add_session_config_entry(key, value)
+        if accuracy_level is not None:
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
+        self.has_positions = "logit_positions" in {i.name for i in self.session.get_inputs()}
+        self.path = path
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits [B, L, V] (or [B, P, V] for `positions` [B, P]) as a float32 tensor."""
+        ids_np = ids.to(torch.int64).cpu().numpy()
+        mask = np.ones_like(ids_np) if attention_mask is None else attention_mask.to(torch.int64).cpu().numpy()
+        feed = {"input_ids": ids_np, "attention_mask": mask}
+        if self.has_positions:
+            if positions is None:
+                positions = torch.arange(ids_np.shape[1]).expand(ids_np.shape[0], -1)
+            feed["logit_positions"] = positions.to(torch.int64).cpu().numpy()
+        elif positions is not None:
+            raise CheckpointError(f"{self.path}: exported without the logit_positions input")
+        return torch.from_numpy(self.session.run(["logits"], feed)[0])
+
+    def optimized_op_types(self) -> dict[str, int]:
+        """Op histogram of the graph onnxruntime actually runs (after its fusions), for checks."""
+        import onnx
+        import onnxruntime as ort
+
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            opts = ort.SessionOptions()
+            for key, value in self.manifest.get("session_options", {}).items():
+                opts.add_session_config_entry(key, value)
+            opts.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+            opts.log_severity_level = 3  # the "hardware specific optimizations" warning is expected here
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            ort.InferenceSession(str(self.path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            m = onnx.load(str(Path(d) / "optimized.onnx"), load_external_data=False)
+            counts: dict[str, int] = {}
+            for n in m.graph.node:
+                counts[n.op_type] = counts.get(n.op_type, 0) + 1
+            return counts
