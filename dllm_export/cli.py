@@ -2,7 +2,8 @@
 
     dllm-export generate --model default --prompt "def fibonacci(n):"
     dllm-export info --model DIR
-    dllm-export --target onnx --bits 4        (exporters: see the targets that exist)
+    dllm-export --target onnx --bits 4 [--method gptq] [--scheme W4A8] [--format qdq|matmulnbits] [--out DIR]
+    dllm-export generate --model DIR          (a checkpoint folder or an exported ONNX artifact)
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import time
 
 from .errors import DllmExportError
 
-# Export targets that exist so far: name -> one-line description. The ONNX and GGUF exporters
-# register here when they land.
-EXPORT_TARGETS: dict[str, str] = {}
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -29,12 +27,27 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-export", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("--target", help="export target (see the list printed when it is not available)")
-    parser.add_argument("--bits", type=int, help="weight bit-width of the export")
+    x = parser.add_argument_group("export (no subcommand): quantize and write an artifact for a target")
+    x.add_argument("--target", help="export target: onnx")
+    x.add_argument("--bits", type=int, help="weight bits (scheme W{bits}A16 unless --scheme); 16/32 or none = float")
+    x.add_argument("--model", default="default", help="checkpoint folder, 'default' / 'default-dream', or a "
+                                                       "quantized checkpoint (exported as is) (default: %(default)s)")
+    x.add_argument("--method", default="gptq", help="PTQ method (default: %(default)s)")
+    x.add_argument("--scheme", help="W8A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: W{bits}A16)")
+    x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
+    x.add_argument("--format", dest="weight_format", default="qdq",
+                   help="onnx weights: qdq (DequantizeLinear -> MatMul) or matmulnbits (default: %(default)s)")
+    x.add_argument("--accuracy-level", type=int,
+                   help="onnx MatMulNBits accuracy level of weight-only layers: 0 fp32 (default), 4 int8")
+    x.add_argument("--act-kernel", default="auto", help="onnx per-token activations: auto | integer | nbits | simulate")
+    x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>)")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="decode text from a prompt by iterative unmasking")
     _add_model_arg(g)
+    g.add_argument("--backend", default="auto", help="auto (by what --model holds) | torch | onnxruntime")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the instruct chat template")
     g.add_argument("--gen-length", type=int, default=64, help="tokens to generate (default: %(default)s)")
@@ -82,11 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    from . import generate, load_model, load_tokenizer
+    from . import generate, load_tokenizer
+    from .runtime.backends import load_backend
     from .tokenizer import encode_prompt
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = load_backend(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads)
     tok = load_tokenizer(args.model)
     load_s = time.perf_counter() - t0
     prompts = [encode_prompt(tok, p, chat=args.chat) for p in args.prompt]
@@ -111,7 +129,7 @@ def cmd_generate(args) -> int:
     if args.json:
         n_tokens = out.generated.numel()
         print(json.dumps({
-            "model": str(model.checkpoint_path), "family": model.spec.family, "prompts": args.prompt,
+            "model": str(args.model), "backend": model.name, "family": model.spec.family, "prompts": args.prompt,
             "text": texts, "ids": out.ids.tolist(), "prompt_length": out.prompt_length,
             "commit_step": out.commit_step.tolist(), "nfe": out.nfe, "settings": out.settings,
             "timings": {"load_s": round(load_s, 4), "generate_s": round(out.seconds, 4),
@@ -172,11 +190,28 @@ def cmd_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    if args.target not in EXPORT_TARGETS:
-        have = ", ".join(f"{k} ({v})" for k, v in EXPORT_TARGETS.items()) or "none yet"
-        raise DllmExportError(f"export target {args.target!r} is not available; export targets that exist: {have}. "
-                              "The torch runtime is: try `dllm-export generate --model default --prompt TEXT`")
-    raise DllmExportError(f"target {args.target!r} is registered but has no exporter")
+    from pathlib import Path
+
+    from .exporter import TARGETS, export
+
+    if args.target not in TARGETS:
+        have = ", ".join(f"{k} ({v[0]})" for k, v in TARGETS.items())
+        raise DllmExportError(f"unknown export target {args.target!r}; targets: {have}")
+    label = args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else "float")
+    out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
+    res = export(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
+                 group_size=args.group_size, weight_format=args.weight_format, accuracy_level=args.accuracy_level,
+                 act_kernel=args.act_kernel, progress=not args.no_progress and sys.stderr.isatty())
+    m = res.manifest
+    size = sum(f.stat().st_size for f in res.path.iterdir() if f.name.startswith("model.onnx"))
+    kernels = sorted(set(m["layers"].values()))
+    print(f"{res.path}: {m['family']} -> {args.target} ({m['export']['weight_format']}), "
+          f"{m['scheme'] or 'float32'} {m['method'] or ''}".rstrip() + f", {size / 2**20:.2f} MiB "
+          f"(model.onnx + model.onnx.data); quantize {res.quantize_seconds:.1f} s, export {res.export_seconds:.1f} s")
+    print(f"  activations: {', '.join(kernels) or 'float'}; accuracy level {m['accuracy_level']}"
+          + ("; SIMULATION graph (fake-quant activations: for accuracy studies, not speed)" if m["simulated"] else ""))
+    print(f"  run it: dllm-export generate --model {res.path} --prompt TEXT")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,16 @@ def test_info(tiny_dirs, capsys):
     assert "dream" in capsys.readouterr().out
 
 
-def test_target_lists_what_exists(capsys):
-    assert main(["--target", "onnx", "--bits", "4"]) == 2
+@pytest.mark.parametrize("args,message", [
+    (["--target", "tflite", "--bits", "4"], "unknown export target 'tflite'; targets: onnx"),
+    (["--target", "onnx", "--bits", "12"], "target onnx cannot carry 12-bit weights"),
+    (["--target", "onnx", "--bits", "3", "--format", "matmulnbits"], "--format matmulnbits stores 2, 4 or 8-bit"),
+])
+def test_bad_export_requests(args, message, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "art")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dllm-export: error: export target 'onnx' is not available") and err.count("\n") == 1
+    assert err.startswith(f"dllm-export: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "art").exists()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -540,7 +540,8 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
                                        producer_name="dllm-export")
         model.ir_version = IR_VERSION
         manifest = {
-            "format": FORMAT, "version": VERSION, "family": spec.family, "source": str(src),
+            "format": FORMAT, "version": VERSION, "family": spec.family,
+            "source": qmanifest["source"] if qmanifest else str(src),
             "export": dataclasses.asdict(cfg), "accuracy_level": b.acc, "opset": OPSET,
             "inputs": [i.name for i in inputs], "output": "logits", "logits_shifted": False,
             "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,

@@ -1,0 +1,236 @@
+"""ONNX export: graph validity, parity with torch (float and quantized), exact weight storage,
+decoding traces on onnxruntime, the fusions onnxruntime applies, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from dllm_export import InputError, generate, load_model  # noqa: E402
+from dllm_export.exporter import export  # noqa: E402
+from dllm_export.exporter.onnx import OnnxExportConfig, export_onnx  # noqa: E402
+from dllm_export.models.factory import make_random_checkpoint  # noqa: E402
+from dllm_export.quant import CalibConfig, QuantizeConfig, quantize  # noqa: E402
+from dllm_export.quant.load import read_linear, read_manifest  # noqa: E402
+from dllm_export.models.loader import open_shards  # noqa: E402
+from dllm_export.runtime.backends import load_backend  # noqa: E402
+from dllm_export.runtime.ort import OrtBackend  # noqa: E402
+
+CALIB = CalibConfig(n_samples=4, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def float_exports(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_float")
+    return {name: export_onnx(path, root / name) for name, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def small_ckpts(tmp_path_factory):
+    """Tiny checkpoints with std 0.05 weights (logits ~1, so quantized errors stay readable)."""
+    root = tmp_path_factory.mktemp("onnx_small")
+    return {
+        "llada": make_random_checkpoint(root / "llada", family="llada", tokenizer=True, std=0.05, vocab_size=384,
+                                        d_model=64, n_heads=4, n_kv_heads=2, max_sequence_length=128),
+        "dream": make_random_checkpoint(root / "dream", family="dream", tokenizer=True, std=0.05, vocab_size=384,
+                                        hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128),
+    }
+
+
+def _ids(B=2, L=24, seed=0):
+    return torch.randint(0, 380, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["llada", "llada_gqa", "dream"])
+def test_float_export_matches_torch(name, tiny_dirs, float_exports):
+    out = float_exports[name]
+    onnx.checker.check_model(str(out / "model.onnx"))
+    model, be = load_model(tiny_dirs[name]), OrtBackend(out)
+    ids = _ids()
+    ref = model(ids).float()
+    assert (be.forward(ids) - ref).abs().max() < 1e-4
+    # a left-padded batch: real rows agree, pad rows are finite
+    am = torch.ones_like(ids)
+    am[1, :7] = 0
+    ref_p, got_p = model(ids, attention_mask=am).float(), be.forward(ids, am)
+    assert (got_p[0] - ref_p[0]).abs().max() < 1e-4
+    assert (got_p[1, 7:] - ref_p[1, 7:]).abs().max() < 1e-4
+    assert torch.isfinite(got_p).all()
+    # logit_positions: the head runs only on the requested rows
+    pos = torch.tensor([[0, 5, 23], [2, 2, 9]])
+    got = be.forward(ids, None, pos)
+    assert got.shape == (2, 3, ref.shape[-1])
+    assert (got - ref.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1]))).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("llada_gqa", "low_confidence"),
+                                          ("dream", "entropy"), ("dream", "maskgit_plus")])
+def test_float_trace_equals_torch(name, sampler, tiny_dirs, float_exports):
+    model, be = load_model(tiny_dirs[name]), load_backend(float_exports[name])
+    assert isinstance(be, OrtBackend)
+    prompts = [[5, 9, 33, 70], [12, 40]]
+    kw = dict(gen_length=16, steps=8, block_length=8, temperature=0.0, sampler=sampler)
+    a, b = generate(model, prompts, **kw), generate(be, prompts, **kw)
+    assert torch.equal(a.ids, b.ids)
+    assert torch.equal(a.commit_step, b.commit_step)
+
+
+# (method, scheme, quantize overrides, export config, tolerance kind)
+QUANT_CASES = [
+    ("rtn", "W4A16", dict(group_size=32), dict(weight_format="qdq"), "exact"),
+    ("rtn", "W4A16", dict(group_size=32), dict(weight_format="matmulnbits"), "exact"),
+    ("gptq", "W4A16", dict(group_size=32, sym=False), dict(weight_format="qdq"), "exact"),
+    ("gptq", "W4A16", dict(group_size=32, sym=False), dict(weight_format="matmulnbits"), "exact"),
+    ("rtn", "W3A16", dict(group_size=16), dict(weight_format="qdq"), "exact"),
+    ("rtn", "W8A16", dict(group_size=0), dict(weight_format="qdq"), "exact"),
+    ("rtn", "W2A16", dict(group_size=16, sym=False), dict(weight_format="matmulnbits"), "exact"),
+    ("rtn", "W8A8", {}, {}, "exact"),  # integer GEMM, symmetric activations
+    ("smoothquant", "W8A8", {}, {}, "exact"),  # integer GEMM, asymmetric activations
+    ("smoothquant", "W8A8", dict(act_granularity="per_tensor"), {}, "exact"),  # static Q/DQ
+    ("awq", "W4A16", dict(group_size=32), dict(weight_format="matmulnbits"), "exact"),
+    ("quarot", "W4A8", {}, {}, "rounding"),  # online Hadamards: a few activation roundings flip
+    ("duquant", "W4A8", {}, {}, "rounding"),  # block rotations + permutation
+    ("quarot", "W4A4", {}, {}, "rounding"),  # simulation graph
+    ("rtn", "W4A8", dict(group_size=32), {}, "acc4"),  # MatMulNBits quantizes activations per K-block
+]
+
+
+@pytest.fixture(scope="module")
+def quantized(small_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_q")
+    cache = {}
+
+    def get(family, method, scheme, overrides):
+        key = (family, method, scheme, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = root / f"{family}-{method}-{scheme}-{len(cache)}"
+            cache[key] = quantize(small_ckpts[family], out, QuantizeConfig(method=method, scheme=scheme, calib=CALIB,
+                                                                            **overrides), progress=False)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("method,scheme,overrides,ecfg,tol", QUANT_CASES,
+                         ids=[f"{m}-{s}-{'-'.join(f'{k}{v}' for k, v in o.items())}-{e.get('weight_format', 'qdq')}"
+                              for m, s, o, e, _ in QUANT_CASES])
+def test_quantized_export_matches_fake_quant(family, method, scheme, overrides, ecfg, tol, quantized, small_ckpts,
+                                             tmp_path):
+    q = quantized(family, method, scheme, overrides)
+    out = export_onnx(q, tmp_path / "onnx", OnnxExportConfig(**ecfg))
+    ids = _ids()
+    ref = load_model(q)(ids).float()
+    quant_err = (ref - load_model(small_ckpts[family])(ids).float()).norm()
+    for optimize in (True, False):  # onnxruntime's fused graph and the graph as written
+        got = OrtBackend(out, optimize=optimize).forward(ids)
+        row_err = (got - ref).abs().amax(-1)
+        if tol == "exact":  # same codes, same grids: float summation order only
+            assert row_err.max() < 1e-5, row_err.max()
+        elif tol == "rounding":
+            # rotations reassociate float sums, so a few activations round to the neighbouring code and
+            # bidirectional attention spreads that: far below the quantization error itself
+            assert (got - ref).norm() < 0.2 * quant_err, ((got - ref).norm(), quant_err)
+        else:  # acc4: int8 activations per K-block instead of per token
+            assert (got - ref).norm() < 0.5 * quant_err, ((got - ref).norm(), quant_err)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scheme"] == scheme and manifest["method"] == method
+    assert manifest["simulated"] == (scheme == "W4A4")
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])
+def test_weight_only_graph_runs_matmulnbits(fmt, quantized, tmp_path):
+    q = quantized("llada", "rtn", "W4A16", dict(group_size=32))
+    out = export_onnx(q, tmp_path / fmt, OnnxExportConfig(weight_format=fmt))
+    ops = OrtBackend(out).optimized_op_types()
+    assert ops.get("MatMulNBits") == 7 * 2  # every block linear, 2 layers; the head stays float
+    assert "DequantizeLinear" not in ops
+
+
+def test_integer_scheme_runs_integer_kernels(quantized, tmp_path):
+    out = export_onnx(quantized("llada", "rtn", "W8A8", {}), tmp_path / "w8a8")
+    ops = OrtBackend(out).optimized_op_types()
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == 14
+
+
+def _stored_dequant_onnx(out, name: str, fmt: str) -> np.ndarray:
+    """Dequantize one layer's weight with onnxruntime from the stored initializers: the DQ node run
+    alone (qdq), or MatMulNBits applied to the identity (matmulnbits); returns [N, K]."""
+    m = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    if fmt == "qdq":
+        node = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == f"{name}.weight")
+        graph = onnx.helper.make_graph([node], "dq", [], [onnx.helper.make_tensor_value_info(node.output[0], 1, None)],
+                                       initializer=[inits[i] for i in node.input])
+    else:
+        node = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and n.output[0] == name)
+        K = next(a.i for a in node.attribute if a.name == "K")
+        eye = onnx.numpy_helper.from_array(np.eye(K, dtype=np.float32), "eye")
+        node = onnx.helper.make_node("MatMulNBits", ["eye", *node.input[1:]], ["y"], domain="com.microsoft",
+                                     **{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+        graph = onnx.helper.make_graph([node], "mnb", [], [onnx.helper.make_tensor_value_info("y", 1, None)],
+                                       initializer=[eye] + [inits[i] for i in node.input[1:]])
+    model = onnx.helper.make_model(graph, opset_imports=m.opset_import)
+    model.ir_version = m.ir_version
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    y = ort.InferenceSession(model.SerializeToString(), opts).run(None, {})[0]
+    return y.T if fmt == "qdq" else y.T  # DQ gives [K, N]; I @ W^T gives [K, N]
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])
+@pytest.mark.parametrize("overrides", [dict(group_size=32), dict(group_size=32, sym=False), dict(group_size=0)],
+                         ids=["sym-g32", "asym-g32", "per-channel"])
+def test_gptq_codes_stored_exactly(fmt, overrides, quantized, tmp_path):
+    if fmt == "matmulnbits" and overrides["group_size"] == 0:
+        pytest.skip("MatMulNBits has no per-channel form for K = 96 (a power-of-two block is required)")
+    q = quantized("llada", "gptq", "W4A16", overrides)
+    out = export_onnx(q, tmp_path / fmt, OnnxExportConfig(weight_format=fmt))
+    handles, layers = open_shards(q), read_manifest(q)["layers"]
+    for name in ["model.transformer.blocks.0.q_proj", "model.transformer.blocks.1.ff_out"]:
+        ours = read_linear(handles, name, layers[name], q).qweight.dequantize()
+        theirs = torch.from_numpy(_stored_dequant_onnx(out, name, fmt))
+        assert torch.equal(theirs, ours), (name, (theirs - ours).abs().max())
+
+
+def test_export_cli_flow_and_generate(tmp_path, capsys):
+    from dllm_export.cli import main
+
+    out = tmp_path / "w4"
+    assert main(["--target", "onnx", "--bits", "4", "--method", "rtn", "--model", "default", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "W4A16 rtn" in text and "MiB" in text
+    assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(props["dllm_export.manifest"])["scheme"] == "W4A16"
+    assert main(["generate", "--model", str(out), "--prompt", "1+1=", "--gen-length", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["backend"] == "onnxruntime" and len(res["ids"][0]) == res["prompt_length"] + 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=3, weight_format="matmulnbits"), "2, 4 or 8-bit"),
+    (dict(bits=4, group_size=8, weight_format="matmulnbits", method="rtn"), "power-of-two block"),
+    (dict(scheme="W8A8", weight_format="matmulnbits", method="rtn"), "power-of-two block"),
+    (dict(bits=4, method="rtn", quantize_options=dict(sym=False, zero_kind="float")), "float minimums"),
+    (dict(bits=12), "cannot carry 12-bit"),
+    (dict(bits=4, target="tflite"), "unknown export target"),
+])
+def test_bad_export_requests_leave_nothing(kwargs, match, small_ckpts, tmp_path):
+    out = tmp_path / "art"
+    with pytest.raises(InputError, match=match):
+        export(small_ckpts["llada"], out, **kwargs)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temp folders left behind either
+
+
+def test_export_refuses_non_empty_folder(small_ckpts, tmp_path):
+    (tmp_path / "x.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not empty"):
+        export_onnx(small_ckpts["llada"], tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
