@@ -28,25 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-export", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     x = parser.add_argument_group("export (no subcommand): quantize and write an artifact for a target")
-    x.add_argument("--target", help="export target: onnx")
+    x.add_argument("--target", help="export target: onnx | gguf")
     x.add_argument("--bits", type=int, help="weight bits (scheme W{bits}A16 unless --scheme); 16/32 or none = float")
     x.add_argument("--model", default="default", help="checkpoint folder, 'default' / 'default-dream', or a "
                                                        "quantized checkpoint (exported as is) (default: %(default)s)")
     x.add_argument("--method", default="gptq", help="PTQ method (default: %(default)s)")
-    x.add_argument("--scheme", help="W8A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: W{bits}A16)")
+    x.add_argument("--scheme", help="W8A16 | W6A16 | W5A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: W{bits}A16)")
     x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
     x.add_argument("--format", dest="weight_format", default="qdq",
                    help="onnx weights: qdq (DequantizeLinear -> MatMul) or matmulnbits (default: %(default)s)")
     x.add_argument("--accuracy-level", type=int,
                    help="onnx MatMulNBits accuracy level of weight-only layers: 0 fp32 (default), 4 int8")
     x.add_argument("--act-kernel", default="auto", help="onnx per-token activations: auto | integer | nbits | simulate")
+    x.add_argument("--quant", help="gguf type: Q4_0 (default for --bits 4) | Q4_1 | Q5_0 | Q5_1 | Q8_0 | F16 | F32 | BF16 "
+                                   "| Q4_K_M | Q5_K_M | Q6_K ... (K-quants by llama.cpp's quantizer)")
     x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="decode text from a prompt by iterative unmasking")
     _add_model_arg(g)
-    g.add_argument("--backend", default="auto", help="auto (by what --model holds) | torch | onnxruntime")
+    g.add_argument("--backend", default="auto", help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the instruct chat template")
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="post-training quantization into a quantized checkpoint folder")
     q.add_argument("--model", default="default", help="checkpoint folder or 'default' (default: %(default)s)")
     q.add_argument("--method", default="gptq", help="rtn | gptq | awq | smoothquant | quarot | duquant (default: %(default)s)")
-    q.add_argument("--scheme", default="W4A16", help="W8A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: %(default)s)")
+    q.add_argument("--scheme", default="W4A16", help="W8A16 | W6A16 | W5A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: %(default)s)")
     q.add_argument("--bits", type=int, dest="w_bits", help="override the scheme's weight bits (2..8)")
     q.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
     q.add_argument("--asym", action="store_true", help="asymmetric weight grid (default: the scheme's / method's)")
@@ -105,7 +107,9 @@ def cmd_generate(args) -> int:
 
         torch.set_num_threads(args.threads)
     model = load_backend(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads)
-    tok = load_tokenizer(args.model)
+    from pathlib import Path
+
+    tok = load_tokenizer(Path(args.model).parent if str(args.model).endswith(".gguf") else args.model)
     load_s = time.perf_counter() - t0
     prompts = [encode_prompt(tok, p, chat=args.chat) for p in args.prompt]
     bar = None
@@ -197,13 +201,20 @@ def cmd_export(args) -> int:
     if args.target not in TARGETS:
         have = ", ".join(f"{k} ({v[0]})" for k, v in TARGETS.items())
         raise DllmExportError(f"unknown export target {args.target!r}; targets: {have}")
-    label = args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else "float")
+    label = args.quant or args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else "float")
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
     res = export(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
                  group_size=args.group_size, weight_format=args.weight_format, accuracy_level=args.accuracy_level,
-                 act_kernel=args.act_kernel, progress=not args.no_progress and sys.stderr.isatty())
+                 act_kernel=args.act_kernel, quant=args.quant, progress=not args.no_progress and sys.stderr.isatty())
     m = res.manifest
-    size = sum(f.stat().st_size for f in res.path.iterdir() if f.name.startswith("model.onnx"))
+    size = sum(f.stat().st_size for f in res.path.iterdir() if f.name.startswith("model."))
+    if args.target == "gguf":
+        exact = " (PTQ grid written exactly)" if m["exact_from_ptq"] else ""
+        print(f"{res.path / 'model.gguf'}: {m['family']} -> gguf arch {m['arch']}, {m['file_type']}{exact}, "
+              f"{m['method'] or ''} {size / 2**20:.2f} MiB; quantize {res.quantize_seconds:.1f} s, "
+              f"export {res.export_seconds:.1f} s; tensor types {m['tensor_types']}")
+        print(f"  run it: dllm-export generate --model {res.path} --prompt TEXT")
+        return 0
     kernels = sorted(set(m["layers"].values()))
     print(f"{res.path}: {m['family']} -> {args.target} ({m['export']['weight_format']}), "
           f"{m['scheme'] or 'float32'} {m['method'] or ''}".rstrip() + f", {size / 2**20:.2f} MiB "

@@ -57,6 +57,10 @@ class TrainConfig:
         seed: seeds init, windows and masks.
         arithmetic_answer_only: mask only the answers (`85\n` of `47+38=85\n`) in arithmetic windows:
             LLaDA's SFT rule "the prompt is never masked" (models.md 4.1) applied to `47+38=`.
+        arithmetic_rows: 0 = arithmetic as packed windows of seq_len tokens; N > 0 = every problem
+            its own N-token row `47+38=85<eos><eos>...`, only the answer and its EOS padding maskable
+            (LLaDA SFT's format, and exactly what decoding sees: a prompt, then a masked canvas that
+            must end in EOS). An arithmetic window's token budget becomes seq_len // N such rows.
     """
 
     family: str = "llada"
@@ -80,6 +84,7 @@ class TrainConfig:
     rope_theta: float = 10000.0
     seed: int = 0
     arithmetic_answer_only: bool = False
+    arithmetic_rows: int = 0
 
 
 # The shapes of the bundled models (see the model cards in dllm_export/assets/*/README.md).
@@ -155,7 +160,8 @@ class WindowSampler:
     """Draws [B, seq_len] windows: a source per row by the recipe's shares, then a random offset
     (arithmetic windows start at a line start, so `47+38=` at position 0 looks like training)."""
 
-    def __init__(self, data: dict, recipe: CorpusRecipe, seq_len: int, answer_only: bool = False):
+    def __init__(self, data: dict, recipe: CorpusRecipe, seq_len: int, answer_only: bool = False,
+                 arithmetic_rows: int = 0):
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(data["tokenizer_files"]["tokenizer.json"])
@@ -165,8 +171,12 @@ class WindowSampler:
         self.names = ["code", "arithmetic", "english"]
         self.shares = torch.tensor([recipe.code, recipe.arithmetic, recipe.english], dtype=torch.float64)
         self.starts = data["arithmetic_starts"]
+        ends = torch.cat([self.starts[1:], torch.tensor([len(self.streams["arithmetic"])])]) - 1  # the "\n"
+        self.line_starts, self.line_ends = self.starts, ends
         self.starts = self.starts[self.starts <= len(self.streams["arithmetic"]) - seq_len]
         self.seq_len = seq_len
+        self.rows = arithmetic_rows
+        self.eos_id = data["ids"]["eos_token_id"]
 
     def answer_positions(self, x: torch.Tensor) -> torch.Tensor:
         """[L] bool: the tokens after an `=` up to and including the next newline (a line-aligned window)."""
@@ -177,13 +187,31 @@ class WindowSampler:
         before_nl = torch.cat([torch.tensor([-1]), last_nl[:-1]])
         return before_eq > before_nl
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch of windows (int64) and which of their tokens may be masked."""
+    def problem_rows(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n arithmetic problems as [n, rows] `47+38=85<eos>...` rows and their maskable answer + padding."""
+        idx = torch.randint(len(self.line_starts), (n,), generator=generator)
+        x = torch.full((n, self.rows), self.eos_id, dtype=torch.int64)
+        maskable = torch.zeros(n, self.rows, dtype=torch.bool)
+        stream = self.streams["arithmetic"]
+        for r, i in enumerate(idx.tolist()):
+            line = stream[int(self.line_starts[i]):int(self.line_ends[i])].long()[: self.rows]
+            x[r, :len(line)] = line
+            eq = int((line == self.eq_id).nonzero()[0, 0])
+            maskable[r, eq + 1:] = True
+        return x, maskable
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One batch: [(windows int64 [b, L], which of their tokens may be masked)], one entry per row
+        shape (packed windows, plus arithmetic problem rows when `arithmetic_rows` is set)."""
         src = torch.multinomial(self.shares, batch_size, replacement=True, generator=generator)
         rows, maskable = [], []
+        n_problems = 0
         for s in src.tolist():
             name = self.names[s]
             stream = self.streams[name]
+            if name == "arithmetic" and self.rows:
+                n_problems += self.seq_len // self.rows
+                continue
             if name == "arithmetic":
                 off = int(self.starts[torch.randint(len(self.starts), (1,), generator=generator)])
             else:
@@ -193,7 +221,10 @@ class WindowSampler:
                 maskable.append(self.answer_positions(rows[-1]))
             else:
                 maskable.append(torch.ones(self.seq_len, dtype=torch.bool))
-        return torch.stack(rows), torch.stack(maskable)
+        groups = [(torch.stack(rows), torch.stack(maskable))] if rows else []
+        if n_problems:
+            groups.append(self.problem_rows(n_problems, generator))
+        return groups
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -259,7 +290,8 @@ def _log(msg: str) -> None:
 def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe(), minutes: float = 60.0,
           resume: bool = False, checkpoint_minutes: float = 5.0, log_every: int = 20,
           steps: int | None = None, mix: tuple[float, float, float] | None = None,
-          answer_only: bool | None = None, until_step: int | None = None) -> Path:
+          answer_only: bool | None = None, until_step: int | None = None,
+          arithmetic_rows: int | None = None) -> Path:
     """Train (or resume) a run in folder `out` until `cfg.steps` or the wall-clock budget; return the checkpoint path.
 
     On `resume` the saved settings are used, except the schedule length when `steps` is given
@@ -315,10 +347,12 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
          f"threads {torch.get_num_threads()}")
     if answer_only is not None:
         cfg = dataclasses.replace(cfg, arithmetic_answer_only=answer_only)
-    entry = [[recipe.code, recipe.arithmetic, recipe.english], cfg.arithmetic_answer_only]
+    if arithmetic_rows is not None:
+        cfg = dataclasses.replace(cfg, arithmetic_rows=arithmetic_rows)
+    entry = [[recipe.code, recipe.arithmetic, recipe.english], cfg.arithmetic_answer_only, cfg.arithmetic_rows]
     if not mix_history or mix_history[-1][1:] != entry:
         mix_history.append([step, *entry])
-    sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only)
+    sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only, cfg.arithmetic_rows)
     mask_id = model.spec.mask_id
 
     def checkpoint():
@@ -342,14 +376,22 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        x0, maskable = sampler.sample(cfg.batch_size, gen)
-        loss, stats = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, maskable)
+        groups = sampler.sample(cfg.batch_size, gen)
+        n_tok = sum(x.numel() for x, _ in groups)
+        loss, stats = 0.0, {"ce": 0.0, "acc": 0.0, "n_masked": 0}
+        for x0, maskable in groups:  # every token weighs the same across row shapes
+            part, st = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, maskable)
+            loss = loss + part * (x0.numel() / n_tok)
+            for k in ("ce", "acc"):
+                stats[k] += st[k] * st["n_masked"]
+            stats["n_masked"] += st["n_masked"]
+        stats = {k: (v / max(stats["n_masked"], 1) if k != "n_masked" else v) for k, v in stats.items()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        tokens += x0.numel()
+        tokens += n_tok
         run_loss += float(loss.detach())
         run_ce += stats["ce"]
         run_acc += stats["acc"]
@@ -358,7 +400,7 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
             dt = time.time() - t_window
             _log(f"step {step} loss {run_loss / n_run:.3f} masked-ce {run_ce / n_run:.3f} "
                  f"masked-acc {run_acc / n_run:.3f} lr {lr_at(step, cfg):.2e} gnorm {float(gnorm):.2f} "
-                 f"tok/s {n_run * x0.numel() / dt:.0f}")
+                 f"tok/s {n_run * n_tok / dt:.0f}")
             run_loss = run_ce = run_acc = 0.0
             n_run, t_window = 0, time.time()
         if time.time() - last_ckpt > checkpoint_minutes * 60:
@@ -397,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="code,arithmetic,english window shares (overrides the recipe from the current step on)")
     ap.add_argument("--answer-only-arithmetic", action="store_true", default=None,
                     help="from now on mask only the answers of arithmetic lines (LLaDA SFT: prompt never masked)")
+    ap.add_argument("--arithmetic-rows", type=int, default=None,
+                    help="from now on train arithmetic as one problem per N-token row padded with EOS (0 = windows)")
     ap.add_argument("--until-step", type=int, help="stop and save at this step (to replay a multi-phase run)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -412,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(PRESETS[args.family], **overrides)
     train(args.out, cfg, minutes=args.minutes, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes,
           log_every=args.log_every, steps=args.steps, mix=args.mix,
-          answer_only=args.answer_only_arithmetic, until_step=args.until_step)
+          answer_only=args.answer_only_arithmetic, until_step=args.until_step, arithmetic_rows=args.arithmetic_rows)
     return 0
 
 

@@ -17,7 +17,10 @@ from ..errors import InputError
 # target -> (one-line description, weight bit-widths it can carry)
 TARGETS: dict[str, tuple[str, tuple[int, ...]]] = {
     "onnx": ("onnxruntime graph, QDQ or MatMulNBits weights", (2, 3, 4, 5, 6, 7, 8, 16, 32)),
+    "gguf": ("llama.cpp file, arch llada / dream, Q4_0 / Q4_1 / Q5_x / Q8_0 / K-quants", (4, 5, 8, 16, 32)),
 }
+# GGUF: bits -> the block type a symmetric group-32 PTQ grid is written as exactly
+_GGUF_BY_BITS = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16", 32: "F32"}
 
 
 @dataclass(frozen=True)
@@ -33,16 +36,22 @@ class ExportResult:
 def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: int | None = None,
            method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
            weight_format: str = "qdq", accuracy_level: int | None = None, act_kernel: str = "auto",
-           quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
-    """Quantize `model` (unless bits is None / 16 / 32 and no scheme is given) and export it for `target`.
+           quant: str | None = None, quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
+    """Quantize `model` with a PTQ method where the request needs it, then export it for `target`.
 
     Args:
         model: checkpoint folder, `default` or `default-dream`, or a quantized checkpoint (exported as is).
         out: artifact folder (must not exist or be empty; written atomically).
+        target: "onnx" or "gguf".
         bits: weight bits; picks scheme W{bits}A16 unless `scheme` is given (then it overrides its bits).
+            None / 16 / 32 without a scheme exports float weights.
         method / scheme / group_size / quantize_options: the PTQ run (see `quant.QuantizeConfig`).
         weight_format / accuracy_level / act_kernel: the ONNX graph (see `exporter.onnx.OnnxExportConfig`).
+        quant: GGUF type. Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1: `method` rounds a group-32 grid of that
+            format, written exactly; F32 / F16 / BF16 and K-quants (Q4_K_M, ...): float weights (the
+            K-quants rounded by llama.cpp's quantizer). Default: from `bits` (4 -> Q4_0, 8 -> Q8_0).
     """
+    import json
     import time
 
     from ..models.loader import resolve_model_path
@@ -53,48 +62,87 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     allowed = TARGETS[target][1]
     if bits is not None and bits not in allowed:
         raise InputError(f"target {target} cannot carry {bits}-bit weights (supported: {', '.join(map(str, allowed))})")
-    from .onnx import OnnxExportConfig, export_onnx
-
-    ocfg = OnnxExportConfig(weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel)
-    if weight_format == "matmulnbits" and bits is not None and bits not in (2, 4, 8, 16, 32):
-        raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {bits}-bit (use --format qdq)")
     src = resolve_model_path(model)
     quantized_input = (src / "manifest.json").is_file()
-    float_export = scheme is None and (bits is None or bits >= 16)
-    t0 = time.perf_counter()
-    if quantized_input or float_export:
-        path = export_onnx(src, out, ocfg)
-        t_q = 0.0
+    opts = dict(quantize_options or {})
+    if target == "onnx":
+        from .onnx import OnnxExportConfig, export_onnx
+
+        ocfg = OnnxExportConfig(weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel)
+        if weight_format == "matmulnbits" and bits is not None and bits not in (2, 4, 8, 16, 32):
+            raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {bits}-bit (use --format qdq)")
+        needs_ptq = not quantized_input and not (scheme is None and (bits is None or bits >= 16))
+        scheme = scheme or (f"W{bits}A16" if needs_ptq else None)
+
+        def write(path):
+            return export_onnx(path, out, ocfg)
+
+        def precheck(qcfg):
+            _precheck_onnx(src, qcfg, ocfg)
     else:
-        scheme = scheme or f"W{bits}A16"
-        opts = dict(quantize_options or {})
-        if bits is not None:
-            opts["bits"] = bits
+        from .gguf import BLOCK_TYPES, GgufExportConfig, export_gguf
+
+        quant = quant or (None if quantized_input else _GGUF_BY_BITS.get(bits or 16))
+        if quant is not None and bits is not None and quant in BLOCK_TYPES and int(quant[1]) != bits:
+            raise InputError(f"--quant {quant} stores {quant[1]}-bit weights, not {bits}-bit")
+        if scheme is not None and scheme.upper() not in ("W4A16", "W5A16", "W8A16"):
+            raise InputError(f"GGUF carries weight-only schemes; {scheme} quantizes activations, which llama.cpp "
+                             f"does itself. Use --target onnx for {scheme}")
+        needs_ptq = not quantized_input and quant in BLOCK_TYPES
+        gcfg = GgufExportConfig(quant=None if needs_ptq else quant)
+        if needs_ptq:
+            bits = int(quant[1])
+            scheme = f"W{bits}A16"
+            opts.update(bits=bits, sym=quant.endswith("_0"), zero_kind="int" if quant.endswith("_0") else "float")
+            if group_size not in (None, 32):
+                raise InputError(f"GGUF block formats hold groups of 32 weights, not {group_size}")
+            group_size = 32
+
+        def write(path):
+            return export_gguf(path, out, gcfg)
+
+        def precheck(qcfg):
+            _precheck_widths(src, 32)
+    t0 = time.perf_counter()
+    t_q = 0.0
+    if not needs_ptq:
+        path = write(src)
+    else:
         qcfg = QuantizeConfig(method=method, scheme=scheme, group_size=group_size, **opts)
-        _precheck_onnx(src, qcfg, ocfg)  # refuse before a long calibration, not after
+        precheck(qcfg)  # refuse before a long calibration, not after
         out_p = Path(out)
         out_p.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.quantized.", dir=out_p.parent))
         try:
             qdir = quantize(src, work / "q", qcfg, progress=progress)
             t_q = time.perf_counter() - t0
-            path = export_onnx(qdir, out, ocfg)
+            path = write(qdir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    import json
-
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     return ExportResult(Path(path), manifest, round(t_q, 3), round(time.perf_counter() - t0 - t_q, 3))
 
 
-def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
-    """Raise the errors `export_onnx` would raise for this grid, before any quantization runs."""
+def _widths(src: Path) -> list[int]:
     from ..models import family_for
     from ..models.loader import read_config
+
+    config = read_config(src)
+    dims = family_for(config.get("model_type")).parse_config(config).dims
+    return [dims.d_model, dims.n_heads * dims.head_dim, dims.mlp_hidden]
+
+
+def _precheck_widths(src: Path, group: int) -> None:
+    for K in _widths(src):
+        if K % group:
+            raise InputError(f"GGUF block formats need input widths divisible by {group}; this model has {K}")
+
+
+def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
+    """Raise the errors `export_onnx` would raise for this grid, before any quantization runs."""
     from ..quant.driver import fit_group_size
 
-    dims = family_for((cfg := read_config(src)).get("model_type")).parse_config(cfg).dims
-    widths = [dims.d_model, dims.n_heads * dims.head_dim, dims.mlp_hidden]
+    widths = _widths(src)
     qcfg = fit_group_size(qcfg, widths)
     w = qcfg.weight_config()
     if not w.sym and w.zero_kind == "float":

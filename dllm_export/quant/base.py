@@ -30,7 +30,7 @@ class QuantizeConfig:
 
     Attributes:
         method: rtn | gptq | awq | smoothquant | quarot | duquant.
-        scheme: W8A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4.
+        scheme: W8A16 | W6A16 | W5A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4.
         bits: override of the scheme's weight bits (2..8).
         group_size: override of the scheme's group size (0 = per channel).
         sym: override of the scheme's symmetry.

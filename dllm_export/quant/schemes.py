@@ -40,6 +40,8 @@ class Scheme:
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("W8A16", 8, 16, 128, True),
+    Scheme("W6A16", 6, 16, 128, True),
+    Scheme("W5A16", 5, 16, 128, True),
     Scheme("W4A16", 4, 16, 128, True),
     Scheme("W3A16", 3, 16, 128, True),
     Scheme("W2A16", 2, 16, 64, False),

@@ -56,10 +56,11 @@ def as_backend(model_or_backend) -> Backend:
 def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.float32, threads: int = 0,
                  **options) -> Backend:
     """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
-    onnxruntime, anything else (a checkpoint folder, `default`) on torch in `dtype`.
+    onnxruntime, a GGUF artifact (folder with model.gguf, or the .gguf file) on llama.cpp, anything
+    else (a checkpoint folder, `default`) on torch in `dtype`.
 
-    `backend` forces one ("torch", "onnxruntime"); `threads` and `options` go to the onnxruntime
-    session (torch's thread count is the caller's, `torch.set_num_threads`).
+    `backend` forces one ("torch", "onnxruntime", "llama.cpp"); `threads` and `options` go to the
+    onnxruntime session / llama.cpp context (torch's thread count is the caller's).
     """
     from pathlib import Path
 
@@ -69,11 +70,20 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.f
     p = Path(path)
     kind = backend
     if kind == "auto":
-        kind = "onnxruntime" if str(path) not in BUNDLED and (p / "model.onnx").is_file() else "torch"
+        kind = "torch"
+        if str(path) not in BUNDLED:
+            if (p / "model.onnx").is_file():
+                kind = "onnxruntime"
+            elif p.suffix == ".gguf" or (p / "model.gguf").is_file():
+                kind = "llama.cpp"
+    if kind == "llama.cpp":
+        from .llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(p, threads=threads, **options)
     if kind == "onnxruntime":
         from .ort import OrtBackend
 
         return OrtBackend(p, threads=threads, **options)
     if kind == "torch":
         return TorchBackend(load_model(path, dtype=dtype))
-    raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime)")
+    raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime, llama.cpp)")

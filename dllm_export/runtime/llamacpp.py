@@ -1,0 +1,166 @@
+"""llama.cpp backend of the unmasking loop (llama-cpp-python's low-level bindings).
+
+llama.cpp runs the `llada` / `dream` architectures without a KV cache: every `llama_decode`
+takes the non-causal encoder path and returns logits for every token of the batch, provided
+the whole batch fits one micro-batch (n_ubatch). That condition is a hard abort inside
+llama.cpp, so it is checked here before each call. Several sequences share one call (distinct
+seq ids never attend to each other); left padding is dropped, which leaves every real token's
+attention unchanged (RoPE depends on relative positions only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+from ..models import family_for
+from ..models.loader import read_config, resolve_spec, tokenizer_special_ids
+
+_QUIET = None  # the no-op log callback must outlive every model (ctypes keeps only a pointer)
+
+
+def _silence(L) -> None:
+    global _QUIET
+    if _QUIET is None:
+        _QUIET = L.llama_log_callback(lambda level, text, user_data: None)
+        L.llama_log_set(_QUIET, ctypes.c_void_p())
+
+
+def gguf_file(path: str | Path) -> Path:
+    """The .gguf file of an artifact folder (model.gguf) or the file itself."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.gguf"
+    if not p.is_file():
+        raise CheckpointError(f"GGUF file not found: {p}")
+    return p
+
+
+class LlamaCppBackend:
+    """`forward(ids, attention_mask) -> logits` through llama.cpp.
+
+    Args:
+        path: an artifact folder from `exporter.gguf` (model.gguf + config.json + tokenizer) or a
+            .gguf file inside one.
+        threads: CPU threads (0 = llama.cpp's default).
+        max_tokens: tokens per llama_decode call (n_batch = n_ubatch); default the model's context.
+        max_seqs: sequences per call.
+        verbose: keep llama.cpp's own logging on stderr.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, threads: int = 0, max_tokens: int | None = None, max_seqs: int = 32,
+                 verbose: bool = False):
+        try:
+            import llama_cpp as L
+        except ImportError as e:
+            raise InputError(f"the llama.cpp backend needs llama-cpp-python: {e}") from None
+        self.L = L
+        file = gguf_file(path)
+        folder = file.parent
+        config = read_config(folder)
+        fam = family_for(config.get("model_type"))
+        dims = fam.parse_config(config).dims
+        self.spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(folder))
+        self.vocab_size = dims.vocab_rows
+        self.max_length = dims.context
+        self.max_tokens = int(max_tokens or dims.context)
+        self.max_seqs = max_seqs
+        if not verbose:
+            _silence(L)
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        self.model = L.llama_model_load_from_file(str(file).encode(), mp)
+        if not self.model:
+            raise CheckpointError(f"llama.cpp could not load {file}")
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        if n_vocab != dims.vocab_rows:
+            raise CheckpointError(f"{file}: llama.cpp sees {n_vocab} tokens, config.json implies {dims.vocab_rows}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = self.max_tokens
+        cp.n_seq_max = max_seqs
+        if threads:
+            cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise CheckpointError(f"llama.cpp could not create a context for {file}")
+        self.batch = L.llama_batch_init(self.max_tokens, 0, max_seqs)
+        self.path = file
+        manifest = folder / "manifest.json"
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
+
+    def _decode(self, rows: list[np.ndarray]) -> list[np.ndarray]:
+        """One llama_decode over several sequences; returns each one's logits [n_i, V]."""
+        L, b = self.L, self.batch
+        n = sum(len(r) for r in rows)
+        if n > self.max_tokens:  # llama.cpp would abort the process (GGML_ASSERT n_ubatch >= n_tokens)
+            raise InputError(f"{n} tokens in one call exceed n_ubatch = {self.max_tokens}")
+        i = 0
+        for s, row in enumerate(rows):
+            for pos, tok in enumerate(row.tolist()):
+                b.token[i] = tok
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = s
+                b.logits[i] = 1
+                i += 1
+        b.n_tokens = n
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise CheckpointError(f"llama_decode failed with code {rc}")
+        logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n, self.vocab_size)).copy()
+        out, start = [], 0
+        for row in rows:
+            out.append(logits[start:start + len(row)])
+            start += len(row)
+        return out
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits [B, L, V] (float32); rows of left padding come back as zeros."""
+        ids_np = ids.to(torch.int64).cpu().numpy()
+        B, T = ids_np.shape
+        if T > self.max_tokens:
+            raise InputError(f"sequence of {T} tokens exceeds n_ubatch = {self.max_tokens} (pass max_tokens)")
+        keep = np.ones_like(ids_np, dtype=bool) if attention_mask is None else attention_mask.cpu().numpy() != 0
+        out = np.zeros((B, T, self.vocab_size), dtype=np.float32)
+        pending: list[int] = []
+
+        def flush():
+            rows = [ids_np[r][keep[r]] for r in pending]
+            for r, lg in zip(pending, self._decode(rows)):
+                out[r, keep[r]] = lg
+            pending.clear()
+
+        for r in range(B):  # pack sequences into calls of at most max_tokens tokens / max_seqs sequences
+            if pending and (sum(int(keep[p].sum()) for p in pending) + int(keep[r].sum()) > self.max_tokens
+                            or len(pending) == self.max_seqs):
+                flush()
+            pending.append(r)
+        if pending:
+            flush()
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        """Free the llama.cpp context, batch and model (also done at garbage collection)."""
+        L = self.L
+        if getattr(self, "batch", None) is not None:
+            L.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            L.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,200 @@
+"""GGUF export: exact block packing of PTQ grids (checked with gguf.quants), files llama.cpp loads,
+llama.cpp's forward against ours (an independent implementation), decoding traces, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from dllm_export import InputError, generate, load_model  # noqa: E402
+from dllm_export.errors import CheckpointError  # noqa: E402
+from dllm_export.exporter import export  # noqa: E402
+from dllm_export.exporter.gguf import GgufExportConfig, _permute_rope_rows, export_gguf  # noqa: E402
+from dllm_export.models.factory import make_random_checkpoint  # noqa: E402
+from dllm_export.models.loader import open_shards  # noqa: E402
+from dllm_export.quant import CalibConfig, QuantizeConfig, quantize  # noqa: E402
+from dllm_export.quant.load import read_linear, read_manifest  # noqa: E402
+
+CALIB = CalibConfig(n_samples=4, seq_len=32)
+
+
+def _llama():
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf_src")
+    return {
+        "llada": make_random_checkpoint(root / "llada", family="llada", tokenizer=True, std=0.05, vocab_size=384,
+                                        d_model=64, n_heads=4, n_kv_heads=4, max_sequence_length=128),
+        "llada_gqa": make_random_checkpoint(root / "llada_gqa", family="llada", tokenizer=True, std=0.05,
+                                            vocab_size=384, d_model=64, n_heads=4, n_kv_heads=2,
+                                            max_sequence_length=128, seed=1),
+        "dream": make_random_checkpoint(root / "dream", family="dream", tokenizer=True, std=0.05, vocab_size=384,
+                                        hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128, seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def f32_exports(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf_f32")
+    return {name: export_gguf(path, root / name, GgufExportConfig(quant="F32", embed_type="F32", head_type="F32"))
+            for name, path in ckpts.items()}
+
+
+# (quant type, quantize overrides): grids that a block type stores exactly
+EXACT = [("Q4_0", dict(bits=4, sym=True)), ("Q5_0", dict(bits=5, sym=True)), ("Q8_0", dict(bits=8, sym=True)),
+         ("Q4_1", dict(bits=4, sym=False, zero_kind="float")), ("Q5_1", dict(bits=5, sym=False, zero_kind="float"))]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("qtype,overrides", EXACT, ids=[q for q, _ in EXACT])
+def test_ptq_grid_written_exactly(family, qtype, overrides, ckpts, tmp_path):
+    q = quantize(ckpts[family], tmp_path / "q", QuantizeConfig(method="gptq", scheme="W4A16", group_size=32,
+                                                              calib=CALIB, **overrides), progress=False)
+    out = export_gguf(q, tmp_path / "gguf")
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    handles, layers = open_shards(q), read_manifest(q)["layers"]
+    model = load_model(q)
+    spec, dims = model.spec, model.config.dims
+    for i in range(dims.n_layers):
+        for role, gname in [("q", "attn_q"), ("k", "attn_k"), ("down", "ffn_down"), ("o", "attn_output")]:
+            name = f"{spec.blocks}.{i}.{spec.linears[role]}"
+            t = tensors[f"blk.{i}.{gname}.weight"]
+            assert t.tensor_type.name == qtype
+            theirs = gguf.quants.dequantize(t.data, t.tensor_type)
+            if family == "llada" and role in ("q", "k"):  # undo llama.cpp's NORM-rope row order
+                heads = dims.n_heads if role == "q" else dims.n_kv_heads
+                inv = _permute_rope_rows(np.arange(theirs.shape[0]), heads).argsort()
+                theirs = theirs[inv]
+            ours = read_linear(handles, name, layers[name], q).qweight.dequantize().numpy()
+            assert np.array_equal(theirs, ours), (name, np.abs(theirs - ours).max())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["exact_from_ptq"] and manifest["file_type"] == qtype
+
+
+def test_permutation_matches_llama_converter():
+    # convert_hf_to_gguf's LLaMA permute: reshape(n_head, 2, rows / n_head / 2, ...).swapaxes(1, 2)
+    w = np.arange(16 * 3).reshape(16, 3)
+    p = _permute_rope_rows(w, 2)
+    assert p[:, 0].tolist()[:8] == [0, 12, 3, 15, 6, 18, 9, 21]
+
+
+@pytest.mark.parametrize("name", ["llada", "llada_gqa", "dream"])
+def test_llamacpp_f32_logits_match_torch(name, ckpts, f32_exports):
+    _llama()
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(f32_exports[name], threads=2)
+    model = load_model(ckpts[name])
+    ids = torch.randint(0, 380, (3, 20), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).float()
+    got = be.forward(ids)
+    # an independent implementation (ggml kernels, its own rope and softmax): agreement to float noise
+    assert (got - ref).abs().max() < 1e-3 * max(1.0, float(ref.abs().max())), (got - ref).abs().max()
+    am = torch.ones_like(ids)
+    am[1, :6] = 0
+    ref_p, got_p = model(ids, attention_mask=am).float(), be.forward(ids, am)
+    assert (got_p[1, 6:] - ref_p[1, 6:]).abs().max() < 1e-3 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("llada_gqa", "low_confidence"),
+                                          ("dream", "entropy")])
+def test_llamacpp_f32_trace_equals_torch(name, sampler, ckpts, f32_exports):
+    _llama()
+    from dllm_export.runtime.backends import load_backend
+
+    be = load_backend(f32_exports[name] / "model.gguf", threads=2)
+    assert be.name == "llama.cpp"
+    prompts = [[5, 9, 33, 70], [12, 40]]
+    kw = dict(gen_length=16, steps=8, block_length=8, temperature=0.0, sampler=sampler)
+    a, b = generate(load_model(ckpts[name]), prompts, **kw), generate(be, prompts, **kw)
+    assert torch.equal(a.ids, b.ids)
+    assert torch.equal(a.commit_step, b.commit_step)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_1"])
+def test_llamacpp_runs_exact_ptq_files(qtype, ckpts, tmp_path):
+    _llama()
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
+
+    res = export(ckpts["llada"], tmp_path / qtype, target="gguf", quant=qtype, method="gptq",
+                 quantize_options={"calib": CALIB})
+    assert res.manifest["file_type"] == qtype
+    q_model = load_model(ckpts["llada"])  # the float model, for the size of the quantization error
+    ids = torch.randint(0, 380, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref_float = q_model(ids).float()
+    got = LlamaCppBackend(res.path, threads=2).forward(ids)
+    # llama.cpp quantizes activations to Q8 blocks for its dot products: close, not bit-equal
+    assert torch.isfinite(got).all()
+    assert (got - ref_float).norm() / ref_float.norm() < 0.2
+
+
+def test_kquant_through_llamacpp(ckpts, tmp_path):
+    _llama()
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
+
+    res = export(ckpts["dream"], tmp_path / "k", target="gguf", quant="Q4_K_M")
+    assert res.manifest["file_type"] == "Q4_K_M" and (res.path / "model.gguf").is_file()
+    assert not (res.path / "model.gguf.f16").exists()
+    ids = torch.randint(0, 380, (1, 12), generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(LlamaCppBackend(res.path, threads=2).forward(ids)).all()
+
+
+def test_backend_refuses_oversized_batches(f32_exports):
+    _llama()
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(f32_exports["llada"], threads=1, max_tokens=16)
+    with pytest.raises(InputError, match="n_ubatch"):
+        be.forward(torch.zeros(1, 17, dtype=torch.long))
+    assert be.forward(torch.zeros(3, 16, dtype=torch.long)).shape == (3, 16, 384)  # one call per row
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scheme="W8A8"), "GGUF carries weight-only schemes"),
+    (dict(quant="Q4_0", group_size=64), "groups of 32"),
+    (dict(bits=3), "cannot carry 3-bit"),
+    (dict(quant="Q4_0", bits=8), "stores 4-bit weights, not 8-bit"),
+    (dict(quant="Q3_X"), "unknown GGUF type"),
+])
+def test_bad_gguf_requests_leave_nothing(kwargs, match, ckpts, tmp_path):
+    out = tmp_path / "art"
+    with pytest.raises(InputError, match=match):
+        export(ckpts["llada"], out, target="gguf", quantize_options={"calib": CALIB}, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(scheme="W4A16", group_size=32, sym=False), "integer zero points"),
+    (dict(scheme="W4A16", group_size=16), "groups of 32"),
+    (dict(scheme="W3A16", group_size=32), "no GGUF block format"),
+    (dict(method="quarot", scheme="W4A16", group_size=32), "online rotation"),
+    (dict(method="smoothquant", scheme="W8A8"), "activation quantization"),
+])
+def test_quantized_checkpoints_gguf_cannot_carry(overrides, match, ckpts, tmp_path):
+    kw = {"method": "rtn", **overrides}
+    q = quantize(ckpts["llada"], tmp_path / "q", QuantizeConfig(calib=CALIB, **kw), progress=False)
+    with pytest.raises(InputError, match=match):
+        export_gguf(q, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
+def test_vocabulary_must_fit_the_embedding(ckpts, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts["llada"], bad)
+    tj = json.loads((bad / "tokenizer.json").read_text())
+    tj["added_tokens"].append({"id": 500, "content": "<|extra|>", "special": True, "single_word": False,
+                               "lstrip": False, "rstrip": False, "normalized": False})
+    (bad / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(CheckpointError, match="embedding has 384 rows"):
+        export_gguf(bad, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
