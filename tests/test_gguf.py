@@ -97,43 +97,46 @@ def test_llamacpp_f32_logits_match_torch(name, ckpts, f32_exports):
     ref = model(ids).float()
     got = be.forward(ids)
     # an independent implementation (ggml kernels, its own rope and softmax): agreement to float noise
-    assert (got - ref).abs().max() < 1e-3 * max(1.0, float(ref.abs().max())), (got - ref).abs().max()
+    assert (got - ref).abs().max() < 1e-4, (got - ref).abs().max()
     am = torch.ones_like(ids)
     am[1, :6] = 0
     ref_p, got_p = model(ids, attention_mask=am).float(), be.forward(ids, am)
-    assert (got_p[1, 6:] - ref_p[1, 6:]).abs().max() < 1e-3 * max(1.0, float(ref.abs().max()))
+    assert (got_p[1, 6:] - ref_p[1, 6:]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("llada_gqa", "low_confidence"),
-                                          ("dream", "entropy")])
-def test_llamacpp_f32_trace_equals_torch(name, sampler, ckpts, f32_exports):
+                                          ("dream", "entropy"), ("dream", "maskgit_plus")])
+def test_llamacpp_f32_trace_equals_torch(name, sampler, tiny_dirs, tmp_path):
     _llama()
     from dllm_export.runtime.backends import load_backend
 
-    be = load_backend(f32_exports[name] / "model.gguf", threads=2)
+    # the std-0.2 tiny models (peaky logits): float noise between implementations cannot flip a choice
+    out = export_gguf(tiny_dirs[name], tmp_path / name, GgufExportConfig(quant="F32", embed_type="F32",
+                                                                        head_type="F32"))
+    be = load_backend(out / "model.gguf", threads=2)
     assert be.name == "llama.cpp"
     prompts = [[5, 9, 33, 70], [12, 40]]
     kw = dict(gen_length=16, steps=8, block_length=8, temperature=0.0, sampler=sampler)
-    a, b = generate(load_model(ckpts[name]), prompts, **kw), generate(be, prompts, **kw)
+    a, b = generate(load_model(tiny_dirs[name]), prompts, **kw), generate(be, prompts, **kw)
     assert torch.equal(a.ids, b.ids)
     assert torch.equal(a.commit_step, b.commit_step)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_1"])
-def test_llamacpp_runs_exact_ptq_files(qtype, ckpts, tmp_path):
+@pytest.mark.parametrize("qtype,overrides", [q for q in EXACT if q[0] in ("Q4_0", "Q8_0", "Q4_1")],
+                         ids=["Q4_0", "Q8_0", "Q4_1"])
+def test_llamacpp_runs_exact_ptq_files(qtype, overrides, ckpts, tmp_path):
     _llama()
     from dllm_export.runtime.llamacpp import LlamaCppBackend
 
-    res = export(ckpts["llada"], tmp_path / qtype, target="gguf", quant=qtype, method="gptq",
-                 quantize_options={"calib": CALIB})
-    assert res.manifest["file_type"] == qtype
-    q_model = load_model(ckpts["llada"])  # the float model, for the size of the quantization error
+    q = quantize(ckpts["llada"], tmp_path / "q", QuantizeConfig(method="gptq", scheme="W4A16", group_size=32,
+                                                              calib=CALIB, **overrides), progress=False)
+    out = export_gguf(q, tmp_path / "gguf")
     ids = torch.randint(0, 380, (2, 20), generator=torch.Generator().manual_seed(1))
-    ref_float = q_model(ids).float()
-    got = LlamaCppBackend(res.path, threads=2).forward(ids)
-    # llama.cpp quantizes activations to Q8 blocks for its dot products: close, not bit-equal
-    assert torch.isfinite(got).all()
-    assert (got - ref_float).norm() / ref_float.norm() < 0.2
+    fake_quant = load_model(q)(ids).float()
+    got = LlamaCppBackend(out, threads=2).forward(ids)
+    # same weights; llama.cpp also rounds activations to Q8 blocks for its integer dot products
+    # (measured ~0.8% of the logits' norm here, against ~20% for the 4-bit weight error itself)
+    assert (got - fake_quant).norm() < 0.02 * fake_quant.norm(), (got - fake_quant).norm() / fake_quant.norm()
 
 
 def test_kquant_through_llamacpp(ckpts, tmp_path):

@@ -10,7 +10,6 @@ attention unchanged (RoPE depends on relative positions only).
 
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 
@@ -21,14 +20,11 @@ from ..errors import CheckpointError, InputError
 from ..models import family_for
 from ..models.loader import read_config, resolve_spec, tokenizer_special_ids
 
-_QUIET = None  # the no-op log callback must outlive every model (ctypes keeps only a pointer)
+def _set_verbose(verbose: bool) -> None:
+    """llama-cpp-python's own log hook: errors only unless verbose (its callback is installed at import)."""
+    from llama_cpp import _logger
 
-
-def _silence(L) -> None:
-    global _QUIET
-    if _QUIET is None:
-        _QUIET = L.llama_log_callback(lambda level, text, user_data: None)
-        L.llama_log_set(_QUIET, ctypes.c_void_p())
+    _logger.set_verbose(verbose)
 
 
 def gguf_file(path: str | Path) -> Path:
@@ -50,13 +46,15 @@ class LlamaCppBackend:
         threads: CPU threads (0 = llama.cpp's default).
         max_tokens: tokens per llama_decode call (n_batch = n_ubatch); default the model's context.
         max_seqs: sequences per call.
+        flash_attn: llama.cpp's flash attention (faster; keeps K/V in F16, so logits move by ~1e-3
+            relative). Off by default: the F32 path reproduces our logits to float noise.
         verbose: keep llama.cpp's own logging on stderr.
     """
 
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, threads: int = 0, max_tokens: int | None = None, max_seqs: int = 32,
-                 verbose: bool = False):
+                 flash_attn: bool = False, verbose: bool = False):
         try:
             import llama_cpp as L
         except ImportError as e:
@@ -71,9 +69,8 @@ class LlamaCppBackend:
         self.vocab_size = dims.vocab_rows
         self.max_length = dims.context
         self.max_tokens = int(max_tokens or dims.context)
-        self.max_seqs = max_seqs
-        if not verbose:
-            _silence(L)
+        self.max_seqs = max_seqs = min(max_seqs, self.max_tokens)  # a sequence has at least one token
+        _set_verbose(verbose)
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(str(file).encode(), mp)
@@ -83,8 +80,10 @@ class LlamaCppBackend:
         if n_vocab != dims.vocab_rows:
             raise CheckpointError(f"{file}: llama.cpp sees {n_vocab} tokens, config.json implies {dims.vocab_rows}")
         cp = L.llama_context_default_params()
-        cp.n_ctx = cp.n_batch = cp.n_ubatch = self.max_tokens
+        # no KV cache exists for these archs: n_ctx only bounds one call, like n_ubatch
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = cp.n_outputs_max = self.max_tokens
         cp.n_seq_max = max_seqs
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
         self.ctx = L.llama_init_from_model(self.model, cp)

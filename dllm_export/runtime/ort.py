@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,13 @@ class OrtBackend:
         self.spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(path))
         self.vocab_size = dims.vocab_rows
         self.max_length = dims.context
+        self.config_entries = dict(self.manifest.get("session_options", {}))
+        if accuracy_level is not None:
+            self.config_entries["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
-        for key, value in self.manifest.get("session_options", {}).items():
+        for key, value in self.config_entries.items():
             opts.add_session_config_entry(key, value)
-        if accuracy_level is not None:
-            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if providers is None:
@@ -89,11 +91,9 @@ class OrtBackend:
         import onnx
         import onnxruntime as ort
 
-        import tempfile
-
         with tempfile.TemporaryDirectory() as d:
             opts = ort.SessionOptions()
-            for key, value in self.manifest.get("session_options", {}).items():
+            for key, value in self.config_entries.items():
                 opts.add_session_config_entry(key, value)
             opts.optimized_model_filepath = str(Path(d) / "optimized.onnx")
             opts.log_severity_level = 3  # the "hardware specific optimizations" warning is expected here

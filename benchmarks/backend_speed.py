@@ -1,13 +1,14 @@
-"""onnxruntime versus torch: per-step latency of the full-canvas forward, decoding tokens/s and
-artifact sizes for fp32 / W8A8 / W4A8 / W4A16 ONNX exports, measured side by side in one run.
+"""torch versus onnxruntime versus llama.cpp: per-step latency of the full-canvas forward, decoding
+tokens/s and artifact sizes, measured side by side in one run: ONNX fp32 / W8A8 / W4A8 / W4A16
+exports and GGUF F16 / Q8_0 / Q4_0 files of the same model.
 
 A diffusion step runs the whole canvas (prompt + gen_length) through the model, so the
 per-step latency at a canvas length L is the number that matters; tokens/s is gen_length
 tokens over `steps` such forwards (one token committed per step, the reference schedule).
 Weights are rounded with RTN (the graph, and so the speed, is the same for GPTQ / AWQ grids).
 
-    python benchmarks/onnx_speed.py                              # the bundled default model
-    python benchmarks/onnx_speed.py --shape 1b --canvas 256      # a ~1.3B random LLaDA shape
+    python benchmarks/backend_speed.py                              # the bundled default model
+    python benchmarks/backend_speed.py --shape 1b --canvas 256      # a ~1.3B random LLaDA shape (d 2048, 22 blocks, vocab 32000)
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from pathlib import Path
 
 import torch
 
-# name -> (scheme, export options); group 128 (32 where a width needs it) for blocked weights
+# name -> (target, scheme or GGUF type, export options); ONNX groups of 128 (64 / 32 where a width needs it)
 VARIANTS = {
-    "fp32": (None, {}),
-    "W8A8": ("W8A8", {}),  # per-channel int8 weights x per-token uint8 activations, MatMulInteger
-    "W4A8": ("W4A8", {"group_size": 128}),  # MatMulNBits accuracy level 4 (int8 activations per block)
-    "W4A16": ("W4A16", {"group_size": 128}),  # MatMulNBits accuracy level 0 (fp32 activations)
-    "W4A16-acc4": ("W4A16", {"group_size": 128, "accuracy_level": 4}),
+    "onnx-fp32": ("onnx", None, {}),
+    "onnx-W8A8": ("onnx", "W8A8", {}),  # per-channel int8 weights x per-token uint8 activations, MatMulInteger
+    "onnx-W4A8": ("onnx", "W4A8", {"group_size": 128}),  # MatMulNBits accuracy level 4 (int8 acts per block)
+    "onnx-W4A16": ("onnx", "W4A16", {"group_size": 128}),  # MatMulNBits accuracy level 0 (fp32 activations)
+    "onnx-W4A16-acc4": ("onnx", "W4A16", {"group_size": 128, "accuracy_level": 4}),
+    "gguf-F16": ("gguf", "F16", {}),
+    "gguf-Q8_0": ("gguf", "Q8_0", {}),  # RTN on the Q8_0 grid, written exactly
+    "gguf-Q4_0": ("gguf", "Q4_0", {}),
 }
 SHAPES = {  # llada_config kwargs of the random checkpoints
     "1b": dict(d_model=2048, n_layers=22, n_heads=16, n_kv_heads=16, mlp_hidden_size=5632, vocab_size=32000,
@@ -56,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--workdir", default="benchmarks/results/tmp/onnx_speed")
-    ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/onnx_speed_<model>.json)")
+    ap.add_argument("--workdir", default="benchmarks/results/tmp/backend_speed")
+    ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/backend_speed_<model>.json)")
     args = ap.parse_args(argv)
 
     from dllm_export import generate, load_model
     from dllm_export.exporter import export
     from dllm_export.models.factory import make_random_checkpoint
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
     from dllm_export.runtime.ort import OrtBackend
 
     torch.set_num_threads(args.threads)
@@ -112,25 +117,30 @@ def main(argv: list[str] | None = None) -> int:
     record("torch-fp32", TorchBackend(model), torch_size)
     del model
     for name in args.variants:
-        scheme, opts = VARIANTS[name]
+        target, scheme, opts = VARIANTS[name]
         art = work / f"{label}-{name}"
         if art.exists():
             shutil.rmtree(art)
         t0 = time.perf_counter()
-        group = opts.get("group_size")
-        if group:  # the largest of 128 / 64 / 32 that tiles every layer width (704 = 11 x 64)
-            group = next(g for g in (group, 64, 32, 16) if all(w % g == 0 for w in widths))
-        res = export(src, art, target="onnx", scheme=scheme, method="rtn", group_size=group,
-                     accuracy_level=opts.get("accuracy_level"),
-                     quantize_options={"calib": _quick_calib()} if scheme else None)
-        size = sum(f.stat().st_size for f in art.iterdir() if f.name.startswith("model.onnx"))
-        be = OrtBackend(art, threads=args.threads)
-        kernels = be.optimized_op_types()
-        record(f"onnx-{name}", be, size, {"export_s": round(time.perf_counter() - t0, 1),
-                                          "kernels": {k: v for k, v in kernels.items()
-                                                      if k in ("MatMulNBits", "MatMulInteger", "MatMul",
-                                                               "DynamicQuantizeMatMul", "MatMulIntegerToFloat")},
-                                          "activations": sorted(set(res.manifest["layers"].values()))})
+        calib = {"calib": _quick_calib()}
+        if target == "onnx":
+            group = opts.get("group_size")
+            if group:  # the largest of 128 / 64 / 32 that tiles every layer width (704 = 11 x 64)
+                group = next(g for g in (group, 64, 32, 16) if all(w % g == 0 for w in widths))
+            res = export(src, art, target="onnx", scheme=scheme, method="rtn", group_size=group,
+                         accuracy_level=opts.get("accuracy_level"), quantize_options=calib if scheme else None)
+            be = OrtBackend(art, threads=args.threads)
+            kernels = be.optimized_op_types()
+            extra = {"kernels": {k: v for k, v in kernels.items()
+                                 if k in ("MatMulNBits", "MatMulInteger", "MatMul", "DynamicQuantizeMatMul",
+                                          "MatMulIntegerToFloat")},
+                     "activations": sorted(set(res.manifest["layers"].values()))}
+        else:
+            res = export(src, art, target="gguf", quant=scheme, method="rtn", quantize_options=calib)
+            be = LlamaCppBackend(art, threads=args.threads, max_tokens=max(args.canvas, 64))
+            extra = {"tensor_types": res.manifest["tensor_types"]}
+        size = sum(f.stat().st_size for f in art.iterdir() if f.name.startswith("model."))
+        record(name, be, size, {"export_s": round(time.perf_counter() - t0, 1), **extra})
         del be
         shutil.rmtree(art)
     if not args.shape:
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     base = results["variants"]["torch-fp32"]["step_ms_median"]
     for v in results["variants"].values():
         v["speedup_vs_torch_fp32"] = round(base / v["step_ms_median"], 2)
-    out = Path(args.out or f"benchmarks/results/onnx_speed_{label}.json")
+    out = Path(args.out or f"benchmarks/results/backend_speed_{label}.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
