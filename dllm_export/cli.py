@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--alg-temp", type=float, help="Dream: sample positions by softmax(confidence / alg_temp)")
     g.add_argument("--threshold", type=float, help="Fast-dLLM parallel decoding confidence threshold")
+    g.add_argument("--factor", type=float, help="Fast-dLLM factor rule for parallel decoding (instead of --threshold)")
+    g.add_argument("--cache", default="none", help="block KV cache: none (default) | prefix | dual (Fast-dLLM)")
+    g.add_argument("--refresh", type=int, help="with a cache: also a full forward every N steps inside a block")
     g.add_argument("--seed", type=int, help="random seed (for temperature > 0 or random samplers)")
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -126,7 +129,7 @@ def cmd_generate(args) -> int:
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
                    top_p=args.top_p, alg_temp=args.alg_temp, threshold=args.threshold, seed=args.seed,
-                   callback=progress)
+                   callback=progress, cache=args.cache, refresh=args.refresh, factor=args.factor)
     if bar is not None:
         bar.close()
     texts = [tok.decode(row, skip_special_tokens=True) for row in out.generated.tolist()]

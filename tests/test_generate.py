@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import dllm_export as D
+from dllm_export import InputError, generate, load_model
 from dllm_export.runtime import TorchBackend
 from dllm_export.runtime.samplers import SAMPLERS, get_num_transfer_tokens
 
@@ -133,3 +134,86 @@ def test_stops_early_when_nothing_is_left_to_unmask(llada):
     assert out.nfe == 16
     ref = D.generate(llada, PROMPT, gen_length=16, steps=16, block_length=8)
     assert torch.equal(out.ids, ref.ids)
+
+
+# ---------------------------------------------------------------------------------- block caches
+
+@pytest.mark.parametrize("name", ["llada", "llada_gqa", "dream"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_windowed_forward_reuses_cache_exactly(name, padded, tiny_dirs):
+    """A window forward over unchanged tokens, attending to cached keys/values of the rest,
+    reproduces the full forward's rows (the cache mechanism, free of staleness)."""
+    from dllm_export.models.layers import KVCache
+
+    model = load_model(tiny_dirs[name])
+    ids = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))
+    am = None
+    if padded:
+        am = torch.ones_like(ids)
+        am[1, :5] = 0
+    kv = KVCache()
+    full = model(ids, attention_mask=am, cache=kv).float()
+    for window in [(8, 16), (8, 24), (0, 4)]:
+        kv.window = window
+        part = model(ids[:, window[0]:window[1]], attention_mask=am, cache=kv).float()
+        ref = full[:, window[0]:window[1]]
+        if padded:  # pad query rows are never read
+            assert (part[0] - ref[0]).abs().max() < 1e-5
+            real = slice(max(0, 5 - window[0]), None)
+            if part[1, real].numel():
+                assert (part[1, real] - ref[1, real]).abs().max() < 1e-5
+        else:
+            assert (part - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("dream", "entropy")])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_with_refresh_every_step_is_the_reference(name, sampler, cache, tiny_dirs):
+    model = load_model(tiny_dirs[name])
+    kw = dict(gen_length=16, steps=16, block_length=8, sampler=sampler)
+    ref = generate(model, [[5, 9, 33], [12, 40, 7]], **kw)
+    out = generate(model, [[5, 9, 33], [12, 40, 7]], cache=cache, refresh=1, **kw)
+    assert torch.equal(ref.ids, out.ids) and torch.equal(ref.commit_step, out.commit_step)
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("parallel", [{}, {"threshold": 0.5}, {"factor": 1.0}])
+def test_cached_decoding_runs_and_fills_every_position(name, cache, parallel, tiny_dirs):
+    model = load_model(tiny_dirs[name])
+    out = generate(model, [[5, 9, 33, 70]], gen_length=24, steps=24, block_length=8, cache=cache, **parallel)
+    assert (out.generated != model.spec.mask_id).all()
+    assert (out.commit_step >= 0).all() and out.nfe <= 24
+    # within each block, commits only ever go to that block's positions, in order of blocks
+    blocks = out.commit_step.view(-1, 3, 8)
+    assert (blocks[:, 1].min() >= blocks[:, 0].max()) and (blocks[:, 2].min() >= blocks[:, 1].max())
+
+
+def test_factor_rule_matches_fast_dllm():
+    from dllm_export.runtime.samplers import factor_step
+
+    # confidences (top-1 probabilities) 0.99, 0.9, 0.6, 0.5 over 4 eligible positions, factor 1:
+    # thresholds for n = 1..4 are -1, 1 - 1/3, 1 - 1/4, 1 - 1/5 -> the 3rd fails -> commit the top 2
+    probs = torch.tensor([0.99, 0.9, 0.6, 0.5], dtype=torch.float64)
+    V = 8
+    logits = torch.full((1, 4, V), -30.0, dtype=torch.float64)
+    for i, p in enumerate(probs):
+        rest = (1 - p) / (V - 1)
+        logits[0, i] = torch.log(torch.full((V,), rest))
+        logits[0, i, i + 1] = torch.log(p)
+    x = torch.zeros(1, 4, dtype=torch.long)
+    eligible = torch.ones(1, 4, dtype=torch.bool)
+    transfer = factor_step(logits, x, eligible, 1.0, 0.0, None)
+    assert transfer.tolist() == [[True, True, False, False]]
+    assert x.tolist() == [[1, 2, 0, 0]]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cache="triple"), "unknown cache"),
+    (dict(threshold=0.9, factor=1.0), "threshold or factor"),
+    (dict(factor=0.0), "factor must be > 0"),
+    (dict(cache="dual", refresh=0), "refresh must be >= 1"),
+])
+def test_bad_cache_arguments(kwargs, match, tiny_dirs):
+    with pytest.raises(InputError, match=match):
+        generate(load_model(tiny_dirs["llada"]), [[5, 9]], gen_length=8, steps=8, **kwargs)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .layers import Embedding, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
+from .layers import Embedding, KVCache, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
 from .spec import Dims, ModelSpec
 
 DREAM_CHAT_TEMPLATE = (
@@ -126,13 +126,15 @@ class DreamAttention(nn.Module):
         self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=False, **kw)
 
-    def forward(self, h, cos, sin, mask):
+    def forward(self, h, cos, sin, mask, kv=None):
         B, T, _ = h.shape
         cfg = self.cfg
         q = self.q_proj(h).view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # in the activation dtype, as Dream does
+        if kv is not None:  # a KVCache hook: store, or attend over cached keys/values too
+            k, v = kv(k, v)
         att = attention(q, k, v, mask)
         return self.o_proj(att.transpose(1, 2).reshape(B, T, -1))
 
@@ -158,8 +160,8 @@ class DreamLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = DreamMLP(cfg, **kw)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -210,11 +212,19 @@ class DreamModelLM(nn.Module):
         return cos[:, None].to(dtype), sin[:, None].to(dtype), mask  # (B or 1, 1, T, hd)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Raw (unshifted) logits. With a `cache` whose window is set, `input_ids` holds only the
+        window's tokens (`attention_mask` / `position_ids` still span the whole sequence)."""
         check_ids(input_ids, self.config.vocab_size)
         x = self.model.embed_tokens(input_ids)
-        ctx = self.block_context(input_ids.shape[1], x.dtype, input_ids.device, attention_mask, position_ids)
-        for layer in self.model.layers:
-            x = layer(x, *ctx)
+        window = None if cache is None else cache.window
+        T = input_ids.shape[1] if window is None else cache.length
+        cos, sin, mask = self.block_context(T, x.dtype, input_ids.device, attention_mask, position_ids)
+        if window is not None:  # the window's query rows, at their absolute positions
+            s, e = window
+            cos, sin = cos[:, :, s:e], sin[:, :, s:e]
+            mask = None if mask is None else mask[:, :, s:e]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i))
         x = self.model.norm(x)
         return nn.functional.linear(x, self.head_weight())

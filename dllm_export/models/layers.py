@@ -72,6 +72,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
 
 
+class KVCache:
+    """Keys/values of every layer from the last full forward, for Fast-dLLM's block caches.
+
+    A full forward (`window` None) stores each layer's post-RoPE keys and values [B, kvH, L, hd].
+    A windowed forward runs only the tokens of positions [start, end) and attends to the stored
+    keys/values of every other position plus its own fresh ones, in the original key order, so
+    key-padding masks still line up: the prefix cache recomputes [block start, L), the dual cache
+    only the block.
+    """
+
+    def __init__(self):
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.window: tuple[int, int] | None = None
+        self.length = 0
+
+    def layer(self, i: int):
+        """The hook block i calls with its fresh (k, v); returns the (k, v) to attend over."""
+        def hook(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.window is None:  # a full forward refreshes the cache
+                if i == 0:
+                    self.k, self.v, self.length = [], [], k.shape[2]
+                self.k.append(k)
+                self.v.append(v)
+                return k, v
+            s, e = self.window
+            K, V = self.k[i], self.v[i]
+            return torch.cat([K[:, :, :s], k, K[:, :, e:]], dim=2), torch.cat([V[:, :, :s], v, V[:, :, e:]], dim=2)
+        return hook
+
+
 def check_ids(input_ids: torch.Tensor, vocab_rows: int) -> None:
     """Raise a clear error for token ids outside the embedding table (instead of an IndexError deep inside)."""
     from ..errors import InputError

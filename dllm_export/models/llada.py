@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .layers import Embedding, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
+from .layers import Embedding, KVCache, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
 from .spec import Dims, ModelSpec
 
 LLADA_CHAT_TEMPLATE = (
@@ -148,7 +148,8 @@ class LLaDABlock(nn.Module):
         self.up_proj = Linear(d, cfg.mlp_hidden_size, bias=False, **kw)
         self.ff_out = Linear(cfg.mlp_hidden_size, d, bias=False, **kw)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
+                kv=None) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
         h = self.attn_norm(x)
@@ -162,6 +163,8 @@ class LLaDABlock(nn.Module):
         else:
             q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
             k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        if kv is not None:  # a KVCache hook: store, or attend over cached keys/values too
+            k, v = kv(k, v)
         att = attention(q, k, v, bias)  # (B, H, T, hd)
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, T, cfg.d_model))
         h = self.ff_norm(x)
@@ -212,12 +215,19 @@ class LLaDAModelLM(nn.Module):
         cos, sin = self.rope(T, device)
         return cos, sin, self.attention_bias(attention_mask, dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Raw logits. With a `cache` whose window is set, `input_ids` holds only the window's tokens
+        (and `attention_mask` still spans the whole sequence)."""
         check_ids(input_ids, self.config.embedding_size)
         tr = self.model.transformer
         x = tr.wte(input_ids)
-        ctx = self.block_context(input_ids.shape[1], x.dtype, input_ids.device, attention_mask)
-        for block in tr.blocks:
-            x = block(x, *ctx)
+        window = None if cache is None else cache.window
+        T = input_ids.shape[1] if window is None else cache.length
+        cos, sin, bias = self.block_context(T, x.dtype, input_ids.device, attention_mask)
+        if window is not None:  # rotate the window's queries/keys at their absolute positions
+            cos, sin = cos[window[0]:window[1]], sin[window[0]:window[1]]
+        for i, block in enumerate(tr.blocks):
+            x = block(x, cos, sin, bias, None if cache is None else cache.layer(i))
         x = tr.ln_f(x)
         return nn.functional.linear(x, self.head_weight())

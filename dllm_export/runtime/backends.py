@@ -3,7 +3,8 @@
 Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logits [B, L, V] float32`,
 raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
 `max_length` (context) describe the model. Other runtimes (onnxruntime, llama.cpp) implement the
-same three attributes and one method.
+same three attributes and one method. A backend with `supports_cache = True` also accepts
+`forward(..., cache=KVCache)` for the block caches of the loop.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class TorchBackend:
     """Runs a loaded `nn.Module` (from `load_model`) under inference mode; logits come back as float32."""
 
     name = "torch"
+    supports_cache = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -37,11 +39,14 @@ class TorchBackend:
         self.vocab_size = int(getattr(cfg, "embedding_size", None) or cfg.vocab_size)
         self.max_length = int(getattr(cfg, model.spec.context_key))
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Raw logits; with a `KVCache` (see `models.layers`), a full forward fills it and a windowed
+        one (ids = the window's tokens) reuses it."""
         with torch.inference_mode():
             dev = self.model.head_weight().device
             am = None if attention_mask is None else attention_mask.to(dev)
-            return self.model(ids.to(dev), attention_mask=am).float().cpu()
+            kw = {} if cache is None else {"cache": cache}
+            return self.model(ids.to(dev), attention_mask=am, **kw).float().cpu()
 
 
 def as_backend(model_or_backend) -> Backend:

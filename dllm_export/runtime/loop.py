@@ -16,8 +16,11 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import InputError
+from ..models.layers import KVCache
 from . import samplers as S
 from .backends import Backend, as_backend
+
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclass
@@ -78,7 +81,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
              cfg_scale: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              alg_temp: float | None = None, eps: float = 1e-3, threshold: float | None = None,
              attention_mask=None, seed: int | None = None, generator: torch.Generator | None = None,
-             callback: Callable[[int, int], None] | None = None) -> GenerateOutput:
+             callback: Callable[[int, int], None] | None = None, cache: str = "none", refresh: int | None = None,
+             factor: float | None = None) -> GenerateOutput:
     """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
 
     Args:
@@ -97,6 +101,14 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         eps: Dream's final timestep (timesteps = linspace(1, eps, steps_per_block + 1)).
         threshold: Fast-dLLM parallel decoding: per step commit every position of the block whose
             top-1 probability is >= threshold, at least one; a block runs until it is decoded.
+        factor: Fast-dLLM's factor rule instead: commit the n most confident positions while the
+            n-th confidence is >= 1 - factor / (n + 1) (at least one).
+        cache: Fast-dLLM block caches. "prefix": each block starts with a full forward that caches
+            every layer's keys/values; later steps recompute only the block and what follows it,
+            attending to the cached prefix. "dual": later steps recompute only the block, with
+            cached prefix and suffix keys/values. "none": a full forward every step (the reference).
+            For Dream (shifted logits) the block's first position keeps the block-start prediction.
+        refresh: with a cache, also run the full forward every `refresh` steps inside a block.
         attention_mask: [B, P] 0/1 for a pre-padded prompt tensor.
         seed / generator: randomness (None = torch's global generator, like the references).
         callback: called as callback(step_done, steps_total_estimate) after each step.
@@ -110,7 +122,21 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     sampler = sampler or spec.default_sampler
     steps = gen_length if steps is None else steps
     block_length = gen_length if block_length is None else block_length
-    _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold)
+    _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold, factor is not None)
+    if factor is not None:
+        if threshold is not None:
+            raise InputError("pass threshold or factor, not both")
+        if factor <= 0:
+            raise InputError(f"factor must be > 0, got {factor}")
+        if sampler in ("random", "origin"):
+            raise InputError(f"factor decoding ranks by confidence; sampler {sampler!r} has none")
+    if cache not in CACHES:
+        raise InputError(f"unknown cache {cache!r} (choose from {', '.join(CACHES)})")
+    if cache != "none" and not getattr(backend, "supports_cache", False):
+        raise InputError(f"the {getattr(backend, 'name', type(backend).__name__)} backend has no KV cache; "
+                         f"use cache='none'")
+    if refresh is not None and refresh < 1:
+        raise InputError(f"refresh must be >= 1, got {refresh}")
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
 
@@ -132,21 +158,34 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     commit = torch.full((B, gen_length), -1, dtype=torch.long)
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
-    max_block_steps = steps_per_block if threshold is None else 2 * block_length
-    total_estimate = steps if threshold is None else gen_length
+    parallel = threshold is not None or factor is not None
+    max_block_steps = steps_per_block if not parallel else 2 * block_length
+    total_estimate = steps if not parallel else gen_length
     nfe = 0
     t0 = time.perf_counter()
+    kv = KVCache() if cache != "none" else None
+    shift = 1 if spec.shift_logits else 0
+    L = x.shape[1]
 
-    def logits_of(x: torch.Tensor) -> torch.Tensor:
+    def raw_logits(x: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+        ids = x if window is None else x[:, window[0]:window[1]]
+        am_ = fwd_mask
         if cfg_scale > 0:
             un_x = x.clone()
             un_x[prompt_index] = mask_id
-            both = backend.forward(torch.cat([x, un_x]), None if fwd_mask is None else torch.cat([fwd_mask, fwd_mask]))
-            cond, un = both.chunk(2, dim=0)
-            logits = un + (cfg_scale + 1) * (cond - un)
+            ids = torch.cat([ids, un_x if window is None else un_x[:, window[0]:window[1]]])
+            am_ = None if fwd_mask is None else torch.cat([fwd_mask, fwd_mask])
+        if kv is not None:
+            kv.window = window
+            out = backend.forward(ids, am_, cache=kv)
         else:
-            logits = backend.forward(x, fwd_mask)
-        return spec.align_logits(logits)
+            out = backend.forward(ids, am_)
+        if cfg_scale > 0:
+            cond, un = out.chunk(2, dim=0)
+            out = un + (cfg_scale + 1) * (cond - un)
+        return out
+
+    logits = None
 
     for b in range(num_blocks):
         hi = P + (b + 1) * block_length
@@ -161,11 +200,22 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             eligible = (x == mask_id) & upto_block
             if not bool(eligible.any()):
                 break  # nothing left to unmask in this block
-            logits = logits_of(x)
+            if kv is None or i == 0 or (refresh is not None and i % refresh == 0):
+                logits = spec.align_logits(raw_logits(x, None))
+                if kv is not None:
+                    logits = logits.clone()  # windows write into it (backends may return inference tensors)
+            else:  # recompute the window only; its raw rows j feed aligned rows j + shift
+                lo_blk = P + b * block_length
+                window = (lo_blk, L) if cache == "prefix" else (lo_blk, hi)
+                part = raw_logits(x, window)
+                lo, up = window[0] + shift, min(window[1] + shift, L)
+                logits[:, lo:up] = part[:, :up - lo]
             nfe += 1
             before = x == mask_id
             if threshold is not None:
                 S.threshold_step(logits, x, eligible, threshold, temperature, generator)
+            elif factor is not None:
+                S.factor_step(logits, x, eligible, factor, temperature, generator)
             elif sampler in S.LLADA_SAMPLERS:
                 S.llada_step(logits, x, eligible, quota[:, i], sampler, temperature, generator)
             else:
@@ -178,12 +228,13 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
 
     settings = dict(gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
                     temperature=temperature, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                    alg_temp=alg_temp, eps=eps, threshold=threshold, seed=seed)
+                    alg_temp=alg_temp, eps=eps, threshold=threshold, factor=factor, cache=cache, refresh=refresh,
+                    seed=seed)
     return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=nfe,
                           seconds=time.perf_counter() - t0, settings=settings)
 
 
-def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold) -> None:
+def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold, by_factor) -> None:
     if sampler not in S.SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r} (choose from {', '.join(S.SAMPLERS)})")
     if gen_length < 1 or steps < 1 or block_length < 1:
@@ -191,7 +242,7 @@ def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_
     if gen_length % block_length:
         raise InputError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
-    if threshold is None and steps % num_blocks:
+    if threshold is None and not by_factor and steps % num_blocks:
         raise InputError(f"steps {steps} must be a multiple of the number of blocks {num_blocks} "
                          f"(gen_length {gen_length} / block_length {block_length})")
     if temperature < 0:

@@ -148,6 +148,34 @@ def threshold_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor
     return transfer
 
 
+def factor_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, factor: float,
+                temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Fast-dLLM's factor rule: with eligible confidences sorted c_1 >= c_2 >= ..., commit the
+    first n up to the first c_n < 1 - factor / (n + 1) (the top one always; Fast-dLLM also takes
+    the failing position when the failure is at the last candidate, kept here)."""
+    x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+    confidence = torch.where(eligible, x0_p, -torch.inf)
+    transfer = torch.zeros_like(eligible)
+    counts = eligible.sum(dim=1)
+    for j in range(x.shape[0]):
+        n = int(counts[j])
+        if n == 0:
+            continue
+        vals, idx = torch.topk(confidence[j], k=n)
+        thresh = 1 - factor / (torch.arange(1, n + 1, dtype=torch.float64) + 1)
+        thresh[0] = -1.0
+        fail = (vals < thresh).nonzero()
+        k = int(fail[0, 0]) if len(fail) else n - 1
+        if k == 0 or k == n - 1:
+            k += 1
+        transfer[j, idx[:k]] = True
+    transfer &= eligible
+    x[transfer] = x0[transfer]
+    return transfer
+
+
 def dream_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, sampler: str, i: int, steps: int,
                timesteps: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None,
                alg_temp: float | None, mask_id: int, generator: torch.Generator | None) -> torch.Tensor:
