@@ -234,3 +234,44 @@ def test_export_refuses_non_empty_folder(small_ckpts, tmp_path):
     with pytest.raises(InputError, match="not empty"):
         export_onnx(small_ckpts["llada"], tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+@pytest.mark.parametrize("name", ["llada", "llada_gqa", "dream"])
+def test_block_step_graph_matches_torch_cache(name, tiny_dirs, float_exports):
+    """The block-step inputs: a full pass fills the cache from `present.*`, windowed passes
+    (dual: the block; prefix: block to the end) feed it back as `past.*`."""
+    from dllm_export.models.layers import KVCache
+
+    model, be = load_model(tiny_dirs[name]), OrtBackend(float_exports[name])
+    assert be.supports_cache
+    ids = _ids()
+    am = torch.ones_like(ids)
+    am[1, :5] = 0
+    ref = model(ids, attention_mask=am).float()
+    kv = KVCache()
+    full = be.forward(ids, am, cache=kv)
+    assert len(kv.k) == model.config.dims.n_layers and kv.length == ids.shape[1]
+    assert (full[0] - ref[0]).abs().max() < 1e-4
+    for window in [(8, 16), (8, 24)]:
+        kv.window = window
+        part = be.forward(ids[:, window[0]:window[1]], am, cache=kv)
+        assert (part - ref[:, window[0]:window[1]]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("dream", "entropy")])
+@pytest.mark.parametrize("cache,parallel", [("prefix", {}), ("dual", {}), ("dual", {"threshold": 0.5})])
+def test_cached_traces_equal_torch(name, sampler, cache, parallel, tiny_dirs, float_exports):
+    prompts = [[5, 9, 33, 70], [12, 40]]
+    kw = dict(gen_length=16, steps=16, block_length=8, temperature=0.0, sampler=sampler, cache=cache, **parallel)
+    a = generate(load_model(tiny_dirs[name]), prompts, **kw)
+    b = generate(OrtBackend(float_exports[name]), prompts, **kw)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+
+
+def test_graph_without_cache_inputs_refuses_caches(tiny_dirs, tmp_path):
+    out = export_onnx(tiny_dirs["llada"], tmp_path / "plain", OnnxExportConfig(kv_cache=False))
+    be = OrtBackend(out)
+    assert not be.supports_cache
+    with pytest.raises(InputError, match="no KV cache"):
+        generate(be, [[5, 9]], gen_length=8, steps=8, cache="dual")
+    assert torch.isfinite(be.forward(_ids())).all()

@@ -66,12 +66,18 @@ class OnnxExportConfig:
             power-of-two group), "simulate" (fake-quant ops + float GEMM), or "auto" (integer when
             the weights are per channel, else nbits when the group allows, else simulate).
         logit_positions: add the `logit_positions` input, so the LM head runs only on those rows.
+        kv_cache: the block-step form of Fast-dLLM's caches: inputs `window_start` [1] and
+            `past.{i}.key/value` [B, kv_heads, T, head_dim], outputs `present.{i}.key/value`. The
+            ids are the tokens of positions [window_start, window_start + W) of a length-T sequence
+            (T = attention_mask's length) and attend to the past keys/values of every other
+            position; an empty past (T rows 0) with window_start 0 is the plain full forward.
     """
 
     weight_format: str = "qdq"
     accuracy_level: int | None = None
     act_kernel: str = "auto"
     logit_positions: bool = True
+    kv_cache: bool = True
 
     def __post_init__(self):
         if self.weight_format not in WEIGHT_FORMATS:
@@ -474,32 +480,51 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
             b = _Builder(g, cfg)
             d, H, kvH, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
             inputs = [onnx.helper.make_tensor_value_info("input_ids", TP.INT64, ["batch", "length"]),
-                      onnx.helper.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "length"])]
+                      onnx.helper.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "total_length"])]
             if cfg.logit_positions:
                 inputs.append(onnx.helper.make_tensor_value_info("logit_positions", TP.INT64, ["batch", "positions"]))
-            # key-padding bias [B, 1, L, L] (onnxruntime's Attention wants the query axis spelled out);
+            present = []
+            if cfg.kv_cache:
+                inputs.append(onnx.helper.make_tensor_value_info("window_start", TP.INT64, [1]))
+                for i in range(dims.n_layers):
+                    for kind in ("key", "value"):
+                        inputs.append(onnx.helper.make_tensor_value_info(
+                            f"past.{i}.{kind}", TP.FLOAT, ["batch", kvH, "past_length", hd]))
+            # key-padding bias [B, 1, W, T] (onnxruntime's Attention wants the query axis spelled out);
             # pad query rows stay finite, real rows give pad keys exactly zero weight
             maskf = g.op("Cast", ["attention_mask"], "mask_f", to=TP.FLOAT)
             kbias = g.op("Mul", [g.op("Sub", [g.const(1.0), maskf]), g.const(_F32_MIN)])
             kbias = g.op("Unsqueeze", [kbias, g.const([1, 2], np.int64)])
-            shape_l = g.op("Shape", ["input_ids"], start=1, end=2)
-            bshape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64), shape_l, shape_l],
+            W_len = g.op("Shape", ["input_ids"], start=1, end=2)
+            T_len = g.op("Shape", ["attention_mask"], start=1, end=2)
+            bshape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64), W_len, T_len],
                           axis=0)
             attn_bias = g.op("Expand", [kbias, bshape], "attn_bias")
-            # RoPE positions: 0..L-1, or (Dream, padded) the count of real tokens before each one
+            start = "window_start" if cfg.kv_cache else g.const([0], np.int64)
+            end = g.op("Add", [start, W_len], "window_end")
+            # RoPE positions: absolute, or (Dream, padded) the count of real tokens before each one
             cos_t, sin_t = rope_cos_sin(torch.arange(dims.context), hd, dims.rope_theta)
             if spec.positions_skip_padding:
                 csum = g.op("CumSum", ["attention_mask", g.const(1, np.int64)])
                 pos = g.op("Where", [g.op("Cast", ["attention_mask"], to=TP.BOOL),
-                                     g.op("Sub", [csum, g.const(1, np.int64)]), g.const(1, np.int64)], "positions")
+                                     g.op("Sub", [csum, g.const(1, np.int64)]), g.const(1, np.int64)])
+                pos = g.op("Slice", [pos, start, end, g.const([1], np.int64)], "positions")
             else:
-                L = g.op("Squeeze", [shape_l])
-                pos = g.op("Unsqueeze", [g.op("Range", [g.const(0, np.int64), L, g.const(1, np.int64)]),
-                                         g.const([0], np.int64)], "positions")
+                pos = g.op("Unsqueeze", [g.op("Range", [g.op("Squeeze", [start]), g.op("Squeeze", [end]),
+                                                        g.const(1, np.int64)]), g.const([0], np.int64)], "positions")
             cos = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.cos", cos_t.numpy(), list(cos_t.shape), 1), pos]),
                                      g.const([2], np.int64)], "rope_cos")
             sin = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.sin", sin_t.numpy(), list(sin_t.shape), 1), pos]),
                                      g.const([2], np.int64)], "rope_sin")
+
+            def heads_first(t: str, n: int, name: str) -> str:  # [B, W, n*hd] -> [B, n, W, hd]
+                return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, hd], np.int64)])], name,
+                            perm=[0, 2, 1, 3])
+
+            def with_past(t: str, past: str, name: str) -> str:  # keys of [0, start) + window + [end, T)
+                before = g.op("Slice", [past, g.const([0], np.int64), start, g.const([2], np.int64)])
+                after = g.op("Slice", [past, end, g.const([2**62], np.int64), g.const([2], np.int64)])
+                return g.op("Concat", [before, t, after], name, axis=2)
 
             W_emb = tensor(f"{spec.embedding}.weight")
             x = g.op("Gather", [g.weight(f"{spec.embedding}.weight", _f32(W_emb), list(W_emb.shape), 1), "input_ids"],
@@ -512,8 +537,17 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
                 q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, hd, cos, sin, f"{p}q_rot")
                 k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, hd, cos, sin, f"{p}k_rot")
                 v = b.linear(h, stored(ln["v"]), ln["v"])
-                att = g.op("Attention", [q, k, v, attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
-                           kv_num_heads=kvH)
+                if cfg.kv_cache:  # 4-D attention over cached + fresh keys/values
+                    k4, v4 = heads_first(k, kvH, f"present.{i}.key"), heads_first(v, kvH, f"present.{i}.value")
+                    present += [k4, v4]
+                    att4 = g.op("Attention", [heads_first(q, H, f"{p}q4"), with_past(k4, f"past.{i}.key", f"{p}k_all"),
+                                              with_past(v4, f"past.{i}.value", f"{p}v_all"), attn_bias],
+                                f"{p}attention4", is_causal=0)
+                    att = g.op("Reshape", [g.op("Transpose", [att4], perm=[0, 2, 1, 3]), g.const([0, 0, H * hd], np.int64)],
+                               f"{p}attention")
+                else:
+                    att = g.op("Attention", [q, k, v, attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
+                               kv_num_heads=kvH)
                 x = g.op("Add", [x, b.linear(att, stored(ln["o"]), ln["o"])], f"{p}attn_residual")
                 h = _rms_norm(g, x, tensor(p + spec.norms["ffn"] + ".weight"), dims.norm_eps, p + spec.norms["ffn"])
                 gate = b.linear(h, stored(ln["gate"]), ln["gate"])
@@ -534,6 +568,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
             g.close()
         outputs = [onnx.helper.make_tensor_value_info(
             "logits", TP.FLOAT, ["batch", "positions" if cfg.logit_positions else "length", dims.vocab_rows])]
+        outputs += [onnx.helper.make_tensor_value_info(name, TP.FLOAT, ["batch", kvH, "length", hd]) for name in present]
         graph = onnx.helper.make_graph(g.nodes, f"{spec.family}_forward", inputs, outputs, initializer=g.initializers)
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET),
                                                              onnx.helper.make_opsetid("com.microsoft", 1)],
@@ -543,7 +578,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
             "format": FORMAT, "version": VERSION, "family": spec.family,
             "source": qmanifest["source"] if qmanifest else str(src),
             "export": dataclasses.asdict(cfg), "accuracy_level": b.acc, "opset": OPSET,
-            "inputs": [i.name for i in inputs], "output": "logits", "logits_shifted": False,
+            "inputs": [i.name for i in inputs], "outputs": [o.name for o in outputs], "logits_shifted": False,
             "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,
             "quantize_settings": qmanifest["settings"] if qmanifest else None,
             "simulated": b.simulated,

@@ -69,22 +69,47 @@ class OrtBackend:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
-        self.has_positions = "logit_positions" in {i.name for i in self.session.get_inputs()}
+        names = {i.name for i in self.session.get_inputs()}
+        self.has_positions = "logit_positions" in names
+        self.supports_cache = "window_start" in names  # the block-step graph (exporter.onnx kv_cache)
+        self.n_layers = dims.n_layers
+        self.kv_shape = (dims.n_kv_heads, dims.head_dim)
         self.path = path
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw logits [B, L, V] (or [B, P, V] for `positions` [B, P]) as a float32 tensor."""
+                positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Raw logits [B, L, V] (or [B, P, V] for `positions` [B, P]) as a float32 tensor.
+
+        With a `KVCache` (models.layers): a full forward (window None) stores every layer's
+        present keys/values; a windowed one (ids = the window's tokens) feeds them as the past.
+        """
         ids_np = ids.to(torch.int64).cpu().numpy()
-        mask = np.ones_like(ids_np) if attention_mask is None else attention_mask.to(torch.int64).cpu().numpy()
+        B, W = ids_np.shape
+        window = None if cache is None else cache.window
+        T = W if window is None else cache.length
+        mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask.to(torch.int64).cpu().numpy()
         feed = {"input_ids": ids_np, "attention_mask": mask}
         if self.has_positions:
             if positions is None:
-                positions = torch.arange(ids_np.shape[1]).expand(ids_np.shape[0], -1)
+                positions = torch.arange(W).expand(B, -1)
             feed["logit_positions"] = positions.to(torch.int64).cpu().numpy()
         elif positions is not None:
             raise CheckpointError(f"{self.path}: exported without the logit_positions input")
-        return torch.from_numpy(self.session.run(["logits"], feed)[0])
+        outputs = ["logits"]
+        if self.supports_cache:
+            feed["window_start"] = np.array([0 if window is None else window[0]], np.int64)
+            empty = np.zeros((B, *self.kv_shape[:1], 0, self.kv_shape[1]), np.float32)
+            for i in range(self.n_layers):
+                feed[f"past.{i}.key"] = empty if window is None else cache.k[i]
+                feed[f"past.{i}.value"] = empty if window is None else cache.v[i]
+            if cache is not None and window is None:
+                outputs += [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
+        elif cache is not None:
+            raise CheckpointError(f"{self.path}: exported without the kv_cache inputs (re-export to use caches)")
+        out = self.session.run(outputs, feed)
+        if len(out) > 1:  # a full forward refreshes the cache
+            cache.k, cache.v, cache.length = out[1::2], out[2::2], W
+        return torch.from_numpy(out[0])
 
     def optimized_op_types(self) -> dict[str, int]:
         """Op histogram of the graph onnxruntime actually runs (after its fusions), for checks."""

@@ -1,0 +1,127 @@
+"""Fast decoding: end-to-end tokens/s and task accuracy of the reference loop (a full forward per
+step, LLaDA's semantics) against Fast-dLLM's prefix / dual caches, threshold and factor parallel
+decoding, and their combinations, side by side in one run, with ratios and a time split
+(model forward versus the loop's own work: sampling, softmax, bookkeeping).
+
+    python benchmarks/decode_speed.py                        # bundled default model, gen 256, block 32
+    python benchmarks/decode_speed.py --shape 1b --gen-length 64 --problems 0   # ~1.3B random LLaDA shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# name -> generate() options (on top of gen_length / block_length; steps = gen_length)
+VARIANTS = {
+    "reference": {},
+    "prefix": {"cache": "prefix"},
+    "dual": {"cache": "dual"},
+    "threshold0.9": {"threshold": 0.9},
+    "factor1": {"factor": 1.0},
+    "prefix+threshold0.9": {"cache": "prefix", "threshold": 0.9},
+    "dual+threshold0.9": {"cache": "dual", "threshold": 0.9},
+    "dual+factor1": {"cache": "dual", "factor": 1.0},
+}
+
+
+class TimedBackend:
+    """Wraps a backend and accumulates the seconds spent in forward()."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.spec, self.vocab_size, self.max_length = inner.spec, inner.vocab_size, inner.max_length
+        self.name = inner.name
+        self.supports_cache = getattr(inner, "supports_cache", False)
+        self.forward_s = 0.0
+        self.forward_tokens = 0
+
+    def forward(self, ids, attention_mask=None, **kw):
+        t0 = time.perf_counter()
+        out = self.inner.forward(ids, attention_mask, **kw)
+        self.forward_s += time.perf_counter() - t0
+        self.forward_tokens += ids.numel()
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--shape", help="a random checkpoint shape from benchmarks/backend_speed.py (e.g. 1b)")
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--problems", type=int, default=16, help="held-out arithmetic problems for accuracy (0 = none)")
+    ap.add_argument("--code-prompts", type=int, default=1, help="also decode the code prompt (speed on text)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--out", help="JSON (default: benchmarks/results/decode_speed_<model>.json)")
+    args = ap.parse_args(argv)
+
+    from dllm_export import generate, load_model, load_tokenizer
+    from dllm_export.corpus import arithmetic_test_problems, format_problem
+    from dllm_export.runtime.backends import TorchBackend
+
+    torch.set_num_threads(args.threads)
+    if args.shape:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from backend_speed import SHAPES
+
+        from dllm_export.models.factory import make_random_checkpoint
+
+        src = Path("benchmarks/results/tmp/backend_speed") / f"ckpt-{args.shape}"
+        if not (src / "config.json").is_file():
+            make_random_checkpoint(src, family="llada", dtype=torch.bfloat16, std=0.02, tokenizer=True,
+                                   max_shard_bytes=1 << 30, **SHAPES[args.shape])
+        label = args.shape
+    else:
+        src, label = args.model, Path(str(args.model)).name
+    model = load_model(src)
+    tok = load_tokenizer(src)
+    prompts, answers = [], []
+    if args.problems:
+        for a, op, b in arithmetic_test_problems()[:: max(1, 1000 // args.problems)][: args.problems]:
+            prompts.append(tok(f"{a}{op}{b}=", add_special_tokens=False)["input_ids"])
+            answers.append(format_problem(a, op, b).split("=")[1])
+    code = [tok("def fibonacci(n):", add_special_tokens=False)["input_ids"]] * args.code_prompts
+    results = {"model": label, "gen_length": args.gen_length, "block_length": args.block_length,
+               "threads": args.threads, "problems": len(prompts), "variants": {}}
+    for name in args.variants:
+        opts = VARIANTS[name]
+        be = TimedBackend(TorchBackend(model))
+        t0 = time.perf_counter()
+        n_tok, nfe, correct = 0, 0, 0
+        for p, want in list(zip(prompts, answers)) + [(c, None) for c in code]:  # one at a time: the edge case
+            out = generate(be, [p], gen_length=args.gen_length, steps=args.gen_length,
+                           block_length=args.block_length, **opts)
+            n_tok += out.generated.numel()
+            nfe += out.nfe
+            if want is not None:
+                text = tok.decode(out.generated[0].tolist())
+                correct += text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))] == want
+        total = time.perf_counter() - t0
+        res = {"options": opts, "seconds": round(total, 3), "tokens_per_s": round(n_tok / total, 2),
+               "nfe": nfe, "tokens_per_step": round(n_tok / nfe, 2),
+               "forward_share": round(be.forward_s / total, 3),
+               "forward_tokens_per_step": round(be.forward_tokens / nfe, 1),
+               "arith_em": None if not prompts else round(correct / len(prompts), 4)}
+        results["variants"][name] = res
+        print(f"{name:22s} {res['tokens_per_s']:9.2f} tok/s  {res['tokens_per_step']:5.2f} tok/step  "
+              f"forward {100 * res['forward_share']:4.1f}% of time, {res['forward_tokens_per_step']:7.1f} "
+              f"tokens/forward  EM {res['arith_em']}", flush=True)
+    base = results["variants"].get("reference", {}).get("tokens_per_s")
+    if base:
+        for v in results["variants"].values():
+            v["speedup"] = round(v["tokens_per_s"] / base, 2)
+    out = Path(args.out or f"benchmarks/results/decode_speed_{label}.json")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
