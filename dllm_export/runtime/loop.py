@@ -212,15 +212,24 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
                 logits[:, lo:up] = part[:, :up - lo]
             nfe += 1
             before = x == mask_id
+            # greedy samplers only read eligible positions: run them on those columns (a softmax
+            # over the whole canvas cost as much as a cached forward); random draws keep the full
+            # shape so seeded traces stay those of the references
+            cols = None
+            if temperature == 0 and sampler not in ("random", "origin") and not alg_temp:
+                cols = eligible.any(0).nonzero().squeeze(1)
+            lg, xs, el = (logits, x, eligible) if cols is None else (logits[:, cols], x[:, cols], eligible[:, cols])
             if threshold is not None:
-                S.threshold_step(logits, x, eligible, threshold, temperature, generator)
+                S.threshold_step(lg, xs, el, threshold, temperature, generator)
             elif factor is not None:
-                S.factor_step(logits, x, eligible, factor, temperature, generator)
+                S.factor_step(lg, xs, el, factor, temperature, generator)
             elif sampler in S.LLADA_SAMPLERS:
-                S.llada_step(logits, x, eligible, quota[:, i], sampler, temperature, generator)
+                S.llada_step(lg, xs, el, quota[:, i], sampler, temperature, generator)
             else:
-                S.dream_step(logits, x, eligible, sampler, i, steps_per_block, timesteps, temperature,
+                S.dream_step(lg, xs, el, sampler, i, steps_per_block, timesteps, temperature,
                              top_p, top_k, alg_temp, mask_id, generator)
+            if cols is not None:
+                x[:, cols] = xs
             newly = (before & (x != mask_id))[:, P:]
             commit[newly & (commit < 0)] = nfe - 1
             if callback is not None:
