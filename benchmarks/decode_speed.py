@@ -49,6 +49,41 @@ class TimedBackend:
         return out
 
 
+def profile_step(model, gen_length: int, block_length: int, reps: int = 5) -> dict:
+    """Where one step's time goes (torch.profiler, self CPU time): attention, the block linears, the
+    LM head, everything else in the forward, for a full forward and for a dual-cache block forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dllm_export.models.layers import KVCache
+
+    V = model.config.dims.vocab_rows
+    ids = torch.randint(0, min(V, 256), (1, 16 + gen_length), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name in ("full", "dual_block"):
+        kv = KVCache()
+        with torch.inference_mode():
+            model(ids, cache=kv)
+            run = (lambda: model(ids)) if name == "full" else (lambda: model(ids[:, 16:16 + block_length], cache=kv))
+            if name != "full":
+                kv.window = (16, 16 + block_length)
+            run()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(reps):
+                    run()
+        groups = {"attention": 0.0, "linears": 0.0, "head": 0.0, "other": 0.0}
+        for ev in prof.key_averages(group_by_input_shape=True):
+            us = ev.self_cpu_time_total / reps
+            if "scaled_dot_product" in ev.key or "_flash_attention" in ev.key or "bmm" in ev.key:
+                groups["attention"] += us
+            elif ev.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul"):
+                shapes = str(ev.input_shapes)
+                groups["head" if str(V) in shapes else "linears"] += us
+            else:
+                groups["other"] += us
+        out[name] = {k: round(v / 1000, 3) for k, v in groups.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -113,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22s} {res['tokens_per_s']:9.2f} tok/s  {res['tokens_per_step']:5.2f} tok/step  "
               f"forward {100 * res['forward_share']:4.1f}% of time, {res['forward_tokens_per_step']:7.1f} "
               f"tokens/forward  EM {res['arith_em']}", flush=True)
+    results["profile"] = profile_step(model, args.gen_length, args.block_length)
+    print(f"per-step profile (ms): {results['profile']}", flush=True)
     base = results["variants"].get("reference", {}).get("tokens_per_s")
     if base:
         for v in results["variants"].values():

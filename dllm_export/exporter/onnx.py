@@ -191,35 +191,45 @@ class _Builder:
     # -- transforms and activation quantization (x [..., K] -> same shape)
 
     def transform(self, x: str, t, name: str) -> str:
-        g, kind = self.g, t.kind
-        if kind == "matrix":
-            return g.op("MatMul", [x, g.weight(f"{name}.T", _f32(t.M), list(t.M.shape), 1)], f"{name}.rot")
-        if kind == "chain":
-            for i, part in enumerate(t.parts):
-                x = self.transform(x, part, f"{name}.{i}")
-            return x
-        if kind == "block_diagonal":
-            if t.perm is not None:
-                x = g.op("Gather", [x, g.const(t.perm.numpy(), np.int64, f"{name}.perm")], f"{name}.permuted", axis=-1)
-            k, b, _ = t.blocks.shape
-            xb = g.op("Reshape", [x, g.const([0, 0, k, b], np.int64)], f"{name}.blocks_in")
-            yb = g.op("Einsum", [xb, g.weight(f"{name}.R", _f32(t.blocks), [k, b, b], 1)], f"{name}.blocks_out",
-                      equation="xykb,kbc->xykc")
-            return g.op("Reshape", [yb, g.const([0, 0, k * b], np.int64)], f"{name}.rot")
-        if kind == "hadamard":
-            # x @ (H_m (x) H_p1 (x) ... (x) I_inner) / sqrt(n): one small contraction per Kronecker factor
-            factors = [f.numpy().astype(np.float32) for f in t.factors()]
-            sizes = [f.shape[0] for f in factors]
-            y = g.op("Reshape", [x, g.const([0, 0, *sizes, t.inner], np.int64)], f"{name}.kron_in")
-            letters = "abcdefgh"[:len(sizes)]
-            for i, f in enumerate(factors):
-                src = f"xy{letters}i"
-                dst = src.replace(letters[i], "z")
-                y = g.op("Einsum", [y, g.const(f, np.float32, f"{name}.H{i}")], f"{name}.kron{i}",
-                         equation=f"{src},{letters[i]}z->{dst}")
-            y = g.op("Reshape", [y, g.const([0, 0, t.size], np.int64)], f"{name}.kron_out")
-            return g.op("Mul", [y, g.const(1.0 / math.sqrt(t.n), np.float32)], f"{name}.rot")
-        raise InputError(f"layer {name}: online transform {kind!r} has no ONNX form")
+        """x @ T for an online input transform (quant.transforms), by its kind."""
+        emit = {"matrix": self._matrix, "chain": self._chain, "block_diagonal": self._block_diagonal,
+                "hadamard": self._hadamard}.get(t.kind)
+        if emit is None:
+            raise InputError(f"layer {name}: online transform {t.kind!r} has no ONNX form")
+        return emit(x, t, name)
+
+    def _matrix(self, x: str, t, name: str) -> str:
+        return self.g.op("MatMul", [x, self.g.weight(f"{name}.T", _f32(t.M), list(t.M.shape), 1)], f"{name}.rot")
+
+    def _chain(self, x: str, t, name: str) -> str:
+        for i, part in enumerate(t.parts):
+            x = self.transform(x, part, f"{name}.{i}")
+        return x
+
+    def _block_diagonal(self, x: str, t, name: str) -> str:
+        g = self.g
+        if t.perm is not None:
+            x = g.op("Gather", [x, g.const(t.perm.numpy(), np.int64, f"{name}.perm")], f"{name}.permuted", axis=-1)
+        k, b, _ = t.blocks.shape
+        xb = g.op("Reshape", [x, g.const([0, 0, k, b], np.int64)], f"{name}.blocks_in")
+        yb = g.op("Einsum", [xb, g.weight(f"{name}.R", _f32(t.blocks), [k, b, b], 1)], f"{name}.blocks_out",
+                  equation="xykb,kbc->xykc")
+        return g.op("Reshape", [yb, g.const([0, 0, k * b], np.int64)], f"{name}.rot")
+
+    def _hadamard(self, x: str, t, name: str) -> str:
+        # x @ (H_m (x) H_p1 (x) ... (x) I_inner) / sqrt(n): one small contraction per Kronecker factor
+        g = self.g
+        factors = [f.numpy().astype(np.float32) for f in t.factors()]
+        sizes = [f.shape[0] for f in factors]
+        y = g.op("Reshape", [x, g.const([0, 0, *sizes, t.inner], np.int64)], f"{name}.kron_in")
+        letters = "abcdefgh"[:len(sizes)]
+        for i, f in enumerate(factors):
+            src = f"xy{letters}i"
+            dst = src.replace(letters[i], "z")
+            y = g.op("Einsum", [y, g.const(f, np.float32, f"{name}.H{i}")], f"{name}.kron{i}",
+                     equation=f"{src},{letters[i]}z->{dst}")
+        y = g.op("Reshape", [y, g.const([0, 0, t.size], np.int64)], f"{name}.kron_out")
+        return g.op("Mul", [y, g.const(1.0 / math.sqrt(t.n), np.float32)], f"{name}.rot")
 
     def fake_quant_act(self, x: str, a: ActQuantConfig, name: str, static=None) -> str:
         """The exact fake-quant of `quant.primitives.fake_quantize_act` as float ops."""
