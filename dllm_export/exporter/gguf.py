@@ -31,14 +31,12 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
-from ..models import family_for
-from ..models.loader import open_shards, read_config, resolve_model_path, resolve_spec, tokenizer_special_ids
 from ..quant.primitives import QuantizedWeight
+from .source import open_source, write_sidecars
 
 FORMAT = "dllm-export/gguf"
 VERSION = 1
 MODEL_FILE = "model.gguf"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # K-quants and friends: llama.cpp's quantizer (llama_model_quantize) on an F16 file; name -> llama_ftype
@@ -134,7 +132,7 @@ def _permute_rope_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def _vocab(src: Path, n_rows: int, spec) -> dict:
+def _vocab(src: Path, n_rows: int) -> dict:
     """tokens / merges / token types / pre-tokenizer of a byte-level BPE tokenizer.json."""
     f = src / "tokenizer.json"
     if not f.is_file():
@@ -178,24 +176,12 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
     """
     import gguf
 
-    from ..quant.load import read_linear, read_manifest
-
-    src = resolve_model_path(model_path)
-    config = read_config(src)
-    fam = family_for(config.get("model_type"))
-    dims = fam.parse_config(config).dims
-    spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(src))
-    qmanifest = read_manifest(src) if (src / "manifest.json").is_file() else None
-    layers = qmanifest["layers"] if qmanifest else {}
-    handles = open_shards(src)
+    source = open_source(model_path)
+    src, spec, dims, qmanifest, handles = source.path, source.spec, source.dims, source.manifest, source.handles
+    layers, tensor = source.layers, source.tensor
     llama_quant = cfg.quant in LLAMA_QUANTS
     float_type = "F16" if llama_quant else (cfg.quant or "F32")
-    vocab = _vocab(src, dims.vocab_rows, spec)
-
-    def tensor(name: str) -> torch.Tensor:
-        if name not in handles:
-            raise CheckpointError(f"tensor {name} missing from {src}")
-        return handles[name].get_tensor(name)
+    vocab = _vocab(src, dims.vocab_rows)
 
     # plan: (gguf name, numpy shape [rows, cols] or [n], type, producer) in file order
     plan: list[tuple[str, tuple[int, ...], str, object]] = []
@@ -222,7 +208,7 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
             if f"{hf_name}.bias" in handles:
                 add_float(gname + ".bias", hf_name + ".bias", "F32", n_head)
             return
-        lin = read_linear(handles, hf_name, entry, src)
+        lin = source.linear(hf_name)
         if lin.transform is not None:
             raise InputError(f"{hf_name}: an online rotation ({lin.transform.kind}) has no GGUF form; "
                              f"export this checkpoint with --target onnx")
@@ -295,11 +281,7 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
             "rope_rows_permuted": permute, "shift_logits": spec.shift_logits, "pre_tokenizer": vocab["pre"],
             "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                (tmp / name).write_bytes((src / name).read_bytes())
+        write_sidecars(tmp, manifest, source)
     return Path(out_dir)
 
 

@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..fileio import atomic_folder
-from ..models import family_for
 from ..models.layers import rope_cos_sin
-from ..models.loader import open_shards, read_config, resolve_model_path, resolve_spec, tokenizer_special_ids
 from ..quant.primitives import ActQuantConfig, QuantizedWeight
+from .source import open_source, write_sidecars
 
 FORMAT = "dllm-export/onnx"
 VERSION = 1
@@ -46,7 +45,6 @@ OPSET = 23  # ONNX Attention (bidirectional, GQA) and blocked int4 DequantizeLin
 IR_VERSION = 11
 WEIGHT_FORMATS = ("qdq", "matmulnbits")
 ACT_KERNELS = ("auto", "integer", "nbits", "simulate")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _F32_MIN = float(np.finfo(np.float32).min)
 
 
@@ -459,36 +457,16 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
     """
     import onnx
 
-    from ..quant.load import StoredLinear, read_linear, read_manifest
-
-    src = resolve_model_path(model_path)
-    config = read_config(src)
-    fam = family_for(config.get("model_type"))
-    dims = fam.parse_config(config).dims
-    spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(src))
-    qmanifest = read_manifest(src) if (src / "manifest.json").is_file() else None
-    layers = qmanifest["layers"] if qmanifest else {}
-    handles = open_shards(src)
-
-    def tensor(name: str) -> torch.Tensor:
-        if name not in handles:
-            raise CheckpointError(f"tensor {name} missing from {src}")
-        return handles[name].get_tensor(name)
-
-    def stored(name: str) -> StoredLinear:
-        if name in layers:
-            lin = read_linear(handles, name, layers[name], src)
-        else:
-            b = f"{name}.bias"
-            lin = StoredLinear(name, None, tensor(f"{name}.weight"), tensor(b) if b in handles else None, None, None)
-        return lin
+    source = open_source(model_path)
+    spec, dims, qmanifest = source.spec, source.dims, source.manifest
+    tensor, stored = source.tensor, source.linear
 
     TP = onnx.TensorProto
     with atomic_folder(out_dir) as tmp:
         g = _Graph(tmp / DATA_FILE)
         try:
             b = _Builder(g, cfg)
-            d, H, kvH, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
+            H, kvH, hd = dims.n_heads, dims.n_kv_heads, dims.head_dim
             inputs = [onnx.helper.make_tensor_value_info("input_ids", TP.INT64, ["batch", "length"]),
                       onnx.helper.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "total_length"])]
             if cfg.logit_positions:
@@ -586,7 +564,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
         model.ir_version = IR_VERSION
         manifest = {
             "format": FORMAT, "version": VERSION, "family": spec.family,
-            "source": qmanifest["source"] if qmanifest else str(src),
+            "source": qmanifest["source"] if qmanifest else str(source.path),
             "export": dataclasses.asdict(cfg), "accuracy_level": b.acc, "opset": OPSET,
             "inputs": [i.name for i in inputs], "outputs": [o.name for o in outputs], "logits_shifted": False,
             "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,
@@ -600,9 +578,5 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
         onnx.helper.set_model_props(model, {"dllm_export.manifest": json.dumps(manifest)})
         onnx.save_model(model, str(tmp / MODEL_FILE))
         onnx.checker.check_model(str(tmp / MODEL_FILE))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                (tmp / name).write_bytes((src / name).read_bytes())
+        write_sidecars(tmp, manifest, source)
     return Path(out_dir)

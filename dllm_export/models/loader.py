@@ -125,8 +125,16 @@ def resolve_spec(fam, config: dict, vocab_rows: int, added_tokens: dict[str, int
         elif getattr(fam.spec, field) is not None and getattr(fam.spec, field) >= vocab_rows:
             ids[field] = None
     if ids.get("mask_id", fam.spec.mask_id) is None:
-        raise CheckpointError(f"no mask token id: set mask_token_id in config.json")
+        raise CheckpointError("no mask token id: set mask_token_id in config.json")
     return dataclasses.replace(fam.spec, **ids)
+
+
+def read_spec(path: Path):
+    """(config dict, resolved ModelSpec, Dims) of a folder with a config.json (checkpoint or artifact)."""
+    config = read_config(path)
+    fam = family_for(config.get("model_type"))
+    dims = fam.parse_config(config).dims
+    return config, resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(path)), dims
 
 
 def build_model(config: dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "meta",

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
-from ..models import family_for
-from ..models.loader import read_config, resolve_spec, tokenizer_special_ids
+from ..models.loader import read_spec
 
 def _set_verbose(verbose: bool) -> None:
     """llama-cpp-python's own log hook: errors only unless verbose (its callback is installed at import)."""
@@ -62,10 +61,7 @@ class LlamaCppBackend:
         self.L = L
         file = gguf_file(path)
         folder = file.parent
-        config = read_config(folder)
-        fam = family_for(config.get("model_type"))
-        dims = fam.parse_config(config).dims
-        self.spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(folder))
+        _, self.spec, dims = read_spec(folder)
         self.vocab_size = dims.vocab_rows
         self.max_length = dims.context
         self.max_tokens = int(max_tokens or dims.context)

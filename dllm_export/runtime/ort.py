@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..models import family_for
-from ..models.loader import read_config, resolve_spec, tokenizer_special_ids
+from ..models.loader import read_spec
 
 
 def read_onnx_manifest(path: Path) -> dict:
@@ -50,10 +49,7 @@ class OrtBackend:
         if not (path / MODEL_FILE).is_file():
             raise CheckpointError(f"no {MODEL_FILE} in {path}")
         self.manifest = read_onnx_manifest(path)
-        config = read_config(path)
-        fam = family_for(config.get("model_type"))
-        dims = fam.parse_config(config).dims
-        self.spec = resolve_spec(fam, config, dims.vocab_rows, tokenizer_special_ids(path))
+        _, self.spec, dims = read_spec(path)
         self.vocab_size = dims.vocab_rows
         self.max_length = dims.context
         self.config_entries = dict(self.manifest.get("session_options", {}))

@@ -128,14 +128,20 @@ def llada_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, qu
     return transfer
 
 
+def _fast_dllm_confidence(logits, eligible, temperature, generator):
+    """Fast-dLLM's proposals and confidences: x0 = argmax of the (Gumbel-noised) logits, confidence =
+    its float64 softmax probability on eligible positions, -inf elsewhere."""
+    x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+    return x0, torch.where(eligible, x0_p, -torch.inf)
+
+
 def threshold_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, threshold: float,
                    temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Fast-dLLM parallel decoding: commit every eligible position whose float64 top-1 probability
     is >= threshold, and always the most confident one, so each step makes progress."""
-    x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)
-    p = F.softmax(logits.to(torch.float64), dim=-1)
-    x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
-    confidence = torch.where(eligible, x0_p, -torch.inf)
+    x0, confidence = _fast_dllm_confidence(logits, eligible, temperature, generator)
     transfer = torch.zeros_like(eligible)
     counts = eligible.sum(dim=1)
     for j in range(x.shape[0]):
@@ -153,10 +159,7 @@ def factor_step(logits: torch.Tensor, x: torch.Tensor, eligible: torch.Tensor, f
     """Fast-dLLM's factor rule: with eligible confidences sorted c_1 >= c_2 >= ..., commit the
     first n up to the first c_n < 1 - factor / (n + 1) (the top one always; Fast-dLLM also takes
     the failing position when the failure is at the last candidate, kept here)."""
-    x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)
-    p = F.softmax(logits.to(torch.float64), dim=-1)
-    x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
-    confidence = torch.where(eligible, x0_p, -torch.inf)
+    x0, confidence = _fast_dllm_confidence(logits, eligible, temperature, generator)
     transfer = torch.zeros_like(eligible)
     counts = eligible.sum(dim=1)
     for j in range(x.shape[0]):
