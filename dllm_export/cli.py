@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--method", default="gptq", help="PTQ method (default: %(default)s)")
     x.add_argument("--scheme", help="W8A16 | W6A16 | W5A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: W{bits}A16)")
     x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
-    x.add_argument("--format", dest="weight_format", default="qdq",
-                   help="onnx weights: qdq (DequantizeLinear -> MatMul) or matmulnbits (default: %(default)s)")
+    x.add_argument("--device", help="device profile that fills the choices left open: auto (this host) | "
+                                    "x86-avx2 | x86-avx512-vnni | arm64-dotprod | arm64-i8mm | cuda")
+    x.add_argument("--format", dest="weight_format",
+                   help="onnx weights: qdq (DequantizeLinear -> MatMul, default) or matmulnbits")
     x.add_argument("--accuracy-level", type=int,
                    help="onnx MatMulNBits accuracy level of weight-only layers: 0 fp32 (default), 4 int8")
     x.add_argument("--act-kernel", default="auto", help="onnx per-token activations: auto | integer | nbits | simulate")
@@ -204,11 +206,13 @@ def cmd_export(args) -> int:
     if args.target not in TARGETS:
         have = ", ".join(f"{k} ({v[0]})" for k, v in TARGETS.items())
         raise DllmExportError(f"unknown export target {args.target!r}; targets: {have}")
-    label = args.quant or args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else "float")
+    label = args.quant or args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else
+                                          args.device or "float")
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
     res = export(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
                  group_size=args.group_size, weight_format=args.weight_format, accuracy_level=args.accuracy_level,
-                 act_kernel=args.act_kernel, quant=args.quant, progress=not args.no_progress and sys.stderr.isatty())
+                 act_kernel=args.act_kernel, quant=args.quant, device=args.device,
+                 progress=not args.no_progress and sys.stderr.isatty())
     m = res.manifest
     size = sum(f.stat().st_size for f in res.path.iterdir() if f.name.startswith("model."))
     if args.target == "gguf":
@@ -222,6 +226,8 @@ def cmd_export(args) -> int:
     print(f"{res.path}: {m['family']} -> {args.target} ({m['export']['weight_format']}), "
           f"{m['scheme'] or 'float32'} {m['method'] or ''}".rstrip() + f", {size / 2**20:.2f} MiB "
           f"(model.onnx + model.onnx.data); quantize {res.quantize_seconds:.1f} s, export {res.export_seconds:.1f} s")
+    if m.get("device"):
+        print(f"  built for device {m['device']['name']}: {m['device']['description']}")
     print(f"  activations: {', '.join(kernels) or 'float'}; accuracy level {m['accuracy_level']}"
           + ("; SIMULATION graph (fake-quant activations: for accuracy studies, not speed)" if m["simulated"] else ""))
     print(f"  run it: dllm-export generate --model {res.path} --prompt TEXT")

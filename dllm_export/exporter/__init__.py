@@ -35,8 +35,9 @@ class ExportResult:
 
 def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: int | None = None,
            method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
-           weight_format: str = "qdq", accuracy_level: int | None = None, act_kernel: str = "auto",
-           quant: str | None = None, quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
+           weight_format: str | None = None, accuracy_level: int | None = None, act_kernel: str = "auto",
+           quant: str | None = None, device: str | None = None, quantize_options: dict | None = None,
+           progress: bool = False) -> ExportResult:
     """Quantize `model` with a PTQ method where the request needs it, then export it for `target`.
 
     Args:
@@ -50,6 +51,9 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         quant: GGUF type. Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1: `method` rounds a group-32 grid of that
             format, written exactly; F32 / F16 / BF16 and K-quants (Q4_K_M, ...): float weights (the
             K-quants rounded by llama.cpp's quantizer). Default: from `bits` (4 -> Q4_0, 8 -> Q8_0).
+        device: a profile of `dllm_export.targets` (or "auto" for this host) that fills every choice
+            left open (scheme, group size, ONNX format and accuracy level, GGUF type, threads) and is
+            recorded in the manifest for the runtime.
     """
     import json
     import time
@@ -65,6 +69,24 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     src = resolve_model_path(model)
     quantized_input = (src / "manifest.json").is_file()
     opts = dict(quantize_options or {})
+    extra = {}
+    if device is not None:
+        from ..targets import get_profile
+
+        profile = get_profile(device)
+        extra["device"] = profile.to_dict()
+        if target == "onnx":
+            if bits is None and scheme is None and not quantized_input:
+                scheme = profile.scheme
+            weight_format = weight_format or profile.onnx_format
+            weight_only = (scheme or f"W{bits}A16").upper().endswith("A16")
+            if accuracy_level is None and weight_only:
+                accuracy_level = profile.accuracy_level
+            if group_size is None and weight_only:
+                group_size = _fit_group(src, profile.group_size)
+        elif bits is None and quant is None:
+            quant = profile.gguf_quant
+    weight_format = weight_format or "qdq"
     if target == "onnx":
         from .onnx import OnnxExportConfig, export_onnx
 
@@ -75,7 +97,7 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         scheme = scheme or (f"W{bits}A16" if needs_ptq else None)
 
         def write(path):
-            return export_onnx(path, out, ocfg)
+            return export_onnx(path, out, ocfg, extra_manifest=extra)
 
         def precheck(qcfg):
             _precheck_onnx(src, qcfg, ocfg)
@@ -99,7 +121,7 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
             group_size = 32
 
         def write(path):
-            return export_gguf(path, out, gcfg)
+            return export_gguf(path, out, gcfg, extra_manifest=extra)
 
         def precheck(qcfg):
             _precheck_widths(src, 32)
@@ -121,6 +143,15 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
             shutil.rmtree(work, ignore_errors=True)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     return ExportResult(Path(path), manifest, round(t_q, 3), round(time.perf_counter() - t0 - t_q, 3))
+
+
+def _fit_group(src: Path, group: int) -> int:
+    """The largest power-of-two block <= `group` (and >= 16) that tiles every layer width."""
+    widths = _widths(src)
+    g = group
+    while g > 16 and any(w % g for w in widths):
+        g //= 2
+    return g
 
 
 def _widths(src: Path) -> list[int]:

@@ -163,7 +163,8 @@ def _vocab(src: Path, n_rows: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
 
 
-def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConfig = GgufExportConfig()) -> Path:
+def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConfig = GgufExportConfig(),
+                extra_manifest: dict | None = None) -> Path:
     """Write `model.gguf` (+ config, tokenizer, manifest.json) for a float or quantized checkpoint folder.
 
     Args:
@@ -281,6 +282,7 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
             "rope_rows_permuted": permute, "shift_logits": spec.shift_logits, "pre_tokenizer": vocab["pre"],
             "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
         }
+        manifest.update(extra_manifest or {})
         write_sidecars(tmp, manifest, source)
     return Path(out_dir)
 

@@ -442,10 +442,12 @@ def _rope(g: _Graph, x: str, n_heads: int, hd: int, cos: str, sin: str, name: st
     return g.op("Reshape", [y, g.const([0, 0, n_heads * hd], np.int64)], name)
 
 
-def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConfig = OnnxExportConfig()) -> Path:
+def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConfig = OnnxExportConfig(),
+                extra_manifest: dict | None = None) -> Path:
     """Write `model.onnx` (+ `model.onnx.data`, config, tokenizer, manifest.json) for a checkpoint folder.
 
     Args:
+        extra_manifest: more manifest entries (e.g. the device profile the artifact was built for).
         model_path: a float checkpoint (config.json + safetensors) or a quantized one written by
             `dllm-export quantize` (manifest.json), or `default` / `default-dream`.
         out_dir: the artifact folder (must not exist or be empty); written atomically.
@@ -575,6 +577,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
             "session_options": {"session.qdq_matmulnbits_accuracy_level": str(b.acc)},
             "data_bytes": g.offset,
         }
+        manifest.update(extra_manifest or {})
         onnx.helper.set_model_props(model, {"dllm_export.manifest": json.dumps(manifest)})
         onnx.save_model(model, str(tmp / MODEL_FILE))
         onnx.checker.check_model(str(tmp / MODEL_FILE))

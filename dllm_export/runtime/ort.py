@@ -55,15 +55,17 @@ class OrtBackend:
         self.config_entries = dict(self.manifest.get("session_options", {}))
         if accuracy_level is not None:
             self.config_entries["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
+        device = self.manifest.get("device") or {}
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = threads or device.get("threads", 0)
         for key, value in self.config_entries.items():
             opts.add_session_config_entry(key, value)
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if providers is None:
+        if providers is None:  # the device profile's, else CUDA when present, then CPU
             available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            wanted = device.get("providers") or ("CUDAExecutionProvider", "CPUExecutionProvider")
+            providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
         names = {i.name for i in self.session.get_inputs()}
         self.has_positions = "logit_positions" in names

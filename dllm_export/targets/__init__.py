@@ -1,1 +1,112 @@
-"""Device profiles as data (x86, ARM, CUDA): see issue 10."""
+"""Device profiles as data: which format, scheme, block size and kernel settings suit a device.
+
+`dllm-export --target onnx --device arm64-dotprod --bits 4` fills every choice the user left
+open from the profile, so an artifact can be built here for a device that is not this one;
+`--device auto` picks the profile of this host. The numbers behind the choices are in
+shared/research/onnx.md and llamacpp.md and in benchmarks/results/backend_speed_*.json.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What suits one device class.
+
+    Attributes:
+        name / description: the profile's id and a line for humans.
+        arch: "x86_64", "aarch64" or "cuda".
+        cpu_flags: /proc/cpuinfo flags (x86) or features (arm64 "Features") the host must have
+            for `--device auto` to pick this profile.
+        targets: export targets in order of preference.
+        scheme: the default scheme (the fastest of acceptable quality on this device).
+        group_size: weight block size its kernels like (MatMulNBits block, must divide K for
+            KleidiAI on arm64; GGUF block formats are always 32).
+        onnx_format: "qdq" or "matmulnbits".
+        accuracy_level: MatMulNBits compute precision for weight-only layers (4 = int8 dot products).
+        gguf_quant: the GGUF type to build.
+        threads: intra-op threads (0 = the runtime's default: all cores).
+        providers: onnxruntime execution providers, in order.
+    """
+
+    name: str
+    description: str
+    arch: str
+    cpu_flags: tuple[str, ...]
+    targets: tuple[str, ...]
+    scheme: str
+    group_size: int
+    onnx_format: str
+    accuracy_level: int
+    gguf_quant: str
+    threads: int = 0
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
+    DeviceProfile(
+        "x86-avx2", "x86-64 with AVX2/FMA (most laptops and servers since 2015)", "x86_64", ("avx2", "fma"),
+        ("onnx", "gguf"), "W4A16", 32, "qdq", 4, "Q4_0"),
+    DeviceProfile(
+        "x86-avx512-vnni", "x86-64 with AVX-512 VNNI (Ice Lake+, Zen 4+): int8 dot products; W8A8's integer "
+        "GEMM measured 4.8x torch fp32 at a 128-token step (benchmarks/results/backend_speed_1b.json)",
+        "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q8_0"),
+    DeviceProfile(
+        "arm64-dotprod", "arm64 with the dot-product extension (phones, Graviton 2, Apple M1+): onnxruntime's "
+        "KleidiAI 4-bit kernels want symmetric blocks that are a multiple of 32 and divide K",
+        "aarch64", ("asimddp",), ("onnx", "gguf"), "W4A16", 32, "qdq", 4, "Q4_0"),
+    DeviceProfile(
+        "arm64-i8mm", "arm64 with int8 matrix multiply (Graviton 3+, Apple M2+, recent phones): llama.cpp "
+        "repacks Q4_0 for i8mm at load", "aarch64", ("asimddp", "i8mm"), ("gguf", "onnx"), "W4A16", 32, "qdq", 4,
+        "Q4_0"),
+    DeviceProfile(
+        "cuda", "NVIDIA GPU through onnxruntime's CUDA execution provider (fp16/fp32 activations, 4-bit "
+        "MatMulNBits)", "cuda", (), ("onnx",), "W4A16", 128, "matmulnbits", 0, "Q4_0",
+        providers=("CUDAExecutionProvider", "CPUExecutionProvider")),
+)}
+
+
+def host_flags() -> set[str]:
+    """CPU feature flags of this host (x86 `flags`, arm64 `Features`), empty where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip().lower()
+        if key in ("flags", "features"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def detect(flags: set[str] | None = None, machine: str | None = None) -> DeviceProfile:
+    """The most capable CPU profile this host satisfies (CUDA is never picked implicitly)."""
+    flags = host_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    fits = [p for p in PROFILES.values() if p.arch == arch and set(p.cpu_flags) <= flags]
+    if not fits:
+        raise InputError(f"no device profile matches this host ({machine}); pass --device "
+                         f"({', '.join(PROFILES)})")
+    return max(fits, key=lambda p: len(p.cpu_flags))
+
+
+def get_profile(name: str) -> DeviceProfile:
+    """The profile called `name`, `auto` for this host's."""
+    if name == "auto":
+        return detect()
+    if name not in PROFILES:
+        raise InputError(f"unknown device {name!r} (choose from auto, {', '.join(PROFILES)})")
+    return PROFILES[name]
+
+
+__all__ = ["PROFILES", "DeviceProfile", "detect", "get_profile", "host_flags"]

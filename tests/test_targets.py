@@ -1,0 +1,44 @@
+"""Device profiles: detection from CPU flags, and the choices they fill in an export."""
+
+import json
+
+import pytest
+
+from dllm_export import InputError
+from dllm_export.exporter import export
+from dllm_export.quant import CalibConfig
+from dllm_export.targets import PROFILES, detect, get_profile
+
+
+@pytest.mark.parametrize("machine,flags,want", [
+    ("x86_64", {"avx2", "fma"}, "x86-avx2"),
+    ("x86_64", {"avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"}, "x86-avx512-vnni"),
+    ("aarch64", {"fp", "asimd", "asimddp"}, "arm64-dotprod"),
+    ("arm64", {"asimddp", "i8mm", "sve"}, "arm64-i8mm"),
+])
+def test_detect_picks_the_most_capable_profile(machine, flags, want):
+    assert detect(flags, machine).name == want
+
+
+def test_unknown_device_and_host():
+    with pytest.raises(InputError, match="unknown device 'tpu'"):
+        get_profile("tpu")
+    with pytest.raises(InputError, match="no device profile matches"):
+        detect({"sse2"}, "x86_64")
+
+
+def test_profiles_are_consistent():
+    for p in PROFILES.values():
+        assert p.group_size % 32 == 0 and p.onnx_format in ("qdq", "matmulnbits")
+        assert set(p.targets) <= {"onnx", "gguf"}
+
+
+@pytest.mark.parametrize("device", ["arm64-dotprod", "x86-avx512-vnni"])
+def test_device_fills_the_open_choices(device, tiny_dirs, tmp_path):
+    res = export(tiny_dirs["llada"], tmp_path / "a", target="onnx", device=device, method="rtn",
+                 quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)})
+    m = json.loads((res.path / "manifest.json").read_text())
+    profile = PROFILES[device]
+    assert m["device"]["name"] == device and m["scheme"] == profile.scheme
+    if profile.scheme.endswith("A16"):
+        assert m["quantize_settings"]["group_size"] == 32 and m["accuracy_level"] == profile.accuracy_level
