@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     q.add_argument("--no-progress", action="store_true")
 
+    bn = sub.add_parser("bench", help="artifacts side by side: load, step latency, tokens/s, memory, size")
+    bn.add_argument("artifacts", nargs="+", help="checkpoint folders, ONNX / GGUF artifact folders, .gguf files, "
+                                                "'default'; ratios are to the first")
+    bn.add_argument("--backend", default="auto", help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
+    bn.add_argument("--canvas", type=int, default=128, help="tokens of one timed denoising step (default: %(default)s)")
+    bn.add_argument("--reps", type=int, default=10)
+    bn.add_argument("--gen-length", type=int, default=64)
+    bn.add_argument("--block-length", type=int, default=32)
+    bn.add_argument("--cache", default="none", help="none | prefix | dual, for the timed decode")
+    bn.add_argument("--threshold", type=float)
+    bn.add_argument("--threads", type=int, default=0)
+    bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
+    bn.add_argument("--json", dest="json_out", help="write the results here")
+    bn.add_argument("--markdown", help="write a markdown table here")
+
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
     i.add_argument("--json", action="store_true")
@@ -167,6 +182,24 @@ def cmd_quantize(args) -> int:
     print(f"{out}: {args.method} {args.scheme}, {len(manifest['layers'])} quantized layers, {size / 2**20:.2f} MiB, "
           f"{manifest['seconds']} s; worst block output error {worst['out_rel_err']:.3g} (block {worst['index']})")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import BenchConfig, bench, to_markdown
+
+    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, gen_length=args.gen_length, block_length=args.block_length,
+                      cache=args.cache, threshold=args.threshold, threads=args.threads, backend=args.backend,
+                      quality=args.quality)
+    res = bench(args.artifacts, cfg)
+    table = to_markdown(res)
+    print(table, end="")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 2 if any("error" in r for r in res["artifacts"]) else 0
 
 
 def cmd_info(args) -> int:
@@ -249,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return 2
             return cmd_export(args)
-        return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
+                "bench": cmd_bench}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2

@@ -24,3 +24,23 @@ def test_export_is_deterministic(target, kwargs, tiny_dirs, tmp_path):
     b = export(tiny_dirs["dream"], tmp_path / "b", target=target, quantize_options=opts, **kwargs)
     assert _digests(a.path) == _digests(b.path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left
+
+
+def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
+    import json
+
+    from dllm_export.cli import main
+
+    art = export(tiny_dirs["llada"], tmp_path / "onnx", target="onnx").path
+    out = tmp_path / "bench.json"
+    rc = main(["bench", str(tiny_dirs["llada"]), str(art), str(tmp_path / "missing"), "--canvas", "16", "--reps", "2",
+               "--gen-length", "8", "--block-length", "8", "--quality", "--json", str(out)])
+    assert rc == 2  # the missing artifact is reported, the others measured
+    res = json.loads(out.read_text())
+    ok = [r for r in res["artifacts"] if "error" not in r]
+    assert [r["backend"] for r in ok] == ["torch", "onnxruntime"]
+    for r in ok:
+        for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "peak_rss_mib", "size_mib", "arith_em"):
+            assert r[key] is not None
+    assert "model folder not found" in res["artifacts"][2]["error"]
+    assert "| path | backend |" in capsys.readouterr().out

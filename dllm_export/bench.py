@@ -1,0 +1,152 @@
+"""`dllm-export bench`: artifacts side by side: load time, per-step latency, decoding tokens/s,
+peak memory, file size and (with quality on) arithmetic exact match, with ratios to the first.
+
+Each artifact is measured in a fresh Python process (`python -m dllm_export.bench --one PATH`),
+so load time and peak RSS are its own and not the leftovers of the previous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one measurement runs.
+
+    Attributes:
+        canvas: tokens of the full forward timed as one denoising step.
+        reps: timed steps (after one warm-up).
+        gen_length / block_length / cache / threshold: the decode timed for tokens/s (steps = gen_length).
+        threads: CPU threads of the runtime (0 = its default).
+        backend: "auto" (by what the path holds) or a backend name.
+        quality: also decode `problems` held-out 2-digit arithmetic problems and report exact match.
+    """
+
+    canvas: int = 128
+    reps: int = 10
+    gen_length: int = 64
+    block_length: int = 32
+    cache: str = "none"
+    threshold: float | None = None
+    threads: int = 0
+    backend: str = "auto"
+    quality: bool = False
+    problems: int = 50
+
+
+def _size(path: Path) -> int:
+    """Bytes of the model files (weights, graph) of a checkpoint or artifact."""
+    from .models.loader import resolve_model_path
+
+    if not path.exists():
+        path = resolve_model_path(str(path))  # `default`, `default-dream`
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model"))
+
+
+def measure(path: str, cfg: BenchConfig) -> dict:
+    """Measure one artifact in this process (see `bench` for the side-by-side run)."""
+    import torch
+
+    from . import generate, load_tokenizer
+    from .runtime.backends import load_backend
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    be = load_backend(path, backend=cfg.backend, threads=cfg.threads)
+    load_s = time.perf_counter() - t0
+    ids = torch.randint(0, min(be.vocab_size, 256), (1, cfg.canvas), generator=torch.Generator().manual_seed(0))
+    be.forward(ids)  # warm-up: first-call allocations, weight prepacking
+    steps = []
+    for _ in range(cfg.reps):
+        t = time.perf_counter()
+        be.forward(ids)
+        steps.append(time.perf_counter() - t)
+    steps.sort()
+    prompt = ids[:, : max(1, cfg.canvas - cfg.gen_length)].tolist()
+    opts = dict(gen_length=cfg.gen_length, steps=cfg.gen_length, block_length=cfg.block_length,
+                cache=cfg.cache, threshold=cfg.threshold)
+    t = time.perf_counter()
+    out = generate(be, prompt, **opts)
+    decode_s = time.perf_counter() - t
+    res = {
+        "path": str(path), "backend": be.name, "family": be.spec.family, "size_mib": round(_size(Path(path)) / 2**20, 2),
+        "load_s": round(load_s, 3), "step_ms_median": round(1000 * statistics.median(steps), 3),
+        "step_ms_p90": round(1000 * steps[min(len(steps) - 1, int(0.9 * len(steps)))], 3),
+        "tokens_per_s": round(out.generated.numel() / decode_s, 2), "nfe": out.nfe,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if cfg.quality:
+        from .corpus import arithmetic_test_problems, format_problem
+
+        folder = Path(path).parent if str(path).endswith(".gguf") else path
+        tok = load_tokenizer(folder)
+        probs = arithmetic_test_problems()[:: max(1, 1000 // cfg.problems)][: cfg.problems]
+        ok = 0
+        for a, op, b in probs:
+            p = tok(f"{a}{op}{b}=", add_special_tokens=False)["input_ids"]
+            text = tok.decode(generate(be, [p], gen_length=4, steps=4, block_length=4).generated[0].tolist())
+            ok += text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))] == \
+                format_problem(a, op, b).split("=")[1]
+        res["arith_em"] = round(ok / len(probs), 4)
+    return res
+
+
+def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
+    """Measure each artifact in its own process; ratios are to the first one."""
+    rows = []
+    for p in paths:
+        cmd = [sys.executable, "-m", "dllm_export.bench", "--one", str(p), "--config", json.dumps(asdict(cfg))]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if done.returncode != 0:
+            err = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"path": str(p), "error": err})
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if "error" not in r), None)
+    for r in rows:
+        if base is not None and "error" not in r:
+            r["step_speedup"] = round(base["step_ms_median"] / r["step_ms_median"], 2)
+            r["tokens_per_s_ratio"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+            r["size_ratio"] = round(r["size_mib"] / base["size_mib"], 3) if base["size_mib"] else None
+    return {"config": asdict(cfg), "artifacts": rows}
+
+
+def to_markdown(result: dict) -> str:
+    """A table of `bench`'s result."""
+    cols = ["path", "backend", "size_mib", "load_s", "step_ms_median", "step_ms_p90", "tokens_per_s",
+            "peak_rss_mib", "step_speedup"]
+    if result["config"]["quality"]:
+        cols.append("arith_em")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["artifacts"]:
+        if "error" in r:
+            lines.append(f"| {r['path']} | error: {r['error']} |")
+        else:
+            lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", required=True)
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args(argv)
+    print(json.dumps(measure(args.one, BenchConfig(**json.loads(args.config)))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
