@@ -44,3 +44,34 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
             assert r[key] is not None
     assert "model folder not found" in res["artifacts"][2]["error"]
     assert "| path | backend |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target,kwargs", [("onnx", dict(bits=4, method="rtn", group_size=32)),
+                                           ("gguf", dict(quant="Q8_0", method="rtn"))])
+def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
+    """The single-file runner measures an artifact with numpy + the runtime only, and reports the
+    same figures as `dllm-export bench`."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dllm_export.ondevice as runner
+
+    if target == "gguf":
+        pytest.importorskip("llama_cpp")
+    art = export(tiny_dirs["llada"], tmp_path / "art", target=target,
+                 quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)}, **kwargs).path
+    blocker = tmp_path / "no_torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not on the device')\n")
+    env = dict(os.environ, PYTHONPATH=str(blocker.parent))
+    done = subprocess.run([sys.executable, Path(runner.__file__).name, str(art), "--canvas", "24", "--reps", "2",
+                           "--gen-length", "16", "--block-length", "8", "--threads", "1"],
+                          cwd=Path(runner.__file__).parent, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert res["nfe"] == 16 and res["backend"] in ("onnxruntime", "llama.cpp")
+    for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "peak_rss_mib", "size_mib"):
+        assert res[key] > 0
