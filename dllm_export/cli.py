@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
 
+    bd = sub.add_parser("build", help="build a matrix of artifacts from a TOML config, with quality gates")
+    bd.add_argument("config", help="build TOML (see examples/build.toml)")
+    bd.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    bd.add_argument("--no-progress", action="store_true")
+
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
     i.add_argument("--json", action="store_true")
@@ -202,6 +207,22 @@ def cmd_bench(args) -> int:
     return 2 if any("error" in r for r in res["artifacts"]) else 0
 
 
+def cmd_build(args) -> int:
+    from .build import build
+
+    m = build(args.config, args.out, progress=not args.no_progress and sys.stderr.isatty())
+    for c in m["cells"]:
+        q, d = c["quality"], c["deltas"]
+        print(f"{c['cell']:40s} {c['gate']:6s} bits/token {q['bits_per_token']:.3f} ({d['bpt_increase']:+.1%}), "
+              f"arith EM {q['arith_em']:.3f} ({-d['arith_em_drop']:+.3f}), "
+              f"{sum(f['bytes'] for f in c['files'].values()) / 2**20:.2f} MiB")
+    if m["failed"]:
+        print(f"dllm-export: quality gate failed: {', '.join(m['failed'])}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}/manifest.json ({len(m['cells'])} artifacts)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .models import family_for
     from .models.loader import build_model, read_config, resolve_model_path, tokenizer_special_ids, weight_files
@@ -283,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return cmd_export(args)
         return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "build": cmd_build}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2

@@ -75,3 +75,44 @@ def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
     assert res["nfe"] == 16 and res["backend"] in ("onnxruntime", "llama.cpp")
     for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "peak_rss_mib", "size_mib"):
         assert res[key] > 0
+
+
+@pytest.mark.parametrize("gate,rc", [("max_bpt_increase = 1.0", 0), ("max_bpt_increase = -1.0", 1)])
+def test_build_matrix_and_gate(gate, rc, tiny_dirs, tmp_path, capsys):
+    import json
+
+    from dllm_export.cli import main
+
+    cfg = tmp_path / "build.toml"
+    cfg.write_text(f"""
+[[models]]
+name = "tiny"
+path = "{tiny_dirs['llada']}"
+[[targets]]
+name = "onnx-w4"
+target = "onnx"
+bits = 4
+method = "rtn"
+group_size = 32
+[[targets]]
+name = "gguf-q8"
+target = "gguf"
+quant = "Q8_0"
+method = "rtn"
+[calibration]
+samples = 2
+seq_len = 32
+[evaluation]
+windows = 1
+problems = 2
+bench = false
+[gates]
+{gate}
+""")
+    assert main(["build", str(cfg), "--out", str(tmp_path / "dist")]) == rc
+    m = json.loads((tmp_path / "dist" / "manifest.json").read_text())
+    assert [c["cell"] for c in m["cells"]] == ["tiny/onnx-w4", "tiny/gguf-q8"]
+    assert all(len(f["sha256"]) == 64 for c in m["cells"] for f in c["files"].values())
+    if rc:
+        assert m["failed"] == ["tiny/onnx-w4", "tiny/gguf-q8"]
+        assert "quality gate failed: tiny/onnx-w4, tiny/gguf-q8" in capsys.readouterr().err
