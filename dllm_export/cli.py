@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     bd.add_argument("--no-progress", action="store_true")
 
+    an = sub.add_parser("analyze", help="activation outliers at every linear input (JSON + markdown)")
+    _add_model_arg(an)
+    an.add_argument("--out", required=True, help="output folder for outliers.json and outliers.md")
+    an.add_argument("--samples", type=int, default=16, help="calibration windows (default: %(default)s)")
+    an.add_argument("--seq-len", type=int, default=128)
+    an.add_argument("--ratios", default="0.15,0.5,0.85", help="mask ratios (default: %(default)s)")
+
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
     i.add_argument("--json", action="store_true")
@@ -223,6 +230,30 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    from . import load_model, load_tokenizer
+    from .eval.outliers import analyze, to_markdown
+    from .quant.calibrate import CalibConfig, calibration_ids
+
+    model = load_model(args.model, dtype=args.dtype)
+    ids, _ = calibration_ids(load_tokenizer(args.model), model.spec,
+                             CalibConfig(n_samples=args.samples, seq_len=args.seq_len, mask="none"),
+                             model.config.dims.context)
+    res = analyze(model, ids, model.spec.mask_id, ratios=tuple(float(r) for r in args.ratios.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "outliers.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "outliers.md").write_text(to_markdown(res))
+    print(f"{len(res['layers'])} linear inputs over {res['windows']} windows x {len(res['ratios'])} mask ratios; "
+          f"largest channel max/median by role: {res['by_role']}")
+    for f in res["flagged"][:10]:
+        print(f"  {f['layer']}: channel outliers {f['channel_outliers']}, massive tokens {f['massive']}")
+    print(f"wrote {out / 'outliers.json'}, {out / 'outliers.md'}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .models import family_for
     from .models.loader import build_model, read_config, resolve_model_path, tokenizer_special_ids, weight_files
@@ -304,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return cmd_export(args)
         return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
-                "bench": cmd_bench, "build": cmd_build}[args.command](args)
+                "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2
