@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seq-len", type=int, default=128)
     an.add_argument("--ratios", default="0.15,0.5,0.85", help="mask ratios (default: %(default)s)")
 
+    ev = sub.add_parser("eval", help="task suites (general / math / code) on a checkpoint or an artifact")
+    ev.add_argument("--model", default="default", help="checkpoint, ONNX / GGUF artifact, or 'default'")
+    ev.add_argument("--tasks", default="docstring_cloze,arithmetic,line_infill")
+    ev.add_argument("--items", type=int, help="items per task (default: the task's)")
+    ev.add_argument("--json", dest="json_out", help="write the results here")
+
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
     i.add_argument("--json", action="store_true")
@@ -254,6 +260,24 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from . import load_tokenizer
+    from .eval.tasks import run_task
+    from .runtime.backends import load_backend
+
+    be = load_backend(args.model)
+    tok = load_tokenizer(Path(args.model).parent if str(args.model).endswith(".gguf") else args.model)
+    results = [run_task(be, tok, t.strip(), args.items) for t in args.tasks.split(",")]
+    for r in results:
+        print(f"{r['task']:18s} {r['category']:8s} {r['score']:.3f} ({r['n']} items)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"model": str(args.model), "backend": be.name,
+                                                   "results": results}, indent=2) + "\n")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .models import family_for
     from .models.loader import build_model, read_config, resolve_model_path, tokenizer_special_ids, weight_files
@@ -335,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return cmd_export(args)
         return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
-                "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze}[args.command](args)
+                "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze,
+                "eval": cmd_eval}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,156 @@
+"""Task suites built offline from held-out material, one per category of the study.
+
+* general: cloze on English sentences from the held-out modules' docstrings: one word removed,
+  four candidates (the word and three seeded distractors of similar length from other
+  sentences), scored by the Monte-Carlo ELBO of the completed sentence; accuracy.
+* math: 2-digit + and - problems never seen in training (`47+38=`), answered by generation;
+  exact match of the digits before the first non-digit.
+* code: line infill in held-out stdlib functions: the function with one interior line replaced
+  by masks, generated in place; exact match of the line (whitespace-normalised).
+
+Items are deterministic for a seed; the generation settings are fixed per task and written into
+every result, so numbers from different runs and backends are comparable.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..corpus import arithmetic_test_problems, code_texts, docstring_sentences, format_problem
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: its category, how many items, and the fixed decoding settings of generative tasks."""
+
+    name: str
+    category: str
+    n_items: int
+    gen_length: int = 0
+    steps: int = 0
+    block_length: int = 0
+    mc: int = 16  # ELBO samples per candidate (likelihood tasks)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("docstring_cloze", "general", 50, mc=16),
+    Task("arithmetic", "math", 100, gen_length=4, steps=4, block_length=4),
+    # the canvas is the masked line inside its function: one token per step, low-confidence order
+    Task("line_infill", "code", 40),
+)}
+CATEGORIES = {t.category: t.name for t in TASKS.values()}
+
+
+def cloze_items(n: int, seed: int = 0) -> list[dict]:
+    """Held-out docstring sentences with one word (>= 4 letters) to choose among 4 candidates."""
+    sentences = docstring_sentences([t for _, t in code_texts(held_out=True)])
+    rng = random.Random(seed)
+    rng.shuffle(sentences)
+    vocab = sorted({w for s in sentences for w in re.findall(r"\b[a-z]{4,}\b", s)})
+    items = []
+    for s in sentences:
+        words = [m for m in re.finditer(r"\b[a-z]{4,}\b", s)]
+        if not words:
+            continue
+        m = rng.choice(words)
+        near = [w for w in vocab if abs(len(w) - len(m.group())) <= 1 and w != m.group()]
+        if len(near) < 3:
+            continue
+        choices = rng.sample(near, 3) + [m.group()]
+        rng.shuffle(choices)
+        items.append({"prefix": s[:m.start()], "suffix": s[m.end():], "choices": choices,
+                      "answer": choices.index(m.group())})
+        if len(items) == n:
+            break
+    return items
+
+
+def infill_items(n: int, seed: int = 0) -> list[dict]:
+    """Held-out functions (3-30 lines) with one interior, non-blank line to regenerate."""
+    rng = random.Random(seed)
+    funcs = []
+    for _, src in code_texts(held_out=True):
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        lines = src.splitlines()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno and 3 <= node.end_lineno - node.lineno < 30:
+                funcs.append(lines[node.lineno - 1:node.end_lineno])
+    rng.shuffle(funcs)
+    items = []
+    for body in funcs:
+        inner = [i for i in range(1, len(body)) if body[i].strip() and not body[i].strip().startswith(("#", '"""'))]
+        if not inner:
+            continue
+        i = rng.choice(inner)
+        items.append({"before": "\n".join(body[:i]) + "\n", "line": body[i], "after": "\n" + "\n".join(body[i + 1:])})
+        if len(items) == n:
+            break
+    return items
+
+
+def _digits(text: str) -> str:
+    return text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))]
+
+
+def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0) -> dict:
+    """Score one task on any backend (torch model, onnxruntime, llama.cpp); returns the score,
+    per-item outcomes count, and the task's fixed settings."""
+    from .. import generate
+    from ..runtime.backends import as_backend
+    from .likelihood import elbo
+
+    if name not in TASKS:
+        raise InputError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
+    task = TASKS[name]
+    n = n_items or task.n_items
+    be = as_backend(backend)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    correct = total = 0
+    if task.category == "general":
+        for k, it in enumerate(cloze_items(n, seed)):
+            scores = []
+            for c in it["choices"]:
+                ids = enc(it["prefix"] + c + it["suffix"])
+                scores.append(elbo(be, ids[:1], ids[1:], mc=task.mc, batch=task.mc, seed=seed + k).elbo)
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == it["answer"])
+            total += 1
+    elif task.category == "math":
+        for a, op, b in arithmetic_test_problems()[:: max(1, 1000 // n)][:n]:
+            out = generate(be, [enc(f"{a}{op}{b}=")], gen_length=task.gen_length, steps=task.steps,
+                           block_length=task.block_length)
+            correct += _digits(tok.decode(out.generated[0].tolist())) == format_problem(a, op, b).split("=")[1]
+            total += 1
+    else:  # code: infill the masked line in place, as many tokens as the reference line has
+        mask = be.spec.mask_id
+        for it in infill_items(n, seed):
+            before, line, after = enc(it["before"]), enc(it["line"]), enc(it["after"])
+            x = torch.tensor([before + [mask] * len(line) + after])
+            got = _infill(be, x, len(before), len(line))
+            text = tok.decode(got)
+            correct += " ".join(text.split()) == " ".join(it["line"].split())
+            total += 1
+    return {"task": name, "category": task.category, "score": correct / max(total, 1), "n": total,
+            "settings": asdict(task)}
+
+
+def _infill(be, x: torch.Tensor, start: int, length: int) -> list[int]:
+    """Greedy low-confidence unmasking of the masked span [start, start + length) of x [1, L]."""
+    x = x.clone()
+    mask = be.spec.mask_id
+    for _ in range(length):
+        logits = be.spec.align_logits(be.forward(x))[0]
+        pos = (x[0] == mask).nonzero().flatten()
+        p = torch.softmax(logits[pos].double(), -1)
+        conf, tok = p.max(-1)
+        j = int(conf.argmax())
+        x[0, pos[j]] = tok[j]
+    return x[0, start:start + length].tolist()
