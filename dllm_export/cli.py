@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--accuracy-level", type=int,
                    help="onnx MatMulNBits accuracy level of weight-only layers: 0 fp32 (default), 4 int8")
     x.add_argument("--act-kernel", default="auto", help="onnx per-token activations: auto | integer | nbits | simulate")
+    x.add_argument("--embed-head", default="fp32", help="onnx embedding and LM head: fp32 (default) | int8 "
+                                                        "(8-bit rows, blocks of 32: most of the bytes of big vocabularies)")
     x.add_argument("--quant", help="gguf type: Q4_0 (default for --bits 4) | Q4_1 | Q5_0 | Q5_1 | Q8_0 | F16 | F32 | BF16 "
                                    "| Q4_K_M | Q5_K_M | Q6_K ... (K-quants by llama.cpp's quantizer)")
     x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>)")
@@ -320,7 +322,7 @@ def cmd_export(args) -> int:
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
     res = export(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
                  group_size=args.group_size, weight_format=args.weight_format, accuracy_level=args.accuracy_level,
-                 act_kernel=args.act_kernel, quant=args.quant, device=args.device,
+                 act_kernel=args.act_kernel, quant=args.quant, device=args.device, embed_head=args.embed_head,
                  progress=not args.no_progress and sys.stderr.isatty())
     m = res.manifest
     size = sum(f.stat().st_size for f in res.path.iterdir() if f.name.startswith("model."))

@@ -275,3 +275,24 @@ def test_graph_without_cache_inputs_refuses_caches(tiny_dirs, tmp_path):
     with pytest.raises(InputError, match="no KV cache"):
         generate(be, [[5, 9]], gen_length=8, steps=8, cache="dual")
     assert torch.isfinite(be.forward(_ids())).all()
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_int8_embedding_and_head(name, small_ckpts, tmp_path):
+    """embed_head='int8': the graph computes exactly the model whose embedding and head are the
+    dequantized 8-bit rows (blocks of 32), and the files shrink."""
+    from dllm_export.exporter.onnx import HEAD_GRID
+    from dllm_export.quant.primitives import quantize_weight
+
+    out = export_onnx(small_ckpts[name], tmp_path / "int8", OnnxExportConfig(embed_head="int8"))
+    ref_out = export_onnx(small_ckpts[name], tmp_path / "fp32")
+    model = load_model(small_ckpts[name])
+    with torch.no_grad():
+        emb = model.get_submodule(model.spec.embedding)
+        emb.weight.copy_(quantize_weight(emb.weight.float(), HEAD_GRID).dequantize())
+        head = model.head_weight()
+        head.copy_(quantize_weight(head.float(), HEAD_GRID).dequantize())
+    ids = _ids()
+    assert (OrtBackend(out).forward(ids) - model(ids).float()).abs().max() < 1e-5
+    size = lambda p: sum(f.stat().st_size for f in p.iterdir() if f.name.startswith("model"))  # noqa: E731
+    assert size(out) < size(ref_out)

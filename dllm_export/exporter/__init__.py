@@ -36,8 +36,8 @@ class ExportResult:
 def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: int | None = None,
            method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
            weight_format: str | None = None, accuracy_level: int | None = None, act_kernel: str = "auto",
-           quant: str | None = None, device: str | None = None, quantize_options: dict | None = None,
-           progress: bool = False) -> ExportResult:
+           quant: str | None = None, device: str | None = None, embed_head: str = "fp32",
+           quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
     """Quantize `model` with a PTQ method where the request needs it, then export it for `target`.
 
     Args:
@@ -47,7 +47,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         bits: weight bits; picks scheme W{bits}A16 unless `scheme` is given (then it overrides its bits).
             None / 16 / 32 without a scheme exports float weights.
         method / scheme / group_size / quantize_options: the PTQ run (see `quant.QuantizeConfig`).
-        weight_format / accuracy_level / act_kernel: the ONNX graph (see `exporter.onnx.OnnxExportConfig`).
+        weight_format / accuracy_level / act_kernel / embed_head: the ONNX graph (see
+            `exporter.onnx.OnnxExportConfig`).
         quant: GGUF type. Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1: `method` rounds a group-32 grid of that
             format, written exactly; F32 / F16 / BF16 and K-quants (Q4_K_M, ...): float weights (the
             K-quants rounded by llama.cpp's quantizer). Default: from `bits` (4 -> Q4_0, 8 -> Q8_0).
@@ -90,7 +91,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     if target == "onnx":
         from .onnx import OnnxExportConfig, export_onnx
 
-        ocfg = OnnxExportConfig(weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel)
+        ocfg = OnnxExportConfig(weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel,
+                                embed_head=embed_head)
         if weight_format == "matmulnbits" and bits is not None and bits not in (2, 4, 8, 16, 32):
             raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {bits}-bit (use --format qdq)")
         needs_ptq = not quantized_input and not (scheme is None and (bits is None or bits >= 16))

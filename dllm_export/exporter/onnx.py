@@ -34,7 +34,7 @@ import torch
 from ..errors import InputError
 from ..fileio import atomic_folder
 from ..models.layers import rope_cos_sin
-from ..quant.primitives import ActQuantConfig, QuantizedWeight
+from ..quant.primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, quantize_weight
 from .source import open_source, write_sidecars
 
 FORMAT = "dllm-export/onnx"
@@ -76,12 +76,15 @@ class OnnxExportConfig:
     act_kernel: str = "auto"
     logit_positions: bool = True
     kv_cache: bool = True
+    embed_head: str = "fp32"
 
     def __post_init__(self):
         if self.weight_format not in WEIGHT_FORMATS:
             raise InputError(f"unknown ONNX weight format {self.weight_format!r} (choose from {', '.join(WEIGHT_FORMATS)})")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.embed_head not in ("fp32", "int8"):
+            raise InputError(f"embed_head must be 'fp32' or 'int8', got {self.embed_head!r}")
         if self.act_kernel not in ACT_KERNELS:
             raise InputError(f"unknown activation kernel {self.act_kernel!r} (choose from {', '.join(ACT_KERNELS)})")
 
@@ -424,6 +427,24 @@ class _Builder:
 
 # ----------------------------------------------------------------------------------------------- model
 
+# embed_head="int8": symmetric 8-bit rows in blocks of 32 (exactly a GGUF Q8_0 grid)
+HEAD_GRID = WeightQuantConfig(bits=8, group_size=32, sym=True)
+
+
+def _int8_embedding(g: _Graph, W: torch.Tensor, name: str) -> str:
+    """Gather of an 8-bit embedding: int8 codes and fp32 block scales gathered per token, then
+    codes * scales, the exact dequantization of `quantize_weight(W, HEAD_GRID)`."""
+    qw = quantize_weight(W.float(), HEAD_GRID)
+    V, D = qw.shape
+    G = qw.scales.shape[1]
+    codes = g.weight(f"{name}.qweight", qw.codes.numpy().astype(np.int8), [V, D], 3)
+    scales = g.weight(f"{name}.scales", _f32(qw.scales), [V, G], 1)
+    q = g.op("Cast", [g.op("Gather", [codes, "input_ids"])], to=1)  # [B, L, D]
+    s = g.op("Unsqueeze", [g.op("Gather", [scales, "input_ids"]), g.const([-1], np.int64)])  # [B, L, G, 1]
+    qg = g.op("Reshape", [q, g.const([0, 0, G, D // G], np.int64)])
+    return g.op("Reshape", [g.op("Mul", [qg, s]), g.const([0, 0, D], np.int64)], "embed")
+
+
 def _rms_norm(g: _Graph, x: str, w: torch.Tensor, eps: float, name: str) -> str:
     """weight * x / sqrt(mean(x^2) + eps), the pattern onnxruntime fuses into SimplifiedLayerNormalization."""
     ms = g.op("ReduceMean", [g.op("Pow", [x, g.const(2.0)]), g.const([-1], np.int64)], keepdims=1)
@@ -517,8 +538,11 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
                 return g.op("Concat", [before, t, after], name, axis=2)
 
             W_emb = tensor(f"{spec.embedding}.weight")
-            x = g.op("Gather", [g.weight(f"{spec.embedding}.weight", _f32(W_emb), list(W_emb.shape), 1), "input_ids"],
-                     "embed")
+            if cfg.embed_head == "int8":
+                x = _int8_embedding(g, W_emb, spec.embedding)
+            else:
+                x = g.op("Gather", [g.weight(f"{spec.embedding}.weight", _f32(W_emb), list(W_emb.shape), 1),
+                                    "input_ids"], "embed")
             del W_emb
             for i in range(dims.n_layers):
                 p = f"{spec.blocks}.{i}."
@@ -550,9 +574,13 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
                          "head_rows", batch_dims=1)
             head = f"{spec.embedding}.weight" if dims.tied_head else f"{spec.head}.weight"
             W_head = tensor(head)
-            g.nodes.append(onnx.helper.make_node("MatMul", [x, g.weight("lm_head.weight_T", _f32(W_head).T,
-                                                                         [W_head.shape[1], W_head.shape[0]], 1)],
-                                                 ["logits"], name="lm_head"))
+            if cfg.embed_head == "int8":
+                x = b.nbits_matmul(x, quantize_weight(W_head.float(), HEAD_GRID), "lm_head", 0)
+                g.nodes.append(onnx.helper.make_node("Identity", [x], ["logits"], name="logits"))
+            else:
+                g.nodes.append(onnx.helper.make_node("MatMul", [x, g.weight("lm_head.weight_T", _f32(W_head).T,
+                                                                             [W_head.shape[1], W_head.shape[0]], 1)],
+                                                     ["logits"], name="lm_head"))
             del W_head
         finally:
             g.close()
