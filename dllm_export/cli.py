@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--items", type=int, help="items per task (default: the task's)")
     ev.add_argument("--json", dest="json_out", help="write the results here")
 
+    rp = sub.add_parser("report", help="the study's grid: models x methods x schemes x tasks, with drops and findings")
+    rp.add_argument("--models", default="default,default-dream")
+    rp.add_argument("--methods", default="rtn,gptq,awq")
+    rp.add_argument("--schemes", default="W8A16,W4A16,W3A16")
+    rp.add_argument("--tasks", default="docstring_cloze,arithmetic,line_infill")
+    rp.add_argument("--calib-masks", default="uniform", help="uniform (mask-aware) and/or none (plain text)")
+    rp.add_argument("--items", type=int, help="items per task (default: the task's)")
+    rp.add_argument("--calib-samples", type=int, default=32)
+    rp.add_argument("--out", required=True, help="report folder (cells are cached there: rerun to resume)")
+
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
     i.add_argument("--json", action="store_true")
@@ -280,6 +290,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .eval.report import ReportConfig, run_report
+
+    split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+    cfg = ReportConfig(models=split(args.models), methods=split(args.methods), schemes=split(args.schemes),
+                       tasks=split(args.tasks), calib_masks=split(args.calib_masks), items=args.items,
+                       calib_samples=args.calib_samples)
+    res = run_report(cfg, args.out, progress=sys.stderr.isatty())
+    for f in res["findings"]:
+        print(f)
+    print(f"wrote {args.out}/report.md, report.csv, report.json")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .models import family_for
     from .models.loader import build_model, read_config, resolve_model_path, tokenizer_special_ids, weight_files
@@ -362,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
                 "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze,
-                "eval": cmd_eval}[args.command](args)
+                "eval": cmd_eval, "report": cmd_report}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2

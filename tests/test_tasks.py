@@ -30,3 +30,19 @@ def test_run_task_on_a_tiny_model(task, tiny_dirs):
 def test_unknown_task():
     with pytest.raises(InputError, match="unknown task"):
         run_task(None, None, "gsm8k")
+
+
+def test_report_grid_is_cached_and_resumable(tiny_dirs, tmp_path):
+    from dllm_export.eval.report import ReportConfig, run_report
+
+    cfg = ReportConfig(models=(str(tiny_dirs["llada"]),), methods=("rtn",), schemes=("W4A16", "W4A4"),
+                       tasks=("arithmetic",), items=2, calib_samples=2, calib_seq_len=32)
+    res = run_report(cfg, tmp_path)
+    assert [(r["method"], r["scheme"]) for r in res["rows"]] == [("fp", None), ("rtn", "W4A16"), ("rtn", "W4A4")]
+    assert all("arithmetic" in r["scores"] or r["error"] for r in res["rows"])
+    assert (tmp_path / "report.md").read_text().startswith("# dllm-export report")
+    assert (tmp_path / "report.csv").read_text().splitlines()[0].startswith("model,method,scheme,calib,arithmetic")
+    stamp = (tmp_path / "cells" / "llada-rtn-w4a16-uniform" / "results.json").stat().st_mtime
+    again = run_report(cfg, tmp_path)  # every cell comes from the cache
+    assert again["rows"] == res["rows"]
+    assert (tmp_path / "cells" / "llada-rtn-w4a16-uniform" / "results.json").stat().st_mtime == stamp

@@ -1,0 +1,141 @@
+"""The study-style report: models x (method, scheme, calibration) x tasks, against the fp baseline.
+
+Each cell quantizes once (the quantized checkpoint is kept under OUT/cells/ and reused) and
+caches its task results (OUT/cells/<cell>/results.json), so an interrupted report resumes where
+it stopped. Output: report.md and report.csv (score per task, absolute and relative drop per
+task and per category) and a findings section computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import DllmExportError
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The grid and its budgets."""
+
+    models: tuple[str, ...] = ("default", "default-dream")
+    methods: tuple[str, ...] = ("rtn", "gptq", "awq")
+    schemes: tuple[str, ...] = ("W8A16", "W4A16", "W3A16")
+    tasks: tuple[str, ...] = ("docstring_cloze", "arithmetic", "line_infill")
+    calib_masks: tuple[str, ...] = ("uniform",)
+    items: int | None = None
+    calib_samples: int = 32
+    calib_seq_len: int = 128
+
+
+def _cell_name(model: str, method: str, scheme: str, mask: str) -> str:
+    return f"{Path(model).name}-{method}-{scheme}-{mask}".lower()
+
+
+def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False) -> dict:
+    """Run (or resume) the grid; write report.md, report.csv and report.json under out_dir."""
+    from .. import load_model, load_tokenizer
+    from ..quant import CalibConfig, QuantizeConfig, quantize
+    from .tasks import TASKS, run_task
+
+    out = Path(out_dir)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    rows = []
+    cells = [(m, None, None, None) for m in cfg.models]
+    cells += [(m, me, s, k) for m in cfg.models for s in cfg.schemes for me in cfg.methods for k in cfg.calib_masks]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), desc="report", unit="cell")
+    for model, method, scheme, mask in cells:
+        name = f"{Path(model).name}-fp" if method is None else _cell_name(model, method, scheme, mask)
+        cache = out / "cells" / name / "results.json"
+        if cache.is_file():
+            row = json.loads(cache.read_text())
+        else:
+            row = {"model": Path(str(model)).name, "method": method or "fp", "scheme": scheme, "calib": mask,
+                   "scores": {}, "error": None}
+            try:
+                path = model
+                if method is not None:
+                    qdir = out / "cells" / name / "quantized"
+                    if not (qdir / "manifest.json").is_file():
+                        quantize(model, qdir, QuantizeConfig(method=method, scheme=scheme, calib=CalibConfig(
+                            n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, mask=mask)), progress=False)
+                    path = qdir
+                m, tok = load_model(path), load_tokenizer(path)
+                for t in cfg.tasks:
+                    row["scores"][t] = run_task(m, tok, t, cfg.items)["score"]
+            except DllmExportError as e:  # a method that refuses a scheme: recorded, the grid goes on
+                row["error"] = str(e)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(row, indent=2) + "\n")
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    base = {r["model"]: r["scores"] for r in rows if r["method"] == "fp"}
+    for r in rows:
+        b = base.get(r["model"], {})
+        r["drop"] = {t: round(b[t] - s, 4) for t, s in r["scores"].items() if t in b}
+        cats: dict[str, list[float]] = {}
+        for t, d in r["drop"].items():
+            cats.setdefault(TASKS[t].category, []).append(d)
+        r["category_drop"] = {c: round(sum(v) / len(v), 4) for c, v in cats.items()}
+    result = {"config": asdict(cfg), "rows": rows, "findings": _findings(rows)}
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_csv(out / "report.csv", rows, cfg.tasks)
+    (out / "report.md").write_text(_markdown(result, cfg))
+    return result
+
+
+def _findings(rows: list[dict]) -> list[str]:
+    """Best method per scheme (smallest mean drop) and the most fragile category, from the numbers."""
+    out = []
+    q = [r for r in rows if r["method"] != "fp" and not r.get("error") and r["drop"]]
+    for scheme in sorted({r["scheme"] for r in q}):
+        cand = [r for r in q if r["scheme"] == scheme]
+        best = min(cand, key=lambda r: sum(r["drop"].values()) / len(r["drop"]))
+        out.append(f"{scheme}: best method {best['method']} ({best['model']}, calib {best['calib']}), mean drop "
+                   f"{sum(best['drop'].values()) / len(best['drop']):+.3f}")
+    cats: dict[str, list[float]] = {}
+    for r in q:
+        for c, d in r["category_drop"].items():
+            cats.setdefault(c, []).append(d)
+    if cats:
+        worst = max(cats, key=lambda c: sum(cats[c]) / len(cats[c]))
+        out.append(f"most fragile category: {worst} (mean drop {sum(cats[worst]) / len(cats[worst]):+.3f} over "
+                   f"{len(cats[worst])} cells)")
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict], tasks) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "method", "scheme", "calib", *tasks, *(f"drop_{t}" for t in tasks), "error"])
+        for r in rows:
+            w.writerow([r["model"], r["method"], r["scheme"], r["calib"], *(r["scores"].get(t, "") for t in tasks),
+                        *(r["drop"].get(t, "") for t in tasks), r.get("error") or ""])
+
+
+def _markdown(result: dict, cfg: ReportConfig) -> str:
+    tasks = cfg.tasks
+    lines = ["# dllm-export report", "",
+             "Reproduce: `dllm-export report --models " + ",".join(cfg.models) + " --methods " + ",".join(cfg.methods)
+             + " --schemes " + ",".join(cfg.schemes) + " --tasks " + ",".join(tasks) + " --calib-masks "
+             + ",".join(cfg.calib_masks) + (f" --items {cfg.items}" if cfg.items else "") + " --out DIR`", "",
+             "| model | method | scheme | calib | " + " | ".join(tasks) + " | " + " | ".join(f"drop {t}" for t in tasks) + " |",
+             "|---|---|---|---|" + "---:|" * (2 * len(tasks))]
+    for r in result["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['method']} | {r['scheme']} | {r['calib']} | error: {r['error']} |")
+            continue
+        sc = " | ".join(f"{r['scores'].get(t, float('nan')):.3f}" for t in tasks)
+        dr = " | ".join(f"{r['drop'].get(t, 0):+.3f}" for t in tasks)
+        lines.append(f"| {r['model']} | {r['method']} | {r['scheme'] or ''} | {r['calib'] or ''} | {sc} | {dr} |")
+    lines += ["", "## Findings", ""] + [f"- {f}" for f in result["findings"]]
+    return "\n".join(lines) + "\n"
