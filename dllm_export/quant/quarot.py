@@ -42,7 +42,6 @@ from ..errors import InputError
 from ..models.spec import ModelSpec
 from .base import QuantMethod, register_method, sequential_quantize, set_module
 from .hadamard import HadamardTransform, hadamard_factorization, hadamard_transform, random_signs
-from .smoothquant import heads
 
 
 class OnlineTransformLinear(nn.Linear):
@@ -64,10 +63,9 @@ class OnlineTransformLinear(nn.Linear):
 
 def model_dims(model_config) -> dict[str, int]:
     """d_model, MLP width, query / kv heads and head dim of a LLaDA or Dream config."""
-    d = getattr(model_config, "d_model", None) or model_config.hidden_size
-    mlp = getattr(model_config, "mlp_hidden_size", None) or model_config.intermediate_size
-    n_heads, n_kv = heads(model_config)
-    return {"d_model": d, "mlp": mlp, "n_heads": n_heads, "n_kv": n_kv, "head_dim": d // n_heads}
+    dm = model_config.dims
+    return {"d_model": dm.d_model, "mlp": dm.mlp_hidden, "n_heads": dm.n_heads, "n_kv": dm.n_kv_heads,
+            "head_dim": dm.head_dim}
 
 
 def is_tied(model_config) -> bool:

@@ -72,9 +72,7 @@ def fold_scales(block: nn.Module, prev: str, consumers: list[str], s: torch.Tens
 
 def heads(model_config) -> tuple[int, int]:
     """(query heads, kv heads) of a LLaDA or Dream config."""
-    n = getattr(model_config, "n_heads", None) or model_config.num_attention_heads
-    kv = getattr(model_config, "n_kv_heads", None) or model_config.num_key_value_heads
-    return n, kv
+    return model_config.dims.n_heads, model_config.dims.n_kv_heads
 
 
 @torch.no_grad()

@@ -35,9 +35,9 @@ class TorchBackend:
     def __init__(self, model: nn.Module):
         self.model = model
         self.spec: ModelSpec = model.spec
-        cfg = model.config
-        self.vocab_size = int(getattr(cfg, "embedding_size", None) or cfg.vocab_size)
-        self.max_length = int(getattr(cfg, model.spec.context_key))
+        dims = model.config.dims
+        self.vocab_size = dims.vocab_rows
+        self.max_length = dims.context
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Raw logits; with a `KVCache` (see `models.layers`), a full forward fills it and a windowed
