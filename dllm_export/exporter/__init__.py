@@ -68,6 +68,9 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     if bits is not None and bits not in allowed:
         raise InputError(f"target {target} cannot carry {bits}-bit weights (supported: {', '.join(map(str, allowed))})")
     src = resolve_model_path(model)
+    out_p = Path(out)
+    if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())):  # before any quantization runs
+        raise InputError(f"output folder {out_p} exists and is not empty")
     quantized_input = (src / "manifest.json").is_file()
     opts = dict(quantize_options or {})
     extra = {}
@@ -104,8 +107,11 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         def precheck(qcfg):
             _precheck_onnx(src, qcfg, ocfg)
     else:
+        from ..quant import get_scheme
         from .gguf import BLOCK_TYPES, GgufExportConfig, export_gguf
 
+        if quant is None and bits is None and scheme is not None:
+            bits = get_scheme(scheme).w_bits
         quant = quant or (None if quantized_input else _GGUF_BY_BITS.get(bits or 16))
         if quant is not None and bits is not None and quant in BLOCK_TYPES and int(quant[1]) != bits:
             raise InputError(f"--quant {quant} stores {quant[1]}-bit weights, not {bits}-bit")
@@ -134,7 +140,6 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     else:
         qcfg = QuantizeConfig(method=method, scheme=scheme, group_size=group_size, **opts)
         precheck(qcfg)  # refuse before a long calibration, not after
-        out_p = Path(out)
         out_p.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.quantized.", dir=out_p.parent))
         try:
