@@ -1,0 +1,33 @@
+"""Training data: arithmetic as SFT-style problem rows (prompt visible, answer + EOS padding maskable)."""
+
+import torch
+from tokenizers import Tokenizer
+
+from dllm_export.corpus import CorpusRecipe
+from dllm_export.models.loader import resolve_model_path
+from dllm_export.train import WindowSampler
+
+
+def _data():
+    tj = (resolve_model_path("default") / "tokenizer.json").read_text()
+    tok = Tokenizer.from_str(tj)
+    lines = ["12+34=46\n", "5*6=30\n", "90-45=45\n"] * 50
+    ids = tok.encode("".join(lines), add_special_tokens=False).ids
+    starts = torch.tensor([0] + [len(x) for x in lines[:-1]]).cumsum(0)
+    code = torch.arange(1000, 1000 + 4096, dtype=torch.int32)
+    return tok, {"tokenizer_files": {"tokenizer.json": tj}, "ids": {"eos_token_id": 1},
+                 "streams": {"code": code, "english": code, "arithmetic": torch.tensor(ids, dtype=torch.int32)},
+                 "arithmetic_starts": starts}
+
+
+def test_problem_rows_keep_the_prompt_visible_and_pad_with_eos():
+    tok, data = _data()
+    s = WindowSampler(data, CorpusRecipe(code=0.5, arithmetic=0.5, english=0.0), 48, True, arithmetic_rows=12)
+    groups = s.sample(8, torch.Generator().manual_seed(0))
+    rows = [g for g in groups if g[0].shape[1] == 12]
+    assert len(rows) == 1 and rows[0][0].shape[0] % 4 == 0  # 48 // 12 problems per arithmetic window
+    for x, m in zip(*rows[0]):
+        text = tok.decode(x[~m].tolist())
+        assert text.endswith("=") and text in ("12+34=", "5*6=", "90-45=")
+        answer = tok.decode([t for t in x[m].tolist() if t != 1])
+        assert answer in ("46", "30", "45") and x[-1] == 1  # EOS padding, maskable
