@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--code-prompts", type=int, default=1, help="also decode the code prompt (speed on text)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--artifact", action="append", default=[],
+                    help="also run these exported artifacts (e.g. an ONNX W8A8 folder) with --artifact-variant")
+    ap.add_argument("--artifact-variant", default="dual+threshold0.9", choices=list(VARIANTS))
     ap.add_argument("--out", help="JSON (default: benchmarks/results/decode_speed_<model>.json)")
     args = ap.parse_args(argv)
 
@@ -125,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     code = [tok("def fibonacci(n):", add_special_tokens=False)["input_ids"]] * args.code_prompts
     results = {"model": label, "gen_length": args.gen_length, "block_length": args.block_length,
                "threads": args.threads, "problems": len(prompts), "variants": {}}
-    for name in args.variants:
-        opts = VARIANTS[name]
-        be = TimedBackend(TorchBackend(model))
+    from dllm_export.runtime.backends import load_backend
+
+    runs = [(name, VARIANTS[name], lambda: TorchBackend(model)) for name in args.variants]
+    runs += [(f"{Path(a).name}:{args.artifact_variant}", VARIANTS[args.artifact_variant],
+              lambda a=a: load_backend(a, threads=args.threads)) for a in args.artifact]
+    for name, opts, make in runs:
+        be = TimedBackend(make())
         t0 = time.perf_counter()
         n_tok, nfe, correct = 0, 0, 0
         for p, want in list(zip(prompts, answers)) + [(c, None) for c in code]:  # one at a time: the edge case
