@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dllm_export import generate, load_model, load_tokenizer
     from dllm_export.corpus import arithmetic_test_problems, format_problem
+    from dllm_export.eval.tasks import answer_digits
     from dllm_export.runtime.backends import TorchBackend
 
     torch.set_num_threads(args.threads)
@@ -143,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             n_tok += out.generated.numel()
             nfe += out.nfe
             if want is not None:
-                text = tok.decode(out.generated[0].tolist())
-                correct += text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))] == want
+                correct += answer_digits(tok.decode(out.generated[0].tolist())) == want
         total = time.perf_counter() - t0
         res = {"options": opts, "seconds": round(total, 3), "tokens_per_s": round(n_tok / total, 2),
                "nfe": nfe, "tokens_per_step": round(n_tok / nfe, 2),

@@ -89,18 +89,10 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if cfg.quality:
-        from .corpus import arithmetic_test_problems, format_problem
+        from .eval.tasks import run_task
 
         folder = Path(path).parent if str(path).endswith(".gguf") else path
-        tok = load_tokenizer(folder)
-        probs = arithmetic_test_problems()[:: max(1, 1000 // cfg.problems)][: cfg.problems]
-        ok = 0
-        for a, op, b in probs:
-            p = tok(f"{a}{op}{b}=", add_special_tokens=False)["input_ids"]
-            text = tok.decode(generate(be, [p], gen_length=4, steps=4, block_length=4).generated[0].tolist())
-            ok += text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))] == \
-                format_problem(a, op, b).split("=")[1]
-        res["arith_em"] = round(ok / len(probs), 4)
+        res["arith_em"] = round(run_task(be, load_tokenizer(folder), "arithmetic", cfg.problems)["score"], 4)
     return res
 
 

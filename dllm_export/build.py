@@ -86,20 +86,14 @@ def read_config(path: str | Path) -> BuildConfig:
 
 def _quality(backend, tok, cfg: BuildConfig) -> dict:
     """Held-out bits/token (stdlib modules never trained on) and arithmetic exact match."""
-    from . import generate
-    from .corpus import arithmetic_test_problems, code_texts, format_problem
+    from .corpus import code_texts
     from .eval.likelihood import text_bits_per_token
+    from .eval.tasks import run_task
 
     texts = [t for _, t in code_texts(held_out=True)]
     bpt = text_bits_per_token(backend, tok, texts, window=128, max_windows=cfg.eval_windows, mc=8, seed=0)
-    probs = arithmetic_test_problems()[:: max(1, 1000 // cfg.problems)][: cfg.problems]
-    prompts = [tok(f"{a}{op}{b}=", add_special_tokens=False)["input_ids"] for a, op, b in probs]
-    ok = 0
-    for p, (a, op, b) in zip(prompts, probs):
-        text = tok.decode(generate(backend, [p], gen_length=4, steps=4, block_length=4).generated[0].tolist())
-        ok += text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))] == \
-            format_problem(a, op, b).split("=")[1]
-    return {"bits_per_token": round(float(bpt["bits_per_token"]), 4), "arith_em": round(ok / len(probs), 4)}
+    em = run_task(backend, tok, "arithmetic", cfg.problems)["score"]
+    return {"bits_per_token": round(float(bpt["bits_per_token"]), 4), "arith_em": round(em, 4)}
 
 
 def _files(folder: Path) -> dict:

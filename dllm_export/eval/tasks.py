@@ -97,7 +97,8 @@ def infill_items(n: int, seed: int = 0) -> list[dict]:
     return items
 
 
-def _digits(text: str) -> str:
+def answer_digits(text: str) -> str:
+    """The arithmetic answer read from generated text: the digits before the first non-digit."""
     return text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))]
 
 
@@ -127,7 +128,7 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
         for a, op, b in arithmetic_test_problems()[:: max(1, 1000 // n)][:n]:
             out = generate(be, [enc(f"{a}{op}{b}=")], gen_length=task.gen_length, steps=task.steps,
                            block_length=task.block_length)
-            correct += _digits(tok.decode(out.generated[0].tolist())) == format_problem(a, op, b).split("=")[1]
+            correct += answer_digits(tok.decode(out.generated[0].tolist())) == format_problem(a, op, b).split("=")[1]
             total += 1
     else:  # code: infill the masked line in place, as many tokens as the reference line has
         mask = be.spec.mask_id
