@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# Set up (once) and run the main job on the bundled default model.
+# Set up (once) and run the main job on the bundled default model: export it for onnxruntime at
+# 4 bits (GPTQ, mask-aware calibration) and for llama.cpp (Q4_0 grid), then decode with each artifact.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+OUT=${DEMO_OUT:-out/demo}
+rm -rf "$OUT"
 .venv/bin/dllm-export info --model default
-.venv/bin/dllm-export generate --model default --prompt "def fibonacci(n):" --gen-length 64 --steps 64 --block-length 32 "$@"
+.venv/bin/dllm-export --target onnx --bits 4 --method gptq --model default --out "$OUT/onnx-w4" --no-progress
+.venv/bin/dllm-export --target gguf --quant Q4_0 --method gptq --model default --out "$OUT/gguf-q4_0" --no-progress
+for m in default "$OUT/onnx-w4" "$OUT/gguf-q4_0"; do
+  echo "== $m"
+  cache=dual
+  [ -f "$m/model.gguf" ] && cache=none  # llama.cpp's diffusion archs keep no KV cache
+  .venv/bin/dllm-export generate --model "$m" --prompt "47+38=" --prompt "def fibonacci(n):" \
+    --gen-length 32 --block-length 32 --cache "$cache" --threshold 0.9 "$@"
+done
+.venv/bin/dllm-export bench default "$OUT/onnx-w4" "$OUT/gguf-q4_0" --reps 5

@@ -76,8 +76,10 @@ class LlamaCppBackend:
         if n_vocab != dims.vocab_rows:
             raise CheckpointError(f"{file}: llama.cpp sees {n_vocab} tokens, config.json implies {dims.vocab_rows}")
         cp = L.llama_context_default_params()
-        # no KV cache exists for these archs: n_ctx only bounds one call, like n_ubatch
-        cp.n_ctx = cp.n_batch = cp.n_ubatch = cp.n_outputs_max = self.max_tokens
+        # no KV cache exists for these archs: n_ctx only bounds one call, like n_ubatch; llama.cpp
+        # wants at least 256 positions per sequence slot and n_ctx divisible by n_seq_max
+        cp.n_batch = cp.n_ubatch = cp.n_outputs_max = self.max_tokens
+        cp.n_ctx = max(self.max_tokens, 256 * max_seqs) // max_seqs * max_seqs
         cp.n_seq_max = max_seqs
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if threads:
