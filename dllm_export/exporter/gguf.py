@@ -31,7 +31,8 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
-from ..quant.primitives import QuantizedWeight
+from ..quant.load import weight_config
+from ..quant.primitives import QuantizedWeight, WeightQuantConfig
 from .source import open_source, write_sidecars
 
 FORMAT = "dllm-export/gguf"
@@ -84,14 +85,14 @@ class GgufExportConfig:
                 raise InputError(f"embedding / head type must be F32 or F16, got {t!r}")
 
 
-def block_type_for(qw: QuantizedWeight, name: str = "weight") -> str:
-    """The GGML block type that stores this grid exactly, or a clear error saying why none does."""
-    c = qw.cfg
-    G = qw.scales.shape[1]
-    if qw.shape[1] // G != 32:
+def block_type_for(c: WeightQuantConfig, in_features: int, name: str = "weight") -> str:
+    """The GGML block type that stores the grid `c` (of a layer `in_features` wide) exactly, or a
+    clear error saying why none does."""
+    group = c.group_size or in_features
+    if group != 32:
         raise InputError(f"{name}: GGUF block formats hold groups of 32 weights; this grid has groups of "
-                         f"{qw.shape[1] // G} (quantize with --group-size 32)")
-    if not c.sym and qw.mins is None:
+                         f"{group} (quantize with --group-size 32)")
+    if not c.sym and c.zero_kind != "float":
         raise InputError(f"{name}: asymmetric grids with integer zero points have no exact GGUF form (Q4_1/Q5_1 "
                          f"store a float minimum); quantize with --zero-kind float, or symmetric for Q4_0")
     key = (c.bits, c.sym)
@@ -202,45 +203,41 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
             return _encode(x, qtype)
         plan.append((gname, shape, qtype, produce))
 
-    def add_linear(gname: str, hf_name: str, n_head: int | None = None):
+    def add_linear(gname: str, hf_name: str, shape: tuple[int, int], n_head: int | None = None):
+        # planned from the manifest alone: each layer's tensors are read when written, so the file
+        # streams one layer at a time
         entry = layers.get(hf_name)
-        if entry is None:
+        if entry is None or entry.get("weight") is None:
+            if entry is not None:
+                _refuse_online_parts(hf_name, entry)
             add_float(gname + ".weight", hf_name + ".weight", float_type, n_head)
             if f"{hf_name}.bias" in handles:
                 add_float(gname + ".bias", hf_name + ".bias", "F32", n_head)
             return
-        lin = source.linear(hf_name)
-        if lin.transform is not None:
-            raise InputError(f"{hf_name}: an online rotation ({lin.transform.kind}) has no GGUF form; "
-                             f"export this checkpoint with --target onnx")
-        if lin.act is not None and lin.act.bits < 16:
-            raise InputError(f"{hf_name}: activation quantization (A{lin.act.bits}) has no GGUF form; llama.cpp "
-                             f"quantizes activations itself. Use a weight-only scheme here, or --target onnx")
-        if lin.qweight is None:
-            add_float(gname + ".weight", hf_name + ".weight", float_type, n_head)
-        else:
-            qtype = block_type_for(lin.qweight, hf_name)
-            if cfg.quant not in (None, qtype):
-                raise InputError(f"{hf_name}: the quantized grid is {qtype}; it cannot be written as {cfg.quant} "
-                                 f"without rounding again")
-            qw = lin.qweight
+        _refuse_online_parts(hf_name, entry)
+        qtype = block_type_for(weight_config(entry["weight"]), shape[1], hf_name)
+        if cfg.quant not in (None, qtype):
+            raise InputError(f"{hf_name}: the quantized grid is {qtype}; it cannot be written as {cfg.quant} "
+                             f"without rounding again")
 
-            def produce(qw=qw, qtype=qtype):
-                packed = pack_blocks(qw, qtype)
-                return _permute_rope_rows(packed, n_head) if n_head is not None else packed
-            plan.append((gname + ".weight", qw.shape, qtype, produce))
-        if lin.bias is not None:
-            b = lin.bias.to(torch.float32).numpy()
-            plan.append((gname + ".bias", b.shape, "F32",
-                         lambda b=b: _permute_rope_rows(b, n_head) if n_head is not None else b))
+        def produce():
+            packed = pack_blocks(source.linear(hf_name).qweight, qtype)
+            return _permute_rope_rows(packed, n_head) if n_head is not None else packed
+        plan.append((gname + ".weight", shape, qtype, produce))
+        if f"{hf_name}.bias" in handles:
+            add_float(gname + ".bias", hf_name + ".bias", "F32", n_head)
 
+    q_out, kv_out = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
+    shapes = {"q": (q_out, dims.d_model), "k": (kv_out, dims.d_model), "v": (kv_out, dims.d_model),
+              "o": (dims.d_model, q_out), "gate": (dims.mlp_hidden, dims.d_model),
+              "up": (dims.mlp_hidden, dims.d_model), "down": (dims.d_model, dims.mlp_hidden)}
     add_float("token_embd.weight", f"{spec.embedding}.weight", cfg.embed_type)
     for i in range(dims.n_layers):
         p = f"{spec.blocks}.{i}."
         add_float(f"blk.{i}.attn_norm.weight", p + spec.norms["attn"] + ".weight", "F32")
         for role, hf in spec.linears.items():
             heads = {"q": dims.n_heads, "k": dims.n_kv_heads}.get(role) if permute else None
-            add_linear(f"blk.{i}.{_ROLE_NAMES[role]}", p + hf, heads)
+            add_linear(f"blk.{i}.{_ROLE_NAMES[role]}", p + hf, shapes[role], heads)
         add_float(f"blk.{i}.ffn_norm.weight", p + spec.norms["ffn"] + ".weight", "F32")
     add_float("output_norm.weight", f"{spec.final_norm}.weight", "F32")
     if not dims.tied_head:
@@ -285,6 +282,17 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
         manifest.update(extra_manifest or {})
         write_sidecars(tmp, manifest, source)
     return Path(out_dir)
+
+
+def _refuse_online_parts(name: str, entry: dict) -> None:
+    """Online rotations and activation quantization (manifest entry of a layer) have no GGUF form."""
+    if entry.get("input_transform"):
+        raise InputError(f"{name}: an online rotation ({entry['input_transform']['kind']}) has no GGUF form; "
+                         f"export this checkpoint with --target onnx")
+    act = entry.get("act") or {}
+    if act.get("bits", 16) < 16:
+        raise InputError(f"{name}: activation quantization (A{act['bits']}) has no GGUF form; llama.cpp "
+                         f"quantizes activations itself. Use a weight-only scheme here, or --target onnx")
 
 
 def _encode(x: np.ndarray, qtype: str) -> np.ndarray:
