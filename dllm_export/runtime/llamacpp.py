@@ -134,11 +134,14 @@ class LlamaCppBackend:
                 out[r, keep[r]] = lg
             pending.clear()
 
+        lengths = keep.sum(1).tolist()
+        queued = 0
         for r in range(B):  # pack sequences into calls of at most max_tokens tokens / max_seqs sequences
-            if pending and (sum(int(keep[p].sum()) for p in pending) + int(keep[r].sum()) > self.max_tokens
-                            or len(pending) == self.max_seqs):
+            if pending and (queued + lengths[r] > self.max_tokens or len(pending) == self.max_seqs):
                 flush()
+                queued = 0
             pending.append(r)
+            queued += lengths[r]
         if pending:
             flush()
         return torch.from_numpy(out)

@@ -114,6 +114,8 @@ class OrtBackend:
         import onnx
         import onnxruntime as ort
 
+        from ..exporter.onnx import MODEL_FILE
+
         with tempfile.TemporaryDirectory() as d:
             opts = ort.SessionOptions()
             for key, value in self.config_entries.items():
@@ -122,7 +124,7 @@ class OrtBackend:
             opts.log_severity_level = 3  # the "hardware specific optimizations" warning is expected here
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            ort.InferenceSession(str(self.path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
             m = onnx.load(str(Path(d) / "optimized.onnx"), load_external_data=False)
             counts: dict[str, int] = {}
             for n in m.graph.node:
