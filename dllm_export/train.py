@@ -61,6 +61,10 @@ class TrainConfig:
             its own N-token row `47+38=85<eos><eos>...`, only the answer and its EOS padding maskable
             (LLaDA SFT's format, and exactly what decoding sees: a prompt, then a masked canvas that
             must end in EOS). An arithmetic window's token budget becomes seq_len // N such rows.
+        arithmetic_row_lengths: when set, replaces `arithmetic_rows`: each arithmetic window's budget
+            goes to rows of a length drawn uniformly from this tuple (e.g. (16, 64, 288)), so the model
+            also sees the long all-EOS canvases of `gen_length=256` decoding. Rows may be longer than
+            seq_len; the budget carries over (stochastic rounding) so the token share is kept.
     """
 
     family: str = "llada"
@@ -85,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     arithmetic_answer_only: bool = False
     arithmetic_rows: int = 0
+    arithmetic_row_lengths: tuple[int, ...] = ()
 
 
 # The shapes of the bundled models (see the model cards in dllm_export/assets/*/README.md).
@@ -161,7 +166,7 @@ class WindowSampler:
     (arithmetic windows start at a line start, so `47+38=` at position 0 looks like training)."""
 
     def __init__(self, data: dict, recipe: CorpusRecipe, seq_len: int, answer_only: bool = False,
-                 arithmetic_rows: int = 0):
+                 arithmetic_rows: int | tuple[int, ...] = 0):
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(data["tokenizer_files"]["tokenizer.json"])
@@ -175,7 +180,9 @@ class WindowSampler:
         self.line_starts, self.line_ends = self.starts, ends
         self.starts = self.starts[self.starts <= len(self.streams["arithmetic"]) - seq_len]
         self.seq_len = seq_len
-        self.rows = arithmetic_rows
+        # row lengths of arithmetic problems; () = packed windows
+        self.row_lengths = tuple(arithmetic_rows) if isinstance(arithmetic_rows, (tuple, list)) else (
+            (arithmetic_rows,) if arithmetic_rows else ())
         self.eos_id = data["ids"]["eos_token_id"]
 
     def answer_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,14 +194,14 @@ class WindowSampler:
         before_nl = torch.cat([torch.tensor([-1]), last_nl[:-1]])
         return before_eq > before_nl
 
-    def problem_rows(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """n arithmetic problems as [n, rows] `47+38=85<eos>...` rows and their maskable answer + padding."""
+    def problem_rows(self, n: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n arithmetic problems as [n, length] `47+38=85<eos>...` rows and their maskable answer + padding."""
         idx = torch.randint(len(self.line_starts), (n,), generator=generator)
-        x = torch.full((n, self.rows), self.eos_id, dtype=torch.int64)
-        maskable = torch.zeros(n, self.rows, dtype=torch.bool)
+        x = torch.full((n, length), self.eos_id, dtype=torch.int64)
+        maskable = torch.zeros(n, length, dtype=torch.bool)
         stream = self.streams["arithmetic"]
         for r, i in enumerate(idx.tolist()):
-            line = stream[int(self.line_starts[i]):int(self.line_ends[i])].long()[: self.rows]
+            line = stream[int(self.line_starts[i]):int(self.line_ends[i])].long()[:length]
             x[r, :len(line)] = line
             eq = int((line == self.eq_id).nonzero()[0, 0])
             maskable[r, eq + 1:] = True
@@ -205,12 +212,14 @@ class WindowSampler:
         shape (packed windows, plus arithmetic problem rows when `arithmetic_rows` is set)."""
         src = torch.multinomial(self.shares, batch_size, replacement=True, generator=generator)
         rows, maskable = [], []
-        n_problems = 0
+        budget = dict.fromkeys(self.row_lengths, 0)  # arithmetic tokens per row length
         for s in src.tolist():
             name = self.names[s]
             stream = self.streams[name]
-            if name == "arithmetic" and self.rows:
-                n_problems += self.seq_len // self.rows
+            if name == "arithmetic" and self.row_lengths:
+                pick = 0 if len(self.row_lengths) == 1 else int(
+                    torch.randint(len(self.row_lengths), (1,), generator=generator))
+                budget[self.row_lengths[pick]] += self.seq_len
                 continue
             if name == "arithmetic":
                 off = int(self.starts[torch.randint(len(self.starts), (1,), generator=generator)])
@@ -222,8 +231,12 @@ class WindowSampler:
             else:
                 maskable.append(torch.ones(self.seq_len, dtype=torch.bool))
         groups = [(torch.stack(rows), torch.stack(maskable))] if rows else []
-        if n_problems:
-            groups.append(self.problem_rows(n_problems, generator))
+        for length, tokens in budget.items():
+            n = tokens // length
+            if tokens % length and float(torch.rand((), generator=generator)) < (tokens % length) / length:
+                n += 1  # stochastic rounding keeps the expected arithmetic share for rows > seq_len
+            if n:
+                groups.append(self.problem_rows(n, length, generator))
         return groups
 
 
@@ -291,7 +304,7 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
           resume: bool = False, checkpoint_minutes: float = 5.0, log_every: int = 20,
           steps: int | None = None, mix: tuple[float, float, float] | None = None,
           answer_only: bool | None = None, until_step: int | None = None,
-          arithmetic_rows: int | None = None) -> Path:
+          arithmetic_rows: int | None = None, arithmetic_row_lengths: tuple[int, ...] | None = None) -> Path:
     """Train (or resume) a run in folder `out` until `cfg.steps` or the wall-clock budget; return the checkpoint path.
 
     On `resume` the saved settings are used, except the schedule length when `steps` is given
@@ -311,6 +324,7 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
     if resume:
         state = torch.load(ckpt_path, weights_only=False)
         saved = {**state["train_config"], "betas": tuple(state["train_config"]["betas"])}
+        saved["arithmetic_row_lengths"] = tuple(saved.get("arithmetic_row_lengths", ()))
         cfg = TrainConfig(**{**saved, "steps": steps or saved["steps"]})
         recipe = CorpusRecipe(**state["recipe"])
     mix_history = []
@@ -349,10 +363,14 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
         cfg = dataclasses.replace(cfg, arithmetic_answer_only=answer_only)
     if arithmetic_rows is not None:
         cfg = dataclasses.replace(cfg, arithmetic_rows=arithmetic_rows)
-    entry = [[recipe.code, recipe.arithmetic, recipe.english], cfg.arithmetic_answer_only, cfg.arithmetic_rows]
+    if arithmetic_row_lengths is not None:
+        cfg = dataclasses.replace(cfg, arithmetic_row_lengths=tuple(arithmetic_row_lengths))
+    rows = list(cfg.arithmetic_row_lengths) or cfg.arithmetic_rows
+    entry = [[recipe.code, recipe.arithmetic, recipe.english], cfg.arithmetic_answer_only, rows]
     if not mix_history or mix_history[-1][1:] != entry:
         mix_history.append([step, *entry])
-    sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only, cfg.arithmetic_rows)
+    sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only,
+                            cfg.arithmetic_row_lengths or cfg.arithmetic_rows)
     mask_id = model.spec.mask_id
 
     def checkpoint():
@@ -441,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="from now on mask only the answers of arithmetic lines (LLaDA SFT: prompt never masked)")
     ap.add_argument("--arithmetic-rows", type=int, default=None,
                     help="from now on train arithmetic as one problem per N-token row padded with EOS (0 = windows)")
+    ap.add_argument("--arithmetic-row-lengths", type=lambda v: tuple(int(x) for x in v.split(",")),
+                    help="from now on draw each arithmetic window's row length from these (e.g. 16,64,288)")
     ap.add_argument("--until-step", type=int, help="stop and save at this step (to replay a multi-phase run)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -456,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(PRESETS[args.family], **overrides)
     train(args.out, cfg, minutes=args.minutes, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes,
           log_every=args.log_every, steps=args.steps, mix=args.mix,
-          answer_only=args.answer_only_arithmetic, until_step=args.until_step, arithmetic_rows=args.arithmetic_rows)
+          answer_only=args.answer_only_arithmetic, until_step=args.until_step, arithmetic_rows=args.arithmetic_rows,
+          arithmetic_row_lengths=args.arithmetic_row_lengths)
     return 0
 
 

@@ -31,3 +31,17 @@ def test_problem_rows_keep_the_prompt_visible_and_pad_with_eos():
         assert text.endswith("=") and text in ("12+34=", "5*6=", "90-45=")
         answer = tok.decode([t for t in x[m].tolist() if t != 1])
         assert answer in ("46", "30", "45") and x[-1] == 1  # EOS padding, maskable
+
+
+def test_row_lengths_longer_than_a_window_keep_the_arithmetic_token_share():
+    tok, data = _data()
+    s = WindowSampler(data, CorpusRecipe(code=0.0, arithmetic=1.0, english=0.0), 48, True, arithmetic_rows=(12, 96))
+    gen = torch.Generator().manual_seed(0)
+    tokens = {12: 0, 96: 0}
+    for _ in range(200):
+        for x, m in s.sample(8, gen):
+            tokens[x.shape[1]] += x.numel()
+            assert (x[m.logical_not()] != 1).all() and (x[:, -1] == 1).all()  # prompt visible, EOS-padded tail
+    total = 200 * 8 * 48
+    assert abs(sum(tokens.values()) - total) / total < 0.05  # stochastic rounding keeps the budget
+    assert 0.4 < tokens[96] / total < 0.6  # each length gets about half the windows
