@@ -1,5 +1,6 @@
 """`dllm-export bench`: artifacts side by side: load time, per-step latency, decoding tokens/s,
-peak memory, file size and (with quality on) arithmetic exact match, with ratios to the first.
+peak memory, file size and (with quality on) held-out bits/token and arithmetic exact match, with
+ratios and quality deltas to the first.
 
 Each artifact is measured in a fresh Python process (`python -m dllm_export.bench --one PATH`),
 so load time and peak RSS are its own and not the leftovers of the previous one.
@@ -29,7 +30,8 @@ class BenchConfig:
         gen_length / block_length / cache / threshold: the decode timed for tokens/s (steps = gen_length).
         threads: CPU threads of the runtime (0 = its default).
         backend: "auto" (by what the path holds) or a backend name.
-        quality: also decode `problems` held-out 2-digit arithmetic problems and report exact match.
+        quality: also held-out bits/token over `eval_windows` windows and exact match on `problems`
+            held-out 2-digit arithmetic problems (`eval.quality.quick_quality`, as build's gates).
     """
 
     canvas: int = 128
@@ -42,6 +44,7 @@ class BenchConfig:
     backend: str = "auto"
     quality: bool = False
     problems: int = 50
+    eval_windows: int = 8
 
 
 def _size(path: Path) -> int:
@@ -89,10 +92,10 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if cfg.quality:
-        from .eval.tasks import run_task
+        from .eval.quality import quick_quality
 
         folder = Path(path).parent if str(path).endswith(".gguf") else path
-        res["arith_em"] = round(run_task(be, load_tokenizer(folder), "arithmetic", cfg.problems)["score"], 4)
+        res.update(quick_quality(be, load_tokenizer(folder), windows=cfg.eval_windows, problems=cfg.problems))
     return res
 
 
@@ -113,6 +116,9 @@ def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
             r["step_speedup"] = round(base["step_ms_median"] / r["step_ms_median"], 2)
             r["tokens_per_s_ratio"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
             r["size_ratio"] = round(r["size_mib"] / base["size_mib"], 3) if base["size_mib"] else None
+            if "arith_em" in r and "arith_em" in base:  # quality deltas to the first artifact
+                r["arith_em_drop"] = round(base["arith_em"] - r["arith_em"], 4)
+                r["bpt_increase"] = round(r["bits_per_token"] / base["bits_per_token"] - 1, 4)
     return {"config": asdict(cfg), "artifacts": rows}
 
 
@@ -121,7 +127,7 @@ def to_markdown(result: dict) -> str:
     cols = ["path", "backend", "size_mib", "load_s", "step_ms_median", "step_ms_p90", "tokens_per_s",
             "peak_rss_mib", "step_speedup"]
     if result["config"]["quality"]:
-        cols.append("arith_em")
+        cols += ["bits_per_token", "bpt_increase", "arith_em", "arith_em_drop"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["artifacts"]:
         if "error" in r:

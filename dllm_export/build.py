@@ -86,14 +86,9 @@ def read_config(path: str | Path) -> BuildConfig:
 
 def _quality(backend, tok, cfg: BuildConfig) -> dict:
     """Held-out bits/token (stdlib modules never trained on) and arithmetic exact match."""
-    from .corpus import code_texts
-    from .eval.likelihood import text_bits_per_token
-    from .eval.tasks import run_task
+    from .eval.quality import quick_quality
 
-    texts = [t for _, t in code_texts(held_out=True)]
-    bpt = text_bits_per_token(backend, tok, texts, window=128, max_windows=cfg.eval_windows, mc=8, seed=0)
-    em = run_task(backend, tok, "arithmetic", cfg.problems)["score"]
-    return {"bits_per_token": round(float(bpt["bits_per_token"]), 4), "arith_em": round(em, 4)}
+    return quick_quality(backend, tok, windows=cfg.eval_windows, problems=cfg.problems)
 
 
 def _files(folder: Path) -> dict:

@@ -4,6 +4,7 @@
     dllm-export info --model DIR
     dllm-export --target onnx --bits 4 [--method gptq] [--scheme W4A8] [--format qdq|matmulnbits] [--out DIR]
     dllm-export generate --model DIR          (a checkpoint folder or an exported ONNX artifact)
+    dllm-export lm-eval --model DIR --tasks arc_easy,gsm8k [--model-args mc_num=128,gen_length=256]
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
+    bn.add_argument("--plot", help="write a PNG of every figure here")
 
     bd = sub.add_parser("build", help="build a matrix of artifacts from a TOML config, with quality gates")
     bd.add_argument("config", help="build TOML (see examples/build.toml)")
@@ -123,12 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--samples", type=int, default=16, help="calibration windows (default: %(default)s)")
     an.add_argument("--seq-len", type=int, default=128)
     an.add_argument("--ratios", default="0.15,0.5,0.85", help="mask ratios (default: %(default)s)")
+    an.add_argument("--no-plots", action="store_true", help="JSON and markdown only, no PNG")
 
     ev = sub.add_parser("eval", help="task suites (general / math / code) on a checkpoint or an artifact")
     ev.add_argument("--model", default="default", help="checkpoint, ONNX / GGUF artifact, or 'default'")
     ev.add_argument("--tasks", default="docstring_cloze,arithmetic,line_infill")
     ev.add_argument("--items", type=int, help="items per task (default: the task's)")
     ev.add_argument("--json", dest="json_out", help="write the results here")
+
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (GSM8K, HumanEval, ARC, ...) on a checkpoint "
+                                        "or an artifact, as lm-eval's model `dllm`")
+    le.add_argument("--model", default="default", help="checkpoint, ONNX / GGUF artifact, or 'default' / 'default-dream'")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task / group names or task YAML files")
+    le.add_argument("--include-path", help="folder of extra task YAMLs (local tasks)")
+    le.add_argument("--limit", type=float, help="examples per task (a fraction when < 1)")
+    le.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    le.add_argument("--model-args", default="", help="k=v,...: backend, dtype, mc_num, batch, greedy, gen_length, "
+                                                     "steps, block_length, cache, threshold, sampler, seed, ...")
+    le.add_argument("--gen-kwargs", help="k=v,... overriding the tasks' generation kwargs (until, max_gen_toks)")
+    le.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    le.add_argument("--confirm-run-unsafe-code", action="store_true",
+                    help="allow tasks that execute generated code (HumanEval, MBPP)")
+    le.add_argument("--out", help="write lm-eval's results JSON here")
+    le.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     rp = sub.add_parser("report", help="the study's grid: models x methods x schemes x tasks, with drops and findings")
     rp.add_argument("--models", default="default,default-dream")
@@ -229,6 +248,10 @@ def cmd_bench(args) -> int:
         Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table)
+    if args.plot:
+        from .eval.plots import plot_bench
+
+        plot_bench(res, args.plot)
     return 2 if any("error" in r for r in res["artifacts"]) else 0
 
 
@@ -259,16 +282,26 @@ def cmd_analyze(args) -> int:
     ids, _ = calibration_ids(load_tokenizer(args.model), model.spec,
                              CalibConfig(n_samples=args.samples, seq_len=args.seq_len, mask="none"),
                              model.config.dims.context)
-    res = analyze(model, ids, model.spec.mask_id, ratios=tuple(float(r) for r in args.ratios.split(",")))
+    snapshots: dict = {}
+    res = analyze(model, ids, model.spec.mask_id, ratios=tuple(float(r) for r in args.ratios.split(",")),
+                  snapshots=snapshots)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "outliers.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / "outliers.md").write_text(to_markdown(res))
+    if not args.no_plots:
+        from .eval.plots import plot_outliers
+
+        # the pictures: every block's FFN hidden state (down) and the block with the worst q input
+        worst_q = max((n for n in snapshots if res["layers"][n]["role"] == "q"),
+                      key=lambda n: res["layers"][n]["all"]["channel_max_over_median"], default=None)
+        keep = {n: x for n, x in snapshots.items() if res["layers"][n]["role"] != "q" or n == worst_q}
+        plot_outliers(res, out, keep)
     print(f"{len(res['layers'])} linear inputs over {res['windows']} windows x {len(res['ratios'])} mask ratios; "
           f"largest channel max/median by role: {res['by_role']}")
     for f in res["flagged"][:10]:
         print(f"  {f['layer']}: channel outliers {f['channel_outliers']}, massive tokens {f['massive']}")
-    print(f"wrote {out / 'outliers.json'}, {out / 'outliers.md'}")
+    print(f"wrote {out / 'outliers.json'}, {out / 'outliers.md'}" + ("" if args.no_plots else ", PNG plots"))
     return 0
 
 
@@ -290,6 +323,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    try:
+        from .eval import harness
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise DllmExportError("lm-eval is not installed: pip install lm-eval") from None
+
+    model_args = harness.parse_model_args(args.model_args)
+    if args.no_progress or not sys.stderr.isatty():
+        model_args.setdefault("disable_tqdm", True)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    res = harness.evaluate(args.model, args.tasks, model_args=model_args, include_path=args.include_path,
+                           limit=limit, num_fewshot=args.num_fewshot, gen_kwargs=args.gen_kwargs,
+                           apply_chat_template=args.apply_chat_template,
+                           confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+    print(harness.results_table(res), end="")
+    if args.out:
+        print(f"wrote {harness.write_results(res, args.out)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .eval.report import ReportConfig, run_report
 
@@ -300,7 +355,7 @@ def cmd_report(args) -> int:
     res = run_report(cfg, args.out, progress=sys.stderr.isatty())
     for f in res["findings"]:
         print(f)
-    print(f"wrote {args.out}/report.md, report.csv, report.json")
+    print(f"wrote {args.out}/report.md, report.csv, report.json, score_vs_bits.png")
     return 0
 
 
@@ -386,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
                 "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze,
-                "eval": cmd_eval, "report": cmd_report}[args.command](args)
+                "eval": cmd_eval, "lm-eval": cmd_lm_eval, "report": cmd_report}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2

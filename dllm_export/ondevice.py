@@ -7,12 +7,17 @@ run it, bring back the JSON: the same figures as `dllm-export bench` (load time,
 median / p90, greedy decoding tokens/s, peak RSS, file size).
 
     python3 ondevice.py ARTIFACT_DIR [--canvas 128 --reps 10 --gen-length 64 --block-length 32 --threads 4]
+
+`--dump FILE.npz` also saves the logits of the timed canvas and the greedy decode's tokens, so a run
+on another machine (an ARM board, or aarch64 under emulation: scripts/arm64-root.sh) can be checked
+for correctness against this one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import statistics
 import sys
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dump", help="save the canvas logits and the decoded tokens here (.npz)")
     args = ap.parse_args(argv)
     folder = Path(args.artifact)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -137,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(time.perf_counter() - t)
     steps.sort()
     t = time.perf_counter()
-    _, nfe = decode(model, ids[:, : max(1, args.canvas - args.gen_length)], args.gen_length, args.block_length,
-                    spec["mask_id"], spec["shift_logits"])
+    tokens, nfe = decode(model, ids[:, : max(1, args.canvas - args.gen_length)], args.gen_length,
+                         args.block_length, spec["mask_id"], spec["shift_logits"])
     decode_s = time.perf_counter() - t
+    if args.dump:
+        np.savez(args.dump, ids=ids, logits=model(ids).astype(np.float32), tokens=tokens)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model"))
     print(json.dumps({
         "path": str(folder), "backend": model.name, "family": manifest["family"], "size_mib": round(size / 2**20, 2),
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms_p90": round(1000 * steps[min(len(steps) - 1, int(0.9 * len(steps)))], 3),
         "tokens_per_s": round(args.gen_length / decode_s, 2), "nfe": nfe,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "machine": {"python": sys.version.split()[0], "platform": sys.platform},
+        "machine": {"python": sys.version.split()[0], "platform": sys.platform, "arch": platform.machine()},
     }))
     return 0
 

@@ -34,14 +34,18 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     art = export(tiny_dirs["llada"], tmp_path / "onnx", target="onnx").path
     out = tmp_path / "bench.json"
     rc = main(["bench", str(tiny_dirs["llada"]), str(art), str(tmp_path / "missing"), "--canvas", "16", "--reps", "2",
-               "--gen-length", "8", "--block-length", "8", "--quality", "--json", str(out)])
+               "--gen-length", "8", "--block-length", "8", "--quality", "--json", str(out), "--plot", str(tmp_path / "b.png")])
     assert rc == 2  # the missing artifact is reported, the others measured
     res = json.loads(out.read_text())
     ok = [r for r in res["artifacts"] if "error" not in r]
     assert [r["backend"] for r in ok] == ["torch", "onnxruntime"]
     for r in ok:
-        for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "peak_rss_mib", "size_mib", "arith_em"):
+        for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "peak_rss_mib", "size_mib", "arith_em",
+                    "bits_per_token", "arith_em_drop", "bpt_increase"):
             assert r[key] is not None
+    assert ok[0]["bpt_increase"] == ok[0]["arith_em_drop"] == 0  # deltas are to the first artifact
+    assert abs(ok[1]["bpt_increase"]) < 0.01  # fp32 ONNX scores as torch
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "model folder not found" in res["artifacts"][2]["error"]
     assert "| path | backend |" in capsys.readouterr().out
 

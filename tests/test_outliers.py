@@ -48,8 +48,13 @@ def test_analyze_model_splits_masked_and_visible(tiny_dirs, tmp_path, capsys):
 
     model = load_model(tiny_dirs["dream"])
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
-    res = analyze(model, ids, model.spec.mask_id, ratios=(0.2, 0.8), batch=2)
+    snapshots = {}
+    res = analyze(model, ids, model.spec.mask_id, ratios=(0.2, 0.8), batch=2, snapshots=snapshots, snapshot_tokens=16)
     assert len(res["layers"]) == 7 * model.config.dims.n_layers
+    n_layers, d = model.config.dims.n_layers, model.config.dims.d_model
+    assert sorted(snapshots) == sorted([f"model.layers.{i}.self_attn.q_proj" for i in range(n_layers)]
+                                       + [f"model.layers.{i}.mlp.down_proj" for i in range(n_layers)])
+    assert snapshots["model.layers.0.self_attn.q_proj"].shape == (16, d)
     lay = res["layers"]["model.layers.0.mlp.down_proj"]
     assert lay["role"] == "down"
     assert lay["all"]["tokens"] == lay["masked"]["tokens"] + lay["visible"]["tokens"] == 2 * 4 * 32
@@ -58,3 +63,6 @@ def test_analyze_model_splits_masked_and_visible(tiny_dirs, tmp_path, capsys):
     assert main(["analyze", "--model", str(tiny_dirs["llada"]), "--out", str(tmp_path / "a"), "--samples", "2",
                  "--seq-len", "32"]) == 0
     assert json.loads((tmp_path / "a" / "outliers.json").read_text())["worst_role"] in res["by_role"]
+    pngs = sorted(f.name for f in (tmp_path / "a").glob("*.png"))
+    assert "outlier_curves.png" in pngs and "outlier_model_transformer_blocks_0_ff_out.png" in pngs
+    assert sum(n.endswith("q_proj.png") for n in pngs) == 1  # the worst q input only

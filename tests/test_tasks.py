@@ -4,7 +4,9 @@ import pytest
 
 from dllm_export import InputError, load_model, load_tokenizer
 from dllm_export.corpus import code_texts
-from dllm_export.eval.tasks import TASKS, cloze_items, infill_items, run_task
+from dllm_export.eval.tasks import TASKS, _has_tests, cloze_items, executed_lines, infill_items, passes_tests, run_task
+
+needs_cpython_tests = pytest.mark.skipif(not _has_tests("textwrap"), reason="this Python has no test package")
 
 
 def test_items_are_deterministic_and_well_formed():
@@ -19,12 +21,28 @@ def test_items_are_deterministic_and_well_formed():
         assert it["line"].strip() and (it["before"] + it["line"] + it["after"]) in sources
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", [t if t != "line_infill_exec" else pytest.param(t, marks=needs_cpython_tests)
+                                  for t in sorted(TASKS)])
 def test_run_task_on_a_tiny_model(task, tiny_dirs):
     model, tok = load_model(tiny_dirs["dream"]), load_tokenizer(tiny_dirs["dream"])
     res = run_task(model, tok, task, n_items=3)
     assert res["n"] == 3 and 0.0 <= res["score"] <= 1.0
     assert res["category"] == TASKS[task].category and res["settings"]["name"] == task
+
+
+@needs_cpython_tests
+def test_exec_items_are_lines_the_tests_run_and_catch():
+    """pass@1 is meaningful only if the module's tests fail when the line is wrong: the reference
+    line passes, a `pass` in its place fails (checked on the first items of the default seed)."""
+    executed = executed_lines()
+    assert {"textwrap", "heapq", "fractions"} <= set(executed)
+    sources = dict(code_texts(held_out=True))
+    for it in infill_items(3, seed=0, executed=executed):
+        lines = sources[it["module"]].split("\n")
+        assert lines[it["lineno"] - 1] == it["line"] and it["lineno"] in executed[it["module"]]
+        assert passes_tests(it["module"], "\n".join(lines))
+        lines[it["lineno"] - 1] = it["line"][: len(it["line"]) - len(it["line"].lstrip())] + "pass"
+        assert not passes_tests(it["module"], "\n".join(lines))
 
 
 def test_unknown_task():
@@ -42,7 +60,36 @@ def test_report_grid_is_cached_and_resumable(tiny_dirs, tmp_path):
     assert all("arithmetic" in r["scores"] or r["error"] for r in res["rows"])
     assert (tmp_path / "report.md").read_text().startswith("# dllm-export report")
     assert (tmp_path / "report.csv").read_text().splitlines()[0].startswith("model,method,scheme,calib,arithmetic")
+    assert (tmp_path / "score_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (tmp_path / "cells" / "llada-rtn-w4a16-uniform" / "results.json").stat().st_mtime
     again = run_report(cfg, tmp_path)  # every cell comes from the cache
     assert again["rows"] == res["rows"]
     assert (tmp_path / "cells" / "llada-rtn-w4a16-uniform" / "results.json").stat().st_mtime == stamp
+
+
+def test_report_recomputes_cells_of_a_changed_model(tiny_dirs, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dllm_export.eval.report import ReportConfig, run_report
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llada"], model)
+    cfg = ReportConfig(models=(str(model),), methods=("rtn",), schemes=("W4A16",), tasks=("arithmetic",), items=2,
+                       calib_samples=2, calib_seq_len=32)
+    first = run_report(cfg, tmp_path / "r")
+    cell = tmp_path / "r" / "cells" / "m-rtn-w4a16-uniform"
+    row = json.loads((cell / "results.json").read_text())
+    (cell / "results.json").write_text(json.dumps({**row, "scores": {"arithmetic": -1.0}}))  # a marker
+    assert run_report(cfg, tmp_path / "r")["rows"][1]["scores"]["arithmetic"] == -1.0  # cached
+    (f,) = model.glob("*.safetensors")
+    w = load_file(f)
+    save_file({k: v * 1.5 if v.dim() == 2 else v for k, v in w.items()}, f, metadata={"format": "pt"})
+    again = run_report(cfg, tmp_path / "r")  # the model changed: every cell is computed again
+    assert again["rows"][1]["scores"]["arithmetic"] >= 0.0
+    assert again["rows"][0]["model_sha256"] != first["rows"][0]["model_sha256"]
+    more = run_report(ReportConfig(**{**cfg.__dict__, "tasks": ("arithmetic", "line_infill")}), tmp_path / "r")
+    assert set(more["rows"][1]["scores"]) == {"arithmetic", "line_infill"}  # only the new task ran
+    assert more["rows"][1]["scores"]["arithmetic"] == again["rows"][1]["scores"]["arithmetic"]

@@ -96,8 +96,14 @@ class InputStats:
 
 
 def analyze(model, ids: torch.Tensor, mask_id: int, ratios=(0.15, 0.5, 0.85), cfg: OutlierConfig = OutlierConfig(),
-            seed: int = 0, batch: int = 8) -> dict:
+            seed: int = 0, batch: int = 8, snapshots: dict | None = None,
+            snapshot_roles: tuple[str, ...] = ("q", "down"), snapshot_tokens: int = 64) -> dict:
     """Statistics of every block linear's input over `ids` [N, L] masked at each ratio.
+
+    When a dict is passed as `snapshots`, it receives layer name -> the input x [T, C] (float32,
+    first `snapshot_tokens` tokens of the first window at the middle ratio) of every linear whose
+    role is in `snapshot_roles` (q: the normed residual stream; down: the FFN hidden state, where
+    the study found its outliers), for the per-layer pictures of `eval.plots.plot_outliers`.
 
     Returns {"layers": {name: {"role": ..., "all": ..., "masked": ..., "visible": ..., "ratio_0.5": ...}},
     "by_role": {role: worst channel max/median over blocks}, "flagged": [...]}.
@@ -113,11 +119,21 @@ def analyze(model, ids: torch.Tensor, mask_id: int, ratios=(0.15, 0.5, 0.85), cf
             name = f"{spec.blocks}.{i}.{rel}"
             stats[name] = InputStats(lin.in_features)
             handles.append(lin.register_forward_pre_hook(lambda m, a, name=name: stats[name].add(a[0], groups)))
+            if snapshots is not None and role in snapshot_roles:
+                handles.append(lin.register_forward_pre_hook(lambda m, a, name=name: _snap(name, a[0])))
+    capture = [False]
+    mid = ratios[len(ratios) // 2]
+
+    def _snap(name: str, x: torch.Tensor) -> None:
+        if capture[0]:
+            snapshots[name] = x[0, :snapshot_tokens].detach().float().clone()
+
     g = torch.Generator().manual_seed(seed)
     try:
         with torch.inference_mode():
             for r in ratios:
                 for s in range(0, len(ids), batch):
+                    capture[0] = r == mid and s == 0  # snapshots come from one batch
                     x = ids[s:s + batch].clone()
                     masked = torch.rand(x.shape, generator=g) < r
                     x[masked] = mask_id

@@ -2,14 +2,17 @@
 
 Each cell quantizes once (the quantized checkpoint is kept under OUT/cells/ and reused) and
 caches its task results (OUT/cells/<cell>/results.json), so an interrupted report resumes where
-it stopped. Output: report.md and report.csv (score per task, absolute and relative drop per
-task and per category) and a findings section computed from the numbers.
+it stopped. A cell records the sha256 of its source model's files; a cached cell whose model has
+changed since (a retrained checkpoint under the same name) is computed again. Output: report.md and report.csv (score per task, absolute and relative drop per
+task and per category), a findings section computed from the numbers, and score_vs_bits.png (score
+against weight bits per method, one panel per category).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +37,23 @@ def _cell_name(model: str, method: str, scheme: str, mask: str) -> str:
     return f"{Path(model).name}-{method}-{scheme}-{mask}".lower()
 
 
+def model_fingerprint(model: str | Path) -> str:
+    """sha256 over a checkpoint's config.json and weight files (names and bytes)."""
+    import hashlib
+
+    from ..models.loader import resolve_model_path
+
+    folder = resolve_model_path(str(model))
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
 def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False) -> dict:
     """Run (or resume) the grid; write report.md, report.csv and report.json under out_dir."""
     from .. import load_model, load_tokenizer
@@ -50,30 +70,35 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False) -
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells), desc="report", unit="cell")
+    prints = {m: model_fingerprint(m) for m in cfg.models}
     for model, method, scheme, mask in cells:
         name = f"{Path(model).name}-fp" if method is None else _cell_name(model, method, scheme, mask)
         cache = out / "cells" / name / "results.json"
-        if cache.is_file():
-            row = json.loads(cache.read_text())
-        else:
-            row = {"model": Path(str(model)).name, "method": method or "fp", "scheme": scheme, "calib": mask,
-                   "scores": {}, "error": None}
+        row = json.loads(cache.read_text()) if cache.is_file() else None
+        stale = row is not None and row.get("model_sha256") != prints[model]
+        if row is None or stale:  # new, or the model changed since: compute the cell again
+            row = {"model": Path(str(model)).name, "model_sha256": prints[model], "method": method or "fp",
+                   "scheme": scheme, "calib": mask, "scores": {}, "error": None}
+        missing = [t for t in cfg.tasks if t not in row["scores"]]
+        if missing and not row["error"]:  # tasks added to a cached cell are run on its checkpoint
             try:
                 path = model
                 if method is not None:
                     qdir = out / "cells" / name / "quantized"
+                    if stale and qdir.exists():
+                        shutil.rmtree(qdir)
                     if not (qdir / "manifest.json").is_file():
                         quantize(model, qdir, QuantizeConfig(method=method, scheme=scheme, calib=CalibConfig(
                             n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, mask=mask)), progress=False)
                     path = qdir
                 m, tok = load_model(path), load_tokenizer(path)
-                for t in cfg.tasks:
+                for t in missing:
                     row["scores"][t] = run_task(m, tok, t, cfg.items)["score"]
             except DllmExportError as e:  # a method that refuses a scheme: recorded, the grid goes on
                 row["error"] = str(e)
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(row, indent=2) + "\n")
-        rows.append(row)
+        rows.append({**row, "scores": {t: row["scores"][t] for t in cfg.tasks if t in row["scores"]}})
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -90,6 +115,9 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False) -
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     _write_csv(out / "report.csv", rows, cfg.tasks)
     (out / "report.md").write_text(_markdown(result, cfg))
+    from .plots import plot_report
+
+    plot_report(result, out)
     return result
 
 

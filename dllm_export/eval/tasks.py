@@ -6,7 +6,10 @@
 * math: 2-digit + and - problems never seen in training (`47+38=`), answered by generation;
   exact match of the digits before the first non-digit.
 * code: line infill in held-out stdlib functions: the function with one interior line replaced
-  by masks, generated in place; exact match of the line (whitespace-normalised).
+  by masks, generated in place; exact match of the line (whitespace-normalised). `line_infill_exec`
+  scores the same kind of infill by execution (pass@1, greedy): the infilled line is put back into
+  its module, and the module must pass its own CPython unit tests (`test.test_<module>`), run in a
+  subprocess with a timeout. Only lines those tests execute are asked, so a wrong line can fail.
 
 Items are deterministic for a seed; the generation settings are fixed per task and written into
 every result, so numbers from different runs and backends are comparable.
@@ -17,7 +20,9 @@ from __future__ import annotations
 import ast
 import random
 import re
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,6 +48,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("arithmetic", "math", 100, gen_length=4, steps=4, block_length=4),
     # the canvas is the masked line inside its function: one token per step, low-confidence order
     Task("line_infill", "code", 40),
+    Task("line_infill_exec", "code", 30),
 )}
 CATEGORIES = {t.category: t.name for t in TASKS.values()}
 
@@ -71,11 +77,17 @@ def cloze_items(n: int, seed: int = 0) -> list[dict]:
     return items
 
 
-def infill_items(n: int, seed: int = 0) -> list[dict]:
-    """Held-out functions (3-30 lines) with one interior, non-blank line to regenerate."""
+def infill_items(n: int, seed: int = 0, executed: dict[str, set[int]] | None = None) -> list[dict]:
+    """Held-out functions (3-30 lines) with one interior, non-blank line to regenerate.
+
+    With `executed` (module -> 1-based line numbers its tests run), only modules in it and lines
+    in their sets are asked. Items carry their module and the line's 1-based number.
+    """
     rng = random.Random(seed)
     funcs = []
-    for _, src in code_texts(held_out=True):
+    for module, src in code_texts(held_out=True):
+        if executed is not None and module not in executed:
+            continue
         try:
             tree = ast.parse(src)
         except SyntaxError:
@@ -83,18 +95,89 @@ def infill_items(n: int, seed: int = 0) -> list[dict]:
         lines = src.splitlines()
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.end_lineno and 3 <= node.end_lineno - node.lineno < 30:
-                funcs.append(lines[node.lineno - 1:node.end_lineno])
+                funcs.append((module, node.lineno, lines[node.lineno - 1:node.end_lineno]))
     rng.shuffle(funcs)
     items = []
-    for body in funcs:
-        inner = [i for i in range(1, len(body)) if body[i].strip() and not body[i].strip().startswith(("#", '"""'))]
+    for module, first, body in funcs:
+        inner = [i for i in range(1, len(body)) if body[i].strip() and not body[i].strip().startswith(("#", '"""'))
+                 and (executed is None or first + i in executed[module])]
         if not inner:
             continue
         i = rng.choice(inner)
-        items.append({"before": "\n".join(body[:i]) + "\n", "line": body[i], "after": "\n" + "\n".join(body[i + 1:])})
+        items.append({"before": "\n".join(body[:i]) + "\n", "line": body[i], "after": "\n" + "\n".join(body[i + 1:]),
+                      "module": module, "lineno": first + i})
         if len(items) == n:
             break
     return items
+
+
+# Run in a subprocess: the 1-based lines of module argv[1]'s file that its CPython tests execute.
+_TRACE = """
+import importlib.util, json, sys, threading, unittest
+mod = sys.argv[1]
+target = importlib.util.find_spec(mod).origin
+seen = set()
+def local(frame, event, arg):
+    if event == "line":
+        seen.add(frame.f_lineno)
+    return local
+def tracer(frame, event, arg):
+    return local if frame.f_code.co_filename == target else None
+threading.settrace(tracer)
+sys.settrace(tracer)
+unittest.main(module="test.test_" + mod, argv=["trace", "-q"], exit=False)
+sys.settrace(None)
+print(json.dumps(sorted(seen)))
+"""
+
+
+def _has_tests(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"test.test_{module}") is not None
+    except ModuleNotFoundError:  # a Python built without its test package
+        return False
+
+
+def executed_lines(timeout: float = 120.0) -> dict[str, set[int]]:
+    """Held-out module -> the lines of its source that its CPython unit tests execute (traced in a
+    subprocess per module); modules whose test package is missing are left out."""
+    import json
+    import subprocess
+    import sys
+
+    out = {}
+    for module, _ in code_texts(held_out=True):
+        if "." in module or not _has_tests(module):
+            continue
+        done = subprocess.run([sys.executable, "-c", _TRACE, module], capture_output=True, text=True,
+                              timeout=timeout, cwd=tempfile.gettempdir())
+        if done.returncode == 0 and done.stdout.strip():
+            out[module] = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def passes_tests(module: str, source: str, timeout: float = 60.0) -> bool:
+    """True if `source`, standing in for stdlib `module`, passes `test.test_<module>` (subprocess,
+    the patched file first on PYTHONPATH, killed after `timeout` s)."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        compile(source, f"{module}.py", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, f"{module}.py").write_text(source)
+        env = {**os.environ, "PYTHONPATH": d, "PYTHONDONTWRITEBYTECODE": "1"}
+        try:
+            done = subprocess.run([sys.executable, "-m", "unittest", "-q", f"test.test_{module}"], cwd=d, env=env,
+                                  capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+    return done.returncode == 0
 
 
 def answer_digits(text: str) -> str:
@@ -132,12 +215,25 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
             total += 1
     else:  # code: infill the masked line in place, as many tokens as the reference line has
         mask = be.spec.mask_id
-        for it in infill_items(n, seed):
+        run = name == "line_infill_exec"
+        if run:
+            executed = executed_lines()
+            if not executed:
+                raise InputError("line_infill_exec needs CPython's test package (test.test_textwrap, ...), "
+                                 "which this Python lacks")
+            sources = dict(code_texts(held_out=True))
+        for it in infill_items(n, seed, executed if run else None):
             before, line, after = enc(it["before"]), enc(it["line"]), enc(it["after"])
             x = torch.tensor([before + [mask] * len(line) + after])
             got = _infill(be, x, len(before), len(line))
             text = tok.decode(got)
-            correct += " ".join(text.split()) == " ".join(it["line"].split())
+            exact = " ".join(text.split()) == " ".join(it["line"].split())
+            if run and not exact:  # an exact line passes by construction; anything else is run
+                lines = sources[it["module"]].split("\n")
+                indent = it["line"][: len(it["line"]) - len(it["line"].lstrip())]
+                lines[it["lineno"] - 1] = indent + text.strip() if text.strip() else indent + "pass"
+                exact = passes_tests(it["module"], "\n".join(lines))
+            correct += exact
             total += 1
     return {"task": name, "category": task.category, "score": correct / max(total, 1), "n": total,
             "settings": asdict(task)}

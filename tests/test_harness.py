@@ -1,0 +1,180 @@
+"""The lm-evaluation-harness adapter (`dllm` model): local lm-eval tasks end to end, offline, on tiny
+checkpoints of both families; its numbers against the library's own `elbo` and `generate`."""
+
+import json
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("lm_eval")
+
+import dllm_export as D  # noqa: E402
+from dllm_export.errors import InputError  # noqa: E402
+from dllm_export.eval.harness import DLLM, evaluate  # noqa: E402
+from dllm_export.eval.likelihood import elbo  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+
+SMALL = dict(mc_num=8, batch=4, gen_length=8, steps=8, block_length=4, disable_tqdm=True)
+
+MC = [
+    {"question": "def add(a, b):\n    return", "choices": [" a + b", " a - b", " self", " 12+34"], "label": 0},
+    {"question": "12+34=", "choices": ["46", "7", "fox"], "label": 0},
+    {"question": "The quick brown fox jumps over the", "choices": [" lazy dog.", " stack", " items"], "label": 0},
+]
+GEN = [{"question": "def fibonacci(n):", "answer": "\n"}, {"question": "12+34=", "answer": "46"}]
+PPL = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "class Stack:\n    def push(self, item):"}]
+
+
+def _task(name: str, data: str, cache: str, body: str) -> str:
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"  cache_dir: {cache}\ntest_split: test\n{body}")
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """A folder of three local lm-eval tasks over JSONL files (multiple choice, generation, rolling)."""
+    d = tmp_path_factory.mktemp("lm_eval_tasks")
+    cache = d / "hf_cache"
+    bodies = {
+        "dllm_tiny_mc": (MC, "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: choices\n"
+                             "doc_to_target: label\nmetric_list:\n  - metric: acc\n    higher_is_better: true\n"),
+        "dllm_tiny_gen": (GEN, "output_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: answer\n"
+                               "generation_kwargs:\n  until: [\"\\n\\n\", \"=\"]\n  max_gen_toks: 6\n"
+                               "metric_list:\n  - metric: exact_match\n    higher_is_better: true\n"),
+        "dllm_tiny_ppl": (PPL, "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: text\n"
+                               "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"),
+    }
+    for name, (rows, body) in bodies.items():
+        data = d / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / f"{name}.yaml").write_text(_task(name, str(data), str(cache), body))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lms(tiny_dirs):
+    return {name: DLLM(model=str(tiny_dirs[name]), **SMALL) for name in ("llada", "dream")}
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_local_tasks_end_to_end(tiny_dirs, task_dir, name):
+    res = evaluate(str(tiny_dirs[name]), "dllm_tiny_mc,dllm_tiny_gen,dllm_tiny_ppl", model_args=SMALL,
+                   include_path=task_dir, include_defaults=False)
+    r = res["results"]
+    assert 0 <= r["dllm_tiny_mc"]["acc,none"] <= 1 and r["dllm_tiny_mc"]["acc_stderr,none"] >= 0
+    assert 0 <= r["dllm_tiny_gen"]["exact_match,none"] <= 1
+    assert math.isfinite(r["dllm_tiny_ppl"]["bits_per_byte,none"]) and r["dllm_tiny_ppl"]["word_perplexity,none"] > 1
+    assert res["n-samples"]["dllm_tiny_mc"]["effective"] == len(MC)
+    assert res["config"]["model"] == "dllm" and res["config"]["model_args"]["mc_num"] == 8
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_loglikelihood_is_the_family_elbo(lms, tiny_dirs, name):
+    lm = lms[name]
+    tok = D.load_tokenizer(tiny_dirs[name])
+    ctx, cont = "def add(a, b):\n    return ", "a + b"  # the trailing space moves to the continuation
+    ll, _ = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)])[0]
+    whole = tok("def add(a, b):\n    return a + b", add_special_tokens=False)["input_ids"]
+    c = tok("def add(a, b):\n    return", add_special_tokens=False)["input_ids"]
+    want = elbo(D.load_model(tiny_dirs[name]), c, whole[len(c):], mc=8, batch=4, estimator=name, seed=0)
+    assert ll == pytest.approx(want.elbo, rel=1e-6, abs=1e-6)
+    again = DLLM(model=str(tiny_dirs[name]), **SMALL).loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)])
+    assert again[0][0] == ll  # same seed, same number
+    other = DLLM(model=str(tiny_dirs[name]), **{**SMALL, "seed": 1})
+    assert other.loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)])[0][0] != ll
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_is_greedy_follows_greedy_unmasking(lms, name):
+    lm = lms[name]
+    ctx = lm.tok_encode("12+34=")
+    # LLaDA's suffix_greedy_prediction = one most-confident commit per step = low_confidence, steps = length
+    out = D.generate(lm.backend, [ctx], gen_length=4, steps=4, block_length=4, sampler="low_confidence")
+    greedy = out.generated[0].tolist()
+    assert lm._is_greedy(ctx, greedy)
+    wrong = greedy[:-1] + [(greedy[-1] + 1) % lm.backend.vocab_size]
+    assert not lm._is_greedy(ctx, wrong)
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_generate_until_is_generate_truncated(lms, name):
+    lm = lms[name]
+    prompts = ["def fibonacci(n):", "12+34="]
+    got = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 64}), i)
+                             for i, p in enumerate(prompts)])
+    s = lm.spec
+    for p, text in zip(prompts, got):
+        out = D.generate(lm.backend, [lm.tok_encode(p)], gen_length=8, steps=8, block_length=4, seed=0)
+        ids = out.generated[0].tolist()
+        ids = ids[:next((i for i, t in enumerate(ids) if t in (s.eos_id, s.eot_id)), len(ids))]
+        assert text == lm.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
+    # max_gen_toks below gen_length: a shorter canvas, fewer steps, as many tokens kept
+    assert lm.schedule(6) == {"gen_length": 8, "steps": 8, "block_length": 4, "keep": 6}
+    assert lm.schedule(3) == {"gen_length": 3, "steps": 3, "block_length": 3, "keep": 3}
+    assert lm.generate_until([Instance("generate_until", {}, ("12+34=", {"until": [], "max_gen_toks": 3}), 0)])
+
+
+def test_rolling_windows_cover_the_text_once(lms):
+    lm = lms["dream"]
+    lm_max = lm.max_length
+    try:
+        lm.max_length = 8
+        ids = list(range(10, 40))
+        wins = lm.rolling_windows(ids)
+        assert [t for _, s in wins for t in s] == ids
+        assert wins[0][0] == lm.prefix and all(len(c) + len(s) <= 8 and c for c, s in wins)
+        assert all(c == ids[ids.index(s[0]) - len(c):ids.index(s[0])] for c, s in wins[1:])
+    finally:
+        lm.max_length = lm_max
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"mc_num": 10, "batch": 4}, "mc_num (10) must be a positive multiple of batch (4)"),
+    ({"nope": 1}, "unknown dllm model arg(s) nope"),
+    ({"cache": "bogus"}, "unknown cache 'bogus'"),
+    ({"gen_length": 10, "block_length": 4}, "not a multiple of block_length"),
+    ({"steps": "many"}, "model arg steps='many' must be int"),
+    ({"greedy": "maybe"}, "unknown greedy 'maybe'"),
+])
+def test_bad_model_args(tiny_dirs, args, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DLLM(model=str(tiny_dirs["llada"]), **args)
+
+
+def test_unknown_task_is_an_input_error(tiny_dirs, task_dir):
+    with pytest.raises(InputError, match="unknown lm-eval task"):
+        evaluate(str(tiny_dirs["llada"]), ["no_such_task"], model_args=SMALL, include_path=task_dir,
+                 include_defaults=False)
+
+
+def test_cli_subcommand(tiny_dirs, task_dir, tmp_path, capsys):
+    from dllm_export.cli import main
+
+    out = tmp_path / "res" / "results.json"
+    rc = main(["lm-eval", "--model", str(tiny_dirs["dream"]), "--tasks", "dllm_tiny_mc", "--include-path",
+               str(task_dir), "--limit", "2", "--model-args", "mc_num=4,batch=4,cache=none", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "dllm_tiny_mc" in printed and "acc" in printed and f"wrote {out}" in printed
+    res = json.loads(out.read_text())
+    assert res["n-samples"]["dllm_tiny_mc"]["effective"] == 2 and 0 <= res["results"]["dllm_tiny_mc"]["acc,none"] <= 1
+    assert not list(out.parent.glob(".results.json.*"))  # atomic: no temp file left behind
+    assert main(["lm-eval", "--model", str(tiny_dirs["dream"]), "--tasks", "x", "--model-args", "mc_num"]) == 2
+    assert "model args must be key=value" in capsys.readouterr().err
+
+
+def test_create_from_arg_string_types_values(tiny_dirs):
+    """lm-eval's `--model_args` path: numbers typed, `none` = the default, lm-eval's extra config accepted
+    (its CLI passes device=cuda:0 even without a GPU: the model then stays on the CPU)."""
+    import torch
+
+    dev = "cpu" if torch.cuda.is_available() else "cuda:0"
+    lm = DLLM.create_from_arg_string(f"pretrained={tiny_dirs['llada']},mc_num=8,batch=4,cache=none,threshold=0.9,"
+                                     f"gen_length=8,block_length=4,steps=none,add_bos=true",
+                                     {"batch_size": 1, "max_batch_size": None, "device": dev})
+    assert lm.args["mc_num"] == 8 and lm.args["threshold"] == 0.9 and lm.args["cache"] == "none"
+    assert lm.args["steps"] == 8 and lm.args["add_bos"] is True and lm.model_name == str(tiny_dirs["llada"])
+    assert lm.encode_pair("", "ab")[0] == [lm.spec.bos_id]
