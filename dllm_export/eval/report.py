@@ -2,8 +2,9 @@
 
 Each cell quantizes once (the quantized checkpoint is kept under OUT/cells/ and reused) and
 caches its task results (OUT/cells/<cell>/results.json), so an interrupted report resumes where
-it stopped. A cell records the sha256 of its source model's files; a cached cell whose model has
-changed since (a retrained checkpoint under the same name) is computed again. Output: report.md and report.csv (score per task, absolute and relative drop per
+it stopped. A cell records the sha256 of its source model's files and the item count; a cached cell
+whose model changed since (a retrained checkpoint under the same name) or that was scored on another
+item count is computed again. Output: report.md and report.csv (score per task, absolute and relative drop per
 task and per category), a findings section computed from the numbers, and score_vs_bits.png (score
 against weight bits per method, one panel per category).
 """
@@ -75,10 +76,10 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False) -
         name = f"{Path(model).name}-fp" if method is None else _cell_name(model, method, scheme, mask)
         cache = out / "cells" / name / "results.json"
         row = json.loads(cache.read_text()) if cache.is_file() else None
-        stale = row is not None and row.get("model_sha256") != prints[model]
-        if row is None or stale:  # new, or the model changed since: compute the cell again
-            row = {"model": Path(str(model)).name, "model_sha256": prints[model], "method": method or "fp",
-                   "scheme": scheme, "calib": mask, "scores": {}, "error": None}
+        stale = row is not None and (row.get("model_sha256"), row.get("items")) != (prints[model], cfg.items)
+        if row is None or stale:  # new, or the model or the item count changed since: compute the cell again
+            row = {"model": Path(str(model)).name, "model_sha256": prints[model], "items": cfg.items,
+                   "method": method or "fp", "scheme": scheme, "calib": mask, "scores": {}, "error": None}
         missing = [t for t in cfg.tasks if t not in row["scores"]]
         if missing and not row["error"]:  # tasks added to a cached cell are run on its checkpoint
             try:
