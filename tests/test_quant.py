@@ -248,3 +248,20 @@ def test_static_per_tensor_activations(tiny_q, calib_file, tmp_path, method):
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     # measured: rtn 0.034, smoothquant 0.079, awq 0.083, quarot 0.024, duquant 0.18 (its 0.8 weight clip)
     assert ((q(ids) - fp(ids)).norm() / fp(ids).norm()).item() < 0.25
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 300])
+def test_inverse_upper_cholesky_is_gptqs_hinv(n):
+    """One Cholesky of the reversed H plus a triangular solve gives the paper's
+    chol(chol_inverse(chol(H)), upper): U upper triangular, U^T U = H^-1."""
+    from dllm_export.quant.gptq import inverse_upper_cholesky
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    U = inverse_upper_cholesky(H)
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    torch.testing.assert_close(U.T @ U @ H, torch.eye(n, dtype=torch.float64), atol=1e-9, rtol=0)
+    paper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    torch.testing.assert_close(U, paper, atol=1e-10 * float(paper.abs().max()), rtol=0)

@@ -76,8 +76,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
         W, H = W[:, perm], H[perm][:, perm]
 
     damp = percdamp * torch.mean(torch.diag(H))
-    H += damp * torch.eye(n, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H.diagonal().add_(damp)  # H + damp * I without an n x n identity (600 MB at n = 12288)
+    Hinv = inverse_upper_cholesky(H)
 
     codes = torch.zeros(out, n, dtype=torch.float32)
     losses = torch.zeros(out, dtype=torch.float64)
@@ -95,7 +95,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
                 if not act_order and col % gs == 0:
                     # grid from the current (error-updated) columns of this group
                     width = min(gs, n - col)
-                    set_grid(g, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width])
+                    rest = i2 - i1 - i  # columns of the group still in this lazy block
+                    set_grid(g, W1[:, i:i + width] if width <= rest else
+                             torch.cat([W1[:, i:], W[:, i2:i2 + width - rest]], dim=1))
                 if g != cur:
                     cur = g
                     s = scales[:, g].to(torch.float32)
@@ -120,6 +122,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     codes = codes.to(torch.int16)
     return QuantizedWeight(codes, scales, zeros, mins, cfg), float(losses.sum())
+
+
+def inverse_upper_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with U^T U = H^-1 (GPTQ's Hinv), from one Cholesky and one triangular solve.
+
+    With J the reversal permutation and J H J = L L^T, H = R R^T for the upper triangular
+    R = J L J, so H^-1 = R^-T R^-1 and U = R^-1. The paper's chol(chol_inverse(chol(H)))
+    costs three n^3 / 3 factorizations instead of two (n = 12288 at an 8B FFN down projection).
+    """
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    R = L.flip(0, 1)
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.solve_triangular(R, eye, upper=True)
 
 
 def _single(cfg: WeightQuantConfig) -> WeightQuantConfig:
