@@ -101,6 +101,22 @@ def test_infilling_masks_in_the_prompt(llada):
     assert not (out.ids == m).any()
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_infill_is_the_one_block_low_confidence_loop(llada, dream, family):
+    """infill over trailing masks = generate with one block, one token per step, low_confidence;
+    `check` stops it at the first commit it rejects."""
+    model = {"llada": llada, "dream": dream}[family]
+    m = model.spec.mask_id
+    ref = D.generate(model, PROMPT, gen_length=8, steps=8, sampler="low_confidence")
+    got = D.infill(model, torch.tensor([PROMPT[0] + [m] * 8]))
+    assert torch.equal(got, ref.ids)
+    inner = D.infill(model, torch.tensor([[5, m, 33, m, m, 9]]))
+    assert not (inner == m).any() and inner[0, [0, 2, 5]].tolist() == [5, 33, 9]
+    seen = []
+    assert D.infill(model, torch.tensor([PROMPT[0] + [m] * 8]), check=lambda p, t: seen.append(p) or len(seen) < 3) is None
+    assert len(seen) == 3
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(gen_length=60), "exceeds the model's context of 64"),
     (dict(gen_length=12, block_length=8), "not a multiple of block_length"),

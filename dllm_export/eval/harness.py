@@ -221,16 +221,9 @@ class DLLM(LM):
         if mode == "argmax":
             logits = self.spec.align_logits(self.backend.forward(x))[0, P:]
             return bool((logits.argmax(-1) == target).all())
-        for _ in range(len(cont)):
-            logits = self.spec.align_logits(self.backend.forward(x))[0]
-            pos = (x[0, P:] == mask).nonzero().flatten() + P
-            p = torch.softmax(logits[pos].float(), -1)
-            conf, tok = p.max(-1)
-            j = int(conf.argmax())
-            if int(tok[j]) != int(target[pos[j] - P]):
-                return False
-            x[0, pos[j]] = tok[j]
-        return True
+        from ..runtime.loop import infill
+
+        return infill(self.backend, x, check=lambda pos, tok: tok == cont[pos - P]) is not None
 
     def _bar(self, requests, desc: str, disable_tqdm: bool):
         return tqdm(requests, desc=desc, disable=disable_tqdm or self.args["disable_tqdm"])

@@ -190,6 +190,7 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
     per-item outcomes count, and the task's fixed settings."""
     from .. import generate
     from ..runtime.backends import as_backend
+    from ..runtime.loop import infill
     from .likelihood import elbo
 
     if name not in TASKS:
@@ -225,8 +226,8 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
         for it in infill_items(n, seed, executed if run else None):
             before, line, after = enc(it["before"]), enc(it["line"]), enc(it["after"])
             x = torch.tensor([before + [mask] * len(line) + after])
-            got = _infill(be, x, len(before), len(line))
-            text = tok.decode(got)
+            got = infill(be, x)[0, len(before):len(before) + len(line)]
+            text = tok.decode(got.tolist())
             exact = " ".join(text.split()) == " ".join(it["line"].split())
             if run and not exact:  # an exact line passes by construction; anything else is run
                 lines = sources[it["module"]].split("\n")
@@ -237,17 +238,3 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
             total += 1
     return {"task": name, "category": task.category, "score": correct / max(total, 1), "n": total,
             "settings": asdict(task)}
-
-
-def _infill(be, x: torch.Tensor, start: int, length: int) -> list[int]:
-    """Greedy low-confidence unmasking of the masked span [start, start + length) of x [1, L]."""
-    x = x.clone()
-    mask = be.spec.mask_id
-    for _ in range(length):
-        logits = be.spec.align_logits(be.forward(x))[0]
-        pos = (x[0] == mask).nonzero().flatten()
-        p = torch.softmax(logits[pos].double(), -1)
-        conf, tok = p.max(-1)
-        j = int(conf.argmax())
-        x[0, pos[j]] = tok[j]
-    return x[0, start:start + length].tolist()

@@ -265,3 +265,30 @@ def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_
             raise InputError(f"threshold must lie in (0, 1], got {threshold}")
         if sampler in ("random", "origin"):
             raise InputError(f"threshold decoding ranks by confidence; sampler {sampler!r} has none")
+
+
+@torch.no_grad()
+def infill(model_or_backend, ids, *, check: Callable[[int, int], bool] | None = None) -> torch.Tensor | None:
+    """Fill every mask token of `ids` [1, L] (anywhere: infilling) by greedy low-confidence
+    unmasking, one position per forward, the most confident first (LLaDA's `low_confidence`
+    remasking with steps = number of masks, over one block spanning the masks).
+
+    `check(position, token)` is called after each commit; when it returns False the fill stops
+    and None is returned (LLaDA's harness uses this to test whether a continuation is greedy).
+    Returns the filled ids.
+    """
+    backend: Backend = as_backend(model_or_backend)
+    spec = backend.spec
+    x = torch.as_tensor(ids).long().clone()
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise InputError(f"infill takes one sequence [1, L], got shape {tuple(x.shape)}")
+    while True:
+        pos = (x[0] == spec.mask_id).nonzero().flatten()
+        if not len(pos):
+            return x
+        logits = spec.align_logits(backend.forward(x))[0, pos]
+        conf, tok = torch.softmax(logits.double(), -1).max(-1)
+        j = int(conf.argmax())
+        x[0, pos[j]] = tok[j]
+        if check is not None and not check(int(pos[j]), int(tok[j])):
+            return None
