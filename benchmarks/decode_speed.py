@@ -27,6 +27,8 @@ VARIANTS = {
     "prefix+threshold0.9": {"cache": "prefix", "threshold": 0.9},
     "dual+threshold0.9": {"cache": "dual", "threshold": 0.9},
     "dual+factor1": {"cache": "dual", "factor": 1.0},
+    "dual+threshold0.99": {"cache": "dual", "threshold": 0.99},
+    "threshold0.99": {"threshold": 0.99},
 }
 
 
