@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problems", type=int, default=16, help="held-out arithmetic problems for accuracy (0 = none)")
     ap.add_argument("--code-prompts", type=int, default=1, help="also decode the code prompt (speed on text)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--artifact", action="append", default=[],
                     help="also run these exported artifacts (e.g. an ONNX W8A8 folder) with --artifact-variant")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         label = args.shape
     else:
         src, label = args.model, Path(str(args.model)).name
-    model = load_model(src)
+    model = load_model(src, device=args.device)
     tok = load_tokenizer(src)
     prompts, answers = [], []
     if args.problems:
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             answers.append(format_problem(a, op, b).split("=")[1])
     code = [tok("def fibonacci(n):", add_special_tokens=False)["input_ids"]] * args.code_prompts
     results = {"model": label, "gen_length": args.gen_length, "block_length": args.block_length,
-               "threads": args.threads, "problems": len(prompts), "variants": {}}
+               "threads": args.threads, "device": args.device, "problems": len(prompts), "variants": {}}
+    if args.device != "cpu":
+        results["gpu"] = torch.cuda.get_device_name()
     from dllm_export.runtime.backends import load_backend
 
     runs = [(name, VARIANTS[name], lambda: TorchBackend(model)) for name in args.variants]
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22s} {res['tokens_per_s']:9.2f} tok/s  {res['tokens_per_step']:5.2f} tok/step  "
               f"forward {100 * res['forward_share']:4.1f}% of time, {res['forward_tokens_per_step']:7.1f} "
               f"tokens/forward  EM {res['arith_em']}", flush=True)
-    results["profile"] = profile_step(model, args.gen_length, args.block_length)
+    # the CPU profile splits CPU time by op; on a GPU the ops run asynchronously, so it is skipped
+    results["profile"] = profile_step(model, args.gen_length, args.block_length) if args.device == "cpu" else None
     print(f"per-step profile (ms): {results['profile']}", flush=True)
     base = results["variants"].get("reference", {}).get("tokens_per_s")
     if base:

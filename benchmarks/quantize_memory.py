@@ -10,6 +10,10 @@ RSS (ru_maxrss). Shapes:
 
     python benchmarks/quantize_memory.py --shape 1b
     python benchmarks/quantize_memory.py --shape 8b --layers 4
+    python benchmarks/quantize_memory.py --shape 8b --torch-device cuda --out benchmarks/results/quantize_8b_cuda.json
+
+With `--torch-device cuda` the blocks are calibrated and rounded on the GPU (peak GPU memory is
+read from torch in the child and reported); the weights still stream from and to host memory.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--torch-device", default="cpu", help="cpu or cuda: where blocks are calibrated and rounded")
     ap.add_argument("--workdir", help="where to write the checkpoints (default: a temp dir, removed after)")
     ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/quantize_<shape>.json)")
     args = ap.parse_args(argv)
@@ -57,7 +62,12 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "dllm_export.cli", "quantize", "--model", str(src), "--method", args.method,
                "--scheme", args.scheme, "--group-size", str(args.group_size), "--calib", "default",
                "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
-               "--out", str(Path(tmp) / "q"), "--no-progress"]
+               "--out", str(Path(tmp) / "q"), "--no-progress", "--torch-device", args.torch_device]
+        if args.torch_device != "cpu":  # report the child's peak GPU memory
+            cmd = [sys.executable, "-c", "import json, sys, torch; from dllm_export.cli import main; "
+                   "code = main(sys.argv[1:]); "
+                   "print(json.dumps({'peak_gpu_bytes': torch.cuda.max_memory_allocated()})); sys.exit(code)",
+                   *cmd[3:]]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -65,6 +75,7 @@ def main(argv=None) -> int:
             print(proc.stderr, file=sys.stderr)
             return 1
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        gpu = [json.loads(line)["peak_gpu_bytes"] for line in proc.stdout.splitlines() if "peak_gpu_bytes" in line]
         manifest = json.loads((Path(tmp) / "q" / "manifest.json").read_text())
         src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         out_bytes = sum(f.stat().st_size for f in (Path(tmp) / "q").glob("*.safetensors"))
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
         "driver_s": manifest["seconds"], "s_per_block": round(per_block, 1),
         "extrapolated_full_s": round(per_block * full_layers, 1), "peak_rss_gib": round(peak / 2**30, 2),
         "src_gib": round(src_bytes / 2**30, 2), "out_gib": round(out_bytes / 2**30, 2),
+        "torch_device": args.torch_device, "peak_gpu_gib": round(gpu[0] / 2**30, 2) if gpu else None,
+        "out_rel_err_max": max(b["out_rel_err"] for b in manifest["blocks"]),
     }
     print(json.dumps(res, indent=2))
     out = Path(args.out or f"benchmarks/results/quantize_{args.shape}.json")

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-seq-len", type=int, default=256)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--torch-device", default="cpu",
+                   help="where blocks are calibrated and rounded: cpu (default) or cuda (rtn and gptq)")
     q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     q.add_argument("--no-progress", action="store_true")
 
@@ -224,7 +226,8 @@ def cmd_quantize(args) -> int:
                           weight_method=args.weight_method, seed=args.seed, act_granularity=args.act_granularity,
                           calib=CalibConfig(source=args.calib, n_samples=args.calib_samples,
                                             seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed))
-    out = quantize(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty())
+    out = quantize(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty(),
+                   device=args.torch_device)
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     worst = max(manifest["blocks"], key=lambda b: b["out_rel_err"])

@@ -63,12 +63,12 @@ class ModuleSource:
         return self.state[name].detach().to(torch.float32).clone()
 
 
-def materialize(module: nn.Module, prefix: str, source) -> None:
-    """Fill a meta module's parameters from `source` (fp32)."""
+def materialize(module: nn.Module, prefix: str, source, device: str | torch.device = "cpu") -> None:
+    """Fill a meta module's parameters from `source` (fp32), on `device`."""
     for name, _ in list(module.named_parameters()):
         mod_name, _, attr = name.rpartition(".")
         sub = module.get_submodule(mod_name) if mod_name else module
-        sub._parameters[attr] = nn.Parameter(source.get(prefix + name), requires_grad=False)
+        sub._parameters[attr] = nn.Parameter(source.get(prefix + name).to(device), requires_grad=False)
 
 
 def block_tensors(block: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -105,7 +105,7 @@ def block_tensors(block: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str
         owner = name.rpartition(".")[0]
         if not any(owner == q or owner.startswith(q + ".") for q in quantized):
             out[prefix + name] = p.detach().to(dtype)
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def layer_manifest(block: nn.Module, prefix: str) -> dict[str, dict]:
@@ -131,8 +131,14 @@ def fit_group_size(qcfg: QuantizeConfig, widths: list[int]) -> QuantizeConfig:
     return dataclasses.replace(qcfg, group_size=g)
 
 
+# methods whose math runs on any torch device; the others use CPU-only helpers (seeded CPU
+# generators for rotations, fp64 searches) and run on the CPU
+DEVICE_METHODS = ("rtn", "gptq")
+
+
 def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: QuantizeConfig, *,
-                        source_model: nn.Module | None = None, progress: bool = True) -> Path:
+                        source_model: nn.Module | None = None, progress: bool = True,
+                        device: str | torch.device = "cpu") -> Path:
     """Quantize a checkpoint folder with `qcfg` and write a quantized checkpoint folder.
 
     Args:
@@ -142,12 +148,18 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
         source_model: take the weights from this in-memory model instead of streaming them
             from the shards (same result; used to check the streamed path).
         progress: a progress bar over blocks on stderr.
+        device: where each block, its calibration activations and the rounding run ("cuda" puts
+            an 8B block on a GPU; the streamed weights and the output stay in host memory).
+            RTN and GPTQ only; results match the CPU's up to float summation order.
     Returns:
         the output folder, holding safetensors, config.json, tokenizer files and manifest.json.
     """
     from ..models.factory import write_checkpoint
     from ..tokenizer import load_tokenizer
 
+    device = torch.device(device)
+    if device.type != "cpu" and qcfg.method not in DEVICE_METHODS:
+        raise InputError(f"--device {device} runs {', '.join(DEVICE_METHODS)}; {qcfg.method} runs on the CPU")
     path = resolve_model_path(model_path)
     config = read_config(path)
     model = build_model(config, dtype=torch.float32, device="meta", added_tokens=tokenizer_special_ids(path))
@@ -162,12 +174,12 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     max_len = int(getattr(model.config, spec.context_key))
     ids, calib_summary = calibration_ids(load_tokenizer(path), spec, qcfg.calib, max_len)
     L = ids.shape[1]
-    ctx = model.block_context(L, torch.float32)
+    ctx = model.block_context(L, torch.float32, device=device)
     t0 = time.perf_counter()
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "method": qcfg.method, "scheme": qcfg.scheme,
         "settings": qcfg.to_dict(), "calibration": {**qcfg.calib.to_dict(), **calib_summary},
-        "source": str(path), "family": spec.family, "spec": spec.to_dict(),
+        "source": str(path), "family": spec.family, "spec": spec.to_dict(), "device": device.type,
         "high_precision": [spec.embedding, spec.final_norm, spec.head], "layers": {}, "blocks": [],
     }
     tied = spec.head == spec.embedding or f"{spec.head}.weight" not in source
@@ -175,7 +187,7 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     def tensors():
         emb_name = f"{spec.embedding}.weight"
         W_emb = method.transform_embedding(source.get(emb_name))
-        X = F.embedding(ids, W_emb)  # (N, L, d) fp32
+        X = F.embedding(ids, W_emb).to(device)  # (N, L, d) fp32
         yield emb_name, W_emb.to(out_dtype)
         del W_emb
         blocks = model.blocks
@@ -186,7 +198,7 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
             bar = tqdm(total=len(blocks), desc=f"{qcfg.method} {qcfg.scheme}", unit="block", leave=False)
         for i, block in enumerate(blocks):
             prefix = f"{spec.blocks}.{i}."
-            materialize(block, prefix, source)
+            materialize(block, prefix, source, device)
             method.prepare_block(block, i)  # exact, calibration-free transforms (QuaRot's rotations)
             n_err = min(X.shape[0], 4)
             Y_ref = forward_block(block, X[:n_err], ctx, qcfg.batch_size)

@@ -23,13 +23,17 @@ class HessianStats:
     """
 
     def __init__(self, in_features: int, keep: int = 256):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.in_features = in_features
+        self.H: torch.Tensor | None = None  # allocated on the device of the first inputs
         self.n = 0
         self.keep = keep
         self.sample = torch.zeros(0, in_features)  # the first `keep` input rows, to measure output errors
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        if self.H is None:
+            self.H = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+            self.sample = self.sample.to(x.device)
         if self.sample.shape[0] < self.keep:
             self.sample = torch.cat([self.sample, x[: self.keep - self.sample.shape[0]]])
         m = x.shape[0]
@@ -55,9 +59,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
     W[:, dead] = 0
     gs = cfg.group_size or n
     G = cfg.groups(n)
-    scales = torch.empty(out, G, dtype=cfg.scale_dtype)
-    zeros = torch.empty(out, G, dtype=torch.int16) if (not cfg.sym and cfg.zero_kind == "int") else None
-    mins = torch.empty(out, G, dtype=cfg.scale_dtype) if (not cfg.sym and cfg.zero_kind == "float") else None
+    dev = W.device
+    scales = torch.empty(out, G, dtype=cfg.scale_dtype, device=dev)
+    zeros = torch.empty(out, G, dtype=torch.int16, device=dev) if (not cfg.sym and cfg.zero_kind == "int") else None
+    mins = torch.empty(out, G, dtype=cfg.scale_dtype, device=dev) if (not cfg.sym and cfg.zero_kind == "float") else None
 
     def set_grid(g: int, Wgroup: torch.Tensor) -> None:
         clip = mse_clip_ratios(Wgroup, _single(cfg)) if mse_clip else 1.0
@@ -68,7 +73,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
         if mins is not None:
             mins[:, g:g + 1] = m
 
-    perm = torch.arange(n)
+    perm = torch.arange(n, device=dev)
     if act_order:
         for g in range(G):  # static groups on the original order
             set_grid(g, W[:, g * gs:(g + 1) * gs])
@@ -79,8 +84,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
     H.diagonal().add_(damp)  # H + damp * I without an n x n identity (600 MB at n = 12288)
     Hinv = inverse_upper_cholesky(H)
 
-    codes = torch.zeros(out, n, dtype=torch.float32)
-    losses = torch.zeros(out, dtype=torch.float64)
+    codes = torch.zeros(out, n, dtype=torch.float32, device=dev)
+    losses = torch.zeros(out, dtype=torch.float64, device=dev)
+    order = perm.tolist()  # column order as Python ints (no device sync per column)
     qmin, qmax = float(cfg.qmin), float(cfg.qmax)
     cur = -1  # group whose grid is loaded in s, z, m (fp32 copies of the stored fp16 / int grid)
     for i1 in range(0, n, block_size):
@@ -90,7 +96,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
         Hinv1 = Hinv[i1:i2, i1:i2]
         with single_thread():  # the column loop is hundreds of tiny ops: OpenMP hand-offs dominate
             for i in range(i2 - i1):
-                col = int(perm[i1 + i])
+                col = order[i1 + i]
                 g = col // gs
                 if not act_order and col % gs == 0:
                     # grid from the current (error-updated) columns of this group
@@ -133,7 +139,7 @@ def inverse_upper_cholesky(H: torch.Tensor) -> torch.Tensor:
     """
     L = torch.linalg.cholesky(H.flip(0, 1))
     R = L.flip(0, 1)
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return torch.linalg.solve_triangular(R, eye, upper=True)
 
 

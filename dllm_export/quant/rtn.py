@@ -17,8 +17,8 @@ def mse_clip_ratios(W: torch.Tensor, cfg: WeightQuantConfig, grid: int = 20, max
     """Per-group clip ratios [out, G] in [1 - max_shrink, 1] minimising the weight error ||W - Q(W)||_norm."""
     W = W.float()
     Wg = _group_view(W, cfg)
-    best_err = torch.full(Wg.shape[:2], float("inf"))
-    best = torch.ones(Wg.shape[:2])
+    best_err = torch.full(Wg.shape[:2], float("inf"), device=W.device)
+    best = torch.ones(Wg.shape[:2], device=W.device)
     for i in range(grid):
         r = 1.0 - max_shrink * i / grid
         scales, zeros, mins = compute_grid(W, cfg, r)
