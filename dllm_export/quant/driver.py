@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..models.loader import build_model, open_shards, read_config, resolve_model_path, tokenizer_special_ids
+from ..models.loader import (build_model, open_shards, read_config, resolve_model_path, tokenizer_special_ids,
+                             weight_files)
 
 from .base import METHODS, QuantizeConfig, forward_block
 from .calibrate import calibration_ids
@@ -36,18 +37,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 class CheckpointSource:
-    """Named fp32 tensors read on demand from a checkpoint's safetensors shards."""
+    """Named fp32 tensors read on demand from a checkpoint's safetensors shards.
+
+    Each read opens its shard and closes it again: a handle kept open keeps every page read so
+    far mapped, and resident memory then grows with the checkpoint (20 GiB for LLaDA-8B) instead
+    of staying at one block.
+    """
 
     def __init__(self, path: Path):
-        self.files = open_shards(path)
+        from safetensors import safe_open
+
+        open_shards(path)  # checks every shard (truncated or corrupt files raise CheckpointError)
+        self.files: dict[str, str] = {}
+        for f in weight_files(path):
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                self.files.update(dict.fromkeys(h.keys(), str(f)))
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
         if name not in self.files:
             raise InputError(f"tensor {name} missing from the checkpoint")
-        return self.files[name].get_tensor(name).to(torch.float32)
+        with safe_open(self.files[name], framework="pt", device="cpu") as h:
+            t = h.get_tensor(name)
+        return t.to(torch.float32) if t.dtype != torch.float32 else t.clone()
 
 
 class ModuleSource:
