@@ -131,6 +131,14 @@ def _findings(rows: list[dict]) -> list[str]:
         best = min(cand, key=lambda r: sum(r["drop"].values()) / len(r["drop"]))
         out.append(f"{scheme}: best method {best['method']} ({best['model']}, calib {best['calib']}), mean drop "
                    f"{sum(best['drop'].values()) / len(best['drop']):+.3f}")
+    for scheme in sorted({r["scheme"] for r in q}):  # mask-aware against plain-text calibration
+        by = {k: [sum(r["drop"].values()) / len(r["drop"]) for r in q if r["scheme"] == scheme and r["calib"] == k]
+              for k in ("uniform", "none")}
+        if by["uniform"] and by["none"]:
+            mu, mn = (sum(v) / len(v) for v in (by["uniform"], by["none"]))
+            better = "mask-aware" if mu < mn else "plain-text" if mn < mu else "neither"
+            out.append(f"{scheme}: calibration: mask-aware mean drop {mu:+.3f}, plain-text {mn:+.3f} "
+                       f"({better} better, {len(by['uniform'])} cells each)")
     cats: dict[str, list[float]] = {}
     for r in q:
         for c, d in r["category_drop"].items():
