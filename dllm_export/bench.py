@@ -30,6 +30,7 @@ class BenchConfig:
         gen_length / block_length / cache / threshold: the decode timed for tokens/s (steps = gen_length).
         threads: CPU threads of the runtime (0 = its default).
         backend: "auto" (by what the path holds) or a backend name.
+        device: the torch backend's device ("cuda" for a GPU; other runtimes pick their own).
         quality: also held-out bits/token over `eval_windows` windows and exact match on `problems`
             held-out 2-digit arithmetic problems (`eval.quality.quick_quality`, as build's gates).
     """
@@ -43,6 +44,7 @@ class BenchConfig:
     threads: int = 0
     backend: str = "auto"
     quality: bool = False
+    device: str = "cpu"
     problems: int = 50
     eval_windows: int = 8
 
@@ -68,7 +70,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    be = load_backend(path, backend=cfg.backend, threads=cfg.threads)
+    be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device)
     load_s = time.perf_counter() - t0
     ids = torch.randint(0, min(be.vocab_size, 256), (1, cfg.canvas), generator=torch.Generator().manual_seed(0))
     be.forward(ids)  # warm-up: first-call allocations, weight prepacking
@@ -85,7 +87,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     out = generate(be, prompt, **opts)
     decode_s = time.perf_counter() - t
     res = {
-        "path": str(path), "backend": be.name, "family": be.spec.family, "size_mib": round(_size(Path(path)) / 2**20, 2),
+        "path": str(path), "backend": be.name, "device": cfg.device if be.name == "torch" else "cpu",
+        "family": be.spec.family, "size_mib": round(_size(Path(path)) / 2**20, 2),
         "load_s": round(load_s, 3), "step_ms_median": round(1000 * statistics.median(steps), 3),
         "step_ms_p90": round(1000 * steps[min(len(steps) - 1, int(0.9 * len(steps)))], 3),
         "tokens_per_s": round(out.generated.numel() / decode_s, 2), "nfe": out.nfe,

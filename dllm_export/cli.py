@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
     bn.add_argument("--plot", help="write a PNG of every figure here")
+    bn.add_argument("--torch-device", default="cpu", help="device of torch-backend artifacts (cpu, cuda)")
 
     bd = sub.add_parser("build", help="build a matrix of artifacts from a TOML config, with quality gates")
     bd.add_argument("config", help="build TOML (see examples/build.toml)")
@@ -243,7 +244,7 @@ def cmd_bench(args) -> int:
 
     cfg = BenchConfig(canvas=args.canvas, reps=args.reps, gen_length=args.gen_length, block_length=args.block_length,
                       cache=args.cache, threshold=args.threshold, threads=args.threads, backend=args.backend,
-                      quality=args.quality)
+                      quality=args.quality, device=args.torch_device)
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")

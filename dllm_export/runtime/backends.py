@@ -59,13 +59,14 @@ def as_backend(model_or_backend) -> Backend:
 
 
 def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.float32, threads: int = 0,
-                 **options) -> Backend:
+                 device: str = "cpu", **options) -> Backend:
     """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
     onnxruntime, a GGUF artifact (folder with model.gguf, or the .gguf file) on llama.cpp, anything
     else (a checkpoint folder, `default`) on torch in `dtype`.
 
     `backend` forces one ("torch", "onnxruntime", "llama.cpp"); `threads` and `options` go to the
-    onnxruntime session / llama.cpp context (torch's thread count is the caller's).
+    onnxruntime session / llama.cpp context (torch's thread count is the caller's); `device` is the
+    torch backend's ("cuda" for a GPU).
     """
     from pathlib import Path
 
@@ -90,5 +91,5 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.f
 
         return OrtBackend(p, threads=threads, **options)
     if kind == "torch":
-        return TorchBackend(load_model(path, dtype=dtype))
+        return TorchBackend(load_model(path, dtype=dtype, device=device))
     raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime, llama.cpp)")
