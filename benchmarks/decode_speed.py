@@ -40,6 +40,7 @@ class TimedBackend:
         self.spec, self.vocab_size, self.max_length = inner.spec, inner.vocab_size, inner.max_length
         self.name = inner.name
         self.supports_cache = getattr(inner, "supports_cache", False)
+        self.supports_rows = getattr(inner, "supports_rows", False)
         self.forward_s = 0.0
         self.forward_tokens = 0
 

@@ -101,6 +101,34 @@ def test_infilling_masks_in_the_prompt(llada):
     assert not (out.ids == m).any()
 
 
+class _NoRows:
+    """A torch backend that hides `supports_rows`: the loop then asks for every row's logits."""
+
+    def __init__(self, model):
+        self.inner = TorchBackend(model)
+        self.spec, self.vocab_size, self.max_length = self.inner.spec, self.inner.vocab_size, self.inner.max_length
+        self.supports_cache = True
+
+    def forward(self, ids, attention_mask=None, cache=None):
+        return self.inner.forward(ids, attention_mask, cache=cache)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("opts", [{}, {"cache": "prefix"}, {"cache": "dual"}, {"threshold": 0.5, "cache": "dual"},
+                                  {"sampler": "random", "seed": 3}])
+def test_head_on_block_rows_only_gives_the_same_trace(llada, dream, family, opts):
+    """Greedy samplers read only the block's eligible columns, so the loop asks a `supports_rows`
+    backend for those rows: token-identical to computing every row (sampled ones take all rows)."""
+    model = {"llada": llada, "dream": dream}[family]
+    ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    full = model(ids)
+    torch.testing.assert_close(model(ids, rows=(5, 13)), full[:, 5:13], atol=1e-5, rtol=0)
+    kw = dict(gen_length=16, steps=16, block_length=8, **opts)
+    a = D.generate(TorchBackend(model), [PROMPT[0], PROMPT[0][:4]], **kw)
+    b = D.generate(_NoRows(model), [PROMPT[0], PROMPT[0][:4]], **kw)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_infill_is_the_one_block_low_confidence_loop(llada, dream, family):
     """infill over trailing masks = generate with one block, one token per step, low_confidence;

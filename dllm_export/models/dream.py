@@ -212,9 +212,11 @@ class DreamModelLM(nn.Module):
         return cos[:, None].to(dtype), sin[:, None].to(dtype), mask  # (B or 1, 1, T, hd)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw (unshifted) logits. With a `cache` whose window is set, `input_ids` holds only the
-        window's tokens (`attention_mask` / `position_ids` still span the whole sequence)."""
+        window's tokens (`attention_mask` / `position_ids` still span the whole sequence). `rows` =
+        (start, end) computes the head only for those positions of the input."""
         check_ids(input_ids, self.config.vocab_size)
         x = self.model.embed_tokens(input_ids)
         window = None if cache is None else cache.window
@@ -226,5 +228,7 @@ class DreamModelLM(nn.Module):
             mask = None if mask is None else mask[:, :, s:e]
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i))
+        if rows is not None:
+            x = x[:, rows[0]:rows[1]]
         x = self.model.norm(x)
         return nn.functional.linear(x, self.head_weight())

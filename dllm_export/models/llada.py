@@ -216,9 +216,10 @@ class LLaDAModelLM(nn.Module):
         return cos, sin, self.attention_bias(attention_mask, dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw logits. With a `cache` whose window is set, `input_ids` holds only the window's tokens
-        (and `attention_mask` still spans the whole sequence)."""
+        (and `attention_mask` still spans the whole sequence). `rows` = (start, end) computes the
+        head only for those positions of the input (the loop reads only the current block's)."""
         check_ids(input_ids, self.config.embedding_size)
         tr = self.model.transformer
         x = tr.wte(input_ids)
@@ -229,5 +230,7 @@ class LLaDAModelLM(nn.Module):
             cos, sin = cos[window[0]:window[1]], sin[window[0]:window[1]]
         for i, block in enumerate(tr.blocks):
             x = block(x, cos, sin, bias, None if cache is None else cache.layer(i))
+        if rows is not None:
+            x = x[:, rows[0]:rows[1]]
         x = tr.ln_f(x)
         return nn.functional.linear(x, self.head_weight())

@@ -4,7 +4,9 @@ Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logit
 raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
 `max_length` (context) describe the model. Other runtimes (onnxruntime, llama.cpp) implement the
 same three attributes and one method. A backend with `supports_cache = True` also accepts
-`forward(..., cache=KVCache)` for the block caches of the loop.
+`forward(..., cache=KVCache)` for the block caches of the loop; one with `supports_rows = True`
+accepts `forward(..., rows=(start, end))` and returns only those positions' logits (the head is
+the costliest layer of a large-vocabulary model, and its output the largest transfer).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class TorchBackend:
 
     name = "torch"
     supports_cache = True
+    supports_rows = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -39,13 +42,16 @@ class TorchBackend:
         self.vocab_size = dims.vocab_rows
         self.max_length = dims.context
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw logits; with a `KVCache` (see `models.layers`), a full forward fills it and a windowed
-        one (ids = the window's tokens) reuses it."""
+        one (ids = the window's tokens) reuses it; `rows` limits them to those input positions."""
         with torch.inference_mode():
             dev = self.model.head_weight().device
             am = None if attention_mask is None else attention_mask.to(dev)
             kw = {} if cache is None else {"cache": cache}
+            if rows is not None:
+                kw["rows"] = rows
             return self.model(ids.to(dev), attention_mask=am, **kw).float().cpu()
 
 

@@ -167,7 +167,12 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     shift = 1 if spec.shift_logits else 0
     L = x.shape[1]
 
-    def raw_logits(x: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+    # greedy samplers read only the eligible columns of the block (see below), so a backend that can
+    # compute the head on a row range is asked for those rows alone
+    greedy = temperature == 0 and sampler not in ("random", "origin") and not alg_temp
+    use_rows = greedy and getattr(backend, "supports_rows", False)
+
+    def raw_logits(x: torch.Tensor, window: tuple[int, int] | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         ids = x if window is None else x[:, window[0]:window[1]]
         am_ = fwd_mask
         if cfg_scale > 0:
@@ -175,11 +180,12 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             un_x[prompt_index] = mask_id
             ids = torch.cat([ids, un_x if window is None else un_x[:, window[0]:window[1]]])
             am_ = None if fwd_mask is None else torch.cat([fwd_mask, fwd_mask])
+        kw = {} if rows is None else {"rows": rows}
         if kv is not None:
             kv.window = window
-            out = backend.forward(ids, am_, cache=kv)
+            out = backend.forward(ids, am_, cache=kv, **kw)
         else:
-            out = backend.forward(ids, am_)
+            out = backend.forward(ids, am_, **kw)
         if cfg_scale > 0:
             cond, un = out.chunk(2, dim=0)
             out = un + (cfg_scale + 1) * (cond - un)
@@ -200,16 +206,24 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             eligible = (x == mask_id) & upto_block
             if not bool(eligible.any()):
                 break  # nothing left to unmask in this block
-            if kv is None or i == 0 or (refresh is not None and i % refresh == 0):
+            full = kv is None or i == 0 or (refresh is not None and i % refresh == 0)
+            if full and not use_rows:
                 logits = spec.align_logits(raw_logits(x, None))
                 if kv is not None:
                     logits = logits.clone()  # windows write into it (backends may return inference tensors)
-            else:  # recompute the window only; its raw rows j feed aligned rows j + shift
+            else:  # raw rows [ra, rb) feed aligned rows [ra + shift, rb + shift)
                 lo_blk = P + b * block_length
-                window = (lo_blk, L) if cache == "prefix" else (lo_blk, hi)
-                part = raw_logits(x, window)
-                lo, up = window[0] + shift, min(window[1] + shift, L)
+                window = None if full else (lo_blk, L) if cache == "prefix" else (lo_blk, hi)
+                ra = max(int(eligible.any(0).nonzero()[0, 0]) - shift, 0) if full else lo_blk
+                rb = hi - shift if use_rows else window[1]  # aligned rows up to the block end are read
+                off = 0 if window is None else window[0]
+                part = raw_logits(x, window, (ra - off, rb - off) if use_rows else None)
+                if logits is None:
+                    logits = torch.empty(B, L, part.shape[-1], dtype=part.dtype)
+                lo, up = ra + shift, min(rb + shift, L)
                 logits[:, lo:up] = part[:, :up - lo]
+                if shift and ra == 0:  # Dream's row 0 keeps its own output (spec.align_logits)
+                    logits[:, 0] = part[:, 0]
             nfe += 1
             before = x == mask_id
             # greedy samplers only read eligible positions: run them on those columns (a softmax

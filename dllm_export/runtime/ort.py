@@ -38,6 +38,7 @@ class OrtBackend:
     """
 
     name = "onnxruntime"
+    supports_rows = True
 
     def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None,
                  accuracy_level: int | None = None, optimize: bool = True):
@@ -75,8 +76,10 @@ class OrtBackend:
         self.path = path
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Raw logits [B, L, V] (or [B, P, V] for `positions` [B, P]) as a float32 tensor.
+                positions: torch.Tensor | None = None, cache=None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raw logits [B, L, V] (or [B, P, V] for `positions` [B, P]) as a float32 tensor. `rows` =
+        (start, end): only those positions (the head runs on them alone when the graph has
+        `logit_positions`, else the full output is sliced).
 
         With a `KVCache` (models.layers): a full forward (window None) stores every layer's
         present keys/values; a windowed one (ids = the window's tokens) feeds them as the past.
@@ -87,6 +90,8 @@ class OrtBackend:
         T = W if window is None else cache.length
         mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask.to(torch.int64).cpu().numpy()
         feed = {"input_ids": ids_np, "attention_mask": mask}
+        if rows is not None and self.has_positions and positions is None:
+            positions, rows = torch.arange(rows[0], rows[1]).expand(B, -1), None
         if self.has_positions:
             if positions is None:
                 positions = torch.arange(W).expand(B, -1)
@@ -107,7 +112,8 @@ class OrtBackend:
         out = self.session.run(outputs, feed)
         if len(out) > 1:  # a full forward refreshes the cache
             cache.k, cache.v, cache.length = out[1::2], out[2::2], W
-        return torch.from_numpy(out[0])
+        logits = torch.from_numpy(out[0])
+        return logits if rows is None else logits[:, rows[0]:rows[1]]
 
     def optimized_op_types(self) -> dict[str, int]:
         """Op histogram of the graph onnxruntime actually runs (after its fusions), for checks."""
