@@ -43,10 +43,12 @@ from dllm_export.corpus import CorpusRecipe, arithmetic_test_problems, code_text
 
 # Default generation settings for the arithmetic task: one block, one token per step, greedy.
 ARITH_SETTINGS = {"gen_length": 4, "steps": 4, "block_length": 4, "temperature": 0.0}
-CODE_PROMPT = "def fibonacci(n):"
+# prompts end with a newline, as typed: without it the tiny models continue the `def` line itself,
+# and LLaDA, trained on many digit rows, often does so with digits
+CODE_PROMPT = "def fibonacci(n):\n"
 SAMPLE_SETTINGS = {"gen_length": 64, "steps": 64, "block_length": 16, "temperature": 0.0}
 TIMING_SETTINGS = {"gen_length": 32, "steps": 32, "block_length": 32, "temperature": 0.0}
-CODE_PROMPTS = ("def fibonacci(n):", "class Stack:", "def read_config(path):", "for i in range(10):")
+CODE_PROMPTS = ("def fibonacci(n):\n", "class Stack:\n", "def read_config(path):\n", "for i in range(10):\n")
 PYTHONNESS_SETTINGS = {"gen_length": 64, "steps": 64, "block_length": 16}
 
 
@@ -234,11 +236,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--arithmetic-only", action="store_true", help="quick check: only the arithmetic task")
+    ap.add_argument("--samples-only", action="store_true",
+                    help="recompute only the samples, timings and line kinds, updating the models in --out")
     ap.add_argument("--out", default="benchmarks/results/default_models.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                "machine": platform.machine(), "models": {}}
+    if args.samples_only:
+        results = json.loads(Path(args.out).read_text())
+        for name in args.models:
+            torch.manual_seed(args.seed)
+            model, tok = D.load_model(name), D.load_tokenizer(name)
+            r = results["models"][name]
+            r.update(sample_and_timing(name))
+            r["pythonness"] = pythonness(model, tok)
+            for label in ("greedy", "temperature_0.8"):
+                py = r["pythonness"][label]
+                print(f"{name} {label}: {py['lines']} -> code {py['code_share']:.2f}")
+            print(r["sample"])
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     for name in args.models:
         r = evaluate(name, args.window, args.mc, args.max_windows, args.seed, args.arithmetic_only)
         results["models"][name] = r
