@@ -12,8 +12,13 @@ import dllm_export as D
 from .conftest import GOLDEN
 
 MODELS = ["llada_mha", "llada_gqa", "dream"]
-# max abs logit difference allowed per dtype (measured: 0.0 in all three on this machine)
-TOL = {"logits_fp32": 1e-5, "logits_bf16": 2e-2, "logits_fp16": 5e-3}
+# fp32: max abs logit difference allowed (measured 0.0). Half precision: the reference's own logits in
+# that dtype came from another CPU's GEMM kernels; on the machine that made them ours were identical (0.0),
+# on an AVX-512 BF16 host they differ by 0.006-0.016 (fp16) and up to 0.035 (bf16, 1 ulp at |logit| ~5).
+# So half precision is held to the reference's own rounding error: no further from it than it is from
+# the fp32 logits (measured 0.2-0.7 of that there), and at most 1.5x its distance to the fp32 logits.
+TOL = {"logits_fp32": 1e-5, "logits_bf16": None, "logits_fp16": None}
+HALF_REL = 1.0
 DTYPE = {"logits_fp32": torch.float32, "logits_bf16": torch.bfloat16, "logits_fp16": torch.float16}
 
 
@@ -30,7 +35,13 @@ def test_logits_match_reference(name, key):
     model = D.load_model(GOLDEN / name, dtype=DTYPE[key])
     out = model(g["ids"]).float()
     assert out.shape == g[key].shape
-    assert (out - g[key]).abs().max().item() <= TOL[key]
+    diff = (out - g[key]).abs().max().item()
+    if TOL[key] is not None:
+        assert diff <= TOL[key]
+    else:
+        ref_err = (g[key] - g["logits_fp32"]).abs().max().item()
+        assert diff <= HALF_REL * ref_err, (diff, ref_err)
+        assert (out - g["logits_fp32"]).abs().max().item() <= 1.5 * ref_err
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -89,9 +89,12 @@ QUANT_CASES = [
     ("rtn", "W3A16", dict(group_size=16), dict(weight_format="qdq"), "exact"),
     ("rtn", "W8A16", dict(group_size=0), dict(weight_format="qdq"), "exact"),
     ("rtn", "W2A16", dict(group_size=16, sym=False), dict(weight_format="matmulnbits"), "exact"),
-    ("rtn", "W8A8", {}, {}, "exact"),  # integer GEMM, symmetric activations
-    ("smoothquant", "W8A8", {}, {}, "exact"),  # integer GEMM, asymmetric activations
-    ("smoothquant", "W8A8", dict(act_granularity="per_tensor"), {}, "exact"),  # static Q/DQ
+    # 8-bit activations: the codes are exact only while the float input of each rounding is; onnxruntime's
+    # GEMMs sum in another order than torch's (1e-7), and on some CPUs (measured on an AVX-512 BF16 host) an
+    # activation then rounds to the neighbouring code, which bidirectional attention spreads over its sequence
+    ("rtn", "W8A8", {}, {}, "rounding"),  # integer GEMM, symmetric activations
+    ("smoothquant", "W8A8", {}, {}, "rounding"),  # integer GEMM, asymmetric activations
+    ("smoothquant", "W8A8", dict(act_granularity="per_tensor"), {}, "rounding"),  # static Q/DQ
     ("awq", "W4A16", dict(group_size=32), dict(weight_format="matmulnbits"), "exact"),
     ("quarot", "W4A8", {}, {}, "rounding"),  # online Hadamards: a few activation roundings flip
     ("duquant", "W4A8", {}, {}, "rounding"),  # block rotations + permutation
@@ -132,8 +135,8 @@ def test_quantized_export_matches_fake_quant(family, method, scheme, overrides, 
         if tol == "exact":  # same codes, same grids: float summation order only
             assert row_err.max() < 1e-5, row_err.max()
         elif tol == "rounding":
-            # rotations reassociate float sums, so a few activations round to the neighbouring code and
-            # bidirectional attention spreads that: far below the quantization error itself
+            # float sums in another order (rotations, or another GEMM), so a few activations round to the
+            # neighbouring code and bidirectional attention spreads that: far below the quantization error
             assert (got - ref).norm() < 0.2 * quant_err, ((got - ref).norm(), quant_err)
         else:  # acc4: int8 activations per K-block instead of per token
             assert (got - ref).norm() < 0.5 * quant_err, ((got - ref).norm(), quant_err)
