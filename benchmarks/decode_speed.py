@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--artifact", action="append", default=[],
-                    help="also run these exported artifacts (e.g. an ONNX W8A8 folder) with --artifact-variant")
-    ap.add_argument("--artifact-variant", default="dual+threshold0.9", choices=list(VARIANTS))
+                    help="also run these exported artifacts (e.g. an ONNX W8A8 folder) with --artifact-variants")
+    ap.add_argument("--artifact-variants", nargs="+", default=["threshold0.99", "dual+threshold0.9"],
+                    choices=list(VARIANTS))
     ap.add_argument("--out", help="JSON (default: benchmarks/results/decode_speed_<model>.json)")
     args = ap.parse_args(argv)
 
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from dllm_export.runtime.backends import load_backend
 
     runs = [(name, VARIANTS[name], lambda: TorchBackend(model)) for name in args.variants]
-    runs += [(f"{Path(a).name}:{args.artifact_variant}", VARIANTS[args.artifact_variant],
-              lambda a=a: load_backend(a, threads=args.threads)) for a in args.artifact]
+    runs += [(f"{Path(a).name}:{v}", VARIANTS[v], lambda a=a: load_backend(a, threads=args.threads))
+             for a in args.artifact for v in args.artifact_variants]
     for name, opts, make in runs:
         be = TimedBackend(make())
         t0 = time.perf_counter()
