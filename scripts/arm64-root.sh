@@ -45,8 +45,9 @@ touch "$ROOT/opt/dllm-ready"  # tests/test_arm64.py runs only against a finished
 # The sdist's vendored llama.cpp built with Debian's aarch64 cross toolchain for a generic
 # armv8.2-a+dotprod (qemu's `max` CPU, most phones), its pure-Python `llama_cpp` package copied into
 # /opt/venv with the libraries in llama_cpp/lib/, where its ctypes loader looks. Same version as the
-# x86 side (scripts/setup.sh). DLLM_ARM64_LLAMA=0 skips this part.
-LLAMA_PY_VERSION="${DLLM_LLAMA_CPP_PYTHON:-0.3.36}"
+# x86 side: the version scripts/setup.sh pins. DLLM_ARM64_LLAMA=0 skips this part.
+PINNED="$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$(dirname "$0")/setup.sh")"
+LLAMA_PY_VERSION="${DLLM_LLAMA_CPP_PYTHON:-$PINNED}"
 LLAMA_ARCH="${DLLM_ARM64_LLAMA_ARCH:-armv8.2-a+dotprod}"
 LLAMA_MARK="$ROOT/opt/dllm-llama-ready"   # holds "version arch"; tests/test_arm64.py's GGUF cases need it
 if [ "${DLLM_ARM64_LLAMA:-1}" != 0 ] && [ "$(cat "$LLAMA_MARK" 2>/dev/null)" != "$LLAMA_PY_VERSION $LLAMA_ARCH" ]; then
