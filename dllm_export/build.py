@@ -1,6 +1,6 @@
 """`dllm-export build CONFIG.toml`: a matrix of artifacts (models x targets) with quality gates.
 
-Every cell is exported with `exporter.export` (deterministic: same inputs, same bytes), scored
+Every cell is exported with `verify.export_verified` (deterministic: same inputs, same bytes), scored
 against its float model (held-out bits/token and arithmetic exact match, through the artifact's
 own runtime) and benchmarked; `manifest.json` in the output folder lists each artifact's files
 with sha256 and size, its scheme, method, calibration, quality deltas and bench figures. A cell
@@ -101,7 +101,7 @@ def build(config_path: str | Path, out_dir: str | Path, progress: bool = False) 
     (also written to out_dir/manifest.json). `manifest["failed"]` lists the cells that broke a gate."""
     from . import load_tokenizer
     from .bench import BenchConfig, measure
-    from .exporter import export
+    from .verify import export_verified
     from .quant import CalibConfig
     from .runtime.backends import load_backend
 
@@ -118,8 +118,9 @@ def build(config_path: str | Path, out_dir: str | Path, progress: bool = False) 
         for t in cfg.targets:
             cell = f"{m['name']}/{t['name']}"
             kwargs = {k: v for k, v in t.items() if k != "name"}
-            res = export(m["path"], out / m["name"] / t["name"], quantize_options={"calib": calib},
-                         progress=progress, **kwargs)
+            # written, then verified (hashes, checker, smoke forward) before it takes its name
+            res, _ = export_verified(m["path"], out / m["name"] / t["name"], quantize_options={"calib": calib},
+                                     progress=progress, **kwargs)
             quality = _quality(load_backend(res.path), tok, cfg)
             deltas = {"arith_em_drop": round(base["arith_em"] - quality["arith_em"], 4),
                       "bpt_increase": round(quality["bits_per_token"] / base["bits_per_token"] - 1, 4)}

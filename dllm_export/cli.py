@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--calib-samples", type=int, default=32)
     rp.add_argument("--out", required=True, help="report folder (cells are cached there: rerun to resume)")
 
+    vf = sub.add_parser("verify", help="check an artifact: file sizes and sha256, the format checker, a load and a "
+                                       "smoke forward against its stored reference logits")
+    vf.add_argument("artifact", help="ONNX / GGUF artifact folder (or its .gguf file), or a quantized checkpoint")
+    vf.add_argument("--no-smoke", action="store_true", help="files and format only: no load, no forward")
+    vf.add_argument("--json", action="store_true")
+
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
     i.add_argument("--json", action="store_true")
@@ -219,7 +225,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quant import CalibConfig, QuantizeConfig, quantize
+    from .quant import CalibConfig, QuantizeConfig
+    from .verify import quantize_verified
 
     sym = True if args.sym else (False if args.asym else None)
     qcfg = QuantizeConfig(method=args.method, scheme=args.scheme, bits=args.w_bits, group_size=args.group_size, sym=sym,
@@ -227,8 +234,8 @@ def cmd_quantize(args) -> int:
                           weight_method=args.weight_method, seed=args.seed, act_granularity=args.act_granularity,
                           calib=CalibConfig(source=args.calib, n_samples=args.calib_samples,
                                             seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed))
-    out = quantize(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty(),
-                   device=args.torch_device)
+    out, _ = quantize_verified(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty(),
+                               device=args.torch_device)
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     worst = max(manifest["blocks"], key=lambda b: b["out_rel_err"])
@@ -392,10 +399,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    res = verify(args.artifact, smoke=not args.no_smoke)
+    if args.json:
+        print(json.dumps({"path": str(res.path), "kind": res.kind, "files": res.files, "checks": res.checks,
+                          "ok": True}, indent=2))
+    else:
+        print(f"{res.path}: {res.kind} artifact verified")
+        for c in res.checks:
+            print(f"  {c}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .exporter import TARGETS, export
+    from .exporter import TARGETS
+    from .verify import export_verified
 
     if args.target not in TARGETS:
         have = ", ".join(f"{k} ({v[0]})" for k, v in TARGETS.items())
@@ -403,10 +425,11 @@ def cmd_export(args) -> int:
     label = args.quant or args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else
                                           args.device or "float")
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
-    res = export(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
-                 group_size=args.group_size, weight_format=args.weight_format, accuracy_level=args.accuracy_level,
-                 act_kernel=args.act_kernel, quant=args.quant, device=args.device, embed_head=args.embed_head,
-                 progress=not args.no_progress and sys.stderr.isatty())
+    res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
+                             group_size=args.group_size, weight_format=args.weight_format,
+                             accuracy_level=args.accuracy_level, act_kernel=args.act_kernel, quant=args.quant,
+                             device=args.device, embed_head=args.embed_head,
+                             progress=not args.no_progress and sys.stderr.isatty())
     m = res.manifest
     size = sum(f.stat().st_size for f in res.path.iterdir() if f.name.startswith("model."))
     if args.target == "gguf":
@@ -445,10 +468,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
                 "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze,
-                "eval": cmd_eval, "lm-eval": cmd_lm_eval, "report": cmd_report}[args.command](args)
+                "eval": cmd_eval, "lm-eval": cmd_lm_eval, "report": cmd_report,
+                "verify": cmd_verify}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every writer removes its temporary folder on the way out
+        print("dllm-export: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

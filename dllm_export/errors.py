@@ -11,3 +11,7 @@ class CheckpointError(DllmExportError):
 
 class InputError(DllmExportError):
     """Bad arguments to a library call: ids out of range, a prompt too long, a bad schedule."""
+
+
+class CalibrationError(DllmExportError):
+    """Calibration data cannot drive a PTQ method on a layer (a Hessian that cannot be factorised)."""

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import write_manifest
+from ..models.checks import check_weight
 from ..models.loader import open_shards, read_spec, resolve_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -33,7 +35,9 @@ class Source:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.handles:
             raise CheckpointError(f"tensor {name} missing from {self.path}")
-        return self.handles[name].get_tensor(name)
+        t = self.handles[name].get_tensor(name)
+        check_weight(name, t, self.path)
+        return t
 
     def linear(self, name: str):
         """Layer `name` as a StoredLinear: its quantized form when the manifest lists it, else float."""
@@ -57,9 +61,10 @@ def open_source(model_path: str | Path) -> Source:
 
 
 def write_sidecars(folder: Path, manifest: dict, src: Source) -> None:
-    """manifest.json, config.json and the tokenizer files beside an exported model."""
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    """config.json and the tokenizer files beside an exported model, then manifest.json listing
+    every file of the folder with its size and sha256 (`fileio.write_manifest`)."""
     (folder / "config.json").write_text(json.dumps(src.config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         if (src.path / name).is_file():
             (folder / name).write_bytes((src.path / name).read_bytes())
+    write_manifest(folder, manifest)

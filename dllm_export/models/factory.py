@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import InputError
-from ..fileio import atomic_folder
+from ..fileio import atomic_folder, write_manifest
 from .loader import DTYPES, build_model
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -90,13 +90,16 @@ def random_tensor(name: str, shape: tuple[int, ...], std: float, generator: torc
 
 def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],
                      dtype: torch.dtype | None = torch.float32, max_shard_bytes: int | None = None,
-                     extra_files: dict[str, str | bytes] | Callable[[], dict[str, str | bytes]] | None = None) -> Path:
+                     extra_files: dict[str, str | bytes] | Callable[[], dict[str, str | bytes]] | None = None,
+                     manifest: Callable[[], dict] | None = None) -> Path:
     """Write config.json + safetensors (sharded with an index when `max_shard_bytes` is set) atomically.
 
     `tensors` may be a generator: each shard is written as soon as it is full, so peak memory is
     about one shard. `dtype` casts every tensor (None keeps each tensor's own dtype and config's
-    torch_dtype). `extra_files` may be a callable, evaluated after the tensors are written. The
-    folder appears only when complete (written to a temp dir, then renamed).
+    torch_dtype). `extra_files` may be a callable, evaluated after the tensors are written.
+    `manifest` (a callable, evaluated last) becomes manifest.json, with the size and sha256 of every
+    other file (`fileio.write_manifest`). The folder appears only when complete (written to a temp
+    dir, then renamed).
     """
     out = Path(out_dir)
     with atomic_folder(out) as tmp:
@@ -141,6 +144,8 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)
+        if manifest is not None:
+            write_manifest(tmp, manifest())
     return out
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from . import family_for
+from .checks import check_weight
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -195,7 +196,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
                     if shape != expected[key]:
                         raise CheckpointError(f"{file.name}: tensor {key} has shape {list(shape)}, "
                                               f"config.json implies {list(expected[key])}")
-                    _set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
+                    t = f.get_tensor(key)
+                    check_weight(key, t, file)  # before the cast: fp16 would turn a huge value into Inf
+                    _set_tensor(model, key, t.to(device=device, dtype=dtype))
                     filled.add(key)
         except CheckpointError:
             raise

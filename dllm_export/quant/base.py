@@ -216,7 +216,8 @@ def output_rel_err(W: torch.Tensor, qw: QuantizedWeight, X: torch.Tensor) -> flo
 
 
 def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, wcfg: WeightQuantConfig,
-                 method: str, X_sample: torch.Tensor | None = None) -> tuple[QuantizedWeight, dict]:
+                 method: str, X_sample: torch.Tensor | None = None, name: str = "weight",
+                 n_tokens: int | None = None) -> tuple[QuantizedWeight, dict]:
     """Round W with RTN or GPTQ (GPTQ needs the Hessian H); returns the weight and manifest info
     (the output error on `X_sample` when given)."""
     from .gptq import gptq_quantize
@@ -225,7 +226,8 @@ def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, 
     info = {}
     if method == "gptq":
         qw, info["gptq_loss"] = gptq_quantize(W, H, wcfg, block_size=qcfg.block_size, percdamp=qcfg.percdamp,
-                                              act_order=qcfg.act_order, mse_clip=qcfg.mse_clip)
+                                              act_order=qcfg.act_order, mse_clip=qcfg.mse_clip,
+                                              name=name, n_tokens=n_tokens)
     else:
         qw = rtn_quantize(W, wcfg, mse_clip=qcfg.mse_clip)
     if X_sample is not None and X_sample.numel():
@@ -242,10 +244,10 @@ def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, 
     transforms = transforms or {}
     for roles in GROUPS:
         names = linear_names(method.spec, roles)
-        H = None
+        H, n_tokens = None, None
         if rounding == "gptq":
             stats = hessians(block, X, ctx, names[:1], method.qcfg.batch_size)[names[0]]
-            H, X_s = stats.H, stats.sample
+            H, X_s, n_tokens = stats.H, stats.sample, stats.n
             if names[0] in transforms:  # the layer will see T(x): H_T = T^T H T
                 T = transforms[names[0]].matrix(H.shape[0]).to(H.dtype)
                 H = T.T @ H @ T
@@ -255,7 +257,8 @@ def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, 
             X_s = transforms[names[0]](X_s)
         for n in names:
             W = block.get_submodule(n).weight.data.float()
-            qw, extra = round_weight(W, H, method.qcfg, method.wcfg, rounding, X_s)
+            qw, extra = round_weight(W, H, method.qcfg, method.wcfg, rounding, X_s, name=n,
+                                     n_tokens=n_tokens)
             info[n] = install_qlinear(block, n, qw, method.acfg, W, transforms.get(n), **extra)
         calibrate_static_acts(block, names, X, ctx, method.qcfg.batch_size)
     return info

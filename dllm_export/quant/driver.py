@@ -12,7 +12,6 @@ The same driver runs on an in-memory model (`source=model`): both paths give the
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
+from ..errors import CalibrationError, InputError
+from ..models.checks import check_weight
 from ..models.loader import (build_model, open_shards, read_config, resolve_model_path, tokenizer_special_ids,
                              weight_files)
 
@@ -63,6 +63,7 @@ class CheckpointSource:
             raise InputError(f"tensor {name} missing from the checkpoint")
         with safe_open(self.files[name], framework="pt", device="cpu") as h:
             t = h.get_tensor(name)
+        check_weight(name, t, self.files[name])  # before quantization: a NaN would reach the artifact
         return t.to(torch.float32) if t.dtype != torch.float32 else t.clone()
 
 
@@ -218,7 +219,10 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
             method.prepare_block(block, i)  # exact, calibration-free transforms (QuaRot's rotations)
             n_err = min(X.shape[0], 4)
             Y_ref = forward_block(block, X[:n_err], ctx, qcfg.batch_size)
-            info = method.process_block(block, X, ctx, i)
+            try:
+                info = method.process_block(block, X, ctx, i)
+            except CalibrationError as e:  # name the block: the method only knows the layer within it
+                raise CalibrationError(f"{prefix}{e}") from None
             X = forward_block(block, X, ctx, qcfg.batch_size)
             rel = float((X[:n_err] - Y_ref).pow(2).sum() / Y_ref.pow(2).sum().clamp(min=1e-30))
             layers = layer_manifest(block, prefix)
@@ -242,7 +246,7 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
 
     def extra_files():
-        files = {"manifest.json": json.dumps(manifest, indent=2) + "\n"}
+        files = {}
         for name in TOKENIZER_FILES:
             if (path / name).is_file():
                 files[name] = (path / name).read_bytes()
@@ -250,4 +254,4 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
 
     # 1 GiB shards: finished blocks leave memory as soon as their shard is written
     return write_checkpoint(out_dir, config, tensors(), dtype=None, extra_files=extra_files,
-                            max_shard_bytes=SHARD_BYTES)
+                            max_shard_bytes=SHARD_BYTES, manifest=lambda: manifest)

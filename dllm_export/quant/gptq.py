@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CalibrationError
 from .base import QuantMethod, register_method, sequential_quantize
 from .primitives import QuantizedWeight, single_thread, WeightQuantConfig, compute_grid, quantize_to_grid
 from .rtn import mse_clip_ratios
@@ -44,12 +45,19 @@ class HessianStats:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, mse_clip: bool = False) -> tuple[QuantizedWeight, float]:
-    """GPTQ of W [out, in] given the Hessian H [in, in] of its inputs.
+                  percdamp: float = 0.01, act_order: bool = False, mse_clip: bool = False, name: str = "weight",
+                  n_tokens: int | None = None) -> tuple[QuantizedWeight, float]:
+    """GPTQ of W [out, in] given the Hessian H [in, in] of its inputs (`n_tokens` calibration rows).
 
     Returns:
         (QuantizedWeight with codes in the original column order, the GPTQ loss sum (w - q)^2 / d^2 / 2).
+    Raises:
+        CalibrationError: naming layer `name` and the cause, when H holds NaN / Inf or cannot be
+            factorised even with the damping raised to 100x (dead channels, too few tokens).
     """
+    if not bool(torch.isfinite(H).all()):
+        raise CalibrationError(f"{name}: GPTQ: its Hessian holds NaN / Inf, so the calibration inputs of this "
+                               f"layer do (an earlier layer overflows, or the checkpoint is corrupt)")
     # fp32 throughout, as IST-DASLab/gptq: the Cholesky of a damped H is well conditioned
     W = W.detach().clone().to(torch.float32)
     out, n = W.shape
@@ -80,9 +88,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
 
-    damp = percdamp * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)  # H + damp * I without an n x n identity (600 MB at n = 12288)
-    Hinv = inverse_upper_cholesky(H)
+    Hinv = damped_inverse_cholesky(H, percdamp, name, int(dead.sum()), n_tokens)
 
     codes = torch.zeros(out, n, dtype=torch.float32, device=dev)
     losses = torch.zeros(out, dtype=torch.float64, device=dev)
@@ -128,6 +134,35 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     codes = codes.to(torch.int16)
     return QuantizedWeight(codes, scales, zeros, mins, cfg), float(losses.sum())
+
+
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "weight", n_dead: int = 0,
+                            n_tokens: int | None = None) -> torch.Tensor:
+    """`inverse_upper_cholesky` of H + damp * I with damp = percdamp * mean(diag H), the damping raised
+    10x at a time (to at most 100x, AutoGPTQ's escalation) while the factorisation fails; then a
+    CalibrationError naming the layer and the likely cause. H is modified in place."""
+    mean_diag = torch.mean(torch.diag(H))
+    added = 0.0
+    for factor in (1, 10, 100):
+        damp = percdamp * factor * mean_diag
+        H.diagonal().add_(damp - added)  # H + damp * I without an n x n identity (600 MB at n = 12288)
+        added = damp
+        try:
+            return inverse_upper_cholesky(H)
+        except torch.linalg.LinAlgError:
+            continue
+    n = H.shape[0]
+    causes = []
+    if n_dead:
+        causes.append(f"{n_dead} of {n} input channels are never active (dead channels)")
+    if n_tokens is not None and n_tokens < n:
+        causes.append(f"only {n_tokens} calibration tokens for {n} input channels (a rank-deficient Hessian; "
+                      f"raise --calib-samples / --calib-seq-len)")
+    if not causes:
+        causes.append(f"the inputs span too few directions (mean diag(H) = {float(mean_diag):.3g})")
+    raise CalibrationError(f"{name}: GPTQ: the Hessian cannot be factorised even with damping "
+                           f"{100 * percdamp:g} x mean(diag H): {'; '.join(causes)}. Use more calibration data, "
+                           f"or --method rtn")
 
 
 def inverse_upper_cholesky(H: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..models.checks import check_weight
 from ..models.loader import _set_tensor, build_model, open_shards, read_config, tokenizer_special_ids
 from .base import set_module
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, unpack_codes
@@ -64,7 +65,9 @@ def read_linear(handles: dict, name: str, entry: dict, path: Path) -> StoredLine
     def get(key: str) -> torch.Tensor:
         if key not in handles:
             raise CheckpointError(f"tensor {key} missing from quantized checkpoint {path}")
-        return handles[key].get_tensor(key)
+        t = handles[key].get_tensor(key)
+        check_weight(key, t, path)
+        return t
 
     def opt(key: str) -> torch.Tensor | None:
         return get(key) if key in handles else None
@@ -119,7 +122,9 @@ def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
         if p.is_meta:
             if pname not in handles:
                 raise CheckpointError(f"tensor {pname} missing from quantized checkpoint {path}")
-            _set_tensor(model, pname, handles[pname].get_tensor(pname).to(device=device, dtype=dtype))
+            t = handles[pname].get_tensor(pname)
+            check_weight(pname, t, path)
+            _set_tensor(model, pname, t.to(device=device, dtype=dtype))
             used.add(pname)
     unexpected = sorted(set(handles) - used)
     if unexpected:

@@ -72,14 +72,19 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.f
 
     `backend` forces one ("torch", "onnxruntime", "llama.cpp"); `threads` and `options` go to the
     onnxruntime session / llama.cpp context (torch's thread count is the caller's); `device` is the
-    torch backend's ("cuda" for a GPU).
+    torch backend's ("cuda" for a GPU). Every file a manifest lists is first checked for its size
+    (a truncated or missing file is named; `dllm-export verify` also checks the hashes).
     """
     from pathlib import Path
 
     from ..errors import InputError
+    from ..fileio import MANIFEST, check_files
     from ..models.loader import BUNDLED, load_model
 
     p = Path(path)
+    folder = p.parent if p.suffix == ".gguf" else p
+    if str(path) not in BUNDLED and (folder / MANIFEST).is_file():
+        check_files(folder)
     kind = backend
     if kind == "auto":
         kind = "torch"

@@ -67,7 +67,12 @@ class OrtBackend:
             available = ort.get_available_providers()
             wanted = device.get("providers") or ("CUDAExecutionProvider", "CPUExecutionProvider")
             providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException types
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path / MODEL_FILE}: onnxruntime cannot load the graph or its weights "
+                                  f"({detail}); run dllm-export verify {path}") from None
         names = {i.name for i in self.session.get_inputs()}
         self.has_positions = "logit_positions" in names
         self.supports_cache = "window_start" in names  # the block-step graph (exporter.onnx kv_cache)
