@@ -25,6 +25,20 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: %(default)s)")
 
 
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", default="local", help="where the cells run: local (this process, default) | ray "
+                                                      "(one Ray task per cell; pip install 'dllm-export[ray]')")
+    p.add_argument("--address", help="ray: the cluster, auto (running on this node) or ray://HOST:10001 "
+                                     "(default: join one on this node or start a local one)")
+    p.add_argument("--cell-resources", help='ray: task options of each cell as JSON, e.g. \'{"num_gpus": 1}\'')
+
+
+def _executor(args):
+    from .executors import get_executor
+
+    return get_executor(args.executor, address=args.address, resources=args.cell_resources)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-export", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -119,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("build", help="build a matrix of artifacts from a TOML config, with quality gates")
     bd.add_argument("config", help="build TOML (see examples/build.toml)")
-    bd.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    bd.add_argument("--out", help="output folder (must not exist or be empty)")
+    bd.add_argument("--matrix", action="store_true",
+                    help="print the cells as a JSON CI matrix ({\"include\": [{\"cell\": KEY, \"id\": ...}]}) and exit")
+    bd.add_argument("--cell", action="append", help="build only this cell, MODEL/TARGET (repeatable)")
+    bd.add_argument("--merge", nargs="+", metavar="PART",
+                    help="join the --out folders of per-cell builds into --out (one release manifest)")
+    _add_executor_args(bd)
     bd.add_argument("--no-progress", action="store_true")
 
     an = sub.add_parser("analyze", help="activation outliers at every linear input (JSON + markdown)")
@@ -161,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--items", type=int, help="items per task (default: the task's)")
     rp.add_argument("--calib-samples", type=int, default=32)
     rp.add_argument("--out", required=True, help="report folder (cells are cached there: rerun to resume)")
+    _add_executor_args(rp)
 
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
     _add_model_arg(i)
@@ -260,18 +281,38 @@ def cmd_bench(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .build import build
+    from .build import build, merge, plan_matrix
 
-    m = build(args.config, args.out, progress=not args.no_progress and sys.stderr.isatty())
+    if args.matrix:
+        print(json.dumps(plan_matrix(args.config), separators=(",", ":")))
+        return 0
+    if not args.out:
+        raise DllmExportError("build needs --out (or --matrix)")
+    if args.merge:
+        if args.cell:
+            raise DllmExportError("--merge joins whole cells; --cell applies to a build")
+        m = merge(args.config, args.merge, args.out)
+    else:
+        m = build(args.config, args.out, progress=not args.no_progress and sys.stderr.isatty(),
+                  executor=_executor(args), cells=args.cell)
+    errors = False
     for c in m["cells"]:
+        if "error" in c:
+            errors = True
+            print(f"dllm-export: cell {c['cell']}: {c['error']}", file=sys.stderr)
+            continue
         q, d = c["quality"], c["deltas"]
         print(f"{c['cell']:40s} {c['gate']:6s} bits/token {q['bits_per_token']:.3f} ({d['bpt_increase']:+.1%}), "
               f"arith EM {q['arith_em']:.3f} ({-d['arith_em_drop']:+.3f}), "
               f"{sum(f['bytes'] for f in c['files'].values()) / 2**20:.2f} MiB")
-    if m["failed"]:
-        print(f"dllm-export: quality gate failed: {', '.join(m['failed'])}", file=sys.stderr)
+    gated = [c["cell"] for c in m["cells"] if "error" not in c and c["gate"] != "pass"]
+    if gated:
+        print(f"dllm-export: quality gate failed: {', '.join(gated)}", file=sys.stderr)
+    if errors:  # the exporter refused a cell (bad input) or a cell raised
+        return 2
+    if gated:
         return 1
-    print(f"wrote {args.out}/manifest.json ({len(m['cells'])} artifacts)")
+    print(f"wrote {args.out}/manifest.json ({len(m['cells'])} artifacts) and measurements.json")
     return 0
 
 
@@ -356,11 +397,13 @@ def cmd_report(args) -> int:
     cfg = ReportConfig(models=split(args.models), methods=split(args.methods), schemes=split(args.schemes),
                        tasks=split(args.tasks), calib_masks=split(args.calib_masks), items=args.items,
                        calib_samples=args.calib_samples)
-    res = run_report(cfg, args.out, progress=sys.stderr.isatty())
+    res = run_report(cfg, args.out, progress=sys.stderr.isatty(), executor=_executor(args))
     for f in res["findings"]:
         print(f)
     print(f"wrote {args.out}/report.md, report.csv, report.json, score_vs_bits.png")
-    return 0
+    for f in res["failed"]:
+        print(f"dllm-export: cell {f['cell']} failed: {f['error']}", file=sys.stderr)
+    return 1 if res["failed"] else 0
 
 
 def cmd_info(args) -> int:

@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import DllmExportError
+from ..executors import Cell, Executor, LocalExecutor
+from ..fileio import atomic_file
+from ..models.loader import BUNDLED, checkpoint_sha256
 
 
 @dataclass(frozen=True)
@@ -40,70 +43,94 @@ def _cell_name(model: str, method: str, scheme: str, mask: str) -> str:
 
 def model_fingerprint(model: str | Path) -> str:
     """sha256 over a checkpoint's config.json and weight files (names and bytes)."""
-    import hashlib
-
-    from ..models.loader import resolve_model_path
-
-    folder = resolve_model_path(str(model))
-    h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if f.name == "config.json" or f.suffix == ".safetensors":
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(chunk)
-    return h.hexdigest()
+    return checkpoint_sha256(model)
 
 
-def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False) -> dict:
-    """Run (or resume) the grid; write report.md, report.csv and report.json under out_dir."""
+def report_cells(cfg: ReportConfig, out_dir: str | Path) -> list[Cell]:
+    """The grid as independent cells: each model's float baseline, then model x scheme x method x
+    calibration. A cell's key is its cache folder's name (OUT/cells/<key>); its arguments are
+    absolute paths, so that a worker on another node (sharing the filesystem) finds the same files."""
+    out = Path(out_dir).resolve()
+    prints = {m: model_fingerprint(m) for m in cfg.models}
+    grid = [(m, None, None, None) for m in cfg.models]
+    grid += [(m, me, s, k) for m in cfg.models for s in cfg.schemes for me in cfg.methods for k in cfg.calib_masks]
+    cells = []
+    for model, method, scheme, mask in grid:
+        key = f"{Path(model).name}-fp" if method is None else _cell_name(model, method, scheme, mask)
+        path = model if str(model) in BUNDLED else str(Path(model).resolve())
+        cells.append(Cell(key, {"model": path, "method": method, "scheme": scheme, "mask": mask, "cfg": cfg,
+                                "folder": str(out / "cells" / key), "model_sha256": prints[model]}))
+    return cells
+
+
+def run_cell(cell: Cell) -> dict:
+    """One cell of the grid, from its cache folder when it holds this cell's results: quantize (the
+    quantized checkpoint is kept in the folder and reused), then run the tasks not scored yet. A
+    method that refuses a scheme is recorded as the row's error (cached: the grid goes on)."""
     from .. import load_model, load_tokenizer
     from ..quant import CalibConfig, QuantizeConfig, quantize
-    from .tasks import TASKS, run_task
+    from .tasks import run_task
+
+    a, folder = cell.args, Path(cell.args["folder"])
+    cfg: ReportConfig = a["cfg"]
+    cache = folder / "results.json"
+    row = json.loads(cache.read_text()) if cache.is_file() else None
+    stale = row is not None and (row.get("model_sha256"), row.get("items")) != (a["model_sha256"], cfg.items)
+    if row is None or stale:  # new, or the model or the item count changed since: compute the cell again
+        row = {"model": Path(str(a["model"])).name, "model_sha256": a["model_sha256"], "items": cfg.items,
+               "method": a["method"] or "fp", "scheme": a["scheme"], "calib": a["mask"], "scores": {}, "error": None}
+    missing = [t for t in cfg.tasks if t not in row["scores"]]
+    if missing and not row["error"]:  # tasks added to a cached cell are run on its checkpoint
+        try:
+            path = a["model"]
+            if a["method"] is not None:
+                qdir = folder / "quantized"
+                if stale and qdir.exists():
+                    shutil.rmtree(qdir)
+                for tmp in folder.glob(".quantized.*"):  # left by a worker killed while quantizing
+                    shutil.rmtree(tmp, ignore_errors=True)
+                if not (qdir / "manifest.json").is_file():
+                    quantize(a["model"], qdir, QuantizeConfig(method=a["method"], scheme=a["scheme"], calib=CalibConfig(
+                        n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, mask=a["mask"])), progress=False)
+                path = qdir
+            m, tok = load_model(path), load_tokenizer(path)
+            for t in missing:
+                row["scores"][t] = run_task(m, tok, t, cfg.items)["score"]
+        except DllmExportError as e:  # a method that refuses a scheme: recorded, the grid goes on
+            row["error"] = str(e)
+        with atomic_file(cache) as tmp:
+            tmp.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False,
+               executor: Executor | None = None) -> dict:
+    """Run (or resume) the grid on `executor` (default: this process); write report.md, report.csv
+    and report.json under out_dir. `result["failed"]` lists the cells that raised (not
+    cached: a re-run tries them again) with their errors; their rows carry the error too."""
+    from .tasks import TASKS
 
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    rows = []
-    cells = [(m, None, None, None) for m in cfg.models]
-    cells += [(m, me, s, k) for m in cfg.models for s in cfg.schemes for me in cfg.methods for k in cfg.calib_masks]
+    cells = report_cells(cfg, out)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells), desc="report", unit="cell")
-    prints = {m: model_fingerprint(m) for m in cfg.models}
-    for model, method, scheme, mask in cells:
-        name = f"{Path(model).name}-fp" if method is None else _cell_name(model, method, scheme, mask)
-        cache = out / "cells" / name / "results.json"
-        row = json.loads(cache.read_text()) if cache.is_file() else None
-        stale = row is not None and (row.get("model_sha256"), row.get("items")) != (prints[model], cfg.items)
-        if row is None or stale:  # new, or the model or the item count changed since: compute the cell again
-            row = {"model": Path(str(model)).name, "model_sha256": prints[model], "items": cfg.items,
-                   "method": method or "fp", "scheme": scheme, "calib": mask, "scores": {}, "error": None}
-        missing = [t for t in cfg.tasks if t not in row["scores"]]
-        if missing and not row["error"]:  # tasks added to a cached cell are run on its checkpoint
-            try:
-                path = model
-                if method is not None:
-                    qdir = out / "cells" / name / "quantized"
-                    if stale and qdir.exists():
-                        shutil.rmtree(qdir)
-                    if not (qdir / "manifest.json").is_file():
-                        quantize(model, qdir, QuantizeConfig(method=method, scheme=scheme, calib=CalibConfig(
-                            n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, mask=mask)), progress=False)
-                    path = qdir
-                m, tok = load_model(path), load_tokenizer(path)
-                for t in missing:
-                    row["scores"][t] = run_task(m, tok, t, cfg.items)["score"]
-            except DllmExportError as e:  # a method that refuses a scheme: recorded, the grid goes on
-                row["error"] = str(e)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(row, indent=2) + "\n")
-        rows.append({**row, "scores": {t: row["scores"][t] for t in cfg.tasks if t in row["scores"]}})
-        if bar is not None:
-            bar.update(1)
+    results = (executor or LocalExecutor()).map(run_cell, cells, on_done=None if bar is None else lambda r: bar.update(1))
     if bar is not None:
         bar.close()
+    rows, failed = [], []
+    for c, res in zip(cells, results):
+        row = res.value
+        if res.error is not None:
+            failed.append({"cell": c.key, "error": res.error})
+            a = c.args
+            row = {"model": Path(str(a["model"])).name, "model_sha256": a["model_sha256"], "items": cfg.items,
+                   "method": a["method"] or "fp", "scheme": a["scheme"], "calib": a["mask"], "scores": {},
+                   "error": f"cell {c.key} failed: {res.error}"}
+        rows.append({**row, "scores": {t: row["scores"][t] for t in cfg.tasks if t in row["scores"]}})
     base = {r["model"]: r["scores"] for r in rows if r["method"] == "fp"}
     for r in rows:
         b = base.get(r["model"], {})
@@ -112,7 +139,7 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False) -
         for t, d in r["drop"].items():
             cats.setdefault(TASKS[t].category, []).append(d)
         r["category_drop"] = {c: round(sum(v) / len(v), 4) for c, v in cats.items()}
-    result = {"config": asdict(cfg), "rows": rows, "findings": _findings(rows)}
+    result = {"config": asdict(cfg), "rows": rows, "findings": _findings(rows), "failed": failed}
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     _write_csv(out / "report.csv", rows, cfg.tasks)
     (out / "report.md").write_text(_markdown(result, cfg))
