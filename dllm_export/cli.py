@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--calib-masks", default="uniform", help="uniform (mask-aware) and/or none (plain text)")
     rp.add_argument("--items", type=int, help="items per task (default: the task's)")
     rp.add_argument("--calib-samples", type=int, default=32)
+    rp.add_argument("--no-fidelity", action="store_true", help="no KLD / top-1 / ELBO columns (task scores only)")
+    rp.add_argument("--fidelity-windows", type=int, default=16, help="held-out windows per mask ratio (default: %(default)s)")
     rp.add_argument("--out", required=True, help="report folder (cells are cached there: rerun to resume)")
 
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
@@ -389,7 +391,8 @@ def cmd_report(args) -> int:
     split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
     cfg = ReportConfig(models=split(args.models), methods=split(args.methods), schemes=split(args.schemes),
                        tasks=split(args.tasks), calib_masks=split(args.calib_masks), items=args.items,
-                       calib_samples=args.calib_samples)
+                       calib_samples=args.calib_samples, fidelity=not args.no_fidelity,
+                       fidelity_windows=args.fidelity_windows)
     res = run_report(cfg, args.out, progress=sys.stderr.isatty())
     for f in res["findings"]:
         print(f)
