@@ -138,8 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="task suites (general / math / code) on a checkpoint or an artifact")
     ev.add_argument("--model", default="default", help="checkpoint, ONNX / GGUF artifact, or 'default'")
-    ev.add_argument("--tasks", default="docstring_cloze,arithmetic,line_infill")
+    ev.add_argument("--tasks", help="comma-separated tasks (default: docstring_cloze,arithmetic,line_infill; "
+                                    "none with --fidelity unless given)")
     ev.add_argument("--items", type=int, help="items per task (default: the task's)")
+    ev.add_argument("--fidelity", action="store_true",
+                    help="KL divergence, top-1 agreement, logit SQNR and ELBO difference against --reference "
+                         "at masked positions of held-out text")
+    ev.add_argument("--reference", help="float model for --fidelity (default: the source in --model's manifest)")
+    ev.add_argument("--ratios", default="0.15,0.5,0.85,decode",
+                    help="--fidelity mask ratios; 'decode' = the loop's measured ones (default: %(default)s)")
+    ev.add_argument("--windows", type=int, default=16, help="--fidelity held-out windows per ratio (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", dest="json_out", help="write the results here")
 
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (GSM8K, HumanEval, ARC, ...) on a checkpoint "
@@ -166,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--calib-masks", default="uniform", help="uniform (mask-aware) and/or none (plain text)")
     rp.add_argument("--items", type=int, help="items per task (default: the task's)")
     rp.add_argument("--calib-samples", type=int, default=32)
+    rp.add_argument("--no-fidelity", action="store_true", help="no KLD / top-1 / ELBO columns (task scores only)")
+    rp.add_argument("--fidelity-windows", type=int, default=16, help="held-out windows per mask ratio (default: %(default)s)")
     rp.add_argument("--out", required=True, help="report folder (cells are cached there: rerun to resume)")
 
     i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
@@ -319,6 +330,20 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _fidelity_reference(model: str, reference: str | None) -> str:
+    """The float model a --fidelity run compares with: --reference, else the manifest's source."""
+    from pathlib import Path
+
+    if reference:
+        return reference
+    folder = Path(model).parent if str(model).endswith(".gguf") else Path(model)
+    manifest = folder / "manifest.json"
+    src = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+    if not src or not Path(src).exists():
+        raise DllmExportError(f"--fidelity: {model} records no float source that exists here; pass --reference")
+    return src
+
+
 def cmd_eval(args) -> int:
     from pathlib import Path
 
@@ -328,12 +353,23 @@ def cmd_eval(args) -> int:
 
     be = load_backend(args.model)
     tok = load_tokenizer(Path(args.model).parent if str(args.model).endswith(".gguf") else args.model)
-    results = [run_task(be, tok, t.strip(), args.items) for t in args.tasks.split(",")]
+    tasks = args.tasks or ("" if args.fidelity else "docstring_cloze,arithmetic,line_infill")
+    results = [run_task(be, tok, t.strip(), args.items, seed=args.seed) for t in tasks.split(",") if t.strip()]
     for r in results:
-        print(f"{r['task']:18s} {r['category']:8s} {r['score']:.3f} ({r['n']} items)")
+        print(f"{r['task']:18s} {r['category']:8s} {r['score']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+              f"({r['n']} items)")
+    out = {"model": str(args.model), "backend": be.name, "results": results}
+    if args.fidelity:
+        from .eval.fidelity import FidelityConfig, fidelity, to_markdown
+
+        cfg = FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios), windows=args.windows, seed=args.seed)
+        ref = _fidelity_reference(args.model, args.reference)
+        out["reference"] = str(ref)
+        out["fidelity"] = fidelity(be, load_backend(ref), tok, cfg)
+        print(f"fidelity of {args.model} against {ref}:")
+        print(to_markdown(out["fidelity"]), end="")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"model": str(args.model), "backend": be.name,
-                                                   "results": results}, indent=2) + "\n")
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
@@ -365,7 +401,8 @@ def cmd_report(args) -> int:
     split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
     cfg = ReportConfig(models=split(args.models), methods=split(args.methods), schemes=split(args.schemes),
                        tasks=split(args.tasks), calib_masks=split(args.calib_masks), items=args.items,
-                       calib_samples=args.calib_samples)
+                       calib_samples=args.calib_samples, fidelity=not args.no_fidelity,
+                       fidelity_windows=args.fidelity_windows)
     res = run_report(cfg, args.out, progress=sys.stderr.isatty())
     for f in res["findings"]:
         print(f)
