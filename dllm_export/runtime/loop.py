@@ -154,33 +154,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     ended = torch.zeros(B, dtype=torch.bool)
     t0 = time.perf_counter()
     for b in range(plan.num_blocks):
-        lo, hi = P + b * plan.block_length, P + (b + 1) * plan.block_length
-        # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
-        upto_block = torch.zeros_like(x, dtype=torch.bool)
-        upto_block[:, :hi] = True
-        # LLaDA's quota counts the block's masks; masks left of it (infilling prompts) count too, so
-        # they are decoded as well (identical to the reference when the prompt has none)
-        quota = S.get_num_transfer_tokens((x == mask_id) & upto_block, plan.steps_per_block)
-        for i in range(plan.max_block_steps):
-            eligible = (x == mask_id) & upto_block
-            if not bool(eligible.any()):
-                break  # nothing left to unmask in this block
-            logits = step_logits(x, i, lo, hi, eligible)
-            before = x == mask_id
-            # greedy samplers only read eligible positions: run them on those columns (a softmax
-            # over the whole canvas cost as much as a cached forward); random draws keep the full
-            # shape so seeded traces stay those of the references
-            cols = eligible.any(0).nonzero().squeeze(1) if plan.greedy else None
-            if cols is None:
-                rule(logits, x, eligible, quota[:, i], i)
-            else:
-                xs = x[:, cols]
-                rule(logits[:, cols], xs, eligible[:, cols], quota[:, i], i)
-                x[:, cols] = xs
-            newly = (before & (x != mask_id))[:, P:]
-            commit[newly & (commit < 0)] = step_logits.nfe - 1
-            if callback is not None:
-                callback(step_logits.nfe, plan.total_estimate)
+        hi = P + (b + 1) * plan.block_length
+        _decode_block(x, commit, P, hi, plan, step_logits, rule, mask_id, callback)
         if plan.stop_at_eos:
             done = end_rows(x, P, hi, spec, mask_id) & ~ended
             x[done, hi:] = spec.eos_id
@@ -190,6 +165,38 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
                 break
     return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=step_logits.nfe,
                           seconds=time.perf_counter() - t0, settings=plan.settings())
+
+
+def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: Plan, step_logits: "_StepLogits",
+                  rule: Callable, mask_id: int, callback: Callable[[int, int], None] | None) -> None:
+    """Unmask the block ending at `hi` in place (x, and commit: the step of each commit)."""
+    lo = hi - plan.block_length
+    # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
+    upto_block = torch.zeros_like(x, dtype=torch.bool)
+    upto_block[:, :hi] = True
+    # LLaDA's quota counts the block's masks; masks left of it (infilling prompts) count too, so
+    # they are decoded as well (identical to the reference when the prompt has none)
+    quota = S.get_num_transfer_tokens((x == mask_id) & upto_block, plan.steps_per_block)
+    for i in range(plan.max_block_steps):
+        eligible = (x == mask_id) & upto_block
+        if not bool(eligible.any()):
+            break  # nothing left to unmask in this block
+        logits = step_logits(x, i, lo, hi, eligible)
+        before = x == mask_id
+        # greedy samplers only read eligible positions: run them on those columns (a softmax
+        # over the whole canvas cost as much as a cached forward); random draws keep the full
+        # shape so seeded traces stay those of the references
+        cols = eligible.any(0).nonzero().squeeze(1) if plan.greedy else None
+        if cols is None:
+            rule(logits, x, eligible, quota[:, i], i)
+        else:
+            xs = x[:, cols]
+            rule(logits[:, cols], xs, eligible[:, cols], quota[:, i], i)
+            x[:, cols] = xs
+        newly = (before & (x != mask_id))[:, P:]
+        commit[newly & (commit < 0)] = step_logits.nfe - 1
+        if callback is not None:
+            callback(step_logits.nfe, plan.total_estimate)
 
 
 @dataclass(frozen=True)
