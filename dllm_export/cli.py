@@ -15,6 +15,7 @@ import sys
 import time
 
 from .errors import DllmExportError
+from .runtime.loop import PRESETS
 
 
 
@@ -83,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alg-temp", type=float, help="Dream: sample positions by softmax(confidence / alg_temp)")
     g.add_argument("--threshold", type=float, help="Fast-dLLM parallel decoding confidence threshold")
     g.add_argument("--factor", type=float, help="Fast-dLLM factor rule for parallel decoding (instead of --threshold)")
-    g.add_argument("--cache", default="none", help="block KV cache: none (default) | prefix | dual (Fast-dLLM)")
+    g.add_argument("--cache", help="block KV cache: none (default) | prefix | dual (Fast-dLLM)")
     g.add_argument("--refresh", type=int, help="with a cache: also a full forward every N steps inside a block")
+    g.add_argument("--stop-at-eos", action="store_true", default=None,
+                   help="stop once a decoded block holds an end token; fill the rest with EOS")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="reference",
+                   help="defaults for --cache/--threshold/--stop-at-eos: reference (the released loops) | "
+                        "edge (dual cache, threshold 0.9, stop at EOS) (default: %(default)s)")
     g.add_argument("--seed", type=int, help="random seed (for temperature > 0 or random samplers)")
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -227,10 +233,13 @@ def cmd_generate(args) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
+    given = {"cache": args.cache, "threshold": args.threshold, "stop_at_eos": args.stop_at_eos}
+    preset = {k: v for k, v in PRESETS[args.preset].items() if given[k] is None and args.factor is None}
+    opts = {**{k: v for k, v in given.items() if v is not None}, **preset}
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                   top_p=args.top_p, alg_temp=args.alg_temp, threshold=args.threshold, seed=args.seed,
-                   callback=progress, cache=args.cache, refresh=args.refresh, factor=args.factor)
+                   top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress,
+                   refresh=args.refresh, factor=args.factor, **opts)
     if bar is not None:
         bar.close()
     texts = [tok.decode(row, skip_special_tokens=True) for row in out.generated.tolist()]
@@ -242,7 +251,8 @@ def cmd_generate(args) -> int:
             "commit_step": out.commit_step.tolist(), "nfe": out.nfe, "settings": out.settings,
             "timings": {"load_s": round(load_s, 4), "generate_s": round(out.seconds, 4),
                         "tokens_per_s": round(n_tokens / out.seconds, 2) if out.seconds else None,
-                        "s_per_step": round(out.seconds / max(out.nfe, 1), 5)},
+                        "s_per_step": round(out.seconds / max(out.nfe, 1), 5),
+                        "tokens_per_step": round(n_tokens / max(out.nfe, 1), 3)},
         }, indent=2))
     else:
         for prompt, text in zip(args.prompt, texts):
