@@ -92,6 +92,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "load_s": round(load_s, 3), "step_ms_median": round(1000 * statistics.median(steps), 3),
         "step_ms_p90": round(1000 * steps[min(len(steps) - 1, int(0.9 * len(steps)))], 3),
         "tokens_per_s": round(out.generated.numel() / decode_s, 2), "nfe": out.nfe,
+        "tokens_per_step": round(out.generated.numel() / max(out.nfe, 1), 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if cfg.quality:
@@ -127,8 +128,8 @@ def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
 
 def to_markdown(result: dict) -> str:
     """A table of `bench`'s result."""
-    cols = ["path", "backend", "size_mib", "load_s", "step_ms_median", "step_ms_p90", "tokens_per_s",
-            "peak_rss_mib", "step_speedup"]
+    cols = ["path", "backend", "size_mib", "load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "nfe",
+            "tokens_per_step", "peak_rss_mib", "step_speedup"]
     if result["config"]["quality"]:
         cols += ["bits_per_token", "bpt_increase", "arith_em", "arith_em_drop"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -1,22 +1,40 @@
 """`dllm-export build CONFIG.toml`: a matrix of artifacts (models x targets) with quality gates.
 
-Every cell is exported with `verify.export_verified` (deterministic: same inputs, same bytes), scored
-against its float model (held-out bits/token and arithmetic exact match, through the artifact's
-own runtime) and benchmarked; `manifest.json` in the output folder lists each artifact's files
-with sha256 and size, its scheme, method, calibration, quality deltas and bench figures. A cell
-whose quality drops past a gate makes the build fail (exit code 1), naming the cell.
+Every cell (one model x one target, key "model/target") is exported with `exporter.export`
+(deterministic: same inputs, same bytes), scored against its float model (held-out bits/token and
+arithmetic exact match, through the artifact's own runtime) and benchmarked. The output folder holds
+the artifacts and two files:
+
+    manifest.json       what the artifacts are: per cell its files (sha256, bytes), scheme, method,
+                        calibration, quality, deltas and gate; no timings, no machine paths, so two
+                        builds of one config give the same bytes (a release manifest).
+    measurements.json   how this build went: quantize / export seconds, bench figures, host.
+
+A cell whose quality drops past a gate makes the build fail (exit code 1), naming the cell.
+
+Cells are independent, so they run on an executor (`executors`: local, ray), or one per CI job:
+`plan_matrix` lists them for a CI matrix, `build(..., cells=[KEY])` builds one, and `merge` joins
+the cells' output folders into the folder (and the manifest) one `build` run gives.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import DllmExportError, InputError
+from .executors import Cell, Executor, LocalExecutor
 
 FORMAT = "dllm-export/build"
+VERSION = 2  # 2: timings and bench figures moved to measurements.json, config by name and sha256
+MEASUREMENTS_FORMAT = "dllm-export/build-measurements"
+MANIFEST, MEASUREMENTS = "manifest.json", "measurements.json"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # keys a [[targets]] entry may carry: export() arguments
 _TARGET_KEYS = {"name", "target", "bits", "method", "scheme", "group_size", "weight_format", "accuracy_level",
                 "act_kernel", "quant", "device"}
@@ -47,6 +65,7 @@ class BuildConfig:
     problems: int = 50
     bench: bool = True
     gates: Gates = field(default_factory=Gates)
+    source: dict = field(default_factory=dict)  # the config file's name and sha256 (no path)
 
 
 def read_config(path: str | Path) -> BuildConfig:
@@ -77,18 +96,61 @@ def read_config(path: str | Path) -> BuildConfig:
     for m in models:
         if "name" not in m or "path" not in m:
             raise InputError(f"{p}: every [[models]] needs name and path")
+    if len({m["name"] for m in models}) != len(models):
+        raise InputError(f"{p}: model names must be unique")
+    bad = [str(x["name"]) for x in (*models, *targets) if not _NAME.fullmatch(str(x["name"]))]
+    if bad:  # a name is a folder of the output and half of a cell key ("model/target")
+        raise InputError(f"{p}: names may hold letters, digits, '.', '_' and '-' only: {', '.join(bad)}")
     cal, ev = raw.get("calibration", {}), raw.get("evaluation", {})
     return BuildConfig(models=models, targets=targets, calib_samples=int(cal.get("samples", 32)),
                        calib_seq_len=int(cal.get("seq_len", 128)), eval_windows=int(ev.get("windows", 8)),
                        problems=int(ev.get("problems", 50)), bench=bool(ev.get("bench", True)),
-                       gates=Gates(**raw.get("gates", {})))
+                       gates=_gates(p, raw.get("gates", {})),
+                       source={"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})
 
 
-def _quality(backend, tok, cfg: BuildConfig) -> dict:
-    """Held-out bits/token (stdlib modules never trained on) and arithmetic exact match."""
+def _gates(p: Path, raw: dict) -> Gates:
+    unknown = set(raw) - {f for f in Gates.__dataclass_fields__}
+    if unknown:
+        raise InputError(f"{p}: unknown [gates] key(s) {', '.join(sorted(unknown))} (known: max_drop, max_bpt_increase)")
+    return Gates(**raw)
+
+
+def cell_key(model: dict, target: dict) -> str:
+    """The stable key of a cell: "model/target" (the names of the config)."""
+    return f"{model['name']}/{target['name']}"
+
+
+def build_cells(cfg: BuildConfig, out_dir: str | Path) -> list[Cell]:
+    """The config's cells, models outer and targets inner (the manifest's order). Paths in the
+    arguments are absolute so that a worker on another node (sharing the filesystem) finds them."""
+    from .models.loader import BUNDLED
+
+    out = Path(out_dir).resolve()
+    calib = {"n_samples": cfg.calib_samples, "seq_len": cfg.calib_seq_len}
+    ev = {"windows": cfg.eval_windows, "problems": cfg.problems, "bench": cfg.bench}
+    return [Cell(cell_key(m, t), {"model": m["path"] if m["path"] in BUNDLED else str(Path(m["path"]).resolve()),
+                                  "target": t, "out": str(out / m["name"] / t["name"]), "calib": calib,
+                                  "evaluation": ev, "gates": asdict(cfg.gates)})
+            for m in cfg.models for t in cfg.targets]
+
+
+def plan_matrix(config_path: str | Path) -> dict:
+    """The cells as a CI job matrix: {"include": [{"cell": KEY, "id": a file-name-safe KEY}, ...]}
+    (GitHub Actions: `strategy.matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`)."""
+    cfg = read_config(config_path)
+    return {"include": [{"cell": cell_key(m, t), "id": f"{m['name']}--{t['name']}"}
+                        for m in cfg.models for t in cfg.targets]}
+
+
+@functools.lru_cache(maxsize=8)
+def _float_quality(model: str, windows: int, problems: int) -> dict:
+    """The float model's quality (what the gates compare to), once per model and process."""
+    from . import load_tokenizer
     from .eval.quality import quick_quality
+    from .runtime.backends import load_backend
 
-    return quick_quality(backend, tok, windows=cfg.eval_windows, problems=cfg.problems)
+    return quick_quality(load_backend(model), load_tokenizer(model), windows=windows, problems=problems)
 
 
 def _files(folder: Path) -> dict:
@@ -96,51 +158,175 @@ def _files(folder: Path) -> dict:
             for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def build(config_path: str | Path, out_dir: str | Path, progress: bool = False) -> dict:
-    """Build every (model, target) cell of the config into `out_dir`; returns the build manifest
-    (also written to out_dir/manifest.json). `manifest["failed"]` lists the cells that broke a gate."""
+def _host() -> dict:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
+def run_build_cell(cell: Cell) -> dict:
+    """Export, score and gate one cell; returns {"entry": its manifest entry, "measurements": ...}.
+    A request the exporter refuses (bad input) is the entry's `error`. An artifact folder that is
+    already there (complete: exports are atomic) is reused, e.g. by a retry after a killed worker."""
+    import time
+
     from . import load_tokenizer
     from .bench import BenchConfig, measure
-    from .verify import export_verified
     from .quant import CalibConfig
     from .runtime.backends import load_backend
+    from .verify import export_verified
 
+    a, key = cell.args, cell.key
+    out, t = Path(a["out"]), a["target"]
+    calib, ev, gates = CalibConfig(**a["calib"]), a["evaluation"], Gates(**a["gates"])
+    rel = f"{out.parent.name}/{out.name}"
+    times: dict = {"quantize_s": None, "export_s": None}
+    try:
+        for tmp in out.parent.glob(f".{out.name}.*"):  # left by a worker killed while exporting
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "manifest.json").is_file():
+            t0 = time.perf_counter()
+            # verified (hashes, checker, smoke forward) before it takes its name
+            res, _ = export_verified(a["model"], out, quantize_options={"calib": calib},
+                                     **{k: v for k, v in t.items() if k != "name"})
+            times = {"quantize_s": res.quantize_seconds, "export_s": res.export_seconds,
+                     "total_s": round(time.perf_counter() - t0, 3)}
+        manifest = json.loads((out / "manifest.json").read_text())
+        base = _float_quality(a["model"], ev["windows"], ev["problems"])
+        tok = load_tokenizer(a["model"])
+        from .eval.quality import quick_quality
+
+        quality = quick_quality(load_backend(out), tok, windows=ev["windows"], problems=ev["problems"])
+    except DllmExportError as e:
+        return {"entry": {"cell": key, "path": rel, "target": t["target"], "error": str(e), "gate": "error"},
+                "measurements": {"cell": key}}
+    deltas = {"arith_em_drop": round(base["arith_em"] - quality["arith_em"], 4),
+              "bpt_increase": round(quality["bits_per_token"] / base["bits_per_token"] - 1, 4)}
+    failures = []
+    if gates.max_drop is not None and deltas["arith_em_drop"] > gates.max_drop:
+        failures.append(f"arithmetic exact match drops {deltas['arith_em_drop']:.3f} > {gates.max_drop}")
+    if gates.max_bpt_increase is not None and deltas["bpt_increase"] > gates.max_bpt_increase:
+        failures.append(f"bits/token rise {deltas['bpt_increase']:.3f} > {gates.max_bpt_increase}")
+    entry = {"cell": key, "path": rel, "target": t["target"], "scheme": manifest.get("scheme"),
+             "method": manifest.get("method"), "file_type": manifest.get("file_type"), "calibration": asdict(calib),
+             "files": _files(out), "quality": quality, "float_quality": base, "deltas": deltas,
+             "gate": "fail: " + "; ".join(failures) if failures else "pass"}
+    meas = {"cell": key, **times, "host": _host()}
+    if ev["bench"]:
+        bench = measure(str(out), BenchConfig(reps=3, gen_length=32, block_length=32))
+        bench.pop("path", None)
+        meas["bench"] = bench
+    return {"entry": entry, "measurements": meas}
+
+
+def _write_outputs(out: Path, cfg: BuildConfig, entries: list[dict], measurements: list[dict]) -> dict:
+    """manifest.json (deterministic: what the artifacts are) and measurements.json (how the build went)."""
+    from .fileio import atomic_file
+
+    failed = [e["cell"] for e in entries if e.get("gate") != "pass"]
+    manifest = {"format": FORMAT, "version": VERSION, "config": cfg.source, "gates": asdict(cfg.gates),
+                "cells": entries, "failed": failed}
+    for name, doc in ((MEASUREMENTS, {"format": MEASUREMENTS_FORMAT, "cells": measurements}), (MANIFEST, manifest)):
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return manifest
+
+
+def _select(cells: list[Cell], keys: list[str] | None) -> list[Cell]:
+    if keys is None:
+        return cells
+    have = {c.key for c in cells}
+    unknown = [k for k in keys if k not in have]
+    if unknown:
+        raise InputError(f"unknown cell(s) {', '.join(unknown)}; the config's cells: {', '.join(sorted(have))}")
+    return [c for c in cells if c.key in set(keys)]
+
+
+def build(config_path: str | Path, out_dir: str | Path, progress: bool = False, executor: Executor | None = None,
+          cells: list[str] | None = None) -> dict:
+    """Build the config's cells (all, or the keys in `cells`) into `out_dir` on `executor` (default:
+    this process); returns the build manifest (also out_dir/manifest.json, with measurements.json
+    beside it). `manifest["failed"]` lists the cells that broke a gate or could not be built; a
+    cell that raised is in it with its error, and the other cells are built all the same."""
     cfg = read_config(config_path)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
-    calib = CalibConfig(n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len)
-    manifest = {"format": FORMAT, "config": str(config_path), "gates": asdict(cfg.gates), "cells": [], "failed": []}
-    for m in cfg.models:
-        tok = load_tokenizer(m["path"])
-        base = _quality(load_backend(m["path"]), tok, cfg)
-        for t in cfg.targets:
-            cell = f"{m['name']}/{t['name']}"
-            kwargs = {k: v for k, v in t.items() if k != "name"}
-            # written, then verified (hashes, checker, smoke forward) before it takes its name
-            res, _ = export_verified(m["path"], out / m["name"] / t["name"], quantize_options={"calib": calib},
-                                     progress=progress, **kwargs)
-            quality = _quality(load_backend(res.path), tok, cfg)
-            deltas = {"arith_em_drop": round(base["arith_em"] - quality["arith_em"], 4),
-                      "bpt_increase": round(quality["bits_per_token"] / base["bits_per_token"] - 1, 4)}
-            entry = {"cell": cell, "path": str(res.path.relative_to(out)), "target": t["target"],
-                     "scheme": res.manifest.get("scheme"), "method": res.manifest.get("method"),
-                     "file_type": res.manifest.get("file_type"), "calibration": asdict(calib),
-                     "files": _files(res.path), "quality": quality, "float_quality": base, "deltas": deltas}
-            if cfg.bench:
-                entry["bench"] = measure(str(res.path), BenchConfig(reps=3, gen_length=32, block_length=32))
-            failures = []
-            if cfg.gates.max_drop is not None and deltas["arith_em_drop"] > cfg.gates.max_drop:
-                failures.append(f"arithmetic exact match drops {deltas['arith_em_drop']:.3f} > {cfg.gates.max_drop}")
-            if cfg.gates.max_bpt_increase is not None and deltas["bpt_increase"] > cfg.gates.max_bpt_increase:
-                failures.append(f"bits/token rise {deltas['bpt_increase']:.3f} > {cfg.gates.max_bpt_increase}")
-            entry["gate"] = "fail: " + "; ".join(failures) if failures else "pass"
-            if failures:
-                manifest["failed"].append(cell)
-            manifest["cells"].append(entry)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    todo = _select(build_cells(cfg, out), cells)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="build", unit="cell")
+    results = (executor or LocalExecutor()).map(run_build_cell, todo,
+                                                on_done=None if bar is None else lambda r: bar.update(1))
+    if bar is not None:
+        bar.close()
+    entries, meas = [], []
+    for c, r in zip(todo, results):
+        if r.error is not None:
+            r_value = {"entry": {"cell": c.key, "path": c.key, "target": c.args["target"]["target"],
+                                 "error": f"cell {c.key} failed: {r.error}", "gate": "error"},
+                       "measurements": {"cell": c.key}}
+        else:
+            r_value = r.value
+        entries.append(r_value["entry"])
+        meas.append(r_value["measurements"])
+    return _write_outputs(out, cfg, entries, meas)
+
+
+def merge(config_path: str | Path, parts: list[str | Path], out_dir: str | Path) -> dict:
+    """Join the output folders of per-cell builds (`build(..., cells=[KEY])`, e.g. one CI job each)
+    into `out_dir`: every cell of the config exactly once, each artifact's files checked against
+    its part's manifest (sha256), copied into the layout one `build` run writes, and that run's
+    manifest.json (same bytes) and measurements.json. Written atomically."""
+    from .fileio import atomic_folder
+
+    cfg = read_config(config_path)
+    keys = [cell_key(m, t) for m in cfg.models for t in cfg.targets]
+    found: dict[str, tuple[Path, dict, dict]] = {}
+    for part in map(Path, parts):
+        f = part / MANIFEST
+        if not f.is_file():
+            raise InputError(f"{part}: no {MANIFEST} (expected the --out folder of `dllm-export build --cell`)")
+        try:
+            m = json.loads(f.read_text())
+            meas = json.loads((part / MEASUREMENTS).read_text()) if (part / MEASUREMENTS).is_file() else {}
+        except json.JSONDecodeError as e:
+            raise InputError(f"{part}: not valid JSON ({e})") from None
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise InputError(f"{f}: not a build manifest of this version ({FORMAT} v{VERSION})")
+        if m.get("config") != cfg.source:
+            raise InputError(f"{part} was built from another config ({m.get('config')}), not {cfg.source}")
+        by_key = {x["cell"]: x for x in meas.get("cells", [])}
+        for e in m["cells"]:
+            if e["cell"] in found:
+                raise InputError(f"cell {e['cell']} is in both {found[e['cell']][0]} and {part}")
+            if e["cell"] not in keys:
+                raise InputError(f"{part}: cell {e['cell']} is not in {cfg.source['name']}")
+            found[e["cell"]] = (part, e, by_key.get(e["cell"], {"cell": e["cell"]}))
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise InputError(f"missing cell(s) {', '.join(missing)}: pass the output folder of each")
+    with atomic_folder(out_dir) as tmp:
+        for k in keys:
+            part, e, _ = found[k]
+            if "files" not in e:  # a cell that could not be built: its entry says why
+                continue
+            src = part / e["path"]
+            if not src.is_dir() or _files(src) != e["files"]:
+                raise InputError(f"{part}: the files of cell {k} under {src} do not match its manifest")
+            shutil.copytree(src, tmp / e["path"])
+        manifest = _write_outputs(tmp, cfg, [found[k][1] for k in keys], [found[k][2] for k in keys])
     return manifest
 
 
-__all__ = ["BuildConfig", "Gates", "build", "read_config"]
+__all__ = ["BuildConfig", "Gates", "build", "build_cells", "cell_key", "merge", "plan_matrix", "read_config",
+           "run_build_cell"]

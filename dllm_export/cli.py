@@ -15,6 +15,7 @@ import sys
 import time
 
 from .errors import DllmExportError
+from .runtime.loop import PRESETS
 
 
 
@@ -23,6 +24,20 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (config.json + safetensors), or 'default' / 'default-dream' "
                         "for the bundled models (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: %(default)s)")
+
+
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", default="local", help="where the cells run: local (this process, default) | ray "
+                                                      "(one Ray task per cell; pip install 'dllm-export[ray]')")
+    p.add_argument("--address", help="ray: the cluster, auto (running on this node) or ray://HOST:10001 "
+                                     "(default: join one on this node or start a local one)")
+    p.add_argument("--cell-resources", help='ray: task options of each cell as JSON, e.g. \'{"num_gpus": 1}\'')
+
+
+def _executor(args):
+    from .executors import get_executor
+
+    return get_executor(args.executor, address=args.address, resources=args.cell_resources)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alg-temp", type=float, help="Dream: sample positions by softmax(confidence / alg_temp)")
     g.add_argument("--threshold", type=float, help="Fast-dLLM parallel decoding confidence threshold")
     g.add_argument("--factor", type=float, help="Fast-dLLM factor rule for parallel decoding (instead of --threshold)")
-    g.add_argument("--cache", default="none", help="block KV cache: none (default) | prefix | dual (Fast-dLLM)")
+    g.add_argument("--cache", help="block KV cache: none (default) | prefix | dual (Fast-dLLM)")
     g.add_argument("--refresh", type=int, help="with a cache: also a full forward every N steps inside a block")
+    g.add_argument("--stop-at-eos", action="store_true", default=None,
+                   help="stop once a decoded block holds an end token; fill the rest with EOS")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="reference",
+                   help="defaults for --cache/--threshold/--stop-at-eos: reference (the released loops) | "
+                        "edge (dual cache, threshold 0.9, stop at EOS) (default: %(default)s)")
     g.add_argument("--seed", type=int, help="random seed (for temperature > 0 or random samplers)")
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("build", help="build a matrix of artifacts from a TOML config, with quality gates")
     bd.add_argument("config", help="build TOML (see examples/build.toml)")
-    bd.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    bd.add_argument("--out", help="output folder (must not exist or be empty)")
+    bd.add_argument("--matrix", action="store_true",
+                    help="print the cells as a JSON CI matrix ({\"include\": [{\"cell\": KEY, \"id\": ...}]}) and exit")
+    bd.add_argument("--cell", action="append", help="build only this cell, MODEL/TARGET (repeatable)")
+    bd.add_argument("--merge", nargs="+", metavar="PART",
+                    help="join the --out folders of per-cell builds into --out (one release manifest)")
+    _add_executor_args(bd)
     bd.add_argument("--no-progress", action="store_true")
 
     an = sub.add_parser("analyze", help="activation outliers at every linear input (JSON + markdown)")
@@ -132,8 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="task suites (general / math / code) on a checkpoint or an artifact")
     ev.add_argument("--model", default="default", help="checkpoint, ONNX / GGUF artifact, or 'default'")
-    ev.add_argument("--tasks", default="docstring_cloze,arithmetic,line_infill")
+    ev.add_argument("--tasks", help="comma-separated tasks (default: docstring_cloze,arithmetic,line_infill; "
+                                    "none with --fidelity unless given)")
     ev.add_argument("--items", type=int, help="items per task (default: the task's)")
+    ev.add_argument("--fidelity", action="store_true",
+                    help="KL divergence, top-1 agreement, logit SQNR and ELBO difference against --reference "
+                         "at masked positions of held-out text")
+    ev.add_argument("--reference", help="float model for --fidelity (default: the source in --model's manifest)")
+    ev.add_argument("--ratios", default="0.15,0.5,0.85,decode",
+                    help="--fidelity mask ratios; 'decode' = the loop's measured ones (default: %(default)s)")
+    ev.add_argument("--windows", type=int, default=16, help="--fidelity held-out windows per ratio (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", dest="json_out", help="write the results here")
 
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (GSM8K, HumanEval, ARC, ...) on a checkpoint "
@@ -160,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--calib-masks", default="uniform", help="uniform (mask-aware) and/or none (plain text)")
     rp.add_argument("--items", type=int, help="items per task (default: the task's)")
     rp.add_argument("--calib-samples", type=int, default=32)
+    rp.add_argument("--no-fidelity", action="store_true", help="no KLD / top-1 / ELBO columns (task scores only)")
+    rp.add_argument("--fidelity-windows", type=int, default=16, help="held-out windows per mask ratio (default: %(default)s)")
     rp.add_argument("--out", required=True, help="report folder (cells are cached there: rerun to resume)")
+    _add_executor_args(rp)
 
     vf = sub.add_parser("verify", help="check an artifact: file sizes and sha256, the format checker, a load and a "
                                        "smoke forward against its stored reference logits")
@@ -201,10 +239,13 @@ def cmd_generate(args) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
+    given = {"cache": args.cache, "threshold": args.threshold, "stop_at_eos": args.stop_at_eos}
+    preset = {k: v for k, v in PRESETS[args.preset].items() if given[k] is None and args.factor is None}
+    opts = {**{k: v for k, v in given.items() if v is not None}, **preset}
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                   top_p=args.top_p, alg_temp=args.alg_temp, threshold=args.threshold, seed=args.seed,
-                   callback=progress, cache=args.cache, refresh=args.refresh, factor=args.factor)
+                   top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress,
+                   refresh=args.refresh, factor=args.factor, **opts)
     if bar is not None:
         bar.close()
     texts = [tok.decode(row, skip_special_tokens=True) for row in out.generated.tolist()]
@@ -216,7 +257,8 @@ def cmd_generate(args) -> int:
             "commit_step": out.commit_step.tolist(), "nfe": out.nfe, "settings": out.settings,
             "timings": {"load_s": round(load_s, 4), "generate_s": round(out.seconds, 4),
                         "tokens_per_s": round(n_tokens / out.seconds, 2) if out.seconds else None,
-                        "s_per_step": round(out.seconds / max(out.nfe, 1), 5)},
+                        "s_per_step": round(out.seconds / max(out.nfe, 1), 5),
+                        "tokens_per_step": round(n_tokens / max(out.nfe, 1), 3)},
         }, indent=2))
     else:
         for prompt, text in zip(args.prompt, texts):
@@ -267,18 +309,38 @@ def cmd_bench(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .build import build
+    from .build import build, merge, plan_matrix
 
-    m = build(args.config, args.out, progress=not args.no_progress and sys.stderr.isatty())
+    if args.matrix:
+        print(json.dumps(plan_matrix(args.config), separators=(",", ":")))
+        return 0
+    if not args.out:
+        raise DllmExportError("build needs --out (or --matrix)")
+    if args.merge:
+        if args.cell:
+            raise DllmExportError("--merge joins whole cells; --cell applies to a build")
+        m = merge(args.config, args.merge, args.out)
+    else:
+        m = build(args.config, args.out, progress=not args.no_progress and sys.stderr.isatty(),
+                  executor=_executor(args), cells=args.cell)
+    errors = False
     for c in m["cells"]:
+        if "error" in c:
+            errors = True
+            print(f"dllm-export: cell {c['cell']}: {c['error']}", file=sys.stderr)
+            continue
         q, d = c["quality"], c["deltas"]
         print(f"{c['cell']:40s} {c['gate']:6s} bits/token {q['bits_per_token']:.3f} ({d['bpt_increase']:+.1%}), "
               f"arith EM {q['arith_em']:.3f} ({-d['arith_em_drop']:+.3f}), "
               f"{sum(f['bytes'] for f in c['files'].values()) / 2**20:.2f} MiB")
-    if m["failed"]:
-        print(f"dllm-export: quality gate failed: {', '.join(m['failed'])}", file=sys.stderr)
+    gated = [c["cell"] for c in m["cells"] if "error" not in c and c["gate"] != "pass"]
+    if gated:
+        print(f"dllm-export: quality gate failed: {', '.join(gated)}", file=sys.stderr)
+    if errors:  # the exporter refused a cell (bad input) or a cell raised
+        return 2
+    if gated:
         return 1
-    print(f"wrote {args.out}/manifest.json ({len(m['cells'])} artifacts)")
+    print(f"wrote {args.out}/manifest.json ({len(m['cells'])} artifacts) and measurements.json")
     return 0
 
 
@@ -316,6 +378,20 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _fidelity_reference(model: str, reference: str | None) -> str:
+    """The float model a --fidelity run compares with: --reference, else the manifest's source."""
+    from pathlib import Path
+
+    if reference:
+        return reference
+    folder = Path(model).parent if str(model).endswith(".gguf") else Path(model)
+    manifest = folder / "manifest.json"
+    src = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+    if not src or not Path(src).exists():
+        raise DllmExportError(f"--fidelity: {model} records no float source that exists here; pass --reference")
+    return src
+
+
 def cmd_eval(args) -> int:
     from pathlib import Path
 
@@ -325,12 +401,23 @@ def cmd_eval(args) -> int:
 
     be = load_backend(args.model)
     tok = load_tokenizer(Path(args.model).parent if str(args.model).endswith(".gguf") else args.model)
-    results = [run_task(be, tok, t.strip(), args.items) for t in args.tasks.split(",")]
+    tasks = args.tasks or ("" if args.fidelity else "docstring_cloze,arithmetic,line_infill")
+    results = [run_task(be, tok, t.strip(), args.items, seed=args.seed) for t in tasks.split(",") if t.strip()]
     for r in results:
-        print(f"{r['task']:18s} {r['category']:8s} {r['score']:.3f} ({r['n']} items)")
+        print(f"{r['task']:18s} {r['category']:8s} {r['score']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+              f"({r['n']} items)")
+    out = {"model": str(args.model), "backend": be.name, "results": results}
+    if args.fidelity:
+        from .eval.fidelity import FidelityConfig, fidelity, to_markdown
+
+        cfg = FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios), windows=args.windows, seed=args.seed)
+        ref = _fidelity_reference(args.model, args.reference)
+        out["reference"] = str(ref)
+        out["fidelity"] = fidelity(be, load_backend(ref), tok, cfg)
+        print(f"fidelity of {args.model} against {ref}:")
+        print(to_markdown(out["fidelity"]), end="")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"model": str(args.model), "backend": be.name,
-                                                   "results": results}, indent=2) + "\n")
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
@@ -362,12 +449,15 @@ def cmd_report(args) -> int:
     split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
     cfg = ReportConfig(models=split(args.models), methods=split(args.methods), schemes=split(args.schemes),
                        tasks=split(args.tasks), calib_masks=split(args.calib_masks), items=args.items,
-                       calib_samples=args.calib_samples)
-    res = run_report(cfg, args.out, progress=sys.stderr.isatty())
+                       calib_samples=args.calib_samples, fidelity=not args.no_fidelity,
+                       fidelity_windows=args.fidelity_windows)
+    res = run_report(cfg, args.out, progress=sys.stderr.isatty(), executor=_executor(args))
     for f in res["findings"]:
         print(f)
     print(f"wrote {args.out}/report.md, report.csv, report.json, score_vs_bits.png")
-    return 0
+    for f in res["failed"]:
+        print(f"dllm-export: cell {f['cell']} failed: {f['error']}", file=sys.stderr)
+    return 1 if res["failed"] else 0
 
 
 def cmd_info(args) -> int:

@@ -92,11 +92,19 @@ class TrainConfig:
     arithmetic_row_lengths: tuple[int, ...] = ()
 
 
-# The shapes of the bundled models (see the model cards in dllm_export/assets/*/README.md).
+# The shapes of the bundled models (see the model cards in dllm_export/assets/*/README.md): ~12M
+# parameters each (24 MB in bf16), trained on a GPU with 256-token windows; "-v1" are the first, 6M / 3M
+# parameter models trained on one CPU thread, kept so their model cards replay.
 PRESETS: dict[str, TrainConfig] = {
-    "llada": TrainConfig(),
-    "dream": TrainConfig(family="dream", d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_hidden=512,
-                         vocab_size=4096, steps=6000),
+    "llada": TrainConfig(d_model=320, n_layers=8, n_heads=5, n_kv_heads=5, mlp_hidden=768, seq_len=256,
+                         batch_size=256, lr=3e-3, warmup_steps=300, steps=8000, arithmetic_rows=16,
+                         arithmetic_row_lengths=(16, 48, 144, 288)),
+    "dream": TrainConfig(family="dream", d_model=320, n_layers=8, n_heads=5, n_kv_heads=1, mlp_hidden=896,
+                         seq_len=256, batch_size=256, lr=3e-3, warmup_steps=300, steps=8000, arithmetic_rows=16,
+                         arithmetic_row_lengths=(16, 48, 144, 288)),
+    "llada-v1": TrainConfig(),
+    "dream-v1": TrainConfig(family="dream", d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_hidden=512,
+                            vocab_size=4096, steps=6000),
 }
 
 
@@ -254,9 +262,9 @@ def masked_diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, mask_id: int
         unweighted mean CE and accuracy over masked tokens (for logs).
     """
     B, L = x0.shape
-    t = torch.rand(B, generator=generator)
+    t = torch.rand(B, generator=generator, device=x0.device)
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)
-    masked = torch.rand(B, L, generator=generator) < p_mask
+    masked = torch.rand(B, L, generator=generator, device=x0.device) < p_mask
     if maskable is not None:
         masked &= maskable
     if model.spec.shift_logits:
@@ -300,38 +308,43 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe(), minutes: float = 60.0,
-          resume: bool = False, checkpoint_minutes: float = 5.0, log_every: int = 20,
-          steps: int | None = None, mix: tuple[float, float, float] | None = None,
-          answer_only: bool | None = None, until_step: int | None = None,
-          arithmetic_rows: int | None = None, arithmetic_row_lengths: tuple[int, ...] | None = None) -> Path:
-    """Train (or resume) a run in folder `out` until `cfg.steps` or the wall-clock budget; return the checkpoint path.
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes, not what it learns: where, for how long, and how often it saves and logs.
 
-    On `resume` the saved settings are used, except the schedule length when `steps` is given
-    (to lengthen, or shorten, the cosine decay of a resumed run). `mix` = (code, arithmetic, english)
-    window shares replaces the recipe's from the current step on (a curriculum; recorded in
-    `mix_history` of run.json as [step, shares, arithmetic_answer_only]); so does `answer_only`, which
-    sets `arithmetic_answer_only`. `until_step` stops (and saves) at that step, so a run that changed
-    settings part-way can be replayed phase by phase.
-
-    `out` holds data.pt (tokenizer + token streams, built once), ckpt.pt (model, optimizer, step,
-    RNG state) and run.json (settings and progress).
+    Attributes:
+        device: "cpu" or "cuda". On a GPU the windows are drawn in a prefetch thread with the seeded CPU
+            generator and the masks with a seeded generator on the device (one stream each, so a run stays
+            deterministic for its seed, up to the device's float reductions; a resume there skips the few
+            batches that were drawn ahead).
+        bf16: run the forward and backward under bf16 autocast (weights and optimizer stay fp32); a GEMM is
+            2-4x faster where the processor has bf16 units (AVX-512 BF16, AMX, any recent GPU).
+        minutes: wall-clock budget after which training stops cleanly and saves.
+        checkpoint_minutes / log_every: save and log cadence.
+        until_step: stop and save at this step (to replay a multi-phase run).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, data_path = out / "ckpt.pt", out / "data.pt"
-    t_start = time.time()
+
+    device: str = "cpu"
+    bf16: bool = False
+    minutes: float = 60.0
+    checkpoint_minutes: float = 5.0
+    log_every: int = 20
+    until_step: int | None = None
+
+
+def _resolve_run(out: Path, cfg: TrainConfig, recipe: CorpusRecipe, resume: bool, steps: int | None,
+                 mix: tuple[float, float, float] | None) -> tuple[TrainConfig, CorpusRecipe, dict | None, dict]:
+    """The run's settings (saved ones on resume, `steps` and `mix` applied), its saved state, and its data."""
+    state = None
     if resume:
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(out / "ckpt.pt", weights_only=False, map_location="cpu")
         saved = {**state["train_config"], "betas": tuple(state["train_config"]["betas"])}
         saved["arithmetic_row_lengths"] = tuple(saved.get("arithmetic_row_lengths", ()))
         cfg = TrainConfig(**{**saved, "steps": steps or saved["steps"]})
         recipe = CorpusRecipe(**state["recipe"])
-    mix_history = []
-    if resume:
-        mix_history = state.get("mix_history", [[0, [recipe.code, recipe.arithmetic, recipe.english], False]])
     if mix is not None:
         recipe = dataclasses.replace(recipe, code=mix[0], arithmetic=mix[1], english=mix[2])
+    data_path = out / "data.pt"
     if data_path.exists():
         data = torch.load(data_path, weights_only=False)
     else:
@@ -340,88 +353,138 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
         _save(data_path, data)
         _log(f"data: {json.dumps(data['summary'])[:400]} tokens: "
              f"{ {k: len(v) for k, v in data['streams'].items()} }")
+    return cfg, recipe, state, data
+
+
+def _prefetch(sample, depth: int = 4):
+    """Yield `sample()` results drawn ahead in a daemon thread (the GPU step overlaps the CPU sampling)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def work():
+        while True:
+            q.put(sample())
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        yield q.get()
+
+
+def _batch_loss(model, groups, mask_id: int, mask_gen: torch.Generator, cfg: TrainConfig, opts: RunOptions):
+    """Token-weighted loss over a batch's row-shape groups, and the masked-token CE / accuracy over all of them."""
+    n_tok = sum(x.numel() for x, _ in groups)
+    loss, ce_sum, acc_sum, n_masked = 0.0, 0.0, 0.0, 0
+    for x0, maskable in groups:  # every token weighs the same across row shapes
+        x0, maskable = x0.to(opts.device, non_blocking=True), maskable.to(opts.device, non_blocking=True)
+        with torch.autocast(torch.device(opts.device).type, dtype=torch.bfloat16, enabled=opts.bf16):
+            part, st = masked_diffusion_loss(model, x0, mask_id, mask_gen, cfg.eps, maskable)
+        loss = loss + part * (x0.numel() / n_tok)
+        ce_sum += st["ce"] * st["n_masked"]
+        acc_sum += st["acc"] * st["n_masked"]
+        n_masked += st["n_masked"]
+    return loss, n_tok, ce_sum / max(n_masked, 1), acc_sum / max(n_masked, 1)
+
+
+def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe(), resume: bool = False,
+          steps: int | None = None, mix: tuple[float, float, float] | None = None,
+          answer_only: bool | None = None, arithmetic_rows: int | None = None,
+          arithmetic_row_lengths: tuple[int, ...] | None = None, opts: RunOptions = RunOptions()) -> Path:
+    """Train (or resume) a run in folder `out` until `cfg.steps` or the wall-clock budget; return the checkpoint path.
+
+    On `resume` the saved settings are used, except the schedule length when `steps` is given
+    (to lengthen, or shorten, the cosine decay of a resumed run). `mix` = (code, arithmetic, english)
+    window shares replaces the recipe's from the current step on (a curriculum; recorded in
+    `mix_history` of run.json as [step, shares, arithmetic_answer_only]); so does `answer_only`, which
+    sets `arithmetic_answer_only`. `opts.until_step` stops (and saves) at that step, so a run that changed
+    settings part-way can be replayed phase by phase.
+
+    `out` holds data.pt (tokenizer + token streams, built once), ckpt.pt (model, optimizer, step,
+    RNG state) and run.json (settings and progress).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    t_start = time.time()
+    cfg, recipe, state, data = _resolve_run(out, cfg, recipe, resume, steps, mix)
     config = model_config(cfg, data["ids"])
     model = build_model(config, dtype=torch.float32, device="cpu")
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # the CPU run draws windows and masks from one generator (bit-for-bit the runs before devices existed)
+    mask_gen = gen if opts.device == "cpu" else torch.Generator(opts.device).manual_seed(cfg.seed + 1)
     step, elapsed, tokens = 0, 0.0, 0
-    if resume:
+    mix_history = []
+    if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
+        if "mask_rng" in state and mask_gen is not gen:
+            mask_gen.set_state(state["mask_rng"])
         step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
+        mix_history = state.get("mix_history", [[0, [recipe.code, recipe.arithmetic, recipe.english], False]])
         _log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     else:
         init_weights(model, cfg.n_layers, gen)
+    model.to(opts.device).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = make_optimizer(model, cfg)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"{cfg.family}: {n_params / 1e6:.2f}M params, {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len}, "
-         f"threads {torch.get_num_threads()}")
-    if answer_only is not None:
-        cfg = dataclasses.replace(cfg, arithmetic_answer_only=answer_only)
-    if arithmetic_rows is not None:
-        cfg = dataclasses.replace(cfg, arithmetic_rows=arithmetic_rows)
-    if arithmetic_row_lengths is not None:
-        cfg = dataclasses.replace(cfg, arithmetic_row_lengths=tuple(arithmetic_row_lengths))
+         f"{opts.device}{' bf16' if opts.bf16 else ''}, threads {torch.get_num_threads()}")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in {
+        "arithmetic_answer_only": answer_only, "arithmetic_rows": arithmetic_rows,
+        "arithmetic_row_lengths": None if arithmetic_row_lengths is None else tuple(arithmetic_row_lengths),
+    }.items() if v is not None})
     rows = list(cfg.arithmetic_row_lengths) or cfg.arithmetic_rows
     entry = [[recipe.code, recipe.arithmetic, recipe.english], cfg.arithmetic_answer_only, rows]
     if not mix_history or mix_history[-1][1:] != entry:
         mix_history.append([step, *entry])
     sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only,
                             cfg.arithmetic_row_lengths or cfg.arithmetic_rows)
-    mask_id = model.spec.mask_id
+    draw = lambda: sampler.sample(cfg.batch_size, gen)  # noqa: E731
+    batches = (draw() for _ in iter(int, 1)) if opts.device == "cpu" else _prefetch(draw)
 
     def checkpoint():
-        _save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
-                          "step": step, "elapsed_s": elapsed + time.time() - t_start, "tokens": tokens,
+        trained = elapsed + time.time() - t_start
+        _save(ckpt_path, {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                          **({"mask_rng": mask_gen.get_state()} if mask_gen is not gen else {}),
+                          "step": step, "elapsed_s": trained, "tokens": tokens,
                           "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe),
                           "model_config": config, "mix_history": mix_history})
         (out / "run.json").write_text(json.dumps({
             "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "step": step,
-            "trained_minutes": round((elapsed + time.time() - t_start) / 60, 2), "tokens": tokens,
-            "mix_history": mix_history, "params": n_params, "threads": torch.get_num_threads(),
+            "trained_minutes": round(trained / 60, 2), "tokens": tokens, "mix_history": mix_history,
+            "params": n_params, "device": opts.device, "bf16": opts.bf16, "threads": torch.get_num_threads(),
             "corpus": data["summary"]}, indent=2))
         _log(f"checkpoint at step {step} -> {ckpt_path}")
 
     last_ckpt = t_window = time.time()
-    run_loss = run_ce = run_acc = 0.0
-    n_run = 0
-    while step < min(cfg.steps, until_step or cfg.steps):
-        if time.time() - t_start > minutes * 60:
-            _log(f"wall-clock budget of {minutes} min reached")
+    window = [0.0, 0.0, 0.0, 0]  # loss, masked CE, masked accuracy, steps since the last log line
+    while step < min(cfg.steps, opts.until_step or cfg.steps):
+        if time.time() - t_start > opts.minutes * 60:
+            _log(f"wall-clock budget of {opts.minutes} min reached")
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        groups = sampler.sample(cfg.batch_size, gen)
-        n_tok = sum(x.numel() for x, _ in groups)
-        loss, stats = 0.0, {"ce": 0.0, "acc": 0.0, "n_masked": 0}
-        for x0, maskable in groups:  # every token weighs the same across row shapes
-            part, st = masked_diffusion_loss(model, x0, mask_id, gen, cfg.eps, maskable)
-            loss = loss + part * (x0.numel() / n_tok)
-            for k in ("ce", "acc"):
-                stats[k] += st[k] * st["n_masked"]
-            stats["n_masked"] += st["n_masked"]
-        stats = {k: (v / max(stats["n_masked"], 1) if k != "n_masked" else v) for k, v in stats.items()}
+        loss, n_tok, ce, acc = _batch_loss(model, next(batches), model.spec.mask_id, mask_gen, cfg, opts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         tokens += n_tok
-        run_loss += float(loss.detach())
-        run_ce += stats["ce"]
-        run_acc += stats["acc"]
-        n_run += 1
-        if step % log_every == 0:
-            dt = time.time() - t_window
-            _log(f"step {step} loss {run_loss / n_run:.3f} masked-ce {run_ce / n_run:.3f} "
-                 f"masked-acc {run_acc / n_run:.3f} lr {lr_at(step, cfg):.2e} gnorm {float(gnorm):.2f} "
-                 f"tok/s {n_run * n_tok / dt:.0f}")
-            run_loss = run_ce = run_acc = 0.0
-            n_run, t_window = 0, time.time()
-        if time.time() - last_ckpt > checkpoint_minutes * 60:
+        window = [window[0] + float(loss.detach()), window[1] + ce, window[2] + acc, window[3] + 1]
+        if step % opts.log_every == 0:
+            n = window[3]
+            _log(f"step {step} loss {window[0] / n:.3f} masked-ce {window[1] / n:.3f} "
+                 f"masked-acc {window[2] / n:.3f} lr {lr_at(step, cfg):.2e} gnorm {float(gnorm):.2f} "
+                 f"tok/s {n * n_tok / (time.time() - t_window):.0f}")
+            window, t_window = [0.0, 0.0, 0.0, 0], time.time()
+        if time.time() - last_ckpt > opts.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.time()
     checkpoint()
@@ -432,7 +495,7 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
 def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the run's current weights as a bf16 checkpoint in the released layout, with tokenizer files."""
     run_dir = Path(run_dir)
-    state = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    state = torch.load(run_dir / "ckpt.pt", weights_only=False, map_location="cpu")
     data = torch.load(run_dir / "data.pt", weights_only=False)
     config = state["model_config"]
     model = build_model(config, dtype=torch.float32, device="cpu")
@@ -463,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="from now on draw each arithmetic window's row length from these (e.g. 16,64,288)")
     ap.add_argument("--until-step", type=int, help="stop and save at this step (to replay a multi-phase run)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU trains a bundled model in minutes)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (hosts with bf16 units: AVX-512 BF16, AMX, GPUs)")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--export", metavar="DIR", help="write OUT's checkpoint as a bf16 model folder and exit")
@@ -474,10 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                    "lr": args.lr, "seed": args.seed}.items() if v is not None}
     cfg = dataclasses.replace(PRESETS[args.family], **overrides)
-    train(args.out, cfg, minutes=args.minutes, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes,
-          log_every=args.log_every, steps=args.steps, mix=args.mix,
-          answer_only=args.answer_only_arithmetic, until_step=args.until_step, arithmetic_rows=args.arithmetic_rows,
-          arithmetic_row_lengths=args.arithmetic_row_lengths)
+    opts = RunOptions(device=args.device, bf16=args.bf16, minutes=args.minutes,
+                      checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every, until_step=args.until_step)
+    train(args.out, cfg, resume=args.resume, steps=args.steps, mix=args.mix, answer_only=args.answer_only_arithmetic,
+          arithmetic_rows=args.arithmetic_rows, arithmetic_row_lengths=args.arithmetic_row_lengths, opts=opts)
     return 0
 
 

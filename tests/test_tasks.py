@@ -1,5 +1,7 @@
 """Task suites: deterministic items from held-out material, and scoring on any backend."""
 
+import json
+
 import pytest
 
 from dllm_export import InputError, load_model, load_tokenizer
@@ -54,10 +56,19 @@ def test_report_grid_is_cached_and_resumable(tiny_dirs, tmp_path):
     from dllm_export.eval.report import ReportConfig, run_report
 
     cfg = ReportConfig(models=(str(tiny_dirs["llada"]),), methods=("rtn",), schemes=("W4A16", "W4A4"),
-                       tasks=("arithmetic",), items=2, calib_samples=2, calib_seq_len=32)
+                       tasks=("arithmetic",), items=2, calib_samples=2, calib_seq_len=32, fidelity_windows=2)
     res = run_report(cfg, tmp_path)
     assert [(r["method"], r["scheme"]) for r in res["rows"]] == [("fp", None), ("rtn", "W4A16"), ("rtn", "W4A4")]
     assert all("arithmetic" in r["scores"] or r["error"] for r in res["rows"])
+    q = res["rows"][1]
+    assert q["fidelity"]["kld_mean"] > 0 and 0 <= q["fidelity"]["top1"] <= 1
+    lo, hi = q["drop_ci95"]["arithmetic"]
+    assert lo <= q["drop"]["arithmetic"] <= hi and q["paired"] and "math" in q["category_drop"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Per category" in md and "## Findings (significant differences only)" in md
+    cell = json.loads((tmp_path / "cells" / q["cell"] / "results.json").read_text())
+    assert len(cell["tasks"]["arithmetic"]["outcomes"]) == 2
+    assert "outcomes" not in json.dumps(json.loads((tmp_path / "report.json").read_text()))
     assert (tmp_path / "report.md").read_text().startswith("# dllm-export report")
     assert (tmp_path / "report.csv").read_text().splitlines()[0].startswith("model,method,scheme,calib,arithmetic")
     assert (tmp_path / "score_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -82,8 +93,8 @@ def test_report_recomputes_cells_of_a_changed_model(tiny_dirs, tmp_path):
     first = run_report(cfg, tmp_path / "r")
     cell = tmp_path / "r" / "cells" / "m-rtn-w4a16-uniform"
     row = json.loads((cell / "results.json").read_text())
-    (cell / "results.json").write_text(json.dumps({**row, "scores": {"arithmetic": -1.0}}))  # a marker
-    assert run_report(cfg, tmp_path / "r")["rows"][1]["scores"]["arithmetic"] == -1.0  # cached
+    (cell / "results.json").write_text(json.dumps({**row, "scores": {"arithmetic": 0.5}}))  # a marker (1 of 2)
+    assert run_report(cfg, tmp_path / "r")["rows"][1]["scores"]["arithmetic"] == 0.5  # cached
     (f,) = model.glob("*.safetensors")
     w = load_file(f)
     save_file({k: v * 1.5 if v.dim() == 2 else v for k, v in w.items()}, f, metadata={"format": "pt"})

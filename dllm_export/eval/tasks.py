@@ -186,12 +186,15 @@ def answer_digits(text: str) -> str:
 
 
 def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0) -> dict:
-    """Score one task on any backend (torch model, onnxruntime, llama.cpp); returns the score,
-    per-item outcomes count, and the task's fixed settings."""
+    """Score one task on any backend (torch model, onnxruntime, llama.cpp); returns the score
+    with its 95% Wilson interval (`ci95`), the item count, the per-item outcomes (1 right, 0
+    wrong, in item order: the same items for every model, so two models compare pairwise) and the
+    task's fixed settings."""
     from .. import generate
     from ..runtime.backends import as_backend
     from ..runtime.loop import infill
     from .likelihood import elbo
+    from .stats import wilson
 
     if name not in TASKS:
         raise InputError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
@@ -199,21 +202,20 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
     n = n_items or task.n_items
     be = as_backend(backend)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    correct = total = 0
+    outcomes: list[int] = []  # 1 right, 0 wrong, per item in order (paired comparisons across models)
     if task.category == "general":
         for k, it in enumerate(cloze_items(n, seed)):
             scores = []
             for c in it["choices"]:
                 ids = enc(it["prefix"] + c + it["suffix"])
                 scores.append(elbo(be, ids[:1], ids[1:], mc=task.mc, batch=task.mc, seed=seed + k).elbo)
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == it["answer"])
-            total += 1
+            outcomes.append(int(max(range(len(scores)), key=scores.__getitem__) == it["answer"]))
     elif task.category == "math":
         for a, op, b in arithmetic_test_problems()[:: max(1, 1000 // n)][:n]:
             out = generate(be, [enc(f"{a}{op}{b}=")], gen_length=task.gen_length, steps=task.steps,
                            block_length=task.block_length)
-            correct += answer_digits(tok.decode(out.generated[0].tolist())) == format_problem(a, op, b).split("=")[1]
-            total += 1
+            outcomes.append(int(answer_digits(tok.decode(out.generated[0].tolist()))
+                                == format_problem(a, op, b).split("=")[1]))
     else:  # code: infill the masked line in place, as many tokens as the reference line has
         mask = be.spec.mask_id
         run = name == "line_infill_exec"
@@ -234,7 +236,8 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
                 indent = it["line"][: len(it["line"]) - len(it["line"].lstrip())]
                 lines[it["lineno"] - 1] = indent + text.strip() if text.strip() else indent + "pass"
                 exact = passes_tests(it["module"], "\n".join(lines))
-            correct += exact
-            total += 1
-    return {"task": name, "category": task.category, "score": correct / max(total, 1), "n": total,
-            "settings": asdict(task)}
+            outcomes.append(int(exact))
+    total = len(outcomes)
+    lo, hi = wilson(sum(outcomes), total)
+    return {"task": name, "category": task.category, "score": sum(outcomes) / max(total, 1), "n": total,
+            "ci95": [lo, hi], "outcomes": outcomes, "settings": asdict(task)}

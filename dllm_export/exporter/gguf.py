@@ -33,6 +33,7 @@ from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
 from ..quant.load import weight_config
 from ..quant.primitives import QuantizedWeight, WeightQuantConfig
+from ..models.loader import source_record
 from .source import open_source, write_sidecars
 
 FORMAT = "dllm-export/gguf"
@@ -271,7 +272,7 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
             tensor_types[t] = tensor_types.get(t, 0) + 1
         manifest = {
             "format": FORMAT, "version": VERSION, "family": spec.family, "arch": spec.gguf_arch,
-            "source": qmanifest["source"] if qmanifest else str(src), "export": dataclasses.asdict(cfg),
+            "source": qmanifest["source"] if qmanifest else source_record(src), "export": dataclasses.asdict(cfg),
             "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,
             "quantize_settings": qmanifest["settings"] if qmanifest else None,
             "file_type": cfg.quant if llama_quant else main_type, "tensor_types": tensor_types,

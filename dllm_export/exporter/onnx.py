@@ -35,6 +35,7 @@ from ..errors import InputError
 from ..fileio import atomic_folder
 from ..models.layers import rope_cos_sin
 from ..quant.primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, quantize_weight
+from ..models.loader import source_record
 from .source import open_source, write_sidecars
 
 FORMAT = "dllm-export/onnx"
@@ -594,7 +595,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
         model.ir_version = IR_VERSION
         manifest = {
             "format": FORMAT, "version": VERSION, "family": spec.family,
-            "source": qmanifest["source"] if qmanifest else str(source.path),
+            "source": qmanifest["source"] if qmanifest else source_record(source.path),
             "export": dataclasses.asdict(cfg), "accuracy_level": b.acc, "opset": OPSET,
             "inputs": [i.name for i in inputs], "outputs": [o.name for o in outputs], "logits_shifted": False,
             "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,

@@ -44,6 +44,28 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 over a checkpoint's config.json and weight files (names and bytes), in name order."""
+    import hashlib
+
+    folder = resolve_model_path(path)
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def source_record(path: str | Path) -> dict:
+    """The `source` of a manifest: the checkpoint's folder name and `checkpoint_sha256`, never a
+    machine's path, so the same checkpoint gives the same manifest (and artifact bytes) anywhere."""
+    folder = resolve_model_path(path)
+    return {"name": folder.name, "sha256": checkpoint_sha256(folder)}
+
+
 def read_config(path: Path) -> dict:
     """config.json of a checkpoint folder, with a clear error when missing or malformed."""
     f = path / "config.json"

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..errors import CalibrationError, InputError
 from ..models.checks import check_weight
-from ..models.loader import (build_model, open_shards, read_config, resolve_model_path, tokenizer_special_ids,
-                             weight_files)
+from ..models.loader import (build_model, open_shards, read_config, resolve_model_path, source_record,
+                             tokenizer_special_ids, weight_files)
 
 from .base import METHODS, QuantizeConfig, forward_block
 from .calibrate import calibration_ids
@@ -196,7 +196,7 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "method": qcfg.method, "scheme": qcfg.scheme,
         "settings": qcfg.to_dict(), "calibration": {**qcfg.calib.to_dict(), **calib_summary},
-        "source": str(path), "family": spec.family, "spec": spec.to_dict(), "device": device.type,
+        "source": source_record(path), "family": spec.family, "spec": spec.to_dict(), "device": device.type,
         "high_precision": [spec.embedding, spec.final_norm, spec.head], "layers": {}, "blocks": [],
     }
     tied = spec.head == spec.embedding or f"{spec.head}.weight" not in source

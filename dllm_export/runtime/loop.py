@@ -10,7 +10,7 @@ over blocks, as LLaDA's `generate.py` does; with `threshold` a block runs until 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -21,6 +21,14 @@ from . import samplers as S
 from .backends import Backend, as_backend
 
 CACHES = ("none", "prefix", "dual")
+
+# named option sets for `generate` (the CLI's --preset): "reference" decodes as LLaDA's / Dream's own
+# loops (a full forward per step, the whole canvas); "edge" is the fast setting of the edge targets:
+# Fast-dLLM's dual cache and 0.9 confidence threshold, and no steps spent on the EOS tail
+PRESETS: dict[str, dict] = {
+    "reference": {},
+    "edge": {"cache": "dual", "threshold": 0.9, "stop_at_eos": True},
+}
 
 
 @dataclass
@@ -82,7 +90,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
              alg_temp: float | None = None, eps: float = 1e-3, threshold: float | None = None,
              attention_mask=None, seed: int | None = None, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, cache: str = "none", refresh: int | None = None,
-             factor: float | None = None) -> GenerateOutput:
+             factor: float | None = None, stop_at_eos: bool = False) -> GenerateOutput:
     """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
 
     Args:
@@ -109,6 +117,11 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             cached prefix and suffix keys/values. "none": a full forward every step (the reference).
             For Dream (shifted logits) the block's first position keeps the block-start prediction.
         refresh: with a cache, also run the full forward every `refresh` steps inside a block.
+        stop_at_eos: once a block is decoded with an end token (EOS or end of turn) in a row's
+            generated part and only masks after the block, that row's rest is filled with EOS
+            (commit step: the block's last) and not decoded; the loop ends when every row has
+            ended. In a batch, Dream's step quota (a batch mean) then counts the ended rows' zeros. Off by default: the reference
+            loops decode the whole canvas (the model may write past an end token).
         attention_mask: [B, P] 0/1 for a pre-padded prompt tensor.
         seed / generator: randomness (None = torch's global generator, like the references).
         callback: called as callback(step_done, steps_total_estimate) after each step.
@@ -119,29 +132,146 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     """
     backend: Backend = as_backend(model_or_backend)
     spec = backend.spec
-    sampler = sampler or spec.default_sampler
-    steps = gen_length if steps is None else steps
-    block_length = gen_length if block_length is None else block_length
-    _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold, factor is not None)
-    if factor is not None:
-        if threshold is not None:
-            raise InputError("pass threshold or factor, not both")
-        if factor <= 0:
-            raise InputError(f"factor must be > 0, got {factor}")
-        if sampler in ("random", "origin"):
-            raise InputError(f"factor decoding ranks by confidence; sampler {sampler!r} has none")
-    if cache not in CACHES:
-        raise InputError(f"unknown cache {cache!r} (choose from {', '.join(CACHES)})")
-    if cache != "none" and not getattr(backend, "supports_cache", False):
-        raise InputError(f"the {getattr(backend, 'name', type(backend).__name__)} backend has no KV cache; "
-                         f"use cache='none'")
-    if refresh is not None and refresh < 1:
-        raise InputError(f"refresh must be >= 1, got {refresh}")
+    plan = Plan(sampler=sampler or spec.default_sampler, gen_length=gen_length,
+                steps=gen_length if steps is None else steps,
+                block_length=gen_length if block_length is None else block_length, temperature=temperature,
+                cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, alg_temp=alg_temp, eps=eps, threshold=threshold,
+                factor=factor, cache=cache, refresh=refresh, stop_at_eos=stop_at_eos, seed=seed)
+    plan.check(backend)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
-
     prompt, pmask = prepare_prompt(prompt_ids, spec.pad_id, attention_mask)
+    _check_prompt(prompt, gen_length, backend)
+
     B, P = prompt.shape
+    mask_id = spec.mask_id
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    am = torch.cat([pmask, torch.ones(B, gen_length, dtype=torch.long)], dim=1)
+    commit = torch.full((B, gen_length), -1, dtype=torch.long)
+    step_logits = _StepLogits(backend, plan, x != mask_id, am)
+    rule = _rule(plan, mask_id, generator)
+    ended = torch.zeros(B, dtype=torch.bool)
+    t0 = time.perf_counter()
+    for b in range(plan.num_blocks):
+        hi = P + (b + 1) * plan.block_length
+        _decode_block(x, commit, P, hi, plan, step_logits, rule, mask_id, callback)
+        if plan.stop_at_eos:
+            done = end_rows(x, P, hi, spec, mask_id) & ~ended
+            x[done, hi:] = spec.eos_id
+            commit[done, hi - P:] = step_logits.nfe - 1
+            ended |= done
+            if bool(ended.all()):
+                break
+    return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=step_logits.nfe,
+                          seconds=time.perf_counter() - t0, settings=plan.settings())
+
+
+def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: Plan, step_logits: "_StepLogits",
+                  rule: Callable, mask_id: int, callback: Callable[[int, int], None] | None) -> None:
+    """Unmask the block ending at `hi` in place (x, and commit: the step of each commit)."""
+    lo = hi - plan.block_length
+    # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
+    upto_block = torch.zeros_like(x, dtype=torch.bool)
+    upto_block[:, :hi] = True
+    # LLaDA's quota counts the block's masks; masks left of it (infilling prompts) count too, so
+    # they are decoded as well (identical to the reference when the prompt has none)
+    quota = S.get_num_transfer_tokens((x == mask_id) & upto_block, plan.steps_per_block)
+    for i in range(plan.max_block_steps):
+        eligible = (x == mask_id) & upto_block
+        if not bool(eligible.any()):
+            break  # nothing left to unmask in this block
+        logits = step_logits(x, i, lo, hi, eligible)
+        before = x == mask_id
+        # greedy samplers only read eligible positions: run them on those columns (a softmax
+        # over the whole canvas cost as much as a cached forward); random draws keep the full
+        # shape so seeded traces stay those of the references
+        cols = eligible.any(0).nonzero().squeeze(1) if plan.greedy else None
+        if cols is None:
+            rule(logits, x, eligible, quota[:, i], i)
+        else:
+            xs = x[:, cols]
+            rule(logits[:, cols], xs, eligible[:, cols], quota[:, i], i)
+            x[:, cols] = xs
+        newly = (before & (x != mask_id))[:, P:]
+        commit[newly & (commit < 0)] = step_logits.nfe - 1
+        if callback is not None:
+            callback(step_logits.nfe, plan.total_estimate)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decoding settings of one `generate` call, resolved (see `generate` for their meaning)."""
+
+    sampler: str
+    gen_length: int
+    steps: int
+    block_length: int
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    alg_temp: float | None = None
+    eps: float = 1e-3
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str = "none"
+    refresh: int | None = None
+    stop_at_eos: bool = False
+    seed: int | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    @property
+    def parallel(self) -> bool:
+        """Threshold / factor decoding: a block runs until decoded, not for a fixed step count."""
+        return self.threshold is not None or self.factor is not None
+
+    @property
+    def max_block_steps(self) -> int:
+        return 2 * self.block_length if self.parallel else self.steps_per_block
+
+    @property
+    def total_estimate(self) -> int:
+        return self.gen_length if self.parallel else self.steps
+
+    @property
+    def greedy(self) -> bool:
+        """The sampler reads only the eligible positions and draws nothing at random."""
+        return self.temperature == 0 and self.sampler not in ("random", "origin") and not self.alg_temp
+
+    def check(self, backend) -> None:
+        """Raise InputError for settings that cannot run (on `backend`, for the cache)."""
+        _validate(self.sampler, self.gen_length, self.steps, self.block_length, self.temperature, self.top_k,
+                  self.top_p, self.threshold, self.factor is not None)
+        if self.factor is not None:
+            if self.threshold is not None:
+                raise InputError("pass threshold or factor, not both")
+            if self.factor <= 0:
+                raise InputError(f"factor must be > 0, got {self.factor}")
+            if self.sampler in ("random", "origin"):
+                raise InputError(f"factor decoding ranks by confidence; sampler {self.sampler!r} has none")
+        if self.cache not in CACHES:
+            raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
+        if self.cache != "none" and not getattr(backend, "supports_cache", False):
+            raise InputError(f"the {getattr(backend, 'name', type(backend).__name__)} backend has no KV cache; "
+                             f"use cache='none'")
+        if self.refresh is not None and self.refresh < 1:
+            raise InputError(f"refresh must be >= 1, got {self.refresh}")
+
+    def settings(self) -> dict:
+        """The settings as a plain dict (GenerateOutput.settings)."""
+        return asdict(self)
+
+
+def _check_prompt(prompt: torch.Tensor, gen_length: int, backend) -> None:
+    P = prompt.shape[1]
     if P + gen_length > backend.max_length:
         raise InputError(f"prompt ({P} tokens) + gen_length ({gen_length}) = {P + gen_length} exceeds "
                          f"the model's context of {backend.max_length} tokens")
@@ -149,112 +279,99 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         raise InputError(f"prompt token ids must lie in [0, {backend.vocab_size}); got min {int(prompt.min())}, "
                          f"max {int(prompt.max())}")
 
-    mask_id = spec.mask_id
-    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
-    x[:, :P] = prompt
-    am = torch.cat([pmask, torch.ones(B, gen_length, dtype=torch.long)], dim=1)
-    fwd_mask = None if bool((am == 1).all()) else am
-    prompt_index = x != mask_id
-    commit = torch.full((B, gen_length), -1, dtype=torch.long)
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-    parallel = threshold is not None or factor is not None
-    max_block_steps = steps_per_block if not parallel else 2 * block_length
-    total_estimate = steps if not parallel else gen_length
-    nfe = 0
-    t0 = time.perf_counter()
-    kv = KVCache() if cache != "none" else None
-    shift = 1 if spec.shift_logits else 0
-    L = x.shape[1]
 
-    # greedy samplers read only the eligible columns of the block (see below), so a backend that can
-    # compute the head on a row range is asked for those rows alone
-    greedy = temperature == 0 and sampler not in ("random", "origin") and not alg_temp
-    use_rows = greedy and getattr(backend, "supports_rows", False)
+def end_rows(x: torch.Tensor, P: int, hi: int, spec, mask_id: int) -> torch.Tensor:
+    """(B,) bool: rows whose generated part up to `hi` is decoded, holds an end token (EOS or end of
+    turn) and has only masks after `hi`: `stop_at_eos` fills the rest of such a row with EOS."""
+    stops = torch.tensor([i for i in (spec.eos_id, spec.eot_id) if i is not None], dtype=x.dtype)
+    head = x[:, P:hi]
+    has_end = torch.isin(head, stops).any(1)
+    decoded = (x[:, :hi] != mask_id).all(1)
+    tail_masked = (x[:, hi:] == mask_id).all(1)
+    return has_end & decoded & tail_masked
 
-    def raw_logits(x: torch.Tensor, window: tuple[int, int] | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+
+class _StepLogits:
+    """The logits a step samples from, [B, L, V] aligned so that row i predicts token i.
+
+    Without a cache every step is a full forward (the reference). With one, a block's first step
+    (and every `refresh`-th) is a full forward that fills the KVCache; the other steps run only the
+    cached window (the block for "dual", block to end for "prefix") and write its rows into the
+    last full logits. A backend with `supports_rows` computes the head only on the rows the
+    greedy samplers read (the first eligible position to the block end).
+    """
+
+    def __init__(self, backend: Backend, plan: Plan, prompt_index: torch.Tensor, am: torch.Tensor):
+        self.backend, self.plan = backend, plan
+        self.spec = backend.spec
+        self.prompt_index = prompt_index
+        self.fwd_mask = None if bool((am == 1).all()) else am
+        self.kv = KVCache() if plan.cache != "none" else None
+        self.shift = 1 if self.spec.shift_logits else 0
+        self.use_rows = plan.greedy and getattr(backend, "supports_rows", False)
+        self.logits: torch.Tensor | None = None
+        self.nfe = 0  # backend forward calls (a CFG step counts once)
+
+    def __call__(self, x: torch.Tensor, i: int, lo_blk: int, hi: int, eligible: torch.Tensor) -> torch.Tensor:
+        plan, shift, L = self.plan, self.shift, x.shape[1]
+        full = self.kv is None or i == 0 or (plan.refresh is not None and i % plan.refresh == 0)
+        self.nfe += 1
+        if full and not self.use_rows:
+            logits = self.spec.align_logits(self.raw(x, None))
+            if self.kv is not None:
+                logits = logits.clone()  # windows write into it (backends may return inference tensors)
+            self.logits = logits
+            return logits
+        # raw rows [ra, rb) feed aligned rows [ra + shift, rb + shift)
+        window = None if full else (lo_blk, L) if plan.cache == "prefix" else (lo_blk, hi)
+        ra = max(int(eligible.any(0).nonzero()[0, 0]) - shift, 0) if full else lo_blk
+        rb = hi - shift if self.use_rows else window[1]  # aligned rows up to the block end are read
+        off = 0 if window is None else window[0]
+        part = self.raw(x, window, (ra - off, rb - off) if self.use_rows else None)
+        if self.logits is None:
+            self.logits = torch.empty(x.shape[0], L, part.shape[-1], dtype=part.dtype)
+        lo, up = ra + shift, min(rb + shift, L)
+        self.logits[:, lo:up] = part[:, :up - lo]
+        if shift and ra == 0:  # Dream's row 0 keeps its own output (spec.align_logits)
+            self.logits[:, 0] = part[:, 0]
+        return self.logits
+
+    def raw(self, x: torch.Tensor, window: tuple[int, int] | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Raw backend logits of the canvas (or of a cached window), with classifier-free guidance."""
+        cfg = self.plan.cfg_scale
         ids = x if window is None else x[:, window[0]:window[1]]
-        am_ = fwd_mask
-        if cfg_scale > 0:
+        am = self.fwd_mask
+        if cfg > 0:
             un_x = x.clone()
-            un_x[prompt_index] = mask_id
+            un_x[self.prompt_index] = self.spec.mask_id
             ids = torch.cat([ids, un_x if window is None else un_x[:, window[0]:window[1]]])
-            am_ = None if fwd_mask is None else torch.cat([fwd_mask, fwd_mask])
+            am = None if am is None else torch.cat([am, am])
         kw = {} if rows is None else {"rows": rows}
-        if kv is not None:
-            kv.window = window
-            out = backend.forward(ids, am_, cache=kv, **kw)
-        else:
-            out = backend.forward(ids, am_, **kw)
-        if cfg_scale > 0:
+        if self.kv is not None:
+            self.kv.window = window
+            kw["cache"] = self.kv
+        out = self.backend.forward(ids, am, **kw)
+        if cfg > 0:
             cond, un = out.chunk(2, dim=0)
-            out = un + (cfg_scale + 1) * (cond - un)
+            out = un + (cfg + 1) * (cond - un)
         return out
 
-    logits = None
 
-    for b in range(num_blocks):
-        hi = P + (b + 1) * block_length
-        # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
-        upto_block = torch.zeros_like(x, dtype=torch.bool)
-        upto_block[:, :hi] = True
-        # LLaDA's quota counts the block's masks; masks left of it (infilling prompts) count too, so
-        # they are decoded as well (identical to the reference when the prompt has none)
-        quota = S.get_num_transfer_tokens((x == mask_id) & upto_block, steps_per_block)
-        timesteps = torch.linspace(1, eps, steps_per_block + 1)
-        for i in range(max_block_steps):
-            eligible = (x == mask_id) & upto_block
-            if not bool(eligible.any()):
-                break  # nothing left to unmask in this block
-            full = kv is None or i == 0 or (refresh is not None and i % refresh == 0)
-            if full and not use_rows:
-                logits = spec.align_logits(raw_logits(x, None))
-                if kv is not None:
-                    logits = logits.clone()  # windows write into it (backends may return inference tensors)
-            else:  # raw rows [ra, rb) feed aligned rows [ra + shift, rb + shift)
-                lo_blk = P + b * block_length
-                window = None if full else (lo_blk, L) if cache == "prefix" else (lo_blk, hi)
-                ra = max(int(eligible.any(0).nonzero()[0, 0]) - shift, 0) if full else lo_blk
-                rb = hi - shift if use_rows else window[1]  # aligned rows up to the block end are read
-                off = 0 if window is None else window[0]
-                part = raw_logits(x, window, (ra - off, rb - off) if use_rows else None)
-                if logits is None:
-                    logits = torch.empty(B, L, part.shape[-1], dtype=part.dtype)
-                lo, up = ra + shift, min(rb + shift, L)
-                logits[:, lo:up] = part[:, :up - lo]
-                if shift and ra == 0:  # Dream's row 0 keeps its own output (spec.align_logits)
-                    logits[:, 0] = part[:, 0]
-            nfe += 1
-            before = x == mask_id
-            # greedy samplers only read eligible positions: run them on those columns (a softmax
-            # over the whole canvas cost as much as a cached forward); random draws keep the full
-            # shape so seeded traces stay those of the references
-            cols = None
-            if temperature == 0 and sampler not in ("random", "origin") and not alg_temp:
-                cols = eligible.any(0).nonzero().squeeze(1)
-            lg, xs, el = (logits, x, eligible) if cols is None else (logits[:, cols], x[:, cols], eligible[:, cols])
-            if threshold is not None:
-                S.threshold_step(lg, xs, el, threshold, temperature, generator)
-            elif factor is not None:
-                S.factor_step(lg, xs, el, factor, temperature, generator)
-            elif sampler in S.LLADA_SAMPLERS:
-                S.llada_step(lg, xs, el, quota[:, i], sampler, temperature, generator)
-            else:
-                S.dream_step(lg, xs, el, sampler, i, steps_per_block, timesteps, temperature,
-                             top_p, top_k, alg_temp, mask_id, generator)
-            if cols is not None:
-                x[:, cols] = xs
-            newly = (before & (x != mask_id))[:, P:]
-            commit[newly & (commit < 0)] = nfe - 1
-            if callback is not None:
-                callback(nfe, total_estimate)
-
-    settings = dict(gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
-                    temperature=temperature, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                    alg_temp=alg_temp, eps=eps, threshold=threshold, factor=factor, cache=cache, refresh=refresh,
-                    seed=seed)
-    return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=nfe,
-                          seconds=time.perf_counter() - t0, settings=settings)
+def _rule(plan: Plan, mask_id: int, generator: torch.Generator | None) -> Callable:
+    """The commit rule of a step as one callable (logits, x, eligible, quota, i), x updated in place:
+    Fast-dLLM's threshold or factor rule when set, else the sampler's reference step."""
+    T = plan.temperature
+    timesteps = torch.linspace(1, plan.eps, plan.steps_per_block + 1)
+    rules = {
+        "threshold": lambda lg, x, el, q, i: S.threshold_step(lg, x, el, plan.threshold, T, generator),
+        "factor": lambda lg, x, el, q, i: S.factor_step(lg, x, el, plan.factor, T, generator),
+        "llada": lambda lg, x, el, q, i: S.llada_step(lg, x, el, q, plan.sampler, T, generator),
+        "dream": lambda lg, x, el, q, i: S.dream_step(lg, x, el, plan.sampler, i, plan.steps_per_block, timesteps,
+                                                      T, plan.top_p, plan.top_k, plan.alg_temp, mask_id, generator),
+    }
+    kind = ("threshold" if plan.threshold is not None else "factor" if plan.factor is not None
+            else "llada" if plan.sampler in S.LLADA_SAMPLERS else "dream")
+    return rules[kind]
 
 
 def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold, by_factor) -> None:
