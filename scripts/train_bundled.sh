@@ -17,7 +17,7 @@ for fam in llada dream; do
 done
 wait
 rate() {  # steps per minute from the probe's last log lines (both families ran side by side, as below)
-  awk '/ step / {for (i = 1; i <= NF; i++) if ($i == "step") s = $(i + 1)} END {print s}' "$runs/probe-$1.log"
+  awk '/ step / {for (i = 1; i <= NF; i++) if ($i == "step") s = $(i + 1)} END {gsub(/[^0-9]/, "", s); print s}' "$runs/probe-$1.log"
 }
 for fam in llada dream; do
   n=$(rate "$fam"); steps=$(( n * 100 * ${minutes%.*} / 75 * 95 / 100 ))  # 0.75-min probe, 5% margin
