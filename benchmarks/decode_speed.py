@@ -29,6 +29,7 @@ VARIANTS = {
     "dual+factor1": {"cache": "dual", "factor": 1.0},
     "dual+threshold0.99": {"cache": "dual", "threshold": 0.99},
     "threshold0.99": {"threshold": 0.99},
+    "edge": {"cache": "dual", "threshold": 0.9, "stop_at_eos": True},  # the loop's edge preset
 }
 
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run these exported artifacts (e.g. an ONNX W8A8 folder) with --artifact-variants")
     ap.add_argument("--artifact-variants", nargs="+", default=["threshold0.99", "dual+threshold0.9"],
                     choices=list(VARIANTS))
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-step torch profile")
     ap.add_argument("--out", help="JSON (default: benchmarks/results/decode_speed_<model>.json)")
     args = ap.parse_args(argv)
 
@@ -141,34 +143,53 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(name, VARIANTS[name], lambda: TorchBackend(model)) for name in args.variants]
     runs += [(f"{Path(a).name}:{v}", VARIANTS[v], lambda a=a: load_backend(a, threads=args.threads))
              for a in args.artifact for v in args.artifact_variants]
+    ref_tokens: dict[int, list[int]] = {}  # the reference loop's tokens per prompt (first variant)
     for name, opts, make in runs:
         be = TimedBackend(make())
         t0 = time.perf_counter()
         n_tok, nfe, correct = 0, 0, 0
-        for p, want in list(zip(prompts, answers)) + [(c, None) for c in code]:  # one at a time: the edge case
+        kinds = {"arith": [0.0, 0, 0], "code": [0.0, 0, 0]}  # seconds, tokens, tokens equal to the reference
+        for j, (p, want) in enumerate(list(zip(prompts, answers)) + [(c, None) for c in code]):  # one at a time
+            t1 = time.perf_counter()
             out = generate(be, [p], gen_length=args.gen_length, steps=args.gen_length,
                            block_length=args.block_length, **opts)
+            k = kinds["arith" if want is not None else "code"]
+            k[0] += time.perf_counter() - t1
+            gen = out.generated[0].tolist()
+            k[1] += len(gen)
+            ref_tokens.setdefault(j, gen)
+            k[2] += sum(a == b for a, b in zip(gen, ref_tokens[j]))
             n_tok += out.generated.numel()
             nfe += out.nfe
             if want is not None:
-                correct += answer_digits(tok.decode(out.generated[0].tolist())) == want
+                correct += answer_digits(tok.decode(gen)) == want
         total = time.perf_counter() - t0
         res = {"options": opts, "seconds": round(total, 3), "tokens_per_s": round(n_tok / total, 2),
                "nfe": nfe, "tokens_per_step": round(n_tok / nfe, 2),
                "forward_share": round(be.forward_s / total, 3),
                "forward_tokens_per_step": round(be.forward_tokens / nfe, 1),
                "arith_em": None if not prompts else round(correct / len(prompts), 4)}
+        for kind, (sec, toks, same) in kinds.items():  # speed per prompt kind, with tokens equal to the first variant
+            if toks:
+                res[kind] = {"seconds": round(sec, 3), "tokens_per_s": round(toks / sec, 2),
+                             "same_tokens": round(same / toks, 4)}
         results["variants"][name] = res
         print(f"{name:22s} {res['tokens_per_s']:9.2f} tok/s  {res['tokens_per_step']:5.2f} tok/step  "
               f"forward {100 * res['forward_share']:4.1f}% of time, {res['forward_tokens_per_step']:7.1f} "
-              f"tokens/forward  EM {res['arith_em']}", flush=True)
+              f"tokens/forward  EM {res['arith_em']}  " + "  ".join(
+                  f"{k} {v['tokens_per_s']} tok/s ({100 * v['same_tokens']:.0f}% = ref)"
+                  for k, v in res.items() if k in kinds), flush=True)
     # the CPU profile splits CPU time by op; on a GPU the ops run asynchronously, so it is skipped
-    results["profile"] = profile_step(model, args.gen_length, args.block_length) if args.device == "cpu" else None
+    results["profile"] = (profile_step(model, args.gen_length, args.block_length)
+                          if args.device == "cpu" and not args.no_profile else None)
     print(f"per-step profile (ms): {results['profile']}", flush=True)
-    base = results["variants"].get("reference", {}).get("tokens_per_s")
-    if base:
+    ref = results["variants"].get("reference", {})
+    if ref.get("tokens_per_s"):
         for v in results["variants"].values():
-            v["speedup"] = round(v["tokens_per_s"] / base, 2)
+            v["speedup"] = round(v["tokens_per_s"] / ref["tokens_per_s"], 2)
+            for kind in ("arith", "code"):
+                if kind in v and kind in ref:
+                    v[kind]["speedup"] = round(v[kind]["tokens_per_s"] / ref[kind]["tokens_per_s"], 2)
     out = Path(args.out or f"benchmarks/results/decode_speed_{label}.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -33,6 +33,8 @@ class BenchConfig:
         device: the torch backend's device ("cuda" for a GPU; other runtimes pick their own).
         quality: also held-out bits/token over `eval_windows` windows and exact match on `problems`
             held-out 2-digit arithmetic problems (`eval.quality.quick_quality`, as build's gates).
+        roofline: also the step's floor on this host (`runtime.roofline`: the larger of bytes read over
+            the measured bandwidth and FLOPs over the measured GEMM rate of its kernel) and the ratio.
     """
 
     canvas: int = 128
@@ -47,6 +49,7 @@ class BenchConfig:
     device: str = "cpu"
     problems: int = 50
     eval_windows: int = 8
+    roofline: bool = True
 
 
 def _size(path: Path) -> int:
@@ -65,6 +68,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     import torch
 
     from . import generate, load_tokenizer
+    from .models.loader import resolve_model_path
     from .runtime.backends import load_backend
 
     if cfg.threads:
@@ -95,6 +99,18 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "tokens_per_step": round(out.generated.numel() / max(out.nfe, 1), 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if cfg.roofline:  # what one timed step reads and computes (the parent divides by the host's limits)
+        from .models.loader import read_spec
+        from .runtime.roofline import artifact_precision, step_cost
+
+        p = Path(path)
+        folder = p if p.exists() else resolve_model_path(str(p))
+        folder = folder.parent if folder.suffix == ".gguf" else folder
+        prec = artifact_precision(p if p.exists() else folder, "float32")
+        cost = step_cost(read_spec(folder)[2], prec, rows=cfg.canvas, keys=cfg.canvas, head_rows=cfg.canvas,
+                         cached=False)
+        res.update(step_mb_read=round(cost.bytes / 1e6, 2), step_gflop=round(cost.flops / 1e9, 3),
+                   compute=prec.compute)
     if cfg.quality:
         from .eval.quality import quick_quality
 
@@ -114,6 +130,18 @@ def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
             rows.append({"path": str(p), "error": err})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    host = None
+    if cfg.roofline:
+        from .runtime.roofline import StepCost, floor_s, measure_host
+
+        host = measure_host(cfg.threads or os.cpu_count() or 1, quick=True)
+        for r in rows:
+            if "step_mb_read" in r:
+                cost = StepCost(r["step_mb_read"] * 1e6, r["step_gflop"] * 1e9, cfg.canvas, cfg.canvas, cfg.canvas)
+                f = floor_s(cost, host, r["compute"])
+                r["floor_ms"] = round(1000 * f["floor_s"], 3)
+                r["x_floor"] = round(r["step_ms_median"] / r["floor_ms"], 2)
+                r["bound"] = f["bound"]
     base = next((r for r in rows if "error" not in r), None)
     for r in rows:
         if base is not None and "error" not in r:
@@ -123,16 +151,23 @@ def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
             if "arith_em" in r and "arith_em" in base:  # quality deltas to the first artifact
                 r["arith_em_drop"] = round(base["arith_em"] - r["arith_em"], 4)
                 r["bpt_increase"] = round(r["bits_per_token"] / base["bits_per_token"] - 1, 4)
-    return {"config": asdict(cfg), "artifacts": rows}
+    return {"config": asdict(cfg), "artifacts": rows, "host": None if host is None else host.to_dict()}
 
 
 def to_markdown(result: dict) -> str:
     """A table of `bench`'s result."""
     cols = ["path", "backend", "size_mib", "load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "nfe",
             "tokens_per_step", "peak_rss_mib", "step_speedup"]
+    if result["config"].get("roofline"):
+        cols += ["floor_ms", "x_floor", "bound"]
     if result["config"]["quality"]:
         cols += ["bits_per_token", "bpt_increase", "arith_em", "arith_em_drop"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    host = result.get("host")
+    if host:  # the limits the floors divide by
+        rates = ", ".join(f"{k} {v}" for k, v in host["gemm_tflops"].items())
+        lines.insert(0, f"host: read {host['bandwidth_gbs']} GB/s, GEMM TFLOP/s {rates}, "
+                        f"{host['threads']} threads, flags {' '.join(host['flags'])}\n")
     for r in result["artifacts"]:
         if "error" in r:
             lines.append(f"| {r['path']} | error: {r['error']} |")

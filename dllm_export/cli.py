@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--accuracy-level", type=int,
                    help="onnx MatMulNBits accuracy level of weight-only layers: 0 fp32 (default), 4 int8")
     x.add_argument("--act-kernel", default="auto", help="onnx per-token activations: auto | integer | nbits | simulate")
-    x.add_argument("--embed-head", default="fp32", help="onnx embedding and LM head: fp32 (default) | int8 "
-                                                        "(8-bit rows, blocks of 32: most of the bytes of big vocabularies)")
+    x.add_argument("--embed-head", help="onnx embedding and LM head: fp32 (default without --device) | int8 (8-bit "
+                                        "rows, blocks of 32: most of the bytes of big vocabularies; the edge "
+                                        "profiles' default)")
     x.add_argument("--quant", help="gguf type: Q4_0 (default for --bits 4) | Q4_1 | Q5_0 | Q5_1 | Q8_0 | F16 | F32 | BF16 "
                                    "| Q4_K_M | Q5_K_M | Q6_K ... (K-quants by llama.cpp's quantizer)")
     x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>)")
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--threshold", type=float)
     bn.add_argument("--threads", type=int, default=0)
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
+    bn.add_argument("--no-roofline", action="store_true", help="skip the step floors (host bandwidth / GEMM rates)")
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
     bn.add_argument("--plot", help="write a PNG of every figure here")
@@ -293,7 +295,7 @@ def cmd_bench(args) -> int:
 
     cfg = BenchConfig(canvas=args.canvas, reps=args.reps, gen_length=args.gen_length, block_length=args.block_length,
                       cache=args.cache, threshold=args.threshold, threads=args.threads, backend=args.backend,
-                      quality=args.quality, device=args.torch_device)
+                      quality=args.quality, device=args.torch_device, roofline=not args.no_roofline)
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")

@@ -44,6 +44,10 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
                     "bits_per_token", "arith_em_drop", "bpt_increase"):
             assert r[key] is not None
     assert ok[0]["bpt_increase"] == ok[0]["arith_em_drop"] == 0  # deltas are to the first artifact
+    assert res["host"]["bandwidth_gbs"] > 0 and res["host"]["gemm_tflops"]["fp32"] > 0
+    for r in ok:  # the step against its floor on this host
+        assert r["floor_ms"] > 0 and r["x_floor"] == pytest.approx(r["step_ms_median"] / r["floor_ms"], rel=0.01)
+    assert ok[0]["compute"] == ok[1]["compute"] == "fp32" and ok[0]["step_gflop"] == ok[1]["step_gflop"]
     assert abs(ok[1]["bpt_increase"]) < 0.01  # fp32 ONNX scores as torch
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "model folder not found" in res["artifacts"][2]["error"]

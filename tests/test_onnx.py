@@ -158,6 +158,8 @@ def test_integer_scheme_runs_integer_kernels(quantized, tmp_path):
     out = export_onnx(quantized("llada", "rtn", "W8A8", {}), tmp_path / "w8a8")
     ops = OrtBackend(out).optimized_op_types()
     assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == 14
+    # per-token codes once per activation: q/k/v share one, gate/up another (4 per block, not 7)
+    assert json.loads((out / "manifest.json").read_text())["ops"]["ReduceMax"] == 4 * 2
 
 
 def _stored_dequant_onnx(out, name: str, fmt: str) -> np.ndarray:
@@ -299,3 +301,33 @@ def test_int8_embedding_and_head(name, small_ckpts, tmp_path):
     assert (OrtBackend(out).forward(ids) - model(ids).float()).abs().max() < 1e-5
     size = lambda p: sum(f.stat().st_size for f in p.iterdir() if f.name.startswith("model"))  # noqa: E731
     assert size(out) < size(ref_out)
+
+
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_int8_head_accuracy_level_4_within_its_rounding_bound(name, small_ckpts, tmp_path):
+    """head_accuracy_level=4 rounds the head's input to int8 per block of 32 (scale max|x|/127): each
+    logit then differs from the dequantized 8-bit head by at most sum_blocks scale/2 * sum |w|, plus
+    the kernel's own float rounding (scales, block sums: up to 3e-4 of the row's largest logit
+    against an exact per-block simulation), allowed as 1e-3 of it."""
+    from dllm_export.exporter.onnx import HEAD_GRID
+    from dllm_export.quant.primitives import quantize_weight
+
+    out = export_onnx(small_ckpts[name], tmp_path / "acc4", OnnxExportConfig(embed_head="int8", head_accuracy_level=4))
+    model = load_model(small_ckpts[name])
+    hidden = {}
+    with torch.no_grad():
+        emb = model.get_submodule(model.spec.embedding)
+        emb.weight.copy_(quantize_weight(emb.weight.float(), HEAD_GRID).dequantize())
+        head = model.head_weight()
+        head.copy_(quantize_weight(head.float(), HEAD_GRID).dequantize())
+        model.get_submodule(model.spec.final_norm).register_forward_hook(lambda m, i, o: hidden.update(x=o.float()))
+        ids = _ids()
+        ref = model(ids).float()
+    x = hidden["x"]  # [B, L, D], the head's input
+    B, L, D = x.shape
+    scale = x.reshape(B, L, D // 32, 32).abs().amax(-1) / 127  # [B, L, D/32]
+    wabs = head.float().abs().reshape(head.shape[0], D // 32, 32).sum(-1)  # [V, D/32]
+    bound = torch.einsum("blg,vg->blv", scale / 2, wabs) + 1e-3 * ref.abs().amax(-1, keepdim=True)
+    got = OrtBackend(out).forward(ids)
+    assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() - bound).max()
+    assert json.loads((out / "manifest.json").read_text())["layers"]["lm_head"] == "nbits-acc4"

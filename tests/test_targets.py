@@ -42,3 +42,6 @@ def test_device_fills_the_open_choices(device, tiny_dirs, tmp_path):
     assert m["device"]["name"] == device and m["scheme"] == profile.scheme
     if profile.scheme.endswith("A16"):
         assert m["quantize_settings"]["group_size"] == 32 and m["accuracy_level"] == profile.accuracy_level
+    # edge profiles: an 8-bit embedding and head by default, the head on the kernel the profile measured
+    assert m["export"]["embed_head"] == profile.embed_head == "int8"
+    assert m["export"]["head_accuracy_level"] == profile.head_accuracy_level

@@ -36,7 +36,7 @@ class ExportResult:
 def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: int | None = None,
            method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
            weight_format: str | None = None, accuracy_level: int | None = None, act_kernel: str = "auto",
-           quant: str | None = None, device: str | None = None, embed_head: str = "fp32",
+           quant: str | None = None, device: str | None = None, embed_head: str | None = None,
            quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
     """Quantize `model` with a PTQ method where the request needs it, then export it for `target`.
 
@@ -48,7 +48,7 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
             None / 16 / 32 without a scheme exports float weights.
         method / scheme / group_size / quantize_options: the PTQ run (see `quant.QuantizeConfig`).
         weight_format / accuracy_level / act_kernel / embed_head: the ONNX graph (see
-            `exporter.onnx.OnnxExportConfig`).
+            `exporter.onnx.OnnxExportConfig`); embed_head None = the device profile's, else fp32.
         quant: GGUF type. Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1: `method` rounds a group-32 grid of that
             format, written exactly; F32 / F16 / BF16 and K-quants (Q4_K_M, ...): float weights (the
             K-quants rounded by llama.cpp's quantizer). Default: from `bits` (4 -> Q4_0, 8 -> Q8_0).
@@ -74,6 +74,7 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     quantized_input = (src / "manifest.json").is_file()
     opts = dict(quantize_options or {})
     extra = {}
+    head_acc = 0
     if device is not None:
         from ..targets import get_profile
 
@@ -83,6 +84,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
             if bits is None and scheme is None and not quantized_input:
                 scheme = profile.scheme
             weight_format = weight_format or profile.onnx_format
+            embed_head = embed_head or profile.embed_head
+            head_acc = profile.head_accuracy_level
             weight_only = (scheme or f"W{bits}A16").upper().endswith("A16")
             if accuracy_level is None and weight_only:
                 accuracy_level = profile.accuracy_level
@@ -95,7 +98,7 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         from .onnx import OnnxExportConfig, export_onnx
 
         ocfg = OnnxExportConfig(weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel,
-                                embed_head=embed_head)
+                                embed_head=embed_head or "fp32", head_accuracy_level=head_acc)
         if weight_format == "matmulnbits" and bits is not None and bits not in (2, 4, 8, 16, 32):
             raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {bits}-bit (use --format qdq)")
         needs_ptq = not quantized_input and not (scheme is None and (bits is None or bits >= 16))

@@ -78,12 +78,15 @@ class OnnxExportConfig:
     logit_positions: bool = True
     kv_cache: bool = True
     embed_head: str = "fp32"
+    head_accuracy_level: int = 0
 
     def __post_init__(self):
         if self.weight_format not in WEIGHT_FORMATS:
             raise InputError(f"unknown ONNX weight format {self.weight_format!r} (choose from {', '.join(WEIGHT_FORMATS)})")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.head_accuracy_level not in (0, 4):
+            raise InputError(f"head_accuracy_level must be 0 or 4, got {self.head_accuracy_level}")
         if self.embed_head not in ("fp32", "int8"):
             raise InputError(f"embed_head must be 'fp32' or 'int8', got {self.embed_head!r}")
         if self.act_kernel not in ACT_KERNELS:
@@ -189,6 +192,8 @@ class _Builder:
         self.acc = cfg.accuracy_level or 0
         self.notes: dict[str, str] = {}  # layer -> how its activations run
         self.simulated = False
+        # per-token codes of one activation, shared by the layers that read it (q/k/v, gate/up)
+        self._codes: dict[tuple[str, ActQuantConfig], dict[str, str]] = {}
 
     # -- transforms and activation quantization (x [..., K] -> same shape)
 
@@ -345,7 +350,13 @@ class _Builder:
         return g.op("Mul", [y, g.weight(f"{name}.scales", _f32(qw.scales)[:, 0], [N], 1)], name)
 
     def _act_codes(self, x: str, a: ActQuantConfig, name: str) -> dict[str, str]:
-        """uint8 codes, scale and zero point of per-token 8-bit activations (`fake_quantize_act`'s grid)."""
+        """uint8 codes, scale and zero point of per-token 8-bit activations (`fake_quantize_act`'s grid),
+        computed once per (activation, grid) however many layers read them."""
+        if (x, a) not in self._codes:
+            self._codes[(x, a)] = self._emit_act_codes(x, a, name)
+        return self._codes[(x, a)]
+
+    def _emit_act_codes(self, x: str, a: ActQuantConfig, name: str) -> dict[str, str]:
         g = self.g
         axis = g.const([-1], np.int64)
         if a.sym:
@@ -586,7 +597,9 @@ def _emit_head(g: _Graph, b: _Builder, source, x: str) -> None:
                  "head_rows", batch_dims=1)
     W_head = source.tensor(f"{spec.embedding}.weight" if dims.tied_head else f"{spec.head}.weight")
     if b.cfg.embed_head == "int8":
-        x = b.nbits_matmul(x, quantize_weight(W_head.float(), HEAD_GRID), "lm_head", 0)
+        acc = b.cfg.head_accuracy_level
+        x = b.nbits_matmul(x, quantize_weight(W_head.float(), HEAD_GRID), "lm_head", acc)
+        b.notes["lm_head"] = "nbits-acc4" if acc == 4 else "float"
         g.nodes.append(g.onnx.helper.make_node("Identity", [x], ["logits"], name="logits"))
     else:
         w = g.weight("lm_head.weight_T", _f32(W_head).T, [W_head.shape[1], W_head.shape[0]], 1)

@@ -35,13 +35,14 @@ class OrtBackend:
         providers: execution providers (default: CUDA when available, then CPU).
         accuracy_level: override the manifest's MatMulNBits accuracy level for QDQ-fused nodes.
         optimize: False runs the graph as written (ORT_DISABLE_ALL), an oracle for fusion bugs.
+        spinning: intra-op threads spin while idle (None = the device profile's, else onnxruntime's: on).
     """
 
     name = "onnxruntime"
     supports_rows = True
 
     def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None,
-                 accuracy_level: int | None = None, optimize: bool = True):
+                 accuracy_level: int | None = None, optimize: bool = True, spinning: bool | None = None):
         import onnxruntime as ort
 
         from ..exporter.onnx import MODEL_FILE
@@ -59,6 +60,8 @@ class OrtBackend:
         device = self.manifest.get("device") or {}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or device.get("threads", 0)
+        if not (device.get("spinning", True) if spinning is None else spinning):
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for key, value in self.config_entries.items():
             opts.add_session_config_entry(key, value)
         if not optimize:

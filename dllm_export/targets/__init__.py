@@ -3,7 +3,10 @@
 `dllm-export --target onnx --device arm64-dotprod --bits 4` fills every choice the user left
 open from the profile, so an artifact can be built here for a device that is not this one;
 `--device auto` picks the profile of this host. The numbers behind the choices are in
-shared/research/onnx.md and llamacpp.md and in benchmarks/results/backend_speed_*.json.
+shared/research/onnx.md and llamacpp.md and in benchmarks/results/backend_speed_*.json and
+roofline_*.json (x86: the int8 head at accuracy level 4, and threads that sleep rather than spin:
+every ONNX block step measured faster without spinning on a 2-core AVX-512 host shared with
+other work; the 8-bit head at level 0 is onnxruntime's dequantize-every-call fallback).
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ class DeviceProfile:
         gguf_quant: the GGUF type to build.
         threads: intra-op threads (0 = the runtime's default: all cores).
         providers: onnxruntime execution providers, in order.
+        embed_head: ONNX embedding and LM head precision ("int8": 8-bit rows in blocks of 32, a
+            quarter of fp32's bytes; "fp32").
+        head_accuracy_level: MatMulNBits accuracy level of the int8 head (4 = int8 dot products; 0 =
+            exact but onnxruntime's 8-bit fallback dequantizes the whole head every call).
+        spinning: onnxruntime's intra-op threads spin while waiting for work (faster on an idle
+            device, slower where other processes share the cores).
     """
 
     name: str
@@ -47,6 +56,9 @@ class DeviceProfile:
     gguf_quant: str
     threads: int = 0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    embed_head: str = "int8"
+    head_accuracy_level: int = 4
+    spinning: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,11 +67,12 @@ class DeviceProfile:
 PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     DeviceProfile(
         "x86-avx2", "x86-64 with AVX2/FMA (most laptops and servers since 2015)", "x86_64", ("avx2", "fma"),
-        ("onnx", "gguf"), "W4A16", 32, "qdq", 4, "Q4_0"),
+        ("onnx", "gguf"), "W4A16", 32, "qdq", 4, "Q4_0", spinning=False),
     DeviceProfile(
         "x86-avx512-vnni", "x86-64 with AVX-512 VNNI (Ice Lake+, Zen 4+): int8 dot products; W8A8's integer "
         "GEMM measured 4.8x torch fp32 at a 128-token step (benchmarks/results/backend_speed_1b.json)",
-        "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q8_0"),
+        "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q8_0",
+        spinning=False),
     DeviceProfile(
         "arm64-dotprod", "arm64 with the dot-product extension (phones, Graviton 2, Apple M1+): onnxruntime's "
         "KleidiAI 4-bit kernels want symmetric blocks that are a multiple of 32 and divide K",
@@ -71,7 +84,7 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     DeviceProfile(
         "cuda", "NVIDIA GPU through onnxruntime's CUDA execution provider (fp16/fp32 activations, 4-bit "
         "MatMulNBits)", "cuda", (), ("onnx",), "W4A16", 128, "matmulnbits", 0, "Q4_0",
-        providers=("CUDAExecutionProvider", "CPUExecutionProvider")),
+        providers=("CUDAExecutionProvider", "CPUExecutionProvider"), embed_head="fp32", head_accuracy_level=0),
 )}
 
 
