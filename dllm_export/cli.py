@@ -46,6 +46,8 @@ def _auto_recipe(args, target: str | None, method: str, group_size: int | None =
     """The mixed recipe of `--scheme auto --avg-bits B`: per-layer bits from a scan (run or read)."""
     from pathlib import Path
 
+    from collections import Counter
+
     from .eval.sensitivity import auto_recipe
 
     if args.avg_bits is None:
@@ -61,7 +63,8 @@ def _auto_recipe(args, target: str | None, method: str, group_size: int | None =
                             group_size=group_size, progress=not args.no_progress and sys.stderr.isatty())
     a = rec["allocation"]
     print(f"allocation: {a['avg_bits']:.4f} bits per weight (budget {a['avg_bits_budget']}), predicted KLD "
-          f"{a['predicted_kld']:.4g} ({a['solver']}); bits per unit {a['unit_bits']}", file=sys.stderr)
+          f"{a['predicted_kld']:.4g} ({a['solver']}); layers per bit-width "
+          f"{dict(sorted(Counter(a['layer_bits'].values()).items()))}", file=sys.stderr)
     return opts, rec
 
 
