@@ -44,9 +44,8 @@ def _add_auto_args(p) -> None:
 
 def _auto_recipe(args, target: str | None, method: str, group_size: int | None = None) -> tuple[dict, dict]:
     """The mixed recipe of `--scheme auto --avg-bits B`: per-layer bits from a scan (run or read)."""
-    from pathlib import Path
-
     from collections import Counter
+    from pathlib import Path
 
     from .eval.sensitivity import auto_recipe
 
