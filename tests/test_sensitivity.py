@@ -205,6 +205,14 @@ def test_cli_sensitivity_then_auto_quantize(ckpt, calib_text, tmp_path, capsys):
     man = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert man["allocation"]["avg_bits"] <= 3.5 and man["allocation"]["avg_bits_budget"] == 3.5
     assert man["allocation"]["bytes"] == allocate_bits(scan, 3.5)["bytes"]
+    pytest.importorskip("gguf")
+    rc = main(["--target", "gguf", "--model", str(ckpt), "--method", "rtn", "--scheme", "auto", "--avg-bits", "6",
+               "--sensitivity", str(tmp_path / "s" / "sensitivity.json"), "--out", str(tmp_path / "g"), "--no-progress"])
+    assert rc == 0
+    man = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert man["allocation"]["avg_bits"] <= 6 and set(man["allocation"]["layer_bits"].values()) <= {4, 8}
+    assert man["quantize_settings"]["layer_bits"] == man["allocation"]["layer_bits"]
+    assert sum(man["tensor_types"].get(t, 0) for t in ("Q4_0", "Q8_0")) == 14
     capsys.readouterr()
     assert main(["quantize", "--model", str(ckpt), "--scheme", "auto", "--out", str(tmp_path / "x")]) == 2
     assert "--avg-bits" in capsys.readouterr().err
