@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-# (label, candidate bits, average-bits budget): the 2/3/4/8 grid at 3.5 and 4.5, the same
-# with 5 bits, and GGUF's exact block types (4.5 bits is all-Q4_0 there, 3.5 unreachable)
+# (label, candidate bits, average-bits budget): the 2/3/4/8 grid at 3.5 and 4.5, and GGUF's
+# exact block types (4.5 bits is all-Q4_0 there, 3.5 unreachable)
 MIXED = [("mix{b}-2348", (2, 3, 4, 8), 3.5), ("mix{b}-2348", (2, 3, 4, 8), 4.5),
-         ("mix{b}-23458", (2, 3, 4, 5, 8), 3.5), ("mix{b}-23458", (2, 3, 4, 5, 8), 4.5),
          ("mix{b}-gguf", (4, 5, 8), 5.0), ("mix{b}-gguf", (4, 5, 8), 6.0)]
-UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (2, 64), (3, 64), (4, 64), (5, 64)]
-QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[4]]
+UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (3, 64), (4, 64)]
+QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[2]]
 QUICK_UNIFORM = [(3, 32), (4, 32), (5, 32), (3, 64), (4, 64)]
 
 
@@ -61,12 +60,20 @@ def run_model(name: str, work: Path, args) -> dict:
     from dllm_export import load_model, load_tokenizer
     from dllm_export.eval.fidelity import FidelityConfig, build_reference, compare, paired_difference
     from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, sensitivity_scan
-    from dllm_export.quant import QuantizeConfig, quantize
+    from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
 
     t0 = time.perf_counter()
     model, tok = load_model(name), load_tokenizer(name)
     ref = build_reference(model, tok, FidelityConfig(windows=args.windows))
-    scan = sensitivity_scan(model, tok, SensitivityConfig(bits=(2, 3, 4, 5, 8), group_size=32))
+    calib = CalibConfig(n_samples=args.calib_samples)
+    scan_file = work / f"{name}-scan.json"
+    if scan_file.exists():
+        scan = json.loads(scan_file.read_text())
+    else:
+        scan = sensitivity_scan(model, tok, SensitivityConfig(
+            bits=(2, 3, 4, 5, 8), group_size=32, calib=calib,
+            fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
+        scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
     cells, raw = [], {}
 
@@ -89,13 +96,13 @@ def run_model(name: str, work: Path, args) -> dict:
 
     uniform = QUICK_UNIFORM if args.quick else UNIFORM
     for bits, g in uniform:
-        cell(f"W{bits}g{g}", QuantizeConfig(method="gptq", scheme=f"W{bits}A16", group_size=g),
+        cell(f"W{bits}g{g}", QuantizeConfig(method="gptq", scheme=f"W{bits}A16", group_size=g, calib=calib),
              {"kind": "uniform", "bits": bits, "group_size": g})
     for label, choices, budget in (QUICK_MIXED if args.quick else MIXED):
         alloc = allocate_bits(scan, budget, choices)
         label = label.format(b=budget)
         qcfg = QuantizeConfig(method="gptq", scheme="W4A16", group_size=32, layer_bits=alloc["layer_bits"],
-                              avg_bits=budget)
+                              avg_bits=budget, calib=calib)
         counts = {}
         for b in alloc["layer_bits"].values():
             counts[b] = counts.get(b, 0) + 1
@@ -186,7 +193,9 @@ def to_markdown(res: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="default,default-dream")
-    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--windows", type=int, default=16, help="fidelity windows per ratio set of every cell")
+    p.add_argument("--scan-windows", type=int, default=8, help="fidelity windows per ratio of the scan")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (scan Hessians and cells)")
     p.add_argument("--quick", action="store_true", help="fewer cells")
     p.add_argument("--workdir", help="keep the quantized checkpoints here (default: a temp folder)")
     p.add_argument("--out", default="benchmarks/results/mixed_precision_default")
@@ -194,17 +203,19 @@ def main() -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mixed-"))
     work.mkdir(parents=True, exist_ok=True)
     res = {"host": host(), "command": "OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py"
-                                      + (" --quick" if args.quick else "") + f" --models {args.models}",
+                                      + (" --quick" if args.quick else "") + f" --models {args.models} --windows "
+                                      f"{args.windows} --scan-windows {args.scan_windows} --calib-samples "
+                                      f"{args.calib_samples}",
            "models": []}
     try:
         for name in args.models.split(","):
             res["models"].append(run_model(name, work, args))
+            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")  # after each model
+            Path(args.out + ".md").write_text(to_markdown(res))
             print(f"{name} done", file=sys.stderr)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(res))
     print(to_markdown(res))
     return 0
 

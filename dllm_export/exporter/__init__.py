@@ -189,8 +189,10 @@ def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
         raise InputError("float minimums (zero_kind='float', GGUF Q4_1 style) have no exact ONNX form; "
                          "use integer zero points (the default) or --target gguf")
     if ocfg.weight_format == "matmulnbits":
-        if w.bits not in (2, 4, 8):
-            raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {w.bits}-bit (use --format qdq)")
+        for bits in {w.bits, *dict(qcfg.layer_bits).values()}:  # mixed precision: every layer's bits
+            if bits not in (2, 4, 8):
+                raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {bits}-bit "
+                                 f"(use --format qdq, or --bits-choices 2,4,8)")
         for K in widths:
             bs = w.group_size or K
             if bs < 16 or bs & (bs - 1):
