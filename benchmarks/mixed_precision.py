@@ -6,8 +6,9 @@ and uniform GPTQ schemes at groups of 32 and 64, all quantized with the same mas
 calibration and scored on the same fidelity canvases (`eval.fidelity`: t = 0.15 / 0.5 / 0.85 and
 the loop's decode ratios, 16 windows of 128). Size is the packed bytes of the block linears
 (`quant.mixed.weight_bytes`: codes + fp16 scales + zero points; exactly the GGUF block types'
-bytes), reported as bits per weight; a mixed recipe wins when its KLD is below that of every
-uniform scheme of the same or larger size, with the paired difference's z-score.
+bytes), reported as bits per weight. Each mixed recipe is compared, paired over the same canvases
+(z-score), with the next uniform scheme up in size (the smallest at least as large), and the
+table names the smallest uniform scheme that beats it.
 
 Then the exports: the mixed recipes and their uniform neighbours go to ONNX (QDQ) and, for the
 GGUF grid (4/5/8 bits = Q4_0/Q5_0/Q8_0), to GGUF, and each artifact is compared with its own
@@ -108,17 +109,21 @@ def run_model(name: str, work: Path, args) -> dict:
             counts[b] = counts.get(b, 0) + 1
         cell(label, qcfg, {"kind": "mixed", "choices": list(choices), "budget": budget,
                            "predicted_kld": alloc["predicted_kld"], "layers_per_bits": dict(sorted(counts.items()))})
-    # a mixed recipe against every uniform scheme of the same or larger size (paired over windows)
+    # a mixed recipe against the next uniform scheme up in size (the smallest one at least as large),
+    # paired over the same canvases; and the smallest uniform scheme that is better than it
+    uniforms = sorted((u for u in cells if u["kind"] == "uniform"), key=lambda u: u["bytes"])
     for c in cells:
         if c["kind"] != "mixed":
             continue
-        rivals = [u for u in cells if u["kind"] == "uniform" and u["bytes"] >= c["bytes"]]
-        best = min(rivals, key=lambda u: u["kld_mean"], default=None)
-        c["best_uniform_same_or_larger"] = None if best is None else best["label"]
-        if best is not None:
-            d = paired_difference(raw[c["label"]], raw[best["label"]])
-            c["vs_best_uniform"] = {"kld_diff": d["diff"], "se": d["se"], "z": d["z"],
-                                    "lower": c["kld_mean"] < best["kld_mean"], "significant": d["significant"]}
+        up = next((u for u in uniforms if u["bytes"] >= c["bytes"]), None)
+        c["next_uniform_up"] = None if up is None else up["label"]
+        if up is not None:
+            d = paired_difference(raw[c["label"]], raw[up["label"]])
+            c["vs_next_uniform_up"] = {"kld_diff": d["diff"], "se": d["se"], "z": d["z"],
+                                       "lower": d["diff"] < 0, "significant": d["significant"]}
+        better = next((u for u in uniforms if u["kld_mean"] < c["kld_mean"]), None)
+        c["smallest_better_uniform"] = None if better is None else {"label": better["label"],
+                                                                    "avg_bits": better["avg_bits"]}
     exports = run_exports(name, cells, work, args)
     for c in cells:
         c.pop("path")  # no machine paths in the results
@@ -168,16 +173,18 @@ def to_markdown(res: dict) -> str:
              f"{res['host']['torch_threads']}. Reproduce: `{res['command']}`", ""]
     for m in res["models"]:
         lines += [f"## {m['model']}", "", f"Most sensitive layers (2-bit scan): {', '.join(m['scan_ranking_top5'])}", "",
-                  "| cell | kind | bits/weight | KLD mean +- se | KLD p99 | top-1 | layers per bits | vs best uniform of "
-                  ">= size |", "|---|---|---:|---:|---:|---:|---|---|"]
+                  "| cell | kind | bits/weight | KLD mean +- se | KLD p99 | top-1 | layers per bits | vs next uniform up "
+                  "in size: dKLD (z) | smallest uniform with lower KLD (bits/weight) |",
+                  "|---|---|---:|---:|---:|---:|---|---|---|"]
         for c in sorted(m["cells"], key=lambda c: c["avg_bits"]):
-            vs = c.get("vs_best_uniform")
+            vs, sb = c.get("vs_next_uniform_up"), c.get("smallest_better_uniform")
             vs_s = "" if c["kind"] != "mixed" else ("none as large" if vs is None else
-                                                    f"{c['best_uniform_same_or_larger']}: {vs['kld_diff']:+.4g} "
-                                                    f"(z {vs['z']:.1f}){' **lower**' if vs['lower'] else ''}")
+                                                    f"{c['next_uniform_up']}: {vs['kld_diff']:+.3g} (z {vs['z']:.1f})"
+                                                    f"{' **lower**' if vs['lower'] and vs['significant'] else ''}")
+            sb_s = "" if c["kind"] != "mixed" else ("none" if sb is None else f"{sb['label']} ({sb['avg_bits']:.3f})")
             lines.append(f"| {c['label']} | {c['kind']} | {c['avg_bits']:.3f} | {c['kld_mean']:.4g} +- "
                          f"{c['kld_se']:.2g} | {c['kld_p99']:.3g} | {c['top1']:.4f} | "
-                         f"{c.get('layers_per_bits', '')} | {vs_s} |")
+                         f"{c.get('layers_per_bits', '')} | {vs_s} | {sb_s} |")
         lines += ["", "| export | target | KLD vs its fake-quant | top-1 vs fake-quant | max abs logit diff | "
                       "model file bytes |", "|---|---|---:|---:|---:|---:|"]
         for e in m["exports"]:
