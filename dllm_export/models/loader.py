@@ -178,7 +178,8 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               kernel: str = "fake") -> nn.Module:
     """Load a LLaDA or Dream checkpoint in its released Hugging Face layout.
 
     Args:
@@ -186,6 +187,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
             or `default` / `default-dream` for the bundled models.
         dtype: compute dtype (float32, bfloat16, float16, or 'auto' for the checkpoint's own).
         device: where the weights go.
+        kernel: the quantized layers' kernels: "fake" (dequantized weights, the reference) or
+            "int" (integer kernels, CPU; see quant.kernels). Float checkpoints ignore it.
     Returns:
         an eval-mode `nn.Module` with `.spec` (a `ModelSpec`) and `.config`; `model(input_ids)`
         returns raw logits (B, L, V) in `dtype` (Dream's are unshifted).
@@ -200,7 +203,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     if (path / "manifest.json").is_file():  # a quantized checkpoint written by dllm-export quantize
         from ..quant.load import load_quantized
 
-        return load_quantized(path, dtype, device)
+        return load_quantized(path, dtype, device, kernel)
     model = build_model(config, dtype=dtype, device="meta", added_tokens=tokenizer_special_ids(path))
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
     filled: set[str] = set()

@@ -36,7 +36,10 @@ class TorchBackend:
     supports_rows = True
 
     def __init__(self, model: nn.Module):
+        from ..quant.kernels import kernel_counts
+
         self.model = model
+        self.kernels = kernel_counts(model)  # e.g. {"int4": 112} with kernel "int"; {} for fake-quant
         self.spec: ModelSpec = model.spec
         dims = model.config.dims
         self.vocab_size = dims.vocab_rows
@@ -64,15 +67,17 @@ def as_backend(model_or_backend) -> Backend:
     raise TypeError(f"expected a model from load_model or a backend with forward(ids), got {type(model_or_backend).__name__}")
 
 
-def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.float32, threads: int = 0,
-                 device: str = "cpu", **options) -> Backend:
+def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = None, threads: int = 0,
+                 device: str = "cpu", kernel: str = "fake", **options) -> Backend:
     """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
     onnxruntime, a GGUF artifact (folder with model.gguf, or the .gguf file) on llama.cpp, anything
     else (a checkpoint folder, `default`) on torch in `dtype`.
 
     `backend` forces one ("torch", "onnxruntime", "llama.cpp"); `threads` and `options` go to the
     onnxruntime session / llama.cpp context (torch's thread count is the caller's); `device` is the
-    torch backend's ("cuda" for a GPU). Every file a manifest lists is first checked for its size
+    torch backend's ("cuda" for a GPU). `kernel` is the torch backend's for quantized checkpoints:
+    "fake" (the reference) or "int" (integer kernels, see quant.kernels); `dtype` None is float32,
+    with "int" bf16 where the host has bf16 units. Every file a manifest lists is first checked for its size
     (a truncated or missing file is named; `dllm-export verify` also checks the hashes).
     """
     from pathlib import Path
@@ -102,5 +107,11 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.f
 
         return OrtBackend(p, threads=threads, **options)
     if kind == "torch":
-        return TorchBackend(load_model(path, dtype=dtype, device=device))
+        from ..quant.kernels import check_kernel
+        from ..targets import has_bf16
+
+        check_kernel(kernel, device)
+        if dtype is None:
+            dtype = torch.bfloat16 if kernel == "int" and has_bf16() else torch.float32
+        return TorchBackend(load_model(path, dtype=dtype, device=device, kernel=kernel))
     raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime, llama.cpp)")
