@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -136,14 +137,18 @@ def steps(layers: int, reps: int, prompt: int = 32, gen: int = 256, block: int =
         t = interleaved(fns, reps)
     del models, caches
     res = {k: {"full": round(t[f"{k}|full"] * 1e3, 2), "dual": round(t[f"{k}|dual"] * 1e3, 2)} for k in variants}
+    # against the evaluation reference, fake-quant in fp32; fake-quant in bf16 beside it is the
+    # error bf16 rounding alone brings
     agree = {}
     for k, (dtype, grid) in variants.items():
         if grid is None:
             continue
         with torch.inference_mode():
-            ref = build(layers, dtype, grid, "fake")(ids).float()
-        agree[k] = {"max_rel_err": round(float((logits[k] - ref).abs().max() / ref.abs().max()), 5),
-                    "top1": round(float((logits[k].argmax(-1) == ref.argmax(-1)).float().mean()), 4)}
+            ref = build(layers, torch.float32, grid, "fake")(ids).float()
+            bf = build(layers, torch.bfloat16, grid, "fake")(ids).float()
+        for name, y in ((k, logits[k]), (k.replace("int ", "fake-quant bf16 "), bf)):
+            agree[name] = {"max_rel_err": round(float((y - ref).abs().max() / ref.abs().max()), 5),
+                           "top1": round(float((y.argmax(-1) == ref.argmax(-1)).float().mean()), 4)}
     base = res["torch fp32"]["full"]
     for r in res.values():
         r["full_x_fp32"], r["dual_x_fp32_full"] = round(base / r["full"], 2), round(base / r["dual"], 2)
@@ -153,7 +158,8 @@ def steps(layers: int, reps: int, prompt: int = 32, gen: int = 256, block: int =
 
 def to_markdown(r: dict) -> str:
     lines = [f"Host: {r['host']['cpu']}, {r['host']['threads']} threads, flags {' '.join(r['host']['flags'])}, "
-             f"torch {r['host']['torch']}.", "", "| M x K x N | " + " | ".join(r["gemm"][0]["ms"]) + " |",
+             f"torch {r['host']['torch']}; load average {r['load_avg_start'][0]:.1f} at the start, "
+             f"{r['load_avg_end'][0]:.1f} at the end.", "", "| M x K x N | " + " | ".join(r["gemm"][0]["ms"]) + " |",
              "|---|" + "---:|" * len(r["gemm"][0]["ms"])]
     for g in r["gemm"]:
         lines.append(f"| {g['M']}x{g['K']}x{g['N']} | " + " | ".join(
@@ -161,11 +167,12 @@ def to_markdown(r: dict) -> str:
     s = r["steps"]
     lines += ["", f"Model steps ({s['layers']} layers; full = {s['prompt'] + s['gen']} tokens, dual = one "
               f"{s['block']}-token block on the cache):", "", "| variant | full ms | x fp32 | dual ms | x fp32 full |"
-              " logits vs fake-quant |", "|---|---:|---:|---:|---:|---|"]
+              " logits vs fake-quant fp32 | fake-quant bf16 vs fp32 |", "|---|---:|---:|---:|---:|---|---|"]
+    fmt = lambda a: f"max rel {a['max_rel_err']}, top-1 {a['top1']}" if a else ""  # noqa: E731
     for k, v in s["ms"].items():
-        a = s["vs_fake_quant"].get(k)
-        a = f"max rel {a['max_rel_err']}, top-1 {a['top1']}" if a else ""
-        lines.append(f"| {k} | {v['full']} | {v['full_x_fp32']} | {v['dual']} | {v['dual_x_fp32_full']} | {a} |")
+        a, b = s["vs_fake_quant"].get(k), s["vs_fake_quant"].get(k.replace("int ", "fake-quant bf16 "))
+        lines.append(f"| {k} | {v['full']} | {v['full_x_fp32']} | {v['dual']} | {v['dual_x_fp32_full']} | {fmt(a)} "
+                     f"| {fmt(b)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/torch_kernels.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    r = {"host": host(), "gemm": gemms(tuple(args.rows), args.reps), "steps": steps(args.layers, max(3, args.reps // 3))}
+    r = {"host": host(), "load_avg_start": os.getloadavg(), "gemm": gemms(tuple(args.rows), args.reps), "steps": steps(args.layers, max(3, args.reps // 3))}
+    r["load_avg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")
