@@ -8,11 +8,11 @@ quantizes and exports for a target.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..fileio import temp_folder
 
 # target -> (one-line description, weight bit-widths it can carry)
 TARGETS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -140,8 +140,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     else:
         qcfg = QuantizeConfig(method=method, scheme=scheme, group_size=group_size, **opts)
         precheck(qcfg)  # refuse before a long calibration, not after
-        out_p.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.quantized.", dir=out_p.parent))
+        # named like every temporary folder for `out`, so a run killed here is cleaned up by the next
+        work = temp_folder(out_p, "quantized")
         try:
             qdir = quantize(src, work / "q", qcfg, progress=progress)
             t_q = time.perf_counter() - t0
