@@ -37,7 +37,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
            method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
            weight_format: str | None = None, accuracy_level: int | None = None, act_kernel: str = "auto",
            quant: str | None = None, device: str | None = None, embed_head: str = "fp32",
-           quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
+           quantize_options: dict | None = None, extra_manifest: dict | None = None,
+           progress: bool = False) -> ExportResult:
     """Quantize `model` with a PTQ method where the request needs it, then export it for `target`.
 
     Args:
@@ -55,6 +56,7 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         device: a profile of `dllm_export.targets` (or "auto" for this host) that fills every choice
             left open (scheme, group size, ONNX format and accuracy level, GGUF type, threads) and is
             recorded in the manifest for the runtime.
+        extra_manifest: entries added to the artifact's manifest (the mixed-precision allocation).
     """
     import json
     import time
@@ -73,7 +75,7 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         raise InputError(f"output folder {out_p} exists and is not empty")
     quantized_input = (src / "manifest.json").is_file()
     opts = dict(quantize_options or {})
-    extra = {}
+    extra = dict(extra_manifest or {})
     if device is not None:
         from ..targets import get_profile
 

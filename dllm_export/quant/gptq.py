@@ -191,4 +191,4 @@ class GPTQ(QuantMethod):
     name = "gptq"
 
     def process_block(self, block, X, ctx, index):
-        return sequential_quantize(self, block, X, ctx, rounding="gptq")
+        return sequential_quantize(self, block, X, ctx, rounding="gptq", index=index)

@@ -45,4 +45,4 @@ class RTN(QuantMethod):
     name = "rtn"
 
     def process_block(self, block, X, ctx, index):
-        return sequential_quantize(self, block, X, ctx, rounding="rtn")
+        return sequential_quantize(self, block, X, ctx, rounding="rtn", index=index)
