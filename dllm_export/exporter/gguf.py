@@ -31,12 +31,13 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
+from ..formats import GGUF_FORMAT
+from ..models.checkpoint import source_record
 from ..quant.load import weight_config
 from ..quant.primitives import QuantizedWeight, WeightQuantConfig
-from ..models.loader import source_record
 from .source import open_source, write_sidecars
 
-FORMAT = "dllm-export/gguf"
+FORMAT = GGUF_FORMAT
 VERSION = 1
 MODEL_FILE = "model.gguf"
 FLOAT_TYPES = ("F32", "F16", "BF16")
