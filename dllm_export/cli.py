@@ -45,6 +45,13 @@ def _lookup(get):
     return convert
 
 
+def _scheme_or_auto(name: str):
+    """A scheme of SCHEMES by name, or `auto` (mixed precision, resolved from a sensitivity scan)."""
+    from .quant import get_scheme
+
+    return "auto" if name.lower() == "auto" else get_scheme(name)
+
+
 def _add_model_arg(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--model", default="default",
                    help="checkpoint folder (config.json + safetensors), or 'default' / 'default-dream' "
@@ -61,6 +68,46 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cell-resources", help='ray: task options of each cell as JSON, e.g. \'{"num_gpus": 1}\'')
 
 
+def _add_auto_args(p) -> None:
+    p.add_argument("--avg-bits", type=float, help="--scheme auto: average bits per weight (codes + scales) of the "
+                                                  "block linears, e.g. 3.5 or 4.5")
+    p.add_argument("--bits-choices", help="--scheme auto: candidate bit-widths (default: 2,3,4,8; gguf: 4,5,8)")
+    p.add_argument("--sensitivity", dest="sensitivity_json",
+                   help="--scheme auto: a sensitivity.json from `analyze --sensitivity` (default: scan now)")
+
+
+def _auto_recipe(args, target: str | None, method: str, group_size: int | None = None) -> tuple[dict, dict]:
+    """The mixed recipe of `--scheme auto --avg-bits B`: per-layer bits from a scan (run or read)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from .eval.sensitivity import auto_recipe
+
+    if args.avg_bits is None:
+        raise DllmExportError("--scheme auto needs --avg-bits (e.g. --avg-bits 4.5)")
+    scan = None
+    if args.sensitivity_json:
+        f = Path(args.sensitivity_json)
+        if not f.is_file():
+            raise DllmExportError(f"sensitivity file not found: {f}")
+        scan = json.loads(f.read_text())
+    bits = _int_list(args.bits_choices) if args.bits_choices else None
+    opts, rec = auto_recipe(args.model, args.avg_bits, target=target, bits=bits, scan=scan, method=method,
+                            group_size=group_size, progress=not args.no_progress and sys.stderr.isatty())
+    a = rec["allocation"]
+    print(f"allocation: {a['avg_bits']:.4f} bits per weight (budget {a['avg_bits_budget']}), predicted KLD "
+          f"{a['predicted_kld']:.4g} ({a['solver']}); layers per bit-width "
+          f"{dict(sorted(Counter(a['layer_bits'].values()).items()))}", file=sys.stderr)
+    return opts, rec
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DllmExportError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _executor(args):
     from .executors import get_executor
 
@@ -71,7 +118,7 @@ def _add_export_args(x) -> None:
     """The export options: on the root parser (`dllm-export --target onnx --bits 4`) and on `export`."""
     from .exporter.gguf import QUANT_TYPES
     from .exporter.onnx import ACT_KERNELS, WEIGHT_FORMATS
-    from .quant import METHODS, SCHEMES, get_scheme
+    from .quant import METHODS, SCHEMES
     from .quant.base import get_method
     from .targets import PROFILES
 
@@ -81,8 +128,11 @@ def _add_export_args(x) -> None:
                                                        "quantized checkpoint (exported as is) (default: %(default)s)")
     x.add_argument("--method", default="gptq", type=_lookup(get_method), choices=sorted(METHODS),
                    help="PTQ method (default: %(default)s)")
-    x.add_argument("--scheme", type=_lookup(get_scheme), choices=list(SCHEMES), metavar=_choices(SCHEMES),
-                   help="quantization scheme (default: W{bits}A16)")
+    x.add_argument("--scheme", type=_lookup(_scheme_or_auto), choices=[*SCHEMES, "auto"],
+                   metavar=_choices([*SCHEMES, "auto"]),
+                   help="quantization scheme; auto: mixed precision, per-layer bits from a sensitivity scan under "
+                        "--avg-bits (default: W{bits}A16)")
+    _add_auto_args(x)
     x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
     x.add_argument("--device", choices=["auto", *PROFILES],
                    help="device profile that fills the choices left open (auto: this host)")
@@ -135,16 +185,17 @@ def _add_generate(sub) -> None:
 
 
 def _add_quantize(sub) -> None:
-    from .quant import METHODS, SCHEMES, get_scheme
+    from .quant import METHODS, SCHEMES
     from .quant.base import get_method
 
     q = sub.add_parser("quantize", help="post-training quantization into a quantized checkpoint folder")
     q.add_argument("--model", default="default", help="checkpoint folder or 'default' (default: %(default)s)")
     q.add_argument("--method", default="gptq", type=_lookup(get_method), choices=sorted(METHODS),
                    help="PTQ method (default: %(default)s)")
-    q.add_argument("--scheme", default="W4A16", type=_lookup(get_scheme), choices=list(SCHEMES),
-                   metavar=_choices(SCHEMES),
-                   help="quantization scheme (default: %(default)s)")
+    q.add_argument("--scheme", default="W4A16", type=_lookup(_scheme_or_auto), choices=[*SCHEMES, "auto"],
+                   metavar=_choices([*SCHEMES, "auto"]),
+                   help="quantization scheme; auto: per-layer bits under --avg-bits (default: %(default)s)")
+    _add_auto_args(q)
     q.add_argument("--bits", type=int, dest="w_bits", help="override the scheme's weight bits (2..8)")
     q.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
     sym = q.add_mutually_exclusive_group()
@@ -161,7 +212,9 @@ def _add_quantize(sub) -> None:
     q.add_argument("--weight-method", default="gptq", choices=("rtn", "gptq"),
                    help="rounding for smoothquant/quarot/duquant (default: %(default)s)")
     q.add_argument("--calib", default="default", help="'default' (bundled corpus) or a local .txt / .jsonl file")
-    q.add_argument("--calib-mask", default="uniform", help="'uniform' (mask-aware, default) or 'none' (plain text)")
+    q.add_argument("--calib-mask", default="uniform", help="'uniform' (mask-aware, default), 'decode' (timestep-aware: "
+                                                         "decoding's canvases at the mask ratios the loop visits, "
+                                                         "measured first) or 'none' (plain text)")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-seq-len", type=int, default=256)
     q.add_argument("--seed", type=int, default=0)
@@ -211,6 +264,16 @@ def _add_analyze_eval(sub) -> None:
     an.add_argument("--seq-len", type=int, default=128)
     an.add_argument("--ratios", default="0.15,0.5,0.85", help="mask ratios (default: %(default)s)")
     an.add_argument("--no-plots", action="store_true", help="JSON and markdown only, no PNG")
+    an.add_argument("--sensitivity", action="store_true",
+                    help="instead: the KLD each layer adds when quantized alone, per bit-width (sensitivity.json/.md)")
+    an.add_argument("--bits-choices", default=None, help="--sensitivity bit-widths (default: 2,3,4,8; gguf grid: 4,5,8)")
+    an.add_argument("--granularity", default="layer", help="--sensitivity units: layer | role (default: %(default)s)")
+    an.add_argument("--method", default="gptq", help="--sensitivity rounding: gptq | rtn (default: %(default)s)")
+    an.add_argument("--grid", default="onnx", help="--sensitivity grids of a target: onnx (scheme groups) | gguf "
+                                                   "(symmetric groups of 32) (default: %(default)s)")
+    an.add_argument("--group-size", type=int, help="--sensitivity group size (default: the grid's)")
+    an.add_argument("--windows", type=int, default=8, help="--sensitivity held-out windows per ratio (default: %(default)s)")
+    an.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="task suites (general / math / code) on a checkpoint or an artifact")
     ev.add_argument("--model", default="default", help="checkpoint, ONNX / GGUF artifact, or 'default'")
@@ -340,11 +403,28 @@ def cmd_quantize(args) -> int:
     from .quant import CalibConfig, QuantizeConfig
     from .verify import quantize_verified
 
-    qcfg = QuantizeConfig(method=args.method, scheme=args.scheme, bits=args.w_bits, group_size=args.group_size, sym=args.sym,
+    sym = args.sym
+    scheme, group_size, mixed = args.scheme, args.group_size, {}
+    if args.scheme.lower() == "auto":
+        opts, _ = _auto_recipe(args, None, args.method, args.group_size)
+        scheme, group_size, sym = opts["scheme"], opts["group_size"], opts["sym"]
+        mixed = {"layer_bits": opts["layer_bits"], "avg_bits": opts["avg_bits"]}
+    elif args.avg_bits is not None:
+        raise DllmExportError("--avg-bits goes with --scheme auto")
+    decode = {}
+    if args.calib_mask == "decode":  # measured with the float model's own loop on held-out prompts
+        from . import load_tokenizer
+        from .eval.fidelity import calibration_decode_ratios
+        from .runtime.backends import load_backend
+
+        decode = {"decode_ratios": tuple(calibration_decode_ratios(load_backend(args.model),
+                                                                   load_tokenizer(args.model)))}
+    qcfg = QuantizeConfig(method=args.method, scheme=scheme, bits=args.w_bits, group_size=group_size, sym=sym,
                           zero_kind=args.zero_kind, mse_clip=args.mse_clip, act_order=args.act_order, alpha=args.alpha,
                           weight_method=args.weight_method, seed=args.seed, act_granularity=args.act_granularity,
                           calib=CalibConfig(source=args.calib, n_samples=args.calib_samples,
-                                            seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed))
+                                            seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed, **decode),
+                          **mixed)
     out, _ = quantize_verified(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty(),
                                device=args.torch_device)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -413,8 +493,39 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from pathlib import Path
+
+    from . import load_model, load_tokenizer
+    from .eval.fidelity import FidelityConfig
+    from .eval.sensitivity import TARGET_GRIDS, SensitivityConfig, sensitivity_scan, to_markdown
+
+    if args.grid not in ("onnx", "gguf"):
+        raise DllmExportError(f"--grid must be onnx or gguf, got {args.grid!r}")
+    grid = TARGET_GRIDS[args.grid]
+    if args.group_size is not None and grid["group_size"] not in (None, args.group_size):
+        raise DllmExportError(f"--grid {args.grid} stores groups of {grid['group_size']} weights")
+    cfg = SensitivityConfig(bits=_int_list(args.bits_choices) if args.bits_choices else grid["bits"],
+                            granularity=args.granularity, method=args.method,
+                            group_size=grid["group_size"] or args.group_size,
+                            sym=grid["sym"], fidelity=FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios),
+                                                                     windows=args.windows, elbo=False))
+    res = sensitivity_scan(load_model(args.model), load_tokenizer(args.model), cfg,
+                           progress=not args.no_progress and sys.stderr.isatty())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "sensitivity.md").write_text(to_markdown(res, top=len(res["units"])))
+    print(to_markdown(res, top=10), end="")
+    print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.md'}")
+    return 0
+
+
 def cmd_analyze(args) -> int:
     from pathlib import Path
+
+    if args.sensitivity:
+        return cmd_sensitivity(args)
 
     from . import load_model, load_tokenizer
     from .eval.outliers import analyze, to_markdown
@@ -588,9 +699,21 @@ def cmd_export(args) -> int:
         raise DllmExportError(f"unknown export target {args.target!r}; targets: {have}")
     label = args.quant or args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else
                                           args.device or "float")
+    scheme, group_size, qopts, extra = args.scheme, args.group_size, None, None
+    if (args.scheme or "").lower() == "auto":
+        if args.bits or args.quant:
+            raise DllmExportError("--scheme auto chooses the bits per layer: drop --bits / --quant")
+        opts, rec = _auto_recipe(args, args.target, args.method, args.group_size)
+        scheme, group_size = opts["scheme"], opts["group_size"]
+        qopts = {"layer_bits": opts["layer_bits"], "avg_bits": opts["avg_bits"], "sym": opts["sym"]}
+        extra = {"allocation": rec["allocation"]}
+        label = f"auto{args.avg_bits:g}"
+    elif args.avg_bits is not None:
+        raise DllmExportError("--avg-bits goes with --scheme auto")
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
-    res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
-                             group_size=args.group_size, weight_format=args.weight_format,
+    res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=scheme,
+                             group_size=group_size, quantize_options=qopts, extra_manifest=extra,
+                             weight_format=args.weight_format,
                              accuracy_level=args.accuracy_level, act_kernel=args.act_kernel, quant=args.quant,
                              device=args.device, embed_head=args.embed_head,
                              progress=not args.no_progress and sys.stderr.isatty())

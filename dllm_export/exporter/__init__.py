@@ -50,6 +50,7 @@ class ExportRequest:
     device: str | None = None
     embed_head: str = "fp32"
     quantize_options: dict = field(default_factory=dict)
+    extra_manifest: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ExportPlan:
         source: the checkpoint folder.
         qcfg: the PTQ run that makes the quantized checkpoint to export, or None (export `source` as is).
         config: the target's writer settings (`OnnxExportConfig` / `GgufExportConfig`).
-        extra_manifest: recorded in the artifact manifest (the device profile).
+        extra_manifest: recorded in the artifact manifest (the device profile, a mixed-precision allocation).
     """
 
     target: str
@@ -85,7 +86,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
            method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
            weight_format: str | None = None, accuracy_level: int | None = None, act_kernel: str = "auto",
            quant: str | None = None, device: str | None = None, embed_head: str = "fp32",
-           quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
+           quantize_options: dict | None = None, extra_manifest: dict | None = None,
+           progress: bool = False) -> ExportResult:
     """Quantize `model` with a PTQ method where the request needs it, then export it for `target`.
 
     Args:
@@ -103,11 +105,12 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         device: a profile of `dllm_export.targets` (or "auto" for this host) that fills every choice
             left open (scheme, group size, ONNX format and accuracy level, GGUF type, threads) and is
             recorded in the manifest for the runtime.
+        extra_manifest: entries added to the artifact's manifest (the mixed-precision allocation).
     """
     req = ExportRequest(target=target, bits=bits, method=method, scheme=scheme, group_size=group_size,
                         weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel,
                         quant=quant, device=device, embed_head=embed_head,
-                        quantize_options=dict(quantize_options or {}))
+                        quantize_options=dict(quantize_options or {}), extra_manifest=dict(extra_manifest or {}))
     plan = plan_export(model, out, req)
     return run_plan(plan, Path(out), progress=progress)
 
@@ -127,7 +130,7 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
                          f"(supported: {', '.join(map(str, allowed))})")
     src = resolve_model_path(model)
     check_output_folder(out)
-    extra = {}
+    extra = dict(req.extra_manifest)
     profile = None
     if req.device is not None:
         from ..targets import get_profile

@@ -46,6 +46,9 @@ class QuantizeConfig:
         calib: calibration recipe.
         batch_size: sequences per calibration forward.
         seed: seeds the method's own randomness (rotations).
+        layer_bits: mixed precision: ((layer name, bits), ...) overriding the weight bits of those
+            layers (grid: `mixed.grid_for_bits`); RTN and GPTQ, weight-only schemes.
+        avg_bits: the average-bits budget `layer_bits` was allocated for (recorded, not enforced here).
     """
 
     method: str = "gptq"
@@ -65,6 +68,8 @@ class QuantizeConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     batch_size: int = 8
     seed: int = 0
+    layer_bits: tuple[tuple[str, int], ...] = ()
+    avg_bits: float | None = None
 
     def __post_init__(self):
         get_scheme(self.scheme)
@@ -76,6 +81,15 @@ class QuantizeConfig:
         if not 0 < self.alpha < 1:
             raise InputError(f"alpha must lie in (0, 1), got {self.alpha}")
         self.weight_config()  # validates bits / group size / zero kind
+        pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
+        object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in pairs))  # JSON lists -> pairs
+        if self.layer_bits:
+            if self.method not in ("rtn", "gptq") or not self.scheme_.weight_only:
+                raise InputError(f"per-layer bit-widths need method rtn or gptq and a weight-only scheme "
+                                 f"(got {self.method} {self.scheme})")
+            for name, b in self.layer_bits:
+                if not 2 <= int(b) <= 8:
+                    raise InputError(f"layer {name}: weight bits must lie in 2..8, got {b}")
 
     @property
     def scheme_(self) -> Scheme:
@@ -97,6 +111,7 @@ class QuantizeConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["calib"] = self.calib.to_dict()
+        d["layer_bits"] = dict(self.layer_bits)
         return d
 
 
@@ -118,6 +133,13 @@ class QuantMethod:
         self.model_config = model_config
         self.wcfg = qcfg.weight_config()
         self.acfg = qcfg.act_config()
+
+    def layer_wcfg(self, name: str) -> WeightQuantConfig:
+        """The grid of layer `name` (full module name): its `layer_bits` entry's, else the scheme's."""
+        from .mixed import grid_for_bits
+
+        bits = dict(self.qcfg.layer_bits).get(name)
+        return self.wcfg if bits is None else grid_for_bits(int(bits), self.wcfg, self.qcfg.sym)
 
     def transform_embedding(self, W: torch.Tensor) -> torch.Tensor:
         return W
@@ -242,10 +264,11 @@ def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, 
 
 
 def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, ctx: tuple, rounding: str,
-                        transforms: dict[str, nn.Module] | None = None) -> dict[str, dict]:
+                        transforms: dict[str, nn.Module] | None = None, index: int | None = None) -> dict[str, dict]:
     """Quantize a block's linears group by group (GROUPS order), each group's Hessian (GPTQ) or
     input sample (RTN: for the output error only) taken on the inputs produced by the
-    already-quantized groups; linears of a group share their input."""
+    already-quantized groups; linears of a group share their input. With the block's `index`,
+    each layer gets its own grid (`QuantMethod.layer_wcfg`: mixed precision)."""
     info: dict[str, dict] = {}
     transforms = transforms or {}
     for roles in GROUPS:
@@ -263,8 +286,8 @@ def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, 
             X_s = transforms[names[0]](X_s)
         for n in names:
             W = block.get_submodule(n).weight.data.float()
-            qw, extra = round_weight(W, H, method.qcfg, method.wcfg, rounding, X_s, name=n,
-                                     n_tokens=n_tokens)
+            wcfg = method.wcfg if index is None else method.layer_wcfg(f"{method.spec.blocks}.{index}.{n}")
+            qw, extra = round_weight(W, H, method.qcfg, wcfg, rounding, X_s, name=n, n_tokens=n_tokens)
             info[n] = install_qlinear(block, n, qw, method.acfg, W, transforms.get(n), **extra)
         calibrate_static_acts(block, names, X, ctx, method.qcfg.batch_size)
     return info

@@ -28,6 +28,7 @@ from ..models.loader import build_model
 
 from .base import METHODS, QuantizeConfig, forward_block
 from .calibrate import calibration_ids
+from .mixed import allocation_record, linear_shapes
 from .primitives import pack_codes
 from .qlinear import ActQuantLinear, QLinear
 from .schemes import fit_group
@@ -179,6 +180,10 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     spec = model.spec
     widths = [model.blocks[0].get_submodule(name).in_features for name in spec.linears.values()]
     qcfg = fit_group_size(qcfg, widths)
+    shapes = linear_shapes(model)
+    unknown = sorted(set(dict(qcfg.layer_bits)) - set(shapes))
+    if unknown:
+        raise InputError(f"the bit allocation names layers this model does not have: {', '.join(unknown[:3])}")
     method = METHODS[qcfg.method](qcfg, spec, model.config)
     for w in widths:  # fail before any work if the grid cannot tile a layer
         method.wcfg.groups(w)
@@ -190,7 +195,8 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     ctx = model.block_context(L, torch.float32, device=device)
     t0 = time.perf_counter()
     manifest = {
-        "format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "method": qcfg.method, "scheme": qcfg.scheme,
+        "format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "method": qcfg.method,
+        "scheme": "auto" if qcfg.layer_bits else qcfg.scheme,  # per-layer bits: see "allocation"
         "settings": qcfg.to_dict(), "calibration": {**qcfg.calib.to_dict(), **calib_summary},
         "source": source_record(path), "family": spec.family, "spec": spec.to_dict(), "device": device.type,
         "high_precision": [spec.embedding, spec.final_norm, spec.head], "layers": {}, "blocks": [],
@@ -239,6 +245,9 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
         yield f"{spec.final_norm}.weight", norm_w.to(out_dtype)
         if not tied:
             yield f"{spec.head}.weight", head_w.to(out_dtype)
+        if qcfg.layer_bits:
+            manifest["allocation"] = allocation_record({n: method.layer_wcfg(n) for n in shapes}, shapes,
+                                                       qcfg.avg_bits)
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
 
     # 1 GiB shards: finished blocks leave memory as soon as their shard is written

@@ -184,4 +184,3 @@ def _single(cfg: WeightQuantConfig) -> WeightQuantConfig:
     """The same grid viewed as one group over whatever columns are passed (a group or a column)."""
     return WeightQuantConfig(bits=cfg.bits, group_size=0, sym=cfg.sym, zero_kind=cfg.zero_kind,
                              scale_dtype=cfg.scale_dtype)
-

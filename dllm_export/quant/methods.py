@@ -14,7 +14,7 @@ class RTN(QuantMethod):
     name = "rtn"
 
     def process_block(self, block, X, ctx, index):
-        return sequential_quantize(self, block, X, ctx, rounding="rtn")
+        return sequential_quantize(self, block, X, ctx, rounding="rtn", index=index)
 
 
 @register_method
@@ -24,4 +24,4 @@ class GPTQ(QuantMethod):
     name = "gptq"
 
     def process_block(self, block, X, ctx, index):
-        return sequential_quantize(self, block, X, ctx, rounding="gptq")
+        return sequential_quantize(self, block, X, ctx, rounding="gptq", index=index)

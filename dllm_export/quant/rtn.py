@@ -35,4 +35,3 @@ def rtn_quantize(W: torch.Tensor, cfg: WeightQuantConfig, mse_clip: bool = False
     clip = mse_clip_ratios(W, cfg) if mse_clip else 1.0
     scales, zeros, mins = compute_grid(W, cfg, clip)
     return QuantizedWeight(quantize_to_grid(W, scales, zeros, mins, cfg), scales, zeros, mins, cfg)
-
