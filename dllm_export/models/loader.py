@@ -16,6 +16,8 @@ from torch import nn
 from ..errors import CheckpointError
 from . import family_for
 from .checkpoint import read_config, resolve_dtype, resolve_model_path, set_tensor, tokenizer_special_ids, weight_files
+# the folder I/O lived here before checkpoint.py; these names stay importable from the loader
+from .checkpoint import BUNDLED, DTYPES, checkpoint_sha256, open_shards, source_record  # noqa: F401
 from .checks import check_weight
 
 # Non-persistent buffers some exporters write; they carry nothing the forward needs.
