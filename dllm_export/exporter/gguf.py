@@ -29,14 +29,15 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
+from ..formats import GGUF_FORMAT
+from ..models.checkpoint import source_record
 from ..quant.load import weight_config
 from ..quant.primitives import QuantizedWeight, WeightQuantConfig
-from ..models.loader import source_record
 from .gguf_vocab import (check_text, choose_pre, differences, llama_cpp_version, parity_record, read_back,
                          read_vocab, special_ids)
 from .source import open_source, write_sidecars
 
-FORMAT = "dllm-export/gguf"
+FORMAT = GGUF_FORMAT
 VERSION = 1
 MODEL_FILE = "model.gguf"
 ADD_BOS = False  # prompts arrive as ids; the chat template adds BOS where the model wants it
