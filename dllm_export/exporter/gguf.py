@@ -31,12 +31,13 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
+from ..formats import GGUF_FORMAT
+from ..models.checkpoint import source_record
 from ..quant.load import weight_config
 from ..quant.primitives import QuantizedWeight, WeightQuantConfig
-from ..models.loader import source_record
 from .source import open_source, write_sidecars
 
-FORMAT = "dllm-export/gguf"
+FORMAT = GGUF_FORMAT
 VERSION = 1
 MODEL_FILE = "model.gguf"
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -165,68 +166,83 @@ def _vocab(src: Path, n_rows: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
 
 
-def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConfig = GgufExportConfig(),
-                extra_manifest: dict | None = None) -> Path:
-    """Write `model.gguf` (+ config, tokenizer, manifest.json) for a float or quantized checkpoint folder.
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the file, planned from the manifest and the safetensors headers before any
+    value is read.
 
-    Args:
-        model_path: checkpoint folder, `default` / `default-dream`, or a quantized checkpoint whose
-            layers use group-32 grids that a block type stores exactly (see `block_type_for`).
-        out_dir: the artifact folder (must not exist or be empty); written atomically.
-        cfg: the type of float layers, embedding and head.
-    Returns:
-        `out_dir`.
+    Attributes:
+        name: the GGUF tensor name (`blk.0.attn_q.weight`).
+        shape: the numpy shape in elements ([rows, cols] = HF [out, in], or [n]).
+        qtype: the GGML type it is stored in (F32, F16, BF16, Q8_0, Q4_0, ...).
+        source: the HF tensor it is read from (a float tensor rounded to `qtype` here), or with
+            `packed` the HF layer whose PTQ grid is packed code for code.
+        packed: the values are the PTQ codes and scales of layer `source`, not a float tensor.
+        rope_heads: permute the rows per head into llama.cpp's adjacent-pair rope order (LLaDA q/k).
     """
-    import gguf
 
-    source = open_source(model_path)
-    src, spec, dims, qmanifest, handles = source.path, source.spec, source.dims, source.manifest, source.handles
-    layers, tensor = source.layers, source.tensor
-    llama_quant = cfg.quant in LLAMA_QUANTS
-    float_type = "F16" if llama_quant else (cfg.quant or "F32")
-    vocab = _vocab(src, dims.vocab_rows)
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    source: str
+    packed: bool = False
+    rope_heads: int | None = None
 
-    # plan: (gguf name, numpy shape [rows, cols] or [n], type, producer) in file order
-    plan: list[tuple[str, tuple[int, ...], str, object]] = []
+    @property
+    def ggml_type(self):
+        import gguf
+
+        return gguf.GGMLQuantizationType[self.qtype]
+
+    @property
+    def stored(self) -> tuple[tuple[int, ...], np.dtype]:
+        """The numpy shape and dtype of the array written: F32 / F16 as themselves, block types
+        (and BF16) as rows of bytes."""
+        import gguf
+
+        if self.qtype in ("F32", "F16"):
+            return self.shape, np.dtype(np.float32 if self.qtype == "F32" else np.float16)
+        return tuple(gguf.quant_shape_to_byte_shape(self.shape, self.ggml_type)), np.dtype(np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
+        return int(np.prod(self.shape)) // block * type_size
+
+
+def plan_tensors(source, cfg: GgufExportConfig) -> list[PlannedTensor]:
+    """Every tensor of the file in file order, with its type, for a float or quantized checkpoint
+    (`exporter.source.Source`). Raises InputError for layers GGUF cannot carry (online rotations,
+    activation quantization, grids no block type stores exactly) before anything is written."""
+    spec, dims, handles = source.spec, source.dims, source.handles
+    float_type = "F16" if cfg.quant in LLAMA_QUANTS else (cfg.quant or "F32")
     permute = spec.family == "llada"  # llama.cpp runs LLaDA with NORM (adjacent-pair) rope
+    plan: list[PlannedTensor] = []
 
-    def add_float(gname: str, hf_name: str, qtype: str, n_head: int | None = None):
-        shape = tuple(handles[hf_name].get_slice(hf_name).get_shape()) if hf_name in handles else None
-        if shape is None:
-            raise CheckpointError(f"tensor {hf_name} missing from {src}")
+    def add_float(gname: str, hf_name: str, qtype: str, rope_heads: int | None = None):
+        if hf_name not in handles:
+            raise CheckpointError(f"tensor {hf_name} missing from {source.path}")
+        shape = tuple(handles[hf_name].get_slice(hf_name).get_shape())
         if len(shape) == 1:
             qtype = "F32"  # norms and biases: llama.cpp keeps 1-D tensors in F32
+        plan.append(PlannedTensor(gname, shape, qtype, hf_name, rope_heads=rope_heads))
 
-        def produce():
-            x = tensor(hf_name).to(torch.float32).numpy()
-            if n_head is not None:
-                x = _permute_rope_rows(x, n_head)
-            return _encode(x, qtype)
-        plan.append((gname, shape, qtype, produce))
-
-    def add_linear(gname: str, hf_name: str, shape: tuple[int, int], n_head: int | None = None):
-        # planned from the manifest alone: each layer's tensors are read when written, so the file
-        # streams one layer at a time
-        entry = layers.get(hf_name)
+    def add_linear(gname: str, hf_name: str, shape: tuple[int, int], rope_heads: int | None):
+        entry = source.layers.get(hf_name)
+        if entry is not None:
+            _refuse_online_parts(hf_name, entry)
         if entry is None or entry.get("weight") is None:
-            if entry is not None:
-                _refuse_online_parts(hf_name, entry)
-            add_float(gname + ".weight", hf_name + ".weight", float_type, n_head)
-            if f"{hf_name}.bias" in handles:
-                add_float(gname + ".bias", hf_name + ".bias", "F32", n_head)
-            return
-        _refuse_online_parts(hf_name, entry)
-        qtype = block_type_for(weight_config(entry["weight"]), shape[1], hf_name)
-        if cfg.quant not in (None, qtype):
-            raise InputError(f"{hf_name}: the quantized grid is {qtype}; it cannot be written as {cfg.quant} "
-                             f"without rounding again")
-
-        def produce():
-            packed = pack_blocks(source.linear(hf_name).qweight, qtype)
-            return _permute_rope_rows(packed, n_head) if n_head is not None else packed
-        plan.append((gname + ".weight", shape, qtype, produce))
+            add_float(gname + ".weight", hf_name + ".weight", float_type, rope_heads)
+        else:
+            qtype = block_type_for(weight_config(entry["weight"]), shape[1], hf_name)
+            if cfg.quant not in (None, qtype):
+                raise InputError(f"{hf_name}: the quantized grid is {qtype}; it cannot be written as {cfg.quant} "
+                                 f"without rounding again")
+            plan.append(PlannedTensor(gname + ".weight", shape, qtype, hf_name, packed=True, rope_heads=rope_heads))
         if f"{hf_name}.bias" in handles:
-            add_float(gname + ".bias", hf_name + ".bias", "F32", n_head)
+            add_float(gname + ".bias", hf_name + ".bias", "F32", rope_heads)
 
     q_out, kv_out = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
     shapes = {"q": (q_out, dims.d_model), "k": (kv_out, dims.d_model), "v": (kv_out, dims.d_model),
@@ -243,42 +259,100 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
     add_float("output_norm.weight", f"{spec.final_norm}.weight", "F32")
     if not dims.tied_head:
         add_float("output.weight", f"{spec.head}.weight", cfg.head_type)
+    return plan
 
-    types = {t for _, _, t, _ in plan if t not in ("F32",)}
-    main_type = next((t for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16") if t in types), "F32")
-    with atomic_folder(out_dir) as tmp:
-        target = tmp / (MODEL_FILE + ".f16" if llama_quant else MODEL_FILE)
-        w = gguf.GGUFWriter(str(target), spec.gguf_arch)
-        _write_metadata(w, gguf, spec, dims, vocab, main_type)
-        for gname, shape, qtype, _ in plan:
-            gt = gguf.GGMLQuantizationType[qtype]
-            block, type_size = gguf.GGML_QUANT_SIZES[gt]
-            n_bytes = int(np.prod(shape)) // block * type_size
-            if qtype in ("F32", "F16"):
-                w.add_tensor_info(gname, shape, np.float32 if qtype == "F32" else np.float16, n_bytes)
-            else:
-                w.add_tensor_info(gname, gguf.quant_shape_to_byte_shape(shape, gt), np.uint8, n_bytes, raw_dtype=gt)
+
+def tensor_data(source, t: PlannedTensor) -> np.ndarray:
+    """The array written for `t`: the layer's PTQ blocks packed as they are, or the float tensor
+    rounded to `t.qtype`; rows permuted for rope where planned."""
+    if t.packed:
+        x = pack_blocks(source.linear(t.source).qweight, t.qtype)
+        return _permute_rope_rows(x, t.rope_heads) if t.rope_heads is not None else x
+    x = source.tensor(t.source).to(torch.float32).numpy()
+    if t.rope_heads is not None:
+        x = _permute_rope_rows(x, t.rope_heads)
+    return _encode(x, t.qtype)
+
+
+def write_gguf(path: str | Path, arch: str, plan: list[PlannedTensor], data, add_metadata) -> None:
+    """Write a GGUF file from a tensor plan, strictly: the header and tensor table come from the
+    plan, then `data(t)` must give each tensor, in plan order, in exactly its planned shape, dtype
+    and size (one tensor in memory at a time).
+
+    Args:
+        path: the file to write.
+        arch: `general.architecture`.
+        plan: the tensors, in file order (names unique).
+        data: PlannedTensor -> np.ndarray.
+        add_metadata: GGUFWriter -> None, adds the key/value pairs.
+    Raises:
+        CheckpointError: a tensor whose values do not fit its plan (named, with its source).
+    """
+    import gguf
+
+    names = [t.name for t in plan]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tensor plan names a tensor twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    w = gguf.GGUFWriter(str(path), arch)
+    try:
+        add_metadata(w)
+        for t in plan:
+            shape, dtype = t.stored
+            w.add_tensor_info(t.name, shape, dtype, t.nbytes, raw_dtype=None if t.qtype in ("F32", "F16") else t.ggml_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _, _, _, produce in plan:  # one tensor in memory at a time
-            w.write_tensor_data(produce())
+        for t in plan:
+            x = data(t)
+            shape, dtype = t.stored
+            if x.shape != shape or x.dtype != dtype or x.nbytes != t.nbytes:
+                raise CheckpointError(f"{t.source}: gives {x.dtype}{list(x.shape)} for GGUF tensor {t.name}, planned "
+                                      f"{dtype}{list(shape)} ({t.qtype}); the checkpoint's tensors and config.json "
+                                      f"disagree")
+            w.write_tensor_data(x)
+    finally:
         w.close()
+
+
+def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConfig = GgufExportConfig(),
+                extra_manifest: dict | None = None) -> Path:
+    """Write `model.gguf` (+ config, tokenizer, manifest.json) for a float or quantized checkpoint folder.
+
+    Args:
+        model_path: checkpoint folder, `default` / `default-dream`, or a quantized checkpoint whose
+            layers use group-32 grids that a block type stores exactly (see `block_type_for`).
+        out_dir: the artifact folder (must not exist or be empty); written atomically.
+        cfg: the type of float layers, embedding and head.
+    Returns:
+        `out_dir`.
+    """
+    source = open_source(model_path)
+    spec, dims = source.spec, source.dims
+    llama_quant = cfg.quant in LLAMA_QUANTS
+    vocab = _vocab(source.path, dims.vocab_rows)
+    plan = plan_tensors(source, cfg)
+    tensor_types: dict[str, int] = {}
+    for t in plan:
+        tensor_types[t.qtype] = tensor_types.get(t.qtype, 0) + 1
+    main_type = next((t for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16") if t in tensor_types), "F32")
+    with atomic_folder(out_dir) as tmp:
+        target = tmp / (MODEL_FILE + ".f16" if llama_quant else MODEL_FILE)
+        write_gguf(target, spec.gguf_arch, plan, lambda t: tensor_data(source, t),
+                   lambda w: _write_metadata(w, spec, dims, vocab, main_type))
         if llama_quant:
             _llama_quantize(target, tmp / MODEL_FILE, LLAMA_QUANTS[cfg.quant])
             target.unlink()
-        tensor_types: dict[str, int] = {}
-        for _, _, t, _ in plan:
-            tensor_types[t] = tensor_types.get(t, 0) + 1
+        qmanifest = source.manifest
         manifest = {
             "format": FORMAT, "version": VERSION, "family": spec.family, "arch": spec.gguf_arch,
-            "source": qmanifest["source"] if qmanifest else source_record(src), "export": dataclasses.asdict(cfg),
+            "source": qmanifest["source"] if qmanifest else source_record(source.path),
+            "export": dataclasses.asdict(cfg),
             "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,
             "quantize_settings": qmanifest["settings"] if qmanifest else None,
             "file_type": cfg.quant if llama_quant else main_type, "tensor_types": tensor_types,
             "exact_from_ptq": bool(qmanifest) and any(t in BLOCK_TYPES for t in tensor_types),
-            "rope_rows_permuted": permute, "shift_logits": spec.shift_logits, "pre_tokenizer": vocab["pre"],
-            "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
+            "rope_rows_permuted": spec.family == "llada", "shift_logits": spec.shift_logits,
+            "pre_tokenizer": vocab["pre"], "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
         }
         manifest.update(extra_manifest or {})
         write_sidecars(tmp, manifest, source)
@@ -309,7 +383,9 @@ def _encode(x: np.ndarray, qtype: str) -> np.ndarray:
     return gguf.quants.quantize(x.astype(np.float32), gguf.GGMLQuantizationType[qtype])
 
 
-def _write_metadata(w, gguf, spec, dims, vocab: dict, main_type: str) -> None:
+def _write_metadata(w, spec, dims, vocab: dict, main_type: str) -> None:
+    import gguf
+
     w.add_name(f"{spec.family} (dllm-export)")
     w.add_context_length(dims.context)
     w.add_embedding_length(dims.d_model)

@@ -33,12 +33,13 @@ import torch
 
 from ..errors import InputError
 from ..fileio import atomic_folder
+from ..formats import MATMULNBITS_BITS, ONNX_FORMAT, check_matmulnbits, matmulnbits_block_ok
+from ..models.checkpoint import source_record
 from ..models.layers import rope_cos_sin
 from ..quant.primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, quantize_weight
-from ..models.loader import source_record
 from .source import open_source, write_sidecars
 
-FORMAT = "dllm-export/onnx"
+FORMAT = ONNX_FORMAT
 VERSION = 1
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -302,12 +303,7 @@ class _Builder:
         N, K = qw.shape
         G = qw.scales.shape[1]
         bs = K // G
-        if c.bits not in (2, 4, 8):
-            raise InputError(f"layer {name}: MatMulNBits stores 2, 4 or 8-bit weights, not {c.bits}-bit "
-                             f"(use --format qdq, which stores them in an int4/int8 container)")
-        if bs < 16 or bs & (bs - 1):
-            raise InputError(f"layer {name}: MatMulNBits needs a power-of-two block size >= 16, the grid has groups "
-                             f"of {bs} (quantize with --group-size 32/64/128, or use --format qdq)")
+        check_matmulnbits(c.bits, bs, f"layer {name}")
         u = (qw.codes.to(torch.int32) - c.qmin).numpy().astype(np.uint8).reshape(N, G, bs)  # unsigned codes
         blob = _pack_bits(u, c.bits)  # [N, G, bs * bits / 8]
         inputs = [x, g.weight(f"{name}.qweight", blob, list(blob.shape), 2),
@@ -413,7 +409,7 @@ class _Builder:
         per_channel = qw is not None and qw.scales.shape[1] == 1 and qw.mins is None
         G = qw.scales.shape[1] if qw is not None else 0
         bs = qw.shape[1] // G if G else 0
-        nbits_ok = qw is not None and qw.cfg.bits in (2, 4, 8) and bs >= 16 and not bs & (bs - 1)
+        nbits_ok = qw is not None and qw.cfg.bits in MATMULNBITS_BITS and matmulnbits_block_ok(bs)
         exact_int = a.bits == 8 and per_channel
         if want == "auto":
             return "integer" if exact_int else "nbits" if (nbits_ok and a.bits == 8 and G > 1) else "simulate"
@@ -464,6 +460,161 @@ def _rope(g: _Graph, x: str, n_heads: int, hd: int, cos: str, sin: str, name: st
     return g.op("Reshape", [y, g.const([0, 0, n_heads * hd], np.int64)], name)
 
 
+@dataclass(frozen=True)
+class _Prologue:
+    """Graph values every block reads: the key-padding bias, the window bounds and RoPE's cos/sin."""
+
+    attn_bias: str
+    start: str
+    end: str
+    cos: str
+    sin: str
+
+
+def _graph_inputs(cfg: OnnxExportConfig, dims) -> list:
+    """The graph's input value infos (ids, mask, optional logit rows, window start and past K/V)."""
+    import onnx
+
+    TP, make = onnx.TensorProto, onnx.helper.make_tensor_value_info
+    inputs = [make("input_ids", TP.INT64, ["batch", "length"]),
+              make("attention_mask", TP.INT64, ["batch", "total_length"])]
+    if cfg.logit_positions:
+        inputs.append(make("logit_positions", TP.INT64, ["batch", "positions"]))
+    if cfg.kv_cache:
+        inputs.append(make("window_start", TP.INT64, [1]))
+        for i in range(dims.n_layers):
+            for kind in ("key", "value"):
+                inputs.append(make(f"past.{i}.{kind}", TP.FLOAT, ["batch", dims.n_kv_heads, "past_length", dims.head_dim]))
+    return inputs
+
+
+def _prologue(g: _Graph, cfg: OnnxExportConfig, spec, dims) -> _Prologue:
+    """Attention bias, window bounds and the RoPE tables gathered at the window's positions."""
+    TP = g.onnx.TensorProto
+    # key-padding bias [B, 1, W, T] (onnxruntime's Attention wants the query axis spelled out);
+    # pad query rows stay finite, real rows give pad keys exactly zero weight
+    maskf = g.op("Cast", ["attention_mask"], "mask_f", to=TP.FLOAT)
+    kbias = g.op("Mul", [g.op("Sub", [g.const(1.0), maskf]), g.const(_F32_MIN)])
+    kbias = g.op("Unsqueeze", [kbias, g.const([1, 2], np.int64)])
+    W_len = g.op("Shape", ["input_ids"], start=1, end=2)
+    T_len = g.op("Shape", ["attention_mask"], start=1, end=2)
+    bshape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64), W_len, T_len],
+                  axis=0)
+    attn_bias = g.op("Expand", [kbias, bshape], "attn_bias")
+    start = "window_start" if cfg.kv_cache else g.const([0], np.int64)
+    end = g.op("Add", [start, W_len], "window_end")
+    # RoPE positions: absolute, or (Dream, padded) the count of real tokens before each one
+    hd = dims.head_dim
+    cos_t, sin_t = rope_cos_sin(torch.arange(dims.context), hd, dims.rope_theta)
+    if spec.positions_skip_padding:
+        csum = g.op("CumSum", ["attention_mask", g.const(1, np.int64)])
+        pos = g.op("Where", [g.op("Cast", ["attention_mask"], to=TP.BOOL),
+                             g.op("Sub", [csum, g.const(1, np.int64)]), g.const(1, np.int64)])
+        pos = g.op("Slice", [pos, start, end, g.const([1], np.int64)], "positions")
+    else:
+        pos = g.op("Unsqueeze", [g.op("Range", [g.op("Squeeze", [start]), g.op("Squeeze", [end]),
+                                                g.const(1, np.int64)]), g.const([0], np.int64)], "positions")
+    cos = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.cos", cos_t.numpy(), list(cos_t.shape), 1), pos]),
+                             g.const([2], np.int64)], "rope_cos")
+    sin = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.sin", sin_t.numpy(), list(sin_t.shape), 1), pos]),
+                             g.const([2], np.int64)], "rope_sin")
+    return _Prologue(attn_bias, start, end, cos, sin)
+
+
+def _embed(g: _Graph, cfg: OnnxExportConfig, spec, tensor) -> str:
+    """The token embedding gathered at `input_ids` (fp32 rows, or int8 rows x block scales)."""
+    W_emb = tensor(f"{spec.embedding}.weight")
+    if cfg.embed_head == "int8":
+        return _int8_embedding(g, W_emb, spec.embedding)
+    return g.op("Gather", [g.weight(f"{spec.embedding}.weight", _f32(W_emb), list(W_emb.shape), 1), "input_ids"],
+                "embed")
+
+
+def _heads_first(g: _Graph, t: str, n: int, hd: int, name: str) -> str:
+    """[B, W, n*hd] -> [B, n, W, hd]."""
+    return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, hd], np.int64)])], name, perm=[0, 2, 1, 3])
+
+
+def _with_past(g: _Graph, pro: _Prologue, t: str, past: str, name: str) -> str:
+    """Keys (or values) of [0, start) from the past + the window's + [end, T) from the past."""
+    before = g.op("Slice", [past, g.const([0], np.int64), pro.start, g.const([2], np.int64)])
+    after = g.op("Slice", [past, pro.end, g.const([2**62], np.int64), g.const([2], np.int64)])
+    return g.op("Concat", [before, t, after], name, axis=2)
+
+
+def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) -> tuple[str, list[str]]:
+    """Transformer block `i` on the hidden states `x`: (its output, its present K/V names if cached)."""
+    spec, dims, tensor, stored = source.spec, source.dims, source.tensor, source.linear
+    H, kvH, hd = dims.n_heads, dims.n_kv_heads, dims.head_dim
+    p = f"{spec.blocks}.{i}."
+    ln = {role: p + n for role, n in spec.linears.items()}
+    present = []
+    h = _rms_norm(g, x, tensor(p + spec.norms["attn"] + ".weight"), dims.norm_eps, p + spec.norms["attn"])
+    q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, hd, pro.cos, pro.sin, f"{p}q_rot")
+    k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, hd, pro.cos, pro.sin, f"{p}k_rot")
+    v = b.linear(h, stored(ln["v"]), ln["v"])
+    if b.cfg.kv_cache:  # 4-D attention over cached + fresh keys/values
+        k4, v4 = _heads_first(g, k, kvH, hd, f"present.{i}.key"), _heads_first(g, v, kvH, hd, f"present.{i}.value")
+        present = [k4, v4]
+        att4 = g.op("Attention", [_heads_first(g, q, H, hd, f"{p}q4"), _with_past(g, pro, k4, f"past.{i}.key", f"{p}k_all"),
+                                  _with_past(g, pro, v4, f"past.{i}.value", f"{p}v_all"), pro.attn_bias],
+                    f"{p}attention4", is_causal=0)
+        att = g.op("Reshape", [g.op("Transpose", [att4], perm=[0, 2, 1, 3]), g.const([0, 0, H * hd], np.int64)],
+                   f"{p}attention")
+    else:
+        att = g.op("Attention", [q, k, v, pro.attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
+                   kv_num_heads=kvH)
+    x = g.op("Add", [x, b.linear(att, stored(ln["o"]), ln["o"])], f"{p}attn_residual")
+    h = _rms_norm(g, x, tensor(p + spec.norms["ffn"] + ".weight"), dims.norm_eps, p + spec.norms["ffn"])
+    gate = b.linear(h, stored(ln["gate"]), ln["gate"])
+    up = b.linear(h, stored(ln["up"]), ln["up"])
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], f"{p}swiglu")
+    x = g.op("Add", [x, b.linear(act, stored(ln["down"]), ln["down"])], f"{p}ffn_residual")
+    return x, present
+
+
+def _emit_head(g: _Graph, b: _Builder, source, x: str) -> None:
+    """Final norm, the rows that reach the head, and the head itself as the `logits` output."""
+    spec, dims = source.spec, source.dims
+    x = _rms_norm(g, x, source.tensor(f"{spec.final_norm}.weight"), dims.norm_eps, spec.final_norm)
+    if b.cfg.logit_positions:  # only the requested rows reach the head
+        x = g.op("GatherND", [x, g.op("Unsqueeze", ["logit_positions", g.const([-1], np.int64)])],
+                 "head_rows", batch_dims=1)
+    W_head = source.tensor(f"{spec.embedding}.weight" if dims.tied_head else f"{spec.head}.weight")
+    if b.cfg.embed_head == "int8":
+        x = b.nbits_matmul(x, quantize_weight(W_head.float(), HEAD_GRID), "lm_head", 0)
+        g.nodes.append(g.onnx.helper.make_node("Identity", [x], ["logits"], name="logits"))
+    else:
+        w = g.weight("lm_head.weight_T", _f32(W_head).T, [W_head.shape[1], W_head.shape[0]], 1)
+        g.nodes.append(g.onnx.helper.make_node("MatMul", [x, w], ["logits"], name="lm_head"))
+
+
+def _graph_outputs(cfg: OnnxExportConfig, dims, present: list[str]) -> list:
+    import onnx
+
+    TP, make = onnx.TensorProto, onnx.helper.make_tensor_value_info
+    outputs = [make("logits", TP.FLOAT, ["batch", "positions" if cfg.logit_positions else "length", dims.vocab_rows])]
+    return outputs + [make(name, TP.FLOAT, ["batch", dims.n_kv_heads, "length", dims.head_dim]) for name in present]
+
+
+def _manifest(cfg: OnnxExportConfig, source, b: _Builder, g: _Graph, inputs, outputs) -> dict:
+    """The artifact manifest: provenance, export settings, per-layer kernels, op counts."""
+    qmanifest = source.manifest
+    return {
+        "format": FORMAT, "version": VERSION, "family": source.spec.family,
+        "source": qmanifest["source"] if qmanifest else source_record(source.path),
+        "export": dataclasses.asdict(cfg), "accuracy_level": b.acc, "opset": OPSET,
+        "inputs": [i.name for i in inputs], "outputs": [o.name for o in outputs], "logits_shifted": False,
+        "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,
+        "quantize_settings": qmanifest["settings"] if qmanifest else None,
+        "simulated": b.simulated,
+        "layers": b.notes, "spec": source.spec.to_dict(), "dims": dataclasses.asdict(source.dims),
+        "ops": dict(sorted(g.op_counts.items())),
+        "session_options": {"session.qdq_matmulnbits_accuracy_level": str(b.acc)},
+        "data_bytes": g.offset,
+    }
+
+
 def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConfig = OnnxExportConfig(),
                 extra_manifest: dict | None = None) -> Path:
     """Write `model.onnx` (+ `model.onnx.data`, config, tokenizer, manifest.json) for a checkpoint folder.
@@ -482,130 +633,28 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
     import onnx
 
     source = open_source(model_path)
-    spec, dims, qmanifest = source.spec, source.dims, source.manifest
-    tensor, stored = source.tensor, source.linear
-
-    TP = onnx.TensorProto
     with atomic_folder(out_dir) as tmp:
         g = _Graph(tmp / DATA_FILE)
         try:
             b = _Builder(g, cfg)
-            H, kvH, hd = dims.n_heads, dims.n_kv_heads, dims.head_dim
-            inputs = [onnx.helper.make_tensor_value_info("input_ids", TP.INT64, ["batch", "length"]),
-                      onnx.helper.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "total_length"])]
-            if cfg.logit_positions:
-                inputs.append(onnx.helper.make_tensor_value_info("logit_positions", TP.INT64, ["batch", "positions"]))
+            inputs = _graph_inputs(cfg, source.dims)
+            pro = _prologue(g, cfg, source.spec, source.dims)
+            x = _embed(g, cfg, source.spec, source.tensor)
             present = []
-            if cfg.kv_cache:
-                inputs.append(onnx.helper.make_tensor_value_info("window_start", TP.INT64, [1]))
-                for i in range(dims.n_layers):
-                    for kind in ("key", "value"):
-                        inputs.append(onnx.helper.make_tensor_value_info(
-                            f"past.{i}.{kind}", TP.FLOAT, ["batch", kvH, "past_length", hd]))
-            # key-padding bias [B, 1, W, T] (onnxruntime's Attention wants the query axis spelled out);
-            # pad query rows stay finite, real rows give pad keys exactly zero weight
-            maskf = g.op("Cast", ["attention_mask"], "mask_f", to=TP.FLOAT)
-            kbias = g.op("Mul", [g.op("Sub", [g.const(1.0), maskf]), g.const(_F32_MIN)])
-            kbias = g.op("Unsqueeze", [kbias, g.const([1, 2], np.int64)])
-            W_len = g.op("Shape", ["input_ids"], start=1, end=2)
-            T_len = g.op("Shape", ["attention_mask"], start=1, end=2)
-            bshape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64), W_len, T_len],
-                          axis=0)
-            attn_bias = g.op("Expand", [kbias, bshape], "attn_bias")
-            start = "window_start" if cfg.kv_cache else g.const([0], np.int64)
-            end = g.op("Add", [start, W_len], "window_end")
-            # RoPE positions: absolute, or (Dream, padded) the count of real tokens before each one
-            cos_t, sin_t = rope_cos_sin(torch.arange(dims.context), hd, dims.rope_theta)
-            if spec.positions_skip_padding:
-                csum = g.op("CumSum", ["attention_mask", g.const(1, np.int64)])
-                pos = g.op("Where", [g.op("Cast", ["attention_mask"], to=TP.BOOL),
-                                     g.op("Sub", [csum, g.const(1, np.int64)]), g.const(1, np.int64)])
-                pos = g.op("Slice", [pos, start, end, g.const([1], np.int64)], "positions")
-            else:
-                pos = g.op("Unsqueeze", [g.op("Range", [g.op("Squeeze", [start]), g.op("Squeeze", [end]),
-                                                        g.const(1, np.int64)]), g.const([0], np.int64)], "positions")
-            cos = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.cos", cos_t.numpy(), list(cos_t.shape), 1), pos]),
-                                     g.const([2], np.int64)], "rope_cos")
-            sin = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.sin", sin_t.numpy(), list(sin_t.shape), 1), pos]),
-                                     g.const([2], np.int64)], "rope_sin")
-
-            def heads_first(t: str, n: int, name: str) -> str:  # [B, W, n*hd] -> [B, n, W, hd]
-                return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, hd], np.int64)])], name,
-                            perm=[0, 2, 1, 3])
-
-            def with_past(t: str, past: str, name: str) -> str:  # keys of [0, start) + window + [end, T)
-                before = g.op("Slice", [past, g.const([0], np.int64), start, g.const([2], np.int64)])
-                after = g.op("Slice", [past, end, g.const([2**62], np.int64), g.const([2], np.int64)])
-                return g.op("Concat", [before, t, after], name, axis=2)
-
-            W_emb = tensor(f"{spec.embedding}.weight")
-            if cfg.embed_head == "int8":
-                x = _int8_embedding(g, W_emb, spec.embedding)
-            else:
-                x = g.op("Gather", [g.weight(f"{spec.embedding}.weight", _f32(W_emb), list(W_emb.shape), 1),
-                                    "input_ids"], "embed")
-            del W_emb
-            for i in range(dims.n_layers):
-                p = f"{spec.blocks}.{i}."
-                ln = {role: p + n for role, n in spec.linears.items()}
-                h = _rms_norm(g, x, tensor(p + spec.norms["attn"] + ".weight"), dims.norm_eps, p + spec.norms["attn"])
-                q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, hd, cos, sin, f"{p}q_rot")
-                k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, hd, cos, sin, f"{p}k_rot")
-                v = b.linear(h, stored(ln["v"]), ln["v"])
-                if cfg.kv_cache:  # 4-D attention over cached + fresh keys/values
-                    k4, v4 = heads_first(k, kvH, f"present.{i}.key"), heads_first(v, kvH, f"present.{i}.value")
-                    present += [k4, v4]
-                    att4 = g.op("Attention", [heads_first(q, H, f"{p}q4"), with_past(k4, f"past.{i}.key", f"{p}k_all"),
-                                              with_past(v4, f"past.{i}.value", f"{p}v_all"), attn_bias],
-                                f"{p}attention4", is_causal=0)
-                    att = g.op("Reshape", [g.op("Transpose", [att4], perm=[0, 2, 1, 3]), g.const([0, 0, H * hd], np.int64)],
-                               f"{p}attention")
-                else:
-                    att = g.op("Attention", [q, k, v, attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
-                               kv_num_heads=kvH)
-                x = g.op("Add", [x, b.linear(att, stored(ln["o"]), ln["o"])], f"{p}attn_residual")
-                h = _rms_norm(g, x, tensor(p + spec.norms["ffn"] + ".weight"), dims.norm_eps, p + spec.norms["ffn"])
-                gate = b.linear(h, stored(ln["gate"]), ln["gate"])
-                up = b.linear(h, stored(ln["up"]), ln["up"])
-                act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], f"{p}swiglu")
-                x = g.op("Add", [x, b.linear(act, stored(ln["down"]), ln["down"])], f"{p}ffn_residual")
-            x = _rms_norm(g, x, tensor(f"{spec.final_norm}.weight"), dims.norm_eps, spec.final_norm)
-            if cfg.logit_positions:  # only the requested rows reach the head
-                x = g.op("GatherND", [x, g.op("Unsqueeze", ["logit_positions", g.const([-1], np.int64)])],
-                         "head_rows", batch_dims=1)
-            head = f"{spec.embedding}.weight" if dims.tied_head else f"{spec.head}.weight"
-            W_head = tensor(head)
-            if cfg.embed_head == "int8":
-                x = b.nbits_matmul(x, quantize_weight(W_head.float(), HEAD_GRID), "lm_head", 0)
-                g.nodes.append(onnx.helper.make_node("Identity", [x], ["logits"], name="logits"))
-            else:
-                g.nodes.append(onnx.helper.make_node("MatMul", [x, g.weight("lm_head.weight_T", _f32(W_head).T,
-                                                                             [W_head.shape[1], W_head.shape[0]], 1)],
-                                                     ["logits"], name="lm_head"))
-            del W_head
+            for i in range(source.dims.n_layers):
+                x, kv = _emit_block(g, b, pro, source, x, i)
+                present += kv
+            _emit_head(g, b, source, x)
         finally:
             g.close()
-        outputs = [onnx.helper.make_tensor_value_info(
-            "logits", TP.FLOAT, ["batch", "positions" if cfg.logit_positions else "length", dims.vocab_rows])]
-        outputs += [onnx.helper.make_tensor_value_info(name, TP.FLOAT, ["batch", kvH, "length", hd]) for name in present]
-        graph = onnx.helper.make_graph(g.nodes, f"{spec.family}_forward", inputs, outputs, initializer=g.initializers)
+        outputs = _graph_outputs(cfg, source.dims, present)
+        graph = onnx.helper.make_graph(g.nodes, f"{source.spec.family}_forward", inputs, outputs,
+                                       initializer=g.initializers)
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET),
                                                              onnx.helper.make_opsetid("com.microsoft", 1)],
                                        producer_name="dllm-export")
         model.ir_version = IR_VERSION
-        manifest = {
-            "format": FORMAT, "version": VERSION, "family": spec.family,
-            "source": qmanifest["source"] if qmanifest else source_record(source.path),
-            "export": dataclasses.asdict(cfg), "accuracy_level": b.acc, "opset": OPSET,
-            "inputs": [i.name for i in inputs], "outputs": [o.name for o in outputs], "logits_shifted": False,
-            "method": qmanifest["method"] if qmanifest else None, "scheme": qmanifest["scheme"] if qmanifest else None,
-            "quantize_settings": qmanifest["settings"] if qmanifest else None,
-            "simulated": b.simulated,
-            "layers": b.notes, "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
-            "ops": dict(sorted(g.op_counts.items())),
-            "session_options": {"session.qdq_matmulnbits_accuracy_level": str(b.acc)},
-            "data_bytes": g.offset,
-        }
+        manifest = _manifest(cfg, source, b, g, inputs, outputs)
         manifest.update(extra_manifest or {})
         onnx.helper.set_model_props(model, {"dllm_export.manifest": json.dumps(manifest)})
         onnx.save_model(model, str(tmp / MODEL_FILE))
