@@ -54,7 +54,7 @@ class BenchConfig:
 
 def _size(path: Path) -> int:
     """Bytes of the model files (weights, graph) of a checkpoint or artifact."""
-    from .models.loader import resolve_model_path
+    from .models.checkpoint import resolve_model_path
 
     if not path.exists():
         path = resolve_model_path(str(path))  # `default`, `default-dream`
@@ -103,8 +103,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     if cfg.quality:
         from .eval.quality import quick_quality
 
-        folder = Path(path).parent if str(path).endswith(".gguf") else path
-        res.update(quick_quality(be, load_tokenizer(folder), windows=cfg.eval_windows, problems=cfg.problems))
+        res.update(quick_quality(be, load_tokenizer(path), windows=cfg.eval_windows, problems=cfg.problems))
     return res
 
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from .corpus import CorpusRecipe, build_corpus, corpus_summary
-from .models.factory import dream_config, llada_config, write_checkpoint
+from .models.checkpoint import write_checkpoint
+from .models.factory import dream_config, llada_config
 from .models.loader import build_model
 
 

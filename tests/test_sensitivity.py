@@ -128,7 +128,7 @@ def test_gptq_scan_and_mixed_quantize_and_exports(ckpt, CALIB, tmp_path):
     gguf = pytest.importorskip("gguf")
     from dllm_export.exporter.gguf import export_gguf
     from dllm_export.exporter.onnx import export_onnx
-    from dllm_export.models.loader import open_shards
+    from dllm_export.models.checkpoint import open_shards
     from dllm_export.quant.load import read_linear, read_manifest
     from dllm_export.runtime.ort import OrtBackend
 

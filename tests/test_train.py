@@ -4,7 +4,7 @@ import torch
 from tokenizers import Tokenizer
 
 from dllm_export.corpus import CorpusRecipe
-from dllm_export.models.loader import resolve_model_path
+from dllm_export.models.checkpoint import resolve_model_path
 from dllm_export.train import WindowSampler
 
 

@@ -11,7 +11,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.checks import check_weight
-from ..models.loader import _set_tensor, build_model, open_shards, read_config, tokenizer_special_ids
+from ..formats import QUANTIZED_FORMAT
+from ..models.checkpoint import open_shards, read_config, set_tensor, tokenizer_special_ids
+from ..models.loader import build_model
 from .base import set_module
 from .kernels import IntLinear, check_kernel
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, unpack_codes
@@ -23,13 +25,11 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 def read_manifest(path: Path) -> dict:
     """manifest.json of a quantized checkpoint, checked for its format tag."""
-    from .driver import MANIFEST_FORMAT
-
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / 'manifest.json'}: not valid JSON ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if manifest.get("format") != QUANTIZED_FORMAT:
         raise CheckpointError(f"{path / 'manifest.json'} is not a dllm-export quantized manifest")
     return manifest
 
@@ -130,7 +130,7 @@ def load_quantized(path: Path, dtype: torch.dtype, device="cpu", kernel: str = "
                 raise CheckpointError(f"tensor {pname} missing from quantized checkpoint {path}")
             t = handles[pname].get_tensor(pname)
             check_weight(pname, t, path)
-            _set_tensor(model, pname, t.to(device=device, dtype=dtype))
+            set_tensor(model, pname, t.to(device=device, dtype=dtype))
             used.add(pname)
     unexpected = sorted(set(handles) - used)
     if unexpected:
