@@ -51,17 +51,19 @@ def test_bad_export_requests(args, message, capsys, tmp_path):
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "model folder not found"),
     (["generate", "--model", "{llada}", "--prompt", "x", "--gen-length", "500"], "exceeds the model's context"),
     (["generate", "--model", "{llada}", "--prompt", "x", "--sampler", "nope"], "unknown sampler"),
-    (["info", "--model", "{llada}", "--dtype", "int3"], None),
+    (["info", "--model", "{llada}", "--dtype", "float16"], "unrecognized arguments: --dtype float16"),
+    (["quantize", "--sym", "--asym", "--out", "x"], "argument --asym: not allowed with argument --sym"),
+    (["quantize", "--method", "sparsegpt", "--out", "x"], "argument --method: unknown method 'sparsegpt' (choose "),
+    (["quantize", "--scheme", "W5A5", "--out", "x"], "argument --scheme: unknown scheme 'W5A5' (choose from W8A16"),
+    (["--target", "onnx", "--device", "pdp11"], "argument --device: invalid choice: 'pdp11' (choose from 'auto', "),
+    (["--target", "gguf", "--quant", "Q9_9"], "argument --quant: invalid choice: 'Q9_9' (choose from 'F32', "),
     (["generate", "--model", "{llada}", "--prompt", "x", "--dtype", "int3"], "unknown dtype 'int3'"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(tiny_dirs, capsys, args, message):
     args = [a.format(llada=tiny_dirs["llada"]) for a in args]
     rc = main(args)
-    if message is None:  # info never loads weights, so a dtype is irrelevant there
-        assert rc == 0
-        return
     err = capsys.readouterr().err
-    assert rc == 2 and message in err and err.count("\n") == 1
+    assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_console_script_exit_code(tmp_path):
@@ -69,3 +71,32 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dllm_export.cli", "info", "--model", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "model folder not found" in proc.stderr
+
+
+def test_sym_and_asym_reach_the_config(monkeypatch):
+    """--sym / --asym set QuantizeConfig.sym (True / False; neither: None, the method's default)."""
+    import dllm_export.verify as verify
+
+    seen = []
+
+    def fake(model, out, qcfg, **kw):
+        seen.append(qcfg.sym)
+        raise verify.CheckpointError("stop here")
+
+    monkeypatch.setattr(verify, "quantize_verified", fake)
+    for flags in (["--sym"], ["--asym"], []):
+        assert main(["quantize", *flags, "--out", "x"]) == 2
+    assert seen == [True, False, None]
+
+
+def test_export_subcommand_equals_the_root_form(tiny_dirs, tmp_path, capsys):
+    """`dllm-export export ...` and the root `dllm-export --target ...` are one command: same artifact bytes."""
+    import hashlib
+
+    digests = []
+    for prefix, name in (([], "root"), (["export"], "sub")):
+        out = tmp_path / name
+        assert main([*prefix, "--target", "onnx", "--model", str(tiny_dirs["llada"]), "--out", str(out)]) == 0
+        assert f"{out}: llada -> onnx (qdq), float32" in capsys.readouterr().out
+        digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())})
+    assert digests[0] == digests[1] and "model.onnx" in digests[0]

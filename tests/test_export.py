@@ -120,3 +120,34 @@ bench = false
     if rc:
         assert m["failed"] == ["tiny/onnx-w4", "tiny/gguf-q8"]
         assert "quality gate failed: tiny/onnx-w4, tiny/gguf-q8" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dream_bpe_files(tiny_dirs, tmp_path_factory):
+    """The tiny Dream checkpoint as Dream ships its tokenizer: vocab.json + merges.txt, no tokenizer.json."""
+    import json
+    import shutil
+
+    src = tiny_dirs["dream"]
+    dst = tmp_path_factory.mktemp("dream_bpe") / "dream"
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text())
+    (dst / "tokenizer.json").unlink()
+    (dst / "vocab.json").write_text(json.dumps(tj["model"]["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return dst
+
+
+@pytest.mark.parametrize("target,kwargs", [("onnx", {}), ("onnx", dict(bits=4, method="rtn", group_size=32))])
+def test_export_carries_a_vocab_and_merges_tokenizer(target, kwargs, dream_bpe_files, tmp_path):
+    """A checkpoint with only vocab.json + merges.txt (as Dream ships) exports with its tokenizer,
+    float or through a quantized checkpoint (one list of tokenizer files: formats.TOKENIZER_FILES)."""
+    from dllm_export import load_tokenizer
+
+    art = export(dream_bpe_files, tmp_path / "art", target=target,
+                 quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)}, **kwargs).path
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (art / name).read_bytes() == (dream_bpe_files / name).read_bytes(), name
+    text = "def f(x):\n    return 12+34"
+    assert load_tokenizer(art)(text)["input_ids"] == load_tokenizer(dream_bpe_files)(text)["input_ids"]

@@ -128,7 +128,7 @@ def test_gptq_scan_and_mixed_quantize_and_exports(ckpt, CALIB, tmp_path):
     gguf = pytest.importorskip("gguf")
     from dllm_export.exporter.gguf import export_gguf
     from dllm_export.exporter.onnx import export_onnx
-    from dllm_export.models.loader import open_shards
+    from dllm_export.models.checkpoint import open_shards
     from dllm_export.quant.load import read_linear, read_manifest
     from dllm_export.runtime.ort import OrtBackend
 
@@ -177,7 +177,7 @@ def test_mixed_layer_bits_are_checked(ckpt, CALIB, tmp_path):
     from dllm_export.exporter import export
 
     spec = load_model(ckpt).spec
-    with pytest.raises(InputError, match="matmulnbits stores 2, 4 or 8-bit weights, not 3-bit"):
+    with pytest.raises(InputError, match="stores 2, 4 or 8-bit weights, not 3-bit"):
         export(ckpt, tmp_path / "o", target="onnx", scheme="W4A16", weight_format="matmulnbits", group_size=32,
                quantize_options={"layer_bits": {f"{spec.blocks}.0.{spec.linears['q']}": 3}})
     assert not (tmp_path / "o").exists()  # refused before any calibration

@@ -128,7 +128,7 @@ class DLLM(LM):
             self.model_name = str(model)
             self.backend = load_backend(model, backend=a["backend"], dtype=a["dtype"], threads=a["threads"])
             if tokenizer is None:  # as `dllm-export eval`: a .gguf file's tokenizer lies beside it
-                tokenizer = Path(model).parent if str(model).endswith(".gguf") else model
+                tokenizer = model
         else:
             self.backend = as_backend(model)
             self.model_name = getattr(self.backend, "name", type(self.backend).__name__)

@@ -15,8 +15,10 @@ from torch import nn
 from ..errors import InputError
 from ..models.spec import ModelSpec
 from .calibrate import CalibConfig
+from .gptq import HessianStats, gptq_quantize
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, sqnr_db
 from .qlinear import QLinear
+from .rtn import rtn_quantize
 from .schemes import Scheme, get_scheme
 
 # Sequential order in which a block's linears are quantized (GPTQ's "true sequential"): each
@@ -71,8 +73,7 @@ class QuantizeConfig:
 
     def __post_init__(self):
         get_scheme(self.scheme)
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        get_method(self.method)
         if self.weight_method not in ("rtn", "gptq"):
             raise InputError(f"weight_method must be rtn or gptq, got {self.weight_method!r}")
         if self.act_granularity not in ("per_token", "per_tensor"):
@@ -95,12 +96,17 @@ class QuantizeConfig:
         return get_scheme(self.scheme)
 
     def weight_config(self) -> WeightQuantConfig:
-        cfg = self.scheme_.weight_config(self.group_size, self.sym, self.zero_kind)
+        """The weight grid of this run, resolved once for every method: the scheme's, with `bits`,
+        `group_size` and `sym` overridden where set (`sym` unset: the method's default, else the scheme's)."""
+        sym = METHODS[self.method].default_weight_sym if self.sym is None else self.sym
+        cfg = self.scheme_.weight_config(self.group_size, sym, self.zero_kind)
         return cfg if self.bits is None else dataclasses.replace(cfg, bits=self.bits)
 
-    def act_config(self, default_sym: bool = True, clip: float = 1.0) -> ActQuantConfig | None:
-        return self.scheme_.act_config(granularity=self.act_granularity, clip=clip,
-                                       sym=default_sym if self.act_sym is None else self.act_sym)
+    def act_config(self, clip: float = 1.0) -> ActQuantConfig | None:
+        """The activation grid of this run (None for weight-only schemes): symmetric per `act_sym`,
+        else the method's default; `clip` shrinks the range (DuQuant's lac)."""
+        sym = METHODS[self.method].default_act_sym if self.act_sym is None else self.act_sym
+        return self.scheme_.act_config(granularity=self.act_granularity, clip=clip, sym=sym)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -125,10 +131,8 @@ class QuantMethod:
         self.qcfg = qcfg
         self.spec = spec
         self.model_config = model_config
-        if qcfg.sym is None and self.default_weight_sym is not None:
-            qcfg = dataclasses.replace(qcfg, sym=self.default_weight_sym)
         self.wcfg = qcfg.weight_config()
-        self.acfg = qcfg.act_config(self.default_act_sym)
+        self.acfg = qcfg.act_config()
 
     def layer_wcfg(self, name: str) -> WeightQuantConfig:
         """The grid of layer `name` (full module name): its `layer_bits` entry's, else the scheme's."""
@@ -152,6 +156,13 @@ class QuantMethod:
 
 
 METHODS: dict[str, type[QuantMethod]] = {}
+
+
+def get_method(name: str) -> type[QuantMethod]:
+    """The method called `name`, or a clear error listing the registered ones."""
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
+    return METHODS[name]
 
 
 def register_method(cls):
@@ -204,8 +215,6 @@ def install_qlinear(block: nn.Module, name: str, qw: QuantizedWeight, act: ActQu
 
 def hessians(block: nn.Module, X: torch.Tensor, ctx: tuple, names: list[str], batch_size: int) -> dict:
     """GPTQ Hessians of the inputs of `names` (layers sharing an input share one accumulator)."""
-    from .gptq import HessianStats
-
     stats: dict[str, HessianStats] = {}
 
     def add(n, x):
@@ -242,9 +251,6 @@ def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, 
                  n_tokens: int | None = None) -> tuple[QuantizedWeight, dict]:
     """Round W with RTN or GPTQ (GPTQ needs the Hessian H); returns the weight and manifest info
     (the output error on `X_sample` when given)."""
-    from .gptq import gptq_quantize
-    from .rtn import rtn_quantize
-
     info = {}
     if method == "gptq":
         qw, info["gptq_loss"] = gptq_quantize(W, H, wcfg, block_size=qcfg.block_size, percdamp=qcfg.percdamp,
