@@ -26,6 +26,7 @@ def test_export_is_deterministic(target, kwargs, tiny_dirs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left
 
 
+@pytest.mark.slow
 def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     import json
 
@@ -53,6 +54,7 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     assert "| path | backend |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,kwargs", [("onnx", dict(bits=4, method="rtn", group_size=32)),
                                            ("gguf", dict(quant="Q8_0", method="rtn"))])
 def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
