@@ -6,12 +6,14 @@
     dllm-export export --target gguf --quant Q4_0     (the same as a subcommand)
     dllm-export generate --model DIR          (a checkpoint folder or an exported ONNX artifact)
     dllm-export lm-eval --model DIR --tasks arc_easy,gsm8k [--model-args mc_num=128,gen_length=256]
+    dllm-export serve MODEL_OR_ARTIFACT [--port 8000] [--max-batch 8] [--api-key KEY]   (OpenAI-compatible HTTP)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -334,6 +336,33 @@ def _add_report_verify_info(sub) -> None:
     i.add_argument("--json", action="store_true")
 
 
+def _add_serve(sub) -> None:
+    from .targets import PROFILES
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, batching, "
+                                      "metrics) for a checkpoint or artifact")
+    sv.add_argument("model", nargs="?", default="default",
+                    help="checkpoint folder, 'default' / 'default-dream', ONNX or GGUF artifact (default: %(default)s)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "llama.cpp"],
+                    help="default: by what MODEL holds")
+    sv.add_argument("--device", choices=["auto", *PROFILES], help="device profile: its threads and onnxruntime "
+                                                                  "providers (cuda: torch on the GPU)")
+    sv.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
+    sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for requests to join a batch (ms)")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
+    sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),
+                    help="require Authorization: Bearer KEY on /v1/* (default: $DLLM_EXPORT_API_KEY, or none)")
+    sv.add_argument("--max-tokens", type=int, default=64, help="gen length when a request sets no max_tokens")
+    sv.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: the context)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.add_argument("--model-id", help="the model name clients use (default: the folder's name)")
+    sv.add_argument("--log-level", default="info", help="uvicorn's: critical | error | warning | info | debug")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `dllm-export` parser: export options at the root (and as `export`), one subparser per command;
     the choices of methods, schemes, device profiles and GGUF types come from their registries."""
@@ -344,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_export_args(sub.add_parser("export", help="quantize and write an artifact for a target (as the root "
                                                    "options: dllm-export --target onnx --bits 4)"))
-    for add in (_add_generate, _add_quantize, _add_bench_build, _add_analyze_eval, _add_report_verify_info):
+    for add in (_add_generate, _add_quantize, _add_bench_build, _add_analyze_eval, _add_report_verify_info, _add_serve):
         add(sub)
     return parser
 
@@ -690,6 +719,30 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve import ServeConfig, bind_socket, load_engine, make_server
+    except ModuleNotFoundError as e:
+        raise DllmExportError(f"serve needs {e.name}: pip install 'dllm-export[serve]'") from None
+
+    cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                      batch_wait=args.batch_wait_ms / 1000, timeout=args.timeout, api_key=args.api_key or None,
+                      max_body_bytes=args.max_body_bytes)
+    sock = bind_socket(args.host, args.port)  # before the load: a taken port fails fast
+    engine = load_engine(args.model, backend=args.backend, device=args.device, threads=args.threads,
+                         model_id=args.model_id, default_max_tokens=args.max_tokens,
+                         max_tokens_limit=args.max_tokens_limit)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        print(f"dllm-export: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(f"dllm-export: serving {engine.model_id!r} ({engine.backend.name}) at "
+          f"http://{args.host}:{sock.getsockname()[1]}/v1", file=sys.stderr)
+    try:
+        make_server(engine, cfg, log_level=args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once in-flight requests are finished
+        print("dllm-export: server stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
@@ -758,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"export": cmd_export, "generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
                 "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze,
                 "eval": cmd_eval, "lm-eval": cmd_lm_eval, "report": cmd_report,
-                "verify": cmd_verify}[args.command](args)
+                "verify": cmd_verify, "serve": cmd_serve}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2
