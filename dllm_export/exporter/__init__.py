@@ -8,11 +8,11 @@ quantizes and exports for a target.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..fileio import temp_folder
 from ..quant.schemes import fit_group
 
 # target -> (one-line description, weight bit-widths it can carry)
@@ -152,8 +152,8 @@ def run_plan(plan: ExportPlan, out: Path, progress: bool = False) -> ExportResul
     else:
         from ..quant import quantize
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.quantized.", dir=out.parent))
+        # named like every temporary folder for `out`, so a run killed here is cleaned up by the next
+        work = temp_folder(out, "quantized")
         try:
             qdir = quantize(plan.source, work / "q", plan.qcfg, progress=progress)
             t_q = time.perf_counter() - t0
@@ -198,7 +198,8 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     from ..formats import GGUF_BLOCK
     from ..models.checkpoint import is_quantized
     from ..quant import get_scheme
-    from .gguf import BLOCK_TYPES, GgufExportConfig, _vocab
+    from .gguf import BLOCK_TYPES, GgufExportConfig
+    from .gguf_vocab import read_vocab
 
     quantized_input = is_quantized(src)
     bits, scheme, quant = req.bits, req.scheme, req.quant
@@ -213,7 +214,7 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
         raise InputError(f"GGUF carries weight-only schemes; {scheme} quantizes activations, which llama.cpp "
                          f"does itself. Use --target onnx for {scheme}")
     needs_ptq = not quantized_input and quant in BLOCK_TYPES
-    _vocab(src, _dims(src).vocab_rows)  # the vocabulary GGUF embeds: refused now, not after calibration
+    read_vocab(src, _dims(src).vocab_rows)  # the vocabulary GGUF embeds: refused now, not after calibration
     qcfg = None
     if needs_ptq:
         if req.group_size not in (None, GGUF_BLOCK):
