@@ -40,6 +40,8 @@ class BenchConfig:
         threads: CPU threads of the runtime (0 = its default).
         backend: "auto" (by what the path holds) or a backend name.
         device: the torch backend's device ("cuda" for a GPU; other runtimes pick their own).
+        kernel: the torch backend's kernels for quantized checkpoints ("fake" or "int", see
+            quant.kernels; "int" computes in bf16 where the host has bf16 units).
         quality: also held-out bits/token over `eval_windows` windows and exact match on `problems`
             held-out 2-digit arithmetic problems (`eval.quality.quick_quality`, as build's gates).
     """
@@ -55,6 +57,7 @@ class BenchConfig:
     backend: str = "auto"
     quality: bool = False
     device: str = "cpu"
+    kernel: str = "fake"
     problems: int = 50
     eval_windows: int = 8
 
@@ -80,7 +83,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device)
+    be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device, kernel=cfg.kernel)
     load_s = time.perf_counter() - t0
     ids = torch.randint(0, min(be.vocab_size, 256), (1, cfg.canvas), generator=torch.Generator().manual_seed(0))
     be.forward(ids)  # warm-up: first-call allocations, weight prepacking
@@ -114,6 +117,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "threads": torch.get_num_threads() if be.name == "torch" else cfg.threads,
         "host_load": round(max(load_before, os.getloadavg()[0]), 2), "host_cores": os.cpu_count(),
     }
+    if getattr(be, "kernels", None):
+        res["kernels"] = be.kernels
     if cfg.quality:
         from .eval.quality import quick_quality
 

@@ -66,7 +66,10 @@ class TorchBackend:
     supports_rows = True
 
     def __init__(self, model: nn.Module):
+        from ..quant.kernels import kernel_counts
+
         self.model = model
+        self.kernels = kernel_counts(model)  # e.g. {"int4": 112} with kernel "int"; {} for fake-quant
         self.spec: ModelSpec = model.spec
         dims = model.config.dims
         self.vocab_size = dims.vocab_rows
@@ -98,7 +101,7 @@ def as_backend(model_or_backend) -> Backend:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", kernel: str = "fake") -> nn.Module:
     """Load a LLaDA or Dream checkpoint: a float one in its released Hugging Face layout, or a
     quantized one written by `dllm-export quantize` (fake-quant `QLinear` layers); this is the one
     place that tells them apart.
@@ -108,6 +111,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
             or `default` / `default-dream` for the bundled models.
         dtype: compute dtype (float32, bfloat16, float16, or 'auto' for the checkpoint's own).
         device: where the weights go.
+        kernel: the quantized layers' kernels: "fake" (dequantized weights, the reference) or
+            "int" (integer kernels, CPU; see quant.kernels). Float checkpoints ignore it.
     Returns:
         an eval-mode `nn.Module` with `.spec` (a `ModelSpec`) and `.config`; `model(input_ids)`
         returns raw logits (B, L, V) in `dtype` (Dream's are unshifted).
@@ -121,19 +126,21 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
     if is_quantized(folder):
         from ..quant.load import load_quantized
 
-        return load_quantized(folder, resolve_dtype(dtype, read_config(folder)), device)
+        return load_quantized(folder, resolve_dtype(dtype, read_config(folder)), device, kernel)
     return load_float_model(folder, dtype, device)
 
 
-def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.float32, threads: int = 0,
-                 device: str = "cpu", **options) -> Backend:
+def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = None, threads: int = 0,
+                 device: str = "cpu", kernel: str = "fake", **options) -> Backend:
     """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
     onnxruntime, a GGUF artifact (folder with model.gguf, or the .gguf file) on llama.cpp, anything
     else (a checkpoint folder, `default`) on torch in `dtype`.
 
     `backend` forces one ("torch", "onnxruntime", "llama.cpp"); `threads` and `options` go to the
     onnxruntime session / llama.cpp context (torch's thread count is the caller's); `device` is the
-    torch backend's ("cuda" for a GPU). Every file a manifest lists is first checked for its size
+    torch backend's ("cuda" for a GPU). `kernel` is the torch backend's for quantized checkpoints:
+    "fake" (the reference) or "int" (integer kernels, see quant.kernels); `dtype` None is float32,
+    with "int" bf16 where the host has bf16 units. Every file a manifest lists is first checked for its size
     (a truncated or missing file is named; `dllm-export verify` also checks the hashes).
     """
     from ..errors import InputError
@@ -162,5 +169,11 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.f
 
         return OrtBackend(p, threads=threads, **options)
     if kind == "torch":
-        return TorchBackend(load_model(path, dtype=dtype, device=device))
+        from ..quant.kernels import check_kernel
+        from ..targets import has_bf16
+
+        check_kernel(kernel, device)
+        if dtype is None:
+            dtype = torch.bfloat16 if kernel == "int" and has_bf16() else torch.float32
+        return TorchBackend(load_model(path, dtype=dtype, device=device, kernel=kernel))
     raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime, llama.cpp)")
