@@ -28,7 +28,7 @@ def _scale_diff(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def _codes(path: Path) -> dict[str, torch.Tensor]:
     """Integer codes of every quantized layer of a quantized checkpoint."""
-    from dllm_export.models.loader import open_shards
+    from dllm_export.models.checkpoint import open_shards
     from dllm_export.quant.load import read_linear, read_manifest
 
     handles = open_shards(path)

@@ -13,6 +13,10 @@ Measures, for each model (default: the bundled `default` LLaDA and `default-drea
 * the **unigram baseline**: the entropy (bits/token) of the training code's unigram distribution, the
   cross-entropy of the held-out tokens under it (add-one smoothing) and the accuracy of always
   predicting the most frequent training token.
+* **foreign code** (issue 20's yardstick): masked-token cross-entropy at mask ratios 0.15-0.85 on
+  real Python that is not in the training corpus and is the same on every machine here: the sources
+  of the pinned torch (`FOREIGN_MODULES` of torch==2.13.0), as a ratio to the cross-entropy of the
+  training code's add-one smoothed unigram on the same tokens (1.0 = no better than a unigram).
 * a **sample** from `def fibonacci(n):` and the load + 32-token generation wall time on CPU.
 * **does it read as Python**: completions of `CODE_PROMPTS` (greedy, and sampled at temperature
   0.8 over 4 seeds), each generated line checked on its own with `ast.parse` (a line ending in `:`
@@ -21,6 +25,7 @@ Measures, for each model (default: the bundled `default` LLaDA and `default-drea
 
     PYTHONPATH=. .venv/bin/python benchmarks/eval_default.py
     PYTHONPATH=. .venv/bin/python benchmarks/eval_default.py --models /tmp/ckpt --out /tmp/r.json
+    PYTHONPATH=. .venv/bin/python benchmarks/eval_default.py --foreign-only   # the foreign-code ratio alone
 
 Prints a summary and writes JSON (default benchmarks/results/default_models.json).
 """
@@ -50,6 +55,12 @@ SAMPLE_SETTINGS = {"gen_length": 64, "steps": 64, "block_length": 16, "temperatu
 TIMING_SETTINGS = {"gen_length": 32, "steps": 32, "block_length": 32, "temperature": 0.0}
 CODE_PROMPTS = ("def fibonacci(n):\n", "class Stack:\n", "def read_config(path):\n", "for i in range(10):\n")
 PYTHONNESS_SETTINGS = {"gen_length": 64, "steps": 64, "block_length": 16}
+# held-out foreign code: modules of the pinned torch (scripts/setup.sh installs torch==2.13.0), so
+# every machine scores the same tokens; none of it is in the stdlib training corpus
+FOREIGN_MODULES = ("nn/modules/linear.py", "nn/modules/conv.py", "nn/modules/activation.py",
+                   "nn/modules/module.py", "nn/modules/container.py", "optim/adam.py", "optim/sgd.py",
+                   "optim/lr_scheduler.py", "utils/data/dataloader.py", "utils/data/sampler.py")
+FOREIGN_RATIOS = (0.15, 0.3, 0.5, 0.7, 0.85)
 
 
 def forward_logits(model, ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -129,20 +140,62 @@ def elbo_and_accuracy(model, windows: torch.Tensor, mc: int, seed: int) -> dict:
     return result
 
 
+def train_counts(tok) -> torch.Tensor:
+    """Token counts of the training code (the stdlib modules not held out) in the model's tokens."""
+    counts = torch.zeros(len(tok), dtype=torch.float64)
+    for ids in tok([t for _, t in code_texts(held_out=False)], add_special_tokens=False)["input_ids"]:
+        counts += torch.bincount(torch.tensor(ids), minlength=len(tok)).double()
+    return counts
+
+
 def unigram_baseline(tok, held_out_tokens: list[int]) -> dict:
     """Unigram entropy of the training code, its cross-entropy on held-out tokens, most-frequent accuracy."""
-    texts = [t for _, t in code_texts(held_out=False)]
-    counts = torch.zeros(len(tok), dtype=torch.float64)
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        counts += torch.bincount(torch.tensor(ids), minlength=len(tok)).double()
+    counts = train_counts(tok)
     p = counts / counts.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log2()).sum())
-    smoothed = (counts + 1) / (counts.sum() + len(counts))
+    smoothed = unigram_probs(counts)
     held = torch.tensor(held_out_tokens)
     cross = float(-smoothed[held].log2().mean())
     top = int(counts.argmax())
     return {"unigram_entropy_train_bits": entropy, "unigram_cross_entropy_held_out_bits": cross,
             "most_frequent_token_acc_held_out": float((held == top).double().mean())}
+
+
+def unigram_probs(counts: torch.Tensor) -> torch.Tensor:
+    """A unigram distribution from token counts, add-one smoothed."""
+    return (counts + 1) / (counts.sum() + len(counts))
+
+
+def foreign_code(model, tok, window: int, seed: int, max_windows: int | None = None) -> dict:
+    """Masked-token cross-entropy (bits) on `FOREIGN_MODULES` of the installed torch at each of
+    `FOREIGN_RATIOS`, and its mean over the ratios as a fraction of the smoothed training unigram's
+    cross-entropy on the same masked tokens (the masks are the same for both)."""
+    root = Path(torch.__file__).parent
+    eos = tok.eos_token_id
+    stream: list[int] = []
+    for rel in FOREIGN_MODULES:
+        stream += tok((root / rel).read_text(), add_special_tokens=False)["input_ids"] + [eos]
+    n = len(stream) // window
+    windows = torch.tensor(stream[:n * window]).view(n, window)[:max_windows]
+    N, L = windows.shape
+    first = 1 if model.spec.shift_logits else 0  # Dream: position 0 is context, never scored
+    logp_uni = unigram_probs(train_counts(tok)).log2()
+    gen = torch.Generator().manual_seed(seed)
+    per_ratio = {}
+    for ratio in FOREIGN_RATIOS:
+        m = max(1, round(ratio * (L - first)))
+        masked = torch.zeros(N, L, dtype=torch.bool)
+        masked[:, first:] = torch.rand(N, L - first, generator=gen).argsort(1).argsort(1) < m
+        logits = forward_logits(model, torch.where(masked, model.spec.mask_id, windows))
+        ce = float(F.cross_entropy(logits[masked], windows[masked])) / math.log(2)
+        uni = float(-logp_uni[windows[masked]].mean())
+        per_ratio[str(ratio)] = {"model_bits": ce, "unigram_bits": uni, "ratio": ce / uni,
+                                 "acc": float((logits[masked].argmax(-1) == windows[masked]).float().mean())}
+    mean = sum(r["model_bits"] for r in per_ratio.values()) / len(per_ratio)
+    uni = sum(r["unigram_bits"] for r in per_ratio.values()) / len(per_ratio)
+    return {"source": f"torch {torch.__version__}", "modules": list(FOREIGN_MODULES), "n_windows": N,
+            "window_tokens": L, "seed": seed, "per_ratio": per_ratio, "model_bits": mean, "unigram_bits": uni,
+            "ratio_to_unigram": mean / uni}
 
 
 def sample_and_timing(name: str) -> dict:
@@ -203,7 +256,7 @@ def pythonness(model, tok, seeds: int = 4) -> dict:
 
 
 def evaluate(name: str, window: int, mc: int, max_windows: int | None, seed: int,
-             arithmetic_only: bool = False) -> dict:
+             arithmetic_only: bool = False, foreign_windows: int | None = 256) -> dict:
     """Every measurement for one model folder (or `default` / `default-dream`)."""
     torch.manual_seed(seed)
     model = D.load_model(name)
@@ -220,6 +273,7 @@ def evaluate(name: str, window: int, mc: int, max_windows: int | None, seed: int
     res["held_out_code"] = elbo_and_accuracy(model, windows, mc, seed)
     res["held_out_code"]["modules"] = [n for n, _ in code_texts(held_out=True)]
     res["unigram_baseline"] = unigram_baseline(tok, windows.flatten().tolist())
+    res["foreign_code"] = foreign_code(model, tok, window, seed, foreign_windows)
     res.update(sample_and_timing(name))
     res["pythonness"] = pythonness(model, tok)
     res["eval_s"] = time.perf_counter() - t0
@@ -236,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--arithmetic-only", action="store_true", help="quick check: only the arithmetic task")
+    ap.add_argument("--foreign-windows", type=int, default=256,
+                    help="foreign-code windows scored (the first N of the modules' token stream)")
+    ap.add_argument("--foreign-only", action="store_true",
+                    help="compute only the foreign-code ratio, updating the models in --out (if it exists)")
     ap.add_argument("--samples-only", action="store_true",
                     help="recompute only the samples, timings and line kinds, updating the models in --out")
     ap.add_argument("--out", default="benchmarks/results/default_models.json")
@@ -243,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                "machine": platform.machine(), "models": {}}
+    if args.foreign_only:
+        if Path(args.out).is_file():
+            results = json.loads(Path(args.out).read_text())
+        for name in args.models:
+            torch.manual_seed(args.seed)
+            fc = foreign_code(D.load_model(name), D.load_tokenizer(name), args.window, args.seed, args.foreign_windows)
+            results["models"].setdefault(name, {"model": name})["foreign_code"] = fc
+            print(f"{name}: foreign code {fc['model_bits']:.3f} bits/token vs unigram {fc['unigram_bits']:.3f}: "
+                  f"ratio {fc['ratio_to_unigram']:.3f} ({fc['n_windows']} windows of {fc['window_tokens']})")
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     if args.samples_only:
         results = json.loads(Path(args.out).read_text())
         for name in args.models:
@@ -258,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         return 0
     for name in args.models:
-        r = evaluate(name, args.window, args.mc, args.max_windows, args.seed, args.arithmetic_only)
+        r = evaluate(name, args.window, args.mc, args.max_windows, args.seed, args.arithmetic_only,
+                     args.foreign_windows)
         results["models"][name] = r
         a = r["arithmetic"]
         print(f"== {name} ({r['family']}, {r['params'] / 1e6:.2f}M params)")
@@ -273,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{u['unigram_cross_entropy_held_out_bits']:.3f} (train entropy {u['unigram_entropy_train_bits']:.3f}); "
               f"masked acc {h['masked_acc_15pct']:.3f} at 15%, "
               f"{h['masked_acc_50pct']:.3f} at 50% (most-frequent {u['most_frequent_token_acc_held_out']:.3f})")
+        fc = r["foreign_code"]
+        print(f"foreign code ({fc['source']}): {fc['model_bits']:.3f} bits/token, {fc['ratio_to_unigram']:.3f} "
+              f"of the smoothed training unigram")
         print(f"load {r['load_s']:.2f}s, 32-token generation {r['generate_32_tokens_s']:.2f}s")
         print(f"sample:\n{r['sample']}\n")
         for label in ("greedy", "temperature_0.8"):

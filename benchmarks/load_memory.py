@@ -32,7 +32,8 @@ if mode == "ours":
 else:
     import glob
     from safetensors.torch import load_file
-    from dllm_export.models.loader import build_model, read_config
+    from dllm_export.models.checkpoint import read_config
+    from dllm_export.models.loader import build_model
     from pathlib import Path
     model = build_model(read_config(Path(path)), dtype=dtype, device="cpu")
     state = {}

@@ -11,9 +11,8 @@ Public API:
 
 from .errors import CheckpointError, DllmExportError, InputError
 from .exporter import export
-from .models.loader import load_model
 from .models.spec import ModelSpec
-from .runtime.backends import load_backend
+from .runtime.backends import load_backend, load_model
 from .runtime.loop import GenerateOutput, generate, infill
 from .tokenizer import load_tokenizer
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .errors import DllmExportError, InputError
 from .executors import Cell, Executor, LocalExecutor
+from .fileio import check_output_folder
 
 FORMAT = "dllm-export/build"
 VERSION = 2  # 2: timings and bench figures moved to measurements.json, config by name and sha256
@@ -124,7 +125,7 @@ def cell_key(model: dict, target: dict) -> str:
 def build_cells(cfg: BuildConfig, out_dir: str | Path) -> list[Cell]:
     """The config's cells, models outer and targets inner (the manifest's order). Paths in the
     arguments are absolute so that a worker on another node (sharing the filesystem) finds them."""
-    from .models.loader import BUNDLED
+    from .models.checkpoint import BUNDLED
 
     out = Path(out_dir).resolve()
     calib = {"n_samples": cfg.calib_samples, "seq_len": cfg.calib_seq_len}
@@ -255,9 +256,7 @@ def build(config_path: str | Path, out_dir: str | Path, progress: bool = False, 
     beside it). `manifest["failed"]` lists the cells that broke a gate or could not be built; a
     cell that raised is in it with its error, and the other cells are built all the same."""
     cfg = read_config(config_path)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"output folder {out} exists and is not empty")
+    out = check_output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     todo = _select(build_cells(cfg, out), cells)
     bar = None

@@ -3,27 +3,65 @@
     dllm-export generate --model default --prompt "def fibonacci(n):"
     dllm-export info --model DIR
     dllm-export --target onnx --bits 4 [--method gptq] [--scheme W4A8] [--format qdq|matmulnbits] [--out DIR]
+    dllm-export export --target gguf --quant Q4_0     (the same as a subcommand)
     dllm-export generate --model DIR          (a checkpoint folder or an exported ONNX artifact)
     dllm-export lm-eval --model DIR --tasks arc_easy,gsm8k [--model-args mc_num=128,gen_length=256]
+    dllm-export serve MODEL_OR_ARTIFACT [--port 8000] [--max-batch 8] [--api-key KEY]   (OpenAI-compatible HTTP)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from .errors import DllmExportError
+from .quant.kernels import KERNELS
 from .runtime.loop import PRESETS
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors end as every other bad input: one line, exit code 2."""
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+class UsageError(DllmExportError):
+    """A command line argparse rejects (unknown option, invalid choice, conflicting flags)."""
+
+
+def _choices(names) -> str:
+    return "{" + ",".join(names) + "}"
+
+
+def _lookup(get):
+    """An argparse `type` from a registry's getter: its own error message, one line; the name it returns."""
+    def convert(value: str) -> str:
+        try:
+            found = get(value)
+        except DllmExportError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return getattr(found, "name", value)
+    return convert
+
+
+def _scheme_or_auto(name: str):
+    """A scheme of SCHEMES by name, or `auto` (mixed precision, resolved from a sensitivity scan)."""
+    from .quant import get_scheme
+
+    return "auto" if name.lower() == "auto" else get_scheme(name)
+
+
+def _add_model_arg(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--model", default="default",
                    help="checkpoint folder (config.json + safetensors), or 'default' / 'default-dream' "
                         "for the bundled models (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: %(default)s)")
+    if dtype:
+        p.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (default: float32; with --kernel int, "
+                                       "bfloat16 where the host has bf16 units)")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -34,43 +72,99 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cell-resources", help='ray: task options of each cell as JSON, e.g. \'{"num_gpus": 1}\'')
 
 
+def _add_auto_args(p) -> None:
+    p.add_argument("--avg-bits", type=float, help="--scheme auto: average bits per weight (codes + scales) of the "
+                                                  "block linears, e.g. 3.5 or 4.5")
+    p.add_argument("--bits-choices", help="--scheme auto: candidate bit-widths (default: 2,3,4,8; gguf: 4,5,8)")
+    p.add_argument("--sensitivity", dest="sensitivity_json",
+                   help="--scheme auto: a sensitivity.json from `analyze --sensitivity` (default: scan now)")
+
+
+def _auto_recipe(args, target: str | None, method: str, group_size: int | None = None) -> tuple[dict, dict]:
+    """The mixed recipe of `--scheme auto --avg-bits B`: per-layer bits from a scan (run or read)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from .eval.sensitivity import auto_recipe
+
+    if args.avg_bits is None:
+        raise DllmExportError("--scheme auto needs --avg-bits (e.g. --avg-bits 4.5)")
+    scan = None
+    if args.sensitivity_json:
+        f = Path(args.sensitivity_json)
+        if not f.is_file():
+            raise DllmExportError(f"sensitivity file not found: {f}")
+        scan = json.loads(f.read_text())
+    bits = _int_list(args.bits_choices) if args.bits_choices else None
+    opts, rec = auto_recipe(args.model, args.avg_bits, target=target, bits=bits, scan=scan, method=method,
+                            group_size=group_size, progress=not args.no_progress and sys.stderr.isatty())
+    a = rec["allocation"]
+    print(f"allocation: {a['avg_bits']:.4f} bits per weight (budget {a['avg_bits_budget']}), predicted KLD "
+          f"{a['predicted_kld']:.4g} ({a['solver']}); layers per bit-width "
+          f"{dict(sorted(Counter(a['layer_bits'].values()).items()))}", file=sys.stderr)
+    return opts, rec
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DllmExportError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _executor(args):
     from .executors import get_executor
 
     return get_executor(args.executor, address=args.address, resources=args.cell_resources)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dllm-export", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    x = parser.add_argument_group("export (no subcommand): quantize and write an artifact for a target")
+def _add_export_args(x) -> None:
+    """The export options: on the root parser (`dllm-export --target onnx --bits 4`) and on `export`."""
+    from .exporter.gguf import QUANT_TYPES
+    from .exporter.onnx import ACT_KERNELS, WEIGHT_FORMATS
+    from .quant import METHODS, SCHEMES
+    from .quant.base import get_method
+    from .targets import PROFILES
+
     x.add_argument("--target", help="export target: onnx | gguf")
     x.add_argument("--bits", type=int, help="weight bits (scheme W{bits}A16 unless --scheme); 16/32 or none = float")
     x.add_argument("--model", default="default", help="checkpoint folder, 'default' / 'default-dream', or a "
                                                        "quantized checkpoint (exported as is) (default: %(default)s)")
-    x.add_argument("--method", default="gptq", help="PTQ method (default: %(default)s)")
-    x.add_argument("--scheme", help="W8A16 | W6A16 | W5A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: W{bits}A16)")
+    x.add_argument("--method", default="gptq", type=_lookup(get_method), choices=sorted(METHODS),
+                   help="PTQ method (default: %(default)s)")
+    x.add_argument("--scheme", type=_lookup(_scheme_or_auto), choices=[*SCHEMES, "auto"],
+                   metavar=_choices([*SCHEMES, "auto"]),
+                   help="quantization scheme; auto: mixed precision, per-layer bits from a sensitivity scan under "
+                        "--avg-bits (default: W{bits}A16)")
+    _add_auto_args(x)
     x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
-    x.add_argument("--device", help="device profile that fills the choices left open: auto (this host) | "
-                                    "x86-avx2 | x86-avx512-vnni | arm64-dotprod | arm64-i8mm | cuda")
-    x.add_argument("--format", dest="weight_format",
+    x.add_argument("--device", choices=["auto", *PROFILES],
+                   help="device profile that fills the choices left open (auto: this host)")
+    x.add_argument("--format", dest="weight_format", choices=WEIGHT_FORMATS,
                    help="onnx weights: qdq (DequantizeLinear -> MatMul, default) or matmulnbits")
-    x.add_argument("--accuracy-level", type=int,
+    x.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0..4}",
                    help="onnx MatMulNBits accuracy level of weight-only layers: 0 fp32 (default), 4 int8")
-    x.add_argument("--act-kernel", default="auto", help="onnx per-token activations: auto | integer | nbits | simulate")
-    x.add_argument("--embed-head", help="onnx embedding and LM head: fp32 (default without --device) | int8 (8-bit "
-                                        "rows, blocks of 32: most of the bytes of big vocabularies; the edge "
-                                        "profiles' default)")
-    x.add_argument("--quant", help="gguf type: Q4_0 (default for --bits 4) | Q4_1 | Q5_0 | Q5_1 | Q8_0 | F16 | F32 | BF16 "
-                                   "| Q4_K_M | Q5_K_M | Q6_K ... (K-quants by llama.cpp's quantizer)")
+    x.add_argument("--act-kernel", default="auto", choices=ACT_KERNELS, help="onnx per-token activations")
+    x.add_argument("--embed-head", choices=("fp32", "int8"),
+                   help="onnx embedding and LM head: fp32 (default without --device) | int8 (8-bit rows, blocks of "
+                        "32: most of the bytes of big vocabularies; the edge profiles' default)")
+    x.add_argument("--quant", type=str.upper, choices=QUANT_TYPES, metavar="GGUF_TYPE",
+                   help=f"gguf type (default: Q4_0 for --bits 4, Q8_0 for 8; K-quants by llama.cpp's quantizer): "
+                        f"{', '.join(QUANT_TYPES)}")
     x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+
+def _add_generate(sub) -> None:
+    from .runtime.loop import CACHES, PRESETS
 
     g = sub.add_parser("generate", help="decode text from a prompt by iterative unmasking")
     _add_model_arg(g)
     g.add_argument("--backend", default="auto", help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
+    g.add_argument("--kernel", choices=KERNELS, default="fake",
+                   help="torch backend, quantized checkpoints: fake (dequantized weights, the reference) | int "
+                        "(int4/int8 CPU kernels on the packed codes) (default: %(default)s)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the instruct chat template")
     g.add_argument("--gen-length", type=int, default=64, help="tokens to generate (default: %(default)s)")
@@ -85,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alg-temp", type=float, help="Dream: sample positions by softmax(confidence / alg_temp)")
     g.add_argument("--threshold", type=float, help="Fast-dLLM parallel decoding confidence threshold")
     g.add_argument("--factor", type=float, help="Fast-dLLM factor rule for parallel decoding (instead of --threshold)")
-    g.add_argument("--cache", help="block KV cache: none (default) | prefix | dual (Fast-dLLM)")
+    g.add_argument("--cache", choices=CACHES, help="block KV cache (default: none; dual = Fast-dLLM's)")
     g.add_argument("--refresh", type=int, help="with a cache: also a full forward every N steps inside a block")
     g.add_argument("--stop-at-eos", action="store_true", default=None,
                    help="stop once a decoded block holds an end token; fill the rest with EOS")
@@ -96,23 +190,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_quantize(sub) -> None:
+    from .quant import METHODS, SCHEMES
+    from .quant.base import get_method
+
     q = sub.add_parser("quantize", help="post-training quantization into a quantized checkpoint folder")
     q.add_argument("--model", default="default", help="checkpoint folder or 'default' (default: %(default)s)")
-    q.add_argument("--method", default="gptq", help="rtn | gptq | awq | smoothquant | quarot | duquant (default: %(default)s)")
-    q.add_argument("--scheme", default="W4A16", help="W8A16 | W6A16 | W5A16 | W4A16 | W3A16 | W2A16 | W8A8 | W4A8 | W4A4 (default: %(default)s)")
+    q.add_argument("--method", default="gptq", type=_lookup(get_method), choices=sorted(METHODS),
+                   help="PTQ method (default: %(default)s)")
+    q.add_argument("--scheme", default="W4A16", type=_lookup(_scheme_or_auto), choices=[*SCHEMES, "auto"],
+                   metavar=_choices([*SCHEMES, "auto"]),
+                   help="quantization scheme; auto: per-layer bits under --avg-bits (default: %(default)s)")
+    _add_auto_args(q)
     q.add_argument("--bits", type=int, dest="w_bits", help="override the scheme's weight bits (2..8)")
     q.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
-    q.add_argument("--asym", action="store_true", help="asymmetric weight grid (default: the scheme's / method's)")
-    q.add_argument("--sym", action="store_true", help="symmetric weight grid")
-    q.add_argument("--zero-kind", default="int", help="asymmetric zero as 'int' zero point or 'float' minimum")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric weight grid")
+    sym.add_argument("--asym", dest="sym", action="store_const", const=False,
+                     help="asymmetric weight grid (default of both: the method's, else the scheme's)")
+    q.add_argument("--zero-kind", default="int", choices=("int", "float"),
+                   help="asymmetric zero as 'int' zero point or 'float' minimum")
     q.add_argument("--mse-clip", action="store_true", help="MSE clip search of the weight grid (RTN/GPTQ)")
     q.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
-    q.add_argument("--act-granularity", default="per_token",
+    q.add_argument("--act-granularity", default="per_token", choices=("per_token", "per_tensor"),
                    help="activations: per_token (dynamic, default) or per_tensor (static, calibrated)")
     q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: %(default)s)")
-    q.add_argument("--weight-method", default="gptq", help="rounding for smoothquant/quarot/duquant: rtn | gptq")
+    q.add_argument("--weight-method", default="gptq", choices=("rtn", "gptq"),
+                   help="rounding for smoothquant/quarot/duquant (default: %(default)s)")
     q.add_argument("--calib", default="default", help="'default' (bundled corpus) or a local .txt / .jsonl file")
-    q.add_argument("--calib-mask", default="uniform", help="'uniform' (mask-aware, default) or 'none' (plain text)")
+    q.add_argument("--calib-mask", default="uniform", help="'uniform' (mask-aware, default), 'decode' (timestep-aware: "
+                                                         "decoding's canvases at the mask ratios the loop visits, "
+                                                         "measured first) or 'none' (plain text)")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-seq-len", type=int, default=256)
     q.add_argument("--seed", type=int, default=0)
@@ -121,23 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     q.add_argument("--no-progress", action="store_true")
 
+
+def _add_bench_build(sub) -> None:
+    from .runtime.loop import CACHES
+
     bn = sub.add_parser("bench", help="artifacts side by side: load, step latency, tokens/s, memory, size")
     bn.add_argument("artifacts", nargs="+", help="checkpoint folders, ONNX / GGUF artifact folders, .gguf files, "
                                                 "'default'; ratios are to the first")
     bn.add_argument("--backend", default="auto", help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
     bn.add_argument("--canvas", type=int, default=128, help="tokens of one timed denoising step (default: %(default)s)")
-    bn.add_argument("--reps", type=int, default=10)
+    bn.add_argument("--reps", type=int, default=10, help="timed denoising steps (default: %(default)s)")
+    bn.add_argument("--decode-reps", type=int, default=3,
+                    help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")
     bn.add_argument("--gen-length", type=int, default=64)
     bn.add_argument("--block-length", type=int, default=32)
-    bn.add_argument("--cache", default="none", help="none | prefix | dual, for the timed decode")
+    bn.add_argument("--cache", default="none", choices=CACHES, help="block KV cache of the timed decode")
     bn.add_argument("--threshold", type=float)
     bn.add_argument("--threads", type=int, default=0)
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
-    bn.add_argument("--no-roofline", action="store_true", help="skip the step floors (host bandwidth / GEMM rates)")
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
     bn.add_argument("--plot", help="write a PNG of every figure here")
     bn.add_argument("--torch-device", default="cpu", help="device of torch-backend artifacts (cpu, cuda)")
+    bn.add_argument("--no-roofline", action="store_true", help="skip the step floors (host bandwidth / GEMM rates)")
+    bn.add_argument("--kernel", choices=KERNELS, default="fake",
+                    help="quantized checkpoints on torch: fake | int (integer CPU kernels, bf16 where the host "
+                         "has bf16 units) (default: %(default)s)")
 
     bd = sub.add_parser("build", help="build a matrix of artifacts from a TOML config, with quality gates")
     bd.add_argument("config", help="build TOML (see examples/build.toml)")
@@ -150,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_args(bd)
     bd.add_argument("--no-progress", action="store_true")
 
+
+def _add_analyze_eval(sub) -> None:
     an = sub.add_parser("analyze", help="activation outliers at every linear input (JSON + markdown)")
     _add_model_arg(an)
     an.add_argument("--out", required=True, help="output folder for outliers.json and outliers.md")
@@ -157,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seq-len", type=int, default=128)
     an.add_argument("--ratios", default="0.15,0.5,0.85", help="mask ratios (default: %(default)s)")
     an.add_argument("--no-plots", action="store_true", help="JSON and markdown only, no PNG")
+    an.add_argument("--sensitivity", action="store_true",
+                    help="instead: the KLD each layer adds when quantized alone, per bit-width (sensitivity.json/.md)")
+    an.add_argument("--bits-choices", default=None, help="--sensitivity bit-widths (default: 2,3,4,8; gguf grid: 4,5,8)")
+    an.add_argument("--granularity", default="layer", help="--sensitivity units: layer | role (default: %(default)s)")
+    an.add_argument("--method", default="gptq", help="--sensitivity rounding: gptq | rtn (default: %(default)s)")
+    an.add_argument("--grid", default="onnx", help="--sensitivity grids of a target: onnx (scheme groups) | gguf "
+                                                   "(symmetric groups of 32) (default: %(default)s)")
+    an.add_argument("--group-size", type=int, help="--sensitivity group size (default: the grid's)")
+    an.add_argument("--windows", type=int, default=8, help="--sensitivity held-out windows per ratio (default: %(default)s)")
+    an.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="task suites (general / math / code) on a checkpoint or an artifact")
     ev.add_argument("--model", default="default", help="checkpoint, ONNX / GGUF artifact, or 'default'")
@@ -189,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--out", help="write lm-eval's results JSON here")
     le.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_report_verify_info(sub) -> None:
     rp = sub.add_parser("report", help="the study's grid: models x methods x schemes x tasks, with drops and findings")
     rp.add_argument("--models", default="default,default-dream")
     rp.add_argument("--methods", default="rtn,gptq,awq")
@@ -208,9 +340,51 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--no-smoke", action="store_true", help="files and format only: no load, no forward")
     vf.add_argument("--json", action="store_true")
 
-    i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count")
-    _add_model_arg(i)
+    i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count (reads no weights)")
+    _add_model_arg(i, dtype=False)
     i.add_argument("--json", action="store_true")
+
+
+def _add_serve(sub) -> None:
+    from .targets import PROFILES
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, batching, "
+                                      "metrics) for a checkpoint or artifact")
+    sv.add_argument("model", nargs="?", default="default",
+                    help="checkpoint folder, 'default' / 'default-dream', ONNX or GGUF artifact (default: %(default)s)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "llama.cpp"],
+                    help="default: by what MODEL holds")
+    sv.add_argument("--device", choices=["auto", *PROFILES], help="device profile: its threads and onnxruntime "
+                                                                  "providers (cuda: torch on the GPU)")
+    sv.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
+    sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    sv.add_argument("--batch-wait-ms", type=float, default=20.0,
+                    help="under concurrency, wait this long for requests to join a batch (default: %(default)s)")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
+    sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),
+                    help="require Authorization: Bearer KEY on /v1/* (default: $DLLM_EXPORT_API_KEY, or none)")
+    sv.add_argument("--max-tokens", type=int, default=64, help="gen length when a request sets no max_tokens")
+    sv.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: the context)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.add_argument("--model-id", help="the model name clients use (default: the folder's name)")
+    sv.add_argument("--log-level", default="info", help="uvicorn's: critical | error | warning | info | debug")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dllm-export` parser: export options at the root (and as `export`), one subparser per command;
+    the choices of methods, schemes, device profiles and GGUF types come from their registries."""
+    parser = _Parser(prog="dllm-export", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    _add_export_args(parser.add_argument_group("export (no subcommand, or `export`): quantize and write an "
+                                               "artifact for a target"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_export_args(sub.add_parser("export", help="quantize and write an artifact for a target (as the root "
+                                                   "options: dllm-export --target onnx --bits 4)"))
+    for add in (_add_generate, _add_quantize, _add_bench_build, _add_analyze_eval, _add_report_verify_info, _add_serve):
+        add(sub)
     return parser
 
 
@@ -224,10 +398,8 @@ def cmd_generate(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = load_backend(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads)
-    from pathlib import Path
-
-    tok = load_tokenizer(Path(args.model).parent if str(args.model).endswith(".gguf") else args.model)
+    model = load_backend(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads, kernel=args.kernel)
+    tok = load_tokenizer(args.model)
     load_s = time.perf_counter() - t0
     prompts = [encode_prompt(tok, p, chat=args.chat) for p in args.prompt]
     bar = None
@@ -272,12 +444,28 @@ def cmd_quantize(args) -> int:
     from .quant import CalibConfig, QuantizeConfig
     from .verify import quantize_verified
 
-    sym = True if args.sym else (False if args.asym else None)
-    qcfg = QuantizeConfig(method=args.method, scheme=args.scheme, bits=args.w_bits, group_size=args.group_size, sym=sym,
+    sym = args.sym
+    scheme, group_size, mixed = args.scheme, args.group_size, {}
+    if args.scheme.lower() == "auto":
+        opts, _ = _auto_recipe(args, None, args.method, args.group_size)
+        scheme, group_size, sym = opts["scheme"], opts["group_size"], opts["sym"]
+        mixed = {"layer_bits": opts["layer_bits"], "avg_bits": opts["avg_bits"]}
+    elif args.avg_bits is not None:
+        raise DllmExportError("--avg-bits goes with --scheme auto")
+    decode = {}
+    if args.calib_mask == "decode":  # measured with the float model's own loop on held-out prompts
+        from . import load_tokenizer
+        from .eval.fidelity import calibration_decode_ratios
+        from .runtime.backends import load_backend
+
+        decode = {"decode_ratios": tuple(calibration_decode_ratios(load_backend(args.model),
+                                                                   load_tokenizer(args.model)))}
+    qcfg = QuantizeConfig(method=args.method, scheme=scheme, bits=args.w_bits, group_size=group_size, sym=sym,
                           zero_kind=args.zero_kind, mse_clip=args.mse_clip, act_order=args.act_order, alpha=args.alpha,
                           weight_method=args.weight_method, seed=args.seed, act_granularity=args.act_granularity,
                           calib=CalibConfig(source=args.calib, n_samples=args.calib_samples,
-                                            seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed))
+                                            seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed, **decode),
+                          **mixed)
     out, _ = quantize_verified(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty(),
                                device=args.torch_device)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -293,9 +481,10 @@ def cmd_bench(args) -> int:
 
     from .bench import BenchConfig, bench, to_markdown
 
-    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, gen_length=args.gen_length, block_length=args.block_length,
+    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length, block_length=args.block_length,
                       cache=args.cache, threshold=args.threshold, threads=args.threads, backend=args.backend,
-                      quality=args.quality, device=args.torch_device, roofline=not args.no_roofline)
+                      quality=args.quality, device=args.torch_device, kernel=args.kernel,
+                      roofline=not args.no_roofline)
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")
@@ -346,14 +535,45 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from pathlib import Path
+
+    from . import load_model, load_tokenizer
+    from .eval.fidelity import FidelityConfig
+    from .eval.sensitivity import TARGET_GRIDS, SensitivityConfig, sensitivity_scan, to_markdown
+
+    if args.grid not in ("onnx", "gguf"):
+        raise DllmExportError(f"--grid must be onnx or gguf, got {args.grid!r}")
+    grid = TARGET_GRIDS[args.grid]
+    if args.group_size is not None and grid["group_size"] not in (None, args.group_size):
+        raise DllmExportError(f"--grid {args.grid} stores groups of {grid['group_size']} weights")
+    cfg = SensitivityConfig(bits=_int_list(args.bits_choices) if args.bits_choices else grid["bits"],
+                            granularity=args.granularity, method=args.method,
+                            group_size=grid["group_size"] or args.group_size,
+                            sym=grid["sym"], fidelity=FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios),
+                                                                     windows=args.windows, elbo=False))
+    res = sensitivity_scan(load_model(args.model), load_tokenizer(args.model), cfg,
+                           progress=not args.no_progress and sys.stderr.isatty())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "sensitivity.md").write_text(to_markdown(res, top=len(res["units"])))
+    print(to_markdown(res, top=10), end="")
+    print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.md'}")
+    return 0
+
+
 def cmd_analyze(args) -> int:
     from pathlib import Path
+
+    if args.sensitivity:
+        return cmd_sensitivity(args)
 
     from . import load_model, load_tokenizer
     from .eval.outliers import analyze, to_markdown
     from .quant.calibrate import CalibConfig, calibration_ids
 
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype or "float32")
     ids, _ = calibration_ids(load_tokenizer(args.model), model.spec,
                              CalibConfig(n_samples=args.samples, seq_len=args.seq_len, mask="none"),
                              model.config.dims.context)
@@ -386,12 +606,16 @@ def _fidelity_reference(model: str, reference: str | None) -> str:
 
     if reference:
         return reference
-    folder = Path(model).parent if str(model).endswith(".gguf") else Path(model)
-    manifest = folder / "manifest.json"
+    from .formats import artifact_folder
+    from .models.checkpoint import BUNDLED, source_record
+
+    manifest = Path(artifact_folder(model)) / "manifest.json"
     src = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
-    if not src or not Path(src).exists():
-        raise DllmExportError(f"--fidelity: {model} records no float source that exists here; pass --reference")
-    return src
+    # manifests name their source by folder name + sha256, not a path: only a bundled model is found
+    for name, folder in BUNDLED.items():
+        if isinstance(src, dict) and src.get("name") == folder and source_record(name) == src:
+            return name
+    raise DllmExportError(f"--fidelity: {model} records no float source that exists here; pass --reference")
 
 
 def cmd_eval(args) -> int:
@@ -402,7 +626,7 @@ def cmd_eval(args) -> int:
     from .runtime.backends import load_backend
 
     be = load_backend(args.model)
-    tok = load_tokenizer(Path(args.model).parent if str(args.model).endswith(".gguf") else args.model)
+    tok = load_tokenizer(args.model)
     tasks = args.tasks or ("" if args.fidelity else "docstring_cloze,arithmetic,line_infill")
     results = [run_task(be, tok, t.strip(), args.items, seed=args.seed) for t in tasks.split(",") if t.strip()]
     for r in results:
@@ -464,7 +688,8 @@ def cmd_report(args) -> int:
 
 def cmd_info(args) -> int:
     from .models import family_for
-    from .models.loader import build_model, read_config, resolve_model_path, tokenizer_special_ids, weight_files
+    from .models.checkpoint import read_config, resolve_model_path, tokenizer_special_ids, weight_files
+    from .models.loader import build_model
 
     path = resolve_model_path(args.model)
     config = read_config(path)
@@ -505,6 +730,30 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve import ServeConfig, bind_socket, load_engine, make_server
+    except ModuleNotFoundError as e:
+        raise DllmExportError(f"serve needs {e.name}: pip install 'dllm-export[serve]'") from None
+
+    cfg = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                      batch_wait=args.batch_wait_ms / 1000, timeout=args.timeout, api_key=args.api_key or None,
+                      max_body_bytes=args.max_body_bytes)
+    sock = bind_socket(args.host, args.port)  # before the load: a taken port fails fast
+    engine = load_engine(args.model, backend=args.backend, device=args.device, threads=args.threads,
+                         model_id=args.model_id, default_max_tokens=args.max_tokens,
+                         max_tokens_limit=args.max_tokens_limit)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        print(f"dllm-export: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(f"dllm-export: serving {engine.model_id!r} ({engine.backend.name}) at "
+          f"http://{args.host}:{sock.getsockname()[1]}/v1", file=sys.stderr)
+    try:
+        make_server(engine, cfg, log_level=args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once in-flight requests are finished
+        print("dllm-export: server stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
@@ -516,9 +765,21 @@ def cmd_export(args) -> int:
         raise DllmExportError(f"unknown export target {args.target!r}; targets: {have}")
     label = args.quant or args.scheme or (f"W{args.bits}A16" if args.bits and args.bits < 16 else
                                           args.device or "float")
+    scheme, group_size, qopts, extra = args.scheme, args.group_size, None, None
+    if (args.scheme or "").lower() == "auto":
+        if args.bits or args.quant:
+            raise DllmExportError("--scheme auto chooses the bits per layer: drop --bits / --quant")
+        opts, rec = _auto_recipe(args, args.target, args.method, args.group_size)
+        scheme, group_size = opts["scheme"], opts["group_size"]
+        qopts = {"layer_bits": opts["layer_bits"], "avg_bits": opts["avg_bits"], "sym": opts["sym"]}
+        extra = {"allocation": rec["allocation"]}
+        label = f"auto{args.avg_bits:g}"
+    elif args.avg_bits is not None:
+        raise DllmExportError("--avg-bits goes with --scheme auto")
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
-    res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=args.scheme,
-                             group_size=args.group_size, weight_format=args.weight_format,
+    res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=scheme,
+                             group_size=group_size, quantize_options=qopts, extra_manifest=extra,
+                             weight_format=args.weight_format,
                              accuracy_level=args.accuracy_level, act_kernel=args.act_kernel, quant=args.quant,
                              device=args.device, embed_head=args.embed_head,
                              progress=not args.no_progress and sys.stderr.isatty())
@@ -546,8 +807,8 @@ def cmd_export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dllm-export` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.version:
             from . import __version__
 
@@ -558,10 +819,10 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return 2
             return cmd_export(args)
-        return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
+        return {"export": cmd_export, "generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
                 "bench": cmd_bench, "build": cmd_build, "analyze": cmd_analyze,
                 "eval": cmd_eval, "lm-eval": cmd_lm_eval, "report": cmd_report,
-                "verify": cmd_verify}[args.command](args)
+                "verify": cmd_verify, "serve": cmd_serve}[args.command](args)
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2

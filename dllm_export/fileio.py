@@ -24,13 +24,19 @@ MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
 
+def check_output_folder(out: str | Path) -> Path:
+    """`out` as a Path, or InputError when it exists and is not an empty folder (every writer's rule)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"output folder {out} exists and is not empty")
+    return out
+
+
 @contextmanager
 def atomic_folder(out: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `out`; when the block succeeds it is renamed to `out`, on any
     error it is removed. `out` must not exist or be empty. Entries get the usual 755/644 modes."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"output folder {out} exists and is not empty")
+    out = check_output_folder(out)
     tmp = temp_folder(out)
     try:
         yield tmp

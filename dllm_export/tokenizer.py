@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from .errors import CheckpointError
+from .formats import artifact_folder
 from .models import family_for
-from .models.loader import read_config, resolve_model_path
+from .models.checkpoint import read_config, resolve_model_path
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
 
@@ -25,7 +26,8 @@ def _token_str(value) -> str | None:
 
 
 def load_tokenizer(path: str | Path):
-    """Load the tokenizer of a checkpoint folder (or `default` / `default-dream`).
+    """Load the tokenizer of a checkpoint or artifact folder (or `default` / `default-dream`, or a
+    .gguf file, whose tokenizer files lie beside it).
 
     Returns:
         a transformers fast tokenizer with `chat_template` set.
@@ -34,7 +36,7 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
-    path = resolve_model_path(path)
+    path = resolve_model_path(artifact_folder(path))
     spec = family_for(read_config(path).get("model_type")).spec
     cfg_file = path / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}

@@ -24,6 +24,7 @@ import torch
 
 from .errors import CheckpointError
 from .fileio import MANIFEST, atomic_folder, check_files, check_manifest_digest, write_manifest
+from .formats import GGUF_FORMAT, ONNX_FORMAT, QUANTIZED_FORMAT
 
 CANVAS_LENGTH = 32
 N_PROBE = 16
@@ -67,7 +68,7 @@ def artifact_folder(path: str | Path) -> Path:
 
 def artifact_kind(manifest: dict) -> str:
     """onnx | gguf | quantized, from the manifest's format tag."""
-    kind = {"dllm-export/onnx": "onnx", "dllm-export/gguf": "gguf", "dllm-export/quantized": "quantized"}
+    kind = {ONNX_FORMAT: "onnx", GGUF_FORMAT: "gguf", QUANTIZED_FORMAT: "quantized"}
     if manifest.get("format") not in kind:
         raise CheckpointError(f"unknown artifact format {manifest.get('format')!r} in {MANIFEST}")
     return kind[manifest["format"]]
@@ -138,7 +139,7 @@ def _check_format(folder: Path, kind: str) -> str:
         except Exception as e:  # gguf-py raises ValueError / struct errors on a bad header or table
             raise CheckpointError(f"{folder / MODEL_FILE}: not a readable GGUF ({type(e).__name__}: {e})") from None
         return f"gguf header: {len(reader.tensors)} tensors, {len(reader.fields)} keys"
-    from .models.loader import open_shards
+    from .models.checkpoint import open_shards
 
     return f"safetensors headers: {len(open_shards(folder))} tensors"
 

@@ -21,9 +21,14 @@ def test_generate_json(tiny_dirs, capsys, name):
 
 
 def test_generate_text_with_chat_template(tiny_dirs, capsys):
-    rc = main(["generate", "--model", str(tiny_dirs["llada"]), "--prompt", "hi", "--chat", "--gen-length", "8",
-               "--threshold", "0.5"])
-    assert rc == 0 and capsys.readouterr().out.strip() != ""
+    args = ["generate", "--model", str(tiny_dirs["llada"]), "--prompt", "hi", "--chat", "--gen-length", "8",
+            "--threshold", "0.5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert printed == out["text"][0] + "\n"  # greedy: the same 8 tokens, decoded
+    assert len(out["ids"][0]) - out["prompt_length"] == 8 and out["nfe"] <= 8
 
 
 def test_info(tiny_dirs, capsys):
@@ -51,21 +56,53 @@ def test_bad_export_requests(args, message, capsys, tmp_path):
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "model folder not found"),
     (["generate", "--model", "{llada}", "--prompt", "x", "--gen-length", "500"], "exceeds the model's context"),
     (["generate", "--model", "{llada}", "--prompt", "x", "--sampler", "nope"], "unknown sampler"),
-    (["info", "--model", "{llada}", "--dtype", "int3"], None),
+    (["info", "--model", "{llada}", "--dtype", "float16"], "unrecognized arguments: --dtype float16"),
+    (["quantize", "--sym", "--asym", "--out", "x"], "argument --asym: not allowed with argument --sym"),
+    (["quantize", "--method", "sparsegpt", "--out", "x"], "argument --method: unknown method 'sparsegpt' (choose "),
+    (["quantize", "--scheme", "W5A5", "--out", "x"], "argument --scheme: unknown scheme 'W5A5' (choose from W8A16"),
+    (["--target", "onnx", "--device", "pdp11"], "argument --device: invalid choice: 'pdp11' (choose from 'auto', "),
+    (["--target", "gguf", "--quant", "Q9_9"], "argument --quant: invalid choice: 'Q9_9' (choose from 'F32', "),
     (["generate", "--model", "{llada}", "--prompt", "x", "--dtype", "int3"], "unknown dtype 'int3'"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(tiny_dirs, capsys, args, message):
     args = [a.format(llada=tiny_dirs["llada"]) for a in args]
     rc = main(args)
-    if message is None:  # info never loads weights, so a dtype is irrelevant there
-        assert rc == 0
-        return
     err = capsys.readouterr().err
-    assert rc == 2 and message in err and err.count("\n") == 1
+    assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(tmp_path):
     """The installed entry point returns the error code to the shell."""
     proc = subprocess.run([sys.executable, "-m", "dllm_export.cli", "info", "--model", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "model folder not found" in proc.stderr
+
+
+def test_sym_and_asym_reach_the_config(monkeypatch):
+    """--sym / --asym set QuantizeConfig.sym (True / False; neither: None, the method's default)."""
+    import dllm_export.verify as verify
+
+    seen = []
+
+    def fake(model, out, qcfg, **kw):
+        seen.append(qcfg.sym)
+        raise verify.CheckpointError("stop here")
+
+    monkeypatch.setattr(verify, "quantize_verified", fake)
+    for flags in (["--sym"], ["--asym"], []):
+        assert main(["quantize", *flags, "--out", "x"]) == 2
+    assert seen == [True, False, None]
+
+
+def test_export_subcommand_equals_the_root_form(tiny_dirs, tmp_path, capsys):
+    """`dllm-export export ...` and the root `dllm-export --target ...` are one command: same artifact bytes."""
+    import hashlib
+
+    digests = []
+    for prefix, name in (([], "root"), (["export"], "sub")):
+        out = tmp_path / name
+        assert main([*prefix, "--target", "onnx", "--model", str(tiny_dirs["llada"]), "--out", str(out)]) == 0
+        assert f"{out}: llada -> onnx (qdq), float32" in capsys.readouterr().out
+        digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())})
+    assert digests[0] == digests[1] and "model.onnx" in digests[0]

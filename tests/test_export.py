@@ -26,6 +26,7 @@ def test_export_is_deterministic(target, kwargs, tiny_dirs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left
 
 
+@pytest.mark.slow
 def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     import json
 
@@ -43,6 +44,9 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
         for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "peak_rss_mib", "size_mib", "arith_em",
                     "bits_per_token", "arith_em_drop", "bpt_increase"):
             assert r[key] is not None
+    for r in ok:  # decoding warmed up, then timed --decode-reps times: the median with its spread
+        assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"] and r["host_cores"] >= 1
+    assert ok[0]["threads"] >= 1  # the torch threads the figures were taken with
     assert ok[0]["bpt_increase"] == ok[0]["arith_em_drop"] == 0  # deltas are to the first artifact
     assert res["host"]["bandwidth_gbs"] > 0 and res["host"]["gemm_tflops"]["fp32"] > 0
     for r in ok:  # the step against its floor on this host
@@ -54,6 +58,7 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     assert "| path | backend |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,kwargs", [("onnx", dict(bits=4, method="rtn", group_size=32)),
                                            ("gguf", dict(quant="Q8_0", method="rtn"))])
 def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
@@ -124,3 +129,34 @@ bench = false
     if rc:
         assert m["failed"] == ["tiny/onnx-w4", "tiny/gguf-q8"]
         assert "quality gate failed: tiny/onnx-w4, tiny/gguf-q8" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dream_bpe_files(tiny_dirs, tmp_path_factory):
+    """The tiny Dream checkpoint as Dream ships its tokenizer: vocab.json + merges.txt, no tokenizer.json."""
+    import json
+    import shutil
+
+    src = tiny_dirs["dream"]
+    dst = tmp_path_factory.mktemp("dream_bpe") / "dream"
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text())
+    (dst / "tokenizer.json").unlink()
+    (dst / "vocab.json").write_text(json.dumps(tj["model"]["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return dst
+
+
+@pytest.mark.parametrize("target,kwargs", [("onnx", {}), ("onnx", dict(bits=4, method="rtn", group_size=32))])
+def test_export_carries_a_vocab_and_merges_tokenizer(target, kwargs, dream_bpe_files, tmp_path):
+    """A checkpoint with only vocab.json + merges.txt (as Dream ships) exports with its tokenizer,
+    float or through a quantized checkpoint (one list of tokenizer files: formats.TOKENIZER_FILES)."""
+    from dllm_export import load_tokenizer
+
+    art = export(dream_bpe_files, tmp_path / "art", target=target,
+                 quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)}, **kwargs).path
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (art / name).read_bytes() == (dream_bpe_files / name).read_bytes(), name
+    text = "def f(x):\n    return 12+34"
+    assert load_tokenizer(art)(text)["input_ids"] == load_tokenizer(dream_bpe_files)(text)["input_ids"]

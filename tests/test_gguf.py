@@ -14,7 +14,7 @@ from dllm_export.errors import CheckpointError  # noqa: E402
 from dllm_export.exporter import export  # noqa: E402
 from dllm_export.exporter.gguf import GgufExportConfig, _permute_rope_rows, export_gguf  # noqa: E402
 from dllm_export.models.factory import make_random_checkpoint  # noqa: E402
-from dllm_export.models.loader import open_shards  # noqa: E402
+from dllm_export.models.checkpoint import open_shards  # noqa: E402
 from dllm_export.quant import CalibConfig, QuantizeConfig, quantize  # noqa: E402
 from dllm_export.quant.load import read_linear, read_manifest  # noqa: E402
 

@@ -145,12 +145,12 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, how):
 
 def test_write_checkpoint_is_atomic(tmp_path, monkeypatch):
     """A failure while writing leaves no folder behind."""
-    from dllm_export.models import factory
+    from dllm_export.models import checkpoint
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(factory, "save_file", boom)
+    monkeypatch.setattr(checkpoint, "save_file", boom)
     with pytest.raises(RuntimeError):
         make_random_checkpoint(tmp_path / "m", vocab_size=128)
     assert os.listdir(tmp_path) == []

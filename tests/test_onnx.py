@@ -16,7 +16,7 @@ from dllm_export.exporter.onnx import OnnxExportConfig, export_onnx  # noqa: E40
 from dllm_export.models.factory import make_random_checkpoint  # noqa: E402
 from dllm_export.quant import CalibConfig, QuantizeConfig, quantize  # noqa: E402
 from dllm_export.quant.load import read_linear, read_manifest  # noqa: E402
-from dllm_export.models.loader import open_shards  # noqa: E402
+from dllm_export.models.checkpoint import open_shards  # noqa: E402
 from dllm_export.runtime.backends import load_backend  # noqa: E402
 from dllm_export.runtime.ort import OrtBackend  # noqa: E402
 

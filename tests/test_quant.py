@@ -265,3 +265,28 @@ def test_inverse_upper_cholesky_is_gptqs_hinv(n):
     torch.testing.assert_close(U.T @ U @ H, torch.eye(n, dtype=torch.float64), atol=1e-9, rtol=0)
     paper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     torch.testing.assert_close(U, paper, atol=1e-10 * float(paper.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("scheme,bits,sym", [("W4A8", 3, None), ("W4A16", 6, True), ("W8A8", 5, False)])
+def test_every_method_rounds_to_the_requested_grid(tiny_q, method, scheme, bits, sym):
+    """--bits / --sym reach every method's weight grid (DuQuant used to rebuild it and drop the bits)."""
+    model = D.load_model(tiny_q["llada"])
+    qcfg = QuantizeConfig(method=method, scheme=scheme, bits=bits, sym=sym, group_size=0)
+    m = METHODS[method](qcfg, model.spec, model.config)
+    assert m.wcfg == qcfg.weight_config()
+    assert m.wcfg.bits == bits and m.wcfg.group_size == 0
+    default = METHODS[method].default_weight_sym
+    assert m.wcfg.sym == (sym if sym is not None else default if default is not None else True)  # schemes: sym
+    acfg = qcfg.act_config()
+    assert (acfg is None) == scheme.endswith("A16")
+    if acfg is not None:
+        assert acfg.bits == 8 and acfg.sym == METHODS[method].default_act_sym
+
+
+def test_duquant_bits_reach_the_checkpoint(tiny_q, calib_file, tmp_path):
+    out = quantize(tiny_q["llada"], tmp_path / "dq", QuantizeConfig(method="duquant", scheme="W4A8", bits=3,
+                                                                    weight_method="rtn", calib=_calib(calib_file)),
+                   progress=False)
+    layers = json.loads((out / "manifest.json").read_text())["layers"]
+    assert len(layers) == 14 and {e["weight"]["bits"] for e in layers.values()} == {3}

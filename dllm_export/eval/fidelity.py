@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..quant.calibrate import decode_canvas_masks, stratified_quantiles
 from ..runtime.backends import as_backend
 
 DECODE = "decode"
@@ -130,11 +131,7 @@ def decode_mask_ratios(backend, prompts: list[list[int]], gen_length: int, block
     return ratios
 
 
-def _quantiles(values: list[float], n: int) -> list[float]:
-    """n stratified quantiles (midpoints) of an empirical distribution: a deterministic sample."""
-    v = torch.tensor(sorted(values), dtype=torch.float64)
-    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    return torch.quantile(v, q).tolist()
+_quantiles = stratified_quantiles
 
 
 def _fixed_masks(n: int, length: int, t: float, g: torch.Generator) -> torch.Tensor:
@@ -144,25 +141,7 @@ def _fixed_masks(n: int, length: int, t: float, g: torch.Generator) -> torch.Ten
     return torch.cat([torch.zeros(n, 1, dtype=torch.bool), rank < k], 1)
 
 
-def _decode_masks(ratios: list[float], length: int, gen_length: int, block_length: int,
-                  g: torch.Generator) -> torch.Tensor:
-    """Canvases as semi-autoregressive decoding sees them: a visible prompt (the first length -
-    gen_length tokens), then at mask ratio r of the generated region its last whole blocks all
-    masked and the current block masked at random positions."""
-    masks = torch.zeros(len(ratios), length, dtype=torch.bool)
-    P = length - gen_length
-    for i, r in enumerate(ratios):
-        m = max(1, round(r * gen_length))
-        full = (m // block_length) * block_length  # blocks not started yet
-        masks[i, length - full:] = True
-        part = m - full
-        if part:
-            start = length - full - block_length  # the current block
-            start = max(start, P)
-            width = length - full - start
-            pick = torch.randperm(width, generator=g)[:part]
-            masks[i, start + pick] = True
-    return masks
+_decode_masks = decode_canvas_masks  # the layout lives with calibration, which builds the same canvases
 
 
 @dataclass
@@ -192,6 +171,23 @@ def _logits_at(backend, ids: torch.Tensor, mask: torch.Tensor, batch: int) -> to
     return torch.cat(out)
 
 
+def _decode_prompts(stream: list[int], n: int, prompt_length: int, window: int) -> list[list[int]]:
+    """Held-out prompts for measuring decode ratios: from the stream's second half (other text than
+    the scored windows) when it is long enough."""
+    return held_out_windows(stream[len(stream) // 2 + 1:] if len(stream) > 4 * window else stream,
+                            n, prompt_length).tolist()
+
+
+def calibration_decode_ratios(model, tokenizer, n_prompts: int = 4, prompt_length: int = 64, gen_length: int = 128,
+                              block_length: int = 32, threshold: float | None = None) -> list[float]:
+    """The mask ratios the unmasking loop of `model` visits on held-out prompts, for timestep-aware
+    calibration (`CalibConfig(mask="decode", decode_ratios=...)`): 64 stratified quantiles."""
+    be = as_backend(model)
+    stream = held_out_stream(tokenizer, be.spec.eos_id)
+    prompts = _decode_prompts(stream, n_prompts, prompt_length, prompt_length + gen_length)
+    return stratified_quantiles(decode_mask_ratios(be, prompts, gen_length, block_length, threshold=threshold), 64)
+
+
 @torch.no_grad()
 def build_reference(reference, tokenizer, cfg: FidelityConfig = FidelityConfig()) -> FidelityReference:
     """Canvases from held-out text and the reference model's (or backend's) logits on them."""
@@ -208,8 +204,7 @@ def build_reference(reference, tokenizer, cfg: FidelityConfig = FidelityConfig()
             gen = min(cfg.gen_length, L - 1)
             block = min(cfg.block_length, gen)
             # the prompts: held-out windows other than the scored ones, cut to the visible prompt
-            prompts = held_out_windows(stream[len(stream) // 2 + 1:] if len(stream) > 4 * L else stream,
-                                       cfg.decode_prompts, L - gen).tolist()
+            prompts = _decode_prompts(stream, cfg.decode_prompts, L - gen, L)
             decode_ratios = decode_mask_ratios(be, prompts, gen, block)
             mask = _decode_masks(_quantiles(decode_ratios, cfg.windows), L, gen, block, g)
             name = DECODE

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import DllmExportError
 from ..executors import Cell, Executor, LocalExecutor
 from ..fileio import atomic_file
-from ..models.loader import BUNDLED, checkpoint_sha256
+from ..models.checkpoint import BUNDLED, checkpoint_sha256
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ quantizes and exports for a target.
 from __future__ import annotations
 
 import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..fileio import temp_folder
+from ..quant.schemes import fit_group
 
 # target -> (one-line description, weight bit-widths it can carry)
 TARGETS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -33,11 +34,60 @@ class ExportResult:
     export_seconds: float
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """The arguments of `export` as given (None: left open, to the device profile or the target)."""
+
+    target: str = "onnx"
+    bits: int | None = None
+    method: str = "gptq"
+    scheme: str | None = None
+    group_size: int | None = None
+    weight_format: str | None = None
+    accuracy_level: int | None = None
+    act_kernel: str = "auto"
+    quant: str | None = None
+    device: str | None = None
+    embed_head: str | None = None
+    quantize_options: dict = field(default_factory=dict)
+    extra_manifest: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """One export resolved and checked before any calibration runs.
+
+    Attributes:
+        target: "onnx" or "gguf".
+        source: the checkpoint folder.
+        qcfg: the PTQ run that makes the quantized checkpoint to export, or None (export `source` as is).
+        config: the target's writer settings (`OnnxExportConfig` / `GgufExportConfig`).
+        extra_manifest: recorded in the artifact manifest (the device profile, a mixed-precision allocation).
+    """
+
+    target: str
+    source: Path
+    qcfg: object | None
+    config: object
+    extra_manifest: dict
+
+    def write(self, checkpoint: Path, out: Path) -> Path:
+        """Write the artifact of `checkpoint` (the source, or its quantized form) into `out`."""
+        if self.target == "onnx":
+            from .onnx import export_onnx
+
+            return export_onnx(checkpoint, out, self.config, extra_manifest=self.extra_manifest)
+        from .gguf import export_gguf
+
+        return export_gguf(checkpoint, out, self.config, extra_manifest=self.extra_manifest)
+
+
 def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: int | None = None,
            method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
            weight_format: str | None = None, accuracy_level: int | None = None, act_kernel: str = "auto",
            quant: str | None = None, device: str | None = None, embed_head: str | None = None,
-           quantize_options: dict | None = None, progress: bool = False) -> ExportResult:
+           quantize_options: dict | None = None, extra_manifest: dict | None = None,
+           progress: bool = False) -> ExportResult:
     """Quantize `model` with a PTQ method where the request needs it, then export it for `target`.
 
     Args:
@@ -55,148 +105,170 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         device: a profile of `dllm_export.targets` (or "auto" for this host) that fills every choice
             left open (scheme, group size, ONNX format and accuracy level, GGUF type, threads) and is
             recorded in the manifest for the runtime.
+        extra_manifest: entries added to the artifact's manifest (the mixed-precision allocation).
     """
+    req = ExportRequest(target=target, bits=bits, method=method, scheme=scheme, group_size=group_size,
+                        weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel,
+                        quant=quant, device=device, embed_head=embed_head,
+                        quantize_options=dict(quantize_options or {}), extra_manifest=dict(extra_manifest or {}))
+    plan = plan_export(model, out, req)
+    return run_plan(plan, Path(out), progress=progress)
+
+
+def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> ExportPlan:
+    """Resolve `req` for its target (device profile defaults, then the target's rules) and check it:
+    every error an exporter would raise about bits, groups, formats or files comes here, before
+    any calibration runs."""
+    from ..fileio import check_output_folder
+    from ..models.checkpoint import resolve_model_path
+
+    if req.target not in TARGETS:
+        raise InputError(f"unknown export target {req.target!r} (choose from {', '.join(TARGETS)})")
+    allowed = TARGETS[req.target][1]
+    if req.bits is not None and req.bits not in allowed:
+        raise InputError(f"target {req.target} cannot carry {req.bits}-bit weights "
+                         f"(supported: {', '.join(map(str, allowed))})")
+    src = resolve_model_path(model)
+    check_output_folder(out)
+    extra = dict(req.extra_manifest)
+    profile = None
+    if req.device is not None:
+        from ..targets import get_profile
+
+        profile = get_profile(req.device)
+        extra["device"] = profile.to_dict()
+    return RESOLVERS[req.target](req, src, profile, extra)
+
+
+def run_plan(plan: ExportPlan, out: Path, progress: bool = False) -> ExportResult:
+    """Run a plan: quantize into a temp folder beside `out` when it says so, then write the artifact."""
     import json
     import time
 
-    from ..models.loader import resolve_model_path
-    from ..quant import QuantizeConfig, quantize
-
-    if target not in TARGETS:
-        raise InputError(f"unknown export target {target!r} (choose from {', '.join(TARGETS)})")
-    allowed = TARGETS[target][1]
-    if bits is not None and bits not in allowed:
-        raise InputError(f"target {target} cannot carry {bits}-bit weights (supported: {', '.join(map(str, allowed))})")
-    src = resolve_model_path(model)
-    out_p = Path(out)
-    if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())):  # before any quantization runs
-        raise InputError(f"output folder {out_p} exists and is not empty")
-    quantized_input = (src / "manifest.json").is_file()
-    opts = dict(quantize_options or {})
-    extra = {}
-    head_acc = 0
-    if device is not None:
-        from ..targets import get_profile
-
-        profile = get_profile(device)
-        extra["device"] = profile.to_dict()
-        if target == "onnx":
-            if bits is None and scheme is None and not quantized_input:
-                scheme = profile.scheme
-            weight_format = weight_format or profile.onnx_format
-            embed_head = embed_head or profile.embed_head
-            head_acc = profile.head_accuracy_level
-            weight_only = (scheme or f"W{bits}A16").upper().endswith("A16")
-            if accuracy_level is None and weight_only:
-                accuracy_level = profile.accuracy_level
-            if group_size is None and weight_only:
-                group_size = _fit_group(src, profile.group_size)
-        elif bits is None and quant is None:
-            quant = profile.gguf_quant
-    weight_format = weight_format or "qdq"
-    if target == "onnx":
-        from .onnx import OnnxExportConfig, export_onnx
-
-        ocfg = OnnxExportConfig(weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel,
-                                embed_head=embed_head or "fp32", head_accuracy_level=head_acc)
-        if weight_format == "matmulnbits" and bits is not None and bits not in (2, 4, 8, 16, 32):
-            raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {bits}-bit (use --format qdq)")
-        needs_ptq = not quantized_input and not (scheme is None and (bits is None or bits >= 16))
-        scheme = scheme or (f"W{bits}A16" if needs_ptq else None)
-
-        def write(path):
-            return export_onnx(path, out, ocfg, extra_manifest=extra)
-
-        def precheck(qcfg):
-            _precheck_onnx(src, qcfg, ocfg)
-    else:
-        from ..quant import get_scheme
-        from .gguf import BLOCK_TYPES, GgufExportConfig, export_gguf
-
-        if quant is None and bits is None and scheme is not None:
-            bits = get_scheme(scheme).w_bits
-        quant = quant or (None if quantized_input else _GGUF_BY_BITS.get(bits or 16))
-        if quant is not None and bits is not None and quant in BLOCK_TYPES and int(quant[1]) != bits:
-            raise InputError(f"--quant {quant} stores {quant[1]}-bit weights, not {bits}-bit")
-        if scheme is not None and scheme.upper() not in ("W4A16", "W5A16", "W8A16"):
-            raise InputError(f"GGUF carries weight-only schemes; {scheme} quantizes activations, which llama.cpp "
-                             f"does itself. Use --target onnx for {scheme}")
-        needs_ptq = not quantized_input and quant in BLOCK_TYPES
-        gcfg = GgufExportConfig(quant=None if needs_ptq else quant)
-        if needs_ptq:
-            bits = int(quant[1])
-            scheme = f"W{bits}A16"
-            opts.update(bits=bits, sym=quant.endswith("_0"), zero_kind="int" if quant.endswith("_0") else "float")
-            if group_size not in (None, 32):
-                raise InputError(f"GGUF block formats hold groups of 32 weights, not {group_size}")
-            group_size = 32
-
-        def write(path):
-            return export_gguf(path, out, gcfg, extra_manifest=extra)
-
-        def precheck(qcfg):
-            _precheck_widths(src, 32)
     t0 = time.perf_counter()
     t_q = 0.0
-    if not needs_ptq:
-        path = write(src)
+    if plan.qcfg is None:
+        path = plan.write(plan.source, out)
     else:
-        qcfg = QuantizeConfig(method=method, scheme=scheme, group_size=group_size, **opts)
-        precheck(qcfg)  # refuse before a long calibration, not after
-        out_p.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.quantized.", dir=out_p.parent))
+        from ..quant import quantize
+
+        # named like every temporary folder for `out`, so a run killed here is cleaned up by the next
+        work = temp_folder(out, "quantized")
         try:
-            qdir = quantize(src, work / "q", qcfg, progress=progress)
+            qdir = quantize(plan.source, work / "q", plan.qcfg, progress=progress)
             t_q = time.perf_counter() - t0
-            path = write(qdir)
+            path = plan.write(qdir, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     return ExportResult(Path(path), manifest, round(t_q, 3), round(time.perf_counter() - t0 - t_q, 3))
 
 
-def _fit_group(src: Path, group: int) -> int:
-    """The largest power-of-two block <= `group` (and >= 16) that tiles every layer width."""
-    widths = _widths(src)
-    g = group
-    while g > 16 and any(w % g for w in widths):
-        g //= 2
-    return g
+def _plan_onnx(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPlan:
+    """ONNX: the profile's scheme / format / accuracy level / group; MatMulNBits' bit and block rules."""
+    from ..formats import MATMULNBITS_BITS
+    from ..models.checkpoint import is_quantized
+    from .onnx import OnnxExportConfig
+
+    quantized_input = is_quantized(src)
+    scheme, group_size, accuracy_level, weight_format = req.scheme, req.group_size, req.accuracy_level, req.weight_format
+    embed_head, head_acc = req.embed_head, 0
+    if profile is not None:
+        embed_head = embed_head or profile.embed_head  # edge profiles: an 8-bit embedding and head
+        head_acc = profile.head_accuracy_level
+        if req.bits is None and scheme is None and not quantized_input:
+            scheme = profile.scheme
+        weight_format = weight_format or profile.onnx_format
+        weight_only = (scheme or f"W{req.bits}A16").upper().endswith("A16")
+        if accuracy_level is None and weight_only:
+            accuracy_level = profile.accuracy_level
+        if group_size is None and weight_only:
+            group_size = fit_group(profile.group_size, _widths(src))
+    ocfg = OnnxExportConfig(weight_format=weight_format or "qdq", accuracy_level=accuracy_level,
+                            act_kernel=req.act_kernel, embed_head=embed_head or "fp32", head_accuracy_level=head_acc)
+    if ocfg.weight_format == "matmulnbits" and req.bits is not None and req.bits not in (*MATMULNBITS_BITS, 16, 32):
+        raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {req.bits}-bit (use --format qdq)")
+    needs_ptq = not quantized_input and not (scheme is None and (req.bits is None or req.bits >= 16))
+    qcfg = None
+    if needs_ptq:
+        qcfg = _quantize_config(req, scheme or f"W{req.bits}A16", group_size, req.quantize_options)
+        _precheck_onnx(src, qcfg, ocfg)
+    return ExportPlan("onnx", src, qcfg, ocfg, extra)
+
+
+def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPlan:
+    """GGUF: the profile's type; a block type (Q4_0, ...) is a group-32 PTQ grid written exactly."""
+    from ..formats import GGUF_BLOCK
+    from ..models.checkpoint import is_quantized
+    from ..quant import get_scheme
+    from .gguf import BLOCK_TYPES, GgufExportConfig
+    from .gguf_vocab import read_vocab
+
+    quantized_input = is_quantized(src)
+    bits, scheme, quant = req.bits, req.scheme, req.quant
+    if profile is not None and bits is None and quant is None:
+        quant = profile.gguf_quant
+    if quant is None and bits is None and scheme is not None:
+        bits = get_scheme(scheme).w_bits
+    quant = quant or (None if quantized_input else _GGUF_BY_BITS.get(bits or 16))
+    if quant is not None and bits is not None and quant in BLOCK_TYPES and int(quant[1]) != bits:
+        raise InputError(f"--quant {quant} stores {quant[1]}-bit weights, not {bits}-bit")
+    if scheme is not None and scheme.upper() not in ("W4A16", "W5A16", "W8A16"):
+        raise InputError(f"GGUF carries weight-only schemes; {scheme} quantizes activations, which llama.cpp "
+                         f"does itself. Use --target onnx for {scheme}")
+    needs_ptq = not quantized_input and quant in BLOCK_TYPES
+    read_vocab(src, _dims(src).vocab_rows)  # the vocabulary GGUF embeds: refused now, not after calibration
+    qcfg = None
+    if needs_ptq:
+        if req.group_size not in (None, GGUF_BLOCK):
+            raise InputError(f"GGUF block formats hold groups of {GGUF_BLOCK} weights, not {req.group_size}")
+        for K in _widths(src):
+            if K % GGUF_BLOCK:
+                raise InputError(f"GGUF block formats need input widths divisible by {GGUF_BLOCK}; "
+                                 f"this model has {K}")
+        bits = int(quant[1])
+        opts = {**req.quantize_options, "bits": bits, "sym": quant.endswith("_0"),
+                "zero_kind": "int" if quant.endswith("_0") else "float"}
+        qcfg = _quantize_config(req, f"W{bits}A16", GGUF_BLOCK, opts)
+    return ExportPlan("gguf", src, qcfg, GgufExportConfig(quant=None if needs_ptq else quant), extra)
+
+
+RESOLVERS = {"onnx": _plan_onnx, "gguf": _plan_gguf}
+
+
+def _quantize_config(req: ExportRequest, scheme: str, group_size: int | None, opts: dict):
+    from ..quant import QuantizeConfig
+
+    return QuantizeConfig(method=req.method, scheme=scheme, group_size=group_size, **opts)
+
+
+def _dims(src: Path):
+    from ..models import family_for
+    from ..models.checkpoint import read_config
+
+    config = read_config(src)
+    return family_for(config.get("model_type")).parse_config(config).dims
 
 
 def _widths(src: Path) -> list[int]:
-    from ..models import family_for
-    from ..models.loader import read_config
-
-    config = read_config(src)
-    dims = family_for(config.get("model_type")).parse_config(config).dims
+    dims = _dims(src)
     return [dims.d_model, dims.n_heads * dims.head_dim, dims.mlp_hidden]
-
-
-def _precheck_widths(src: Path, group: int) -> None:
-    for K in _widths(src):
-        if K % group:
-            raise InputError(f"GGUF block formats need input widths divisible by {group}; this model has {K}")
 
 
 def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
     """Raise the errors `export_onnx` would raise for this grid, before any quantization runs."""
+    from ..formats import check_matmulnbits
     from ..quant.driver import fit_group_size
 
     widths = _widths(src)
-    qcfg = fit_group_size(qcfg, widths)
-    w = qcfg.weight_config()
+    w = fit_group_size(qcfg, widths).weight_config()
     if not w.sym and w.zero_kind == "float":
         raise InputError("float minimums (zero_kind='float', GGUF Q4_1 style) have no exact ONNX form; "
                          "use integer zero points (the default) or --target gguf")
     if ocfg.weight_format == "matmulnbits":
-        if w.bits not in (2, 4, 8):
-            raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {w.bits}-bit (use --format qdq)")
-        for K in widths:
-            bs = w.group_size or K
-            if bs < 16 or bs & (bs - 1):
-                raise InputError(f"MatMulNBits needs a power-of-two block size >= 16; the grid gives blocks of {bs} "
-                                 f"for input width {K} (pass --group-size 32/64/128, or use --format qdq)")
+        for bits in sorted({w.bits, *dict(qcfg.layer_bits).values()}):  # mixed precision: every layer's bits
+            for K in widths:
+                check_matmulnbits(bits, w.group_size or K, "--format matmulnbits")
 
 
-__all__ = ["ExportResult", "TARGETS", "export"]
+__all__ = ["ExportPlan", "ExportRequest", "ExportResult", "RESOLVERS", "TARGETS", "export", "plan_export"]

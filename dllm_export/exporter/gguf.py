@@ -21,8 +21,6 @@ The artifact is a folder: `model.gguf`, plus config.json, the tokenizer files an
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,14 +29,18 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
+from ..formats import GGUF_FORMAT
+from ..models.checkpoint import source_record
 from ..quant.load import weight_config
 from ..quant.primitives import QuantizedWeight, WeightQuantConfig
-from ..models.loader import source_record
+from .gguf_vocab import (check_text, choose_pre, differences, llama_cpp_version, parity_record, read_back,
+                         read_vocab, special_ids)
 from .source import open_source, write_sidecars
 
-FORMAT = "dllm-export/gguf"
+FORMAT = GGUF_FORMAT
 VERSION = 1
 MODEL_FILE = "model.gguf"
+ADD_BOS = False  # prompts arrive as ids; the chat template adds BOS where the model wants it
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # K-quants and friends: llama.cpp's quantizer (llama_model_quantize) on an F16 file; name -> llama_ftype
@@ -53,15 +55,6 @@ _EXACT = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0", (4, False): "
 _ROLE_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 _NORM_NAMES = {"attn": "attn_norm", "ffn": "ffn_norm"}
-
-# pre-tokenizer regexes llama.cpp knows (tokenizer.ggml.pre), by the regex of tokenizer.json
-_KNOWN_PRE = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
-}
-
 
 @dataclass(frozen=True)
 class GgufExportConfig:
@@ -132,37 +125,6 @@ def pack_blocks(qw: QuantizedWeight, qtype: str) -> np.ndarray:
 def _permute_rope_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half row order -> llama.cpp's adjacent-pair (NORM rope) order, per head (LLaDA q/k)."""
     return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def _vocab(src: Path, n_rows: int) -> dict:
-    """tokens / merges / token types / pre-tokenizer of a byte-level BPE tokenizer.json."""
-    f = src / "tokenizer.json"
-    if not f.is_file():
-        raise CheckpointError(f"{src} has no tokenizer.json: GGUF needs the vocabulary (tokens and merges)")
-    tj = json.loads(f.read_text())
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise CheckpointError(f"{f}: GGUF export supports byte-level BPE tokenizers, got {model.get('type')!r}")
-    id_to_tok: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
-    control = set()
-    for t in tj.get("added_tokens", []):
-        id_to_tok[int(t["id"])] = t["content"]
-        if t.get("special", True):
-            control.add(int(t["id"]))
-    if max(id_to_tok) >= n_rows:
-        raise CheckpointError(f"tokenizer has ids up to {max(id_to_tok)} but the embedding has {n_rows} rows")
-    tokens, types = [], []
-    for i in range(n_rows):  # llama.cpp wants one token per embedding row
-        if i in id_to_tok:
-            tokens.append(id_to_tok[i])
-            types.append(3 if i in control else 1)
-        else:
-            tokens.append(f"[PAD{i}]")
-            types.append(5)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    regexes = re.findall(r'"Regex": ("(?:[^"\\]|\\.)*")', json.dumps(tj.get("pre_tokenizer")))
-    pre = next((_KNOWN_PRE[json.loads(r)] for r in regexes if json.loads(r) in _KNOWN_PRE), None)
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
 
 
 @dataclass(frozen=True)
@@ -328,19 +290,21 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
     source = open_source(model_path)
     spec, dims = source.spec, source.dims
     llama_quant = cfg.quant in LLAMA_QUANTS
-    vocab = _vocab(source.path, dims.vocab_rows)
+    vocab = read_vocab(source.path, dims.vocab_rows)
     plan = plan_tensors(source, cfg)
     tensor_types: dict[str, int] = {}
     for t in plan:
         tensor_types[t.qtype] = tensor_types.get(t.qtype, 0) + 1
     main_type = next((t for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16") if t in tensor_types), "F32")
     with atomic_folder(out_dir) as tmp:
+        vocab, check = _choose_pre(tmp, source, vocab, main_type)  # before the tensors: refuse early
         target = tmp / (MODEL_FILE + ".f16" if llama_quant else MODEL_FILE)
         write_gguf(target, spec.gguf_arch, plan, lambda t: tensor_data(source, t),
                    lambda w: _write_metadata(w, spec, dims, vocab, main_type))
         if llama_quant:
             _llama_quantize(target, tmp / MODEL_FILE, LLAMA_QUANTS[cfg.quant])
             target.unlink()
+        parity = _confirm_parity(tmp / MODEL_FILE, vocab["pre"], check)
         qmanifest = source.manifest
         manifest = {
             "format": FORMAT, "version": VERSION, "family": spec.family, "arch": spec.gguf_arch,
@@ -351,7 +315,7 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
             "file_type": cfg.quant if llama_quant else main_type, "tensor_types": tensor_types,
             "exact_from_ptq": bool(qmanifest) and any(t in BLOCK_TYPES for t in tensor_types),
             "rope_rows_permuted": spec.family == "llada", "shift_logits": spec.shift_logits,
-            "pre_tokenizer": vocab["pre"], "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
+            "pre_tokenizer": vocab["pre"], "tokenizer_parity": parity, "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
         }
         manifest.update(extra_manifest or {})
         write_sidecars(tmp, manifest, source)
@@ -406,14 +370,58 @@ def _write_metadata(w, spec, dims, vocab: dict, main_type: str) -> None:
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
     w.add_token_merges(vocab["merges"])
-    for role, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
-                      ("mask", w.add_mask_token_id), ("eot", w.add_eot_token_id)):
-        tid = getattr(spec, f"{role}_id")
-        if tid is not None and 0 <= tid < dims.vocab_rows:
-            add(tid)
-    w.add_add_bos_token(False)  # prompts arrive as ids; the chat template adds BOS where the model wants it
+    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "pad": w.add_pad_token_id,
+              "mask": w.add_mask_token_id, "eot": w.add_eot_token_id}
+    for role, tid in special_ids(spec, dims.vocab_rows).items():
+        adders[role](tid)
+    w.add_add_bos_token(ADD_BOS)
     if spec.chat_template:
         w.add_chat_template(spec.chat_template)
+
+
+def _choose_pre(tmp: Path, source, vocab: dict, main_type: str) -> tuple[dict, dict | None]:
+    """The vocabulary with the llama.cpp pre-tokenizer name that tokenizes like the checkpoint
+    (`gguf_vocab.choose_pre`, on vocabulary-only probe files in `tmp`), and what the final file
+    must read back (None without llama-cpp-python: then only a known regex's name is written)."""
+    if llama_cpp_version() is None:
+        if vocab["pre"] is None:
+            raise CheckpointError(f"{source.path / 'tokenizer.json'}: its pre-tokenizer regex has no llama.cpp "
+                                  f"name known here; install llama-cpp-python so the export can find the one "
+                                  f"that tokenizes alike")
+        return vocab, None
+    from ..tokenizer import load_tokenizer
+
+    text = check_text(vocab["specials"])
+    want = {"ids": load_tokenizer(source.path)(text, add_special_tokens=False)["input_ids"],
+            "special_ids": special_ids(source.spec, source.dims.vocab_rows), "add_bos": ADD_BOS,
+            "chat_template": source.spec.chat_template}
+    probe_file = tmp / ".vocab-probe.gguf"
+
+    def probe(name: str) -> Path:
+        write_gguf(probe_file, source.spec.gguf_arch, [], None,
+                   lambda w: _write_metadata(w, source.spec, source.dims, {**vocab, "pre": name}, main_type))
+        return probe_file
+    try:
+        name, how = choose_pre(vocab, probe, want, text)
+    finally:
+        probe_file.unlink(missing_ok=True)
+    return {**vocab, "pre": name}, {"how": how, "want": want, "text": text}
+
+
+def _confirm_parity(file: Path, pre: str, check: dict | None) -> dict:
+    """The manifest's `tokenizer_parity`, after llama.cpp read the written file's vocabulary back
+    as the probe did (a CheckpointError naming what differs otherwise)."""
+    if check is None:
+        return {"checked_with": None, "pre_tokenizer": pre, "found_by": "regex",
+                "summary": f"{pre} (known regex), not checked: llama-cpp-python is not installed"}
+    got = read_back(file, check["text"])
+    diff = differences(got, check["want"])
+    if diff:
+        raise CheckpointError(f"{file}: " + "; ".join(diff))
+    rec = parity_record(pre, check["how"], got, check["text"])
+    rec["summary"] = (f"{pre} ({'known regex' if check['how'] == 'regex' else 'found by search'}): "
+                      f"{len(got['ids'])} check tokens, special ids, add_bos and chat template as written")
+    return rec
 
 
 def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:

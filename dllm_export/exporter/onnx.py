@@ -33,12 +33,13 @@ import torch
 
 from ..errors import InputError
 from ..fileio import atomic_folder
+from ..formats import MATMULNBITS_BITS, ONNX_FORMAT, check_matmulnbits, matmulnbits_block_ok
+from ..models.checkpoint import source_record
 from ..models.layers import rope_cos_sin
 from ..quant.primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, quantize_weight
-from ..models.loader import source_record
 from .source import open_source, write_sidecars
 
-FORMAT = "dllm-export/onnx"
+FORMAT = ONNX_FORMAT
 VERSION = 1
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -307,12 +308,7 @@ class _Builder:
         N, K = qw.shape
         G = qw.scales.shape[1]
         bs = K // G
-        if c.bits not in (2, 4, 8):
-            raise InputError(f"layer {name}: MatMulNBits stores 2, 4 or 8-bit weights, not {c.bits}-bit "
-                             f"(use --format qdq, which stores them in an int4/int8 container)")
-        if bs < 16 or bs & (bs - 1):
-            raise InputError(f"layer {name}: MatMulNBits needs a power-of-two block size >= 16, the grid has groups "
-                             f"of {bs} (quantize with --group-size 32/64/128, or use --format qdq)")
+        check_matmulnbits(c.bits, bs, f"layer {name}")
         u = (qw.codes.to(torch.int32) - c.qmin).numpy().astype(np.uint8).reshape(N, G, bs)  # unsigned codes
         blob = _pack_bits(u, c.bits)  # [N, G, bs * bits / 8]
         inputs = [x, g.weight(f"{name}.qweight", blob, list(blob.shape), 2),
@@ -424,7 +420,7 @@ class _Builder:
         per_channel = qw is not None and qw.scales.shape[1] == 1 and qw.mins is None
         G = qw.scales.shape[1] if qw is not None else 0
         bs = qw.shape[1] // G if G else 0
-        nbits_ok = qw is not None and qw.cfg.bits in (2, 4, 8) and bs >= 16 and not bs & (bs - 1)
+        nbits_ok = qw is not None and qw.cfg.bits in MATMULNBITS_BITS and matmulnbits_block_ok(bs)
         exact_int = a.bits == 8 and per_channel
         if want == "auto":
             return "integer" if exact_int else "nbits" if (nbits_ok and a.bits == 8 and G > 1) else "simulate"

@@ -11,9 +11,8 @@ import torch
 from ..errors import CheckpointError
 from ..fileio import write_manifest
 from ..models.checks import check_weight
-from ..models.loader import open_shards, read_spec, resolve_model_path
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+from ..models.checkpoint import is_quantized, open_shards, resolve_model_path, tokenizer_files
+from ..models.loader import read_spec
 
 
 @dataclass
@@ -56,7 +55,7 @@ def open_source(model_path: str | Path) -> Source:
 
     path = resolve_model_path(model_path)
     config, spec, dims = read_spec(path)
-    manifest = read_manifest(path) if (path / "manifest.json").is_file() else None
+    manifest = read_manifest(path) if is_quantized(path) else None
     return Source(path, config, spec, dims, manifest, open_shards(path))
 
 
@@ -64,7 +63,6 @@ def write_sidecars(folder: Path, manifest: dict, src: Source) -> None:
     """config.json and the tokenizer files beside an exported model, then manifest.json listing
     every file of the folder with its size and sha256 (`fileio.write_manifest`)."""
     (folder / "config.json").write_text(json.dumps(src.config, indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES:
-        if (src.path / name).is_file():
-            (folder / name).write_bytes((src.path / name).read_bytes())
+    for name, content in tokenizer_files(src.path).items():
+        (folder / name).write_bytes(content)
     write_manifest(folder, manifest)

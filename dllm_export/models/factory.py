@@ -9,19 +9,14 @@ files that look like the real ones. Tensors are generated and written shard by s
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import InputError
-from ..fileio import atomic_folder, write_manifest
-from .loader import DTYPES, build_model
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from .checkpoint import DTYPES, write_checkpoint
+from .loader import build_model
 
 
 def llada_config(d_model: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int | None = None,
@@ -86,67 +81,6 @@ def random_tensor(name: str, shape: tuple[int, ...], std: float, generator: torc
     if name.endswith(("norm.weight", "ln_f.weight")):
         return 1.0 + 0.1 * torch.randn(shape, generator=generator)
     return std * torch.randn(shape, generator=generator)
-
-
-def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],
-                     dtype: torch.dtype | None = torch.float32, max_shard_bytes: int | None = None,
-                     extra_files: dict[str, str | bytes] | Callable[[], dict[str, str | bytes]] | None = None,
-                     manifest: Callable[[], dict] | None = None) -> Path:
-    """Write config.json + safetensors (sharded with an index when `max_shard_bytes` is set) atomically.
-
-    `tensors` may be a generator: each shard is written as soon as it is full, so peak memory is
-    about one shard. `dtype` casts every tensor (None keeps each tensor's own dtype and config's
-    torch_dtype). `extra_files` may be a callable, evaluated after the tensors are written.
-    `manifest` (a callable, evaluated last) becomes manifest.json, with the size and sha256 of every
-    other file (`fileio.write_manifest`). The folder appears only when complete (written to a temp
-    dir, then renamed).
-    """
-    out = Path(out_dir)
-    with atomic_folder(out) as tmp:
-        if dtype is not None:
-            config = dict(config, torch_dtype=_DTYPE_NAMES[dtype])
-        shards: list[list[str]] = []
-        shard: dict[str, torch.Tensor] = {}
-        size = total = 0
-        n_written = 0
-
-        def flush():
-            nonlocal shard, size, n_written
-            if shard:
-                n_written += 1
-                save_file(shard, str(tmp / f"shard-{n_written:05d}.tmp"), metadata={"format": "pt"})
-                shards.append(list(shard))
-                shard, size = {}, 0
-
-        for name, t in tensors:
-            t = (t if dtype is None else t.to(dtype)).contiguous()
-            nbytes = t.numel() * t.element_size()
-            if max_shard_bytes and shard and size + nbytes > max_shard_bytes:
-                flush()
-            shard[name] = t
-            size += nbytes
-            total += nbytes
-        flush()
-        n = len(shards)
-        if max_shard_bytes is None or n == 1:
-            os.replace(tmp / "shard-00001.tmp", tmp / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                os.replace(tmp / f"shard-{i:05d}.tmp", tmp / fname)
-                weight_map.update({k: fname for k in names})
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        extra = extra_files() if callable(extra_files) else (extra_files or {})
-        for fname, content in extra.items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / fname, mode) as f:
-                f.write(content)
-        if manifest is not None:
-            write_manifest(tmp, manifest())
-    return out
 
 
 def make_random_checkpoint(out_dir: str | Path, family: str = "llada", *, dtype: torch.dtype | str = torch.float32,

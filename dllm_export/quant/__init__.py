@@ -5,7 +5,7 @@
     quantize("default", "out/w4", QuantizeConfig(method="gptq", scheme="W4A16", group_size=128))
 """
 
-from . import awq, duquant, gptq, quarot, rtn, smoothquant  # noqa: F401  (register methods and transforms)
+from . import awq, duquant, methods, quarot, smoothquant  # noqa: F401  (register methods and transforms)
 from .base import METHODS, QuantizeConfig, QuantMethod
 from .calibrate import CalibConfig
 from .driver import quantize_checkpoint as quantize

@@ -15,8 +15,10 @@ from torch import nn
 from ..errors import InputError
 from ..models.spec import ModelSpec
 from .calibrate import CalibConfig
+from .gptq import HessianStats, gptq_quantize
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, sqnr_db
 from .qlinear import QLinear
+from .rtn import rtn_quantize
 from .schemes import Scheme, get_scheme
 
 # Sequential order in which a block's linears are quantized (GPTQ's "true sequential"): each
@@ -44,6 +46,9 @@ class QuantizeConfig:
         calib: calibration recipe.
         batch_size: sequences per calibration forward.
         seed: seeds the method's own randomness (rotations).
+        layer_bits: mixed precision: ((layer name, bits), ...) overriding the weight bits of those
+            layers (grid: `mixed.grid_for_bits`); RTN and GPTQ, weight-only schemes.
+        avg_bits: the average-bits budget `layer_bits` was allocated for (recorded, not enforced here).
     """
 
     method: str = "gptq"
@@ -63,11 +68,12 @@ class QuantizeConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     batch_size: int = 8
     seed: int = 0
+    layer_bits: tuple[tuple[str, int], ...] = ()
+    avg_bits: float | None = None
 
     def __post_init__(self):
         get_scheme(self.scheme)
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        get_method(self.method)
         if self.weight_method not in ("rtn", "gptq"):
             raise InputError(f"weight_method must be rtn or gptq, got {self.weight_method!r}")
         if self.act_granularity not in ("per_token", "per_tensor"):
@@ -75,22 +81,37 @@ class QuantizeConfig:
         if not 0 < self.alpha < 1:
             raise InputError(f"alpha must lie in (0, 1), got {self.alpha}")
         self.weight_config()  # validates bits / group size / zero kind
+        pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
+        object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in pairs))  # JSON lists -> pairs
+        if self.layer_bits:
+            if self.method not in ("rtn", "gptq") or not self.scheme_.weight_only:
+                raise InputError(f"per-layer bit-widths need method rtn or gptq and a weight-only scheme "
+                                 f"(got {self.method} {self.scheme})")
+            for name, b in self.layer_bits:
+                if not 2 <= int(b) <= 8:
+                    raise InputError(f"layer {name}: weight bits must lie in 2..8, got {b}")
 
     @property
     def scheme_(self) -> Scheme:
         return get_scheme(self.scheme)
 
     def weight_config(self) -> WeightQuantConfig:
-        cfg = self.scheme_.weight_config(self.group_size, self.sym, self.zero_kind)
+        """The weight grid of this run, resolved once for every method: the scheme's, with `bits`,
+        `group_size` and `sym` overridden where set (`sym` unset: the method's default, else the scheme's)."""
+        sym = METHODS[self.method].default_weight_sym if self.sym is None else self.sym
+        cfg = self.scheme_.weight_config(self.group_size, sym, self.zero_kind)
         return cfg if self.bits is None else dataclasses.replace(cfg, bits=self.bits)
 
-    def act_config(self, default_sym: bool = True, clip: float = 1.0) -> ActQuantConfig | None:
-        return self.scheme_.act_config(granularity=self.act_granularity, clip=clip,
-                                       sym=default_sym if self.act_sym is None else self.act_sym)
+    def act_config(self, clip: float = 1.0) -> ActQuantConfig | None:
+        """The activation grid of this run (None for weight-only schemes): symmetric per `act_sym`,
+        else the method's default; `clip` shrinks the range (DuQuant's lac)."""
+        sym = METHODS[self.method].default_act_sym if self.act_sym is None else self.act_sym
+        return self.scheme_.act_config(granularity=self.act_granularity, clip=clip, sym=sym)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["calib"] = self.calib.to_dict()
+        d["layer_bits"] = dict(self.layer_bits)
         return d
 
 
@@ -110,10 +131,15 @@ class QuantMethod:
         self.qcfg = qcfg
         self.spec = spec
         self.model_config = model_config
-        if qcfg.sym is None and self.default_weight_sym is not None:
-            qcfg = dataclasses.replace(qcfg, sym=self.default_weight_sym)
         self.wcfg = qcfg.weight_config()
-        self.acfg = qcfg.act_config(self.default_act_sym)
+        self.acfg = qcfg.act_config()
+
+    def layer_wcfg(self, name: str) -> WeightQuantConfig:
+        """The grid of layer `name` (full module name): its `layer_bits` entry's, else the scheme's."""
+        from .mixed import grid_for_bits
+
+        bits = dict(self.qcfg.layer_bits).get(name)
+        return self.wcfg if bits is None else grid_for_bits(int(bits), self.wcfg, self.qcfg.sym)
 
     def transform_embedding(self, W: torch.Tensor) -> torch.Tensor:
         return W
@@ -130,6 +156,13 @@ class QuantMethod:
 
 
 METHODS: dict[str, type[QuantMethod]] = {}
+
+
+def get_method(name: str) -> type[QuantMethod]:
+    """The method called `name`, or a clear error listing the registered ones."""
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
+    return METHODS[name]
 
 
 def register_method(cls):
@@ -182,8 +215,6 @@ def install_qlinear(block: nn.Module, name: str, qw: QuantizedWeight, act: ActQu
 
 def hessians(block: nn.Module, X: torch.Tensor, ctx: tuple, names: list[str], batch_size: int) -> dict:
     """GPTQ Hessians of the inputs of `names` (layers sharing an input share one accumulator)."""
-    from .gptq import HessianStats
-
     stats: dict[str, HessianStats] = {}
 
     def add(n, x):
@@ -220,9 +251,6 @@ def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, 
                  n_tokens: int | None = None) -> tuple[QuantizedWeight, dict]:
     """Round W with RTN or GPTQ (GPTQ needs the Hessian H); returns the weight and manifest info
     (the output error on `X_sample` when given)."""
-    from .gptq import gptq_quantize
-    from .rtn import rtn_quantize
-
     info = {}
     if method == "gptq":
         qw, info["gptq_loss"] = gptq_quantize(W, H, wcfg, block_size=qcfg.block_size, percdamp=qcfg.percdamp,
@@ -236,10 +264,11 @@ def round_weight(W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantizeConfig, 
 
 
 def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, ctx: tuple, rounding: str,
-                        transforms: dict[str, nn.Module] | None = None) -> dict[str, dict]:
+                        transforms: dict[str, nn.Module] | None = None, index: int | None = None) -> dict[str, dict]:
     """Quantize a block's linears group by group (GROUPS order), each group's Hessian (GPTQ) or
     input sample (RTN: for the output error only) taken on the inputs produced by the
-    already-quantized groups; linears of a group share their input."""
+    already-quantized groups; linears of a group share their input. With the block's `index`,
+    each layer gets its own grid (`QuantMethod.layer_wcfg`: mixed precision)."""
     info: dict[str, dict] = {}
     transforms = transforms or {}
     for roles in GROUPS:
@@ -257,8 +286,8 @@ def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, 
             X_s = transforms[names[0]](X_s)
         for n in names:
             W = block.get_submodule(n).weight.data.float()
-            qw, extra = round_weight(W, H, method.qcfg, method.wcfg, rounding, X_s, name=n,
-                                     n_tokens=n_tokens)
+            wcfg = method.wcfg if index is None else method.layer_wcfg(f"{method.spec.blocks}.{index}.{n}")
+            qw, extra = round_weight(W, H, method.qcfg, wcfg, rounding, X_s, name=n, n_tokens=n_tokens)
             info[n] = install_qlinear(block, n, qw, method.acfg, W, transforms.get(n), **extra)
         calibrate_static_acts(block, names, X, ctx, method.qcfg.batch_size)
     return info

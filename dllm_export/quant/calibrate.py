@@ -3,8 +3,11 @@
 Each calibration window keeps a visible prefix and masks the rest with probability t, with t
 stratified over the set (t_i = (i + u_i) / N): the activations statistics then cover the whole
 denoising trajectory, from all-masked canvases to nearly-clean ones. `mask="none"` gives the
-plain-text calibration of earlier PTQ studies, for comparison. Text comes from the bundled
-corpus or a local .txt / .jsonl file; never from a download.
+plain-text calibration of earlier PTQ studies, for comparison. `mask="decode"` is timestep-aware
+(DLLMQuant): canvases laid out as semi-autoregressive decoding feeds the model (a visible prompt,
+later blocks all masked, the current block partly), at mask ratios drawn from those the loop
+actually visits (`decode_ratios`, measured from its commit steps by `eval.fidelity.decode_mask_ratios`).
+Text comes from the bundled corpus or a local .txt / .jsonl file; never from a download.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import torch
 from ..errors import InputError
 
 
+MASKS = ("uniform", "decode", "none")
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration recipe (recorded in the manifest).
@@ -28,9 +34,13 @@ class CalibConfig:
             (JSONL: one object per line with a "text" field).
         n_samples: number of windows.
         seq_len: tokens per window (capped at the model's context).
-        mask: "uniform" (mask ratio t ~ stratified U(0, 1) after a visible prefix) or "none".
+        mask: "uniform" (mask ratio t ~ stratified U(0, 1) after a visible prefix), "decode"
+            (decoding's canvases at the measured `decode_ratios`) or "none".
         max_prefix: the visible prefix is U(0, max_prefix) of the window.
         seed: everything random here derives from it.
+        decode_ratios: mask="decode": mask ratios of the generated region the loop visited.
+        gen_length, block_length: mask="decode": the decoding the canvases imitate (the prompt is
+            the rest of the window).
     """
 
     source: str = "default"
@@ -39,15 +49,55 @@ class CalibConfig:
     mask: str = "uniform"
     max_prefix: float = 0.5
     seed: int = 0
+    decode_ratios: tuple[float, ...] = ()
+    gen_length: int = 128
+    block_length: int = 32
 
     def __post_init__(self):
-        if self.mask not in ("uniform", "none"):
-            raise InputError(f"calibration mask must be 'uniform' or 'none', got {self.mask!r}")
+        if self.mask not in MASKS:
+            raise InputError(f"calibration mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
+        object.__setattr__(self, "decode_ratios", tuple(float(r) for r in self.decode_ratios))
+        if self.mask == "decode" and not self.decode_ratios:
+            raise InputError("calibration mask 'decode' needs the decode mask ratios measured from the loop")
+        if any(not 0 < r <= 1 for r in self.decode_ratios):
+            raise InputError("decode mask ratios must lie in (0, 1]")
+        if not 0 < self.block_length <= self.gen_length:
+            raise InputError(f"calibration needs 0 < block_length <= gen_length (got {self.block_length}, "
+                             f"{self.gen_length})")
         if self.n_samples < 1 or self.seq_len < 8:
             raise InputError(f"calibration needs n_samples >= 1 and seq_len >= 8 (got {self.n_samples}, {self.seq_len})")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["decode_ratios"] = list(self.decode_ratios)
+        return d
+
+
+def stratified_quantiles(values, n: int) -> list[float]:
+    """n stratified quantiles (midpoints) of an empirical distribution: a deterministic sample."""
+    v = torch.tensor(sorted(values), dtype=torch.float64)
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return torch.quantile(v, q).tolist()
+
+
+def decode_canvas_masks(ratios: list[float], length: int, gen_length: int, block_length: int,
+                        g: torch.Generator) -> torch.Tensor:
+    """Masks [len(ratios), length] of canvases as semi-autoregressive decoding sees them: a visible
+    prompt (the first length - gen_length tokens), then at mask ratio r of the generated region its
+    last whole blocks all masked and the current block masked at random positions."""
+    masks = torch.zeros(len(ratios), length, dtype=torch.bool)
+    P = length - gen_length
+    for i, r in enumerate(ratios):
+        m = max(1, round(r * gen_length))
+        full = (m // block_length) * block_length  # blocks not started yet
+        masks[i, length - full:] = True
+        part = m - full
+        if part:
+            start = max(length - full - block_length, P)  # the current block
+            width = length - full - start
+            pick = torch.randperm(width, generator=g)[:part]
+            masks[i, start + pick] = True
+    return masks
 
 
 @functools.lru_cache(maxsize=1)
@@ -113,6 +163,15 @@ def calibration_ids(tokenizer, spec, cfg: CalibConfig, max_len: int) -> tuple[to
     if cfg.mask == "none":
         return ids, summary
     N = cfg.n_samples
+    if cfg.mask == "decode":
+        gen = min(cfg.gen_length, L - 1)
+        ratios = stratified_quantiles(cfg.decode_ratios, N)
+        ratios = [ratios[i] for i in torch.randperm(N, generator=g).tolist()]
+        masked = decode_canvas_masks(ratios, L, gen, min(cfg.block_length, gen), g)
+        ids = ids.masked_fill(masked, spec.mask_id)
+        summary.update(mask_ratio_mean=float(masked.float().mean()), decode_ratio_mean=sum(ratios) / N,
+                       gen_length=gen)
+        return ids, summary
     t = (torch.arange(N) + torch.rand(N, generator=g)) / N  # stratified U(0, 1)
     t = t[torch.randperm(N, generator=g)]
     prefix = (torch.rand(N, generator=g) * cfg.max_prefix * L).long()

@@ -21,19 +21,19 @@ from torch import nn
 
 from ..errors import CalibrationError, InputError
 from ..models.checks import check_weight
-from ..models.loader import (build_model, open_shards, read_config, resolve_model_path, source_record,
-                             tokenizer_special_ids, weight_files)
+from ..formats import QUANTIZED_FORMAT, QUANTIZED_VERSION
+from ..models.checkpoint import (open_shards, read_config, resolve_model_path, source_record, tokenizer_files,
+                                 tokenizer_special_ids, weight_files, write_checkpoint)
+from ..models.loader import build_model
 
 from .base import METHODS, QuantizeConfig, forward_block
 from .calibrate import calibration_ids
+from .mixed import allocation_record, linear_shapes
 from .primitives import pack_codes
 from .qlinear import ActQuantLinear, QLinear
+from .schemes import fit_group
 
-MANIFEST_FORMAT = "dllm-export/quantized"
-MANIFEST_VERSION = 1
 SHARD_BYTES = 1 << 30
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
 
 
 class CheckpointSource:
@@ -143,9 +143,7 @@ def fit_group_size(qcfg: QuantizeConfig, widths: list[int]) -> QuantizeConfig:
     g = qcfg.scheme_.group_size
     if qcfg.group_size is not None or g == 0 or all(w % g == 0 for w in widths):
         return qcfg
-    while g > 16 and any(w % g for w in widths):
-        g //= 2
-    return dataclasses.replace(qcfg, group_size=g)
+    return dataclasses.replace(qcfg, group_size=fit_group(g, widths))
 
 
 # methods whose math runs on any torch device; the others use CPU-only helpers (seeded CPU
@@ -171,7 +169,6 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     Returns:
         the output folder, holding safetensors, config.json, tokenizer files and manifest.json.
     """
-    from ..models.factory import write_checkpoint
     from ..tokenizer import load_tokenizer
 
     device = torch.device(device)
@@ -183,6 +180,10 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     spec = model.spec
     widths = [model.blocks[0].get_submodule(name).in_features for name in spec.linears.values()]
     qcfg = fit_group_size(qcfg, widths)
+    shapes = linear_shapes(model)
+    unknown = sorted(set(dict(qcfg.layer_bits)) - set(shapes))
+    if unknown:
+        raise InputError(f"the bit allocation names layers this model does not have: {', '.join(unknown[:3])}")
     method = METHODS[qcfg.method](qcfg, spec, model.config)
     for w in widths:  # fail before any work if the grid cannot tile a layer
         method.wcfg.groups(w)
@@ -194,7 +195,8 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     ctx = model.block_context(L, torch.float32, device=device)
     t0 = time.perf_counter()
     manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "method": qcfg.method, "scheme": qcfg.scheme,
+        "format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "method": qcfg.method,
+        "scheme": "auto" if qcfg.layer_bits else qcfg.scheme,  # per-layer bits: see "allocation"
         "settings": qcfg.to_dict(), "calibration": {**qcfg.calib.to_dict(), **calib_summary},
         "source": source_record(path), "family": spec.family, "spec": spec.to_dict(), "device": device.type,
         "high_precision": [spec.embedding, spec.final_norm, spec.head], "layers": {}, "blocks": [],
@@ -243,15 +245,11 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
         yield f"{spec.final_norm}.weight", norm_w.to(out_dtype)
         if not tied:
             yield f"{spec.head}.weight", head_w.to(out_dtype)
+        if qcfg.layer_bits:
+            manifest["allocation"] = allocation_record({n: method.layer_wcfg(n) for n in shapes}, shapes,
+                                                       qcfg.avg_bits)
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
 
-    def extra_files():
-        files = {}
-        for name in TOKENIZER_FILES:
-            if (path / name).is_file():
-                files[name] = (path / name).read_bytes()
-        return files
-
     # 1 GiB shards: finished blocks leave memory as soon as their shard is written
-    return write_checkpoint(out_dir, config, tensors(), dtype=None, extra_files=extra_files,
+    return write_checkpoint(out_dir, config, tensors(), dtype=None, extra_files=lambda: tokenizer_files(path),
                             max_shard_bytes=SHARD_BYTES, manifest=lambda: manifest)

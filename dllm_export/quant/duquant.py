@@ -293,10 +293,7 @@ class DuQuant(QuantMethod):
     def __init__(self, qcfg, spec, model_config, dcfg: DuQuantConfig | None = None):
         super().__init__(qcfg, spec, model_config)
         self.dcfg = dcfg or DuQuantConfig()
-        sym_w = self.default_weight_sym if qcfg.sym is None else qcfg.sym
-        self.wcfg = qcfg.scheme_.weight_config(qcfg.group_size, sym_w, qcfg.zero_kind)
-        sym_a = self.default_act_sym if qcfg.act_sym is None else qcfg.act_sym
-        self.acfg = qcfg.scheme_.act_config(granularity=qcfg.act_granularity, sym=sym_a, clip=self.dcfg.act_clip)
+        self.acfg = qcfg.act_config(clip=self.dcfg.act_clip)  # the weight grid is the base's (bits included)
 
     def transform_block(self, block: nn.Module, X: torch.Tensor, ctx: tuple,
                         index: int) -> tuple[dict[str, InputTransform], dict[str, dict]]:

@@ -5,6 +5,9 @@ Names follow the paper and IST-DASLab/gptq: H = 2 X X^T / n, damping `percdamp` 
 Hinv its upper Cholesky factor, lazy batch updates of `block_size` columns. With `act_order`
 columns go by decreasing diag(H), and groups are computed up front on the original column order
 ("static groups"), so every group stays a contiguous slice of the input dim, as exporters need.
+
+The algorithm only, as IST-DASLab's gptq.py: it imports `primitives` and `rtn` (the clip search);
+the `gptq` method that applies it block by block is in `methods.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import CalibrationError
-from .base import QuantMethod, register_method, sequential_quantize
 from .primitives import QuantizedWeight, single_thread, WeightQuantConfig, compute_grid, quantize_to_grid
 from .rtn import mse_clip_ratios
 
@@ -182,13 +184,3 @@ def _single(cfg: WeightQuantConfig) -> WeightQuantConfig:
     """The same grid viewed as one group over whatever columns are passed (a group or a column)."""
     return WeightQuantConfig(bits=cfg.bits, group_size=0, sym=cfg.sym, zero_kind=cfg.zero_kind,
                              scale_dtype=cfg.scale_dtype)
-
-
-@register_method
-class GPTQ(QuantMethod):
-    """GPTQ on every block linear (q/k/v included), true-sequential within the block."""
-
-    name = "gptq"
-
-    def process_block(self, block, X, ctx, index):
-        return sequential_quantize(self, block, X, ctx, rounding="gptq")

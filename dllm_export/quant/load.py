@@ -11,8 +11,11 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.checks import check_weight
-from ..models.loader import _set_tensor, build_model, open_shards, read_config, tokenizer_special_ids
+from ..formats import QUANTIZED_FORMAT
+from ..models.checkpoint import open_shards, read_config, set_tensor, tokenizer_special_ids
+from ..models.loader import build_model
 from .base import set_module
+from .kernels import IntLinear, check_kernel
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, unpack_codes
 from .qlinear import ActQuantLinear, QLinear
 from .transforms import InputTransform, transform_from_spec
@@ -22,13 +25,11 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 def read_manifest(path: Path) -> dict:
     """manifest.json of a quantized checkpoint, checked for its format tag."""
-    from .driver import MANIFEST_FORMAT
-
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / 'manifest.json'}: not valid JSON ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if manifest.get("format") != QUANTIZED_FORMAT:
         raise CheckpointError(f"{path / 'manifest.json'} is not a dllm-export quantized manifest")
     return manifest
 
@@ -94,8 +95,10 @@ def read_linear(handles: dict, name: str, entry: dict, path: Path) -> StoredLine
                         None if zero is None else zero[0], names)
 
 
-def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
-    """Build the model with QLinear layers from a quantized checkpoint (see quant.driver)."""
+def load_quantized(path: Path, dtype: torch.dtype, device="cpu", kernel: str = "fake") -> nn.Module:
+    """Build the model from a quantized checkpoint (see quant.driver): with kernel "fake", QLinear
+    layers (the reference); with "int", IntLinear layers on integer kernels (see quant.kernels)."""
+    check_kernel(kernel, device)
     manifest = read_manifest(path)
     config = read_config(path)
     model = build_model(config, dtype=dtype, device="meta", added_tokens=tokenizer_special_ids(path))
@@ -115,8 +118,11 @@ def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
             expected = tuple(model.get_submodule(name).weight.shape)
             if lin.shape != expected:
                 raise CheckpointError(f"quantized layer {name} has shape {list(lin.shape)}, config implies {list(expected)}")
-            module = QLinear(lin.qweight, bias, lin.act, lin.transform, dtype=dtype)
-            module.act_scale, module.act_zero = lin.act_scale, lin.act_zero
+            if kernel == "int":
+                module = IntLinear(lin.qweight, bias, lin.act, lin.transform, dtype, lin.act_scale, lin.act_zero)
+            else:
+                module = QLinear(lin.qweight, bias, lin.act, lin.transform, dtype=dtype)
+                module.act_scale, module.act_zero = lin.act_scale, lin.act_zero
         set_module(model, name, module.to(device))
     for pname, p in list(model.named_parameters()):
         if p.is_meta:
@@ -124,7 +130,7 @@ def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
                 raise CheckpointError(f"tensor {pname} missing from quantized checkpoint {path}")
             t = handles[pname].get_tensor(pname)
             check_weight(pname, t, path)
-            _set_tensor(model, pname, t.to(device=device, dtype=dtype))
+            set_tensor(model, pname, t.to(device=device, dtype=dtype))
             used.add(pname)
     unexpected = sorted(set(handles) - used)
     if unexpected:

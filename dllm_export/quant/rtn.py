@@ -1,4 +1,5 @@
-"""RTN: round-to-nearest weight quantization, with optional MSE clipping search.
+"""RTN: round-to-nearest weight quantization, with optional MSE clipping search (the algorithm only:
+it imports nothing but `primitives`; the `rtn` method that applies it block by block is in `methods.py`).
 
 The clip search (as in QuaRot's `w_clip` / GPTQ's `mse` quantizer option) shrinks each group's
 range by a ratio from a grid and keeps, per group, the ratio with the least ||W - Q(W)||_p^p.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantMethod, register_method, sequential_quantize
 from .primitives import QuantizedWeight, WeightQuantConfig, _group_view, compute_grid, quantize_to_grid
 
 
@@ -35,14 +35,3 @@ def rtn_quantize(W: torch.Tensor, cfg: WeightQuantConfig, mse_clip: bool = False
     clip = mse_clip_ratios(W, cfg) if mse_clip else 1.0
     scales, zeros, mins = compute_grid(W, cfg, clip)
     return QuantizedWeight(quantize_to_grid(W, scales, zeros, mins, cfg), scales, zeros, mins, cfg)
-
-
-@register_method
-class RTN(QuantMethod):
-    """Round every block linear to nearest (optionally with MSE clipping); no calibration needed
-    for the weights (calibration inputs only measure the output error)."""
-
-    name = "rtn"
-
-    def process_block(self, block, X, ctx, index):
-        return sequential_quantize(self, block, X, ctx, rounding="rtn")

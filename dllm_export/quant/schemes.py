@@ -52,6 +52,14 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
 )}
 
 
+def fit_group(group: int, widths: list[int], smallest: int = 16) -> int:
+    """`group` halved (down to `smallest`) until it divides every layer width (small models: FFN
+    704 = 11 * 64); 0 (per channel) stays 0. Used where a group size is a default, never a request."""
+    while group > smallest and any(w % group for w in widths):
+        group //= 2
+    return group
+
+
 def get_scheme(name: str) -> Scheme:
     """The scheme called `name` (case-insensitive), or a clear error listing the known ones."""
     key = name.upper()

@@ -90,7 +90,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
              alg_temp: float | None = None, eps: float = 1e-3, threshold: float | None = None,
              attention_mask=None, seed: int | None = None, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, cache: str = "none", refresh: int | None = None,
-             factor: float | None = None, stop_at_eos: bool = False) -> GenerateOutput:
+             factor: float | None = None, stop_at_eos: bool = False,
+             on_canvas: Callable[[torch.Tensor], None] | None = None) -> GenerateOutput:
     """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
 
     Args:
@@ -125,6 +126,9 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         attention_mask: [B, P] 0/1 for a pre-padded prompt tensor.
         seed / generator: randomness (None = torch's global generator, like the references).
         callback: called as callback(step_done, steps_total_estimate) after each step.
+        on_canvas: called with the live canvas x [B, P + gen_length] after each step (read it, do
+            not keep or change it): streaming reads the committed prefix from it; an exception
+            raised there stops the loop (a server cancels a batch whose clients all left).
     Returns:
         GenerateOutput with `.ids` [B, P + gen_length] and `.commit_step` [B, gen_length].
     Raises:
@@ -155,7 +159,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     t0 = time.perf_counter()
     for b in range(plan.num_blocks):
         hi = P + (b + 1) * plan.block_length
-        _decode_block(x, commit, P, hi, plan, step_logits, rule, mask_id, callback)
+        _decode_block(x, commit, P, hi, plan, step_logits, rule, mask_id, callback, on_canvas)
         if plan.stop_at_eos:
             done = end_rows(x, P, hi, spec, mask_id) & ~ended
             x[done, hi:] = spec.eos_id
@@ -168,7 +172,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
 
 
 def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: Plan, step_logits: "_StepLogits",
-                  rule: Callable, mask_id: int, callback: Callable[[int, int], None] | None) -> None:
+                  rule: Callable, mask_id: int, callback: Callable[[int, int], None] | None,
+                  on_canvas: Callable[[torch.Tensor], None] | None = None) -> None:
     """Unmask the block ending at `hi` in place (x, and commit: the step of each commit)."""
     lo = hi - plan.block_length
     # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
@@ -197,6 +202,8 @@ def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: 
         commit[newly & (commit < 0)] = step_logits.nfe - 1
         if callback is not None:
             callback(step_logits.nfe, plan.total_estimate)
+        if on_canvas is not None:
+            on_canvas(x)
 
 
 @dataclass(frozen=True)
@@ -259,8 +266,8 @@ class Plan:
                 raise InputError(f"factor decoding ranks by confidence; sampler {self.sampler!r} has none")
         if self.cache not in CACHES:
             raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
-        if self.cache != "none" and not getattr(backend, "supports_cache", False):
-            raise InputError(f"the {getattr(backend, 'name', type(backend).__name__)} backend has no KV cache; "
+        if self.cache != "none" and not backend.supports_cache:
+            raise InputError(f"the {backend.name} backend has no KV cache; "
                              f"use cache='none'")
         if self.refresh is not None and self.refresh < 1:
             raise InputError(f"refresh must be >= 1, got {self.refresh}")
@@ -308,7 +315,7 @@ class _StepLogits:
         self.fwd_mask = None if bool((am == 1).all()) else am
         self.kv = KVCache() if plan.cache != "none" else None
         self.shift = 1 if self.spec.shift_logits else 0
-        self.use_rows = plan.greedy and getattr(backend, "supports_rows", False)
+        self.use_rows = plan.greedy and backend.supports_rows
         self.logits: torch.Tensor | None = None
         self.nfe = 0  # backend forward calls (a CFG step counts once)
 

@@ -1,0 +1,236 @@
+"""Layer sensitivity: the KL divergence one layer (or one role across blocks) adds when it alone is
+quantized, per bit-width, and the mixed-precision allocation it drives.
+
+Each unit is rounded with RTN, or with GPTQ on Hessians of the float model's inputs to that layer
+(mask-aware calibration canvases by default), and its fake-quant weight replaces the float one in
+an otherwise float model; the fidelity canvases (`eval.fidelity`) then give the KLD it adds,
+mean +- standard error. Summed over units this is the usual additive proxy for the KLD of the
+whole mixed model (HAWQ, Quant-dLLM): `allocate_bits` minimises it under a bytes budget
+(`quant.mixed.allocate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..quant.base import QuantizeConfig, round_weight
+from ..quant.calibrate import CalibConfig, calibration_ids
+from ..quant.driver import fit_group_size
+from ..quant.mixed import allocate, grid_for_bits, linear_shapes, weight_bytes
+from .fidelity import FidelityConfig, build_reference, compare
+
+GRANULARITIES = ("layer", "role")
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """What the scan measures.
+
+    Attributes:
+        bits: candidate bit-widths of the allocation (2..8).
+        granularity: "layer" (every block linear alone) or "role" (q, k, ... across all blocks at once).
+        method: rounding of the scanned unit: "gptq" (Hessians of the float model) or "rtn".
+        group_size: the grid's group size (None: the scheme's, fitted to the layer widths; 32 for GGUF).
+        sym: fix the symmetry of every grid (None: W{b}A16's; GGUF's block types need True).
+        calib: calibration canvases for the GPTQ Hessians (mask-aware by default).
+        fidelity: the canvases the added KLD is measured on.
+    """
+
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    granularity: str = "layer"
+    method: str = "gptq"
+    group_size: int | None = None
+    sym: bool | None = None
+    calib: CalibConfig = field(default_factory=lambda: CalibConfig(n_samples=32, seq_len=128))
+    fidelity: FidelityConfig = field(default_factory=lambda: FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=8,
+                                                                            elbo=False))
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"sensitivity granularity must be one of {', '.join(GRANULARITIES)}, "
+                             f"got {self.granularity!r}")
+        if self.method not in ("rtn", "gptq"):
+            raise InputError(f"sensitivity method must be rtn or gptq, got {self.method!r}")
+        if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
+            raise InputError(f"sensitivity bit-widths must lie in 2..8, got {self.bits}")
+
+    def quantize_config(self) -> QuantizeConfig:
+        """The QuantizeConfig whose grids the scan rounds with (and the allocation is quantized with)."""
+        return QuantizeConfig(method=self.method, scheme="W4A16", group_size=self.group_size, sym=self.sym,
+                              calib=self.calib)
+
+
+def _units(model, granularity: str) -> dict[str, list[str]]:
+    """unit name -> the full names of its layers."""
+    spec = model.spec
+    if granularity == "layer":
+        return {n: [n] for n in linear_shapes(model)}
+    return {role: [f"{spec.blocks}.{i}.{hf}" for i in range(len(model.blocks))] for role, hf in spec.linears.items()}
+
+
+@torch.no_grad()
+def _hessians(model, ids: torch.Tensor, names: list[str], batch: int = 8) -> dict:
+    """GPTQ Hessians of the inputs of the named linears, over a float forward of `ids`."""
+    from ..quant.gptq import HessianStats
+
+    stats: dict[str, HessianStats] = {}
+    handles = []
+    for n in names:
+        mod = model.get_submodule(n)
+        stats[n] = HessianStats(mod.in_features)
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=n: stats[n].update(a[0].detach())))
+    try:
+        for i in range(0, ids.shape[0], batch):
+            model(ids[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfig(), progress: bool = False) -> dict:
+    """KLD added by quantizing each unit alone at each candidate bit-width.
+
+    Args:
+        model: the float model (in memory; its weights are restored after each measurement).
+        tokenizer: its tokenizer (held-out canvases, calibration text).
+    Returns:
+        JSON-ready {"units": {unit: {"layers", "weights", "bits": {b: {"kld", "kld_se", "top1", "bytes"}}}},
+        "ranking": units by KLD at the lowest bit-width, "config", "grid"}.
+    """
+    shapes = linear_shapes(model)
+    qcfg = fit_group_size(cfg.quantize_config(), sorted({s[1] for s in shapes.values()}))
+    base = qcfg.weight_config()
+    units = _units(model, cfg.granularity)
+    ref = build_reference(model, tokenizer, cfg.fidelity)
+    H = {}
+    if cfg.method == "gptq":
+        ids, _ = calibration_ids(tokenizer, model.spec, cfg.calib, model.config.dims.context)
+        H = _hessians(model, ids, list(shapes))
+    out: dict = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(units) * len(cfg.bits), desc="sensitivity", unit="scan", leave=False)
+    for unit, names in units.items():
+        entry = {"layers": names, "weights": sum(shapes[n][0] * shapes[n][1] for n in names), "bits": {}}
+        originals = {n: model.get_submodule(n).weight.data.clone() for n in names}
+        for b in sorted(cfg.bits):
+            wcfg = grid_for_bits(b, base, cfg.sym)
+            for n in names:
+                W = originals[n].float()
+                h = H.get(n)
+                qw, _ = round_weight(W, None if h is None else h.H, qcfg, wcfg, cfg.method, name=n,
+                                     n_tokens=None if h is None else h.n)
+                model.get_submodule(n).weight.data.copy_(qw.dequantize(originals[n].dtype))
+            s = compare(model, ref)["summary"]
+            entry["bits"][b] = {"kld": s["kld_mean"], "kld_se": s["kld_se"], "top1": s["top1"],
+                                "bytes": sum(weight_bytes(*shapes[n], wcfg) for n in names)}
+            for n in names:
+                model.get_submodule(n).weight.data.copy_(originals[n])
+            if bar is not None:
+                bar.update(1)
+        out[unit] = entry
+    if bar is not None:
+        bar.close()
+    low = min(cfg.bits)
+    ranking = sorted(out, key=lambda u: -out[u]["bits"][low]["kld"])  # most sensitive first
+    cfg_d = dataclasses.asdict(cfg)
+    cfg_d["fidelity"]["ratios"] = list(cfg.fidelity.ratios)
+    return {"units": out, "ranking": ranking, "config": cfg_d, "grid": base.to_dict(),
+            "weights": sum(e["weights"] for e in out.values())}
+
+
+def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = None) -> dict:
+    """Per-layer bit-widths from a scan minimising the summed added KLD with at most `avg_bits`
+    bits per weight (bytes as `quant.mixed.weight_bytes`) over the scanned layers.
+
+    Args:
+        scan: a `sensitivity_scan` result (or its JSON).
+        avg_bits: the budget, bits per weight including scales.
+        bits: the candidate bit-widths (default: all the scan measured).
+    Returns:
+        {"layer_bits": {layer: bits}, "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget",
+        "predicted_kld", "solver"}.
+    """
+    units = scan["units"]
+    if not units:
+        raise InputError("the sensitivity scan holds no units")
+
+    def opts(e):
+        return {int(b): v for b, v in e["bits"].items() if bits is None or int(b) in bits}
+
+    costs = {u: {b: v["bytes"] for b, v in opts(e).items()} for u, e in units.items()}
+    values = {u: {b: v["kld"] for b, v in opts(e).items()} for u, e in units.items()}
+    if any(not c for c in costs.values()):
+        raise InputError(f"the scan measured none of the bit-widths {bits}")
+    n = scan["weights"]
+    budget = int(avg_bits * n // 8)
+    res = allocate(costs, values, budget)
+    layer_bits = {layer: res["choice"][u] for u, e in units.items() for layer in e["layers"]}
+    return {"layer_bits": layer_bits, "unit_bits": res["choice"], "bytes": res["bytes"], "budget_bytes": budget,
+            "avg_bits": 8 * res["bytes"] / n, "avg_bits_budget": avg_bits, "predicted_kld": res["value"],
+            "solver": res["solver"]}
+
+
+def to_markdown(scan: dict, top: int = 20) -> str:
+    """The scan as a table: units by sensitivity, KLD +- se per bit-width."""
+    bits = sorted({int(b) for e in scan["units"].values() for b in e["bits"]})
+    lines = ["| unit | weights | " + " | ".join(f"KLD @ {b} bits" for b in bits) + " |",
+             "|---|---:|" + "---:|" * len(bits)]
+    for u in scan["ranking"][:top]:
+        e = scan["units"][u]
+        by = {int(k): v for k, v in e["bits"].items()}  # JSON keys are strings
+        cells = [f"{by[b]['kld']:.4g} +- {by[b]['kld_se']:.2g}" if b in by else "" for b in bits]
+        lines.append(f"| {u} | {e['weights']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# GGUF stores a layer exactly only as a symmetric group-32 block type: Q4_0 / Q5_0 / Q8_0
+TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None},
+                "onnx": {"bits": (2, 3, 4, 8), "group_size": None, "sym": None},
+                "gguf": {"bits": (4, 5, 8), "group_size": 32, "sym": True}}
+
+
+def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tuple[int, ...] | None = None,
+                scan: dict | None = None, method: str = "gptq", granularity: str = "layer",
+                group_size: int | None = None, progress: bool = False) -> tuple[dict, dict]:
+    """`--scheme auto --avg-bits B`: scan (unless `scan` is given), allocate, and return the
+    quantize options of the mixed recipe plus the allocation and the scan.
+
+    Args:
+        model: checkpoint folder or `default` / `default-dream` (the float source).
+        target: None (a quantized checkpoint), "onnx" or "gguf" (its grids: see TARGET_GRIDS).
+        bits: candidate bit-widths (default: the target's).
+        group_size: the grids' group size (default: the target's; GGUF: 32).
+    Returns:
+        ({"method", "scheme", "group_size", "sym", "layer_bits", "avg_bits"}, {"allocation", "scan"}).
+    """
+    from .. import load_model, load_tokenizer
+
+    if target not in TARGET_GRIDS:
+        raise InputError(f"--scheme auto: unknown target {target!r}")
+    grid = dict(TARGET_GRIDS[target])
+    if group_size is not None and grid["group_size"] not in (None, group_size):
+        raise InputError(f"{target} stores groups of {grid['group_size']} weights, not {group_size}")
+    grid["group_size"] = grid["group_size"] or group_size
+    bits = tuple(bits or grid["bits"])
+    if target == "gguf" and any(b not in grid["bits"] for b in bits):
+        raise InputError(f"GGUF stores mixed layers exactly as Q4_0 / Q5_0 / Q8_0: bit-widths 4, 5, 8 (got {bits})")
+    if scan is None:
+        cfg = SensitivityConfig(bits=bits, granularity=granularity, method=method, group_size=grid["group_size"],
+                                sym=grid["sym"])
+        scan = sensitivity_scan(load_model(model), load_tokenizer(model), cfg, progress=progress)
+    if grid["group_size"] and scan["grid"]["group_size"] != grid["group_size"]:
+        raise InputError(f"the sensitivity scan used groups of {scan['grid']['group_size']}; this recipe needs "
+                         f"{grid['group_size']} (scan again with that grid)")
+    alloc = allocate_bits(scan, avg_bits, bits)
+    opts = {"method": scan["config"]["method"], "scheme": "W4A16", "group_size": scan["grid"]["group_size"],
+            "sym": scan["config"]["sym"], "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits}
+    return opts, {"allocation": alloc, "scan": scan}

@@ -1,0 +1,159 @@
+"""Mixed precision: per-layer bit-widths chosen from measured sensitivities under a size budget.
+
+Given, for every unit u (a layer, or one role across blocks) and candidate bit-width b, the KL
+divergence it adds when quantized alone (`eval.sensitivity`) and the bytes it then takes, pick one
+b per unit minimising the summed KLD subject to total bytes <= the budget. This is a
+multiple-choice knapsack; it is solved exactly by dynamic programming over bytes in units of the
+costs' greatest common divisor (the byte counts of grids of one group size share a large one),
+and by a Lagrangian relaxation (the best convex-hull allocation under the budget, then greedy
+upgrades into the slack) when that table would be too large.
+
+The budget is an average of B bits per weight over the allocated layers: B / 8 * n_weights bytes,
+where a layer's bytes are its packed codes plus fp16 scales (plus zero points), `weight_bytes`:
+exactly the bytes of GGUF block types (Q4_0 = 4.5 bits per weight) and of MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import reduce
+
+import numpy as np
+
+from ..errors import InputError
+from .primitives import WeightQuantConfig
+from .schemes import SCHEMES
+
+DP_MAX_CELLS = 50_000_000  # items x budget units above which the Lagrangian solver is used
+
+
+def grid_for_bits(bits: int, base: WeightQuantConfig, sym: bool | None = None) -> WeightQuantConfig:
+    """The grid of a `bits`-wide layer in a mixed recipe: the base grid's group size and zero kind,
+    the symmetry of scheme W{bits}A16 unless `sym` fixes it (2-bit grids are asymmetric)."""
+    if sym is None:
+        sym = SCHEMES[f"W{bits}A16"].sym if f"W{bits}A16" in SCHEMES else base.sym
+    return dataclasses.replace(base, bits=bits, sym=sym)
+
+
+def weight_bytes(out_features: int, in_features: int, cfg: WeightQuantConfig) -> int:
+    """Bytes of a packed [out, in] weight on grid `cfg`: codes at cfg.bits, one fp16 scale per
+    group (and a cfg.bits-wide zero point or fp16 minimum for asymmetric grids)."""
+    G = cfg.groups(in_features)
+    bits = out_features * in_features * cfg.bits + out_features * G * 16
+    if not cfg.sym:
+        bits += out_features * G * (16 if cfg.zero_kind == "float" else cfg.bits)
+    return math.ceil(bits / 8)
+
+
+def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float]], budget: int) -> dict:
+    """Choose one option per unit minimising sum(values) subject to sum(costs) <= budget.
+
+    Args:
+        costs: unit -> {option (bits): bytes}.
+        values: unit -> {option: added KLD} (the same options).
+        budget: total bytes allowed.
+    Returns:
+        {"choice": unit -> option, "bytes": total bytes, "value": summed values, "solver": "dp" | "lagrangian"}.
+    Raises:
+        InputError when even the cheapest options exceed the budget.
+    """
+    units = list(costs)
+    opts = [sorted(costs[u]) for u in units]
+    if any(set(costs[u]) != set(values[u]) for u in units):
+        raise InputError("every unit needs a cost and a value for the same options")
+    least = sum(min(costs[u].values()) for u in units)
+    if least > budget:
+        raise InputError(f"the budget of {budget} bytes is below the smallest allocation ({least} bytes)")
+    unit = reduce(math.gcd, (c for u in units for c in costs[u].values()))
+    cells = len(units) * (budget // unit + 1)
+    if cells <= DP_MAX_CELLS:
+        choice, solver = _dp(units, opts, costs, values, budget, unit), "dp"
+    else:
+        choice, solver = _lagrangian(units, opts, costs, values, budget), "lagrangian"
+    total = sum(costs[u][choice[u]] for u in units)
+    assert total <= budget
+    return {"choice": choice, "bytes": total, "value": float(sum(values[u][choice[u]] for u in units)),
+            "solver": solver}
+
+
+def _dp(units, opts, costs, values, budget: int, unit: int) -> dict:
+    """Exact multiple-choice knapsack: best[c] = least value with cost exactly <= c units."""
+    B = budget // unit
+    best = np.zeros(B + 1)  # no units placed yet: value 0 at any capacity
+    picks = []
+    for u, os_ in zip(units, opts):
+        nxt = np.full(B + 1, np.inf)
+        arg = np.full(B + 1, -1, dtype=np.int64)
+        for j, o in enumerate(os_):
+            c = costs[u][o] // unit
+            if c > B:
+                continue
+            cand = np.full(B + 1, np.inf)
+            cand[c:] = best[:B + 1 - c] + values[u][o]
+            better = cand < nxt
+            nxt[better], arg[better] = cand[better], j
+        best = nxt
+        picks.append(arg)
+    c = int(np.argmin(best))  # ties: the smallest cost
+    choice = {}
+    for u, os_, arg in zip(reversed(units), reversed(opts), reversed(picks)):
+        o = os_[int(arg[c])]
+        choice[u] = o
+        c -= costs[u][o] // unit
+    return {u: choice[u] for u in units}
+
+
+def _lagrangian(units, opts, costs, values, budget: int) -> dict:
+    """min sum(v + lam * c) per unit, lam bisected to the cheapest feasible, then greedy upgrades
+    (least added value per byte) while they fit."""
+    def pick(lam):
+        return {u: min(os_, key=lambda o: (values[u][o] + lam * costs[u][o], costs[u][o])) for u, os_ in zip(units, opts)}
+
+    def total(ch):
+        return sum(costs[u][ch[u]] for u in units)
+
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget:
+        hi *= 2
+    if total(pick(lo)) > budget:
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if total(pick(mid)) > budget else (lo, mid)
+    choice = pick(hi) if total(pick(lo)) > budget else pick(lo)
+    slack = budget - total(choice)
+    while True:
+        best = None
+        for u in units:
+            for o in costs[u]:
+                dc = costs[u][o] - costs[u][choice[u]]
+                dv = values[u][o] - values[u][choice[u]]
+                if 0 < dc <= slack and dv < 0 and (best is None or dv / dc < best[0]):
+                    best = (dv / dc, u, o, dc)
+        if best is None:
+            return choice
+        choice[best[1]] = best[2]
+        slack -= best[3]
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """Full module name -> (out, in) of every block linear of a (meta or real) model."""
+    spec = model.spec
+    return {f"{spec.blocks}.{i}.{n}": (m.out_features, m.in_features)
+            for i, block in enumerate(model.blocks) for n in spec.linears.values()
+            for m in (block.get_submodule(n),)}
+
+
+def allocation_record(layer_cfgs: dict[str, WeightQuantConfig], shapes: dict[str, tuple[int, int]],
+                      avg_bits: float | None) -> dict:
+    """The manifest's "allocation": bits and bytes per layer, the realised average bits per weight
+    (`weight_bytes` over the layers' weights) and the budget it was allocated for."""
+    layers, total, n = {}, 0, 0
+    for name, cfg in layer_cfgs.items():
+        out_f, in_f = shapes[name]
+        b = weight_bytes(out_f, in_f, cfg)
+        layers[name] = {"bits": cfg.bits, "bytes": b}
+        total += b
+        n += out_f * in_f
+    return {"avg_bits_budget": avg_bits, "avg_bits": round(8 * total / n, 6), "bytes": total, "weights": n,
+            "layers": layers}

@@ -1,0 +1,356 @@
+"""The OpenAI-compatible HTTP app (FastAPI) and its uvicorn server.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (stream: server-sent events),
+GET /v1/models, GET /health, GET /metrics (Prometheus). Every refused request is answered
+with OpenAI's error shape {"error": {"message", "type", "param", "code"}} and a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import DllmExportError
+from .batcher import Batcher, Job
+from .engine import Engine, RequestError, TextStream
+from .metrics import Metrics
+from .schemas import ChatRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server settings.
+
+    Attributes:
+        host / port: where to listen (loopback unless told otherwise).
+        max_batch: rows decoded together at most.
+        max_queue: requests waiting at most; more get 429.
+        batch_wait: seconds the worker waits for compatible requests to join a batch (under concurrency).
+        timeout: seconds a request may take, waiting included (408 after).
+        api_key: when set, /v1/* need `Authorization: Bearer <api_key>`.
+        max_body_bytes: larger request bodies get 413.
+        graceful_timeout: seconds in-flight requests get to finish at shutdown.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8
+    max_queue: int = 64
+    batch_wait: float = 0.02
+    timeout: float = 300.0
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    graceful_timeout: float = 30.0
+
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    """A JSON error in OpenAI's shape."""
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One line naming the first problem of a body, and the field."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    if kind == "extra_forbidden":
+        return f"unknown field {where!r}", param
+    if kind == "missing":
+        return f"missing required field {where!r}", param
+    return f"{where}: {err.get('msg')} (got {json.dumps(err.get('input'), default=str)[:80]})", param
+
+
+class _Guard:
+    """ASGI middleware: refuses bodies over the limit (413) and counts every answer in the metrics."""
+
+    def __init__(self, app, max_body: int, metrics: Metrics):
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status, t0, received = [500], time.perf_counter(), [0]
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        too_large = f"the request body exceeds {self.max_body} bytes"
+
+        async def guarded_receive():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received[0] += len(msg.get("body", b""))
+                if received[0] > self.max_body:  # chunked bodies carry no Content-Length
+                    raise HTTPException(413, too_large)
+            return msg
+
+        async def counted_send(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            if length.isdigit() and int(length) > self.max_body:
+                await error_response(413, too_large, param=None, code="body_too_large")(scope, receive, counted_send)
+            else:
+                await self.app(scope, guarded_receive, counted_send)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            if route in ROUTES[:2]:
+                self.metrics.request_seconds.observe(time.perf_counter() - t0)
+
+
+def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
+    """The app serving `engine`; its batcher starts and stops with the app's lifespan."""
+    metrics = Metrics()
+    batcher = Batcher(engine, max_batch=cfg.max_batch, max_queue=cfg.max_queue, batch_wait=cfg.batch_wait,
+                      metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await asyncio.to_thread(batcher.close, cfg.graceful_timeout)
+
+    app = FastAPI(title="dllm-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.batcher, app.state.metrics, app.state.cfg = engine, batcher, metrics, cfg
+    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, metrics=metrics)
+    _add_error_handlers(app)
+
+    def auth(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+            raise RequestError("missing or wrong API key (send Authorization: Bearer KEY)", None, "invalid_api_key",
+                               401)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.model_id, "queue": batcher.depth}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": 0,
+                                            "owned_by": "dllm-export", "family": engine.spec.family,
+                                            "backend": getattr(engine.backend, "name", "?"),
+                                            "context_length": engine.context}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(body: CompletionRequest, request: Request):
+        return await _respond(app, body, request, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await _respond(app, body, request, chat=True)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(request, exc: RequestError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(DllmExportError)
+    async def library_error(request, exc: DllmExportError):
+        return error_response(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)),
+                              code="body_too_large" if exc.status_code == 413 else None)
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+async def _respond(app: FastAPI, body, request: Request, chat: bool):
+    """Validate, queue, and answer one generation request (JSON, or SSE when body.stream)."""
+    engine: Engine = app.state.engine
+    batcher: Batcher = app.state.batcher
+    body.unsupported()
+    if body.model is not None and body.model != engine.model_id:
+        raise RequestError(f"the model {body.model!r} does not exist (this server has {engine.model_id!r})",
+                           "model", "model_not_found", 404)
+    stops = body.stops()
+    if chat:
+        texts = None
+        prompts = [engine.encode_chat([m.as_dict() for m in body.messages])]
+    else:
+        texts = body.prompts()
+        prompts = [engine.encode(p) for p in texts]
+    settings = engine.settings(body, [len(p) for p in prompts])
+    loop = asyncio.get_running_loop()
+    job = Job(rows=[p for p in prompts for _ in range(body.n)], settings=settings, loop=loop,
+              events=asyncio.Queue(), deadline=time.monotonic() + app.state.cfg.timeout, stream=body.stream,
+              canvas=body.canvas, batchable=engine.batchable(settings))
+    batcher.submit(job)
+    usage = {"prompt_tokens": sum(len(p) for p in prompts)}
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": engine.model_id}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(app, job, stops, meta, usage, chat, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async for event in _events(batcher, job, request):
+        if event[0] == "error":
+            raise event[1]
+        if event[0] == "done":
+            return _full_response(engine, event[1], event[2], stops, meta, usage, chat,
+                                  [_echo(engine, t, p) for t, p in zip(texts, prompts)] if getattr(body, "echo", False) else None,
+                                  body.n, app.state.metrics)
+    raise RequestError("the client left", None, "client_closed", 499)
+
+
+def _echo(engine: Engine, text, ids: list[int]) -> str:
+    return text if isinstance(text, str) else engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def _events(batcher: Batcher, job: Job, request: Request | None):
+    """The job's events until done or error; a client that leaves or a deadline cancels the job."""
+    try:
+        while True:
+            left = job.deadline - time.monotonic()
+            if left <= 0:
+                yield ("error", RequestError("the request timed out", None, "timeout", 408, "timeout_error"))
+                return
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=min(left, 0.5))
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return
+                continue
+            yield event
+            if event[0] in ("done", "error"):
+                return
+    finally:  # also on a client disconnect (the stream's task is cancelled): free the slot
+        batcher.cancel(job)
+
+
+def _full_response(engine: Engine, rows: list[list[int]], info: dict, stops, meta: dict, usage: dict, chat: bool,
+                   echoes: list[str] | None, n: int, metrics: Metrics) -> dict:
+    choices, used = [], 0
+    for i, tokens in enumerate(rows):
+        text, reason, k = engine.text(tokens, stops)
+        used += k
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                            "finish_reason": reason or "length"})
+        else:
+            prefix = echoes[i // n] if echoes else ""
+            choices.append({"index": i, "text": prefix + text, "logprobs": None, "finish_reason": reason or "length"})
+    usage = {**usage, "completion_tokens": used, "total_tokens": usage["prompt_tokens"] + used}
+    metrics.prompt_tokens.inc(usage["prompt_tokens"])
+    metrics.completion_tokens.inc(used)
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage,
+            "dllm": info}
+
+
+def _chunk(meta: dict, chat: bool, index: int, text: str | None, reason: str | None, role: bool = False) -> dict:
+    if chat:
+        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+    return {**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
+
+
+def _sse_data(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: bool, include_usage: bool):
+    """Server-sent events of a streamed request: deltas of each choice's committed prefix, a last
+    chunk with its finish reason, the usage chunk when asked for, then [DONE]."""
+    engine: Engine = app.state.engine
+    streams = [TextStream(engine, stops) for _ in job.rows]
+    if chat:
+        for i in range(len(streams)):
+            yield _sse_data(_chunk(meta, chat, i, None, None, role=True))
+    async for event in _events(app.state.batcher, job, None):
+        if event[0] == "error":
+            err = event[1]
+            yield _sse_data({"error": {"message": err.message, "type": err.type, "param": err.param,
+                                       "code": err.code}})
+            break
+        final = event[0] == "done"
+        rows = event[1]
+        for i, (s, tokens) in enumerate(zip(streams, rows)):
+            committed = tokens if final else tokens[:event[2][i]]
+            delta, reason = s.feed(committed, final)
+            if delta or reason:
+                yield _sse_data(_chunk(meta, chat, i, delta, reason))
+        if job.canvas and not final:
+            yield _sse_data({**meta, "object": "dllm.canvas", "choices": [], "canvas": _canvas(engine, rows)})
+        if all(s.reason is not None for s in streams):
+            break  # every choice is finished (end token or stop string): _events frees the slot
+    used = sum(s.tokens for s in streams)
+    app.state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+    app.state.metrics.completion_tokens.inc(used)
+    if include_usage:
+        total = {**usage, "completion_tokens": used, "total_tokens": usage["prompt_tokens"] + used}
+        yield _sse_data({**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+                         "usage": total})
+    yield "data: [DONE]\n\n"
+
+
+def _canvas(engine: Engine, rows: list[list[int]]) -> list[dict]:
+    """Each row's canvas: one string per position, null where it is still masked."""
+    mask = engine.spec.mask_id
+    return [{"index": i, "tokens": [None if t == mask else engine.tokenizer.decode([t]) for t in row]}
+            for i, row in enumerate(rows)]
+
+
+def make_server(engine: Engine, cfg: ServeConfig = ServeConfig(), log_level: str = "info"):
+    """A uvicorn.Server for the app (run it with `.run()`; `.should_exit = True` stops it gracefully)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level=log_level,
+                            timeout_graceful_shutdown=cfg.graceful_timeout, access_log=log_level == "debug")
+    return uvicorn.Server(config)
+
+
+def bind_socket(host: str, port: int):
+    """A listening-ready socket on host:port (port 0: a free one); InputError when it cannot bind."""
+    import socket
+
+    from ..errors import InputError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock

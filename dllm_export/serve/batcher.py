@@ -1,0 +1,239 @@
+"""One worker thread that decodes queued requests in batches through `runtime.generate`.
+
+Requests with equal, batchable settings (engine.GenSettings) are decoded together: their rows
+(n per prompt) form one left-padded batch of at most `max_batch` rows; a request that cannot
+join waits for a later batch, in arrival order. The queue is bounded; a request that waits past
+its deadline, or whose client left, is dropped from the queue, and a running batch whose
+clients have all left is stopped between two steps. Results and stream updates go back to the
+request's asyncio loop through thread-safe queue puts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..runtime.loop import generate
+from .engine import Engine, GenSettings, RequestError
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the queue.
+
+    Attributes:
+        rows: prompt ids of every row (each prompt repeated n times, prompt-major).
+        settings: the decoding settings (the batch key).
+        loop / events: where updates go: ("step", generated [rows, gen] ids) when `stream`
+            and a row's committed prefix grew (every step with `canvas`), with each row's
+            prefix length: ("step", ids, lengths); then ("done", ids, info) or ("error", RequestError).
+        deadline: time.monotonic() after which the request is dropped (timeout).
+    """
+
+    rows: list[list[int]]
+    settings: GenSettings
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    deadline: float
+    stream: bool = False
+    canvas: bool = False
+    cancelled: bool = False
+    batchable: bool = True
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def put(self, event: tuple) -> None:
+        """Hand an event to the request's loop (from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is gone
+            self.cancelled = True
+
+
+class _AllLeft(Exception):
+    """Raised inside the loop's canvas hook: every request of the batch is cancelled."""
+
+
+class Batcher:
+    """The bounded queue and its worker.
+
+    Args:
+        engine: the model.
+        max_batch: rows per batch.
+        max_queue: requests waiting at most (more are refused: `submit` raises RequestError 429).
+        batch_wait: seconds the worker waits for companions of a batchable request, when the
+            previous batch held more than one request.
+        metrics: a metrics.Metrics (or None).
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, batch_wait: float = 0.02,
+                 metrics=None):
+        self.engine, self.max_batch, self.max_queue, self.batch_wait = engine, max_batch, max_queue, batch_wait
+        self.metrics = metrics
+        self._pending: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._last_jobs = 1
+        self._thread = threading.Thread(target=self._run, name="dllm-export-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; RequestError 429 when the queue is full, 503 when the server is shutting down."""
+        if len(job.rows) > self.max_batch:
+            raise RequestError(f"n x prompts = {len(job.rows)} rows exceed this server's batch of {self.max_batch}",
+                               "n")
+        with self._cv:
+            if self._closing:
+                raise RequestError("the server is shutting down", None, "shutting_down", 503, "server_error")
+            if len(self._pending) >= self.max_queue:
+                raise RequestError(f"the queue is full ({self.max_queue} requests waiting); retry later", None,
+                                   "queue_full", 429, "server_overloaded")
+            self._pending.append(job)
+            self._gauge()
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client left or timed out: drop the job from the queue (a running batch skips it)."""
+        job.cancelled = True
+        with self._cv:
+            if job in self._pending:
+                self._pending.remove(job)
+                self._gauge()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, fail the queued ones (503), let the running batch finish, stop the worker."""
+        with self._cv:
+            self._closing = True
+            pending, self._pending = list(self._pending), deque()
+            self._cv.notify_all()
+        for job in pending:
+            job.put(("error", RequestError("the server shut down before this request ran", None, "shutting_down",
+                                           503, "server_error")))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._pending))
+
+    def _take(self) -> list[Job] | None:
+        """The next batch: the oldest job and the compatible ones behind it (None when closing)."""
+        with self._cv:
+            while not self._pending and not self._closing:
+                self._cv.wait()
+            if self._closing:
+                return None
+            first = self._pending[0]
+            if first.batchable and len(first.rows) < self.max_batch and self._last_jobs > 1:
+                # under concurrency (the last batch held several requests, whose clients are sending
+                # their next ones now) companions that arrive within batch_wait join this batch; a
+                # lone client does not wait
+                end = time.monotonic() + self.batch_wait
+                while (not self._closing and (left := end - time.monotonic()) > 0
+                       and self._rows_like(first) < self.max_batch):
+                    self._cv.wait(left)
+            batch, rows = [], 0
+            for job in list(self._pending):
+                if job is first or (first.batchable and job.batchable and job.settings == first.settings
+                                    and rows + len(job.rows) <= self.max_batch):
+                    batch.append(job)
+                    rows += len(job.rows)
+                    self._pending.remove(job)
+                    if not first.batchable:
+                        break
+            self._gauge()
+            self._last_jobs = len(batch)
+            return batch
+
+    def _rows_like(self, first: Job) -> int:
+        return sum(len(j.rows) for j in self._pending if j.batchable and j.settings == first.settings)
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            now = time.monotonic()
+            for job in batch:
+                if not job.cancelled and now > job.deadline:
+                    job.cancelled = True
+                    job.put(("error", _timeout()))
+            batch = [j for j in batch if not j.cancelled]
+            if batch:
+                self._decode(batch)
+
+    def _decode(self, batch: list[Job]) -> None:
+        """Run one batch and hand every job its rows."""
+        rows = [r for job in batch for r in job.rows]
+        spans, start = [], 0
+        for job in batch:
+            spans.append((start, start + len(job.rows)))
+            start += len(job.rows)
+        P = max(len(r) for r in rows)
+        mask_id = self.engine.spec.mask_id
+        last = {"t": time.perf_counter(), "prefix": [0] * len(rows)}
+
+        def on_canvas(x: torch.Tensor) -> None:
+            t = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.step_seconds.observe(t - last["t"])
+            last["t"] = t
+            now = time.monotonic()
+            for job in batch:
+                if not job.cancelled and now > job.deadline:
+                    job.cancelled = True
+                    job.put(("error", _timeout()))
+            if all(job.cancelled for job in batch):
+                raise _AllLeft
+            if any(job.stream for job in batch):
+                self._stream_step(batch, spans, x[:, P:], mask_id, last["prefix"])
+
+        if self.metrics is not None:
+            self.metrics.batch_rows.observe(len(rows))
+        s = batch[0].settings
+        started = time.monotonic()
+        try:
+            out = generate(self.engine.backend, rows, on_canvas=on_canvas, **s.kwargs())
+        except _AllLeft:
+            return
+        except RequestError as e:
+            for job in batch:
+                job.put(("error", e))
+            return
+        except Exception as e:  # a backend failure fails this batch, never the server
+            err = RequestError(f"decoding failed: {type(e).__name__}: {e}", None, "decode_failed", 500,
+                               "server_error")
+            for job in batch:
+                job.put(("error", err))
+            return
+        gen = out.generated
+        info = {"nfe": out.nfe, "seconds": round(out.seconds, 4), "batch_rows": len(rows)}
+        for job, (a, b) in zip(batch, spans):
+            if not job.cancelled:
+                job.put(("done", gen[a:b].tolist(), {**info, "queued_s": round(started - job.enqueued, 4)}))
+
+    @staticmethod
+    def _stream_step(batch: list[Job], spans, gen: torch.Tensor, mask_id: int, seen: list[int]) -> None:
+        """Send streaming jobs their rows when a committed left-to-right prefix grew."""
+        masked = gen == mask_id
+        # length of each row's unmasked prefix: index of its first mask (gen_length if none)
+        prefix = torch.where(masked.any(1), masked.int().argmax(1), torch.full_like(masked[:, 0], gen.shape[1],
+                                                                                     dtype=torch.long))
+        prefix = prefix.tolist()
+        for job, (a, b) in zip(batch, spans):
+            if job.cancelled or not job.stream:
+                continue
+            if job.canvas or any(prefix[r] > seen[r] for r in range(a, b)):
+                job.put(("step", gen[a:b].tolist(), prefix[a:b]))
+        seen[:] = prefix
+
+
+def _timeout() -> RequestError:
+    return RequestError("the request timed out", None, "timeout", 408, "timeout_error")

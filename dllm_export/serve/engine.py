@@ -1,0 +1,227 @@
+"""The model behind the server: a backend, its tokenizer, request settings -> `generate` kwargs,
+and generated tokens -> the text a client sees (cut at the first end token or stop string).
+
+Everything a request can get wrong is checked here, before it is queued, so that the batch
+loop only ever runs settings that `generate` accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..runtime.backends import load_backend
+from ..runtime.loop import Plan
+from ..runtime.samplers import DREAM_SAMPLERS, LLADA_SAMPLERS
+from ..tokenizer import encode_prompt, load_tokenizer
+
+
+class RequestError(InputError):
+    """A request the server refuses: HTTP `status`, OpenAI error `type`, the field (`param`) and a `code`."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """The decoding settings of one request, as `generate` takes them; equal settings share a batch."""
+
+    gen_length: int
+    steps: int | None = None
+    block_length: int | None = None
+    sampler: str | None = None
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    alg_temp: float | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str = "none"
+    refresh: int | None = None
+    stop_at_eos: bool = False
+    seed: int | None = None
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of `generate`."""
+        return asdict(self)
+
+    def batchable(self, sampler: str) -> bool:
+        """Rows of other requests leave this request's tokens unchanged: greedy and unseeded (a shared
+        generator would interleave draws), and not Dream's batch-mean quota with ended rows."""
+        if self.seed is not None or self.temperature > 0 or sampler in ("random", "origin") or self.alg_temp:
+            return False
+        return not (self.stop_at_eos and sampler in DREAM_SAMPLERS and self.threshold is None and self.factor is None)
+
+
+# dLLM extensions a request may carry (OpenAI clients send them through `extra_body`)
+EXTENSIONS = ("steps", "block_length", "sampler", "threshold", "factor", "cache", "refresh", "stop_at_eos",
+              "cfg_scale", "top_k", "alg_temp")
+
+
+class Engine:
+    """A loaded backend and tokenizer, with the defaults and limits of the server.
+
+    Args:
+        backend / tokenizer: what `load_backend` and `load_tokenizer` return.
+        model_id: the name clients pass as `model` and /v1/models lists.
+        default_max_tokens: gen_length when a request gives no max_tokens (that of `dllm-export generate`).
+        max_tokens_limit: the largest max_tokens accepted (default: the context).
+    """
+
+    def __init__(self, backend, tokenizer, model_id: str, default_max_tokens: int = 64,
+                 max_tokens_limit: int | None = None):
+        self.backend, self.tokenizer, self.model_id = backend, tokenizer, model_id
+        self.spec = backend.spec
+        self.context = backend.max_length
+        self.default_max_tokens = default_max_tokens
+        self.max_tokens_limit = max_tokens_limit or self.context
+        self.end_ids = {i for i in (self.spec.eos_id, self.spec.eot_id) if i is not None}
+
+    # -- prompts --------------------------------------------------------------------------------
+    def encode(self, prompt) -> list[int]:
+        """Ids of a completion prompt: text, or a list of token ids (checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            ids = encode_prompt(self.tokenizer, prompt)
+        else:
+            ids = list(prompt)
+            bad = [i for i in ids if not 0 <= i < self.backend.vocab_size]
+            if bad:
+                raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.backend.vocab_size})",
+                                   "prompt")
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt")
+        return ids
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Ids of a conversation in the family's chat template, ready for the assistant's turn."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja raises TemplateError for conversations a template refuses
+            raise RequestError(f"the chat template refused the messages: {e}", "messages") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- settings -------------------------------------------------------------------------------
+    def settings(self, req, prompt_lengths: list[int]) -> GenSettings:
+        """Checked GenSettings of a request (a schemas.*Request); RequestError names the field at fault."""
+        gen = req.max_tokens if req.max_tokens is not None else self.default_max_tokens
+        if gen > self.max_tokens_limit:
+            raise RequestError(f"max_tokens {gen} exceeds this server's limit of {self.max_tokens_limit}",
+                               "max_tokens")
+        longest = max(prompt_lengths)
+        if longest + gen > self.context:
+            raise RequestError(f"prompt ({longest} tokens) + max_tokens ({gen}) = {longest + gen} exceeds the "
+                               f"model's context of {self.context} tokens", "max_tokens", "context_length_exceeded")
+        sampler = req.sampler or self.spec.default_sampler
+        top_p = None if req.top_p is None or req.top_p == 1 else req.top_p
+        if sampler in LLADA_SAMPLERS and (top_p is not None or req.top_k is not None):
+            raise RequestError(f"top_p / top_k filter Dream's samplers; sampler {sampler!r} does not use them",
+                               "top_p" if top_p is not None else "top_k", "unsupported_parameter")
+        s = GenSettings(gen_length=gen, steps=req.steps, block_length=req.block_length, sampler=req.sampler,
+                        temperature=req.temperature or 0.0, cfg_scale=req.cfg_scale or 0.0, top_k=req.top_k,
+                        top_p=top_p, alg_temp=req.alg_temp, threshold=req.threshold, factor=req.factor,
+                        cache=req.cache or "none", refresh=req.refresh, stop_at_eos=bool(req.stop_at_eos),
+                        seed=req.seed)
+        plan = Plan(sampler=sampler, gen_length=gen, steps=gen if s.steps is None else s.steps,
+                    block_length=gen if s.block_length is None else s.block_length, temperature=s.temperature,
+                    cfg_scale=s.cfg_scale, top_k=s.top_k, top_p=s.top_p, alg_temp=s.alg_temp,
+                    threshold=s.threshold, factor=s.factor, cache=s.cache, refresh=s.refresh)
+        try:
+            plan.check(self.backend)
+        except InputError as e:  # Plan's messages speak of gen_length: the request calls it max_tokens
+            msg = str(e).replace("gen_length", "max_tokens")
+            raise RequestError(msg, _param_of(str(e)), "unsupported_parameter" if "backend" in msg else None) from None
+        return s
+
+    def batchable(self, s: GenSettings) -> bool:
+        """Whether requests with settings `s` may share a batch (GenSettings.batchable)."""
+        return s.batchable(s.sampler or self.spec.default_sampler)
+
+    # -- output ---------------------------------------------------------------------------------
+    def text(self, tokens: list[int], stops: tuple[str, ...] = ()) -> tuple[str, str | None, int]:
+        """(text, finish reason or None, tokens used) of generated tokens (a committed prefix or all of
+        them): cut at the first end token (EOS / end of turn) and at the first stop string."""
+        cut = next((k for k, t in enumerate(tokens) if t in self.end_ids), None)
+        kept = tokens if cut is None else tokens[:cut]
+        reason = None if cut is None else "stop"
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            text, reason = text[:min(hits)], "stop"
+        return text, reason, len(kept)
+
+
+def _param_of(message: str) -> str | None:
+    """The request field an InputError of `Plan.check` is about (its first word that is one)."""
+    names = {"gen_length": "max_tokens", "temperature": "temperature", "top_p": "top_p", **{n: n for n in EXTENSIONS}}
+    for word in message.replace(",", " ").replace("'", " ").split():
+        if word in names:
+            return names[word]
+    return None
+
+
+def load_engine(model: str, backend: str = "auto", device: str | None = None, threads: int = 0,
+                model_id: str | None = None, **limits) -> Engine:
+    """Load `model` (checkpoint folder, `default`, ONNX or GGUF artifact) and its tokenizer for serving.
+
+    `device` is a device profile (targets.PROFILES, or `auto`): its threads and onnxruntime
+    providers apply; the `cuda` profile runs a torch checkpoint on the GPU.
+    """
+    options: dict = {}
+    torch_device = "cpu"
+    if device:
+        from ..targets import get_profile
+
+        profile = get_profile(device)
+        threads = threads or profile.threads
+        torch_device = "cuda" if profile.arch == "cuda" else "cpu"
+        if profile.arch == "cuda":
+            options["providers"] = list(profile.providers)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    be = load_backend(model, backend=backend, threads=threads, device=torch_device,
+                      **(options if _is_onnx(model, backend) else {}))
+    tok = load_tokenizer(Path(model).parent if str(model).endswith(".gguf") else model)
+    name = model_id or (str(model) if str(model).startswith("default") else Path(str(model)).name or str(model))
+    return Engine(be, tok, name, **limits)
+
+
+def _is_onnx(model: str, backend: str) -> bool:
+    return backend == "onnxruntime" or (backend == "auto" and (Path(str(model)) / "model.onnx").is_file())
+
+
+class TextStream:
+    """The text of one streamed choice, sent as deltas while its committed prefix grows.
+
+    A delta never takes back text: text that could still become a stop string (the last
+    len(longest stop) - 1 characters) and an incomplete UTF-8 character are held back until the
+    next update or the end.
+    """
+
+    def __init__(self, engine: Engine, stops: tuple[str, ...] = ()):
+        self.engine, self.stops = engine, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent, self.tokens, self.reason = 0, 0, None
+
+    def feed(self, tokens: list[int], final: bool = False) -> tuple[str, str | None]:
+        """(new text, finish reason once finished) for the committed prefix `tokens` (all of them if `final`)."""
+        if self.reason is not None:
+            return "", None
+        text, reason, self.tokens = self.engine.text(tokens, self.stops)
+        if final and reason is None:
+            reason = "length"
+        safe = len(text)
+        if reason is None:
+            safe -= self.hold
+            while safe > 0 and text[safe - 1] == "\ufffd":  # a character whose bytes are not all committed yet
+                safe -= 1
+        delta = text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        self.reason = reason
+        return delta, reason

@@ -1,0 +1,142 @@
+"""Request bodies of the OpenAI-compatible routes (pydantic, validated by FastAPI).
+
+Strict types (a string is not a number), unknown fields refused, OpenAI fields that a diffusion
+LM cannot honour accepted only at their neutral value; the dLLM extensions (`steps`,
+`block_length`, `sampler`, `threshold`, `cache`, ...) sit beside the OpenAI fields, which is
+where the OpenAI clients' `extra_body` puts them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engine import RequestError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    user: str | None = None
+    # OpenAI fields accepted only at their neutral value (checked in `unsupported`)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # dLLM extensions (extra_body)
+    steps: int | None = Field(None, ge=1)
+    block_length: int | None = Field(None, ge=1)
+    sampler: str | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str | None = None
+    refresh: int | None = None
+    stop_at_eos: bool | None = None
+    cfg_scale: float | None = Field(None, ge=0)
+    top_k: int | None = None
+    alg_temp: float | None = None
+    canvas: bool = False  # streaming: also send the denoising canvas after every step
+
+    def stops(self) -> tuple[str, ...]:
+        """Stop strings (OpenAI allows up to 4)."""
+        s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(s) > 4 or any(not x for x in s):
+            raise RequestError("stop takes up to 4 non-empty strings", "stop")
+        return tuple(s)
+
+    def unsupported(self) -> None:
+        """Raise RequestError for OpenAI features this server does not implement."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise RequestError(f"{name} is not supported by diffusion decoding", name, "unsupported_parameter")
+        if self.logit_bias:
+            raise RequestError("logit_bias is not supported", "logit_bias", "unsupported_parameter")
+        if self.canvas and not self.stream:
+            raise RequestError("canvas streams the denoising canvas; it needs stream: true", "canvas")
+
+
+class CompletionRequest(_GenRequest):
+    """POST /v1/completions."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list:
+        """The prompts: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise RequestError("the prompt is empty", "prompt")
+        return list(p)
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.logprobs:
+            raise RequestError("logprobs are not supported", "logprobs", "unsupported_parameter")
+        if self.suffix:
+            raise RequestError("suffix is not supported", "suffix", "unsupported_parameter")
+        if self.best_of not in (None, self.n):
+            raise RequestError("best_of other than n is not supported", "best_of", "unsupported_parameter")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        """{"role", "content"} with text parts joined, as chat templates take it."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatRequest(_GenRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise RequestError("logprobs are not supported", "logprobs", "unsupported_parameter")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise RequestError(f"response_format {self.response_format.type!r} is not supported (only 'text')",
+                               "response_format", "unsupported_parameter")
+        if self.max_completion_tokens is not None:
+            if self.max_tokens not in (None, self.max_completion_tokens):
+                raise RequestError("max_tokens and max_completion_tokens differ", "max_completion_tokens")
+            self.max_tokens = self.max_completion_tokens

@@ -1,0 +1,226 @@
+"""Layer sensitivity scan, the mixed-precision allocator, per-layer bits through quantize and both
+exporters, and timestep-aware calibration."""
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dllm_export import InputError, load_model, load_tokenizer
+from dllm_export.cli import main
+from dllm_export.eval.fidelity import FidelityConfig
+from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, sensitivity_scan
+from dllm_export.models.factory import make_random_checkpoint
+from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
+from dllm_export.quant import mixed
+from dllm_export.quant.calibrate import calibration_ids, stratified_quantiles
+from dllm_export.quant.mixed import allocate, weight_bytes
+from dllm_export.quant.primitives import WeightQuantConfig
+from dllm_export.quant.qlinear import QLinear
+
+FID = FidelityConfig(ratios=(0.5, 0.85), windows=4, window=32, elbo=False, gen_length=16, block_length=8)
+
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    """A small local calibration file (the bundled corpus recipe takes ~20 s to build on 2 cores)."""
+    f = tmp_path_factory.mktemp("calib") / "calib.txt"
+    f.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # the {i}th line" for i in range(400)))
+    return str(f)
+
+
+@pytest.fixture(scope="module")
+def CALIB(calib_text):
+    return CalibConfig(source=calib_text, n_samples=4, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("sens") / "llada", family="llada", tokenizer=True, std=0.05,
+                                  vocab_size=384, d_model=64, n_heads=4, n_kv_heads=4, max_sequence_length=128)
+
+
+def _brute(costs, values, budget):
+    units = list(costs)
+    best = None
+    for combo in itertools.product(*(sorted(costs[u]) for u in units)):
+        c = sum(costs[u][o] for u, o in zip(units, combo))
+        v = sum(values[u][o] for u, o in zip(units, combo))
+        if c <= budget and (best is None or v < best - 1e-12):
+            best = v
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("solver", ["dp", "lagrangian"])
+def test_allocator_respects_the_budget_exactly(seed, solver, monkeypatch):
+    rng = random.Random(seed)
+    costs, values = {}, {}
+    for u in range(6):
+        n = rng.choice([64, 128, 256]) * 64
+        costs[f"l{u}"] = {b: weight_bytes(64, n // 64, WeightQuantConfig(bits=b, group_size=32)) for b in (2, 3, 4, 8)}
+        scale = rng.uniform(0.1, 10)
+        values[f"l{u}"] = {b: scale * 4.0 ** -b * rng.uniform(0.5, 1.5) for b in (2, 3, 4, 8)}
+    if solver == "lagrangian":
+        monkeypatch.setattr(mixed, "DP_MAX_CELLS", 0)
+    least, most = (sum(f(c.values()) for c in costs.values()) for f in (min, max))
+    for frac in (0.0, 0.3, 0.55, 1.0):
+        budget = int(least + frac * (most - least))
+        res = allocate(costs, values, budget)
+        assert res["solver"] == solver
+        assert res["bytes"] == sum(costs[u][b] for u, b in res["choice"].items()) <= budget
+        opt = _brute(costs, values, budget)
+        if solver == "dp":  # exact
+            assert res["value"] == pytest.approx(opt, rel=1e-12)
+        else:  # the hull plus greedy fill: feasible, never better than the optimum
+            assert res["value"] >= opt - 1e-12
+    with pytest.raises(InputError, match="below the smallest allocation"):
+        allocate(costs, values, least - 1)
+
+
+def test_weight_bytes_are_gguf_and_nbits_sizes():
+    assert weight_bytes(64, 64, WeightQuantConfig(bits=4, group_size=32)) == 64 * 2 * 18  # Q4_0: 18 B / 32
+    assert weight_bytes(64, 64, WeightQuantConfig(bits=5, group_size=32)) == 64 * 2 * 22  # Q5_0
+    assert weight_bytes(64, 64, WeightQuantConfig(bits=8, group_size=32)) == 64 * 2 * 34  # Q8_0
+    # 2-bit asymmetric: a 2-bit zero point per group too
+    assert weight_bytes(8, 64, WeightQuantConfig(bits=2, group_size=64, sym=False)) == (8 * 64 * 2 + 8 * 18) / 8
+
+
+def _plant(model, block: int) -> str:
+    """A sensitive attention output projection with the float function unchanged: every 32nd input
+    channel of o scaled 30x and the matching output row of v scaled 1/30 (attention mixes positions,
+    not channels), so o's groups each hold an outlier that crushes the other weights' grid."""
+    b, spec = model.blocks[block], model.spec
+    b.get_submodule(spec.linears["o"]).weight.data[:, ::32] *= 30
+    b.get_submodule(spec.linears["v"]).weight.data[::32, :] /= 30
+    return f"{spec.blocks}.{block}.{spec.linears['o']}"
+
+
+@pytest.mark.parametrize("granularity", ["layer", "role"])
+def test_planted_sensitive_layer_is_found(granularity, ckpt):
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    ids = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = model(ids)
+    planted = _plant(model, 1)
+    assert (model(ids) - ref).abs().max() < 1e-5  # the same float model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = SensitivityConfig(bits=(2, 4, 8), granularity=granularity, method="rtn", group_size=32, fidelity=FID)
+    scan = sensitivity_scan(model, tok, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+    assert scan["ranking"][0] == (planted if granularity == "layer" else "o")
+    for u, e in scan["units"].items():  # fewer bits, more KLD (8 bits: close to nothing)
+        assert e["bits"][2]["kld"] >= e["bits"][4]["kld"] >= e["bits"][8]["kld"] >= 0, u
+        assert e["bits"][8]["kld"] < 1e-3
+    if granularity == "layer":
+        assert len(scan["units"]) == len(model.blocks) * 7
+        alloc = allocate_bits(scan, avg_bits=4.5)
+        assert alloc["bytes"] <= alloc["budget_bytes"] and alloc["avg_bits"] <= 4.5
+        assert alloc["layer_bits"][planted] == max(alloc["layer_bits"].values())  # the planted layer keeps bits
+
+
+def test_gptq_scan_and_mixed_quantize_and_exports(ckpt, CALIB, tmp_path):
+    """Scan with GPTQ on the GGUF grid, allocate at 5 bits, quantize: per-layer grids in the manifest
+    and the fake-quant model; GGUF stores each layer exactly (Q4_0 / Q5_0 / Q8_0) and ONNX matches."""
+    gguf = pytest.importorskip("gguf")
+    from dllm_export.exporter.gguf import export_gguf
+    from dllm_export.exporter.onnx import export_onnx
+    from dllm_export.models.checkpoint import open_shards
+    from dllm_export.quant.load import read_linear, read_manifest
+    from dllm_export.runtime.ort import OrtBackend
+
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    cfg = SensitivityConfig(bits=(4, 5, 8), granularity="role", method="gptq", group_size=32, sym=True, calib=CALIB,
+                            fidelity=FID)
+    alloc = allocate_bits(sensitivity_scan(model, tok, cfg), avg_bits=5.2)
+    assert len(set(alloc["layer_bits"].values())) > 1  # a real mix
+    qcfg = QuantizeConfig(method="gptq", scheme="W4A16", group_size=32, sym=True, calib=CALIB,
+                          layer_bits=alloc["layer_bits"], avg_bits=5.2)
+    q = quantize(ckpt, tmp_path / "q", qcfg, progress=False)
+    man = read_manifest(q)
+    assert man["scheme"] == "auto" and man["allocation"]["avg_bits"] <= 5.2
+    assert man["allocation"]["bytes"] == alloc["bytes"]
+    assert {n: e["weight"]["bits"] for n, e in man["layers"].items()} == alloc["layer_bits"]
+    qm = load_model(q)
+    assert {n: m.qweight.cfg.bits for n, m in qm.named_modules() if isinstance(m, QLinear)} == alloc["layer_bits"]
+
+    out = export_gguf(q, tmp_path / "gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    handles = open_shards(q)
+    types = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
+    for i in range(len(qm.blocks)):
+        for role, gname in [("v", "attn_v"), ("o", "attn_output"), ("gate", "ffn_gate"), ("down", "ffn_down")]:
+            name = f"{qm.spec.blocks}.{i}.{qm.spec.linears[role]}"
+            t = tensors[f"blk.{i}.{gname}.weight"]
+            assert t.tensor_type.name == types[alloc["layer_bits"][name]]
+            ours = read_linear(handles, name, man["layers"][name], q).qweight.dequantize().numpy()
+            assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), ours)
+
+    onnx_out = export_onnx(q, tmp_path / "onnx")
+    ids = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = qm(ids).float()
+    assert (OrtBackend(onnx_out).forward(ids) - ref).abs().max() < 1e-4
+
+
+def test_mixed_layer_bits_are_checked(ckpt, CALIB, tmp_path):
+    with pytest.raises(InputError, match="rtn or gptq"):
+        QuantizeConfig(method="awq", layer_bits={"x": 4})
+    with pytest.raises(InputError, match="2..8"):
+        QuantizeConfig(method="rtn", layer_bits={"x": 9})
+    with pytest.raises(InputError, match="does not have"):
+        quantize(ckpt, tmp_path / "q", QuantizeConfig(method="rtn", calib=CALIB, layer_bits={"nope.q": 4}),
+                 progress=False)
+    assert not (tmp_path / "q").exists()
+    from dllm_export.exporter import export
+
+    spec = load_model(ckpt).spec
+    with pytest.raises(InputError, match="stores 2, 4 or 8-bit weights, not 3-bit"):
+        export(ckpt, tmp_path / "o", target="onnx", scheme="W4A16", weight_format="matmulnbits", group_size=32,
+               quantize_options={"layer_bits": {f"{spec.blocks}.0.{spec.linears['q']}": 3}})
+    assert not (tmp_path / "o").exists()  # refused before any calibration
+
+
+def test_timestep_aware_calibration_canvases(ckpt, calib_text):
+    tok, spec = load_tokenizer(ckpt), load_model(ckpt).spec
+    with pytest.raises(InputError, match="decode mask ratios"):
+        CalibConfig(mask="decode")
+    cfg = CalibConfig(source=calib_text, n_samples=8, seq_len=64, mask="decode", decode_ratios=(0.25, 0.5, 1.0), gen_length=32,
+                      block_length=16)
+    ids, summary = calibration_ids(tok, spec, cfg, 128)
+    masked = ids == spec.mask_id
+    assert not masked[:, :32].any()  # the prompt stays visible
+    want = sorted(max(1, round(r * 32)) for r in stratified_quantiles(cfg.decode_ratios, 8))
+    assert sorted(masked.sum(1).tolist()) == want  # the measured ratios' quantiles, of the generated region
+    assert masked[:, -16:].sum(1).min() >= masked[:, 32:48].sum(1).max() - 16  # later blocks masked first
+    again, _ = calibration_ids(tok, spec, cfg, 128)
+    assert torch.equal(ids, again) and summary["gen_length"] == 32
+
+
+def test_cli_sensitivity_then_auto_quantize(ckpt, calib_text, tmp_path, capsys):
+    rc = main(["analyze", "--sensitivity", "--model", str(ckpt), "--out", str(tmp_path / "s"), "--method", "rtn",
+               "--bits-choices", "2,4,8", "--group-size", "32", "--windows", "2", "--ratios", "0.5", "--no-progress"])
+    assert rc == 0
+    scan = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert (tmp_path / "s" / "sensitivity.md").read_text().startswith("| unit |")
+    rc = main(["quantize", "--model", str(ckpt), "--method", "rtn", "--scheme", "auto", "--avg-bits", "3.5",
+               "--sensitivity", str(tmp_path / "s" / "sensitivity.json"), "--calib", calib_text, "--calib-samples", "2",
+               "--calib-seq-len", "32", "--out", str(tmp_path / "q"), "--no-progress"])
+    assert rc == 0
+    man = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert man["allocation"]["avg_bits"] <= 3.5 and man["allocation"]["avg_bits_budget"] == 3.5
+    assert man["allocation"]["bytes"] == allocate_bits(scan, 3.5)["bytes"]
+    pytest.importorskip("gguf")
+    rc = main(["--target", "gguf", "--model", str(ckpt), "--method", "rtn", "--scheme", "auto", "--avg-bits", "6",
+               "--sensitivity", str(tmp_path / "s" / "sensitivity.json"), "--out", str(tmp_path / "g"), "--no-progress"])
+    assert rc == 0
+    man = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert man["allocation"]["avg_bits"] <= 6 and set(man["allocation"]["layer_bits"].values()) <= {4, 8}
+    assert man["quantize_settings"]["layer_bits"] == man["allocation"]["layer_bits"]
+    assert sum(man["tensor_types"].get(t, 0) for t in ("Q4_0", "Q8_0")) == 14
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(ckpt), "--scheme", "auto", "--out", str(tmp_path / "x")]) == 2
+    assert "--avg-bits" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(ckpt), "--avg-bits", "4", "--out", str(tmp_path / "x")]) == 2

@@ -1,0 +1,367 @@
+"""`dllm-export serve`: the real server on a free loopback port, driven by the official openai client
+(completions, chat, streaming) and by raw HTTP (httpx) for bad input; results against `generate`
+on the torch (bundled model), onnxruntime and llama.cpp (tiny artifacts) backends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from dllm_export import generate  # noqa: E402
+from dllm_export.serve import ServeConfig, bind_socket, load_engine, make_server  # noqa: E402
+from dllm_export.serve.batcher import Batcher, Job  # noqa: E402
+from dllm_export.serve.engine import GenSettings, RequestError  # noqa: E402
+from dllm_export.tokenizer import encode_prompt  # noqa: E402
+
+PROMPTS = ["12+34=", "def fibonacci(n):", "7*8=", "class Stack:\n    def push(self, item):", "90-45=",
+           "import os\n", "x = [1, 2, 3]\nfor i in x:", "The quick brown fox"]
+
+
+@contextmanager
+def running(engine, cfg: ServeConfig = ServeConfig()):
+    """The server on a free loopback port in a thread; yields its base URL; stops it gracefully."""
+    sock = bind_socket("127.0.0.1", 0)
+    server = make_server(engine, replace(cfg, port=sock.getsockname()[1]), log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() - t0 < 30, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive()
+
+
+def expected(engine, ids, **kw) -> str:
+    """What the server must answer: `generate` alone on this prompt, cut at the first end token."""
+    row = generate(engine.backend, ids, **kw).generated[0].tolist()
+    cut = next((k for k, t in enumerate(row) if t in engine.end_ids), len(row))
+    return engine.tokenizer.decode(row[:cut], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny models gain nothing from more, and a shared CI host loses a lot."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def torch_engine():
+    return load_engine("default")
+
+
+@pytest.fixture(scope="module")
+def torch_url(torch_engine):
+    with running(torch_engine, ServeConfig(max_batch=8, batch_wait=0.02)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def artifact_engines(tiny_dirs, tmp_path_factory):
+    """onnxruntime and llama.cpp engines on tiny float artifacts of one random LLaDA checkpoint."""
+    root = tmp_path_factory.mktemp("serve_artifacts")
+    engines = {}
+    pytest.importorskip("onnxruntime")
+    from dllm_export.exporter.onnx import export_onnx
+
+    engines["onnxruntime"] = load_engine(str(export_onnx(tiny_dirs["llada"], root / "onnx")))
+    try:
+        pytest.importorskip("llama_cpp")
+        from dllm_export.exporter.gguf import GgufExportConfig, export_gguf
+
+        cfg = GgufExportConfig(quant="F32", embed_type="F32", head_type="F32")
+        engines["llama.cpp"] = load_engine(str(export_gguf(tiny_dirs["llada"], root / "gguf", cfg)))
+    except pytest.skip.Exception:
+        pass
+    return engines
+
+
+def client(url: str, key: str = "none"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+DLLM = {"steps": 16, "block_length": 8}  # two blocks: the stream commits left to right
+
+
+def test_completion_torch_equals_generate(torch_engine, torch_url):
+    ids = encode_prompt(torch_engine.tokenizer, PROMPTS[1])
+    r = client(torch_url).completions.create(model="default", prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                             extra_body=DLLM)
+    assert r.choices[0].text == expected(torch_engine, ids, gen_length=16, **DLLM)
+    assert r.usage.prompt_tokens == len(ids) and 0 < r.usage.completion_tokens <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_and_stream_torch(torch_engine, torch_url):
+    c = client(torch_url)
+    msgs = [{"role": "user", "content": "What is 12+7?"}]
+    ids = encode_prompt(torch_engine.tokenizer, msgs[0]["content"], chat=True)
+    want = expected(torch_engine, ids, gen_length=16, **DLLM)
+    r = c.chat.completions.create(model="default", messages=msgs, max_tokens=16, extra_body=DLLM)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(c.chat.completions.create(model="default", messages=msgs, max_tokens=16, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=DLLM))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+
+
+def test_stream_emits_blocks_in_order(torch_engine, torch_url):
+    """With 4 blocks of 16 the committed prefix grows several times: several deltas before the end."""
+    body = {"steps": 64, "block_length": 16}
+    c = client(torch_url)
+    full = c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=64, extra_body=body)
+    deltas = [ch.choices[0].text for ch in c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=64,
+                                                                stream=True, extra_body=body)]
+    assert "".join(deltas) == full.choices[0].text
+    if full.choices[0].finish_reason == "length":
+        assert sum(1 for d in deltas if d) >= 2
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "llama.cpp"])
+def test_artifact_backends(backend, artifact_engines):
+    if backend not in artifact_engines:
+        pytest.skip(f"{backend} not installed")
+    engine = artifact_engines[backend]
+    ids = [5, 17, 42, 99, 7]  # token ids: the random checkpoint's tokenizer makes no sense of text
+    with running(engine) as url:
+        c = client(url)
+        r = c.completions.create(model=engine.model_id, prompt=ids, max_tokens=16, extra_body=DLLM)
+        assert r.choices[0].text == expected(engine, ids, gen_length=16, **DLLM)
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model=engine.model_id, prompt=ids, max_tokens=16, stream=True, extra_body=DLLM))
+        assert streamed == r.choices[0].text
+        chat = c.chat.completions.create(model=engine.model_id, messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=8)
+        assert chat.usage.completion_tokens <= 8
+        if backend == "llama.cpp":  # no KV cache in llama.cpp: refused by name, not run
+            res = httpx.post(f"{url}/v1/completions", json={"prompt": ids, "max_tokens": 8, "cache": "dual"})
+            assert res.status_code == 400 and "cache" in res.json()["error"]["message"]
+
+
+BAD = [  # (raw body, expected status, a word of the message)
+    ("{not json", 400, "JSON"),
+    ("[1, 2]", 400, "dictionary"),
+    ('{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
+    ('{"prompt": "x", "max_tokens": "8"}', 400, "max_tokens"),
+    ('{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
+    ('{"max_tokens": 8}', 400, "prompt"),
+    ('{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ('{"prompt": "x", "max_tokens": 5000}', 400, "max_tokens"),
+    ('{"prompt": [' + ",".join(["5"] * 1020) + '], "max_tokens": 8}', 400, "context"),
+    ('{"prompt": [999999], "max_tokens": 8}', 400, "vocabulary"),
+    ('{"prompt": "", "max_tokens": 8}', 400, "empty"),
+    ('{"prompt": "x", "max_tokens": 16, "block_length": 5}', 400, "multiple"),
+    ('{"prompt": "x", "max_tokens": 8, "sampler": "nope"}', 400, "sampler"),
+    ('{"prompt": "x", "max_tokens": 8, "cache": "huge"}', 400, "cache"),
+    ('{"prompt": "x", "max_tokens": 8, "top_p": 0.5}', 400, "top_p"),
+    ('{"prompt": "x", "max_tokens": 8, "logprobs": 2}', 400, "logprobs"),
+    ('{"prompt": "x", "max_tokens": 8, "presence_penalty": 1.0}', 400, "presence_penalty"),
+    ('{"prompt": "x", "max_tokens": 8, "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    ('{"prompt": "x", "max_tokens": 8, "n": 9}', 400, "n"),
+    ('{"prompt": "x", "model": "gpt-4"}', 404, "gpt-4"),
+]
+
+
+@pytest.mark.parametrize("body,status,word", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_completion_requests(body, status, word, torch_url):
+    r = httpx.post(f"{torch_url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and word in err["message"], err
+
+
+@pytest.mark.parametrize("body,word", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+])
+def test_bad_chat_requests(body, word, torch_url):
+    r = httpx.post(f"{torch_url}/v1/chat/completions", json=body)
+    assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+
+
+def test_server_survives_other_bad_input(torch_url):
+    assert httpx.post(f"{torch_url}/v1/completions", content=b"x" * (2 << 20)).status_code == 413
+    chunked = httpx.post(f"{torch_url}/v1/completions", content=iter([b'{"prompt": "', b"y" * (2 << 20), b'"}']))
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
+    assert httpx.get(f"{torch_url}/v1/nothing").status_code == 404
+    assert httpx.get(f"{torch_url}/v1/completions").status_code == 405
+    assert httpx.post(f"{torch_url}/v1/completions", content=b"\xff\xfe", headers={"content-type":
+                                                                                      "application/json"}).status_code == 400
+    health = httpx.get(f"{torch_url}/health").json()
+    assert health["status"] == "ok"
+    models = client(torch_url).models.list()
+    assert [m.id for m in models.data] == ["default"]
+
+
+def test_load_32_requests_8_clients(torch_engine, torch_url):
+    """32 requests from 8 concurrent clients: all answered, each equal to decoding it alone; batched."""
+    c = client(torch_url)
+    kw = {"gen_length": 16, "steps": 16, "block_length": 8}
+    want = {p: expected(torch_engine, encode_prompt(torch_engine.tokenizer, p), **kw) for p in PROMPTS}
+
+    def ask(i: int) -> tuple[str, str, int]:
+        p = PROMPTS[i % len(PROMPTS)]
+        r = c.completions.create(model="default", prompt=p, max_tokens=16, extra_body=DLLM)
+        return p, r.choices[0].text, r.model_extra["dllm"]["batch_rows"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(32)))
+    assert len(answers) == 32 and all(text == want[p] for p, text, _ in answers)
+    assert max(rows for _, _, rows in answers) > 1  # some requests were decoded together
+    metrics = httpx.get(f"{torch_url}/metrics").text
+    assert "dllm_batch_rows_bucket" in metrics and "dllm_step_seconds_count" in metrics
+
+
+def test_n_and_stop(torch_engine, torch_url):
+    c = client(torch_url)
+    r = c.completions.create(model="default", prompt="12+34=", max_tokens=8, n=3, extra_body={"steps": 8})
+    assert len(r.choices) == 3 and len({ch.text for ch in r.choices}) == 1  # greedy: three equal rows
+    full = r.choices[0].text
+    if len(full) >= 2:
+        cut = c.completions.create(model="default", prompt="12+34=", max_tokens=8, stop=[full[1:]],
+                                   extra_body={"steps": 8})
+        assert cut.choices[0].text == full[:1] and cut.choices[0].finish_reason == "stop"
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model="default", prompt="12+34=", max_tokens=8, stop=[full[1:]], stream=True, extra_body={"steps": 8}))
+        assert streamed == full[:1]
+
+
+def test_api_key(torch_engine):
+    with running(torch_engine, ServeConfig(api_key="s3cret")) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "1+1=", "max_tokens": 4})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").completions.create(model="default", prompt="1+1=", max_tokens=4)
+        ok = client(url, "s3cret").completions.create(model="default", prompt="1+1=", max_tokens=4)
+        assert ok.usage.completion_tokens <= 4
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_disconnect_stops_the_batch(torch_engine):
+    """A client that leaves mid-stream frees its slot: the batch stops between two steps."""
+    with running(torch_engine, ServeConfig(max_batch=1)) as url:
+        body = {"prompt": "def f(x):", "max_tokens": 512, "block_length": 8, "steps": 512, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())
+        time.sleep(1.0)
+
+        def steps() -> float:
+            line = [x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith("dllm_step_seconds_count")]
+            return float(line[0].split()[-1])
+        before = steps()
+        time.sleep(1.0)
+        assert steps() == before and before < 512
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "1+1=", "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_queue_bounds_and_timeout(torch_engine):
+    import asyncio
+
+    b = Batcher(torch_engine, max_batch=2, max_queue=1)  # not started: jobs stay queued
+    loop = asyncio.new_event_loop()
+    job = lambda rows: Job(rows=rows, settings=GenSettings(gen_length=4), loop=loop, events=asyncio.Queue(),  # noqa: E731
+                           deadline=time.monotonic() + 10)
+    b.submit(job([[1, 2]]))
+    with pytest.raises(RequestError) as e:
+        b.submit(job([[1, 2]]))
+    assert e.value.status == 429
+    with pytest.raises(RequestError) as e:
+        b.submit(job([[1], [2], [3]]))
+    assert e.value.status == 400 and e.value.param == "n"
+    loop.close()
+    with running(torch_engine, ServeConfig(timeout=0.2)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 256, "steps": 256}, timeout=60)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
+
+
+def test_on_canvas_hook_leaves_the_trace(torch_engine):
+    ids = encode_prompt(torch_engine.tokenizer, PROMPTS[0])
+    seen = []
+    a = generate(torch_engine.backend, ids, gen_length=16, block_length=8, on_canvas=lambda x: seen.append(x.clone()))
+    b = generate(torch_engine.backend, ids, gen_length=16, block_length=8)
+    assert a.ids.equal(b.ids) and len(seen) == a.nfe and seen[-1].equal(a.ids)
+
+
+def test_cli_serve_bad_input(tmp_path, capsys):
+    from dllm_export.cli import main
+
+    sock = bind_socket("127.0.0.1", 0)
+    sock.listen()
+    assert main(["serve", "default", "--port", str(sock.getsockname()[1])]) == 2
+    assert "cannot listen" in capsys.readouterr().err
+    sock.close()
+    assert main(["serve", str(tmp_path / "none"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_serve_starts_and_shuts_down():
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "dllm_export.cli", "serve", "default", "--port", str(port),
+                             "--log-level", "warning", "--threads", "1"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None and time.monotonic() - t0 < 120
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = client(f"http://127.0.0.1:{port}").completions.create(model="default", prompt="1+1=", max_tokens=4)
+        assert json.loads(r.model_dump_json())["usage"]["prompt_tokens"] > 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_canvas_events(torch_url):
+    """`canvas: true` adds the denoising canvas after every step: masks (null) give way to tokens."""
+    body = {"prompt": "def f(x):", "max_tokens": 16, "steps": 16, "block_length": 8, "stream": True, "canvas": True}
+    events = []
+    with httpx.stream("POST", f"{torch_url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    canvases = [e["canvas"][0]["tokens"] for e in events if e["object"] == "dllm.canvas"]
+    assert len(canvases) >= 15 and all(len(c) == 16 for c in canvases)
+    masked = [sum(t is None for t in c) for c in canvases]
+    assert masked == sorted(masked, reverse=True) and masked[0] == 15
+    assert httpx.post(f"{torch_url}/v1/completions", json={**body, "stream": False}).status_code == 400

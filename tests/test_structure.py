@@ -1,0 +1,94 @@
+"""The package's import graph, read from the source (nothing is imported): no module reaches itself
+through its imports, lazy (function-level) imports included."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dllm_export"
+
+
+def module_files(root: Path = PACKAGE) -> dict[str, Path]:
+    """dotted module name -> file (a package is named by its folder, as `import` names it)."""
+    out = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def imports_of(name: str, file: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules that module `name` imports anywhere in its file."""
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for a in node.names:  # `from . import x` imports the submodule x when there is one
+                found.add(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target)
+    return {m for m in found if m in modules and m != name}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, comps = {}, {}, set(), [], []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    comps.append(sorted(comp))
+    return comps
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    modules = module_files()
+    assert len(modules) > 50 and "dllm_export.quant.gptq" in modules
+    graph = {name: imports_of(name, f, modules) for name, f in modules.items()}
+    assert "dllm_export.quant.primitives" in graph["dllm_export.quant.gptq"]
+    assert cycles(graph) == []
+
+
+def test_algorithm_modules_import_only_primitives():
+    """GPTQ and RTN are pure algorithms (as IST-DASLab's gptq.py): no method registry, no driver."""
+    modules = module_files()
+    allowed = {"dllm_export.errors", "dllm_export.quant.primitives", "dllm_export.quant.rtn"}
+    for name in ("dllm_export.quant.gptq", "dllm_export.quant.rtn"):
+        assert imports_of(name, modules[name], modules) <= allowed, name
