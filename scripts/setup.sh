@@ -22,7 +22,7 @@ fi
 # multimodal library we do not use.
 # LLAMA_CPU_VARIANTS=1: ggml's run-time CPU variants instead (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS:
 # one CPU backend per x86 ISA level, x64 to sapphirerapids; the best this CPU scores loads at run
-# time, so the venv moves between machines). 387 compile steps instead of ~166: more than twice
+# time, so the venv moves between machines). 387 compile steps instead of ~140: more than twice
 # the build time, hence not the default. The AMX variant is removed where the probe fails.
 amx_runs() {
   local d rc
