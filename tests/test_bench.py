@@ -19,3 +19,16 @@ def test_slower_llamacpp_rows_name_the_faster_artifact():
     fast = [_row("ckpt", "torch", 100.0), _row("q4.gguf", "llama.cpp", 50.0)]
     _flag_slower_llamacpp(fast)
     assert "faster" not in fast[1]  # the fastest of the run is not flagged
+
+
+def test_gguf_export_names_the_faster_target_on_a_measured_device(tmp_path, capsys):
+    from dllm_export.cli import main
+    from dllm_export.models.factory import make_random_checkpoint
+    from dllm_export.targets import PROFILES
+
+    src = make_random_checkpoint(tmp_path / "ckpt", "llada", vocab_size=384, tokenizer=True, d_model=64,
+                                 max_sequence_length=128)
+    assert main(["--target", "gguf", "--quant", "F16", "--model", str(src), "--device", "x86-avx512-vnni",
+                 "--out", str(tmp_path / "g"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"  speed: {PROFILES['x86-avx512-vnni'].speed_note}" in out and "faster targets are onnx" in out
