@@ -5,7 +5,7 @@ from dllm_export.bench import _flag_slower_llamacpp, to_markdown
 
 
 def _row(path, backend, ms):
-    return {"path": path, "backend": backend, "step_ms_median": ms}
+    return {"path": path, "backend": backend, "step_ms_median": ms, "host_load": 1.0, "host_cores": 2}
 
 
 def test_slower_llamacpp_rows_name_the_faster_artifact():
