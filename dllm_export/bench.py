@@ -4,6 +4,14 @@ ratios and quality deltas to the first.
 
 Each artifact is measured in a fresh Python process (`python -m dllm_export.bench --one PATH`),
 so load time and peak RSS are its own and not the leftovers of the previous one.
+
+Why one decode was not a figure: the first decode of a process pays first-call costs (allocator
+growth, onnxruntime / llama.cpp shape-specialised kernels for each new window length), and on a
+host whose cores are busy with other work every intra-op thread barrier waits for a descheduled
+thread. On a 2-core host at load average ~13, LLaDA-default decoded at 0.8 tokens/s with torch's
+default 2 threads and at 15 tokens/s with 1 thread; two identical runs differed 2.4x. So decoding
+is warmed up once and timed `decode_reps` times (median, with min and max), and the thread count
+and the host's load average are recorded beside the figures.
 """
 
 from __future__ import annotations
@@ -27,16 +35,20 @@ class BenchConfig:
     Attributes:
         canvas: tokens of the full forward timed as one denoising step.
         reps: timed steps (after one warm-up).
+        decode_reps: timed decodes (after one warm-up decode); tokens/s is their median.
         gen_length / block_length / cache / threshold: the decode timed for tokens/s (steps = gen_length).
         threads: CPU threads of the runtime (0 = its default).
         backend: "auto" (by what the path holds) or a backend name.
         device: the torch backend's device ("cuda" for a GPU; other runtimes pick their own).
+        kernel: the torch backend's kernels for quantized checkpoints ("fake" or "int", see
+            quant.kernels; "int" computes in bf16 where the host has bf16 units).
         quality: also held-out bits/token over `eval_windows` windows and exact match on `problems`
             held-out 2-digit arithmetic problems (`eval.quality.quick_quality`, as build's gates).
     """
 
     canvas: int = 128
     reps: int = 10
+    decode_reps: int = 3
     gen_length: int = 64
     block_length: int = 32
     cache: str = "none"
@@ -45,6 +57,7 @@ class BenchConfig:
     backend: str = "auto"
     quality: bool = False
     device: str = "cpu"
+    kernel: str = "fake"
     problems: int = 50
     eval_windows: int = 8
 
@@ -70,7 +83,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device)
+    be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device, kernel=cfg.kernel)
     load_s = time.perf_counter() - t0
     ids = torch.randint(0, min(be.vocab_size, 256), (1, cfg.canvas), generator=torch.Generator().manual_seed(0))
     be.forward(ids)  # warm-up: first-call allocations, weight prepacking
@@ -83,18 +96,29 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     prompt = ids[:, : max(1, cfg.canvas - cfg.gen_length)].tolist()
     opts = dict(gen_length=cfg.gen_length, steps=cfg.gen_length, block_length=cfg.block_length,
                 cache=cfg.cache, threshold=cfg.threshold)
-    t = time.perf_counter()
-    out = generate(be, prompt, **opts)
-    decode_s = time.perf_counter() - t
+    load_before = os.getloadavg()[0]
+    out = generate(be, prompt, **opts)  # warm-up: first-call costs of every window shape
+    decode = []
+    for _ in range(max(1, cfg.decode_reps)):
+        t = time.perf_counter()
+        out = generate(be, prompt, **opts)
+        decode.append(time.perf_counter() - t)
+    decode_s = statistics.median(decode)
+    n_gen = out.generated.numel()
     res = {
         "path": str(path), "backend": be.name, "device": cfg.device if be.name == "torch" else "cpu",
         "family": be.spec.family, "size_mib": round(_size(Path(path)) / 2**20, 2),
         "load_s": round(load_s, 3), "step_ms_median": round(1000 * statistics.median(steps), 3),
         "step_ms_p90": round(1000 * steps[min(len(steps) - 1, int(0.9 * len(steps)))], 3),
-        "tokens_per_s": round(out.generated.numel() / decode_s, 2), "nfe": out.nfe,
+        "tokens_per_s": round(n_gen / decode_s, 2), "tokens_per_s_min": round(n_gen / max(decode), 2),
+        "tokens_per_s_max": round(n_gen / min(decode), 2), "nfe": out.nfe,
         "tokens_per_step": round(out.generated.numel() / max(out.nfe, 1), 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "threads": torch.get_num_threads() if be.name == "torch" else cfg.threads,
+        "host_load": round(max(load_before, os.getloadavg()[0]), 2), "host_cores": os.cpu_count(),
     }
+    if getattr(be, "kernels", None):
+        res["kernels"] = be.kernels
     if cfg.quality:
         from .eval.quality import quick_quality
 
@@ -127,8 +151,9 @@ def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
 
 def to_markdown(result: dict) -> str:
     """A table of `bench`'s result."""
-    cols = ["path", "backend", "size_mib", "load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "nfe",
-            "tokens_per_step", "peak_rss_mib", "step_speedup"]
+    cols = ["path", "backend", "size_mib", "load_s", "step_ms_median", "step_ms_p90", "tokens_per_s",
+            "tokens_per_s_min", "tokens_per_s_max", "nfe", "tokens_per_step", "peak_rss_mib", "threads", "host_load",
+            "step_speedup"]
     if result["config"]["quality"]:
         cols += ["bits_per_token", "bpt_increase", "arith_em", "arith_em_drop"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -137,6 +162,11 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['path']} | error: {r['error']} |")
         else:
             lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    busy = [r for r in result["artifacts"] if "error" not in r and r["host_load"] > r["host_cores"]]
+    if busy:
+        lines.append(f"\nnote: host load average up to {max(r['host_load'] for r in busy)} on {busy[0]['host_cores']} "
+                     f"cores: other work slows these figures and spreads them (see tokens_per_s_min / _max); "
+                     f"pin --threads 1 or measure on an idle host")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 
 from .errors import DllmExportError
+from .quant.kernels import KERNELS
 from .runtime.loop import PRESETS
 
 
@@ -59,7 +60,8 @@ def _add_model_arg(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                    help="checkpoint folder (config.json + safetensors), or 'default' / 'default-dream' "
                         "for the bundled models (default: %(default)s)")
     if dtype:
-        p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: %(default)s)")
+        p.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (default: float32; with --kernel int, "
+                                       "bfloat16 where the host has bf16 units)")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -160,6 +162,9 @@ def _add_generate(sub) -> None:
     _add_model_arg(g)
     g.add_argument("--backend", default="auto", help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
+    g.add_argument("--kernel", choices=KERNELS, default="fake",
+                   help="torch backend, quantized checkpoints: fake (dequantized weights, the reference) | int "
+                        "(int4/int8 CPU kernels on the packed codes) (default: %(default)s)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the instruct chat template")
     g.add_argument("--gen-length", type=int, default=64, help="tokens to generate (default: %(default)s)")
@@ -234,7 +239,9 @@ def _add_bench_build(sub) -> None:
                                                 "'default'; ratios are to the first")
     bn.add_argument("--backend", default="auto", help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
     bn.add_argument("--canvas", type=int, default=128, help="tokens of one timed denoising step (default: %(default)s)")
-    bn.add_argument("--reps", type=int, default=10)
+    bn.add_argument("--reps", type=int, default=10, help="timed denoising steps (default: %(default)s)")
+    bn.add_argument("--decode-reps", type=int, default=3,
+                    help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")
     bn.add_argument("--gen-length", type=int, default=64)
     bn.add_argument("--block-length", type=int, default=32)
     bn.add_argument("--cache", default="none", choices=CACHES, help="block KV cache of the timed decode")
@@ -245,6 +252,9 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--markdown", help="write a markdown table here")
     bn.add_argument("--plot", help="write a PNG of every figure here")
     bn.add_argument("--torch-device", default="cpu", help="device of torch-backend artifacts (cpu, cuda)")
+    bn.add_argument("--kernel", choices=KERNELS, default="fake",
+                    help="quantized checkpoints on torch: fake | int (integer CPU kernels, bf16 where the host "
+                         "has bf16 units) (default: %(default)s)")
 
     bd = sub.add_parser("build", help="build a matrix of artifacts from a TOML config, with quality gates")
     bd.add_argument("config", help="build TOML (see examples/build.toml)")
@@ -350,7 +360,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
-    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for requests to join a batch (ms)")
+    sv.add_argument("--batch-wait-ms", type=float, default=20.0,
+                    help="under concurrency, wait this long for requests to join a batch (default: %(default)s)")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),
                     help="require Authorization: Bearer KEY on /v1/* (default: $DLLM_EXPORT_API_KEY, or none)")
@@ -386,7 +397,7 @@ def cmd_generate(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model = load_backend(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads)
+    model = load_backend(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads, kernel=args.kernel)
     tok = load_tokenizer(args.model)
     load_s = time.perf_counter() - t0
     prompts = [encode_prompt(tok, p, chat=args.chat) for p in args.prompt]
@@ -469,9 +480,9 @@ def cmd_bench(args) -> int:
 
     from .bench import BenchConfig, bench, to_markdown
 
-    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, gen_length=args.gen_length, block_length=args.block_length,
+    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length, block_length=args.block_length,
                       cache=args.cache, threshold=args.threshold, threads=args.threads, backend=args.backend,
-                      quality=args.quality, device=args.torch_device)
+                      quality=args.quality, device=args.torch_device, kernel=args.kernel)
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")
@@ -560,7 +571,7 @@ def cmd_analyze(args) -> int:
     from .eval.outliers import analyze, to_markdown
     from .quant.calibrate import CalibConfig, calibration_ids
 
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype or "float32")
     ids, _ = calibration_ids(load_tokenizer(args.model), model.spec,
                              CalibConfig(n_samples=args.samples, seq_len=args.seq_len, mask="none"),
                              model.config.dims.context)

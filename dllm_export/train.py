@@ -388,6 +388,101 @@ def _batch_loss(model, groups, mask_id: int, mask_gen: torch.Generator, cfg: Tra
     return loss, n_tok, ce_sum / max(n_masked, 1), acc_sum / max(n_masked, 1)
 
 
+@dataclasses.dataclass
+class _Run:
+    """The mutable state of one training run (what a checkpoint saves)."""
+
+    out: Path
+    cfg: TrainConfig
+    recipe: CorpusRecipe
+    data: dict
+    config: dict
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    mask_gen: torch.Generator
+    step: int = 0
+    elapsed: float = 0.0
+    tokens: int = 0
+    mix_history: list = dataclasses.field(default_factory=list)
+    t_start: float = dataclasses.field(default_factory=time.time)
+
+    def save(self, opts: RunOptions) -> None:
+        """ckpt.pt (weights, optimizer, RNG states, progress) and run.json (settings and progress)."""
+        trained = self.elapsed + time.time() - self.t_start
+        cfg, recipe = dataclasses.asdict(self.cfg), dataclasses.asdict(self.recipe)
+        _save(self.out / "ckpt.pt", {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.opt.state_dict(), "rng": self.gen.get_state(),
+            **({"mask_rng": self.mask_gen.get_state()} if self.mask_gen is not self.gen else {}),
+            "step": self.step, "elapsed_s": trained, "tokens": self.tokens, "train_config": cfg, "recipe": recipe,
+            "model_config": self.config, "mix_history": self.mix_history})
+        (self.out / "run.json").write_text(json.dumps({
+            "train_config": cfg, "recipe": recipe, "step": self.step, "trained_minutes": round(trained / 60, 2),
+            "tokens": self.tokens, "mix_history": self.mix_history,
+            "params": sum(p.numel() for p in self.model.parameters()), "device": opts.device, "bf16": opts.bf16,
+            "threads": torch.get_num_threads(), "corpus": self.data["summary"]}, indent=2))
+        _log(f"checkpoint at step {self.step} -> {self.out / 'ckpt.pt'}")
+
+
+def _start(out: Path, cfg: TrainConfig, recipe: CorpusRecipe, state: dict | None, data: dict,
+           opts: RunOptions) -> _Run:
+    """The model, optimizer and generators of a run: fresh (seeded) or restored from `state`."""
+    config = model_config(cfg, data["ids"])
+    model = build_model(config, dtype=torch.float32, device="cpu")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # the CPU run draws windows and masks from one generator (bit-for-bit the runs before devices existed)
+    mask_gen = gen if opts.device == "cpu" else torch.Generator(opts.device).manual_seed(cfg.seed + 1)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        gen.set_state(state["rng"])
+        if "mask_rng" in state and mask_gen is not gen:
+            mask_gen.set_state(state["mask_rng"])
+    else:
+        init_weights(model, cfg.n_layers, gen)
+    model.to(opts.device).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = make_optimizer(model, cfg)
+    run = _Run(out, cfg, recipe, data, config, model, opt, gen, mask_gen)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        run.step, run.elapsed, run.tokens = state["step"], state["elapsed_s"], state["tokens"]
+        run.mix_history = state.get("mix_history", [[0, [recipe.code, recipe.arithmetic, recipe.english], False]])
+        _log(f"resumed at step {run.step} ({run.elapsed / 60:.1f} min trained)")
+    return run
+
+
+def _loop(run: _Run, batches, opts: RunOptions) -> None:
+    """Optimizer steps until the schedule, `until_step` or the wall-clock budget ends; logs and checkpoints."""
+    cfg = run.cfg
+    last_ckpt = t_window = time.time()
+    window = [0.0, 0.0, 0.0, 0]  # loss, masked CE, masked accuracy, steps since the last log line
+    while run.step < min(cfg.steps, opts.until_step or cfg.steps):
+        if time.time() - run.t_start > opts.minutes * 60:
+            _log(f"wall-clock budget of {opts.minutes} min reached")
+            break
+        for g in run.opt.param_groups:
+            g["lr"] = lr_at(run.step, cfg)
+        loss, n_tok, ce, acc = _batch_loss(run.model, next(batches), run.model.spec.mask_id, run.mask_gen, cfg, opts)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        run.opt.step()
+        run.step += 1
+        run.tokens += n_tok
+        window = [window[0] + float(loss.detach()), window[1] + ce, window[2] + acc, window[3] + 1]
+        if run.step % opts.log_every == 0:
+            n = window[3]
+            _log(f"step {run.step} loss {window[0] / n:.3f} masked-ce {window[1] / n:.3f} "
+                 f"masked-acc {window[2] / n:.3f} lr {lr_at(run.step, cfg):.2e} gnorm {float(gnorm):.2f} "
+                 f"tok/s {n * n_tok / (time.time() - t_window):.0f}")
+            window, t_window = [0.0, 0.0, 0.0, 0], time.time()
+        if time.time() - last_ckpt > opts.checkpoint_minutes * 60:
+            run.save(opts)
+            last_ckpt = time.time()
+
+
 def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe(), resume: bool = False,
           steps: int | None = None, mix: tuple[float, float, float] | None = None,
           answer_only: bool | None = None, arithmetic_rows: int | None = None,
@@ -406,91 +501,28 @@ def train(out: str | Path, cfg: TrainConfig, recipe: CorpusRecipe = CorpusRecipe
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt.pt"
     t_start = time.time()
     cfg, recipe, state, data = _resolve_run(out, cfg, recipe, resume, steps, mix)
-    config = model_config(cfg, data["ids"])
-    model = build_model(config, dtype=torch.float32, device="cpu")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    # the CPU run draws windows and masks from one generator (bit-for-bit the runs before devices existed)
-    mask_gen = gen if opts.device == "cpu" else torch.Generator(opts.device).manual_seed(cfg.seed + 1)
-    step, elapsed, tokens = 0, 0.0, 0
-    mix_history = []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        gen.set_state(state["rng"])
-        if "mask_rng" in state and mask_gen is not gen:
-            mask_gen.set_state(state["mask_rng"])
-        step, elapsed, tokens = state["step"], state["elapsed_s"], state["tokens"]
-        mix_history = state.get("mix_history", [[0, [recipe.code, recipe.arithmetic, recipe.english], False]])
-        _log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
-    else:
-        init_weights(model, cfg.n_layers, gen)
-    model.to(opts.device).train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = make_optimizer(model, cfg)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-    n_params = sum(p.numel() for p in model.parameters())
+    run = _start(out, cfg, recipe, state, data, opts)
+    run.t_start = t_start
+    n_params = sum(p.numel() for p in run.model.parameters())
     _log(f"{cfg.family}: {n_params / 1e6:.2f}M params, {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len}, "
          f"{opts.device}{' bf16' if opts.bf16 else ''}, threads {torch.get_num_threads()}")
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in {
+    run.cfg = cfg = dataclasses.replace(cfg, **{k: v for k, v in {
         "arithmetic_answer_only": answer_only, "arithmetic_rows": arithmetic_rows,
         "arithmetic_row_lengths": None if arithmetic_row_lengths is None else tuple(arithmetic_row_lengths),
     }.items() if v is not None})
     rows = list(cfg.arithmetic_row_lengths) or cfg.arithmetic_rows
     entry = [[recipe.code, recipe.arithmetic, recipe.english], cfg.arithmetic_answer_only, rows]
-    if not mix_history or mix_history[-1][1:] != entry:
-        mix_history.append([step, *entry])
+    if not run.mix_history or run.mix_history[-1][1:] != entry:
+        run.mix_history.append([run.step, *entry])
     sampler = WindowSampler(data, recipe, cfg.seq_len, cfg.arithmetic_answer_only,
                             cfg.arithmetic_row_lengths or cfg.arithmetic_rows)
-    draw = lambda: sampler.sample(cfg.batch_size, gen)  # noqa: E731
-    batches = (draw() for _ in iter(int, 1)) if opts.device == "cpu" else _prefetch(draw)
-
-    def checkpoint():
-        trained = elapsed + time.time() - t_start
-        _save(ckpt_path, {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                          "optimizer": opt.state_dict(), "rng": gen.get_state(),
-                          **({"mask_rng": mask_gen.get_state()} if mask_gen is not gen else {}),
-                          "step": step, "elapsed_s": trained, "tokens": tokens,
-                          "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe),
-                          "model_config": config, "mix_history": mix_history})
-        (out / "run.json").write_text(json.dumps({
-            "train_config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "step": step,
-            "trained_minutes": round(trained / 60, 2), "tokens": tokens, "mix_history": mix_history,
-            "params": n_params, "device": opts.device, "bf16": opts.bf16, "threads": torch.get_num_threads(),
-            "corpus": data["summary"]}, indent=2))
-        _log(f"checkpoint at step {step} -> {ckpt_path}")
-
-    last_ckpt = t_window = time.time()
-    window = [0.0, 0.0, 0.0, 0]  # loss, masked CE, masked accuracy, steps since the last log line
-    while step < min(cfg.steps, opts.until_step or cfg.steps):
-        if time.time() - t_start > opts.minutes * 60:
-            _log(f"wall-clock budget of {opts.minutes} min reached")
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss, n_tok, ce, acc = _batch_loss(model, next(batches), model.spec.mask_id, mask_gen, cfg, opts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        tokens += n_tok
-        window = [window[0] + float(loss.detach()), window[1] + ce, window[2] + acc, window[3] + 1]
-        if step % opts.log_every == 0:
-            n = window[3]
-            _log(f"step {step} loss {window[0] / n:.3f} masked-ce {window[1] / n:.3f} "
-                 f"masked-acc {window[2] / n:.3f} lr {lr_at(step, cfg):.2e} gnorm {float(gnorm):.2f} "
-                 f"tok/s {n * n_tok / (time.time() - t_window):.0f}")
-            window, t_window = [0.0, 0.0, 0.0, 0], time.time()
-        if time.time() - last_ckpt > opts.checkpoint_minutes * 60:
-            checkpoint()
-            last_ckpt = time.time()
-    checkpoint()
-    _log(f"done: step {step}, {tokens / 1e6:.1f}M tokens")
-    return ckpt_path
+    draw = lambda: sampler.sample(cfg.batch_size, run.gen)  # noqa: E731
+    _loop(run, (draw() for _ in iter(int, 1)) if opts.device == "cpu" else _prefetch(draw), opts)
+    run.save(opts)
+    _log(f"done: step {run.step}, {run.tokens / 1e6:.1f}M tokens")
+    return out / "ckpt.pt"
 
 
 def export(run_dir: str | Path, out_dir: str | Path) -> Path:

@@ -350,3 +350,18 @@ def test_cli_serve_starts_and_shuts_down():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_canvas_events(torch_url):
+    """`canvas: true` adds the denoising canvas after every step: masks (null) give way to tokens."""
+    body = {"prompt": "def f(x):", "max_tokens": 16, "steps": 16, "block_length": 8, "stream": True, "canvas": True}
+    events = []
+    with httpx.stream("POST", f"{torch_url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    canvases = [e["canvas"][0]["tokens"] for e in events if e["object"] == "dllm.canvas"]
+    assert len(canvases) >= 15 and all(len(c) == 16 for c in canvases)
+    masked = [sum(t is None for t in c) for c in canvases]
+    assert masked == sorted(masked, reverse=True) and masked[0] == 15
+    assert httpx.post(f"{torch_url}/v1/completions", json={**body, "stream": False}).status_code == 400

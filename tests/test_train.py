@@ -45,3 +45,35 @@ def test_row_lengths_longer_than_a_window_keep_the_arithmetic_token_share():
     total = 200 * 8 * 48
     assert abs(sum(tokens.values()) - total) / total < 0.05  # stochastic rounding keeps the budget
     assert 0.4 < tokens[96] / total < 0.6  # each length gets about half the windows
+
+
+def _tiny_run(tmp_path, name):
+    """A run folder with a ready data.pt (the test's streams), so train() skips the corpus build."""
+    from dllm_export.train import _save
+
+    out = tmp_path / name
+    out.mkdir()
+    data = _data()[1]
+    data["ids"] = {"mask_token_id": 2, "eos_token_id": 1, "pad_token_id": 1}
+    data["summary"] = {"test": True}
+    code = torch.arange(10, 4010, dtype=torch.int32)  # inside the 4096-token vocabulary
+    data["streams"].update(code=code, english=code)
+    _save(out / "data.pt", data)
+    return out
+
+
+def test_a_resumed_run_replays_the_uninterrupted_one_bit_for_bit(tmp_path):
+    from dllm_export.train import RunOptions, TrainConfig, train
+
+    cfg = TrainConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden=64, seq_len=32, batch_size=4,
+                      warmup_steps=2, steps=6, arithmetic_rows=16)
+    whole = torch.load(train(_tiny_run(tmp_path, "whole"), cfg, opts=RunOptions(log_every=100)), weights_only=False)
+    part = _tiny_run(tmp_path, "part")
+    train(part, cfg, opts=RunOptions(until_step=3, log_every=100))
+    assert torch.load(part / "ckpt.pt", weights_only=False)["step"] == 3
+    resumed = torch.load(train(part, cfg, resume=True, opts=RunOptions(log_every=100)), weights_only=False)
+    assert resumed["step"] == whole["step"] == 6
+    assert resumed["tokens"] == whole["tokens"] > 0
+    for k, v in whole["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert whole["mix_history"] == resumed["mix_history"]

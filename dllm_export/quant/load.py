@@ -15,6 +15,7 @@ from ..formats import QUANTIZED_FORMAT
 from ..models.checkpoint import open_shards, read_config, set_tensor, tokenizer_special_ids
 from ..models.loader import build_model
 from .base import set_module
+from .kernels import IntLinear, check_kernel
 from .primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, unpack_codes
 from .qlinear import ActQuantLinear, QLinear
 from .transforms import InputTransform, transform_from_spec
@@ -105,8 +106,10 @@ def _read_linear(handles: dict, name: str, entry: dict, path: Path) -> StoredLin
                         None if zero is None else zero[0], names)
 
 
-def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
-    """Build the model with QLinear layers from a quantized checkpoint (see quant.driver)."""
+def load_quantized(path: Path, dtype: torch.dtype, device="cpu", kernel: str = "fake") -> nn.Module:
+    """Build the model from a quantized checkpoint (see quant.driver): with kernel "fake", QLinear
+    layers (the reference); with "int", IntLinear layers on integer kernels (see quant.kernels)."""
+    check_kernel(kernel, device)
     manifest = read_manifest(path)
     config = read_config(path)
     model = build_model(config, dtype=dtype, device="meta", added_tokens=tokenizer_special_ids(path))
@@ -126,8 +129,11 @@ def load_quantized(path: Path, dtype: torch.dtype, device="cpu") -> nn.Module:
             expected = tuple(model.get_submodule(name).weight.shape)
             if lin.shape != expected:
                 raise CheckpointError(f"quantized layer {name} has shape {list(lin.shape)}, config implies {list(expected)}")
-            module = QLinear(lin.qweight, bias, lin.act, lin.transform, dtype=dtype)
-            module.act_scale, module.act_zero = lin.act_scale, lin.act_zero
+            if kernel == "int":
+                module = IntLinear(lin.qweight, bias, lin.act, lin.transform, dtype, lin.act_scale, lin.act_zero)
+            else:
+                module = QLinear(lin.qweight, bias, lin.act, lin.transform, dtype=dtype)
+                module.act_scale, module.act_zero = lin.act_scale, lin.act_zero
         set_module(model, name, module.to(device))
     for pname, p in list(model.named_parameters()):
         if p.is_meta:

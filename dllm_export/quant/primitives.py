@@ -220,11 +220,11 @@ class ActQuantConfig:
         return asdict(self)
 
 
-def fake_quantize_act(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.Tensor | None = None,
-                      static_zero: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize activations x [..., C] (per token over C, or with a static per-tensor scale)."""
-    if cfg.bits >= 16:
-        return x
+def quantize_act(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.Tensor | None = None,
+                 static_zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The activation grid of x [..., C]: float32 integer codes (signed when symmetric, per token
+    over C or with a static per-tensor scale), the scale and the zero point (None when symmetric).
+    `fake_quantize_act` dequantizes them; the integer kernels multiply the codes."""
     xf = x.float()
     if cfg.sym:
         qmax = (1 << (cfg.bits - 1)) - 1
@@ -232,7 +232,7 @@ def fake_quantize_act(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.
             s = (xf.abs().amax(dim=-1, keepdim=True) * cfg.clip / qmax).clamp(min=1e-8)
         else:
             s = static_scale.float()
-        return (torch.round(xf / s).clamp(-qmax - 1, qmax) * s).to(x.dtype)
+        return torch.round(xf / s).clamp(-qmax - 1, qmax), s, None
     qmax = (1 << cfg.bits) - 1
     if static_scale is None:
         hi = (xf.amax(dim=-1, keepdim=True) * cfg.clip).clamp(min=0)
@@ -241,7 +241,16 @@ def fake_quantize_act(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.
         z = torch.round(-lo / s)
     else:
         s, z = static_scale.float(), static_zero.float()
-    return ((torch.round(xf / s) + z).clamp(0, qmax) - z).mul(s).to(x.dtype)
+    return (torch.round(xf / s) + z).clamp(0, qmax), s, z
+
+
+def fake_quantize_act(x: torch.Tensor, cfg: ActQuantConfig, static_scale: torch.Tensor | None = None,
+                      static_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations x [..., C] (per token over C, or with a static per-tensor scale)."""
+    if cfg.bits >= 16:
+        return x
+    q, s, z = quantize_act(x, cfg, static_scale, static_zero)
+    return (q * s if z is None else (q - z).mul(s)).to(x.dtype)
 
 
 def static_act_params(lo: float, hi: float, cfg: ActQuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,12 +1,14 @@
-"""Backends of the unmasking loop. A backend only supplies `forward(ids) -> logits`.
+"""Backends of the unmasking loop: the `Backend` protocol, the torch backend, and the public
+`load_model` / `load_backend` that choose what to open.
 
 Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logits [B, L, V] float32`,
 raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
-`max_length` (context) describe the model. Other runtimes (onnxruntime, llama.cpp) implement the
-same three attributes and one method. A backend with `supports_cache = True` also accepts
-`forward(..., cache=KVCache)` for the block caches of the loop; one with `supports_rows = True`
-accepts `forward(..., rows=(start, end))` and returns only those positions' logits (the head is
-the costliest layer of a large-vocabulary model, and its output the largest transfer).
+`max_length` (context) describe the model; `name`, `supports_cache` and `supports_rows` are its
+capabilities. A backend with `supports_cache = True` also accepts `forward(..., cache=KVCache)` for
+the block caches of the loop; one with `supports_rows = True` accepts `forward(..., rows=(start,
+end))` and returns only those positions' logits (the head is the costliest layer of a
+large-vocabulary model, and its output the largest transfer). `as_backend` gives an object that
+has only `spec`, `vocab_size`, `max_length` and `forward` the capabilities of a plain forward.
 """
 
 from __future__ import annotations
@@ -21,12 +23,39 @@ from ..models.spec import ModelSpec
 
 
 @runtime_checkable
-class Backend(Protocol):
+class ForwardOnly(Protocol):
+    """The least a foreign backend supplies: the model's description and one forward."""
+
     spec: ModelSpec
     vocab_size: int
     max_length: int
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Backend(ForwardOnly, Protocol):
+    """What the loop runs on: a forward plus its declared capabilities (see the module doc)."""
+
+    name: str
+    supports_cache: bool
+    supports_rows: bool
+
+
+class _Declared:
+    """A ForwardOnly object with declared capabilities: what it defines itself, else a plain
+    forward's (no cache, no rows), named by its class."""
+
+    def __init__(self, inner: ForwardOnly):
+        self.inner = inner
+        self.spec, self.vocab_size, self.max_length = inner.spec, inner.vocab_size, inner.max_length
+        # the one place a capability may be absent: read once here, never in the loop
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.supports_cache = bool(getattr(inner, "supports_cache", False))
+        self.supports_rows = bool(getattr(inner, "supports_rows", False))
+
+    def forward(self, ids, attention_mask=None, **kw):
+        return self.inner.forward(ids, attention_mask, **kw)
 
 
 class TorchBackend:
@@ -37,7 +66,10 @@ class TorchBackend:
     supports_rows = True
 
     def __init__(self, model: nn.Module):
+        from ..quant.kernels import kernel_counts
+
         self.model = model
+        self.kernels = kernel_counts(model)  # e.g. {"int4": 112} with kernel "int"; {} for fake-quant
         self.spec: ModelSpec = model.spec
         dims = model.config.dims
         self.vocab_size = dims.vocab_rows
@@ -57,16 +89,19 @@ class TorchBackend:
 
 
 def as_backend(model_or_backend) -> Backend:
-    """Wrap an `nn.Module` in a TorchBackend; pass backends through."""
+    """Wrap an `nn.Module` in a TorchBackend; pass backends through; give a ForwardOnly object the
+    capabilities it declares (`_Declared`)."""
     if isinstance(model_or_backend, nn.Module):
         return TorchBackend(model_or_backend)
     if isinstance(model_or_backend, Backend):
         return model_or_backend
+    if isinstance(model_or_backend, ForwardOnly):
+        return _Declared(model_or_backend)
     raise TypeError(f"expected a model from load_model or a backend with forward(ids), got {type(model_or_backend).__name__}")
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", kernel: str = "fake") -> nn.Module:
     """Load a LLaDA or Dream checkpoint: a float one in its released Hugging Face layout, or a
     quantized one written by `dllm-export quantize` (fake-quant `QLinear` layers); this is the one
     place that tells them apart.
@@ -76,6 +111,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
             or `default` / `default-dream` for the bundled models.
         dtype: compute dtype (float32, bfloat16, float16, or 'auto' for the checkpoint's own).
         device: where the weights go.
+        kernel: the quantized layers' kernels: "fake" (dequantized weights, the reference) or
+            "int" (integer kernels, CPU; see quant.kernels). Float checkpoints ignore it.
     Returns:
         an eval-mode `nn.Module` with `.spec` (a `ModelSpec`) and `.config`; `model(input_ids)`
         returns raw logits (B, L, V) in `dtype` (Dream's are unshifted).
@@ -89,19 +126,21 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
     if is_quantized(folder):
         from ..quant.load import load_quantized
 
-        return load_quantized(folder, resolve_dtype(dtype, read_config(folder)), device)
+        return load_quantized(folder, resolve_dtype(dtype, read_config(folder)), device, kernel)
     return load_float_model(folder, dtype, device)
 
 
-def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.float32, threads: int = 0,
-                 device: str = "cpu", **options) -> Backend:
+def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = None, threads: int = 0,
+                 device: str = "cpu", kernel: str = "fake", **options) -> Backend:
     """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
     onnxruntime, a GGUF artifact (folder with model.gguf, or the .gguf file) on llama.cpp, anything
     else (a checkpoint folder, `default`) on torch in `dtype`.
 
     `backend` forces one ("torch", "onnxruntime", "llama.cpp"); `threads` and `options` go to the
     onnxruntime session / llama.cpp context (torch's thread count is the caller's); `device` is the
-    torch backend's ("cuda" for a GPU). Every file a manifest lists is first checked for its size
+    torch backend's ("cuda" for a GPU). `kernel` is the torch backend's for quantized checkpoints:
+    "fake" (the reference) or "int" (integer kernels, see quant.kernels); `dtype` None is float32,
+    with "int" bf16 where the host has bf16 units. Every file a manifest lists is first checked for its size
     (a truncated or missing file is named; `dllm-export verify` also checks the hashes).
     """
     from ..errors import InputError
@@ -130,5 +169,11 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str = torch.f
 
         return OrtBackend(p, threads=threads, **options)
     if kind == "torch":
-        return TorchBackend(load_model(path, dtype=dtype, device=device))
+        from ..quant.kernels import check_kernel
+        from ..targets import has_bf16
+
+        check_kernel(kernel, device)
+        if dtype is None:
+            dtype = torch.bfloat16 if kernel == "int" and has_bf16() else torch.float32
+        return TorchBackend(load_model(path, dtype=dtype, device=device, kernel=kernel))
     raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime, llama.cpp)")

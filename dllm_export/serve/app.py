@@ -35,7 +35,7 @@ class ServeConfig:
         host / port: where to listen (loopback unless told otherwise).
         max_batch: rows decoded together at most.
         max_queue: requests waiting at most; more get 429.
-        batch_wait: seconds the worker waits for compatible requests to join a batch.
+        batch_wait: seconds the worker waits for compatible requests to join a batch (under concurrency).
         timeout: seconds a request may take, waiting included (408 after).
         api_key: when set, /v1/* need `Authorization: Bearer <api_key>`.
         max_body_bytes: larger request bodies get 413.
@@ -46,7 +46,7 @@ class ServeConfig:
     port: int = 8000
     max_batch: int = 8
     max_queue: int = 64
-    batch_wait: float = 0.005
+    batch_wait: float = 0.02
     timeout: float = 300.0
     api_key: str | None = None
     max_body_bytes: int = 1 << 20

@@ -30,8 +30,8 @@ class Job:
         rows: prompt ids of every row (each prompt repeated n times, prompt-major).
         settings: the decoding settings (the batch key).
         loop / events: where updates go: ("step", generated [rows, gen] ids) when `stream`
-            and a row's committed prefix grew (every step with `canvas`), then ("done", ids,
-            info) or ("error", RequestError).
+            and a row's committed prefix grew (every step with `canvas`), with each row's
+            prefix length: ("step", ids, lengths); then ("done", ids, info) or ("error", RequestError).
         deadline: time.monotonic() after which the request is dropped (timeout).
     """
 
@@ -65,17 +65,19 @@ class Batcher:
         engine: the model.
         max_batch: rows per batch.
         max_queue: requests waiting at most (more are refused: `submit` raises RequestError 429).
-        batch_wait: seconds the worker waits for companions once a batchable request arrives.
+        batch_wait: seconds the worker waits for companions of a batchable request, when the
+            previous batch held more than one request.
         metrics: a metrics.Metrics (or None).
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, batch_wait: float = 0.01,
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, batch_wait: float = 0.02,
                  metrics=None):
         self.engine, self.max_batch, self.max_queue, self.batch_wait = engine, max_batch, max_queue, batch_wait
         self.metrics = metrics
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closing = False
+        self._last_jobs = 1
         self._thread = threading.Thread(target=self._run, name="dllm-export-batcher", daemon=True)
 
     def start(self) -> None:
@@ -132,8 +134,10 @@ class Batcher:
             if self._closing:
                 return None
             first = self._pending[0]
-            if first.batchable and len(first.rows) < self.max_batch:
-                # companions that arrive within batch_wait join this batch
+            if first.batchable and len(first.rows) < self.max_batch and self._last_jobs > 1:
+                # under concurrency (the last batch held several requests, whose clients are sending
+                # their next ones now) companions that arrive within batch_wait join this batch; a
+                # lone client does not wait
                 end = time.monotonic() + self.batch_wait
                 while (not self._closing and (left := end - time.monotonic()) > 0
                        and self._rows_like(first) < self.max_batch):
@@ -148,6 +152,7 @@ class Batcher:
                     if not first.batchable:
                         break
             self._gauge()
+            self._last_jobs = len(batch)
             return batch
 
     def _rows_like(self, first: Job) -> int:
@@ -193,6 +198,7 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(rows))
         s = batch[0].settings
+        started = time.monotonic()
         try:
             out = generate(self.engine.backend, rows, on_canvas=on_canvas, **s.kwargs())
         except _AllLeft:
@@ -211,7 +217,7 @@ class Batcher:
         info = {"nfe": out.nfe, "seconds": round(out.seconds, 4), "batch_rows": len(rows)}
         for job, (a, b) in zip(batch, spans):
             if not job.cancelled:
-                job.put(("done", gen[a:b].tolist(), info))
+                job.put(("done", gen[a:b].tolist(), {**info, "queued_s": round(started - job.enqueued, 4)}))
 
     @staticmethod
     def _stream_step(batch: list[Job], spans, gen: torch.Tensor, mask_id: int, seen: list[int]) -> None:

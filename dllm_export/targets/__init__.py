@@ -88,6 +88,15 @@ def host_flags() -> set[str]:
     return set()
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16 / AMX, arm64 FEAT_BF16
+
+
+def has_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the host has bf16 units (bf16 is then the torch int kernels' compute dtype)."""
+    flags = host_flags() if flags is None else flags
+    return any(f in flags for f in BF16_FLAGS)
+
+
 def detect(flags: set[str] | None = None, machine: str | None = None) -> DeviceProfile:
     """The most capable CPU profile this host satisfies (CUDA is never picked implicitly)."""
     flags = host_flags() if flags is None else flags
@@ -109,4 +118,4 @@ def get_profile(name: str) -> DeviceProfile:
     return PROFILES[name]
 
 
-__all__ = ["PROFILES", "DeviceProfile", "detect", "get_profile", "host_flags"]
+__all__ = ["PROFILES", "DeviceProfile", "detect", "get_profile", "has_bf16", "host_flags"]

@@ -1,0 +1,177 @@
+"""`dllm-export serve` under load: throughput and latency at 1, 4, 8 and 16 concurrent clients.
+
+The server runs as its own process (`python -m dllm_export.cli serve`), as a user runs it; each
+client is a thread with its own HTTP connection that sends /v1/completions requests back to back
+(a closed loop), greedy, with the same settings, so that the server may batch them. Throughput is
+generated tokens per second over all clients (max_tokens per answered request: a diffusion LM
+decodes the whole canvas; `returned` counts the tokens before the first end token), latency is per
+request (p50 / p95). Every answer is checked against the one-client answer of the same prompt.
+Two request settings: the reference loop (a full forward over the canvas every step) and
+Fast-dLLM's dual cache (only the current block is recomputed between block starts).
+
+    python benchmarks/serve_load.py                          # bundled model, max_tokens 32, block 8
+    python benchmarks/serve_load.py --model out/onnx --clients 1,8 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\nimport sys\n",
+           "x = [1, 2, 3]\nfor i in x:", "def read_file(path):", "The quick brown fox", "12+34=", "7*8="]
+
+
+def host() -> dict:
+    """CPU model, the vector flags that matter, core count."""
+    info = {"cpu": "?", "flags": [], "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and info["cpu"] == "?":
+            info["cpu"] = value.strip()
+        if key.strip() == "flags" and not info["flags"]:
+            want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+            info["flags"] = [f for f in want if f in value.split()]
+    return info
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dllm_export.cli", "serve", args.model, "--port", str(port), "--threads",
+           str(args.threads), "--max-batch", str(args.max_batch), "--log-level", "warning",
+           "--batch-wait-ms", str(args.batch_wait_ms)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, env=env)
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None or time.monotonic() - t0 > 300:
+            raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def run_level(url: str, clients: int, per_client: int, body: dict) -> dict:
+    """`clients` threads, each sending `per_client` requests back to back; latencies and answers."""
+    results: list[tuple[str, float, dict]] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for j in range(per_client):
+                prompt = PROMPTS[(k * per_client + j) % len(PROMPTS)]
+                t0 = time.perf_counter()
+                r = http.post("/v1/completions", json={**body, "prompt": prompt})
+                dt = time.perf_counter() - t0
+                r.raise_for_status()
+                with lock:
+                    results.append((prompt, dt, r.json()))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(dt for _, dt, _ in results)
+    n = len(results)
+    decoded = n * body["max_tokens"]
+    returned = sum(r["usage"]["completion_tokens"] for _, _, r in results)
+    return {
+        "clients": clients, "requests": n, "wall_s": round(wall, 3),
+        "tokens_per_s": round(decoded / wall, 2), "returned_tokens_per_s": round(returned / wall, 2),
+        "requests_per_s": round(n / wall, 3),
+        "latency_p50_s": round(statistics.median(lat), 3),
+        "latency_p95_s": round(lat[min(n - 1, int(round(0.95 * (n - 1))))], 3),
+        "mean_batch_rows": round(statistics.mean(r["dllm"]["batch_rows"] for _, _, r in results), 2),
+        "answers": {p: r["choices"][0]["text"] for p, _, r in results},
+    }
+
+
+VARIANTS = {"reference": {}, "dual": {"cache": "dual"}}  # request settings beside max_tokens / steps / block
+
+
+def to_markdown(res: dict) -> str:
+    s = res["settings"]
+    lines = [f"# serve_load: {res['model']} ({res['host']['cpu']}, {res['host']['cores']} cores, "
+             f"{s['threads']} torch thread(s) in the server, max_batch {s['max_batch']})", "",
+             f"max_tokens {s['body']['max_tokens']}, steps {s['body']['steps']}, block_length "
+             f"{s['body']['block_length']}, greedy; at least {s['per_client']} requests per client (8 in all at "
+             f"1 client); tokens/s = max_tokens x answered requests / wall time.", "",
+             "| settings | clients | requests | tokens/s | x 1 client | p50 latency (s) | p95 latency (s) "
+             "| mean batch rows | answers equal to 1 client |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for name, levels in res["variants"].items():
+        for lv in levels:
+            lines.append(f"| {name} {json.dumps(VARIANTS.get(name, {}))} | {lv['clients']} | {lv['requests']} | "
+                         f"{lv['tokens_per_s']} | {lv['speedup']:.2f} | {lv['latency_p50_s']} | "
+                         f"{lv['latency_p95_s']} | {lv['mean_batch_rows']} | "
+                         f"{'yes' if lv['equal_to_single'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def measure(url: str, body: dict, clients: list[int], per_client: int) -> list[dict]:
+    """Every level of one request setting, with speedups and answer checks against one client."""
+    single = run_level(url, 1, len(PROMPTS), body)["answers"]  # warm-up, and every prompt's answer alone
+    levels = [run_level(url, c, max(per_client, len(PROMPTS) // c), body) for c in clients]
+    base = levels[0]["tokens_per_s"]
+    for lv in levels:
+        lv["speedup"] = round(lv["tokens_per_s"] / base, 3)
+        lv["equal_to_single"] = all(single[p] == t for p, t in lv.pop("answers").items())
+    return levels
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"request settings: {', '.join(VARIANTS)}")
+    ap.add_argument("--per-client", type=int, default=4, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--block-length", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--batch-wait-ms", type=float, default=20.0)
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
+    args = ap.parse_args()
+    body = {"model": args.model if args.model.startswith("default") else Path(args.model).name,
+            "max_tokens": args.max_tokens, "steps": args.steps, "block_length": args.block_length, "temperature": 0}
+    clients = [int(c) for c in args.clients.split(",")]
+    proc = start_server(args, args.port)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        variants = {v: measure(url, {**body, **VARIANTS[v]}, clients, args.per_client) for v in args.variants.split(",")}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    res = {"model": args.model, "host": host(),
+           "settings": {"threads": args.threads, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
+                        "per_client": args.per_client, "body": body},
+           "variants": variants}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(res))
+    print(to_markdown(res), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
