@@ -122,15 +122,16 @@ def model_config(cfg: TrainConfig, ids: dict[str, int]) -> dict:
 
 
 def init_weights(model: torch.nn.Module, n_layers: int, generator: torch.Generator, std: float = 0.02) -> None:
-    """GPT-2 style init: N(0, std^2), residual output projections scaled by 1/sqrt(2 n_layers), norms 1, biases 0."""
-    residual_out = (".attn_out.weight", ".ff_out.weight", ".o_proj.weight", ".down_proj.weight")
+    """GPT-2 style init: N(0, std^2), residual output projections scaled by 1/sqrt(2 n_layers), norms 1, biases 0
+    (the roles from the model's spec)."""
+    spec = model.spec
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "ln_f.weight")):
+            if spec.is_norm(name):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
-            elif name.endswith(residual_out) and (".blocks." in name or ".layers." in name):
+            elif spec.is_residual_out(name):
                 p.copy_(torch.randn(p.shape, generator=generator) * (std / math.sqrt(2 * n_layers)))
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)

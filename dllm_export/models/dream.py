@@ -38,6 +38,8 @@ SPEC = ModelSpec(
     shift_logits=True,
     positions_skip_padding=True,
     default_sampler="entropy",
+    gguf_rope_permute=False,
+    elbo_estimator="dream",
     blocks="model.layers",
     linears={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},

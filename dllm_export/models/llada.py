@@ -37,6 +37,8 @@ SPEC = ModelSpec(
     shift_logits=False,
     positions_skip_padding=False,
     default_sampler="low_confidence",
+    gguf_rope_permute=True,
+    elbo_estimator="llada",
     blocks="model.transformer.blocks",
     linears={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out",
              "gate": "ff_proj", "up": "up_proj", "down": "ff_out"},
