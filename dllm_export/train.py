@@ -1,7 +1,7 @@
 """Masked-diffusion pre-training of the small bundled default models (LLaDA and Dream layouts).
 
-The objective is LLaDA's pre-training loss (Nie et al. 2025, "Large Language Diffusion Models";
-shared/research/models.md section 4.1): per sequence t ~ U(0, 1), p_mask = (1 - eps) t + eps, every
+The objective is LLaDA's pre-training loss (Nie et al. 2025, "Large Language Diffusion Models",
+arXiv 2502.09992): per sequence t ~ U(0, 1), p_mask = (1 - eps) t + eps, every
 token masked i.i.d. with probability p_mask, and
 
     loss = sum over masked tokens of CE(logits_i, x_i) / p_mask  /  (B * L).

@@ -1,7 +1,7 @@
 """Dream (Dream-v0-Base/Instruct-7B) in plain PyTorch: a Qwen2 body with bidirectional attention.
 
 Module names mirror the released safetensors (`model.layers.{i}.self_attn.q_proj.weight`, ...).
-Arithmetic mirrors the hub `modeling_dream.py` (shared/research/models.md, section 2): fp32
+Arithmetic mirrors the hub `modeling_dream.py` (Dream-org/Dream-v0-Base-7B on the Hugging Face hub): fp32
 `inv_freq`, cos/sin cast to the activation dtype before rotation, q/k/v biases, no o_proj bias.
 The forward returns unshifted logits; the decoding loop and the scorer apply the shift.
 """
