@@ -263,8 +263,9 @@ def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
         raise InputError("float minimums (zero_kind='float', GGUF Q4_1 style) have no exact ONNX form; "
                          "use integer zero points (the default) or --target gguf")
     if ocfg.weight_format == "matmulnbits":
-        for K in widths:
-            check_matmulnbits(w.bits, w.group_size or K, "--format matmulnbits")
+        for bits in sorted({w.bits, *dict(qcfg.layer_bits).values()}):  # mixed precision: every layer's bits
+            for K in widths:
+                check_matmulnbits(bits, w.group_size or K, "--format matmulnbits")
 
 
 __all__ = ["ExportPlan", "ExportRequest", "ExportResult", "RESOLVERS", "TARGETS", "export", "plan_export"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .layers import Embedding, KVCache, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
-from .spec import Dims, ModelSpec
+from .spec import Dims, ModelSpec, check_sizes
 
 DREAM_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -111,6 +111,11 @@ class DreamConfig:
             )
         except KeyError as e:
             raise CheckpointError(f"Dream config.json lacks required key {e.args[0]!r}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"Dream config.json: a value of the wrong type ({e})") from None
+        check_sizes("Dream", {"rope_theta": cfg.rope_theta, "norm_eps": cfg.rms_norm_eps}, d_model=cfg.hidden_size,
+                    n_heads=heads, n_kv_heads=cfg.num_key_value_heads, n_layers=cfg.num_hidden_layers,
+                    mlp_hidden=cfg.intermediate_size, vocab_rows=cfg.vocab_size, context=cfg.max_position_embeddings)
         if cfg.hidden_size % heads or heads % cfg.num_key_value_heads:
             raise CheckpointError(
                 f"Dream config: hidden_size {cfg.hidden_size}, heads {heads}, kv heads {cfg.num_key_value_heads} do not divide")

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .layers import Embedding, KVCache, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
-from .spec import Dims, ModelSpec
+from .spec import Dims, ModelSpec, check_sizes
 
 LLADA_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}"
@@ -127,6 +127,11 @@ class LLaDAConfig:
             )
         except KeyError as e:
             raise CheckpointError(f"LLaDA config.json lacks required key {e.args[0]!r}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"LLaDA config.json: a value of the wrong type ({e})") from None
+        check_sizes("LLaDA", {"rope_theta": cfg.rope_theta, "norm_eps": cfg.rms_norm_eps}, d_model=d_model,
+                    n_heads=n_heads, n_kv_heads=cfg.n_kv_heads, n_layers=cfg.n_layers, mlp_hidden=cfg.mlp_hidden_size,
+                    vocab_rows=cfg.embedding_size, context=cfg.max_sequence_length)
         if d_model % n_heads or n_heads % cfg.n_kv_heads:
             raise CheckpointError(f"LLaDA config: d_model {d_model}, n_heads {n_heads}, n_kv_heads {cfg.n_kv_heads} do not divide")
         return cfg

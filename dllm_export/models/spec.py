@@ -7,7 +7,27 @@ other vocabularies work unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+from ..errors import CheckpointError
+
+# bounds far beyond any released model (Llama-3 405B: 126 layers, width 16384, 128 heads), so a
+# corrupt config.json is refused by name before a model of its size is built (even on `meta`,
+# 10^6 layers of modules exhaust memory)
+_SIZE_LIMITS = {"n_layers": 1024, "d_model": 1 << 20, "mlp_hidden": 1 << 22, "n_heads": 4096, "n_kv_heads": 4096,
+                "vocab_rows": 1 << 24, "context": 1 << 22}
+
+
+def check_sizes(family: str, floats: dict[str, float] | None = None, **sizes: int) -> None:
+    """Raise CheckpointError naming the config.json value that is not a positive integer within
+    _SIZE_LIMITS (sizes, by their Dims names) or a positive finite number (floats: rope_theta, norm_eps)."""
+    for key, v in sizes.items():
+        if not 1 <= v <= _SIZE_LIMITS[key]:
+            raise CheckpointError(f"{family} config.json: {key} = {v} is out of range (1..{_SIZE_LIMITS[key]})")
+    for key, v in (floats or {}).items():
+        if not (math.isfinite(v) and v > 0):
+            raise CheckpointError(f"{family} config.json: {key} = {v} must be a positive finite number")
 
 
 @dataclass(frozen=True)
