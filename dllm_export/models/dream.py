@@ -1,7 +1,7 @@
 """Dream (Dream-v0-Base/Instruct-7B) in plain PyTorch: a Qwen2 body with bidirectional attention.
 
 Module names mirror the released safetensors (`model.layers.{i}.self_attn.q_proj.weight`, ...).
-Arithmetic mirrors the hub `modeling_dream.py` (shared/research/models.md, section 2): fp32
+Arithmetic mirrors the hub `modeling_dream.py` (Dream-org/Dream-v0-Base-7B on the Hugging Face hub): fp32
 `inv_freq`, cos/sin cast to the activation dtype before rotation, q/k/v biases, no o_proj bias.
 The forward returns unshifted logits; the decoding loop and the scorer apply the shift.
 """
@@ -38,6 +38,8 @@ SPEC = ModelSpec(
     shift_logits=True,
     positions_skip_padding=True,
     default_sampler="entropy",
+    gguf_rope_permute=False,
+    elbo_estimator="dream",
     blocks="model.layers",
     linears={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},

@@ -2,7 +2,7 @@
 
 Module names mirror the released safetensors (`model.transformer.blocks.{i}.q_proj.weight`, ...)
 so checkpoints load by name with no renaming. Arithmetic mirrors the hub `modeling_llada.py`
-(updated 2025-10 revision with attention-mask support): see shared/research/models.md, section 1.
+(GSAI-ML/LLaDA-8B-Base on the Hugging Face hub, the 2025-10 revision with attention-mask support).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ SPEC = ModelSpec(
     shift_logits=False,
     positions_skip_padding=False,
     default_sampler="low_confidence",
+    gguf_rope_permute=True,
+    elbo_estimator="llada",
     blocks="model.transformer.blocks",
     linears={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out",
              "gate": "ff_proj", "up": "up_proj", "down": "ff_out"},

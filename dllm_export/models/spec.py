@@ -76,6 +76,11 @@ class ModelSpec:
         embedding / final_norm / head: dotted paths of the embedding, last norm and LM head.
         smooth_pairs: (norm or linear, [linears it feeds]) pairs for AWQ / SmoothQuant folding.
         gguf_arch: llama.cpp architecture name.
+        gguf_rope_permute: the GGUF writer permutes q/k rows from the released half-split RoPE
+            layout to adjacent pairs (llama.cpp runs LLaDA with its NORM rope; Dream's qwen2 arch
+            reads the half-split rows as they are).
+        elbo_estimator: the family's Monte-Carlo ELBO (`eval.likelihood.elbo`): "llada" (exact
+            mask counts, evenly spaced) or "dream" (i.i.d. masking at sampled ratios).
         context_key: config key holding the context length.
         special_tokens: role (bos, eos, pad, mask, eot, ...) -> token text of the released tokenizer.
         chat_template: Jinja template used when the checkpoint ships none.
@@ -100,8 +105,21 @@ class ModelSpec:
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
     gguf_arch: str
     context_key: str
+    gguf_rope_permute: bool = False
+    elbo_estimator: str = "llada"
     special_tokens: dict[str, str] = field(default_factory=dict)
     chat_template: str = field(repr=False, default="")
+
+    def is_norm(self, name: str) -> bool:
+        """Whether parameter `name` is a norm's weight: a block's attn / ffn norm, or the final norm."""
+        if name == f"{self.final_norm}.weight":
+            return True
+        return name.startswith(self.blocks + ".") and name.endswith(tuple(f".{n}.weight" for n in self.norms.values()))
+
+    def is_residual_out(self, name: str) -> bool:
+        """Whether parameter `name` is a block's residual output projection (o or down) weight."""
+        outs = tuple(f".{self.linears[r]}.weight" for r in ("o", "down"))
+        return name.startswith(self.blocks + ".") and name.endswith(outs)
 
     def align_logits(self, logits: "torch.Tensor") -> "torch.Tensor":
         """Raw model logits [B, L, V] re-indexed so that row i predicts token i: Dream's are shifted

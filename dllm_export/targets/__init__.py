@@ -2,8 +2,8 @@
 
 `dllm-export --target onnx --device arm64-dotprod --bits 4` fills every choice the user left
 open from the profile, so an artifact can be built here for a device that is not this one;
-`--device auto` picks the profile of this host. The numbers behind the choices are in
-shared/research/onnx.md and llamacpp.md and in benchmarks/results/backend_speed_*.json.
+`--device auto` picks the profile of this host. The numbers behind the choices are the
+measurements in benchmarks/results/backend_speed_*.json (benchmarks/backend_speed.py).
 """
 
 from __future__ import annotations
