@@ -174,7 +174,22 @@ def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
             if "arith_em" in r and "arith_em" in base:  # quality deltas to the first artifact
                 r["arith_em_drop"] = round(base["arith_em"] - r["arith_em"], 4)
                 r["bpt_increase"] = round(r["bits_per_token"] / base["bits_per_token"] - 1, 4)
+    _flag_slower_llamacpp(rows)
     return {"config": asdict(cfg), "artifacts": rows, "host": None if host is None else host.to_dict()}
+
+
+def _flag_slower_llamacpp(rows: list[dict]) -> None:
+    """Mark llama.cpp rows slower per step than the fastest artifact of the run with `faster`
+    (that artifact and the factor): its diffusion archs keep no KV cache, so every step is a
+    full forward there and the speed gap is the user's to know."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    best = min(ok, key=lambda r: r["step_ms_median"])
+    for r in ok:
+        if r["backend"] == "llama.cpp" and r is not best:
+            r["faster"] = {"path": best["path"], "backend": best["backend"],
+                           "x": round(r["step_ms_median"] / best["step_ms_median"], 2)}
 
 
 def to_markdown(result: dict) -> str:
@@ -197,6 +212,11 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['path']} | error: {r['error']} |")
         else:
             lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    for r in result["artifacts"]:
+        if "faster" in r:
+            f = r["faster"]
+            lines.append(f"\nllama.cpp ({r['path']}) is {f['x']}x slower per step than {f['path']} ({f['backend']}): "
+                         "its diffusion archs keep no KV cache, so every step is a full forward (no --cache).")
     busy = [r for r in result["artifacts"] if "error" not in r and r["host_load"] > r["host_cores"]]
     if busy:
         lines.append(f"\nnote: host load average up to {max(r['host_load'] for r in busy)} on {busy[0]['host_cores']} "

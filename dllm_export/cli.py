@@ -754,6 +754,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _host_speed_note() -> str:
+    """The speed note of this host's device profile ("" where none fits or none was measured)."""
+    from .targets import detect
+
+    try:
+        return detect().speed_note
+    except DllmExportError:
+        return ""
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
@@ -790,6 +800,9 @@ def cmd_export(args) -> int:
         print(f"{res.path / 'model.gguf'}: {m['family']} -> gguf arch {m['arch']}, {m['file_type']}{exact}, "
               f"{m['method'] or ''} {size / 2**20:.2f} MiB; quantize {res.quantize_seconds:.1f} s, "
               f"export {res.export_seconds:.1f} s; tensor types {m['tensor_types']}")
+        note = (m.get("device") or {}).get("speed_note") or _host_speed_note()
+        if note:
+            print(f"  speed: {note}")
         print(f"  run it: dllm-export generate --model {res.path} --prompt TEXT")
         return 0
     kernels = sorted(set(m["layers"].values()))

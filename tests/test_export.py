@@ -160,3 +160,25 @@ def test_export_carries_a_vocab_and_merges_tokenizer(target, kwargs, dream_bpe_f
         assert (art / name).read_bytes() == (dream_bpe_files / name).read_bytes(), name
     text = "def f(x):\n    return 12+34"
     assert load_tokenizer(art)(text)["input_ids"] == load_tokenizer(dream_bpe_files)(text)["input_ids"]
+
+
+@pytest.mark.parametrize("model,target,kwargs,message", [
+    ("bpe", "gguf", dict(quant="Q4_0"), "has no tokenizer.json: GGUF needs the vocabulary"),
+    ("dream", "gguf", dict(quant="Q4_0", group_size=64), "GGUF block formats hold groups of 32 weights, not 64"),
+    ("dream", "onnx", dict(bits=3, weight_format="matmulnbits"), "--format matmulnbits stores 2, 4 or 8-bit weights"),
+    ("dream", "onnx", dict(scheme="W4A16", group_size=24, weight_format="matmulnbits"),
+     "MatMulNBits needs a power-of-two block size >= 16"),
+])
+def test_export_plan_refuses_before_any_calibration(model, target, kwargs, message, dream_bpe_files, tiny_dirs,
+                                                    tmp_path, monkeypatch):
+    """One plan per target checks bits, groups, MatMulNBits rules and the tokenizer files first."""
+    import dllm_export.quant as quant
+    from dllm_export import DllmExportError
+
+    def no_calibration(*a, **k):
+        raise AssertionError("quantize ran before the request was checked")
+
+    monkeypatch.setattr(quant, "quantize", no_calibration)
+    with pytest.raises(DllmExportError, match=message):
+        export(dream_bpe_files if model == "bpe" else tiny_dirs["dream"], tmp_path / "art", target=target, **kwargs)
+    assert not (tmp_path / "art").exists()

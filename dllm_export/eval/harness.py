@@ -143,7 +143,7 @@ class DLLM(LM):
             self.backend.model.to(dev)
             self._device = dev
         self.spec = self.backend.spec
-        self.estimator = self.spec.family  # the family's own Monte-Carlo ELBO (likelihood.elbo)
+        self.estimator = self.spec.elbo_estimator  # the family's own Monte-Carlo ELBO (likelihood.elbo)
         self.max_length = int(self.backend.max_length)
         sampler = a["sampler"] or self.spec.default_sampler
         _validate(sampler, a["gen_length"], a["steps"], a["block_length"], a["temperature"], a["top_k"], a["top_p"],

@@ -2,11 +2,12 @@
 
 `dllm-export --target onnx --device arm64-dotprod --bits 4` fills every choice the user left
 open from the profile, so an artifact can be built here for a device that is not this one;
-`--device auto` picks the profile of this host. The numbers behind the choices are in
-shared/research/onnx.md and llamacpp.md and in benchmarks/results/backend_speed_*.json and
-roofline_*.json (x86: the int8 head at accuracy level 4, and threads that sleep rather than spin:
-every ONNX block step measured faster without spinning on a 2-core AVX-512 host shared with
-other work; the 8-bit head at level 0 is onnxruntime's dequantize-every-call fallback).
+`--device auto` picks the profile of this host. The numbers behind the choices are the
+measurements in benchmarks/results/backend_speed_*.json (benchmarks/backend_speed.py) and
+roofline_*.json (benchmarks/roofline.py). x86: the int8 head at accuracy level 4 (level 0 is
+onnxruntime's dequantize-every-call 8-bit fallback), and threads that sleep rather than spin
+(every ONNX block step measured faster without spinning on a 2-core AVX-512 host shared with
+other work).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class DeviceProfile:
             exact but onnxruntime's 8-bit fallback dequantizes the whole head every call).
         spinning: onnxruntime's intra-op threads spin while waiting for work (faster on an idle
             device, slower where other processes share the cores).
+        speed_note: where a target measured slower than another on this device class: which,
+            against what, and the faster target ("" where not measured).
     """
 
     name: str
@@ -59,6 +62,7 @@ class DeviceProfile:
     embed_head: str = "int8"
     head_accuracy_level: int = 4
     spinning: bool = True
+    speed_note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +76,10 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
         "x86-avx512-vnni", "x86-64 with AVX-512 VNNI (Ice Lake+, Zen 4+): int8 dot products; W8A8's integer "
         "GEMM measured 4.8x torch fp32 at a 128-token step (benchmarks/results/backend_speed_1b.json)",
         "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q8_0",
-        spinning=False),
+        speed_note="gguf: llama.cpp recomputes the whole canvas every step (no KV cache for diffusion archs); "
+        "its full step measured 1.05-1.64x torch fp32 (F16 .. Q4_K_M) but 0.49-0.76x torch bf16 on the anchor "
+        "shape (benchmarks/results/llamacpp_speed.json): the faster targets are onnx (W8A8) and torch bf16 / "
+        "--kernel int W8A8 with the dual cache", spinning=False),
     DeviceProfile(
         "arm64-dotprod", "arm64 with the dot-product extension (phones, Graviton 2, Apple M1+): onnxruntime's "
         "KleidiAI 4-bit kernels want symmetric blocks that are a multiple of 32 and divide K",
