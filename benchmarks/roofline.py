@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dllm_export.models.factory import make_random_checkpoint
     from dllm_export.models.loader import read_spec, resolve_model_path
-    from dllm_export.runtime.roofline import floor_s, measure_host, step_cost
+    from dllm_export.runtime.roofline import HostLimits, StepCost, floor_s, measure_host, step_cost
 
     if args.quick:
         args.shape, args.layers = args.shape or "anchor", args.layers or 2
@@ -361,6 +361,20 @@ def main(argv: list[str] | None = None) -> int:
         if art is not None:
             shutil.rmtree(art)
     res["machine"]["load_avg_end"] = os.getloadavg()  # other processes on the host skew every figure
+    # the peaks again at the end, and the floors against the better of both (a floor must bound
+    # every step; on a shared host the start's measurement can fall below what the steps reach)
+    end = measure_host(args.threads, quick=args.quick)
+    res["host_end"] = end.to_dict()
+    best = HostLimits(max(host.bandwidth_gbs, end.bandwidth_gbs),
+                      {k: max(v, end.gemm_tflops.get(k, 0)) for k, v in host.gemm_tflops.items()},
+                      host.gemm_shape, host.flags, host.threads)
+    res["host"] = best.to_dict()
+    for name, a in res["artifacts"].items():
+        for s in a["steps"].values():
+            f = floor_s(StepCost(s["mb_read"] * 1e6, s["gflop"] * 1e9, s["rows"], 0, 0), best,
+                        a["precision"]["compute"])
+            s.update(floor_ms=round(1000 * f["floor_s"], 2), bound=f["bound"],
+                     x_floor=round(s["ms"] / 1000 / f["floor_s"], 2))
     base = res["e2e"].get("torch-fp32:none", {}).get("seconds")
     for r in res["e2e"].values():
         if base:
