@@ -1,6 +1,6 @@
 """Timestep-aware calibration against uniform-t and plain-text calibration, on fidelity metrics.
 
-Per bundled model and PTQ cell, the same method is calibrated four ways (64 windows of 256 tokens
+Per bundled model and PTQ cell, the same method is calibrated four ways (windows of 256 tokens
 from the bundled corpus, same windows and seed):
 
 * none: plain text (earlier PTQ studies);
@@ -47,7 +47,7 @@ def run_model(name: str, work: Path, args) -> dict:
         raw = {}
         for calib in CALIBS:
             mask = "decode" if calib.startswith("decode") else calib
-            ccfg = CalibConfig(mask=mask, decode_ratios=tuple(ratios.get(calib, ())))
+            ccfg = CalibConfig(mask=mask, n_samples=args.calib_samples, decode_ratios=tuple(ratios.get(calib, ())))
             out = work / f"{name}-{method}-{scheme}-{calib}"
             if not out.exists():
                 quantize(name, out, QuantizeConfig(method=method, scheme=scheme, calib=ccfg), progress=False)
@@ -95,6 +95,7 @@ def main() -> int:
     p.add_argument("--models", default="default,default-dream")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--cells", type=int, default=len(CELLS), help="the first N cells of CELLS")
+    p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--workdir")
     p.add_argument("--out", default="benchmarks/results/calib_timestep_default")
     args = p.parse_args()
@@ -102,15 +103,16 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     h = host()
     res = {"host": f"{h['cpu']} ({', '.join(h['flags'])}), torch threads {h['torch_threads']}",
-           "command": f"OMP_NUM_THREADS=1 python benchmarks/calib_timestep.py --models {args.models}", "models": []}
+           "command": f"OMP_NUM_THREADS=1 python benchmarks/calib_timestep.py --models {args.models} --windows "
+                      f"{args.windows} --cells {args.cells} --calib-samples {args.calib_samples}", "models": []}
     try:
         for name in args.models.split(","):
             res["models"].append(run_model(name, work, args))
+            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")  # after each model
+            Path(args.out + ".md").write_text(to_markdown(res))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(res))
     print(to_markdown(res))
     return 0
 

@@ -6,9 +6,9 @@ Measures, for each model (default: the bundled `default` LLaDA and `default-drea
   (never seen in training): prompt `47+38=`, `ARITH_SETTINGS` generation with the family's default
   sampler, answer = the generated text up to the first non-digit.
 * **masked-token accuracy and ELBO bits/token** on the held-out stdlib modules, cut into windows of
-  `--window` tokens. The ELBO is LLaDA's Monte-Carlo estimator (shared/research/models.md 4.2: exact
-  mask counts l evenly spaced over the copies, weight L / l, here with an empty prompt); Dream uses its
-  shifted logits and never masks the first position (4.4). Accuracy is reported over those random
+  `--window` tokens. The ELBO is LLaDA's Monte-Carlo estimator (Nie et al. 2025, arXiv 2502.09992, and
+  ML-GSAI/LLaDA's `get_log_likelihood.py`: exact mask counts l evenly spaced over the copies, weight L / l,
+  here with an empty prompt); Dream uses its shifted logits and never masks the first position. Accuracy is reported over those random
   mask ratios and at fixed ratios 15% and 50%.
 * the **unigram baseline**: the entropy (bits/token) of the training code's unigram distribution, the
   cross-entropy of the held-out tokens under it (add-one smoothing) and the accuracy of always

@@ -6,8 +6,9 @@ and uniform GPTQ schemes at groups of 32 and 64, all quantized with the same mas
 calibration and scored on the same fidelity canvases (`eval.fidelity`: t = 0.15 / 0.5 / 0.85 and
 the loop's decode ratios, 16 windows of 128). Size is the packed bytes of the block linears
 (`quant.mixed.weight_bytes`: codes + fp16 scales + zero points; exactly the GGUF block types'
-bytes), reported as bits per weight; a mixed recipe wins when its KLD is below that of every
-uniform scheme of the same or larger size, with the paired difference's z-score.
+bytes), reported as bits per weight. Each mixed recipe is compared, paired over the same canvases
+(z-score), with the next uniform scheme up in size (the smallest at least as large), and the
+table names the smallest uniform scheme that beats it.
 
 Then the exports: the mixed recipes and their uniform neighbours go to ONNX (QDQ) and, for the
 GGUF grid (4/5/8 bits = Q4_0/Q5_0/Q8_0), to GGUF, and each artifact is compared with its own
@@ -30,13 +31,12 @@ from pathlib import Path
 
 import torch
 
-# (label, candidate bits, average-bits budget): the issue's 2/3/4/8 grid at 3.5 and 4.5, the same
-# with 5 bits, and GGUF's exact block types (4.5 bits is all-Q4_0 there, 3.5 unreachable)
+# (label, candidate bits, average-bits budget): the issue's 2/3/4/8 grid at 3.5 and 4.5, and GGUF's
+# exact block types (4.5 bits is all-Q4_0 there, 3.5 unreachable)
 MIXED = [("mix{b}-2348", (2, 3, 4, 8), 3.5), ("mix{b}-2348", (2, 3, 4, 8), 4.5),
-         ("mix{b}-23458", (2, 3, 4, 5, 8), 3.5), ("mix{b}-23458", (2, 3, 4, 5, 8), 4.5),
          ("mix{b}-gguf", (4, 5, 8), 5.0), ("mix{b}-gguf", (4, 5, 8), 6.0)]
-UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (2, 64), (3, 64), (4, 64), (5, 64)]
-QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[4]]
+UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (3, 64), (4, 64)]
+QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[2]]
 QUICK_UNIFORM = [(3, 32), (4, 32), (5, 32), (3, 64), (4, 64)]
 
 
@@ -61,12 +61,20 @@ def run_model(name: str, work: Path, args) -> dict:
     from dllm_export import load_model, load_tokenizer
     from dllm_export.eval.fidelity import FidelityConfig, build_reference, compare, paired_difference
     from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, sensitivity_scan
-    from dllm_export.quant import QuantizeConfig, quantize
+    from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
 
     t0 = time.perf_counter()
     model, tok = load_model(name), load_tokenizer(name)
     ref = build_reference(model, tok, FidelityConfig(windows=args.windows))
-    scan = sensitivity_scan(model, tok, SensitivityConfig(bits=(2, 3, 4, 5, 8), group_size=32))
+    calib = CalibConfig(n_samples=args.calib_samples)
+    scan_file = work / f"{name}-scan.json"
+    if scan_file.exists():
+        scan = json.loads(scan_file.read_text())
+    else:
+        scan = sensitivity_scan(model, tok, SensitivityConfig(
+            bits=(2, 3, 4, 5, 8), group_size=32, calib=calib,
+            fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
+        scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
     cells, raw = [], {}
 
@@ -89,29 +97,33 @@ def run_model(name: str, work: Path, args) -> dict:
 
     uniform = QUICK_UNIFORM if args.quick else UNIFORM
     for bits, g in uniform:
-        cell(f"W{bits}g{g}", QuantizeConfig(method="gptq", scheme=f"W{bits}A16", group_size=g),
+        cell(f"W{bits}g{g}", QuantizeConfig(method="gptq", scheme=f"W{bits}A16", group_size=g, calib=calib),
              {"kind": "uniform", "bits": bits, "group_size": g})
     for label, choices, budget in (QUICK_MIXED if args.quick else MIXED):
         alloc = allocate_bits(scan, budget, choices)
         label = label.format(b=budget)
         qcfg = QuantizeConfig(method="gptq", scheme="W4A16", group_size=32, layer_bits=alloc["layer_bits"],
-                              avg_bits=budget)
+                              avg_bits=budget, calib=calib)
         counts = {}
         for b in alloc["layer_bits"].values():
             counts[b] = counts.get(b, 0) + 1
         cell(label, qcfg, {"kind": "mixed", "choices": list(choices), "budget": budget,
                            "predicted_kld": alloc["predicted_kld"], "layers_per_bits": dict(sorted(counts.items()))})
-    # a mixed recipe against every uniform scheme of the same or larger size (paired over windows)
+    # a mixed recipe against the next uniform scheme up in size (the smallest one at least as large),
+    # paired over the same canvases; and the smallest uniform scheme that is better than it
+    uniforms = sorted((u for u in cells if u["kind"] == "uniform"), key=lambda u: u["bytes"])
     for c in cells:
         if c["kind"] != "mixed":
             continue
-        rivals = [u for u in cells if u["kind"] == "uniform" and u["bytes"] >= c["bytes"]]
-        best = min(rivals, key=lambda u: u["kld_mean"], default=None)
-        c["best_uniform_same_or_larger"] = None if best is None else best["label"]
-        if best is not None:
-            d = paired_difference(raw[c["label"]], raw[best["label"]])
-            c["vs_best_uniform"] = {"kld_diff": d["diff"], "se": d["se"], "z": d["z"],
-                                    "lower": c["kld_mean"] < best["kld_mean"], "significant": d["significant"]}
+        up = next((u for u in uniforms if u["bytes"] >= c["bytes"]), None)
+        c["next_uniform_up"] = None if up is None else up["label"]
+        if up is not None:
+            d = paired_difference(raw[c["label"]], raw[up["label"]])
+            c["vs_next_uniform_up"] = {"kld_diff": d["diff"], "se": d["se"], "z": d["z"],
+                                       "lower": d["diff"] < 0, "significant": d["significant"]}
+        better = next((u for u in uniforms if u["kld_mean"] < c["kld_mean"]), None)
+        c["smallest_better_uniform"] = None if better is None else {"label": better["label"],
+                                                                    "avg_bits": better["avg_bits"]}
     exports = run_exports(name, cells, work, args)
     for c in cells:
         c.pop("path")  # no machine paths in the results
@@ -161,16 +173,18 @@ def to_markdown(res: dict) -> str:
              f"{res['host']['torch_threads']}. Reproduce: `{res['command']}`", ""]
     for m in res["models"]:
         lines += [f"## {m['model']}", "", f"Most sensitive layers (2-bit scan): {', '.join(m['scan_ranking_top5'])}", "",
-                  "| cell | kind | bits/weight | KLD mean +- se | KLD p99 | top-1 | layers per bits | vs best uniform of "
-                  ">= size |", "|---|---|---:|---:|---:|---:|---|---|"]
+                  "| cell | kind | bits/weight | KLD mean +- se | KLD p99 | top-1 | layers per bits | vs next uniform up "
+                  "in size: dKLD (z) | smallest uniform with lower KLD (bits/weight) |",
+                  "|---|---|---:|---:|---:|---:|---|---|---|"]
         for c in sorted(m["cells"], key=lambda c: c["avg_bits"]):
-            vs = c.get("vs_best_uniform")
+            vs, sb = c.get("vs_next_uniform_up"), c.get("smallest_better_uniform")
             vs_s = "" if c["kind"] != "mixed" else ("none as large" if vs is None else
-                                                    f"{c['best_uniform_same_or_larger']}: {vs['kld_diff']:+.4g} "
-                                                    f"(z {vs['z']:.1f}){' **lower**' if vs['lower'] else ''}")
+                                                    f"{c['next_uniform_up']}: {vs['kld_diff']:+.3g} (z {vs['z']:.1f})"
+                                                    f"{' **lower**' if vs['lower'] and vs['significant'] else ''}")
+            sb_s = "" if c["kind"] != "mixed" else ("none" if sb is None else f"{sb['label']} ({sb['avg_bits']:.3f})")
             lines.append(f"| {c['label']} | {c['kind']} | {c['avg_bits']:.3f} | {c['kld_mean']:.4g} +- "
                          f"{c['kld_se']:.2g} | {c['kld_p99']:.3g} | {c['top1']:.4f} | "
-                         f"{c.get('layers_per_bits', '')} | {vs_s} |")
+                         f"{c.get('layers_per_bits', '')} | {vs_s} | {sb_s} |")
         lines += ["", "| export | target | KLD vs its fake-quant | top-1 vs fake-quant | max abs logit diff | "
                       "model file bytes |", "|---|---|---:|---:|---:|---:|"]
         for e in m["exports"]:
@@ -186,7 +200,9 @@ def to_markdown(res: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="default,default-dream")
-    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--windows", type=int, default=16, help="fidelity windows per ratio set of every cell")
+    p.add_argument("--scan-windows", type=int, default=8, help="fidelity windows per ratio of the scan")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (scan Hessians and cells)")
     p.add_argument("--quick", action="store_true", help="fewer cells")
     p.add_argument("--workdir", help="keep the quantized checkpoints here (default: a temp folder)")
     p.add_argument("--out", default="benchmarks/results/mixed_precision_default")
@@ -194,17 +210,19 @@ def main() -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mixed-"))
     work.mkdir(parents=True, exist_ok=True)
     res = {"host": host(), "command": "OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py"
-                                      + (" --quick" if args.quick else "") + f" --models {args.models}",
+                                      + (" --quick" if args.quick else "") + f" --models {args.models} --windows "
+                                      f"{args.windows} --scan-windows {args.scan_windows} --calib-samples "
+                                      f"{args.calib_samples}",
            "models": []}
     try:
         for name in args.models.split(","):
             res["models"].append(run_model(name, work, args))
+            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")  # after each model
+            Path(args.out + ".md").write_text(to_markdown(res))
             print(f"{name} done", file=sys.stderr)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(res))
     print(to_markdown(res))
     return 0
 

@@ -239,7 +239,9 @@ def _add_bench_build(sub) -> None:
                                                 "'default'; ratios are to the first")
     bn.add_argument("--backend", default="auto", help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
     bn.add_argument("--canvas", type=int, default=128, help="tokens of one timed denoising step (default: %(default)s)")
-    bn.add_argument("--reps", type=int, default=10)
+    bn.add_argument("--reps", type=int, default=10, help="timed denoising steps (default: %(default)s)")
+    bn.add_argument("--decode-reps", type=int, default=3,
+                    help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")
     bn.add_argument("--gen-length", type=int, default=64)
     bn.add_argument("--block-length", type=int, default=32)
     bn.add_argument("--cache", default="none", choices=CACHES, help="block KV cache of the timed decode")
@@ -478,7 +480,7 @@ def cmd_bench(args) -> int:
 
     from .bench import BenchConfig, bench, to_markdown
 
-    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, gen_length=args.gen_length, block_length=args.block_length,
+    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length, block_length=args.block_length,
                       cache=args.cache, threshold=args.threshold, threads=args.threads, backend=args.backend,
                       quality=args.quality, device=args.torch_device, kernel=args.kernel)
     res = bench(args.artifacts, cfg)
@@ -750,6 +752,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _host_speed_note() -> str:
+    """The speed note of this host's device profile ("" where none fits or none was measured)."""
+    from .targets import detect
+
+    try:
+        return detect().speed_note
+    except DllmExportError:
+        return ""
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
@@ -786,6 +798,9 @@ def cmd_export(args) -> int:
         print(f"{res.path / 'model.gguf'}: {m['family']} -> gguf arch {m['arch']}, {m['file_type']}{exact}, "
               f"{m['method'] or ''} {size / 2**20:.2f} MiB; quantize {res.quantize_seconds:.1f} s, "
               f"export {res.export_seconds:.1f} s; tensor types {m['tensor_types']}")
+        note = (m.get("device") or {}).get("speed_note") or _host_speed_note()
+        if note:
+            print(f"  speed: {note}")
         print(f"  run it: dllm-export generate --model {res.path} --prompt TEXT")
         return 0
     kernels = sorted(set(m["layers"].values()))

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         model(ids)
         steps.append(time.perf_counter() - t)
     steps.sort()
+    prompt = ids[:, : max(1, args.canvas - args.gen_length)]
+    decode(model, prompt, args.gen_length, args.block_length, spec["mask_id"], spec["shift_logits"])  # warm-up
     t = time.perf_counter()
     tokens, nfe = decode(model, ids[:, : max(1, args.canvas - args.gen_length)], args.gen_length,
                          args.block_length, spec["mask_id"], spec["shift_logits"])

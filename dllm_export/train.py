@@ -1,7 +1,7 @@
 """Masked-diffusion pre-training of the small bundled default models (LLaDA and Dream layouts).
 
-The objective is LLaDA's pre-training loss (Nie et al. 2025, "Large Language Diffusion Models";
-shared/research/models.md section 4.1): per sequence t ~ U(0, 1), p_mask = (1 - eps) t + eps, every
+The objective is LLaDA's pre-training loss (Nie et al. 2025, "Large Language Diffusion Models",
+arXiv 2502.09992): per sequence t ~ U(0, 1), p_mask = (1 - eps) t + eps, every
 token masked i.i.d. with probability p_mask, and
 
     loss = sum over masked tokens of CE(logits_i, x_i) / p_mask  /  (B * L).
@@ -122,15 +122,16 @@ def model_config(cfg: TrainConfig, ids: dict[str, int]) -> dict:
 
 
 def init_weights(model: torch.nn.Module, n_layers: int, generator: torch.Generator, std: float = 0.02) -> None:
-    """GPT-2 style init: N(0, std^2), residual output projections scaled by 1/sqrt(2 n_layers), norms 1, biases 0."""
-    residual_out = (".attn_out.weight", ".ff_out.weight", ".o_proj.weight", ".down_proj.weight")
+    """GPT-2 style init: N(0, std^2), residual output projections scaled by 1/sqrt(2 n_layers), norms 1, biases 0
+    (the roles from the model's spec)."""
+    spec = model.spec
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "ln_f.weight")):
+            if spec.is_norm(name):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
-            elif name.endswith(residual_out) and (".blocks." in name or ".layers." in name):
+            elif spec.is_residual_out(name):
                 p.copy_(torch.randn(p.shape, generator=generator) * (std / math.sqrt(2 * n_layers)))
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)

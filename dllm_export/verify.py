@@ -149,14 +149,20 @@ def _compare(folder: Path, ref: dict, got: dict) -> str:
         raise CheckpointError(f"{folder / MANIFEST}: the stored reference canvas is not this version's fixed canvas")
     worst = 0.0
     for key in ("probe", "max", "logsumexp"):
-        a, b = np.asarray(ref.get(key, []), np.float64), np.asarray(got[key], np.float64)
-        if a.shape != b.shape:
+        try:
+            a, b = np.asarray(ref.get(key, []), np.float64), np.asarray(got[key], np.float64)
+        except (TypeError, ValueError):  # not a list of numbers
+            a, b = None, None
+        if a is None or a.shape != b.shape:
             raise CheckpointError(f"{folder / MANIFEST}: malformed reference logits ({key})")
         scale = max(1.0, float(np.abs(a).max(initial=0.0)))
         worst = max(worst, float(np.abs(a - b).max(initial=0.0)) / scale)
-    if worst > float(ref.get("rtol", SMOKE_RTOL)):
+    rtol = ref.get("rtol", SMOKE_RTOL)
+    if not isinstance(rtol, (int, float)) or isinstance(rtol, bool):
+        raise CheckpointError(f"{folder / MANIFEST}: malformed reference rtol {rtol!r}")
+    if not worst <= rtol:
         raise CheckpointError(f"{folder}: the smoke forward differs from the stored reference logits by {worst:.3g} "
-                              f"of their magnitude (> {ref.get('rtol', SMOKE_RTOL)}): the runtime or the weights "
+                              f"of their magnitude (> {rtol}): the runtime or the weights "
                               f"are not what was exported")
     return f"smoke forward: within {worst:.2g} of the reference logits"
 

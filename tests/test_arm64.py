@@ -27,10 +27,10 @@ ROOT = Path(os.environ.get("DLLM_ARM64_ROOT", Path(__file__).parents[1] / ".arm6
 RUNNER = Path(__file__).parents[1] / "dllm_export" / "ondevice.py"
 ARGS = ["--canvas", "24", "--gen-length", "8", "--block-length", "8", "--reps", "1", "--threads", "1"]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (ROOT / "opt" / "dllm-ready").exists() or os.geteuid() != 0
     or not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists(),
-    reason="no arm64 root with onnxruntime (scripts/arm64-root.sh), no root, or no qemu-aarch64 binfmt")
+    reason="no arm64 root with onnxruntime (scripts/arm64-root.sh), no root, or no qemu-aarch64 binfmt")]
 
 # (family, export options, max |logit difference| between x86 and aarch64 runs, or None: int8
 # activations, where the kernels differ by design: x86 quantizes activations per block of 32,

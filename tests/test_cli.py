@@ -21,9 +21,14 @@ def test_generate_json(tiny_dirs, capsys, name):
 
 
 def test_generate_text_with_chat_template(tiny_dirs, capsys):
-    rc = main(["generate", "--model", str(tiny_dirs["llada"]), "--prompt", "hi", "--chat", "--gen-length", "8",
-               "--threshold", "0.5"])
-    assert rc == 0 and capsys.readouterr().out.strip() != ""
+    args = ["generate", "--model", str(tiny_dirs["llada"]), "--prompt", "hi", "--chat", "--gen-length", "8",
+            "--threshold", "0.5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert printed == out["text"][0] + "\n"  # greedy: the same 8 tokens, decoded
+    assert len(out["ids"][0]) - out["prompt_length"] == 8 and out["nfe"] <= 8
 
 
 def test_info(tiny_dirs, capsys):
@@ -66,6 +71,7 @@ def test_errors_are_one_line_with_nonzero_exit(tiny_dirs, capsys, args, message)
     assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(tmp_path):
     """The installed entry point returns the error code to the shell."""
     proc = subprocess.run([sys.executable, "-m", "dllm_export.cli", "info", "--model", str(tmp_path / "x")],

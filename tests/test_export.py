@@ -26,6 +26,7 @@ def test_export_is_deterministic(target, kwargs, tiny_dirs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left
 
 
+@pytest.mark.slow
 def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     import json
 
@@ -43,6 +44,9 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
         for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_s", "peak_rss_mib", "size_mib", "arith_em",
                     "bits_per_token", "arith_em_drop", "bpt_increase"):
             assert r[key] is not None
+    for r in ok:  # decoding warmed up, then timed --decode-reps times: the median with its spread
+        assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"] and r["host_cores"] >= 1
+    assert ok[0]["threads"] >= 1  # the torch threads the figures were taken with
     assert ok[0]["bpt_increase"] == ok[0]["arith_em_drop"] == 0  # deltas are to the first artifact
     assert abs(ok[1]["bpt_increase"]) < 0.01  # fp32 ONNX scores as torch
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
@@ -50,6 +54,7 @@ def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     assert "| path | backend |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,kwargs", [("onnx", dict(bits=4, method="rtn", group_size=32)),
                                            ("gguf", dict(quant="Q8_0", method="rtn"))])
 def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
@@ -151,3 +156,25 @@ def test_export_carries_a_vocab_and_merges_tokenizer(target, kwargs, dream_bpe_f
         assert (art / name).read_bytes() == (dream_bpe_files / name).read_bytes(), name
     text = "def f(x):\n    return 12+34"
     assert load_tokenizer(art)(text)["input_ids"] == load_tokenizer(dream_bpe_files)(text)["input_ids"]
+
+
+@pytest.mark.parametrize("model,target,kwargs,message", [
+    ("bpe", "gguf", dict(quant="Q4_0"), "has no tokenizer.json: GGUF needs the vocabulary"),
+    ("dream", "gguf", dict(quant="Q4_0", group_size=64), "GGUF block formats hold groups of 32 weights, not 64"),
+    ("dream", "onnx", dict(bits=3, weight_format="matmulnbits"), "--format matmulnbits stores 2, 4 or 8-bit weights"),
+    ("dream", "onnx", dict(scheme="W4A16", group_size=24, weight_format="matmulnbits"),
+     "MatMulNBits needs a power-of-two block size >= 16"),
+])
+def test_export_plan_refuses_before_any_calibration(model, target, kwargs, message, dream_bpe_files, tiny_dirs,
+                                                    tmp_path, monkeypatch):
+    """One plan per target checks bits, groups, MatMulNBits rules and the tokenizer files first."""
+    import dllm_export.quant as quant
+    from dllm_export import DllmExportError
+
+    def no_calibration(*a, **k):
+        raise AssertionError("quantize ran before the request was checked")
+
+    monkeypatch.setattr(quant, "quantize", no_calibration)
+    with pytest.raises(DllmExportError, match=message):
+        export(dream_bpe_files if model == "bpe" else tiny_dirs["dream"], tmp_path / "art", target=target, **kwargs)
+    assert not (tmp_path / "art").exists()

@@ -261,3 +261,21 @@ def test_factor_rule_matches_fast_dllm():
 def test_bad_cache_arguments(kwargs, match, tiny_dirs):
     with pytest.raises(InputError, match=match):
         generate(load_model(tiny_dirs["llada"]), [[5, 9]], gen_length=8, steps=8, **kwargs)
+
+
+def test_backends_declare_their_capabilities(llada):
+    """name / supports_cache / supports_rows are part of the Backend protocol; a forward-only object
+    gets a plain forward's (no cache, no rows) from as_backend, named by its class."""
+    from dllm_export.runtime.backends import Backend, as_backend
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
+    from dllm_export.runtime.ort import OrtBackend
+
+    for cls, caps in ((TorchBackend, ("torch", True, True)), (LlamaCppBackend, ("llama.cpp", False, False))):
+        assert (cls.name, cls.supports_cache, cls.supports_rows) == caps
+    assert OrtBackend.name == "onnxruntime" and OrtBackend.supports_rows and not OrtBackend.supports_cache
+    plain = as_backend(NumpyBackend(llada))
+    assert isinstance(plain, Backend) and (plain.name, plain.supports_cache, plain.supports_rows) == (
+        "NumpyBackend", False, False)
+    assert as_backend(_NoRows(llada)).supports_cache and not as_backend(_NoRows(llada)).supports_rows
+    with pytest.raises(D.InputError, match="the NumpyBackend backend has no KV cache"):
+        D.generate(NumpyBackend(llada), PROMPT, gen_length=8, steps=8, cache="prefix")

@@ -154,3 +154,20 @@ def test_write_checkpoint_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         make_random_checkpoint(tmp_path / "m", vocab_size=128)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_spec_names_the_roles_factory_and_train_use(family):
+    """Norms, residual outputs, the GGUF rope permutation and the ELBO estimator are spec data, so a
+    new family is its own file plus a registry row (no family names in factory / train / exporters)."""
+    from dllm_export.models import FAMILIES
+    from dllm_export.models.factory import CONFIGS
+    from dllm_export.models.loader import build_model
+
+    spec = FAMILIES[family].spec
+    names = [n for n, _ in build_model(CONFIGS[family](), device="meta").named_parameters()]
+    norms = [n for n in names if spec.is_norm(n)]
+    assert norms == [n for n in names if n.endswith(("norm.weight", "ln_f.weight"))] and len(norms) == 2 * 2 + 1
+    outs = [n for n in names if spec.is_residual_out(n)]
+    assert len(outs) == 2 * 2 and all(n.startswith(spec.blocks) for n in outs)
+    assert (spec.gguf_rope_permute, spec.elbo_estimator) == {"llada": (True, "llada"), "dream": (False, "dream")}[family]

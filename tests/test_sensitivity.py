@@ -174,6 +174,13 @@ def test_mixed_layer_bits_are_checked(ckpt, CALIB, tmp_path):
         quantize(ckpt, tmp_path / "q", QuantizeConfig(method="rtn", calib=CALIB, layer_bits={"nope.q": 4}),
                  progress=False)
     assert not (tmp_path / "q").exists()
+    from dllm_export.exporter import export
+
+    spec = load_model(ckpt).spec
+    with pytest.raises(InputError, match="stores 2, 4 or 8-bit weights, not 3-bit"):
+        export(ckpt, tmp_path / "o", target="onnx", scheme="W4A16", weight_format="matmulnbits", group_size=32,
+               quantize_options={"layer_bits": {f"{spec.blocks}.0.{spec.linears['q']}": 3}})
+    assert not (tmp_path / "o").exists()  # refused before any calibration
 
 
 def test_timestep_aware_calibration_canvases(ckpt, calib_text):

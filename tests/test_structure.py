@@ -92,3 +92,9 @@ def test_algorithm_modules_import_only_primitives():
     allowed = {"dllm_export.errors", "dllm_export.quant.primitives", "dllm_export.quant.rtn"}
     for name in ("dllm_export.quant.gptq", "dllm_export.quant.rtn"):
         assert imports_of(name, modules[name], modules) <= allowed, name
+
+
+def test_sources_cite_nothing_outside_the_repository():
+    """Docstrings state the fact or cite a public source, never a notes folder of one machine."""
+    cited = [f.name for f in PACKAGE.rglob("*.py") if "shared/research" in f.read_text()]
+    assert cited == []

@@ -28,7 +28,11 @@ def test_items_are_deterministic_and_well_formed():
 def test_run_task_on_a_tiny_model(task, tiny_dirs):
     model, tok = load_model(tiny_dirs["dream"]), load_tokenizer(tiny_dirs["dream"])
     res = run_task(model, tok, task, n_items=3)
-    assert res["n"] == 3 and 0.0 <= res["score"] <= 1.0
+    assert res["n"] == 3 and len(res["outcomes"]) == 3 and set(res["outcomes"]) <= {0, 1}
+    assert res["score"] == pytest.approx(sum(res["outcomes"]) / 3, abs=1e-12)  # the score is the outcomes' mean
+    lo, hi = res["ci95"]
+    assert lo - 1e-12 <= res["score"] <= hi + 1e-12 and hi - lo > 0.3  # three items: a wide Wilson interval
+    assert run_task(model, tok, task, n_items=3)["outcomes"] == res["outcomes"]  # deterministic
     assert res["category"] == TASKS[task].category and res["settings"]["name"] == task
 
 

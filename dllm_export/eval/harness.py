@@ -131,7 +131,7 @@ class DLLM(LM):
                 tokenizer = model
         else:
             self.backend = as_backend(model)
-            self.model_name = getattr(self.backend, "name", type(self.backend).__name__)
+            self.model_name = self.backend.name
             if tokenizer is None:
                 raise InputError("pass `tokenizer` with an already loaded model")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
@@ -143,13 +143,13 @@ class DLLM(LM):
             self.backend.model.to(dev)
             self._device = dev
         self.spec = self.backend.spec
-        self.estimator = self.spec.family  # the family's own Monte-Carlo ELBO (likelihood.elbo)
+        self.estimator = self.spec.elbo_estimator  # the family's own Monte-Carlo ELBO (likelihood.elbo)
         self.max_length = int(self.backend.max_length)
         sampler = a["sampler"] or self.spec.default_sampler
         _validate(sampler, a["gen_length"], a["steps"], a["block_length"], a["temperature"], a["top_k"], a["top_p"],
                   a["threshold"], a["factor"] is not None)
-        if a["cache"] != "none" and not getattr(self.backend, "supports_cache", False):
-            raise InputError(f"the {getattr(self.backend, 'name', 'given')} backend has no KV cache; use cache=none")
+        if a["cache"] != "none" and not self.backend.supports_cache:
+            raise InputError(f"the {self.backend.name} backend has no KV cache; use cache=none")
         self.args = a
         s = self.spec
         # the prompt of an empty context / of rolling windows: BOS if the model has one; LLaDA scores from

@@ -198,7 +198,7 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     from ..formats import GGUF_BLOCK
     from ..models.checkpoint import is_quantized
     from ..quant import get_scheme
-    from .gguf import BLOCK_TYPES, GgufExportConfig
+    from .gguf import BLOCK_TYPES, GgufExportConfig, check_tokenizer
     from .gguf_vocab import read_vocab
 
     quantized_input = is_quantized(src)
@@ -227,6 +227,7 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
         opts = {**req.quantize_options, "bits": bits, "sym": quant.endswith("_0"),
                 "zero_kind": "int" if quant.endswith("_0") else "float"}
         qcfg = _quantize_config(req, f"W{bits}A16", GGUF_BLOCK, opts)
+        check_tokenizer(src)  # llama.cpp tokenizes like the checkpoint, or refused before calibrating
     return ExportPlan("gguf", src, qcfg, GgufExportConfig(quant=None if needs_ptq else quant), extra)
 
 
@@ -263,8 +264,9 @@ def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
         raise InputError("float minimums (zero_kind='float', GGUF Q4_1 style) have no exact ONNX form; "
                          "use integer zero points (the default) or --target gguf")
     if ocfg.weight_format == "matmulnbits":
-        for K in widths:
-            check_matmulnbits(w.bits, w.group_size or K, "--format matmulnbits")
+        for bits in sorted({w.bits, *dict(qcfg.layer_bits).values()}):  # mixed precision: every layer's bits
+            for K in widths:
+                check_matmulnbits(bits, w.group_size or K, "--format matmulnbits")
 
 
 __all__ = ["ExportPlan", "ExportRequest", "ExportResult", "RESOLVERS", "TARGETS", "export", "plan_export"]

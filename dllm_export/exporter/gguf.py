@@ -179,7 +179,7 @@ def plan_tensors(source, cfg: GgufExportConfig) -> list[PlannedTensor]:
     activation quantization, grids no block type stores exactly) before anything is written."""
     spec, dims, handles = source.spec, source.dims, source.handles
     float_type = "F16" if cfg.quant in LLAMA_QUANTS else (cfg.quant or "F32")
-    permute = spec.family == "llada"  # llama.cpp runs LLaDA with NORM (adjacent-pair) rope
+    permute = spec.gguf_rope_permute  # llama.cpp runs LLaDA with NORM (adjacent-pair) rope
     plan: list[PlannedTensor] = []
 
     def add_float(gname: str, hf_name: str, qtype: str, rope_heads: int | None = None):
@@ -314,7 +314,7 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
             "quantize_settings": qmanifest["settings"] if qmanifest else None,
             "file_type": cfg.quant if llama_quant else main_type, "tensor_types": tensor_types,
             "exact_from_ptq": bool(qmanifest) and any(t in BLOCK_TYPES for t in tensor_types),
-            "rope_rows_permuted": spec.family == "llada", "shift_logits": spec.shift_logits,
+            "rope_rows_permuted": spec.gguf_rope_permute, "shift_logits": spec.shift_logits,
             "pre_tokenizer": vocab["pre"], "tokenizer_parity": parity, "spec": spec.to_dict(), "dims": dataclasses.asdict(dims),
         }
         manifest.update(extra_manifest or {})
@@ -377,6 +377,19 @@ def _write_metadata(w, spec, dims, vocab: dict, main_type: str) -> None:
     w.add_add_bos_token(ADD_BOS)
     if spec.chat_template:
         w.add_chat_template(spec.chat_template)
+
+
+def check_tokenizer(model_path: str | Path) -> str:
+    """The pre-tokenizer name `export_gguf` would write for checkpoint `model_path`, found as it
+    does (probe files in a temporary folder), so a tokenizer llama.cpp cannot reproduce is refused
+    before a calibration runs rather than after."""
+    import tempfile
+
+    source = open_source(model_path)
+    vocab = read_vocab(source.path, source.dims.vocab_rows)
+    with tempfile.TemporaryDirectory(prefix="dllm-export-vocab-") as tmp:
+        vocab, _ = _choose_pre(Path(tmp), source, vocab, "F32")
+    return vocab["pre"]
 
 
 def _choose_pre(tmp: Path, source, vocab: dict, main_type: str) -> tuple[dict, dict | None]:

@@ -35,7 +35,7 @@ def family_for(model_type: str | None) -> Family:
     """The family of a config's `model_type` (case-insensitive: LLaDA writes "llada", Dream "Dream")."""
     from ..errors import CheckpointError
 
-    key = (model_type or "").lower()
+    key = model_type.lower() if isinstance(model_type, str) else ""
     if key not in FAMILIES:
         known = ", ".join(sorted(f.spec.model_type for f in FAMILIES.values()))
         raise CheckpointError(f"unknown model_type {model_type!r} in config.json (supported: {known})")

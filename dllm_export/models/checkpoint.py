@@ -72,9 +72,12 @@ def read_config(path: Path) -> dict:
     if not f.is_file():
         raise CheckpointError(f"missing config.json in {path}")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{f}: not a JSON object (got {type(config).__name__})")
+    return config
 
 
 def is_quantized(path: Path) -> bool:

@@ -1,7 +1,7 @@
 """Dream (Dream-v0-Base/Instruct-7B) in plain PyTorch: a Qwen2 body with bidirectional attention.
 
 Module names mirror the released safetensors (`model.layers.{i}.self_attn.q_proj.weight`, ...).
-Arithmetic mirrors the hub `modeling_dream.py` (shared/research/models.md, section 2): fp32
+Arithmetic mirrors the hub `modeling_dream.py` (Dream-org/Dream-v0-Base-7B on the Hugging Face hub): fp32
 `inv_freq`, cos/sin cast to the activation dtype before rotation, q/k/v biases, no o_proj bias.
 The forward returns unshifted logits; the decoding loop and the scorer apply the shift.
 """
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .layers import Embedding, KVCache, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
-from .spec import Dims, ModelSpec
+from .spec import Dims, ModelSpec, check_sizes
 
 DREAM_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -38,6 +38,8 @@ SPEC = ModelSpec(
     shift_logits=True,
     positions_skip_padding=True,
     default_sampler="entropy",
+    gguf_rope_permute=False,
+    elbo_estimator="dream",
     blocks="model.layers",
     linears={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
@@ -109,6 +111,11 @@ class DreamConfig:
             )
         except KeyError as e:
             raise CheckpointError(f"Dream config.json lacks required key {e.args[0]!r}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"Dream config.json: a value of the wrong type ({e})") from None
+        check_sizes("Dream", {"rope_theta": cfg.rope_theta, "norm_eps": cfg.rms_norm_eps}, d_model=cfg.hidden_size,
+                    n_heads=heads, n_kv_heads=cfg.num_key_value_heads, n_layers=cfg.num_hidden_layers,
+                    mlp_hidden=cfg.intermediate_size, vocab_rows=cfg.vocab_size, context=cfg.max_position_embeddings)
         if cfg.hidden_size % heads or heads % cfg.num_key_value_heads:
             raise CheckpointError(
                 f"Dream config: hidden_size {cfg.hidden_size}, heads {heads}, kv heads {cfg.num_key_value_heads} do not divide")

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError
 from .checkpoint import DTYPES, write_checkpoint
+from . import family_for
 from .loader import build_model
 
 
@@ -76,9 +77,9 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.named_parameters()}
 
 
-def random_tensor(name: str, shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
-    """Random init: norms 1 + noise, everything else N(0, std^2)."""
-    if name.endswith(("norm.weight", "ln_f.weight")):
+def random_tensor(name: str, shape: tuple[int, ...], std: float, generator: torch.Generator, spec) -> torch.Tensor:
+    """Random init: norms (by the family's `spec`) 1 + noise, everything else N(0, std^2)."""
+    if spec.is_norm(name):
         return 1.0 + 0.1 * torch.randn(shape, generator=generator)
     return std * torch.randn(shape, generator=generator)
 
@@ -109,11 +110,12 @@ def make_random_checkpoint(out_dir: str | Path, family: str = "llada", *, dtype:
     shapes = tensor_shapes(config)
     gen = torch.Generator().manual_seed(seed)
     mask_id = config["mask_token_id"]
+    spec = family_for(config["model_type"]).spec
 
     def tensors():
         for name, shape in shapes.items():
-            t = random_tensor(name, shape, std, gen)
-            if name in ("model.transformer.ff_out.weight", "lm_head.weight"):
+            t = random_tensor(name, shape, std, gen, spec)
+            if name == f"{spec.head}.weight":
                 t[mask_id] = 0  # a mask predictor never proposes the mask itself
             yield name, t
 

@@ -1,6 +1,6 @@
 """Building blocks shared by the LLaDA and Dream re-implementations.
 
-Precision choices follow the released code exactly (see shared/research/models.md, section 8):
+Precision choices follow the released code exactly (the hub `modeling_llada.py` / `modeling_dream.py`):
 RMSNorm normalises in fp32, casts back, then multiplies by the weight in the model dtype;
 RoPE is rotate-half with fp32 inverse frequencies.
 """

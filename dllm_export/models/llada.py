@@ -2,7 +2,7 @@
 
 Module names mirror the released safetensors (`model.transformer.blocks.{i}.q_proj.weight`, ...)
 so checkpoints load by name with no renaming. Arithmetic mirrors the hub `modeling_llada.py`
-(updated 2025-10 revision with attention-mask support): see shared/research/models.md, section 1.
+(GSAI-ML/LLaDA-8B-Base on the Hugging Face hub, the 2025-10 revision with attention-mask support).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .layers import Embedding, KVCache, Linear, RMSNorm, apply_rope, attention, check_ids, rope_cos_sin
-from .spec import Dims, ModelSpec
+from .spec import Dims, ModelSpec, check_sizes
 
 LLADA_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}"
@@ -37,6 +37,8 @@ SPEC = ModelSpec(
     shift_logits=False,
     positions_skip_padding=False,
     default_sampler="low_confidence",
+    gguf_rope_permute=True,
+    elbo_estimator="llada",
     blocks="model.transformer.blocks",
     linears={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out",
              "gate": "ff_proj", "up": "up_proj", "down": "ff_out"},
@@ -125,6 +127,11 @@ class LLaDAConfig:
             )
         except KeyError as e:
             raise CheckpointError(f"LLaDA config.json lacks required key {e.args[0]!r}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"LLaDA config.json: a value of the wrong type ({e})") from None
+        check_sizes("LLaDA", {"rope_theta": cfg.rope_theta, "norm_eps": cfg.rms_norm_eps}, d_model=d_model,
+                    n_heads=n_heads, n_kv_heads=cfg.n_kv_heads, n_layers=cfg.n_layers, mlp_hidden=cfg.mlp_hidden_size,
+                    vocab_rows=cfg.embedding_size, context=cfg.max_sequence_length)
         if d_model % n_heads or n_heads % cfg.n_kv_heads:
             raise CheckpointError(f"LLaDA config: d_model {d_model}, n_heads {n_heads}, n_kv_heads {cfg.n_kv_heads} do not divide")
         return cfg

@@ -33,7 +33,9 @@ def resolve_spec(fam, config: dict, vocab_rows: int, added_tokens: dict[str, int
         key = fam.id_keys.get(field)
         text = fam.spec.special_tokens.get(role)
         if key and config.get(key) is not None:
-            ids[field] = int(config[key])
+            if not isinstance(config[key], int) or isinstance(config[key], bool):
+                raise CheckpointError(f"config.json: {key} = {config[key]!r} is not an integer token id")
+            ids[field] = config[key]
         elif added_tokens and text in added_tokens:
             ids[field] = added_tokens[text]
         elif getattr(fam.spec, field) is not None and getattr(fam.spec, field) >= vocab_rows:

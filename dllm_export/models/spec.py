@@ -7,7 +7,27 @@ other vocabularies work unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+from ..errors import CheckpointError
+
+# bounds far beyond any released model (Llama-3 405B: 126 layers, width 16384, 128 heads), so a
+# corrupt config.json is refused by name before a model of its size is built (even on `meta`,
+# 10^6 layers of modules exhaust memory)
+_SIZE_LIMITS = {"n_layers": 1024, "d_model": 1 << 20, "mlp_hidden": 1 << 22, "n_heads": 4096, "n_kv_heads": 4096,
+                "vocab_rows": 1 << 24, "context": 1 << 22}
+
+
+def check_sizes(family: str, floats: dict[str, float] | None = None, **sizes: int) -> None:
+    """Raise CheckpointError naming the config.json value that is not a positive integer within
+    _SIZE_LIMITS (sizes, by their Dims names) or a positive finite number (floats: rope_theta, norm_eps)."""
+    for key, v in sizes.items():
+        if not 1 <= v <= _SIZE_LIMITS[key]:
+            raise CheckpointError(f"{family} config.json: {key} = {v} is out of range (1..{_SIZE_LIMITS[key]})")
+    for key, v in (floats or {}).items():
+        if not (math.isfinite(v) and v > 0):
+            raise CheckpointError(f"{family} config.json: {key} = {v} must be a positive finite number")
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,11 @@ class ModelSpec:
         embedding / final_norm / head: dotted paths of the embedding, last norm and LM head.
         smooth_pairs: (norm or linear, [linears it feeds]) pairs for AWQ / SmoothQuant folding.
         gguf_arch: llama.cpp architecture name.
+        gguf_rope_permute: the GGUF writer permutes q/k rows from the released half-split RoPE
+            layout to adjacent pairs (llama.cpp runs LLaDA with its NORM rope; Dream's qwen2 arch
+            reads the half-split rows as they are).
+        elbo_estimator: the family's Monte-Carlo ELBO (`eval.likelihood.elbo`): "llada" (exact
+            mask counts, evenly spaced) or "dream" (i.i.d. masking at sampled ratios).
         context_key: config key holding the context length.
         special_tokens: role (bos, eos, pad, mask, eot, ...) -> token text of the released tokenizer.
         chat_template: Jinja template used when the checkpoint ships none.
@@ -80,8 +105,21 @@ class ModelSpec:
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
     gguf_arch: str
     context_key: str
+    gguf_rope_permute: bool = False
+    elbo_estimator: str = "llada"
     special_tokens: dict[str, str] = field(default_factory=dict)
     chat_template: str = field(repr=False, default="")
+
+    def is_norm(self, name: str) -> bool:
+        """Whether parameter `name` is a norm's weight: a block's attn / ffn norm, or the final norm."""
+        if name == f"{self.final_norm}.weight":
+            return True
+        return name.startswith(self.blocks + ".") and name.endswith(tuple(f".{n}.weight" for n in self.norms.values()))
+
+    def is_residual_out(self, name: str) -> bool:
+        """Whether parameter `name` is a block's residual output projection (o or down) weight."""
+        outs = tuple(f".{self.linears[r]}.weight" for r in ("o", "down"))
+        return name.startswith(self.blocks + ".") and name.endswith(outs)
 
     def align_logits(self, logits: "torch.Tensor") -> "torch.Tensor":
         """Raw model logits [B, L, V] re-indexed so that row i predicts token i: Dream's are shifted

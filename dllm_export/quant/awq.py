@@ -8,8 +8,9 @@ per-group clip search (max shrink 0.5) minimises each group's output error, and 
 rounded to nearest on the clipped grid. Under GQA the v -> o pair shares one scale per kv-head
 channel across the query heads that read it (llm-awq skips that pair).
 
-Unlike the study's LLaDA code (shared/research/qdlm.md §9, defect 2) the loss is always measured
-on the consumers' own outputs, never by re-running the whole block on normalised features.
+Unlike the QDLM study's LLaDA code (Lin et al. 2025, "Quantization Meets dLLMs", arXiv 2508.14896),
+which scores LLaDA's scales by re-running the whole block on normalised features, the loss here is
+always measured on the consumers' own outputs.
 """
 
 from __future__ import annotations

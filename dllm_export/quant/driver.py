@@ -169,9 +169,36 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     Returns:
         the output folder, holding safetensors, config.json, tokenizer files and manifest.json.
     """
+    run = _prepare(model_path, qcfg, source_model, torch.device(device))
+    # 1 GiB shards: finished blocks leave memory as soon as their shard is written
+    return write_checkpoint(out_dir, run.config, _stream(run, progress), dtype=None,
+                            extra_files=lambda: tokenizer_files(run.path), max_shard_bytes=SHARD_BYTES,
+                            manifest=lambda: run.manifest)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One quantization run, resolved and checked before any block is read."""
+
+    path: Path
+    config: dict
+    model: nn.Module  # on the meta device; blocks are filled one at a time
+    qcfg: QuantizeConfig
+    method: object  # the QuantMethod
+    source: object  # CheckpointSource | ModuleSource
+    ids: torch.Tensor  # calibration token ids [N, L]
+    ctx: tuple  # the blocks' forward context (RoPE tables, masks) on `device`
+    device: torch.device
+    out_dtype: torch.dtype
+    shapes: dict
+    manifest: dict
+
+
+def _prepare(model_path, qcfg: QuantizeConfig, source_model: nn.Module | None, device: torch.device) -> _Run:
+    """Validate the run (device, grid against every layer width, a bit allocation's layer names),
+    then build the meta model, the method, the weight source and the calibration ids."""
     from ..tokenizer import load_tokenizer
 
-    device = torch.device(device)
     if device.type != "cpu" and qcfg.method not in DEVICE_METHODS:
         raise InputError(f"--device {device} runs {', '.join(DEVICE_METHODS)}; {qcfg.method} runs on the CPU")
     path = resolve_model_path(model_path)
@@ -191,9 +218,6 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     source = ModuleSource(source_model) if source_model is not None else CheckpointSource(path)
     max_len = int(getattr(model.config, spec.context_key))
     ids, calib_summary = calibration_ids(load_tokenizer(path), spec, qcfg.calib, max_len)
-    L = ids.shape[1]
-    ctx = model.block_context(L, torch.float32, device=device)
-    t0 = time.perf_counter()
     manifest = {
         "format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "method": qcfg.method,
         "scheme": "auto" if qcfg.layer_bits else qcfg.scheme,  # per-layer bits: see "allocation"
@@ -201,55 +225,66 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
         "source": source_record(path), "family": spec.family, "spec": spec.to_dict(), "device": device.type,
         "high_precision": [spec.embedding, spec.final_norm, spec.head], "layers": {}, "blocks": [],
     }
+    ctx = model.block_context(ids.shape[1], torch.float32, device=device)
+    return _Run(path, config, model, qcfg, method, source, ids, ctx, device, out_dtype, shapes, manifest)
+
+
+def _stream(run: _Run, progress: bool):
+    """(name, tensor) in file order: the embedding, each processed block, the final norm and head;
+    the manifest's layers, blocks and allocation fill in as they go."""
+    spec, method, source = run.model.spec, run.method, run.source
+    t0 = time.perf_counter()
     tied = spec.head == spec.embedding or f"{spec.head}.weight" not in source
+    emb_name = f"{spec.embedding}.weight"
+    W_emb = method.transform_embedding(source.get(emb_name))
+    X = F.embedding(run.ids, W_emb).to(run.device)  # (N, L, d) fp32
+    yield emb_name, W_emb.to(run.out_dtype)
+    del W_emb
+    blocks = run.model.blocks
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-    def tensors():
-        emb_name = f"{spec.embedding}.weight"
-        W_emb = method.transform_embedding(source.get(emb_name))
-        X = F.embedding(ids, W_emb).to(device)  # (N, L, d) fp32
-        yield emb_name, W_emb.to(out_dtype)
-        del W_emb
-        blocks = model.blocks
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(blocks), desc=f"{qcfg.method} {qcfg.scheme}", unit="block", leave=False)
-        for i, block in enumerate(blocks):
-            prefix = f"{spec.blocks}.{i}."
-            materialize(block, prefix, source, device)
-            method.prepare_block(block, i)  # exact, calibration-free transforms (QuaRot's rotations)
-            n_err = min(X.shape[0], 4)
-            Y_ref = forward_block(block, X[:n_err], ctx, qcfg.batch_size)
-            try:
-                info = method.process_block(block, X, ctx, i)
-            except CalibrationError as e:  # name the block: the method only knows the layer within it
-                raise CalibrationError(f"{prefix}{e}") from None
-            X = forward_block(block, X, ctx, qcfg.batch_size)
-            rel = float((X[:n_err] - Y_ref).pow(2).sum() / Y_ref.pow(2).sum().clamp(min=1e-30))
-            layers = layer_manifest(block, prefix)
-            for name, extra in info.items():
-                layers.setdefault(prefix + name, {}).update(extra)
-            manifest["layers"].update(layers)
-            manifest["blocks"].append({"index": i, "out_rel_err": round(rel, 8)})
-            yield from block_tensors(block, prefix, out_dtype).items()
-            blocks[i] = nn.Identity()  # free the processed block's weights
-            del block
-            if bar is not None:
-                bar.update(1)
+        bar = tqdm(total=len(blocks), desc=f"{run.qcfg.method} {run.qcfg.scheme}", unit="block", leave=False)
+    for i in range(len(blocks)):
+        X, tensors = _process_block(run, i, X)
+        yield from tensors.items()
+        blocks[i] = nn.Identity()  # free the processed block's weights
         if bar is not None:
-            bar.close()
-        norm_w = source.get(f"{spec.final_norm}.weight")
-        head_w = source.get(emb_name if tied else f"{spec.head}.weight")
-        norm_w, head_w = method.transform_head(norm_w, head_w)
-        yield f"{spec.final_norm}.weight", norm_w.to(out_dtype)
-        if not tied:
-            yield f"{spec.head}.weight", head_w.to(out_dtype)
-        if qcfg.layer_bits:
-            manifest["allocation"] = allocation_record({n: method.layer_wcfg(n) for n in shapes}, shapes,
-                                                       qcfg.avg_bits)
-        manifest["seconds"] = round(time.perf_counter() - t0, 2)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    norm_w = source.get(f"{spec.final_norm}.weight")
+    head_w = source.get(emb_name if tied else f"{spec.head}.weight")
+    norm_w, head_w = method.transform_head(norm_w, head_w)
+    yield f"{spec.final_norm}.weight", norm_w.to(run.out_dtype)
+    if not tied:
+        yield f"{spec.head}.weight", head_w.to(run.out_dtype)
+    if run.qcfg.layer_bits:
+        run.manifest["allocation"] = allocation_record({n: method.layer_wcfg(n) for n in run.shapes}, run.shapes,
+                                                       run.qcfg.avg_bits)
+    run.manifest["seconds"] = round(time.perf_counter() - t0, 2)
 
-    # 1 GiB shards: finished blocks leave memory as soon as their shard is written
-    return write_checkpoint(out_dir, config, tensors(), dtype=None, extra_files=lambda: tokenizer_files(path),
-                            max_shard_bytes=SHARD_BYTES, manifest=lambda: manifest)
+
+def _process_block(run: _Run, i: int, X: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fill block i from the source, transform and round it on the calibration activations X, and
+    return its output activations (the next block's input) and its tensors to write."""
+    spec, method, bs = run.model.spec, run.method, run.qcfg.batch_size
+    block = run.model.blocks[i]
+    prefix = f"{spec.blocks}.{i}."
+    materialize(block, prefix, run.source, run.device)
+    method.prepare_block(block, i)  # exact, calibration-free transforms (QuaRot's rotations)
+    n_err = min(X.shape[0], 4)
+    Y_ref = forward_block(block, X[:n_err], run.ctx, bs)
+    try:
+        info = method.process_block(block, X, run.ctx, i)
+    except CalibrationError as e:  # name the block: the method only knows the layer within it
+        raise CalibrationError(f"{prefix}{e}") from None
+    X = forward_block(block, X, run.ctx, bs)
+    rel = float((X[:n_err] - Y_ref).pow(2).sum() / Y_ref.pow(2).sum().clamp(min=1e-30))
+    layers = layer_manifest(block, prefix)
+    for name, extra in info.items():
+        layers.setdefault(prefix + name, {}).update(extra)
+    run.manifest["layers"].update(layers)
+    run.manifest["blocks"].append({"index": i, "out_rel_err": round(rel, 8)})
+    return X, block_tensors(block, prefix, run.out_dtype)

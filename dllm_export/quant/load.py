@@ -29,8 +29,11 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads((path / "manifest.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / 'manifest.json'}: not valid JSON ({e})") from None
-    if manifest.get("format") != QUANTIZED_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != QUANTIZED_FORMAT:
         raise CheckpointError(f"{path / 'manifest.json'} is not a dllm-export quantized manifest")
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(e, dict) for e in layers.values()):
+        raise CheckpointError(f"{path / 'manifest.json'}: no per-layer entries (`layers`); the manifest is malformed")
     return manifest
 
 
@@ -61,8 +64,16 @@ class StoredLinear:
 
 
 def read_linear(handles: dict, name: str, entry: dict, path: Path) -> StoredLinear:
-    """Read layer `name` described by manifest `entry` from open shards (see `open_shards`)."""
+    """Read layer `name` described by manifest `entry` from open shards (see `open_shards`); a
+    malformed entry (wrong types, unknown values, missing keys) is a CheckpointError naming it."""
+    try:
+        return _read_linear(handles, name, entry, path)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path / 'manifest.json'}: the entry of layer {name} is malformed "
+                              f"({type(e).__name__}: {e})") from None
 
+
+def _read_linear(handles: dict, name: str, entry: dict, path: Path) -> StoredLinear:
     def get(key: str) -> torch.Tensor:
         if key not in handles:
             raise CheckpointError(f"tensor {key} missing from quantized checkpoint {path}")

@@ -1,8 +1,8 @@
 """QuaRot (Ashkboos et al., 2024, arXiv 2404.00456): rotate the model so activations lose their
 outliers, then quantize weights (GPTQ or RTN) and activations (per token, symmetric).
 
-Exact, calibration-free transforms (`QuaRotRotation`), as in the paper's Section 4 / the study's
-`rotation_utils.py` (shared/research/qdlm.md section 2.6):
+Exact, calibration-free transforms (`QuaRotRotation`), as in the paper's Section 4 and its code
+(spcl/QuaRot, `rotation_utils.py`):
 
 1. Fuse every RMSNorm weight into the input columns of the linears it feeds (norm weight := 1),
    which makes RMSNorm commute with an orthogonal Q: RMSNorm(x Q) = RMSNorm(x) Q.

@@ -1,12 +1,14 @@
-"""Backends of the unmasking loop. A backend only supplies `forward(ids) -> logits`.
+"""Backends of the unmasking loop: the `Backend` protocol, the torch backend, and the public
+`load_model` / `load_backend` that choose what to open.
 
 Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logits [B, L, V] float32`,
 raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
-`max_length` (context) describe the model. Other runtimes (onnxruntime, llama.cpp) implement the
-same three attributes and one method. A backend with `supports_cache = True` also accepts
-`forward(..., cache=KVCache)` for the block caches of the loop; one with `supports_rows = True`
-accepts `forward(..., rows=(start, end))` and returns only those positions' logits (the head is
-the costliest layer of a large-vocabulary model, and its output the largest transfer).
+`max_length` (context) describe the model; `name`, `supports_cache` and `supports_rows` are its
+capabilities. A backend with `supports_cache = True` also accepts `forward(..., cache=KVCache)` for
+the block caches of the loop; one with `supports_rows = True` accepts `forward(..., rows=(start,
+end))` and returns only those positions' logits (the head is the costliest layer of a
+large-vocabulary model, and its output the largest transfer). `as_backend` gives an object that
+has only `spec`, `vocab_size`, `max_length` and `forward` the capabilities of a plain forward.
 """
 
 from __future__ import annotations
@@ -21,12 +23,39 @@ from ..models.spec import ModelSpec
 
 
 @runtime_checkable
-class Backend(Protocol):
+class ForwardOnly(Protocol):
+    """The least a foreign backend supplies: the model's description and one forward."""
+
     spec: ModelSpec
     vocab_size: int
     max_length: int
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Backend(ForwardOnly, Protocol):
+    """What the loop runs on: a forward plus its declared capabilities (see the module doc)."""
+
+    name: str
+    supports_cache: bool
+    supports_rows: bool
+
+
+class _Declared:
+    """A ForwardOnly object with declared capabilities: what it defines itself, else a plain
+    forward's (no cache, no rows), named by its class."""
+
+    def __init__(self, inner: ForwardOnly):
+        self.inner = inner
+        self.spec, self.vocab_size, self.max_length = inner.spec, inner.vocab_size, inner.max_length
+        # the one place a capability may be absent: read once here, never in the loop
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.supports_cache = bool(getattr(inner, "supports_cache", False))
+        self.supports_rows = bool(getattr(inner, "supports_rows", False))
+
+    def forward(self, ids, attention_mask=None, **kw):
+        return self.inner.forward(ids, attention_mask, **kw)
 
 
 class TorchBackend:
@@ -60,11 +89,14 @@ class TorchBackend:
 
 
 def as_backend(model_or_backend) -> Backend:
-    """Wrap an `nn.Module` in a TorchBackend; pass backends through."""
+    """Wrap an `nn.Module` in a TorchBackend; pass backends through; give a ForwardOnly object the
+    capabilities it declares (`_Declared`)."""
     if isinstance(model_or_backend, nn.Module):
         return TorchBackend(model_or_backend)
     if isinstance(model_or_backend, Backend):
         return model_or_backend
+    if isinstance(model_or_backend, ForwardOnly):
+        return _Declared(model_or_backend)
     raise TypeError(f"expected a model from load_model or a backend with forward(ids), got {type(model_or_backend).__name__}")
 
 

@@ -10,6 +10,7 @@ attention unchanged (RoPE depends on relative positions only).
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -24,6 +25,26 @@ def _set_verbose(verbose: bool) -> None:
     from llama_cpp import _logger
 
     _logger.set_verbose(verbose)
+
+
+def load_cpu_variants(L) -> Path | None:
+    """Load the CPU backends of a llama.cpp build with ggml's run-time CPU variants
+    (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS: one libggml-cpu-<arch>.so per ISA level, and ggml
+    loads the best one this CPU scores). ggml looks for them only beside the executable and in
+    the working directory, while the wheel puts them in site-packages/bin, so they are loaded
+    from there before llama_backend_init. Returns that folder, or None for a build with one CPU
+    backend compiled in (llama-cpp-python's default)."""
+    lib = Path(L.llama_cpp._base_path)
+    ggml = L.llama_cpp._lib  # dlsym through libllama reaches the libggml it loaded (the files are copies)
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count():
+        return None
+    for folder in (lib, lib.parents[1] / "bin"):
+        if any(folder.glob("libggml-cpu-*.so")):
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path(str(folder).encode())
+            return folder
+    return None
 
 
 def gguf_file(path: str | Path) -> Path:
@@ -51,6 +72,8 @@ class LlamaCppBackend:
     """
 
     name = "llama.cpp"
+    supports_cache = False  # llama.cpp keeps its own KV cache; the loop's block caches are not wired in
+    supports_rows = False
 
     def __init__(self, path: str | Path, threads: int = 0, max_tokens: int | None = None, max_seqs: int = 32,
                  flash_attn: bool = False, verbose: bool = False):
@@ -67,7 +90,9 @@ class LlamaCppBackend:
         self.max_tokens = int(max_tokens or dims.context)
         self.max_seqs = max_seqs = min(max_seqs, self.max_tokens)  # a sequence has at least one token
         _set_verbose(verbose)
+        load_cpu_variants(L)
         L.llama_backend_init()
+        self.cpu_features = L.llama_print_system_info().decode().strip()  # the CPU variant in use
         mp = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(str(file).encode(), mp)
         if not self.model:

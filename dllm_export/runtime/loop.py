@@ -266,8 +266,8 @@ class Plan:
                 raise InputError(f"factor decoding ranks by confidence; sampler {self.sampler!r} has none")
         if self.cache not in CACHES:
             raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
-        if self.cache != "none" and not getattr(backend, "supports_cache", False):
-            raise InputError(f"the {getattr(backend, 'name', type(backend).__name__)} backend has no KV cache; "
+        if self.cache != "none" and not backend.supports_cache:
+            raise InputError(f"the {backend.name} backend has no KV cache; "
                              f"use cache='none'")
         if self.refresh is not None and self.refresh < 1:
             raise InputError(f"refresh must be >= 1, got {self.refresh}")
@@ -315,7 +315,7 @@ class _StepLogits:
         self.fwd_mask = None if bool((am == 1).all()) else am
         self.kv = KVCache() if plan.cache != "none" else None
         self.shift = 1 if self.spec.shift_logits else 0
-        self.use_rows = plan.greedy and getattr(backend, "supports_rows", False)
+        self.use_rows = plan.greedy and backend.supports_rows
         self.logits: torch.Tensor | None = None
         self.nfe = 0  # backend forward calls (a CFG step counts once)
 

@@ -39,6 +39,7 @@ class OrtBackend:
 
     name = "onnxruntime"
     supports_rows = True
+    supports_cache = False  # True for a block-step graph (set at load)
 
     def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None,
                  accuracy_level: int | None = None, optimize: bool = True):

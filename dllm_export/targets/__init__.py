@@ -2,8 +2,8 @@
 
 `dllm-export --target onnx --device arm64-dotprod --bits 4` fills every choice the user left
 open from the profile, so an artifact can be built here for a device that is not this one;
-`--device auto` picks the profile of this host. The numbers behind the choices are in
-shared/research/onnx.md and llamacpp.md and in benchmarks/results/backend_speed_*.json.
+`--device auto` picks the profile of this host. The numbers behind the choices are the
+measurements in benchmarks/results/backend_speed_*.json (benchmarks/backend_speed.py).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class DeviceProfile:
         gguf_quant: the GGUF type to build.
         threads: intra-op threads (0 = the runtime's default: all cores).
         providers: onnxruntime execution providers, in order.
+        speed_note: where a target measured slower than another on this device class: which,
+            against what, and the faster target ("" where not measured).
     """
 
     name: str
@@ -47,6 +49,7 @@ class DeviceProfile:
     gguf_quant: str
     threads: int = 0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    speed_note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +62,11 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     DeviceProfile(
         "x86-avx512-vnni", "x86-64 with AVX-512 VNNI (Ice Lake+, Zen 4+): int8 dot products; W8A8's integer "
         "GEMM measured 4.8x torch fp32 at a 128-token step (benchmarks/results/backend_speed_1b.json)",
-        "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q8_0"),
+        "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q8_0",
+        speed_note="gguf: llama.cpp recomputes the whole canvas every step (no KV cache for diffusion archs); "
+        "its full step measured 1.05-1.64x torch fp32 (F16 .. Q4_K_M) but 0.49-0.76x torch bf16 on the anchor "
+        "shape (benchmarks/results/llamacpp_speed.json): the faster targets are onnx (W8A8) and torch bf16 / "
+        "--kernel int W8A8 with the dual cache"),
     DeviceProfile(
         "arm64-dotprod", "arm64 with the dot-product extension (phones, Graviton 2, Apple M1+): onnxruntime's "
         "KleidiAI 4-bit kernels want symmetric blocks that are a multiple of 32 and divide K",
