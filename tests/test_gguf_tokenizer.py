@@ -104,7 +104,7 @@ def test_other_regexes_llamacpp_knows(kind, pre, how, base, tmp_path):
     assert _llama_ids(tmp_path / "default.gguf", OTHER_TEXT) != want
 
 
-def test_unmatched_pre_tokenizer_is_refused(base, tmp_path, capsys):
+def test_unmatched_pre_tokenizer_is_refused(base, tmp_path, capsys, monkeypatch):
     src = _with_tokenizer(base, tmp_path / "src", "pairs")
     with pytest.raises(CheckpointError, match="none of the .* pre-tokenizers llama.cpp knows"):
         export_gguf(src, tmp_path / "art", F32)
@@ -112,6 +112,14 @@ def test_unmatched_pre_tokenizer_is_refused(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1 and "tokenizes like this tokenizer" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no artifact, no temporary folder
+    # with a PTQ grid to calibrate first: refused before any calibration runs
+    import dllm_export.quant
+
+    monkeypatch.setattr(dllm_export.quant, "quantize", lambda *a, **k: pytest.fail("calibrated first"))
+    assert main(["--model", str(src), "--target", "gguf", "--bits", "4", "--method", "gptq",
+                 "--out", str(tmp_path / "ptq")]) == 2
+    assert "tokenizes like this tokenizer" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_without_llamacpp_only_a_known_regex_is_written(base, tmp_path, monkeypatch):

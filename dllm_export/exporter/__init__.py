@@ -198,7 +198,7 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     from ..formats import GGUF_BLOCK
     from ..models.checkpoint import is_quantized
     from ..quant import get_scheme
-    from .gguf import BLOCK_TYPES, GgufExportConfig
+    from .gguf import BLOCK_TYPES, GgufExportConfig, check_tokenizer
     from .gguf_vocab import read_vocab
 
     quantized_input = is_quantized(src)
@@ -227,6 +227,7 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
         opts = {**req.quantize_options, "bits": bits, "sym": quant.endswith("_0"),
                 "zero_kind": "int" if quant.endswith("_0") else "float"}
         qcfg = _quantize_config(req, f"W{bits}A16", GGUF_BLOCK, opts)
+        check_tokenizer(src)  # llama.cpp tokenizes like the checkpoint, or refused before calibrating
     return ExportPlan("gguf", src, qcfg, GgufExportConfig(quant=None if needs_ptq else quant), extra)
 
 

@@ -379,6 +379,19 @@ def _write_metadata(w, spec, dims, vocab: dict, main_type: str) -> None:
         w.add_chat_template(spec.chat_template)
 
 
+def check_tokenizer(model_path: str | Path) -> str:
+    """The pre-tokenizer name `export_gguf` would write for checkpoint `model_path`, found as it
+    does (probe files in a temporary folder), so a tokenizer llama.cpp cannot reproduce is refused
+    before a calibration runs rather than after."""
+    import tempfile
+
+    source = open_source(model_path)
+    vocab = read_vocab(source.path, source.dims.vocab_rows)
+    with tempfile.TemporaryDirectory(prefix="dllm-export-vocab-") as tmp:
+        vocab, _ = _choose_pre(Path(tmp), source, vocab, "F32")
+    return vocab["pre"]
+
+
 def _choose_pre(tmp: Path, source, vocab: dict, main_type: str) -> tuple[dict, dict | None]:
     """The vocabulary with the llama.cpp pre-tokenizer name that tokenizes like the checkpoint
     (`gguf_vocab.choose_pre`, on vocabulary-only probe files in `tmp`), and what the final file
