@@ -113,27 +113,37 @@ def to_markdown(res: dict) -> str:
              f"{s['threads']} torch thread(s) in the server, max_batch {s['max_batch']})", "",
              f"max_tokens {s['body']['max_tokens']}, steps {s['body']['steps']}, block_length "
              f"{s['body']['block_length']}, greedy; at least {s['per_client']} requests per client (8 in all at "
-             f"1 client); tokens/s = max_tokens x answered requests / wall time.", "",
+             f"1 client); tokens/s = max_tokens x answered requests / wall time; medians of {s['repeats']} rounds "
+             f"over the levels.", "",
              "| settings | clients | requests | tokens/s | x 1 client | p50 latency (s) | p95 latency (s) "
              "| mean batch rows | answers equal to 1 client |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for name, levels in res["variants"].items():
         for lv in levels:
             lines.append(f"| {name} {json.dumps(VARIANTS.get(name, {}))} | {lv['clients']} | {lv['requests']} | "
-                         f"{lv['tokens_per_s']} | {lv['speedup']:.2f} | {lv['latency_p50_s']} | "
+                         f"{lv['tokens_per_s']:.1f} | {lv['speedup']:.2f} | {lv['latency_p50_s']} | "
                          f"{lv['latency_p95_s']} | {lv['mean_batch_rows']} | "
                          f"{'yes' if lv['equal_to_single'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
-def measure(url: str, body: dict, clients: list[int], per_client: int) -> list[dict]:
-    """Every level of one request setting, with speedups and answer checks against one client."""
+def measure(url: str, body: dict, clients: list[int], per_client: int, repeats: int) -> list[dict]:
+    """Every level of one request setting, `repeats` rounds over the levels interleaved (the host is
+    shared: each figure is the median of its rounds), with speedups and answer checks against one client."""
     single = run_level(url, 1, len(PROMPTS), body)["answers"]  # warm-up, and every prompt's answer alone
-    levels = [run_level(url, c, max(per_client, len(PROMPTS) // c), body) for c in clients]
+    rounds = [[run_level(url, c, max(per_client, len(PROMPTS) // c), body) for c in clients] for _ in range(repeats)]
+    levels = []
+    for k, c in enumerate(clients):
+        runs = [r[k] for r in rounds]
+        lv = {key: round(statistics.median(run[key] for run in runs), 3) for key in
+              ("wall_s", "tokens_per_s", "returned_tokens_per_s", "requests_per_s", "latency_p50_s", "latency_p95_s",
+               "mean_batch_rows")}
+        lv.update(clients=c, requests=runs[0]["requests"], tokens_per_s_runs=[run["tokens_per_s"] for run in runs],
+                  equal_to_single=all(single[p] == t for run in runs for p, t in run["answers"].items()))
+        levels.append(lv)
     base = levels[0]["tokens_per_s"]
     for lv in levels:
         lv["speedup"] = round(lv["tokens_per_s"] / base, 3)
-        lv["equal_to_single"] = all(single[p] == t for p, t in lv.pop("answers").items())
     return levels
 
 
@@ -143,12 +153,13 @@ def main() -> int:
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"request settings: {', '.join(VARIANTS)}")
     ap.add_argument("--per-client", type=int, default=4, help="requests per client per level")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over the levels (medians are reported)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--block-length", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--batch-wait-ms", type=float, default=20.0)
+    ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
     args = ap.parse_args()
@@ -158,13 +169,13 @@ def main() -> int:
     proc = start_server(args, args.port)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        variants = {v: measure(url, {**body, **VARIANTS[v]}, clients, args.per_client) for v in args.variants.split(",")}
+        variants = {v: measure(url, {**body, **VARIANTS[v]}, clients, args.per_client, args.repeats) for v in args.variants.split(",")}
     finally:
         proc.terminate()
         proc.wait(60)
     res = {"model": args.model, "host": host(),
            "settings": {"threads": args.threads, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
-                        "per_client": args.per_client, "body": body},
+                        "per_client": args.per_client, "repeats": args.repeats, "body": body},
            "variants": variants}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

@@ -361,7 +361,7 @@ def _add_serve(sub) -> None:
     sv.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
-    sv.add_argument("--batch-wait-ms", type=float, default=20.0,
+    sv.add_argument("--batch-wait-ms", type=float, default=50.0,
                     help="under concurrency, wait this long for requests to join a batch (default: %(default)s)")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),

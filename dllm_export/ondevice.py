@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = ids[:, : max(1, args.canvas - args.gen_length)]
     decode(model, prompt, args.gen_length, args.block_length, spec["mask_id"], spec["shift_logits"])  # warm-up
     t = time.perf_counter()
-    tokens, nfe = decode(model, ids[:, : max(1, args.canvas - args.gen_length)], args.gen_length,
-                         args.block_length, spec["mask_id"], spec["shift_logits"])
+    tokens, nfe = decode(model, prompt, args.gen_length, args.block_length, spec["mask_id"], spec["shift_logits"])
     decode_s = time.perf_counter() - t
     if args.dump:
         np.savez(args.dump, ids=ids, logits=model(ids).astype(np.float32), tokens=tokens)

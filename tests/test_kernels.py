@@ -45,10 +45,12 @@ GRIDS = [  # (weight grid, activation grid, expected kernel)
 
 
 @pytest.mark.parametrize("wcfg,act,kernel", GRIDS, ids=lambda v: str(v) if isinstance(v, str) else None)
-@pytest.mark.parametrize("rows", [5, 40])  # up to 16 rows the int8 weight kernel, above it the widened codes
-def test_int_kernels_compute_the_fake_quant_layer(wcfg, act, kernel, rows):
+# int8 weights: the kernel up to 16 rows, widened codes above; int4: the kernel up to 96 rows, widened
+# codes above where the outputs come in blocks of 64
+@pytest.mark.parametrize("rows,out", [(5, 96), (40, 96), (200, 96), (200, 128)])
+def test_int_kernels_compute_the_fake_quant_layer(wcfg, act, kernel, rows, out):
     g = torch.Generator().manual_seed(0)
-    W, b = torch.randn(96, 256, generator=g) * 0.05, torch.randn(96, generator=g) * 0.1
+    W, b = torch.randn(out, 256, generator=g) * 0.05, torch.randn(out, generator=g) * 0.1
     x = torch.randn(2, rows // 2 + 1, 256, generator=g)
     qw = quantize_weight(W, wcfg)
     for dtype, tol in ((torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)):

@@ -365,3 +365,34 @@ def test_canvas_events(torch_url):
     masked = [sum(t is None for t in c) for c in canvases]
     assert masked == sorted(masked, reverse=True) and masked[0] == 15
     assert httpx.post(f"{torch_url}/v1/completions", json={**body, "stream": False}).status_code == 400
+
+
+def test_graceful_shutdown_finishes_in_flight(torch_engine):
+    """Shutdown stops accepting and lets a request in flight finish with its answer."""
+    answers = []
+    with running(torch_engine) as url:
+        def ask():
+            answers.append(httpx.post(f"{url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 32},
+                                      timeout=60))
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(0.5)  # the request is being decoded when the server is told to stop
+    t.join(60)
+    assert answers and answers[0].status_code == 200 and answers[0].json()["usage"]["completion_tokens"] >= 0
+
+
+def test_dream_chat_and_completion():
+    """The Dream family (shifted logits, its own chat template) through the server, batched."""
+    engine = load_engine("default-dream")
+    with running(engine, ServeConfig(batch_wait=0.05)) as url:
+        c = client(url)
+        ids = [encode_prompt(engine.tokenizer, p) for p in PROMPTS[:4]]
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda p: c.completions.create(model="default-dream", prompt=p, max_tokens=16,
+                                                                 extra_body=DLLM).choices[0].text, PROMPTS[:4]))
+        assert texts == [expected(engine, i, gen_length=16, **DLLM) for i in ids]
+        msgs = [{"role": "user", "content": "What is 3+4?"}]
+        want = expected(engine, encode_prompt(engine.tokenizer, msgs[0]["content"], chat=True), gen_length=16)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="default-dream", messages=msgs, max_tokens=16, stream=True) if ch.choices)
+        assert streamed == want

@@ -46,7 +46,7 @@ class ServeConfig:
     port: int = 8000
     max_batch: int = 8
     max_queue: int = 64
-    batch_wait: float = 0.02
+    batch_wait: float = 0.05
     timeout: float = 300.0
     api_key: str | None = None
     max_body_bytes: int = 1 << 20

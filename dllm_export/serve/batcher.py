@@ -70,7 +70,7 @@ class Batcher:
         metrics: a metrics.Metrics (or None).
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, batch_wait: float = 0.02,
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, batch_wait: float = 0.05,
                  metrics=None):
         self.engine, self.max_batch, self.max_queue, self.batch_wait = engine, max_batch, max_queue, batch_wait
         self.metrics = metrics
