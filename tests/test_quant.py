@@ -158,6 +158,10 @@ def test_streamed_driver_equals_in_memory(tiny_q, calib_file, tmp_path, method):
     b = quantize(tiny_q["llada"], tmp_path / "memory", qcfg, source_model=D.load_model(tiny_q["llada"]), progress=False)
     ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # the manifest identifies the weights: the same bytes for the same result, no timings, no paths
+    text = (a / "manifest.json").read_text()
+    assert text == (b / "manifest.json").read_text()
+    assert "seconds" not in text and str(tmp_path) not in text
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

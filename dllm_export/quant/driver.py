@@ -12,7 +12,6 @@ The same driver runs on an in-memory model (`source=model`): both paths give the
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
@@ -233,7 +232,6 @@ def _stream(run: _Run, progress: bool):
     """(name, tensor) in file order: the embedding, each processed block, the final norm and head;
     the manifest's layers, blocks and allocation fill in as they go."""
     spec, method, source = run.model.spec, run.method, run.source
-    t0 = time.perf_counter()
     tied = spec.head == spec.embedding or f"{spec.head}.weight" not in source
     emb_name = f"{spec.embedding}.weight"
     W_emb = method.transform_embedding(source.get(emb_name))
@@ -263,7 +261,6 @@ def _stream(run: _Run, progress: bool):
     if run.qcfg.layer_bits:
         run.manifest["allocation"] = allocation_record({n: method.layer_wcfg(n) for n in run.shapes}, run.shapes,
                                                        run.qcfg.avg_bits)
-    run.manifest["seconds"] = round(time.perf_counter() - t0, 2)
 
 
 def _process_block(run: _Run, i: int, X: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
