@@ -148,9 +148,9 @@ def train_counts(tok) -> torch.Tensor:
     return counts
 
 
-def unigram_baseline(tok, held_out_tokens: list[int]) -> dict:
-    """Unigram entropy of the training code, its cross-entropy on held-out tokens, most-frequent accuracy."""
-    counts = train_counts(tok)
+def unigram_baseline(counts: torch.Tensor, held_out_tokens: list[int]) -> dict:
+    """Unigram entropy of the training code (its `train_counts`), its cross-entropy on held-out tokens,
+    most-frequent accuracy."""
     p = counts / counts.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log2()).sum())
     smoothed = unigram_probs(counts)
@@ -166,10 +166,10 @@ def unigram_probs(counts: torch.Tensor) -> torch.Tensor:
     return (counts + 1) / (counts.sum() + len(counts))
 
 
-def foreign_code(model, tok, window: int, seed: int, max_windows: int | None = None) -> dict:
+def foreign_code(model, tok, counts: torch.Tensor, window: int, seed: int, max_windows: int | None = None) -> dict:
     """Masked-token cross-entropy (bits) on `FOREIGN_MODULES` of the installed torch at each of
     `FOREIGN_RATIOS`, and its mean over the ratios as a fraction of the smoothed training unigram's
-    cross-entropy on the same masked tokens (the masks are the same for both)."""
+    cross-entropy on the same masked tokens (the masks are the same for both; `counts`: `train_counts`)."""
     root = Path(torch.__file__).parent
     eos = tok.eos_token_id
     stream: list[int] = []
@@ -179,7 +179,7 @@ def foreign_code(model, tok, window: int, seed: int, max_windows: int | None = N
     windows = torch.tensor(stream[:n * window]).view(n, window)[:max_windows]
     N, L = windows.shape
     first = 1 if model.spec.shift_logits else 0  # Dream: position 0 is context, never scored
-    logp_uni = unigram_probs(train_counts(tok)).log2()
+    logp_uni = unigram_probs(counts).log2()
     gen = torch.Generator().manual_seed(seed)
     per_ratio = {}
     for ratio in FOREIGN_RATIOS:
@@ -272,8 +272,9 @@ def evaluate(name: str, window: int, mc: int, max_windows: int | None, seed: int
         windows = windows[:max_windows]
     res["held_out_code"] = elbo_and_accuracy(model, windows, mc, seed)
     res["held_out_code"]["modules"] = [n for n, _ in code_texts(held_out=True)]
-    res["unigram_baseline"] = unigram_baseline(tok, windows.flatten().tolist())
-    res["foreign_code"] = foreign_code(model, tok, window, seed, foreign_windows)
+    counts = train_counts(tok)  # tokenizing the training code once serves both baselines
+    res["unigram_baseline"] = unigram_baseline(counts, windows.flatten().tolist())
+    res["foreign_code"] = foreign_code(model, tok, counts, window, seed, foreign_windows)
     res.update(sample_and_timing(name))
     res["pythonness"] = pythonness(model, tok)
     res["eval_s"] = time.perf_counter() - t0
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             results = json.loads(Path(args.out).read_text())
         for name in args.models:
             torch.manual_seed(args.seed)
-            fc = foreign_code(D.load_model(name), D.load_tokenizer(name), args.window, args.seed, args.foreign_windows)
+            tok = D.load_tokenizer(name)
+            fc = foreign_code(D.load_model(name), tok, train_counts(tok), args.window, args.seed, args.foreign_windows)
             results["models"].setdefault(name, {"model": name})["foreign_code"] = fc
             print(f"{name}: foreign code {fc['model_bits']:.3f} bits/token vs unigram {fc['unigram_bits']:.3f}: "
                   f"ratio {fc['ratio_to_unigram']:.3f} ({fc['n_windows']} windows of {fc['window_tokens']})")
