@@ -305,6 +305,46 @@ def test_queue_bounds_and_timeout(torch_engine):
         assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
 
 
+@pytest.mark.parametrize("last, during, after, arrive, expect_jobs, max_s", [
+    (1, 0, 1, 0, 1, 0.5),   # a lone client (its next request came after its answer) never waits
+    (7, 1, 0, 7, 8, 2.0),   # 7 answered + 1 queued meanwhile: the batch starts once the 7 are back
+    (7, 1, 0, 3, 4, 10.0),  # fewer come back: it starts after batch_wait with those that came
+])
+def test_batch_waits_for_the_clients_it_expects(torch_engine, last, during, after, arrive, expect_jobs, max_s):
+    import asyncio
+
+    wait = 3.0
+    b = Batcher(torch_engine, max_batch=16, batch_wait=wait)  # not started: _take is called here
+    loop = asyncio.new_event_loop()
+    job = lambda: Job(rows=[[1, 2]], settings=GenSettings(gen_length=4), loop=loop,  # noqa: E731
+                      events=asyncio.Queue(), deadline=time.monotonic() + 60)
+    b._last_jobs = last  # the last batch: `last` requests, answered after `during` others were queued
+    for _ in range(during):
+        b.submit(job())
+    time.sleep(0.01)
+    b._answered = time.monotonic()
+    time.sleep(0.01)
+    for _ in range(after):
+        b.submit(job())
+    got = {}
+
+    def take():
+        t0 = time.monotonic()
+        got["batch"], got["s"] = b._take(), time.monotonic() - t0
+
+    worker = threading.Thread(target=take)
+    worker.start()
+    for _ in range(arrive):
+        time.sleep(0.01)
+        b.submit(job())
+    worker.join(30)
+    loop.close()
+    assert len(got["batch"]) == expect_jobs
+    assert got["s"] < max_s
+    if expect_jobs < last + during:
+        assert got["s"] >= wait * 0.95  # the missing clients were waited for, batch_wait at most
+
+
 def test_on_canvas_hook_leaves_the_trace(torch_engine):
     ids = encode_prompt(torch_engine.tokenizer, PROMPTS[0])
     seen = []

@@ -21,6 +21,8 @@ import torch
 from ..runtime.loop import generate
 from .engine import Engine, GenSettings, RequestError
 
+RECENT_BATCHES = 8  # batch starts whose client counts set how many companions a batch waits for
+
 
 @dataclass(eq=False)
 class Job:
@@ -65,8 +67,9 @@ class Batcher:
         engine: the model.
         max_batch: rows per batch.
         max_queue: requests waiting at most (more are refused: `submit` raises RequestError 429).
-        batch_wait: seconds the worker waits for companions of a batchable request, when the
-            previous batch held more than one request.
+        batch_wait: seconds the worker waits at most for companions of a batchable request, when
+            recent batches saw several clients (it stops waiting once as many requests are queued
+            as the most clients seen at the last RECENT_BATCHES batch starts).
         metrics: a metrics.Metrics (or None).
     """
 
@@ -77,7 +80,10 @@ class Batcher:
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closing = False
-        self._last_jobs = 1
+        self._last_jobs = 0  # requests of the last batch
+        self._answered = 0.0  # time.monotonic() when the last batch's answers went out
+        # clients seen at recent batch starts (see _take)
+        self._recent: deque[int] = deque([1], maxlen=RECENT_BATCHES)
         self._thread = threading.Thread(target=self._run, name="dllm-export-batcher", daemon=True)
 
     def start(self) -> None:
@@ -134,13 +140,18 @@ class Batcher:
             if self._closing:
                 return None
             first = self._pending[0]
-            if first.batchable and len(first.rows) < self.max_batch and self._last_jobs > 1:
-                # under concurrency (the last batch held several requests, whose clients are sending
-                # their next ones now) companions that arrive within batch_wait join this batch; a
-                # lone client does not wait
+            # clients now: the last batch's (they are sending their next requests) and those whose
+            # requests were queued before its answers went out (they cannot be the same clients)
+            self._recent.append(self._last_jobs + sum(j.enqueued < self._answered for j in self._pending))
+            expect = max(self._recent)
+            if first.batchable and len(first.rows) < self.max_batch and expect > 1:
+                # under concurrency (several clients at recent batch starts) companions that arrive
+                # within batch_wait join this batch; the wait ends once that many requests are here,
+                # since waiting longer for clients that may not come idles the worker; a lone client
+                # does not wait
                 end = time.monotonic() + self.batch_wait
                 while (not self._closing and (left := end - time.monotonic()) > 0
-                       and self._rows_like(first) < self.max_batch):
+                       and self._rows_like(first) < self.max_batch and self._jobs_like(first) < expect):
                     self._cv.wait(left)
             batch, rows = [], 0
             for job in list(self._pending):
@@ -155,8 +166,14 @@ class Batcher:
             self._last_jobs = len(batch)
             return batch
 
+    def _like(self, first: Job) -> list[Job]:
+        return [j for j in self._pending if j.batchable and j.settings == first.settings]
+
     def _rows_like(self, first: Job) -> int:
-        return sum(len(j.rows) for j in self._pending if j.batchable and j.settings == first.settings)
+        return sum(len(j.rows) for j in self._like(first))
+
+    def _jobs_like(self, first: Job) -> int:
+        return len(self._like(first))
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
@@ -199,17 +216,19 @@ class Batcher:
             self.metrics.batch_rows.observe(len(rows))
         s = batch[0].settings
         started = time.monotonic()
+        err = None
         try:
             out = generate(self.engine.backend, rows, on_canvas=on_canvas, **s.kwargs())
         except _AllLeft:
             return
         except RequestError as e:
-            for job in batch:
-                job.put(("error", e))
-            return
+            err = e
         except Exception as e:  # a backend failure fails this batch, never the server
             err = RequestError(f"decoding failed: {type(e).__name__}: {e}", None, "decode_failed", 500,
                                "server_error")
+        finally:
+            self._answered = time.monotonic()
+        if err is not None:
             for job in batch:
                 job.put(("error", err))
             return
