@@ -78,6 +78,9 @@ def _add_auto_args(p) -> None:
     p.add_argument("--bits-choices", help="--scheme auto: candidate bit-widths (default: 2,3,4,8; gguf: 4,5,8)")
     p.add_argument("--sensitivity", dest="sensitivity_json",
                    help="--scheme auto: a sensitivity.json from `analyze --sensitivity` (default: scan now)")
+    p.add_argument("--mix-embed-head", action="store_true",
+                   help="--scheme auto: the embedding and LM head join the allocation (quantized, or kept in "
+                        "half precision, whichever the budget favours); the budget then covers them too")
 
 
 def _auto_recipe(args, target: str | None, method: str, group_size: int | None = None) -> tuple[dict, dict]:
@@ -97,7 +100,8 @@ def _auto_recipe(args, target: str | None, method: str, group_size: int | None =
         scan = json.loads(f.read_text())
     bits = _int_list(args.bits_choices) if args.bits_choices else None
     opts, rec = auto_recipe(args.model, args.avg_bits, target=target, bits=bits, scan=scan, method=method,
-                            group_size=group_size, progress=not args.no_progress and sys.stderr.isatty())
+                            group_size=group_size, embed_head=args.mix_embed_head,
+                            progress=not args.no_progress and sys.stderr.isatty())
     a = rec["allocation"]
     print(f"allocation: {a['avg_bits']:.4f} bits per weight (budget {a['avg_bits_budget']}), predicted KLD "
           f"{a['predicted_kld']:.4g} ({a['solver']}); layers per bit-width "
@@ -286,6 +290,8 @@ def _add_analyze_eval(sub) -> None:
                                                    "(symmetric groups of 32) (default: %(default)s)")
     an.add_argument("--group-size", type=int, help="--sensitivity group size (default: the grid's)")
     an.add_argument("--windows", type=int, default=8, help="--sensitivity held-out windows per ratio (default: %(default)s)")
+    an.add_argument("--mix-embed-head", action="store_true",
+                    help="--sensitivity: scan the embedding and LM head too (units `embedding`, `head`)")
     an.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="task suites (general / math / code) on a checkpoint or an artifact")
@@ -449,7 +455,7 @@ def cmd_quantize(args) -> int:
     if args.scheme.lower() == "auto":
         opts, _ = _auto_recipe(args, None, args.method, args.group_size)
         scheme, group_size, sym = opts["scheme"], opts["group_size"], opts["sym"]
-        mixed = {"layer_bits": opts["layer_bits"], "avg_bits": opts["avg_bits"]}
+        mixed = {k: opts[k] for k in ("layer_bits", "avg_bits", "mix_embed_head")}
     elif args.avg_bits is not None:
         raise DllmExportError("--avg-bits goes with --scheme auto")
     decode = {}
@@ -553,7 +559,8 @@ def cmd_sensitivity(args) -> int:
                             granularity=args.granularity, method=args.method,
                             group_size=grid["group_size"] or args.group_size,
                             sym=grid["sym"], fidelity=FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios),
-                                                                     windows=args.windows, elbo=False))
+                                                                     windows=args.windows, elbo=False),
+                            embed_head=args.mix_embed_head)
     res = sensitivity_scan(load_model(args.model), load_tokenizer(args.model), cfg,
                            progress=not args.no_progress and sys.stderr.isatty())
     out = Path(args.out)
@@ -783,7 +790,7 @@ def cmd_export(args) -> int:
             raise DllmExportError("--scheme auto chooses the bits per layer: drop --bits / --quant")
         opts, rec = _auto_recipe(args, args.target, args.method, args.group_size)
         scheme, group_size = opts["scheme"], opts["group_size"]
-        qopts = {"layer_bits": opts["layer_bits"], "avg_bits": opts["avg_bits"], "sym": opts["sym"]}
+        qopts = {k: opts[k] for k in ("layer_bits", "avg_bits", "sym", "mix_embed_head")}
         extra = {"allocation": rec["allocation"]}
         label = f"auto{args.avg_bits:g}"
     elif args.avg_bits is not None:

@@ -224,3 +224,95 @@ def test_cli_sensitivity_then_auto_quantize(ckpt, calib_text, tmp_path, capsys):
     assert main(["quantize", "--model", str(ckpt), "--scheme", "auto", "--out", str(tmp_path / "x")]) == 2
     assert "--avg-bits" in capsys.readouterr().err
     assert main(["quantize", "--model", str(ckpt), "--avg-bits", "4", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_embedding_and_head_in_the_mix(method, ckpt, CALIB, tmp_path):
+    """`embed_head`: the scan has units `embedding` and `head` with a float option; a recipe that
+    quantizes them stores them as every layer is (manifest layers + allocation, 16 bits for float),
+    the fake-quant model computes with them, and ONNX / GGUF (through llama.cpp) carry them exactly."""
+    gguf = pytest.importorskip("gguf")
+    from dllm_export.exporter.gguf import export_gguf
+    from dllm_export.exporter.onnx import export_onnx
+    from dllm_export.quant.load import read_manifest
+    from dllm_export.quant.primitives import quantize_weight
+    from dllm_export.runtime.ort import OrtBackend
+
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    spec = model.spec
+    cfg = SensitivityConfig(bits=(4, 8), granularity="role", method=method, group_size=32, sym=True, calib=CALIB,
+                            fidelity=FID, embed_head=True)
+    scan = sensitivity_scan(model, tok, cfg)
+    for unit in ("embedding", "head"):
+        opts = scan["units"][unit]["bits"]
+        assert sorted(int(b) for b in opts) == [4, 8, mixed.FLOAT_BITS]
+        assert opts[mixed.FLOAT_BITS]["kld"] == 0 and opts[4]["kld"] > opts[8]["kld"] > 0
+        assert opts[mixed.FLOAT_BITS]["bytes"] == 2 * 384 * 64
+    assert scan["weights"] == sum(a * b for a, b in mixed.linear_shapes(model).values()) + 2 * 384 * 64
+    for budget in (4.6, 6.0):  # the budget covers embedding and head: all-float would not fit either
+        alloc = allocate_bits(scan, avg_bits=budget)
+        assert alloc["bytes"] <= alloc["budget_bytes"] and alloc["avg_bits"] <= budget
+    # a recipe with both quantized (embedding 4-bit, head 8-bit), the block linears at 4 / 8 bits
+    layer_bits = {**alloc["layer_bits"], spec.embedding: 4, spec.head: 8}
+    qcfg = QuantizeConfig(method=method, scheme="W4A16", group_size=32, sym=True, calib=CALIB, layer_bits=layer_bits,
+                          avg_bits=6.0, mix_embed_head=True)
+    q = quantize(ckpt, tmp_path / "q", qcfg, progress=False)
+    man = read_manifest(q)
+    assert {n: e["weight"]["bits"] for n, e in man["layers"].items()} == layer_bits
+    assert man["allocation"]["layers"][spec.embedding] == {"bits": 4, "bytes": 384 * 64 // 32 * 18}  # = Q4_0 bytes
+    assert man["allocation"]["layers"][spec.head] == {"bits": 8, "bytes": 384 * 64 // 32 * 34}  # = Q8_0 bytes
+    assert spec.embedding not in man["high_precision"] and spec.head not in man["high_precision"]
+    qm = load_model(q)
+    W_emb = model.get_submodule(spec.embedding).weight.float()
+    want = quantize_weight(W_emb, WeightQuantConfig(bits=4, group_size=32, sym=True)).dequantize()
+    assert torch.equal(qm.get_submodule(spec.embedding).weight.float(), want)  # RTN, exactly
+    assert isinstance(qm.get_submodule(spec.head), QLinear) and qm.get_submodule(spec.head).qweight.cfg.bits == 8
+
+    ids = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = qm(ids).float()
+    assert not torch.allclose(ref, model(ids).float(), atol=1e-3)  # the quantized tensors are used
+    onnx_out = export_onnx(q, tmp_path / "onnx")
+    assert (OrtBackend(onnx_out).forward(ids) - ref).abs().max() < 1e-4
+
+    out = export_gguf(q, tmp_path / "gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == "Q4_0"
+    assert tensors["output.weight"].tensor_type.name == "Q8_0"
+    assert np.array_equal(gguf.quants.dequantize(tensors["token_embd.weight"].data, tensors["token_embd.weight"].tensor_type),
+                          want.numpy())
+    try:
+        pytest.importorskip("llama_cpp")
+    except pytest.skip.Exception:
+        return
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
+
+    got = LlamaCppBackend(out, threads=2).forward(ids)
+    # llama.cpp rounds activations to Q8 blocks for its integer dot products (see test_gguf)
+    assert (got - ref).norm() < 0.02 * ref.norm(), (got - ref).norm() / ref.norm()
+
+
+def test_cli_mix_embed_head(ckpt, tmp_path):
+    """`analyze --sensitivity --mix-embed-head` then `--scheme auto` from that scan: the embedding and
+    head are in the allocation (quantized, or at 16 bits), and the budget covers them."""
+    pytest.importorskip("gguf")
+    rc = main(["analyze", "--sensitivity", "--model", str(ckpt), "--out", str(tmp_path / "s"), "--method", "rtn",
+               "--grid", "gguf", "--windows", "2", "--ratios", "0.5", "--mix-embed-head", "--no-progress"])
+    assert rc == 0
+    scan = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert {"embedding", "head"} <= set(scan["units"]) and scan["config"]["embed_head"] is True
+    rc = main(["--target", "gguf", "--model", str(ckpt), "--method", "rtn", "--scheme", "auto", "--avg-bits", "5",
+               "--sensitivity", str(tmp_path / "s" / "sensitivity.json"), "--out", str(tmp_path / "g"), "--no-progress"])
+    assert rc == 0
+    man = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    alloc = allocate_bits(scan, 5)
+    assert {"embedding", "head"} <= set(man["allocation"]["unit_bits"]) and man["quantize_settings"]["mix_embed_head"]
+    assert man["allocation"]["bytes"] == alloc["bytes"] <= alloc["budget_bytes"]
+    assert man["allocation"]["avg_bits"] <= 5
+    spec = load_model(ckpt).spec
+    types = {"token_embd.weight": alloc["unit_bits"]["embedding"], "output.weight": alloc["unit_bits"]["head"]}
+    names = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16"}
+    from gguf import GGUFReader
+
+    got = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
+    assert {n: got[n] for n in types} == {n: names[b] for n, b in types.items()}
+    assert spec.embedding in alloc["layer_bits"] or alloc["unit_bits"]["embedding"] == 16

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..quant.base import QuantizeConfig, round_weight
 from ..quant.calibrate import CalibConfig, calibration_ids
 from ..quant.driver import fit_group_size
-from ..quant.mixed import allocate, grid_for_bits, linear_shapes, weight_bytes
+from ..quant.mixed import FLOAT_BITS, allocate, embed_head_shapes, grid_for_bits, linear_shapes, weight_bytes
 from .fidelity import FidelityConfig, build_reference, compare
 
 GRANULARITIES = ("layer", "role")
@@ -38,6 +38,9 @@ class SensitivityConfig:
         sym: fix the symmetry of every grid (None: W{b}A16's; GGUF's block types need True).
         calib: calibration canvases for the GPTQ Hessians (mask-aware by default).
         fidelity: the canvases the added KLD is measured on.
+        embed_head: scan the embedding and the (untied) LM head too, as units "embedding" and
+            "head" with one more option, FLOAT_BITS (kept in half precision, adds nothing), so the
+            allocation spends the budget on them as well (the embedding is rounded with RTN).
     """
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -48,6 +51,7 @@ class SensitivityConfig:
     calib: CalibConfig = field(default_factory=lambda: CalibConfig(n_samples=32, seq_len=128))
     fidelity: FidelityConfig = field(default_factory=lambda: FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=8,
                                                                             elbo=False))
+    embed_head: bool = False
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -64,12 +68,17 @@ class SensitivityConfig:
                               calib=self.calib)
 
 
-def _units(model, granularity: str) -> dict[str, list[str]]:
+def _units(model, granularity: str, embed_head: bool = False) -> dict[str, list[str]]:
     """unit name -> the full names of its layers."""
     spec = model.spec
     if granularity == "layer":
-        return {n: [n] for n in linear_shapes(model)}
-    return {role: [f"{spec.blocks}.{i}.{hf}" for i in range(len(model.blocks))] for role, hf in spec.linears.items()}
+        units = {n: [n] for n in linear_shapes(model)}
+    else:
+        units = {role: [f"{spec.blocks}.{i}.{hf}" for i in range(len(model.blocks))]
+                 for role, hf in spec.linears.items()}
+    if embed_head:
+        units.update({"embedding" if n == spec.embedding else "head": [n] for n in embed_head_shapes(model)})
+    return units
 
 
 @torch.no_grad()
@@ -106,12 +115,14 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
     shapes = linear_shapes(model)
     qcfg = fit_group_size(cfg.quantize_config(), sorted({s[1] for s in shapes.values()}))
     base = qcfg.weight_config()
-    units = _units(model, cfg.granularity)
+    extra = embed_head_shapes(model) if cfg.embed_head else {}
+    shapes.update(extra)
+    units = _units(model, cfg.granularity, cfg.embed_head)
     ref = build_reference(model, tokenizer, cfg.fidelity)
     H = {}
-    if cfg.method == "gptq":
+    if cfg.method == "gptq":  # the embedding is a lookup: no Hessian, RTN
         ids, _ = calibration_ids(tokenizer, model.spec, cfg.calib, model.config.dims.context)
-        H = _hessians(model, ids, list(shapes))
+        H = _hessians(model, ids, [n for n in shapes if n != model.spec.embedding])
     out: dict = {}
     bar = None
     if progress:
@@ -126,8 +137,8 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
             for n in names:
                 W = originals[n].float()
                 h = H.get(n)
-                qw, _ = round_weight(W, None if h is None else h.H, qcfg, wcfg, cfg.method, name=n,
-                                     n_tokens=None if h is None else h.n)
+                qw, _ = round_weight(W, None if h is None else h.H, qcfg, wcfg, cfg.method if h is not None else "rtn",
+                                     name=n, n_tokens=None if h is None else h.n)
                 model.get_submodule(n).weight.data.copy_(qw.dequantize(originals[n].dtype))
             s = compare(model, ref)["summary"]
             entry["bits"][b] = {"kld": s["kld_mean"], "kld_se": s["kld_se"], "top1": s["top1"],
@@ -136,6 +147,9 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
                 model.get_submodule(n).weight.data.copy_(originals[n])
             if bar is not None:
                 bar.update(1)
+        if any(n in extra for n in names):  # kept in half precision: adds nothing
+            entry["bits"][FLOAT_BITS] = {"kld": 0.0, "kld_se": 0.0, "top1": 1.0,
+                                         "bytes": sum(2 * shapes[n][0] * shapes[n][1] for n in names)}
         out[unit] = entry
     if bar is not None:
         bar.close()
@@ -154,9 +168,10 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
     Args:
         scan: a `sensitivity_scan` result (or its JSON).
         avg_bits: the budget, bits per weight including scales.
-        bits: the candidate bit-widths (default: all the scan measured).
+        bits: the candidate bit-widths (default: all the scan measured; the embedding and head
+            keep their FLOAT_BITS option in any case).
     Returns:
-        {"layer_bits": {layer: bits}, "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget",
+        {"layer_bits": {layer: bits} (layers left in float are not listed), "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget",
         "predicted_kld", "solver"}.
     """
     units = scan["units"]
@@ -164,7 +179,7 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
         raise InputError("the sensitivity scan holds no units")
 
     def opts(e):
-        return {int(b): v for b, v in e["bits"].items() if bits is None or int(b) in bits}
+        return {int(b): v for b, v in e["bits"].items() if bits is None or int(b) in bits or int(b) == FLOAT_BITS}
 
     costs = {u: {b: v["bytes"] for b, v in opts(e).items()} for u, e in units.items()}
     values = {u: {b: v["kld"] for b, v in opts(e).items()} for u, e in units.items()}
@@ -173,7 +188,8 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
     n = scan["weights"]
     budget = int(avg_bits * n // 8)
     res = allocate(costs, values, budget)
-    layer_bits = {layer: res["choice"][u] for u, e in units.items() for layer in e["layers"]}
+    layer_bits = {layer: res["choice"][u] for u, e in units.items() for layer in e["layers"]
+                  if res["choice"][u] != FLOAT_BITS}
     return {"layer_bits": layer_bits, "unit_bits": res["choice"], "bytes": res["bytes"], "budget_bytes": budget,
             "avg_bits": 8 * res["bytes"] / n, "avg_bits_budget": avg_bits, "predicted_kld": res["value"],
             "solver": res["solver"]}
@@ -200,7 +216,8 @@ TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None},
 
 def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tuple[int, ...] | None = None,
                 scan: dict | None = None, method: str = "gptq", granularity: str = "layer",
-                group_size: int | None = None, progress: bool = False) -> tuple[dict, dict]:
+                group_size: int | None = None, embed_head: bool = False,
+                progress: bool = False) -> tuple[dict, dict]:
     """`--scheme auto --avg-bits B`: scan (unless `scan` is given), allocate, and return the
     quantize options of the mixed recipe plus the allocation and the scan.
 
@@ -209,8 +226,10 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
         target: None (a quantized checkpoint), "onnx" or "gguf" (its grids: see TARGET_GRIDS).
         bits: candidate bit-widths (default: the target's).
         group_size: the grids' group size (default: the target's; GGUF: 32).
+        embed_head: the embedding and LM head share the budget (SensitivityConfig.embed_head).
     Returns:
-        ({"method", "scheme", "group_size", "sym", "layer_bits", "avg_bits"}, {"allocation", "scan"}).
+        ({"method", "scheme", "group_size", "sym", "layer_bits", "avg_bits", "mix_embed_head"},
+        {"allocation", "scan"}).
     """
     from .. import load_model, load_tokenizer
 
@@ -225,12 +244,13 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
         raise InputError(f"GGUF stores mixed layers exactly as Q4_0 / Q5_0 / Q8_0: bit-widths 4, 5, 8 (got {bits})")
     if scan is None:
         cfg = SensitivityConfig(bits=bits, granularity=granularity, method=method, group_size=grid["group_size"],
-                                sym=grid["sym"])
+                                sym=grid["sym"], embed_head=embed_head)
         scan = sensitivity_scan(load_model(model), load_tokenizer(model), cfg, progress=progress)
     if grid["group_size"] and scan["grid"]["group_size"] != grid["group_size"]:
         raise InputError(f"the sensitivity scan used groups of {scan['grid']['group_size']}; this recipe needs "
                          f"{grid['group_size']} (scan again with that grid)")
     alloc = allocate_bits(scan, avg_bits, bits)
     opts = {"method": scan["config"]["method"], "scheme": "W4A16", "group_size": scan["grid"]["group_size"],
-            "sym": scan["config"]["sym"], "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits}
+            "sym": scan["config"]["sym"], "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits,
+            "mix_embed_head": bool(scan["config"].get("embed_head"))}
     return opts, {"allocation": alloc, "scan": scan}

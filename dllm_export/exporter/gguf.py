@@ -64,7 +64,8 @@ class GgufExportConfig:
         quant: the type of the block linears of a float checkpoint (F32, F16, BF16, Q8_0, Q4_0,
             Q4_1, Q5_0, Q5_1, or a llama.cpp K-quant such as Q4_K_M). A quantized checkpoint's
             layers are written in the block type their grid matches; then this must be None or it.
-        embed_type / head_type: the embedding and LM head (kept high precision by our PTQ): F32 or F16.
+        embed_type / head_type: the embedding and LM head where the checkpoint keeps them in float:
+            F32 or F16 (a mixed recipe's quantized ones are written in their block type).
     """
 
     quant: str | None = None
@@ -209,7 +210,12 @@ def plan_tensors(source, cfg: GgufExportConfig) -> list[PlannedTensor]:
     shapes = {"q": (q_out, dims.d_model), "k": (kv_out, dims.d_model), "v": (kv_out, dims.d_model),
               "o": (dims.d_model, q_out), "gate": (dims.mlp_hidden, dims.d_model),
               "up": (dims.mlp_hidden, dims.d_model), "down": (dims.d_model, dims.mlp_hidden)}
-    add_float("token_embd.weight", f"{spec.embedding}.weight", cfg.embed_type)
+    # a mixed recipe may have quantized the embedding / head: packed like a linear's rows
+    table = (dims.vocab_rows, dims.d_model)
+    if spec.embedding in source.layers:
+        add_linear("token_embd", spec.embedding, table, None)
+    else:
+        add_float("token_embd.weight", f"{spec.embedding}.weight", cfg.embed_type)
     for i in range(dims.n_layers):
         p = f"{spec.blocks}.{i}."
         add_float(f"blk.{i}.attn_norm.weight", p + spec.norms["attn"] + ".weight", "F32")
@@ -218,7 +224,9 @@ def plan_tensors(source, cfg: GgufExportConfig) -> list[PlannedTensor]:
             add_linear(f"blk.{i}.{_ROLE_NAMES[role]}", p + hf, shapes[role], heads)
         add_float(f"blk.{i}.ffn_norm.weight", p + spec.norms["ffn"] + ".weight", "F32")
     add_float("output_norm.weight", f"{spec.final_norm}.weight", "F32")
-    if not dims.tied_head:
+    if not dims.tied_head and spec.head in source.layers:
+        add_linear("output", spec.head, table, None)
+    elif not dims.tied_head:
         add_float("output.weight", f"{spec.head}.weight", cfg.head_type)
     return plan
 

@@ -439,17 +439,25 @@ class _Builder:
 HEAD_GRID = WeightQuantConfig(bits=8, group_size=32, sym=True)
 
 
-def _int8_embedding(g: _Graph, W: torch.Tensor, name: str) -> str:
-    """Gather of an 8-bit embedding: int8 codes and fp32 block scales gathered per token, then
-    codes * scales, the exact dequantization of `quantize_weight(W, HEAD_GRID)`."""
-    qw = quantize_weight(W.float(), HEAD_GRID)
+def _quantized_embedding(g: _Graph, qw, name: str) -> str:
+    """Gather of a quantized embedding (codes of up to 8 bits, one byte each): codes, block scales
+    (and zero points) gathered per token, then (codes - zeros) * scales, the exact dequantization
+    of `qw` (the `embed_head="int8"` grid, or a mixed recipe's stored embedding)."""
+    if qw.mins is not None:
+        raise InputError(f"{name}: float minimums (zero_kind='float') have no exact ONNX form")
     V, D = qw.shape
     G = qw.scales.shape[1]
-    codes = g.weight(f"{name}.qweight", qw.codes.numpy().astype(np.int8), [V, D], 3)
+    signed = qw.zeros is None
+    codes = g.weight(f"{name}.qweight", qw.codes.numpy().astype(np.int8 if signed else np.uint8), [V, D],
+                     3 if signed else 2)
     scales = g.weight(f"{name}.scales", _f32(qw.scales), [V, G], 1)
     q = g.op("Cast", [g.op("Gather", [codes, "input_ids"])], to=1)  # [B, L, D]
-    s = g.op("Unsqueeze", [g.op("Gather", [scales, "input_ids"]), g.const([-1], np.int64)])  # [B, L, G, 1]
     qg = g.op("Reshape", [q, g.const([0, 0, G, D // G], np.int64)])
+    if not signed:
+        zeros = g.weight(f"{name}.qzeros", qw.zeros.numpy().astype(np.uint8), [V, G], 2)
+        z = g.op("Unsqueeze", [g.op("Cast", [g.op("Gather", [zeros, "input_ids"])], to=1), g.const([-1], np.int64)])
+        qg = g.op("Sub", [qg, z])
+    s = g.op("Unsqueeze", [g.op("Gather", [scales, "input_ids"]), g.const([-1], np.int64)])  # [B, L, G, 1]
     return g.op("Reshape", [g.op("Mul", [qg, s]), g.const([0, 0, D], np.int64)], "embed")
 
 
@@ -532,11 +540,14 @@ def _prologue(g: _Graph, cfg: OnnxExportConfig, spec, dims) -> _Prologue:
     return _Prologue(attn_bias, start, end, cos, sin)
 
 
-def _embed(g: _Graph, cfg: OnnxExportConfig, spec, tensor) -> str:
-    """The token embedding gathered at `input_ids` (fp32 rows, or int8 rows x block scales)."""
+def _embed(g: _Graph, cfg: OnnxExportConfig, source) -> str:
+    """The token embedding gathered at `input_ids` (fp32 rows, or quantized rows x block scales)."""
+    spec, tensor = source.spec, source.tensor
+    if spec.embedding in source.layers:  # a mixed recipe's quantized embedding, exactly
+        return _quantized_embedding(g, source.linear(spec.embedding).qweight, spec.embedding)
     W_emb = tensor(f"{spec.embedding}.weight")
     if cfg.embed_head == "int8":
-        return _int8_embedding(g, W_emb, spec.embedding)
+        return _quantized_embedding(g, quantize_weight(W_emb.float(), HEAD_GRID), spec.embedding)
     return g.op("Gather", [g.weight(f"{spec.embedding}.weight", _f32(W_emb), list(W_emb.shape), 1), "input_ids"],
                 "embed")
 
@@ -591,7 +602,12 @@ def _emit_head(g: _Graph, b: _Builder, source, x: str) -> None:
     if b.cfg.logit_positions:  # only the requested rows reach the head
         x = g.op("GatherND", [x, g.op("Unsqueeze", ["logit_positions", g.const([-1], np.int64)])],
                  "head_rows", batch_dims=1)
-    W_head = source.tensor(f"{spec.embedding}.weight" if dims.tied_head else f"{spec.head}.weight")
+    head = spec.embedding if dims.tied_head else spec.head
+    if head in source.layers:  # a mixed recipe's quantized head (or tied embedding), exactly
+        x = b.linear(x, source.linear(head), "lm_head")
+        g.nodes.append(g.onnx.helper.make_node("Identity", [x], ["logits"], name="logits"))
+        return
+    W_head = source.tensor(f"{head}.weight")
     if b.cfg.embed_head == "int8":
         acc = b.cfg.head_accuracy_level
         x = b.nbits_matmul(x, quantize_weight(W_head.float(), HEAD_GRID), "lm_head", acc)
@@ -652,7 +668,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
             b = _Builder(g, cfg)
             inputs = _graph_inputs(cfg, source.dims)
             pro = _prologue(g, cfg, source.spec, source.dims)
-            x = _embed(g, cfg, source.spec, source.tensor)
+            x = _embed(g, cfg, source)
             present = []
             for i in range(source.dims.n_layers):
                 x, kv = _emit_block(g, b, pro, source, x, i)

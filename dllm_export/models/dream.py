@@ -238,4 +238,7 @@ class DreamModelLM(nn.Module):
         if rows is not None:
             x = x[:, rows[0]:rows[1]]
         x = self.model.norm(x)
-        return nn.functional.linear(x, self.head_weight())
+        # the head module when untied (a quantized head is a QLinear / IntLinear there)
+        if self.config.tie_word_embeddings:
+            return nn.functional.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)

@@ -240,4 +240,5 @@ class LLaDAModelLM(nn.Module):
         if rows is not None:
             x = x[:, rows[0]:rows[1]]
         x = tr.ln_f(x)
-        return nn.functional.linear(x, self.head_weight())
+        # the head module when untied (a quantized head is a QLinear / IntLinear there)
+        return nn.functional.linear(x, tr.wte.weight) if self.config.weight_tying else tr.ff_out(x)

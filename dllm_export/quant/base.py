@@ -49,6 +49,9 @@ class QuantizeConfig:
         layer_bits: mixed precision: ((layer name, bits), ...) overriding the weight bits of those
             layers (grid: `mixed.grid_for_bits`); RTN and GPTQ, weight-only schemes.
         avg_bits: the average-bits budget `layer_bits` was allocated for (recorded, not enforced here).
+        mix_embed_head: that budget covered the embedding and (untied) LM head too: `layer_bits` may
+            name them (RTN for the embedding, `method` for the head); those it leaves out stay in
+            half precision and count as 16 bits per weight in the manifest's allocation.
     """
 
     method: str = "gptq"
@@ -70,6 +73,7 @@ class QuantizeConfig:
     seed: int = 0
     layer_bits: tuple[tuple[str, int], ...] = ()
     avg_bits: float | None = None
+    mix_embed_head: bool = False
 
     def __post_init__(self):
         get_scheme(self.scheme)

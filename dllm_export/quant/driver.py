@@ -25,10 +25,11 @@ from ..models.checkpoint import (open_shards, read_config, resolve_model_path, s
                                  tokenizer_special_ids, weight_files, write_checkpoint)
 from ..models.loader import build_model
 
-from .base import METHODS, QuantizeConfig, forward_block
+from .base import METHODS, QuantizeConfig, forward_block, round_weight
 from .calibrate import calibration_ids
-from .mixed import allocation_record, linear_shapes
-from .primitives import pack_codes
+from .gptq import HessianStats
+from .mixed import allocation_record, embed_head_shapes, linear_shapes
+from .primitives import QuantizedWeight, pack_codes
 from .qlinear import ActQuantLinear, QLinear
 from .schemes import fit_group
 
@@ -94,13 +95,8 @@ def block_tensors(block: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str
     quantized = set()
     for name, mod in block.named_modules():
         if isinstance(mod, QLinear):
-            qw, p = mod.qweight, prefix + name
-            out[p + ".qweight"] = pack_codes(qw.codes, qw.cfg)
-            out[p + ".scales"] = qw.scales
-            if qw.zeros is not None:
-                out[p + ".qzeros"] = qw.zeros.to(torch.uint8)
-            if qw.mins is not None:
-                out[p + ".qmins"] = qw.mins
+            p = prefix + name
+            out.update(weight_tensors(p, mod.qweight))
             if mod.bias is not None:
                 out[p + ".bias"] = mod.bias.to(dtype)
             if mod.act_scale is not None:
@@ -122,6 +118,16 @@ def block_tensors(block: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str
         if not any(owner == q or owner.startswith(q + ".") for q in quantized):
             out[prefix + name] = p.detach().to(dtype)
     return {k: v.cpu() for k, v in out.items()}
+
+
+def weight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """How a quantized weight is stored: packed codes, scales and zero points or minimums."""
+    out = {f"{name}.qweight": pack_codes(qw.codes, qw.cfg), f"{name}.scales": qw.scales}
+    if qw.zeros is not None:
+        out[f"{name}.qzeros"] = qw.zeros.to(torch.uint8)
+    if qw.mins is not None:
+        out[f"{name}.qmins"] = qw.mins
+    return out
 
 
 def layer_manifest(block: nn.Module, prefix: str) -> dict[str, dict]:
@@ -207,7 +213,7 @@ def _prepare(model_path, qcfg: QuantizeConfig, source_model: nn.Module | None, d
     widths = [model.blocks[0].get_submodule(name).in_features for name in spec.linears.values()]
     qcfg = fit_group_size(qcfg, widths)
     shapes = linear_shapes(model)
-    unknown = sorted(set(dict(qcfg.layer_bits)) - set(shapes))
+    unknown = sorted(set(dict(qcfg.layer_bits)) - set(shapes) - set(embed_head_shapes(model)))
     if unknown:
         raise InputError(f"the bit allocation names layers this model does not have: {', '.join(unknown[:3])}")
     method = METHODS[qcfg.method](qcfg, spec, model.config)
@@ -222,7 +228,8 @@ def _prepare(model_path, qcfg: QuantizeConfig, source_model: nn.Module | None, d
         "scheme": "auto" if qcfg.layer_bits else qcfg.scheme,  # per-layer bits: see "allocation"
         "settings": qcfg.to_dict(), "calibration": {**qcfg.calib.to_dict(), **calib_summary},
         "source": source_record(path), "family": spec.family, "spec": spec.to_dict(), "device": device.type,
-        "high_precision": [spec.embedding, spec.final_norm, spec.head], "layers": {}, "blocks": [],
+        "high_precision": [n for n in (spec.embedding, spec.final_norm, spec.head) if n not in dict(qcfg.layer_bits)],
+        "layers": {}, "blocks": [],
     }
     ctx = model.block_context(ids.shape[1], torch.float32, device=device)
     return _Run(path, config, model, qcfg, method, source, ids, ctx, device, out_dtype, shapes, manifest)
@@ -235,8 +242,13 @@ def _stream(run: _Run, progress: bool):
     tied = spec.head == spec.embedding or f"{spec.head}.weight" not in source
     emb_name = f"{spec.embedding}.weight"
     W_emb = method.transform_embedding(source.get(emb_name))
+    if spec.embedding in dict(run.qcfg.layer_bits):  # a lookup table: RTN (no input statistics)
+        qw = _round_extra(run, spec.embedding, W_emb, None)
+        yield from weight_tensors(spec.embedding, qw).items()
+        W_emb = qw.dequantize()  # calibration sees the quantized embedding
+    else:
+        yield emb_name, W_emb.to(run.out_dtype)
     X = F.embedding(run.ids, W_emb).to(run.device)  # (N, L, d) fp32
-    yield emb_name, W_emb.to(run.out_dtype)
     del W_emb
     blocks = run.model.blocks
     bar = None
@@ -256,11 +268,45 @@ def _stream(run: _Run, progress: bool):
     head_w = source.get(emb_name if tied else f"{spec.head}.weight")
     norm_w, head_w = method.transform_head(norm_w, head_w)
     yield f"{spec.final_norm}.weight", norm_w.to(run.out_dtype)
-    if not tied:
+    if not tied and spec.head in dict(run.qcfg.layer_bits):
+        qw = _round_extra(run, spec.head, head_w, _head_hessian(run, X, norm_w))
+        yield from weight_tensors(spec.head, qw).items()
+    elif not tied:
         yield f"{spec.head}.weight", head_w.to(run.out_dtype)
     if run.qcfg.layer_bits:
-        run.manifest["allocation"] = allocation_record({n: method.layer_wcfg(n) for n in run.shapes}, run.shapes,
-                                                       run.qcfg.avg_bits)
+        extra = embed_head_shapes(run.model)
+        bits = dict(run.qcfg.layer_bits)
+        cfgs = {n: method.layer_wcfg(n) for n in run.shapes}
+        cfgs.update({n: method.layer_wcfg(n) if n in bits else None for n in extra
+                     if n in bits or run.qcfg.mix_embed_head})
+        run.manifest["allocation"] = allocation_record(cfgs, {**run.shapes, **extra}, run.qcfg.avg_bits)
+
+
+def _round_extra(run: _Run, name: str, W: torch.Tensor, H: HessianStats | None) -> QuantizedWeight:
+    """Round the embedding or LM head of a mixed recipe on its grid (GPTQ for the head when the run
+    is GPTQ, else RTN) and list it in the manifest's layers."""
+    wcfg = run.method.layer_wcfg(name)
+    how = run.qcfg.method if H is not None else "rtn"
+    qw, info = round_weight(W.float().to(run.device), None if H is None else H.H, run.qcfg, wcfg, how, name=name,
+                            n_tokens=None if H is None else H.n)
+    qw = QuantizedWeight(*(None if t is None else t.cpu() for t in (qw.codes, qw.scales, qw.zeros, qw.mins)), qw.cfg)
+    run.manifest["layers"][name] = {"weight": wcfg.to_dict(), "act": None, "input_transform": None,
+                                    **{k: v for k, v in info.items() if k == "gptq_loss"}}
+    return qw
+
+
+def _head_hessian(run: _Run, X: torch.Tensor, norm_w: torch.Tensor) -> HessianStats | None:
+    """GPTQ statistics of the LM head's input: the final norm of the last block's calibration
+    outputs (None for RTN runs)."""
+    if run.qcfg.method != "gptq":
+        return None
+    norm = run.model.get_submodule(run.model.spec.final_norm)
+    norm._parameters["weight"] = nn.Parameter(norm_w.float().to(run.device), requires_grad=False)
+    stats = HessianStats(X.shape[-1])
+    with torch.no_grad():
+        for i in range(0, X.shape[0], run.qcfg.batch_size):
+            stats.update(norm(X[i:i + run.qcfg.batch_size]))
+    return stats
 
 
 def _process_block(run: _Run, i: int, X: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -119,6 +119,13 @@ def load_quantized(path: Path, dtype: torch.dtype, device="cpu", kernel: str = "
         lin = read_linear(handles, name, entry, path)
         used |= lin.tensor_names
         bias = None if lin.bias is None else lin.bias.to(dtype)
+        if name == model.spec.embedding and lin.qweight is not None:  # a lookup: its dequantized table
+            expected = tuple(model.get_submodule(name).weight.shape)
+            if lin.shape != expected:
+                raise CheckpointError(f"quantized embedding {name} has shape {list(lin.shape)}, config implies "
+                                      f"{list(expected)}")
+            set_tensor(model, f"{name}.weight", lin.qweight.dequantize(dtype).to(device))
+            continue
         if lin.qweight is None:
             dense = nn.Linear(0, 0)
             dense.weight = nn.Parameter(lin.weight.to(dtype), requires_grad=False)

@@ -46,6 +46,17 @@ def weight_bytes(out_features: int, in_features: int, cfg: WeightQuantConfig) ->
     return math.ceil(bits / 8)
 
 
+FLOAT_BITS = 16  # the "keep it float" option of the embedding and head units (stored as fp16 / F16)
+
+
+def unit_bytes(out_features: int, in_features: int, bits: int, base: WeightQuantConfig, sym: bool | None = None) -> int:
+    """Bytes of a layer at `bits` in a mixed recipe: `weight_bytes` of its grid, or 2 per weight
+    at FLOAT_BITS (the embedding and head may stay in half precision)."""
+    if bits == FLOAT_BITS:
+        return 2 * out_features * in_features
+    return weight_bytes(out_features, in_features, grid_for_bits(bits, base, sym))
+
+
 def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float]], budget: int) -> dict:
     """Choose one option per unit minimising sum(values) subject to sum(costs) <= budget.
 
@@ -144,15 +155,24 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
             for m in (block.get_submodule(n),)}
 
 
-def allocation_record(layer_cfgs: dict[str, WeightQuantConfig], shapes: dict[str, tuple[int, int]],
+def embed_head_shapes(model) -> dict[str, tuple[int, int]]:
+    """Module name -> (rows, width) of the embedding and of an untied LM head: the tensors a mixed
+    recipe may quantize besides the block linears (a tied head is the embedding)."""
+    spec, dims = model.spec, model.config.dims
+    names = [spec.embedding] + ([] if dims.tied_head else [spec.head])
+    return {n: (dims.vocab_rows, dims.d_model) for n in names}
+
+
+def allocation_record(layer_cfgs: dict[str, WeightQuantConfig | None], shapes: dict[str, tuple[int, int]],
                       avg_bits: float | None) -> dict:
-    """The manifest's "allocation": bits and bytes per layer, the realised average bits per weight
-    (`weight_bytes` over the layers' weights) and the budget it was allocated for."""
+    """The manifest's "allocation": bits and bytes per layer (a None grid: kept in half precision,
+    FLOAT_BITS), the realised average bits per weight (`weight_bytes` over the layers' weights) and
+    the budget it was allocated for."""
     layers, total, n = {}, 0, 0
     for name, cfg in layer_cfgs.items():
         out_f, in_f = shapes[name]
-        b = weight_bytes(out_f, in_f, cfg)
-        layers[name] = {"bits": cfg.bits, "bytes": b}
+        b = 2 * out_f * in_f if cfg is None else weight_bytes(out_f, in_f, cfg)
+        layers[name] = {"bits": FLOAT_BITS if cfg is None else cfg.bits, "bytes": b}
         total += b
         n += out_f * in_f
     return {"avg_bits_budget": avg_bits, "avg_bits": round(8 * total / n, 6), "bytes": total, "weights": n,

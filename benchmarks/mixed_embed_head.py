@@ -1,0 +1,158 @@
+"""Mixed precision with the embedding and LM head in the budget, on the GGUF grid, by file bytes.
+
+On a small model the embedding and head are a large share of the weights (2 x 4096 x 256 of the
+bundled LLaDA's 6.1M), and llama.cpp users choose their types too (`token_embd`, `output`). Here
+they join the allocation (`--mix-embed-head`): one GPTQ sensitivity scan on the GGUF grid (every
+block linear alone at Q4_0 / Q5_0 / Q8_0; the embedding with RTN and the head with GPTQ at the same
+types, or kept F16), then mixed recipes at several budgets (average bits over all these weights),
+against "uniform" files: block linears at one type x embedding and head at one type (F16, as the
+exporter writes them by default, Q8_0 or Q4_0). Every cell is quantized with the same mask-aware
+calibration, exported to GGUF (size = the measured bytes of model.gguf) and scored on the same
+fidelity canvases (`eval.fidelity`, its fake-quant model: the GGUF file holds the same weights,
+`tests/test_sensitivity.py::test_embedding_and_head_in_the_mix`). Each mixed file is compared,
+paired over the same canvases (z), with the uniform file nearest in size at least as large, and
+the table lists the uniform files at least as large that it beats.
+
+    OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py                   # both bundled models
+    OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models default --windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mixed_precision import host  # noqa: E402
+
+TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16"}
+UNIFORM = [(b, eh) for b in (4, 5, 8) for eh in (4, 8, 16)]  # (block linears, embedding + head)
+BUDGETS = (4.5, 5.0, 5.5, 6.0, 7.0)  # average bits per weight over block linears + embedding + head
+
+
+def run_model(name: str, work: Path, args) -> dict:
+    from dllm_export import load_model, load_tokenizer
+    from dllm_export.eval.fidelity import FidelityConfig, build_reference, compare, paired_difference
+    from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, sensitivity_scan
+    from dllm_export.exporter.gguf import GgufExportConfig, export_gguf
+    from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
+    from dllm_export.quant.mixed import embed_head_shapes, linear_shapes
+
+    t0 = time.perf_counter()
+    model, tok = load_model(name), load_tokenizer(name)
+    extra = list(embed_head_shapes(model))
+    ref = build_reference(model, tok, FidelityConfig(windows=args.windows))
+    calib = CalibConfig(n_samples=args.calib_samples)
+    scan_file = work / f"{name}-scan-eh.json"
+    if scan_file.exists():
+        scan = json.loads(scan_file.read_text())
+    else:
+        scan = sensitivity_scan(model, tok, SensitivityConfig(
+            bits=(4, 5, 8), group_size=32, sym=True, calib=calib, embed_head=True,
+            fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
+        scan_file.write_text(json.dumps(scan))
+    t_scan = time.perf_counter() - t0
+    cells, raw = [], {}
+
+    def cell(label: str, qcfg, eh_type: str, info: dict) -> None:
+        q, art = work / f"{name}-{label}", work / f"{name}-{label}-gguf"
+        if not q.exists():
+            quantize(name, q, qcfg, progress=False)
+        if not art.exists():
+            export_gguf(q, art, GgufExportConfig(embed_type=eh_type, head_type=eh_type))
+        res = compare(load_model(q), ref)
+        raw[label] = res
+        s = res["summary"]
+        cells.append({"label": label, **info, "file_bytes": (art / "model.gguf").stat().st_size,
+                      **{k: s[k] for k in ("kld_mean", "kld_se", "kld_p99", "top1")}})
+        print(json.dumps(cells[-1]), file=sys.stderr)
+
+    base = dict(method="gptq", scheme="W4A16", group_size=32, sym=True, calib=calib)
+    for bits, eh in UNIFORM:
+        layer_bits = {n: bits for n in linear_shapes(model)}
+        layer_bits.update({n: eh for n in extra if eh != 16})
+        qcfg = QuantizeConfig(**base, layer_bits=layer_bits)
+        cell(f"{TYPES[bits]}+{TYPES[eh]}", qcfg, "F16", {"kind": "uniform", "blocks": TYPES[bits],
+                                                            "embed_head": TYPES[eh]})
+    for budget in BUDGETS:
+        alloc = allocate_bits(scan, budget)
+        qcfg = QuantizeConfig(**base, layer_bits=alloc["layer_bits"], avg_bits=budget, mix_embed_head=True)
+        counts: dict = {}
+        for u, b in alloc["unit_bits"].items():
+            if u not in ("embedding", "head"):
+                counts[TYPES[b]] = counts.get(TYPES[b], 0) + 1
+        cell(f"mix{budget}", qcfg, "F16", {"kind": "mixed", "budget": budget, "predicted_kld": alloc["predicted_kld"],
+                                           "embedding": TYPES[alloc["unit_bits"]["embedding"]],
+                                           "head": TYPES[alloc["unit_bits"].get("head", 16)],
+                                           "blocks": dict(sorted(counts.items()))})
+    uniforms = sorted((c for c in cells if c["kind"] == "uniform"), key=lambda c: c["file_bytes"])
+    for c in cells:
+        if c["kind"] != "mixed":
+            continue
+        larger = [u for u in uniforms if u["file_bytes"] >= c["file_bytes"]]
+        c["beats_larger_uniform"] = [u["label"] for u in larger if u["kld_mean"] > c["kld_mean"]]
+        c["larger_uniform_better"] = [u["label"] for u in larger if u["kld_mean"] <= c["kld_mean"]]
+        if larger:
+            d = paired_difference(raw[c["label"]], raw[larger[0]["label"]])
+            c["vs_nearest_larger"] = {"label": larger[0]["label"], "kld_diff": d["diff"], "z": d["z"],
+                                      "significant": d["significant"]}
+    return {"model": name, "scan_seconds": round(t_scan, 1), "seconds": round(time.perf_counter() - t0, 1),
+            "weights": scan["weights"], "cells": cells}
+
+
+def to_markdown(res: dict) -> str:
+    lines = ["# Mixed precision with the embedding and head in the budget (GGUF grid, GPTQ, mask-aware calibration)",
+             "", f"Host: {res['host']['cpu']} ({', '.join(res['host']['flags'])}), torch threads "
+             f"{res['host']['torch_threads']}. Reproduce: `{res['command']}`", ""]
+    for m in res["models"]:
+        lines += [f"## {m['model']}", "",
+                  "| file | kind | model.gguf bytes | KLD mean +- se | KLD p99 | top-1 | embedding / head | block linears "
+                  "| vs nearest uniform at least as large: dKLD (z) | larger uniform files it beats |",
+                  "|---|---|---:|---:|---:|---:|---|---|---|---|"]
+        for c in sorted(m["cells"], key=lambda c: c["file_bytes"]):
+            mixed = c["kind"] == "mixed"
+            eh = f"{c['embedding']} / {c['head']}" if mixed else c["embed_head"]
+            vs = c.get("vs_nearest_larger")
+            vs_s = "" if not mixed else ("none as large" if vs is None else
+                                         f"{vs['label']}: {vs['kld_diff']:+.3g} (z {vs['z']:.1f})"
+                                         f"{' **lower**' if vs['kld_diff'] < 0 and vs['significant'] else ''}")
+            lines.append(f"| {c['label']} | {c['kind']} | {c['file_bytes']} | {c['kld_mean']:.4g} +- {c['kld_se']:.2g} "
+                         f"| {c['kld_p99']:.3g} | {c['top1']:.4f} | {eh} | {c['blocks']} | {vs_s} | "
+                         f"{', '.join(c.get('beats_larger_uniform', [])) if mixed else ''} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="default,default-dream")
+    p.add_argument("--windows", type=int, default=12, help="fidelity windows per ratio set of every cell")
+    p.add_argument("--scan-windows", type=int, default=6, help="fidelity windows per ratio of the scan")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (scan Hessians and cells)")
+    p.add_argument("--workdir", help="keep the checkpoints and files here (default: a temp folder)")
+    p.add_argument("--out", default="benchmarks/results/mixed_embed_head_default")
+    args = p.parse_args()
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mixed-eh-"))
+    work.mkdir(parents=True, exist_ok=True)
+    res = {"host": host(), "command": f"OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models {args.models} "
+                                      f"--windows {args.windows} --scan-windows {args.scan_windows} --calib-samples "
+                                      f"{args.calib_samples}", "budgets": list(BUDGETS), "models": []}
+    try:
+        for name in args.models.split(","):
+            res["models"].append(run_model(name, work, args))
+            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")  # after each model
+            Path(args.out + ".md").write_text(to_markdown(res))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
