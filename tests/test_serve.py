@@ -345,6 +345,15 @@ def test_batch_waits_for_the_clients_it_expects(torch_engine, last, during, afte
         assert got["s"] >= wait * 0.95  # the missing clients were waited for, batch_wait at most
 
 
+def test_request_settings_are_the_loop_plan_fields():
+    """GenSettings (a request's settings) and runtime.loop.Plan (resolved) keep one field list."""
+    from dataclasses import fields
+
+    from dllm_export.runtime.loop import Plan
+
+    assert {f.name for f in fields(GenSettings)} == {f.name for f in fields(Plan)} - {"eps"}
+
+
 def test_on_canvas_hook_leaves_the_trace(torch_engine):
     ids = encode_prompt(torch_engine.tokenizer, PROMPTS[0])
     seen = []

@@ -136,11 +136,10 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     """
     backend: Backend = as_backend(model_or_backend)
     spec = backend.spec
-    plan = Plan(sampler=sampler or spec.default_sampler, gen_length=gen_length,
-                steps=gen_length if steps is None else steps,
-                block_length=gen_length if block_length is None else block_length, temperature=temperature,
-                cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, alg_temp=alg_temp, eps=eps, threshold=threshold,
-                factor=factor, cache=cache, refresh=refresh, stop_at_eos=stop_at_eos, seed=seed)
+    plan = Plan.resolve(spec, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
+                        temperature=temperature, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, alg_temp=alg_temp,
+                        eps=eps, threshold=threshold, factor=factor, cache=cache, refresh=refresh,
+                        stop_at_eos=stop_at_eos, seed=seed)
     plan.check(backend)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -226,6 +225,15 @@ class Plan:
     refresh: int | None = None
     stop_at_eos: bool = False
     seed: int | None = None
+
+    @classmethod
+    def resolve(cls, spec, *, gen_length: int, steps: int | None = None, block_length: int | None = None,
+                sampler: str | None = None, **settings) -> "Plan":
+        """The plan of `generate`'s settings, defaults filled in: steps and block_length =
+        gen_length, the family's default sampler (`spec`)."""
+        return cls(sampler=sampler or spec.default_sampler, gen_length=gen_length,
+                   steps=gen_length if steps is None else steps,
+                   block_length=gen_length if block_length is None else block_length, **settings)
 
     @property
     def num_blocks(self) -> int:

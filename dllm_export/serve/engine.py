@@ -28,7 +28,8 @@ class RequestError(InputError):
 
 @dataclass(frozen=True)
 class GenSettings:
-    """The decoding settings of one request, as `generate` takes them; equal settings share a batch."""
+    """The decoding settings of one request, as `generate` takes them (unresolved: None = its default;
+    `runtime.loop.Plan` holds the same fields, resolved); equal settings share a batch."""
 
     gen_length: int
     steps: int | None = None
@@ -126,12 +127,8 @@ class Engine:
                         top_p=top_p, alg_temp=req.alg_temp, threshold=req.threshold, factor=req.factor,
                         cache=req.cache or "none", refresh=req.refresh, stop_at_eos=bool(req.stop_at_eos),
                         seed=req.seed)
-        plan = Plan(sampler=sampler, gen_length=gen, steps=gen if s.steps is None else s.steps,
-                    block_length=gen if s.block_length is None else s.block_length, temperature=s.temperature,
-                    cfg_scale=s.cfg_scale, top_k=s.top_k, top_p=s.top_p, alg_temp=s.alg_temp,
-                    threshold=s.threshold, factor=s.factor, cache=s.cache, refresh=s.refresh)
         try:
-            plan.check(self.backend)
+            Plan.resolve(self.spec, **s.kwargs()).check(self.backend)
         except InputError as e:  # Plan's messages speak of gen_length: the request calls it max_tokens
             msg = str(e).replace("gen_length", "max_tokens")
             raise RequestError(msg, _param_of(str(e)), "unsupported_parameter" if "backend" in msg else None) from None
