@@ -273,6 +273,10 @@ def test_embedding_and_head_in_the_mix(method, ckpt, CALIB, tmp_path):
     assert not torch.allclose(ref, model(ids).float(), atol=1e-3)  # the quantized tensors are used
     onnx_out = export_onnx(q, tmp_path / "onnx")
     assert (OrtBackend(onnx_out).forward(ids) - ref).abs().max() < 1e-4
+    from dllm_export.runtime.backends import TorchBackend
+
+    int_head = load_model(q, kernel="int")  # the quantized head on the integer kernels too
+    assert (TorchBackend(int_head).forward(ids) - ref).abs().max() < 1e-3
 
     out = export_gguf(q, tmp_path / "gguf")
     tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}

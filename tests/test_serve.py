@@ -305,6 +305,23 @@ def test_queue_bounds_and_timeout(torch_engine):
         assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
 
 
+def test_queued_client_that_leaves_frees_its_slot(torch_engine):
+    """A request waiting in the queue whose client gives up is dropped: with a queue of one, the
+    next request is queued (not refused with 429) while the first still runs."""
+    long = {"prompt": "x", "max_tokens": 512, "steps": 512}
+    with running(torch_engine, ServeConfig(max_batch=1, max_queue=1)) as url:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/completions", json=long, timeout=120)
+            time.sleep(0.5)  # the worker runs it
+            with pytest.raises(httpx.ReadTimeout):  # queued behind it; the client leaves
+                httpx.post(f"{url}/v1/completions", json=long, timeout=1.0)
+            time.sleep(1.0)  # the server notices within 0.5 s
+            assert not first.done(), "the first request ended too soon for this test"
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "y", "max_tokens": 8, "steps": 8}, timeout=120)
+            assert r.status_code == 200, r.text
+            assert first.result().status_code == 200
+
+
 @pytest.mark.parametrize("last, during, after, arrive, expect_jobs, max_s", [
     (1, 0, 1, 0, 1, 0.5),   # a lone client (its next request came after its answer) never waits
     (7, 1, 0, 7, 8, 2.0),   # 7 answered + 1 queued meanwhile: the batch starts once the 7 are back

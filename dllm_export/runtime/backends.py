@@ -80,7 +80,7 @@ class TorchBackend:
         """Raw logits; with a `KVCache` (see `models.layers`), a full forward fills it and a windowed
         one (ids = the window's tokens) reuses it; `rows` limits them to those input positions."""
         with torch.inference_mode():
-            dev = self.model.head_weight().device
+            dev = self.model.get_submodule(self.spec.embedding).weight.device  # a plain table on every path
             am = None if attention_mask is None else attention_mask.to(dev)
             kw = {} if cache is None else {"cache": cache}
             if rows is not None:
