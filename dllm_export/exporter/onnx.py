@@ -121,6 +121,13 @@ class _Graph:
         self.op_counts[op_type] = self.op_counts.get(op_type, 0) + 1
         return out
 
+    def op_n(self, op_type: str, inputs: list[str], names: list[str], **attrs) -> list[str]:
+        """A node with one output per name (an op whose optional outputs its kernel requires)."""
+        outs = [self.fresh(n) for n in names]
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outs, name=f"{outs[0]}/{op_type}", **attrs))
+        self.op_counts[op_type] = self.op_counts.get(op_type, 0) + 1
+        return outs
+
     def const(self, value, dtype=np.float32, name: str = "const") -> str:
         """A small constant initializer stored inline."""
         arr = np.asarray(value, dtype=dtype)
@@ -321,47 +328,58 @@ class _Builder:
                     K=K, N=N, bits=c.bits, block_size=bs, accuracy_level=acc)
 
     def integer_matmul(self, x: str, qw: QuantizedWeight, a: ActQuantConfig, name: str) -> str:
-        """Per-token dynamic 8-bit activations x per-channel weights, accumulated in int32 (MatMulInteger).
+        """Per-token dynamic 8-bit activations x per-channel weights, accumulated in int32.
 
         Activations go as uint8 (the fast u8 x s8 path on x86): symmetric ones as round(x/s) + 128 with
-        zero point 128; asymmetric ones as round(x/s) + z_token, whose per-row zero point is taken out
-        after the GEMM as z_token * sum_k(W_q[k, n] - z_w[n]). Same grid as `fake_quantize_act`.
+        zero point 128, through MatMulIntegerToFloat (the GEMM and the weight scales in one kernel);
+        asymmetric ones as round(x/s) + z_token through MatMulInteger, whose per-row zero point is taken
+        out after the GEMM as z_token * sum_k(W_q[k, n] - z_w[n]). Same grid as `fake_quantize_act`.
         """
         g = self.g
         N, K = qw.shape
-        x8 = self._act_codes(x, a, name)
+        x8 = self._act_codes(x, a, K, name)
         if qw.zeros is None:
             wq = g.weight(f"{name}.qweight", qw.codes.numpy().T.astype(np.int8), [K, N], 3)
-            w_inputs = [wq]
+            w_zero = []
         else:
             wq = g.weight(f"{name}.qweight", qw.codes.numpy().T.astype(np.uint8), [K, N], 2)
-            w_inputs = [wq, g.weight(f"{name}.qzeros", qw.zeros[:, 0].numpy().astype(np.uint8), [N], 2)]
+            w_zero = [g.weight(f"{name}.qzeros", qw.zeros[:, 0].numpy().astype(np.uint8), [N], 2)]
         a_zp = g.const(np.array(128 if a.sym else 0, np.uint8), np.uint8, f"{name}.act_zero")
-        acc = g.op("MatMulInteger", [x8["codes"], w_inputs[0], a_zp, *w_inputs[1:]], f"{name}.acc")
-        if not a.sym:  # remove the per-token zero point: acc - z * colsum(W_q - z_w)
-            w_int = qw.codes.to(torch.int64) - (0 if qw.zeros is None else qw.zeros.to(torch.int64))
-            colsum = g.weight(f"{name}.colsum", w_int.sum(1).numpy().astype(np.int32), [N], 6)
-            acc = g.op("Sub", [acc, g.op("Mul", [g.op("Cast", [x8["zero"]], to=6), colsum])])
+        w_scales = g.weight(f"{name}.scales", _f32(qw.scales)[:, 0], [N], 1)
+        if a.sym:  # rows x cols in one kernel: (codes - 128)(W_q - z_w) x w_scale, then x the row's scale
+            y = g.op("MatMulIntegerToFloat", [x8["codes"], wq, g.const(1.0), w_scales, a_zp, *w_zero], f"{name}.acc",
+                     domain="com.microsoft")
+            y = g.op("Mul", [y, x8["scale"]])
+            return g.op("Reshape", [y, g.op("Concat", [x8["lead"], g.const([N], np.int64)], axis=0)], name)
+        acc = g.op("MatMulInteger", [x8["codes"], wq, a_zp, *w_zero], f"{name}.acc")
+        # remove the per-token zero point: acc - z * colsum(W_q - z_w)
+        w_int = qw.codes.to(torch.int64) - (0 if qw.zeros is None else qw.zeros.to(torch.int64))
+        colsum = g.weight(f"{name}.colsum", w_int.sum(1).numpy().astype(np.int32), [N], 6)
+        acc = g.op("Sub", [acc, g.op("Mul", [g.op("Cast", [x8["zero"]], to=6), colsum])])
         y = g.op("Mul", [g.op("Cast", [acc], to=1), x8["scale"]])
-        return g.op("Mul", [y, g.weight(f"{name}.scales", _f32(qw.scales)[:, 0], [N], 1)], name)
+        return g.op("Mul", [y, w_scales], name)
 
-    def _act_codes(self, x: str, a: ActQuantConfig, name: str) -> dict[str, str]:
+    def _act_codes(self, x: str, a: ActQuantConfig, K: int, name: str) -> dict[str, str]:
         """uint8 codes, scale and zero point of per-token 8-bit activations (`fake_quantize_act`'s grid),
         computed once per (activation, grid) however many layers read them."""
         if (x, a) not in self._codes:
-            self._codes[(x, a)] = self._emit_act_codes(x, a, name)
+            self._codes[(x, a)] = self._emit_act_codes(x, a, K, name)
         return self._codes[(x, a)]
 
-    def _emit_act_codes(self, x: str, a: ActQuantConfig, name: str) -> dict[str, str]:
+    def _emit_act_codes(self, x: str, a: ActQuantConfig, K: int, name: str) -> dict[str, str]:
         g = self.g
         axis = g.const([-1], np.int64)
-        if a.sym:
+        if a.sym:  # codes as rows [B*L, K] (QuantizeLinear's per-axis form), their scales [B*L, 1]
             amax = g.op("ReduceMax", [g.op("Abs", [x]), axis], keepdims=1)
             s = g.op("Max", [g.op("Div", [g.op("Mul", [amax, g.const(a.clip)]), g.const(127.0)]), g.const(1e-8)],
                      f"{name}.act_scale")
-            q = g.op("Add", [g.op("Clip", [g.op("Round", [g.op("Div", [x, s])]), g.const(-128.0), g.const(127.0)]),
-                             g.const(128.0)])
-            return {"codes": g.op("Cast", [q], f"{name}.xq", to=2), "scale": s}
+            s_rows = g.op("Reshape", [s, g.const([-1], np.int64)])
+            z_rows = g.op("ConstantOfShape", [g.op("Shape", [s_rows])],
+                          value=g.onnx.helper.make_tensor("z", g.onnx.TensorProto.UINT8, [1], [128]))
+            rows = g.op("Reshape", [x, g.const([-1, K], np.int64)])
+            q = g.op("QuantizeLinear", [rows, s_rows, z_rows], f"{name}.xq", axis=0)
+            return {"codes": q, "scale": g.op("Unsqueeze", [s_rows, g.const([1], np.int64)]),
+                    "lead": g.op("Shape", [x], start=0, end=-1)}
         hi = g.op("Max", [g.op("Mul", [g.op("ReduceMax", [x, axis], keepdims=1), g.const(a.clip)]), g.const(0.0)])
         lo = g.op("Min", [g.op("Mul", [g.op("ReduceMin", [x, axis], keepdims=1), g.const(a.clip)]), g.const(0.0)])
         s = g.op("Max", [g.op("Div", [g.op("Sub", [hi, lo]), g.const(255.0)]), g.const(1e-8)], f"{name}.act_scale")
@@ -510,18 +528,18 @@ def _graph_inputs(cfg: OnnxExportConfig, dims) -> list:
 def _prologue(g: _Graph, cfg: OnnxExportConfig, spec, dims) -> _Prologue:
     """Attention bias, window bounds and the RoPE tables gathered at the window's positions."""
     TP = g.onnx.TensorProto
-    # key-padding bias [B, 1, W, T] (onnxruntime's Attention wants the query axis spelled out);
+    # key-padding bias [B, 1, W, keys] (onnxruntime's Attention wants the query axis spelled out);
     # pad query rows stay finite, real rows give pad keys exactly zero weight
     maskf = g.op("Cast", ["attention_mask"], "mask_f", to=TP.FLOAT)
-    kbias = g.op("Mul", [g.op("Sub", [g.const(1.0), maskf]), g.const(_F32_MIN)])
-    kbias = g.op("Unsqueeze", [kbias, g.const([1, 2], np.int64)])
+    kbias = g.op("Mul", [g.op("Sub", [g.const(1.0), maskf]), g.const(_F32_MIN)], "key_bias")  # [B, T]
     W_len = g.op("Shape", ["input_ids"], start=1, end=2)
-    T_len = g.op("Shape", ["attention_mask"], start=1, end=2)
-    bshape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64), W_len, T_len],
-                  axis=0)
-    attn_bias = g.op("Expand", [kbias, bshape], "attn_bias")
     start = "window_start" if cfg.kv_cache else g.const([0], np.int64)
     end = g.op("Add", [start, W_len], "window_end")
+    if cfg.kv_cache:  # keys = [past (P rows: T, or 0 in a full forward), the window's fresh ones]
+        kbias = _cached_key_bias(g, kbias, start, end)
+    bshape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64), W_len,
+                             g.op("Shape", [kbias], start=1, end=2)], axis=0)
+    attn_bias = g.op("Expand", [g.op("Unsqueeze", [kbias, g.const([1, 2], np.int64)]), bshape], "attn_bias")
     # RoPE positions: absolute, or (Dream, padded) the count of real tokens before each one
     hd = dims.head_dim
     cos_t, sin_t = rope_cos_sin(torch.arange(dims.context), hd, dims.rope_theta)
@@ -538,6 +556,20 @@ def _prologue(g: _Graph, cfg: OnnxExportConfig, spec, dims) -> _Prologue:
     sin = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.sin", sin_t.numpy(), list(sin_t.shape), 1), pos]),
                              g.const([2], np.int64)], "rope_sin")
     return _Prologue(attn_bias, start, end, cos, sin)
+
+
+def _cached_key_bias(g: _Graph, kbias: str, start: str, end: str) -> str:
+    """Key bias [B, P + W] for the keys [past, fresh window]: the past's rows of the window are
+    stale (the fresh ones replace them) and get the masked value; the rest keep their padding bias.
+    Attention is order-free over keys, so this equals attending to the past with the window spliced in,
+    and the Attention op appends the fresh keys itself: no slicing and splicing of every layer's cache."""
+    P_len = g.op("Shape", ["past.0.key"], start=2, end=3)
+    j = g.op("Range", [g.const(0, np.int64), g.op("Squeeze", [P_len]), g.const(1, np.int64)], "past_positions")
+    stale = g.op("And", [g.op("GreaterOrEqual", [j, start]), g.op("Less", [j, end])], "past_stale")
+    past = g.op("Slice", [kbias, g.const([0], np.int64), P_len, g.const([1], np.int64)])
+    past = g.op("Where", [stale, g.const(_F32_MIN), past], "past_key_bias")
+    fresh = g.op("Slice", [kbias, start, end, g.const([1], np.int64)], "window_key_bias")
+    return g.op("Concat", [past, fresh], "cached_key_bias", axis=1)
 
 
 def _embed(g: _Graph, cfg: OnnxExportConfig, source) -> str:
@@ -557,13 +589,6 @@ def _heads_first(g: _Graph, t: str, n: int, hd: int, name: str) -> str:
     return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, hd], np.int64)])], name, perm=[0, 2, 1, 3])
 
 
-def _with_past(g: _Graph, pro: _Prologue, t: str, past: str, name: str) -> str:
-    """Keys (or values) of [0, start) from the past + the window's + [end, T) from the past."""
-    before = g.op("Slice", [past, g.const([0], np.int64), pro.start, g.const([2], np.int64)])
-    after = g.op("Slice", [past, pro.end, g.const([2**62], np.int64), g.const([2], np.int64)])
-    return g.op("Concat", [before, t, after], name, axis=2)
-
-
 def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) -> tuple[str, list[str]]:
     """Transformer block `i` on the hidden states `x`: (its output, its present K/V names if cached)."""
     spec, dims, tensor, stored = source.spec, source.dims, source.tensor, source.linear
@@ -578,9 +603,11 @@ def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) 
     if b.cfg.kv_cache:  # 4-D attention over cached + fresh keys/values
         k4, v4 = _heads_first(g, k, kvH, hd, f"present.{i}.key"), _heads_first(g, v, kvH, hd, f"present.{i}.value")
         present = [k4, v4]
-        att4 = g.op("Attention", [_heads_first(g, q, H, hd, f"{p}q4"), _with_past(g, pro, k4, f"past.{i}.key", f"{p}k_all"),
-                                  _with_past(g, pro, v4, f"past.{i}.value", f"{p}v_all"), pro.attn_bias],
-                    f"{p}attention4", is_causal=0)
+        # the op appends the fresh keys/values to the past ones (its present outputs, which onnxruntime
+        # requires and the graph does not use); the bias masks the past's stale window rows
+        att4 = g.op_n("Attention", [_heads_first(g, q, H, hd, f"{p}q4"), k4, v4, pro.attn_bias, f"past.{i}.key",
+                                    f"past.{i}.value"], [f"{p}attention4", f"{p}keys_all", f"{p}values_all"],
+                      is_causal=0)[0]
         att = g.op("Reshape", [g.op("Transpose", [att4], perm=[0, 2, 1, 3]), g.const([0, 0, H * hd], np.int64)],
                    f"{p}attention")
     else:
