@@ -46,10 +46,12 @@ ARTIFACTS = {
     # the edge profile of this host class: int8 embedding and head (accuracy level 4)
     "onnx-W8A8-edge": ("onnx", {"scheme": "W8A8", "device": "x86-avx512-vnni"}),
     "onnx-W4A8-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni"}),
+    # per-channel 4-bit codes stored as int4, widened at load for the u8 x s8 kernel
+    "onnx-W4A8pc-edge": ("onnx", {"scheme": "W4A8", "device": "x86-avx512-vnni"}),
     "gguf-Q4_0": ("gguf", {"quant": "Q4_0"}),
 }
 DEFAULT = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8", "onnx-W8A8-edge", "onnx-W4A8", "onnx-W4A8-edge",
-           "gguf-Q4_0")
+           "onnx-W4A8pc-edge", "gguf-Q4_0")
 QUICK = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8-edge", "onnx-W4A8-edge")
 
 

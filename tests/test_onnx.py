@@ -98,6 +98,7 @@ QUANT_CASES = [
     ("awq", "W4A16", dict(group_size=32), dict(weight_format="matmulnbits"), "exact"),
     ("quarot", "W4A8", {}, {}, "rounding"),  # online Hadamards: a few activation roundings flip
     ("duquant", "W4A8", {}, {}, "rounding"),  # block rotations + permutation
+    ("rtn", "W4A8", dict(sym=False), {}, "rounding"),  # uint4 codes + zero points, widened at load
     ("quarot", "W4A4", {}, {}, "rounding"),  # simulation graph
     ("rtn", "W4A8", dict(group_size=32), {}, "acc4"),  # MatMulNBits quantizes activations per K-block
 ]
@@ -154,13 +155,20 @@ def test_weight_only_graph_runs_matmulnbits(fmt, quantized, tmp_path):
     assert "DequantizeLinear" not in ops
 
 
-def test_integer_scheme_runs_integer_kernels(quantized, tmp_path):
-    out = export_onnx(quantized("llada", "rtn", "W8A8", {}), tmp_path / "w8a8")
+@pytest.mark.parametrize("scheme,overrides,stored", [("W8A8", {}, "INT8"), ("W4A8", {}, "INT4"),
+                                                     ("W4A8", dict(sym=False), "UINT4")])
+def test_integer_scheme_runs_integer_kernels(quantized, tmp_path, scheme, overrides, stored):
+    out = export_onnx(quantized("llada", "rtn", scheme, overrides), tmp_path / scheme)
     ops = OrtBackend(out).optimized_op_types()
     # symmetric per-token activations: the GEMM and the weight scales in one kernel
-    assert ops.get("MatMulIntegerToFloat", 0) == 14 and "MatMulInteger" not in ops
+    assert ops.get("MatMulIntegerToFloat", 0) == 14 and "MatMulInteger" not in ops and "MatMulNBits" not in ops
     # per-token codes once per activation: q/k/v share one, gate/up another (4 per block, not 7)
     assert json.loads((out / "manifest.json").read_text())["ops"]["ReduceMax"] == 4 * 2
+    # 4-bit codes stay 4-bit in the file; onnxruntime widens them at load (the Cast is folded away)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    types = {onnx.TensorProto.DataType.Name(t.data_type) for t in m.graph.initializer if t.name.endswith(".qweight")}
+    assert types == {stored}
+    assert ops.get("Cast", 0) == json.loads((out / "manifest.json").read_text())["ops"]["Cast"] - (14 if "4" in stored else 0)
 
 
 def _stored_dequant_onnx(out, name: str, fmt: str) -> np.ndarray:

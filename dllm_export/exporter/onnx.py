@@ -338,12 +338,8 @@ class _Builder:
         g = self.g
         N, K = qw.shape
         x8 = self._act_codes(x, a, K, name)
-        if qw.zeros is None:
-            wq = g.weight(f"{name}.qweight", qw.codes.numpy().T.astype(np.int8), [K, N], 3)
-            w_zero = []
-        else:
-            wq = g.weight(f"{name}.qweight", qw.codes.numpy().T.astype(np.uint8), [K, N], 2)
-            w_zero = [g.weight(f"{name}.qzeros", qw.zeros[:, 0].numpy().astype(np.uint8), [N], 2)]
+        wq = self._integer_weight(qw, name)
+        w_zero = [] if qw.zeros is None else [g.weight(f"{name}.qzeros", qw.zeros[:, 0].numpy().astype(np.uint8), [N], 2)]
         a_zp = g.const(np.array(128 if a.sym else 0, np.uint8), np.uint8, f"{name}.act_zero")
         w_scales = g.weight(f"{name}.scales", _f32(qw.scales)[:, 0], [N], 1)
         if a.sym:  # rows x cols in one kernel: (codes - 128)(W_q - z_w) x w_scale, then x the row's scale
@@ -358,6 +354,21 @@ class _Builder:
         acc = g.op("Sub", [acc, g.op("Mul", [g.op("Cast", [x8["zero"]], to=6), colsum])])
         y = g.op("Mul", [g.op("Cast", [acc], to=1), x8["scale"]])
         return g.op("Mul", [y, w_scales], name)
+
+    def _integer_weight(self, qw: QuantizedWeight, name: str) -> str:
+        """The codes as an 8-bit [K, N] input of the integer GEMM (int8 symmetric, uint8 with zero
+        points). Codes of <= 4 bits are stored as packed int4 / uint4 and widened by a Cast, which
+        onnxruntime folds into the kernel's 8-bit weight at load: a 4-bit file, the int8 kernel."""
+        import onnx
+
+        g, TP = self.g, onnx.TensorProto
+        N, K = qw.shape
+        codes = qw.codes.numpy().T
+        wide, narrow = (TP.INT8, TP.INT4) if qw.zeros is None else (TP.UINT8, TP.UINT4)
+        if qw.cfg.bits > 4:
+            return g.weight(f"{name}.qweight", codes.astype(np.int8 if qw.zeros is None else np.uint8), [K, N], wide)
+        q4 = g.weight(f"{name}.qweight", _pack_nibbles(codes & 0xF), [K, N], narrow)
+        return g.op("Cast", [q4], f"{name}.qweight8", to=wide)
 
     def _act_codes(self, x: str, a: ActQuantConfig, K: int, name: str) -> dict[str, str]:
         """uint8 codes, scale and zero point of per-token 8-bit activations (`fake_quantize_act`'s grid),
