@@ -497,24 +497,21 @@ def _rms_norm(g: _Graph, x: str, w: torch.Tensor, eps: float, name: str) -> str:
     return g.op("Mul", [h, g.weight(f"{name}.weight", _f32(w), [w.shape[0]], 1)], name)
 
 
-def _rope(g: _Graph, x: str, n_heads: int, hd: int, cos: str, sin: str, name: str) -> str:
-    """x * cos + rotate_half(x) * sin on x [B, L, n_heads * hd], cos/sin [B or 1, L, 1, hd]."""
-    x4 = g.op("Reshape", [x, g.const([0, 0, n_heads, hd], np.int64)])
-    half = hd // 2
-    x1 = g.op("Slice", [x4, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)])
-    x2 = g.op("Slice", [x4, g.const([half], np.int64), g.const([hd], np.int64), g.const([-1], np.int64)])
-    rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    y = g.op("Add", [g.op("Mul", [x4, cos]), g.op("Mul", [rot, sin])])
-    return g.op("Reshape", [y, g.const([0, 0, n_heads * hd], np.int64)], name)
+def _rope(g: _Graph, x: str, n_heads: int, pro: "_Prologue", name: str) -> str:
+    """x * cos + rotate_half(x) * sin on x [B, L, n_heads * hd] at the window's positions (ONNX
+    RotaryEmbedding, non-interleaved: GPT-NeoX's halves, as `models.layers.apply_rope`)."""
+    return g.op("RotaryEmbedding", [x, pro.cos, pro.sin, pro.positions], name, num_heads=n_heads, interleaved=0)
 
 
 @dataclass(frozen=True)
 class _Prologue:
-    """Graph values every block reads: the key-padding bias, the window bounds and RoPE's cos/sin."""
+    """Graph values every block reads: the key-padding bias, the window bounds, RoPE's positions
+    [B, W] and its cos/sin tables [context, head_dim / 2]."""
 
     attn_bias: str
     start: str
     end: str
+    positions: str
     cos: str
     sin: str
 
@@ -560,13 +557,12 @@ def _prologue(g: _Graph, cfg: OnnxExportConfig, spec, dims) -> _Prologue:
                              g.op("Sub", [csum, g.const(1, np.int64)]), g.const(1, np.int64)])
         pos = g.op("Slice", [pos, start, end, g.const([1], np.int64)], "positions")
     else:
-        pos = g.op("Unsqueeze", [g.op("Range", [g.op("Squeeze", [start]), g.op("Squeeze", [end]),
-                                                g.const(1, np.int64)]), g.const([0], np.int64)], "positions")
-    cos = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.cos", cos_t.numpy(), list(cos_t.shape), 1), pos]),
-                             g.const([2], np.int64)], "rope_cos")
-    sin = g.op("Unsqueeze", [g.op("Gather", [g.weight("rope.sin", sin_t.numpy(), list(sin_t.shape), 1), pos]),
-                             g.const([2], np.int64)], "rope_sin")
-    return _Prologue(attn_bias, start, end, cos, sin)
+        pos = g.op("Expand", [g.op("Range", [g.op("Squeeze", [start]), g.op("Squeeze", [end]), g.const(1, np.int64)]),
+                              g.op("Shape", ["input_ids"])], "positions")
+    half = hd // 2  # the tables repeat over the two halves of the head dim: RotaryEmbedding takes one
+    cos = g.weight("rope.cos", cos_t[:, :half].numpy(), [dims.context, half], 1)
+    sin = g.weight("rope.sin", sin_t[:, :half].numpy(), [dims.context, half], 1)
+    return _Prologue(attn_bias, start, end, pos, cos, sin)
 
 
 def _cached_key_bias(g: _Graph, kbias: str, start: str, end: str) -> str:
@@ -608,8 +604,8 @@ def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) 
     ln = {role: p + n for role, n in spec.linears.items()}
     present = []
     h = _rms_norm(g, x, tensor(p + spec.norms["attn"] + ".weight"), dims.norm_eps, p + spec.norms["attn"])
-    q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, hd, pro.cos, pro.sin, f"{p}q_rot")
-    k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, hd, pro.cos, pro.sin, f"{p}k_rot")
+    q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, pro, f"{p}q_rot")
+    k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, pro, f"{p}k_rot")
     v = b.linear(h, stored(ln["v"]), ln["v"])
     if b.cfg.kv_cache:  # 4-D attention over cached + fresh keys/values
         k4, v4 = _heads_first(g, k, kvH, hd, f"present.{i}.key"), _heads_first(g, v, kvH, hd, f"present.{i}.value")
