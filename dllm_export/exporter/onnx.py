@@ -591,15 +591,10 @@ def _embed(g: _Graph, cfg: OnnxExportConfig, source) -> str:
                 "embed")
 
 
-def _heads_first(g: _Graph, t: str, n: int, hd: int, name: str) -> str:
-    """[B, W, n*hd] -> [B, n, W, hd]."""
-    return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, hd], np.int64)])], name, perm=[0, 2, 1, 3])
-
-
 def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) -> tuple[str, list[str]]:
     """Transformer block `i` on the hidden states `x`: (its output, its present K/V names if cached)."""
     spec, dims, tensor, stored = source.spec, source.dims, source.tensor, source.linear
-    H, kvH, hd = dims.n_heads, dims.n_kv_heads, dims.head_dim
+    H, kvH = dims.n_heads, dims.n_kv_heads
     p = f"{spec.blocks}.{i}."
     ln = {role: p + n for role, n in spec.linears.items()}
     present = []
@@ -607,16 +602,14 @@ def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) 
     q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, pro, f"{p}q_rot")
     k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, pro, f"{p}k_rot")
     v = b.linear(h, stored(ln["v"]), ln["v"])
-    if b.cfg.kv_cache:  # 4-D attention over cached + fresh keys/values
-        k4, v4 = _heads_first(g, k, kvH, hd, f"present.{i}.key"), _heads_first(g, v, kvH, hd, f"present.{i}.value")
-        present = [k4, v4]
-        # the op appends the fresh keys/values to the past ones (its present outputs, which onnxruntime
-        # requires and the graph does not use); the bias masks the past's stale window rows
-        att4 = g.op_n("Attention", [_heads_first(g, q, H, hd, f"{p}q4"), k4, v4, pro.attn_bias, f"past.{i}.key",
-                                    f"past.{i}.value"], [f"{p}attention4", f"{p}keys_all", f"{p}values_all"],
-                      is_causal=0)[0]
-        att = g.op("Reshape", [g.op("Transpose", [att4], perm=[0, 2, 1, 3]), g.const([0, 0, H * hd], np.int64)],
-                   f"{p}attention")
+    if b.cfg.kv_cache:
+        # the op appends the window's keys/values to the past ones and returns that as its present:
+        # the fresh ones alone in a full forward (empty past), the cache's next content; the bias
+        # masks the past's stale window rows in a block step
+        att, k_all, v_all = g.op_n("Attention", [q, k, v, pro.attn_bias, f"past.{i}.key", f"past.{i}.value"],
+                                   [f"{p}attention", f"present.{i}.key", f"present.{i}.value"],
+                                   is_causal=0, q_num_heads=H, kv_num_heads=kvH)
+        present = [k_all, v_all]
     else:
         att = g.op("Attention", [q, k, v, pro.attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
                    kv_num_heads=kvH)
