@@ -497,7 +497,7 @@ def _rms_norm(g: _Graph, x: str, w: torch.Tensor, eps: float, name: str) -> str:
     return g.op("Mul", [h, g.weight(f"{name}.weight", _f32(w), [w.shape[0]], 1)], name)
 
 
-def _rope(g: _Graph, x: str, n_heads: int, pro: "_Prologue", name: str) -> str:
+def _rope(g: _Graph, x: str, n_heads: int, pro: _Prologue, name: str) -> str:
     """x * cos + rotate_half(x) * sin on x [B, L, n_heads * hd] at the window's positions (ONNX
     RotaryEmbedding, non-interleaved: GPT-NeoX's halves, as `models.layers.apply_rope`)."""
     return g.op("RotaryEmbedding", [x, pro.cos, pro.sin, pro.positions], name, num_heads=n_heads, interleaved=0)
@@ -534,7 +534,7 @@ def _graph_inputs(cfg: OnnxExportConfig, dims) -> list:
 
 
 def _prologue(g: _Graph, cfg: OnnxExportConfig, spec, dims) -> _Prologue:
-    """Attention bias, window bounds and the RoPE tables gathered at the window's positions."""
+    """Attention bias, window bounds, the window's RoPE positions and the cos/sin tables."""
     TP = g.onnx.TensorProto
     # key-padding bias [B, 1, W, keys] (onnxruntime's Attention wants the query axis spelled out);
     # pad query rows stay finite, real rows give pad keys exactly zero weight
