@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,13 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _best_ms(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return 1000 * best
+    from roofline import _timed
+
+    return 1000 * _timed(fn, reps)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,15 +116,13 @@ class _Graph:
         return base if n == 0 else f"{base}_{n}"
 
     def op(self, op_type: str, inputs: list[str], name: str | None = None, domain: str = "", **attrs) -> str:
-        out = self.fresh(name or op_type.lower())
-        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [out], name=f"{out}/{op_type}", domain=domain, **attrs))
-        self.op_counts[op_type] = self.op_counts.get(op_type, 0) + 1
-        return out
+        return self.op_n(op_type, inputs, [name or op_type.lower()], domain, **attrs)[0]
 
-    def op_n(self, op_type: str, inputs: list[str], names: list[str], **attrs) -> list[str]:
-        """A node with one output per name (an op whose optional outputs its kernel requires)."""
+    def op_n(self, op_type: str, inputs: list[str], names: list[str], domain: str = "", **attrs) -> list[str]:
+        """A node with one output per name (e.g. an op whose optional outputs its kernel requires)."""
         outs = [self.fresh(n) for n in names]
-        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outs, name=f"{outs[0]}/{op_type}", **attrs))
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outs, name=f"{outs[0]}/{op_type}", domain=domain,
+                                                     **attrs))
         self.op_counts[op_type] = self.op_counts.get(op_type, 0) + 1
         return outs
 
