@@ -52,7 +52,7 @@ ARTIFACTS = {
 }
 DEFAULT = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8", "onnx-W8A8-edge", "onnx-W4A8", "onnx-W4A8-edge",
            "onnx-W4A8pc-edge", "gguf-Q4_0")
-QUICK = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8-edge", "onnx-W4A8-edge")
+QUICK = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8-edge", "onnx-W4A8-edge", "onnx-W4A8pc-edge")
 
 
 def _timed(fn, reps: int) -> tuple[float, float]:
