@@ -9,7 +9,8 @@ Quantized layers keep their calibrated codes and fp16 scales exactly:
 * `matmulnbits`: com.microsoft MatMulNBits with codes packed along K (bits 2, 4, 8).
 
 Activation quantization: per-token dynamic 8-bit activations with per-channel weights run as
-an integer GEMM (uint8 activations x int8 weights, MatMulInteger), static per-tensor 8-bit as
+an integer GEMM (uint8 activations x int8 weights: MatMulIntegerToFloat, or MatMulInteger for
+asymmetric activations; 4-bit codes stored as int4), static per-tensor 8-bit as
 QuantizeLinear/DequantizeLinear pairs onnxruntime turns into integer kernels, W4A8 with blocked
 weights as MatMulNBits accuracy level 4 (int8 activations per K-block inside the kernel), and
 anything else (4-bit activations) as an explicit fake-quant simulation graph, flagged in the
@@ -61,7 +62,7 @@ class OnnxExportConfig:
             exact; 4 = int8 activations per K-block, faster on CPU); None = 0. For `qdq` it is the
             session option the backend sets (`session.qdq_matmulnbits_accuracy_level`). Layers whose
             activations are quantized per token by the scheme never get a second, kernel-side one.
-        act_kernel: how per-token 8-bit activation quantization runs: "integer" (MatMulInteger,
+        act_kernel: how per-token 8-bit activation quantization runs: "integer" (integer GEMM,
             exact, needs per-channel weights), "nbits" (MatMulNBits accuracy level 4, needs a
             power-of-two group), "simulate" (fake-quant ops + float GEMM), or "auto" (integer when
             the weights are per channel, else nbits when the group allows, else simulate).

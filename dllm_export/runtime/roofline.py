@@ -52,7 +52,8 @@ def _best_s(fn, reps: int) -> float:
 
 
 def _int8_gemm_s(M: int, K: int, N: int, reps: int, threads: int) -> float | None:
-    """u8 x s8 GEMM through onnxruntime's MatMulInteger (the W8A8 artifacts' kernel)."""
+    """u8 x s8 GEMM through onnxruntime's MatMulInteger (the MLAS kernel under the W8A8 artifacts'
+    MatMulIntegerToFloat / MatMulInteger nodes)."""
     try:
         import numpy as np
         import onnx
