@@ -46,7 +46,7 @@ def check_matmulnbits(bits: int, block_size: int, where: str = "") -> None:
     at = f"{where}: " if where else ""
     if bits not in MATMULNBITS_BITS:
         raise InputError(f"{at}MatMulNBits stores 2, 4 or 8-bit weights, not {bits}-bit "
-                         f"(use --format qdq, which stores them in an int4/int8 container)")
+                         f"(use --format qdq, which stores any width from 2 to 8 bits)")
     if not matmulnbits_block_ok(block_size):
         raise InputError(f"{at}MatMulNBits needs a power-of-two block size >= {MATMULNBITS_MIN_BLOCK}, the grid "
                          f"has groups of {block_size} (quantize with --group-size 32/64/128, or use --format qdq)")

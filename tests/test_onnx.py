@@ -176,10 +176,18 @@ def _stored_dequant_onnx(out, name: str, fmt: str) -> np.ndarray:
     alone (qdq), or MatMulNBits applied to the identity (matmulnbits); returns [N, K]."""
     m = onnx.load(str(out / "model.onnx"))
     inits = {t.name: t for t in m.graph.initializer}
-    if fmt == "qdq":
-        node = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == f"{name}.weight")
-        graph = onnx.helper.make_graph([node], "dq", [], [onnx.helper.make_tensor_value_info(node.output[0], 1, None)],
-                                       initializer=[inits[i] for i in node.input])
+    if fmt == "qdq":  # the DQ node and whatever rebuilds its codes (dense bit planes below 4 / 8 bits)
+        producer = {o: n for n in m.graph.node for o in n.output}
+        nodes, todo = [], [f"{name}.weight"]
+        while todo:
+            n = producer.get(todo.pop())
+            if n is not None and n not in nodes:
+                nodes.append(n)
+                todo += list(n.input)
+        used = {i for n in nodes for i in n.input}
+        graph = onnx.helper.make_graph(nodes[::-1], "dq", [], [onnx.helper.make_tensor_value_info(f"{name}.weight", 1,
+                                                                                                  None)],
+                                       initializer=[t for k, t in inits.items() if k in used])
     else:
         node = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and n.output[0] == name)
         K = next(a.i for a in node.attribute if a.name == "K")
@@ -209,6 +217,27 @@ def test_gptq_codes_stored_exactly(fmt, overrides, quantized, tmp_path):
         ours = read_linear(handles, name, layers[name], q).qweight.dequantize()
         theirs = torch.from_numpy(_stored_dequant_onnx(out, name, fmt))
         assert torch.equal(theirs, ours), (name, (theirs - ours).abs().max())
+
+
+@pytest.mark.parametrize("bits,overrides", [(2, dict(group_size=16, sym=False)), (3, dict(group_size=16)),
+                                           (5, dict(group_size=32)), (6, dict(group_size=32, sym=False))])
+def test_low_bit_codes_stored_densely(bits, overrides, quantized, tmp_path):
+    """2/3/5/6-bit codes take bits / 8 bytes per weight in the file (bit planes) and dequantize,
+    through onnxruntime's own ops, to exactly our weights; onnxruntime folds the planes at load."""
+    q = quantized("llada", "rtn", f"W{bits}A16", overrides)
+    out = export_onnx(q, tmp_path / "onnx")
+    handles, layers = open_shards(q), read_manifest(q)["layers"]
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    stored = {t.name: t for t in m.graph.initializer}
+    for name in ["model.transformer.blocks.0.q_proj", "model.transformer.blocks.1.ff_out"]:
+        ours = read_linear(handles, name, layers[name], q).qweight.dequantize()
+        assert torch.equal(torch.from_numpy(_stored_dequant_onnx(out, name, "qdq")), ours), name
+        planes = stored[f"{name}.qweight.planes"]
+        assert list(planes.dims) == [bits, -(-ours.numel() // 8)]  # bits x ceil(N * K / 8) bytes
+    ops = OrtBackend(out).optimized_op_types()
+    assert not {"BitShift", "BitwiseAnd", "BitwiseOr", "Split"} & set(ops)  # rebuilt once, at load
+    ref = load_model(q)(_ids()).float()
+    assert (OrtBackend(out).forward(_ids()) - ref).abs().max() < 1e-5
 
 
 def test_export_cli_flow_and_generate(tmp_path, capsys):

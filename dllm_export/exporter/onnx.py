@@ -5,7 +5,8 @@ time, with every weight streamed into `model.onnx.data`: an 8B export never hold
 Quantized layers keep their calibrated codes and fp16 scales exactly:
 
 * `qdq`: DequantizeLinear(int4/uint4/int8/uint8 [K, N], axis 0, block_size = group) -> MatMul,
-  the standard form onnxruntime rewrites into MatMulNBits at load;
+  the standard form onnxruntime rewrites into MatMulNBits at load; 2/3/5/6/7-bit codes are
+  stored as dense bit planes that onnxruntime folds back into 8-bit codes at load;
 * `matmulnbits`: com.microsoft MatMulNBits with codes packed along K (bits 2, 4, 8).
 
 Activation quantization: per-token dynamic 8-bit activations with per-channel weights run as
@@ -187,6 +188,37 @@ def _pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0) -> str:
+    """Unsigned `bits`-bit codes u [R, C] stored densely as `bits` bit planes (np.packbits, LSB
+    first: R * C * bits / 8 bytes), with the ops that rebuild them as uint8 [R, C], minus `offset`
+    as int8 when `offset` is given (signed codes). Every input is an initializer, so onnxruntime
+    folds the rebuild at load: a file at the grid's bits (ONNX has no 3/5/6/7-bit type, and its
+    int2 needs opset 25), the 8-bit kernels in memory."""
+    import onnx
+
+    R, C = u.shape
+    planes = np.stack([np.packbits(((u >> i) & 1).astype(np.uint8).reshape(-1), bitorder="little")
+                       for i in range(bits)])  # [bits, M]
+    M = planes.shape[1]
+    p = g.weight(f"{name}.planes", planes, [bits, M], onnx.TensorProto.UINT8)
+    p = g.op("Unsqueeze", [p, g.const([-1], np.int64)])  # [bits, M, 1]
+    bit = g.op("BitwiseAnd", [g.op("BitShift", [p, g.const(np.arange(8), np.uint8)], direction="RIGHT"),
+                              g.const(np.array(1), np.uint8)])  # [bits, M, 8]: bit j of each byte
+    flat = g.op("Reshape", [bit, g.const([bits, M * 8], np.int64)])
+    if M * 8 != R * C:  # the last byte's padding bits
+        flat = g.op("Slice", [flat, g.const([0], np.int64), g.const([R * C], np.int64), g.const([1], np.int64)])
+    weighted = g.op("BitShift", [flat, g.const(np.arange(bits).reshape(bits, 1), np.uint8)], direction="LEFT")
+    parts = g.op_n("Split", [weighted], [g.fresh(f"{name}.plane") for _ in range(bits)], axis=0, num_outputs=bits)
+    value = parts[0]
+    for part in parts[1:]:  # the planes' bits are disjoint: OR is their sum
+        value = g.op("BitwiseOr", [value, part])
+    value = g.op("Reshape", [value, g.const([R, C], np.int64)], None if offset else name)
+    if not offset:
+        return value
+    signed = g.op("Sub", [g.op("Cast", [value], to=onnx.TensorProto.INT32), g.const(np.array(offset), np.int32)])
+    return g.op("Cast", [signed], name, to=onnx.TensorProto.INT8)
+
+
 # ----------------------------------------------------------------------------------------------- layers
 
 class _Builder:
@@ -286,14 +318,18 @@ class _Builder:
         g, c = self.g, qw.cfg
         N, K = qw.shape
         G = qw.scales.shape[1]
+        codes = qw.codes.numpy().T
+        narrow = c.bits == 4
         if c.sym:
-            codes, elem = qw.codes.numpy().T, (onnx.TensorProto.INT4 if c.bits <= 4 else onnx.TensorProto.INT8)
+            elem = onnx.TensorProto.INT4 if narrow else onnx.TensorProto.INT8
         else:
-            codes, elem = qw.codes.numpy().T, (onnx.TensorProto.UINT4 if c.bits <= 4 else onnx.TensorProto.UINT8)
-        if c.bits <= 4:
+            elem = onnx.TensorProto.UINT4 if narrow else onnx.TensorProto.UINT8
+        if narrow:
             q = g.weight(f"{name}.qweight", _pack_nibbles(codes & 0xF), [K, N], elem)
-        else:
+        elif c.bits == 8:
             q = g.weight(f"{name}.qweight", codes.astype(np.int8 if c.sym else np.uint8), [K, N], elem)
+        else:  # 2, 3, 5, 6, 7 bits: dense bit planes in the file, 8-bit codes in memory
+            q = _dense_codes(g, codes.astype(np.int16) - c.qmin, c.bits, f"{name}.qweight", -c.qmin)
         scales = _f32(qw.scales).T  # [G, N], fp16 -> fp32 is exact
         inputs = [q]
         if G == 1:  # per output channel
@@ -305,7 +341,7 @@ class _Builder:
         if qw.zeros is not None:
             z = qw.zeros.numpy().T
             zdims = [N] if G == 1 else [G, N]
-            zdata = _pack_nibbles(z) if c.bits <= 4 else z.astype(np.uint8)
+            zdata = _pack_nibbles(z) if narrow else z.astype(np.uint8)
             inputs.append(g.weight(f"{name}.qzeros", zdata, zdims, elem))
         return g.op("DequantizeLinear", inputs, f"{name}.weight", **attrs)
 
@@ -468,16 +504,21 @@ HEAD_GRID = WeightQuantConfig(bits=8, group_size=32, sym=True)
 
 
 def _quantized_embedding(g: _Graph, qw, name: str) -> str:
-    """Gather of a quantized embedding (codes of up to 8 bits, one byte each): codes, block scales
-    (and zero points) gathered per token, then (codes - zeros) * scales, the exact dequantization
-    of `qw` (the `embed_head="int8"` grid, or a mixed recipe's stored embedding)."""
+    """Gather of a quantized embedding: codes (one byte each in memory; below 8 bits stored as dense
+    bit planes), block scales (and zero points) gathered per token, then (codes - zeros) * scales,
+    the exact dequantization of `qw` (the `embed_head="int8"` grid, or a mixed recipe's stored
+    embedding)."""
     if qw.mins is not None:
         raise InputError(f"{name}: float minimums (zero_kind='float') have no exact ONNX form")
     V, D = qw.shape
     G = qw.scales.shape[1]
     signed = qw.zeros is None
-    codes = g.weight(f"{name}.qweight", qw.codes.numpy().astype(np.int8 if signed else np.uint8), [V, D],
-                     3 if signed else 2)
+    c = qw.cfg
+    if c.bits < 8:
+        codes = _dense_codes(g, qw.codes.numpy().astype(np.int16) - c.qmin, c.bits, f"{name}.qweight", -c.qmin)
+    else:
+        codes = g.weight(f"{name}.qweight", qw.codes.numpy().astype(np.int8 if signed else np.uint8), [V, D],
+                         3 if signed else 2)
     scales = g.weight(f"{name}.scales", _f32(qw.scales), [V, G], 1)
     q = g.op("Cast", [g.op("Gather", [codes, "input_ids"])], to=1)  # [B, L, D]
     qg = g.op("Reshape", [q, g.const([0, 0, G, D // G], np.int64)])
