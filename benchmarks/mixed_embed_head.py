@@ -1,4 +1,4 @@
-"""Mixed precision with the embedding and LM head in the budget, on the GGUF grid, by file bytes.
+"""Mixed precision with the embedding and LM head in the budget, on the GGUF or ONNX grid, by file bytes.
 
 On a small model the embedding and head are a large share of the weights (2 x 4096 x 256 of the
 bundled LLaDA's 6.1M), and llama.cpp users choose their types too (`token_embd`, `output`). Here
@@ -13,8 +13,14 @@ fidelity canvases (`eval.fidelity`, its fake-quant model: the GGUF file holds th
 paired over the same canvases (z), with the uniform file nearest in size at least as large, and
 the table lists the uniform files at least as large that it beats.
 
+`--target onnx` does the same on the ONNX grid: 2/3/4/8-bit groups of 32 (2/3-bit codes stored as
+dense bit planes), the embedding and head quantized or kept in fp32 (what the ONNX writer stores
+for a float tensor, so the allocation counts 32 bits for that option), size = model.onnx + its
+data file.
+
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py                   # both bundled models
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models default --windows 8
+    OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --target onnx
 """
 
 from __future__ import annotations
@@ -30,9 +36,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mixed_precision import host  # noqa: E402
 
-TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16"}
-UNIFORM = [(b, eh) for b in (4, 5, 8) for eh in (4, 8, 16)]  # (block linears, embedding + head)
-BUDGETS = (4.5, 5.0, 5.5, 6.0, 7.0)  # average bits per weight over block linears + embedding + head
+# per target: the bit-widths of the scan and the mixes, their names (16 = the float option), the uniform
+# files (block linears, embedding + head), the budgets (average bits per weight over block linears +
+# embedding + head), what a float embedding / head costs in the file, and the file(s) measured
+GRIDS = {
+    "gguf": {"bits": (4, 5, 8), "types": {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16"},
+             "uniform": [(b, eh) for b in (4, 5, 8) for eh in (4, 8, 16)], "budgets": (4.5, 5.0, 5.5, 6.0, 7.0),
+             "float_bits": 16, "files": ("model.gguf",)},
+    "onnx": {"bits": (2, 3, 4, 8), "types": {2: "W2", 3: "W3", 4: "W4", 8: "W8", 16: "fp32"},
+             "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)], "budgets": (3.5, 4.0, 4.5, 5.0, 6.0),
+             "float_bits": 32, "files": ("model.onnx", "model.onnx.data")},
+}
 
 
 def run_model(name: str, work: Path, args) -> dict:
@@ -40,53 +54,58 @@ def run_model(name: str, work: Path, args) -> dict:
     from dllm_export.eval.fidelity import FidelityConfig, build_reference, compare, paired_difference
     from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, sensitivity_scan
     from dllm_export.exporter.gguf import GgufExportConfig, export_gguf
+    from dllm_export.exporter.onnx import export_onnx
     from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
     from dllm_export.quant.mixed import embed_head_shapes, linear_shapes
 
+    grid = GRIDS[args.target]
+    TYPES = grid["types"]
     t0 = time.perf_counter()
     model, tok = load_model(name), load_tokenizer(name)
     extra = list(embed_head_shapes(model))
     ref = build_reference(model, tok, FidelityConfig(windows=args.windows))
     calib = CalibConfig(n_samples=args.calib_samples)
-    scan_file = work / f"{name}-scan-eh.json"
+    scan_file = work / f"{name}-scan-eh-{args.target}.json"
     if scan_file.exists():
         scan = json.loads(scan_file.read_text())
     else:
         scan = sensitivity_scan(model, tok, SensitivityConfig(
-            bits=(4, 5, 8), group_size=32, sym=True, calib=calib, embed_head=True,
+            bits=grid["bits"], group_size=32, sym=True, calib=calib, embed_head=True,
             fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
         scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
     cells, raw = [], {}
 
-    def cell(label: str, qcfg, eh_type: str, info: dict) -> None:
-        q, art = work / f"{name}-{label}", work / f"{name}-{label}-gguf"
+    def cell(label: str, qcfg, info: dict) -> None:
+        q, art = work / f"{name}-{label}", work / f"{name}-{label}-{args.target}"
         if not q.exists():
             quantize(name, q, qcfg, progress=False)
         if not art.exists():
-            export_gguf(q, art, GgufExportConfig(embed_type=eh_type, head_type=eh_type))
+            if args.target == "gguf":  # a float embedding / head as F16, as the exporter writes it by default
+                export_gguf(q, art, GgufExportConfig(embed_type="F16", head_type="F16"))
+            else:
+                export_onnx(q, art)
         res = compare(load_model(q), ref)
         raw[label] = res
         s = res["summary"]
-        cells.append({"label": label, **info, "file_bytes": (art / "model.gguf").stat().st_size,
+        cells.append({"label": label, **info, "file_bytes": sum((art / f).stat().st_size for f in grid["files"]),
                       **{k: s[k] for k in ("kld_mean", "kld_se", "kld_p99", "top1")}})
         print(json.dumps(cells[-1]), file=sys.stderr)
 
     base = dict(method="gptq", scheme="W4A16", group_size=32, sym=True, calib=calib)
-    for bits, eh in UNIFORM:
+    for bits, eh in grid["uniform"]:
         layer_bits = {n: bits for n in linear_shapes(model)}
         layer_bits.update({n: eh for n in extra if eh != 16})
         qcfg = QuantizeConfig(**base, layer_bits=layer_bits)
-        cell(f"{TYPES[bits]}+{TYPES[eh]}", qcfg, "F16", {"kind": "uniform", "blocks": TYPES[bits],
-                                                            "embed_head": TYPES[eh]})
-    for budget in BUDGETS:
-        alloc = allocate_bits(scan, budget)
+        cell(f"{TYPES[bits]}+{TYPES[eh]}", qcfg, {"kind": "uniform", "blocks": TYPES[bits], "embed_head": TYPES[eh]})
+    for budget in grid["budgets"]:
+        alloc = allocate_bits(scan, budget, float_bits=grid["float_bits"])
         qcfg = QuantizeConfig(**base, layer_bits=alloc["layer_bits"], avg_bits=budget, mix_embed_head=True)
         counts: dict = {}
         for u, b in alloc["unit_bits"].items():
             if u not in ("embedding", "head"):
                 counts[TYPES[b]] = counts.get(TYPES[b], 0) + 1
-        cell(f"mix{budget}", qcfg, "F16", {"kind": "mixed", "budget": budget, "predicted_kld": alloc["predicted_kld"],
+        cell(f"mix{budget}", qcfg, {"kind": "mixed", "budget": budget, "predicted_kld": alloc["predicted_kld"],
                                            "embedding": TYPES[alloc["unit_bits"]["embedding"]],
                                            "head": TYPES[alloc["unit_bits"].get("head", 16)],
                                            "blocks": dict(sorted(counts.items()))})
@@ -106,12 +125,15 @@ def run_model(name: str, work: Path, args) -> dict:
 
 
 def to_markdown(res: dict) -> str:
-    lines = ["# Mixed precision with the embedding and head in the budget (GGUF grid, GPTQ, mask-aware calibration)",
+    target = res.get("target", "gguf")
+    file = " + ".join(GRIDS[target]["files"])
+    lines = [f"# Mixed precision with the embedding and head in the budget ({target.upper()} grid, GPTQ, mask-aware "
+             f"calibration)",
              "", f"Host: {res['host']['cpu']} ({', '.join(res['host']['flags'])}), torch threads "
              f"{res['host']['torch_threads']}. Reproduce: `{res['command']}`", ""]
     for m in res["models"]:
         lines += [f"## {m['model']}", "",
-                  "| file | kind | model.gguf bytes | KLD mean +- se | KLD p99 | top-1 | embedding / head | block linears "
+                  f"| file | kind | {file} bytes | KLD mean +- se | KLD p99 | top-1 | embedding / head | block linears "
                   "| vs nearest uniform at least as large: dKLD (z) | larger uniform files it beats |",
                   "|---|---|---:|---:|---:|---:|---|---|---|---|"]
         for c in sorted(m["cells"], key=lambda c: c["file_bytes"]):
@@ -131,17 +153,20 @@ def to_markdown(res: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="default,default-dream")
+    p.add_argument("--target", choices=list(GRIDS), default="gguf")
     p.add_argument("--windows", type=int, default=12, help="fidelity windows per ratio set of every cell")
     p.add_argument("--scan-windows", type=int, default=6, help="fidelity windows per ratio of the scan")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (scan Hessians and cells)")
     p.add_argument("--workdir", help="keep the checkpoints and files here (default: a temp folder)")
-    p.add_argument("--out", default="benchmarks/results/mixed_embed_head_default")
+    p.add_argument("--out", help="results stem (default: benchmarks/results/mixed_embed_head[_onnx]_default)")
     args = p.parse_args()
+    args.out = args.out or f"benchmarks/results/mixed_embed_head{'' if args.target == 'gguf' else '_onnx'}_default"
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mixed-eh-"))
     work.mkdir(parents=True, exist_ok=True)
     res = {"host": host(), "command": f"OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models {args.models} "
-                                      f"--windows {args.windows} --scan-windows {args.scan_windows} --calib-samples "
-                                      f"{args.calib_samples}", "budgets": list(BUDGETS), "models": []}
+                                      f"--target {args.target} --windows {args.windows} --scan-windows "
+                                      f"{args.scan_windows} --calib-samples {args.calib_samples}",
+           "target": args.target, "budgets": list(GRIDS[args.target]["budgets"]), "models": []}
     try:
         for name in args.models.split(","):
             res["models"].append(run_model(name, work, args))

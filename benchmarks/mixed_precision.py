@@ -141,7 +141,7 @@ def run_exports(name: str, cells: list[dict], work: Path, args) -> list[dict]:
 
     tok = load_tokenizer(name)
     by = {c["label"]: c for c in cells}
-    picks = [("onnx", lbl) for lbl in ("mix4.5-2348", "W4g32", "mix3.5-2348", "W3g32") if lbl in by]
+    picks = [("onnx", lbl) for lbl in ("mix4.5-2348", "W4g32", "W4g64", "mix3.5-2348", "W3g32") if lbl in by]
     picks += [("gguf", lbl) for lbl in ("mix5.0-gguf", "W4g32", "W5g32") if lbl in by]
     fcfg = FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=8, elbo=False)
     ids = torch.randint(0, 4000, (2, 96), generator=torch.Generator().manual_seed(0))

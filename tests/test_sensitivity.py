@@ -252,6 +252,11 @@ def test_embedding_and_head_in_the_mix(method, ckpt, CALIB, tmp_path):
     for budget in (4.6, 6.0):  # the budget covers embedding and head: all-float would not fit either
         alloc = allocate_bits(scan, avg_bits=budget)
         assert alloc["bytes"] <= alloc["budget_bytes"] and alloc["avg_bits"] <= budget
+        # ONNX writes a float embedding / head in fp32: that option costs twice as much there
+        onnx_alloc = allocate_bits(scan, avg_bits=budget, float_bits=32)
+        onnx_bytes = sum(2 * 384 * 64 * 2 if b == mixed.FLOAT_BITS else scan["units"][u]["bits"][b]["bytes"]
+                         for u, b in onnx_alloc["unit_bits"].items())
+        assert onnx_alloc["bytes"] == onnx_bytes <= onnx_alloc["budget_bytes"]
     # a recipe with both quantized (embedding 4-bit, head 8-bit), the block linears at 4 / 8 bits
     layer_bits = {**alloc["layer_bits"], spec.embedding: 4, spec.head: 8}
     qcfg = QuantizeConfig(method=method, scheme="W4A16", group_size=32, sym=True, calib=CALIB, layer_bits=layer_bits,

@@ -161,7 +161,8 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
             "weights": sum(e["weights"] for e in out.values())}
 
 
-def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = None) -> dict:
+def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = None,
+                  float_bits: int = FLOAT_BITS) -> dict:
     """Per-layer bit-widths from a scan minimising the summed added KLD with at most `avg_bits`
     bits per weight (bytes as `quant.mixed.weight_bytes`) over the scanned layers.
 
@@ -170,6 +171,8 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
         avg_bits: the budget, bits per weight including scales.
         bits: the candidate bit-widths (default: all the scan measured; the embedding and head
             keep their FLOAT_BITS option in any case).
+        float_bits: what that float option costs in the target's file (16: fp16 / F16; ONNX
+            writes float tensors in fp32, 32).
     Returns:
         {"layer_bits": {layer: bits} (layers left in float are not listed), "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget",
         "predicted_kld", "solver"}.
@@ -181,7 +184,10 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
     def opts(e):
         return {int(b): v for b, v in e["bits"].items() if bits is None or int(b) in bits or int(b) == FLOAT_BITS}
 
-    costs = {u: {b: v["bytes"] for b, v in opts(e).items()} for u, e in units.items()}
+    def cost(e, b, v):
+        return e["weights"] * float_bits // 8 if b == FLOAT_BITS else v["bytes"]
+
+    costs = {u: {b: cost(e, b, v) for b, v in opts(e).items()} for u, e in units.items()}
     values = {u: {b: v["kld"] for b, v in opts(e).items()} for u, e in units.items()}
     if any(not c for c in costs.values()):
         raise InputError(f"the scan measured none of the bit-widths {bits}")
@@ -208,10 +214,11 @@ def to_markdown(scan: dict, top: int = 20) -> str:
     return "\n".join(lines) + "\n"
 
 
-# GGUF stores a layer exactly only as a symmetric group-32 block type: Q4_0 / Q5_0 / Q8_0
-TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None},
-                "onnx": {"bits": (2, 3, 4, 8), "group_size": None, "sym": None},
-                "gguf": {"bits": (4, 5, 8), "group_size": 32, "sym": True}}
+# GGUF stores a layer exactly only as a symmetric group-32 block type: Q4_0 / Q5_0 / Q8_0; a float
+# embedding / head costs 16 bits a weight in a checkpoint or GGUF (F16), 32 in ONNX (fp32)
+TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "float_bits": 16},
+                "onnx": {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "float_bits": 32},
+                "gguf": {"bits": (4, 5, 8), "group_size": 32, "sym": True, "float_bits": 16}}
 
 
 def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tuple[int, ...] | None = None,
@@ -249,7 +256,7 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
     if grid["group_size"] and scan["grid"]["group_size"] != grid["group_size"]:
         raise InputError(f"the sensitivity scan used groups of {scan['grid']['group_size']}; this recipe needs "
                          f"{grid['group_size']} (scan again with that grid)")
-    alloc = allocate_bits(scan, avg_bits, bits)
+    alloc = allocate_bits(scan, avg_bits, bits, grid["float_bits"])
     opts = {"method": scan["config"]["method"], "scheme": "W4A16", "group_size": scan["grid"]["group_size"],
             "sym": scan["config"]["sym"], "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits,
             "mix_embed_head": bool(scan["config"].get("embed_head"))}
