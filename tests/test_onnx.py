@@ -173,35 +173,39 @@ def test_integer_scheme_runs_integer_kernels(quantized, tmp_path, scheme, overri
 
 def _stored_dequant_onnx(out, name: str, fmt: str) -> np.ndarray:
     """Dequantize one layer's weight with onnxruntime from the stored initializers: the DQ node run
-    alone (qdq), or MatMulNBits applied to the identity (matmulnbits); returns [N, K]."""
+    alone (qdq), or MatMulNBits applied to the identity (matmulnbits), each with the nodes that
+    rebuild its inputs from the file (fp16 scales, dense bit planes); returns [N, K]."""
     m = onnx.load(str(out / "model.onnx"))
     inits = {t.name: t for t in m.graph.initializer}
-    if fmt == "qdq":  # the DQ node and whatever rebuilds its codes (dense bit planes below 4 / 8 bits)
-        producer = {o: n for n in m.graph.node for o in n.output}
-        nodes, todo = [], [f"{name}.weight"]
+    producer = {o: n for n in m.graph.node for o in n.output}
+
+    def upstream(names: list[str]) -> list:
+        nodes, todo = [], list(names)
         while todo:
             n = producer.get(todo.pop())
             if n is not None and n not in nodes:
                 nodes.append(n)
                 todo += list(n.input)
-        used = {i for n in nodes for i in n.input}
-        graph = onnx.helper.make_graph(nodes[::-1], "dq", [], [onnx.helper.make_tensor_value_info(f"{name}.weight", 1,
-                                                                                                  None)],
-                                       initializer=[t for k, t in inits.items() if k in used])
+        return nodes[::-1]
+
+    if fmt == "qdq":
+        nodes, out_name, extra = upstream([f"{name}.weight"]), f"{name}.weight", []
     else:
         node = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and n.output[0] == name)
         K = next(a.i for a in node.attribute if a.name == "K")
-        eye = onnx.numpy_helper.from_array(np.eye(K, dtype=np.float32), "eye")
+        extra = [onnx.numpy_helper.from_array(np.eye(K, dtype=np.float32), "eye")]
         node = onnx.helper.make_node("MatMulNBits", ["eye", *node.input[1:]], ["y"], domain="com.microsoft",
                                      **{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
-        graph = onnx.helper.make_graph([node], "mnb", [], [onnx.helper.make_tensor_value_info("y", 1, None)],
-                                       initializer=[eye] + [inits[i] for i in node.input[1:]])
+        nodes, out_name = upstream(list(node.input[1:])) + [node], "y"
+    used = {i for n in nodes for i in n.input}
+    graph = onnx.helper.make_graph(nodes, "dq", [], [onnx.helper.make_tensor_value_info(out_name, 1, None)],
+                                   initializer=extra + [t for k, t in inits.items() if k in used])
     model = onnx.helper.make_model(graph, opset_imports=m.opset_import)
     model.ir_version = m.ir_version
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     y = ort.InferenceSession(model.SerializeToString(), opts).run(None, {})[0]
-    return y.T if fmt == "qdq" else y.T  # DQ gives [K, N]; I @ W^T gives [K, N]
+    return y.T  # DQ gives [K, N]; I @ W^T gives [K, N]
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])

@@ -6,7 +6,8 @@ Quantized layers keep their calibrated codes and fp16 scales exactly:
 
 * `qdq`: DequantizeLinear(int4/uint4/int8/uint8 [K, N], axis 0, block_size = group) -> MatMul,
   the standard form onnxruntime rewrites into MatMulNBits at load; 2/3/5/6/7-bit codes are
-  stored as dense bit planes that onnxruntime folds back into 8-bit codes at load;
+  stored as dense bit planes that onnxruntime folds back into 8-bit codes at load, and fp16
+  scales as fp16 with a Cast it folds too;
 * `matmulnbits`: com.microsoft MatMulNBits with codes packed along K (bits 2, 4, 8).
 
 Activation quantization: per-token dynamic 8-bit activations with per-channel weights run as
@@ -188,6 +189,16 @@ def _pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def _scales(g: _Graph, s: torch.Tensor, name: str) -> str:
+    """Quantization scales as an fp32 graph value. fp16 scales (every grid's default) are stored as
+    fp16 and widened by a Cast that onnxruntime folds at load: exact, and half the bytes (0.5 bit
+    per weight at groups of 32)."""
+    if s.dtype != torch.float16:
+        return g.weight(name, _f32(s), list(s.shape), 1)
+    half = g.weight(f"{name}.fp16", s.detach().contiguous().numpy(), list(s.shape), 10)
+    return g.op("Cast", [half], name, to=1)
+
+
 def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0) -> str:
     """Unsigned `bits`-bit codes u [R, C] stored densely as `bits` bit planes (np.packbits, LSB
     first: R * C * bits / 8 bytes), with the ops that rebuild them as uint8 [R, C], minus `offset`
@@ -330,13 +341,13 @@ class _Builder:
             q = g.weight(f"{name}.qweight", codes.astype(np.int8 if c.sym else np.uint8), [K, N], elem)
         else:  # 2, 3, 5, 6, 7 bits: dense bit planes in the file, 8-bit codes in memory
             q = _dense_codes(g, codes.astype(np.int16) - c.qmin, c.bits, f"{name}.qweight", -c.qmin)
-        scales = _f32(qw.scales).T  # [G, N], fp16 -> fp32 is exact
+        scales = qw.scales.T  # [G, N]
         inputs = [q]
         if G == 1:  # per output channel
-            inputs.append(g.weight(f"{name}.scales", scales[0], [N], 1))
+            inputs.append(_scales(g, scales[0], f"{name}.scales"))
             attrs = {"axis": 1}
         else:
-            inputs.append(g.weight(f"{name}.scales", scales, [G, N], 1))
+            inputs.append(_scales(g, scales, f"{name}.scales"))
             attrs = {"axis": 0, "block_size": K // G}
         if qw.zeros is not None:
             z = qw.zeros.numpy().T
@@ -354,6 +365,7 @@ class _Builder:
         u = (qw.codes.to(torch.int32) - c.qmin).numpy().astype(np.uint8).reshape(N, G, bs)  # unsigned codes
         blob = _pack_bits(u, c.bits)  # [N, G, bs * bits / 8]
         inputs = [x, g.weight(f"{name}.qweight", blob, list(blob.shape), 2),
+                  # fp32 initializers: the kernel packs them at load (and misreads computed ones at accuracy 4)
                   g.weight(f"{name}.scales", _f32(qw.scales), [N, G], 1)]
         if qw.zeros is not None:  # asymmetric: explicit zero points, packed like the codes
             zp = _pack_bits(qw.zeros.numpy().astype(np.uint8), c.bits)
@@ -519,7 +531,7 @@ def _quantized_embedding(g: _Graph, qw, name: str) -> str:
     else:
         codes = g.weight(f"{name}.qweight", qw.codes.numpy().astype(np.int8 if signed else np.uint8), [V, D],
                          3 if signed else 2)
-    scales = g.weight(f"{name}.scales", _f32(qw.scales), [V, G], 1)
+    scales = _scales(g, qw.scales, f"{name}.scales")
     q = g.op("Cast", [g.op("Gather", [codes, "input_ids"])], to=1)  # [B, L, D]
     qg = g.op("Reshape", [q, g.const([0, 0, G, D // G], np.int64)])
     if not signed:
