@@ -153,7 +153,8 @@ def _add_export_args(x) -> None:
                    help="onnx embedding and LM head: fp32 (default without --device) | int8 (8-bit rows, blocks of "
                         "32: most of the bytes of big vocabularies; the edge profiles' default)")
     x.add_argument("--quant", type=str.upper, choices=QUANT_TYPES, metavar="GGUF_TYPE",
-                   help=f"gguf type (default: Q4_0 for --bits 4, Q8_0 for 8; K-quants by llama.cpp's quantizer): "
+                   help=f"gguf type (default: Q4_0 for --bits 4, Q8_0 for 8; Q2_K..Q6_K: --method on the K-quant grid; "
+                        f"Q4_K_M and other recipes: llama.cpp's quantizer): "
                         f"{', '.join(QUANT_TYPES)}")
     x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -99,9 +99,11 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         method / scheme / group_size / quantize_options: the PTQ run (see `quant.QuantizeConfig`).
         weight_format / accuracy_level / act_kernel / embed_head: the ONNX graph (see
             `exporter.onnx.OnnxExportConfig`); embed_head None = the device profile's, else fp32.
-        quant: GGUF type. Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1: `method` rounds a group-32 grid of that
-            format, written exactly; F32 / F16 / BF16 and K-quants (Q4_K_M, ...): float weights (the
-            K-quants rounded by llama.cpp's quantizer). Default: from `bits` (4 -> Q4_0, 8 -> Q8_0).
+        quant: GGUF type. Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1 and the K-quants Q2_K .. Q6_K: `method`
+            rounds a grid of that format (group-32 blocks, or 256-weight super-blocks with integer
+            group scales), written exactly; F32 / F16 / BF16 and llama.cpp's recipes (Q4_K_M, ...):
+            float weights (the recipes rounded by llama.cpp's quantizer). Default: from `bits`
+            (4 -> Q4_0, 8 -> Q8_0).
         device: a profile of `dllm_export.targets` (or "auto" for this host) that fills every choice
             left open (scheme, group size, ONNX format and accuracy level, GGUF type, threads) and is
             recorded in the manifest for the runtime.
@@ -227,9 +229,12 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
                 raise InputError(f"GGUF block formats need input widths divisible by {GGUF_BLOCK}; "
                                  f"this model has {K}")
         bits = int(quant[1])
-        opts = {**req.quantize_options, "bits": bits, "sym": quant.endswith("_0"),
-                "zero_kind": "int" if quant.endswith("_0") else "float"}
-        qcfg = _quantize_config(req, f"W{bits}A16", GGUF_BLOCK, opts)
+        if quant.endswith("_K"):  # a K-quant grid; layers whose width 256 does not divide take its fallback
+            qcfg = _quantize_config(req, f"W{bits}A16", None, {**req.quantize_options, "kquant": quant})
+        else:
+            opts = {**req.quantize_options, "bits": bits, "sym": quant.endswith("_0"),
+                    "zero_kind": "int" if quant.endswith("_0") else "float"}
+            qcfg = _quantize_config(req, f"W{bits}A16", GGUF_BLOCK, opts)
         check_tokenizer(src)  # llama.cpp tokenizes like the checkpoint, or refused before calibrating
     return ExportPlan("gguf", src, qcfg, GgufExportConfig(quant=None if needs_ptq else quant), extra)
 

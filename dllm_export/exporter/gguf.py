@@ -7,11 +7,12 @@ A PTQ grid that *is* a GGML block format goes in code for code, scale for scale:
     symmetric, 8-bit, group 32      -> Q8_0  (w = d * q)
     float minimum, 4-bit, group 32  -> Q4_1  (w = d * q + m)
     float minimum, 5-bit, group 32  -> Q5_1
+    K-quant grids (quant.kquant)    -> Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (exporter.gguf_kquants)
 
 so the file dequantizes (gguf.quants, llama.cpp) to exactly the weights our fake-quant computes
 with. A float checkpoint is written as F32 / F16 / BF16, or rounded here with the reference
-round-to-nearest of those block types (gguf.quants); K-quants (Q4_K_M, ...) come from
-llama.cpp's own quantizer run on an F16 file. Online rotations and activation quantization
+round-to-nearest of the classic block types (gguf.quants); llama.cpp's mixed K-quant recipes
+(Q4_K_M, ...) come from llama.cpp's own quantizer run on an F16 file. Online rotations and activation quantization
 have no GGUF form and are refused with the target that can carry them.
 
 The artifact is a folder: `model.gguf`, plus config.json, the tokenizer files and manifest.json
@@ -31,8 +32,10 @@ from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
 from ..formats import GGUF_FORMAT
 from ..models.checkpoint import source_record
+from ..quant.kquant import KQUANTS, kquant_name
 from ..quant.load import weight_config
 from ..quant.primitives import QuantizedWeight, WeightQuantConfig
+from .gguf_kquants import pack_kquant
 from .gguf_vocab import (check_text, choose_pre, differences, llama_cpp_version, parity_record, read_back,
                          read_vocab, special_ids)
 from .source import open_source, write_sidecars
@@ -42,11 +45,13 @@ VERSION = 1
 MODEL_FILE = "model.gguf"
 ADD_BOS = False  # prompts arrive as ids; the chat template adds BOS where the model wants it
 FLOAT_TYPES = ("F32", "F16", "BF16")
-BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-# K-quants and friends: llama.cpp's quantizer (llama_model_quantize) on an F16 file; name -> llama_ftype
-LLAMA_QUANTS = {"Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-                "IQ4_NL": 25, "IQ4_XS": 30}
+# the PTQ grids written exactly: classic blocks of 32 and K-quant super-blocks of 256
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") + tuple(KQUANTS)
+# llama.cpp's mixed recipes: its quantizer (llama_model_quantize) on an F16 file; name -> llama_ftype
+LLAMA_QUANTS = {"Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "IQ4_NL": 25, "IQ4_XS": 30}
 QUANT_TYPES = FLOAT_TYPES + BLOCK_TYPES + tuple(LLAMA_QUANTS)
+# general.file_type of a file whose block linears are mostly one K-quant (no MOSTLY_Q4_K: the _S recipe)
+_FILE_TYPES = {"Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
 
 # (bits, symmetric) of a group-32 grid -> the block type that stores it exactly
 _EXACT = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0", (4, False): "Q4_1", (5, False): "Q5_1"}
@@ -83,6 +88,12 @@ class GgufExportConfig:
 def block_type_for(c: WeightQuantConfig, in_features: int, name: str = "weight") -> str:
     """The GGML block type that stores the grid `c` (of a layer `in_features` wide) exactly, or a
     clear error saying why none does."""
+    if c.super_group:
+        kq = kquant_name(c)
+        if kq is None:
+            raise InputError(f"{name}: a super-block grid that is none of {', '.join(KQUANTS)}")
+        c.groups(in_features)  # super-blocks tile the width
+        return kq
     group = c.group_size or in_features
     if group != 32:
         raise InputError(f"{name}: GGUF block formats hold groups of 32 weights; this grid has groups of "
@@ -101,8 +112,10 @@ def pack_blocks(qw: QuantizedWeight, qtype: str) -> np.ndarray:
     """The GGML blocks (uint8 [out, in / 32 * type_size]) of a group-32 grid, bit for bit.
 
     Q4_x / Q5_x put element j of a block in the low nibble of byte j and element j + 16 in the
-    high nibble; Q5_x keep the fifth bits in a little-endian 32-bit mask.
+    high nibble; Q5_x keep the fifth bits in a little-endian 32-bit mask. K-quants: `pack_kquant`.
     """
+    if qtype in KQUANTS:
+        return pack_kquant(qw, qtype)
     out, n = qw.shape
     G = n // 32
     codes = qw.codes.numpy().astype(np.int32).reshape(out, G, 32)
@@ -303,7 +316,8 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
     tensor_types: dict[str, int] = {}
     for t in plan:
         tensor_types[t.qtype] = tensor_types.get(t.qtype, 0) + 1
-    main_type = next((t for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16") if t in tensor_types), "F32")
+    main_type = next((t for t in (*KQUANTS, "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16")
+                      if t in tensor_types), "F32")
     with atomic_folder(out_dir) as tmp:
         vocab, check = _choose_pre(tmp, source, vocab, main_type)  # before the tensors: refuse early
         target = tmp / (MODEL_FILE + ".f16" if llama_quant else MODEL_FILE)
@@ -370,7 +384,8 @@ def _write_metadata(w, spec, dims, vocab: dict, main_type: str) -> None:
     w.add_vocab_size(dims.vocab_rows)
     w.add_causal_attention(False)
     w.add_diffusion_shift_logits(spec.shift_logits)
-    w.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if main_type == "F32" else f"MOSTLY_{main_type}"))
+    name = "ALL_F32" if main_type == "F32" else _FILE_TYPES.get(main_type, f"MOSTLY_{main_type}")
+    w.add_file_type(getattr(gguf.LlamaFileType, name))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
     if vocab["pre"]:

@@ -115,7 +115,7 @@ class AWQ(QuantMethod):
             if isinstance(p, nn.Linear) and p.weight.shape[0] != Ws[0].shape[1]:  # v -> o under GQA
                 x_mean = kv_group_scales(x.abs().mean(0), n_heads, n_kv, reduce=torch.mean)
                 expand = functools.partial(expand_kv_scales, n_heads=n_heads, n_kv=n_kv)
-            s, loss = search_scales(x, Ws, self.wcfg, expand=expand, x_mean=x_mean)
+            s, loss = search_scales(x, Ws, self.layer_wcfg(None, Ws[0].shape[1]), expand=expand, x_mean=x_mean)
             fold_scales(block, prev, list(consumers), s, n_heads, n_kv)
             se = s if expand is None else expand(s)
             xs[consumers[0]] = x / se[None]  # the consumers now see x / s
@@ -126,9 +126,10 @@ class AWQ(QuantMethod):
             for c in consumers:
                 W = block.get_submodule(c).weight.data.float()
                 skip_clip = c in (spec.linears["q"], spec.linears["k"])  # llm-awq: q/k feed a softmax
-                clip = 1.0 if skip_clip else search_clip(x, W, self.wcfg)
-                s, z, m = compute_grid(W, self.wcfg, clip)
-                qw = QuantizedWeight(quantize_to_grid(W, s, z, m, self.wcfg), s, z, m, self.wcfg)
+                wcfg = self.layer_wcfg(None, W.shape[1])  # a K-quant's fallback on widths it cannot tile
+                clip = 1.0 if skip_clip else search_clip(x, W, wcfg)
+                s, z, m = compute_grid(W, wcfg, clip)
+                qw = QuantizedWeight(quantize_to_grid(W, s, z, m, wcfg), s, z, m, wcfg)
                 y = x @ W.T
                 rel = float((x @ qw.dequantize().T - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
                 info[c] = install_qlinear(block, c, qw, self.acfg, W, out_rel_err=rel, **info.get(c, {}))

@@ -52,6 +52,9 @@ class QuantizeConfig:
         mix_embed_head: that budget covered the embedding and (untied) LM head too: `layer_bits` may
             name them (RTN for the embedding, `method` for the head); those it leaves out stay in
             half precision and count as 16 bits per weight in the manifest's allocation.
+        kquant: a llama.cpp K-quant (Q2_K .. Q6_K, `quant.kquant`) whose grid replaces the scheme's
+            (weight-only schemes, methods rtn / gptq / awq); layers whose width is not a multiple of
+            256 take the type's fallback block grid.
     """
 
     method: str = "gptq"
@@ -74,6 +77,7 @@ class QuantizeConfig:
     layer_bits: tuple[tuple[str, int], ...] = ()
     avg_bits: float | None = None
     mix_embed_head: bool = False
+    kquant: str | None = None
 
     def __post_init__(self):
         get_scheme(self.scheme)
@@ -84,6 +88,12 @@ class QuantizeConfig:
             raise InputError(f"act_granularity must be per_token or per_tensor, got {self.act_granularity!r}")
         if not 0 < self.alpha < 1:
             raise InputError(f"alpha must lie in (0, 1), got {self.alpha}")
+        if self.kquant is not None:
+            if self.method not in ("rtn", "gptq", "awq") or not self.scheme_.weight_only:
+                raise InputError(f"K-quant grids need method rtn, gptq or awq and a weight-only scheme "
+                                 f"(got {self.method} {self.scheme})")
+            if self.layer_bits or self.bits is not None or self.sym is not None or self.group_size not in (None, 0):
+                raise InputError(f"{self.kquant} fixes the bits, groups and symmetry of every layer")
         self.weight_config()  # validates bits / group size / zero kind
         pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
         object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in pairs))  # JSON lists -> pairs
@@ -102,6 +112,10 @@ class QuantizeConfig:
     def weight_config(self) -> WeightQuantConfig:
         """The weight grid of this run, resolved once for every method: the scheme's, with `bits`,
         `group_size` and `sym` overridden where set (`sym` unset: the method's default, else the scheme's)."""
+        if self.kquant is not None:
+            from .kquant import kquant_grid
+
+            return kquant_grid(self.kquant)
         sym = METHODS[self.method].default_weight_sym if self.sym is None else self.sym
         cfg = self.scheme_.weight_config(self.group_size, sym, self.zero_kind)
         return cfg if self.bits is None else dataclasses.replace(cfg, bits=self.bits)
@@ -138,12 +152,16 @@ class QuantMethod:
         self.wcfg = qcfg.weight_config()
         self.acfg = qcfg.act_config()
 
-    def layer_wcfg(self, name: str) -> WeightQuantConfig:
-        """The grid of layer `name` (full module name): its `layer_bits` entry's, else the scheme's."""
+    def layer_wcfg(self, name: str | None, in_features: int | None = None) -> WeightQuantConfig:
+        """The grid of layer `name` (full module name; None: any layer) `in_features` wide: its
+        `layer_bits` entry's, else the scheme's; a K-quant's fallback where its super-blocks do not
+        tile the width."""
+        from .kquant import grid_for_width
         from .mixed import grid_for_bits
 
         bits = dict(self.qcfg.layer_bits).get(name)
-        return self.wcfg if bits is None else grid_for_bits(int(bits), self.wcfg, self.qcfg.sym)
+        cfg = self.wcfg if bits is None else grid_for_bits(int(bits), self.wcfg, self.qcfg.sym)
+        return cfg if in_features is None else grid_for_width(cfg, in_features)
 
     def transform_embedding(self, W: torch.Tensor) -> torch.Tensor:
         return W
@@ -290,7 +308,7 @@ def sequential_quantize(method: QuantMethod, block: nn.Module, X: torch.Tensor, 
             X_s = transforms[names[0]](X_s)
         for n in names:
             W = block.get_submodule(n).weight.data.float()
-            wcfg = method.wcfg if index is None else method.layer_wcfg(f"{method.spec.blocks}.{index}.{n}")
+            wcfg = method.layer_wcfg(None if index is None else f"{method.spec.blocks}.{index}.{n}", W.shape[1])
             qw, extra = round_weight(W, H, method.qcfg, wcfg, rounding, X_s, name=n, n_tokens=n_tokens)
             info[n] = install_qlinear(block, n, qw, method.acfg, W, transforms.get(n), **extra)
         calibrate_static_acts(block, names, X, ctx, method.qcfg.batch_size)

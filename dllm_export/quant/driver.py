@@ -146,7 +146,7 @@ def fit_group_size(qcfg: QuantizeConfig, widths: list[int]) -> QuantizeConfig:
     """When the group size comes from the scheme (not the user) and does not divide every layer
     width, halve it down to 16 until it does (small models: FFN 704 = 11 * 64)."""
     g = qcfg.scheme_.group_size
-    if qcfg.group_size is not None or g == 0 or all(w % g == 0 for w in widths):
+    if qcfg.kquant or qcfg.group_size is not None or g == 0 or all(w % g == 0 for w in widths):
         return qcfg
     return dataclasses.replace(qcfg, group_size=fit_group(g, widths))
 
@@ -218,7 +218,7 @@ def _prepare(model_path, qcfg: QuantizeConfig, source_model: nn.Module | None, d
         raise InputError(f"the bit allocation names layers this model does not have: {', '.join(unknown[:3])}")
     method = METHODS[qcfg.method](qcfg, spec, model.config)
     for w in widths:  # fail before any work if the grid cannot tile a layer
-        method.wcfg.groups(w)
+        method.layer_wcfg(None, w).groups(w)
     out_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.get("torch_dtype"), torch.float32)
     source = ModuleSource(source_model) if source_model is not None else CheckpointSource(path)
     max_len = int(getattr(model.config, spec.context_key))
@@ -276,8 +276,8 @@ def _stream(run: _Run, progress: bool):
     if run.qcfg.layer_bits:
         extra = embed_head_shapes(run.model)
         bits = dict(run.qcfg.layer_bits)
-        cfgs = {n: method.layer_wcfg(n) for n in run.shapes}
-        cfgs.update({n: method.layer_wcfg(n) if n in bits else None for n in extra
+        cfgs = {n: method.layer_wcfg(n, run.shapes[n][1]) for n in run.shapes}
+        cfgs.update({n: method.layer_wcfg(n, extra[n][1]) if n in bits else None for n in extra
                      if n in bits or run.qcfg.mix_embed_head})
         run.manifest["allocation"] = allocation_record(cfgs, {**run.shapes, **extra}, run.qcfg.avg_bits)
 
@@ -285,7 +285,7 @@ def _stream(run: _Run, progress: bool):
 def _round_extra(run: _Run, name: str, W: torch.Tensor, H: HessianStats | None) -> QuantizedWeight:
     """Round the embedding or LM head of a mixed recipe on its grid (GPTQ for the head when the run
     is GPTQ, else RTN) and list it in the manifest's layers."""
-    wcfg = run.method.layer_wcfg(name)
+    wcfg = run.method.layer_wcfg(name, W.shape[1])
     how = run.qcfg.method if H is not None else "rtn"
     qw, info = round_weight(W.float().to(run.device), None if H is None else H.H, run.qcfg, wcfg, how, name=name,
                             n_tokens=None if H is None else H.n)

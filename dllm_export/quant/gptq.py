@@ -74,19 +74,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
     zeros = torch.empty(out, G, dtype=torch.int16, device=dev) if (not cfg.sym and cfg.zero_kind == "int") else None
     mins = torch.empty(out, G, dtype=cfg.scale_dtype, device=dev) if (not cfg.sym and cfg.zero_kind == "float") else None
 
-    def set_grid(g: int, Wgroup: torch.Tensor) -> None:
-        clip = mse_clip_ratios(Wgroup, _single(cfg)) if mse_clip else 1.0
-        s, z, m = compute_grid(Wgroup.float(), _single(cfg), clip)
-        scales[:, g:g + 1] = s
+    # columns whose grid is set at once: a group, or a K-quant super-block (its groups share d)
+    span = cfg.super_group or gs
+    span_cfg = cfg if cfg.super_group else _single(cfg)
+
+    def set_grid(col: int, Wspan: torch.Tensor) -> None:
+        clip = mse_clip_ratios(Wspan, span_cfg) if mse_clip else 1.0
+        s, z, m = compute_grid(Wspan.float(), span_cfg, clip)
+        g, k = col // gs, s.shape[1]
+        scales[:, g:g + k] = s
         if zeros is not None:
-            zeros[:, g:g + 1] = z
+            zeros[:, g:g + k] = z
         if mins is not None:
-            mins[:, g:g + 1] = m
+            mins[:, g:g + k] = m
 
     perm = torch.arange(n, device=dev)
     if act_order:
-        for g in range(G):  # static groups on the original order
-            set_grid(g, W[:, g * gs:(g + 1) * gs])
+        for col in range(0, n, span):  # static groups on the original order
+            set_grid(col, W[:, col:col + span])
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
 
@@ -106,11 +111,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
             for i in range(i2 - i1):
                 col = order[i1 + i]
                 g = col // gs
-                if not act_order and col % gs == 0:
-                    # grid from the current (error-updated) columns of this group
-                    width = min(gs, n - col)
-                    rest = i2 - i1 - i  # columns of the group still in this lazy block
-                    set_grid(g, W1[:, i:i + width] if width <= rest else
+                if not act_order and col % span == 0:
+                    # grid from the current (error-updated) columns of this group / super-block
+                    width = min(span, n - col)
+                    rest = i2 - i1 - i  # its columns still in this lazy block
+                    set_grid(col, W1[:, i:i + width] if width <= rest else
                              torch.cat([W1[:, i:], W[:, i2:i2 + width - rest]], dim=1))
                 if g != cur:
                     cur = g

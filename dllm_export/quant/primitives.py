@@ -32,6 +32,12 @@ class WeightQuantConfig:
         sym: symmetric grid (no zero point).
         zero_kind: for asymmetric grids, "int" (integer zero point) or "float" (fp16 minimum).
         scale_dtype: storage dtype of scales and minimums (the targets store fp16).
+        super_group: K-quants (llama.cpp's Q2_K..Q6_K): weights per super-block (256), whose
+            group scales (and minimums) are integers of `scale_bits` times one fp16 scale (and one
+            fp16 minimum scale) per super-block; 0 = plain groups. The stored scales are those
+            products (fp32, `scale_dtype` float32).
+        scale_bits: bits of the K-quant group scales: signed for symmetric grids (Q3_K 6, Q6_K 8),
+            unsigned for grids with minimums (Q2_K 4, Q4_K / Q5_K 6).
     """
 
     bits: int = 4
@@ -39,6 +45,8 @@ class WeightQuantConfig:
     sym: bool = True
     zero_kind: str = "int"
     scale_dtype: torch.dtype = torch.float16
+    super_group: int = 0
+    scale_bits: int = 0
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -47,6 +55,16 @@ class WeightQuantConfig:
             raise InputError(f"group size must be >= 0 (0 = per channel), got {self.group_size}")
         if self.zero_kind not in ("int", "float"):
             raise InputError(f"zero_kind must be 'int' or 'float', got {self.zero_kind!r}")
+        if self.super_group:
+            if not self.group_size or self.super_group % self.group_size:
+                raise InputError(f"a super-block of {self.super_group} weights needs groups that tile it "
+                                 f"(got group size {self.group_size})")
+            if not 4 <= self.scale_bits <= 8:
+                raise InputError(f"K-quant group scales take 4..8 bits, got {self.scale_bits}")
+            if not self.sym and self.zero_kind != "float":
+                raise InputError("K-quant grids with minimums store them as floats: zero_kind 'float'")
+            if self.scale_dtype != torch.float32:
+                raise InputError("K-quant group scales (integer x fp16) need scale_dtype float32")
 
     @property
     def qmin(self) -> int:
@@ -61,6 +79,9 @@ class WeightQuantConfig:
         g = self.group_size or in_features
         if in_features % g:
             raise InputError(f"group size {g} does not divide the input width {in_features}")
+        if self.super_group and in_features % self.super_group:
+            raise InputError(f"K-quant super-blocks of {self.super_group} weights do not tile the input width "
+                             f"{in_features}")
         return in_features // g
 
     def to_dict(self) -> dict:
@@ -130,15 +151,47 @@ def compute_grid(W: torch.Tensor, cfg: WeightQuantConfig, clip: torch.Tensor | f
         xm = torch.gather(Wg, -1, idx).squeeze(-1) * clip.squeeze(-1)  # signed max-magnitude value
         scales = (xm / cfg.qmin).to(cfg.scale_dtype)
         scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-        return scales, None, None
+        return _super_block_grid(scales, None, cfg) if cfg.super_group else (scales, None, None)
     xmax = (Wg.amax(dim=-1) * clip.squeeze(-1)).clamp(min=0)
     xmin = (Wg.amin(dim=-1) * clip.squeeze(-1)).clamp(max=0)
     scales = ((xmax - xmin) / cfg.qmax).to(cfg.scale_dtype)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    if cfg.super_group:
+        return _super_block_grid(scales, xmin, cfg)
     if cfg.zero_kind == "float":
         return scales, None, xmin.to(cfg.scale_dtype)
     zeros = torch.round(-xmin / scales.float()).clamp(0, cfg.qmax).to(torch.int16)
     return scales, zeros, None
+
+
+def _super_block_grid(scales: torch.Tensor, xmin: torch.Tensor | None, cfg: WeightQuantConfig):
+    """K-quants: round each super-block's group scales (and minimums) to integers of
+    cfg.scale_bits times one fp16 scale d (and dmin). The largest is pinned to the extreme integer,
+    so d and dmin read back exactly from the products (`quant.kquant.super_scales`); no scale
+    rounds to 0. Returns (scales, None, mins) as `compute_grid`, the products in float32."""
+    out, G = scales.shape
+    per = cfg.super_group // cfg.group_size
+    s = scales.float().reshape(out, G // per, per)
+    tiny = 2.0 ** -24  # the smallest fp16 (subnormal): an all-zero super-block still gets a usable d
+    if cfg.sym:  # signed integers in [-lim, lim - 1]; the largest-magnitude scale -> -lim (as Q3_K / Q6_K)
+        lim = 1 << (cfg.scale_bits - 1)
+        idx = s.abs().argmax(-1, keepdim=True)
+        d = (torch.gather(s, -1, idx) / -lim).to(torch.float16).float()
+        d = torch.where(d == 0, torch.full_like(d, tiny), d)
+        sc = torch.round(s / d).clamp(-lim, lim - 1)
+        sc = torch.where(sc == 0, torch.where(s / d < 0, -1.0, 1.0), sc).scatter(-1, idx, -float(lim))
+        return (d * sc).reshape(out, G), None, None
+    top = (1 << cfg.scale_bits) - 1  # unsigned integers in [1, top]; minimums in [0, top] (subtracted)
+    idx = s.argmax(-1, keepdim=True)
+    d = (torch.gather(s, -1, idx) / top).to(torch.float16).float()
+    d = torch.where(d == 0, torch.full_like(d, tiny), d)
+    sc = torch.round(s / d).clamp(1, top).scatter(-1, idx, float(top))
+    m = (-xmin.float()).reshape(out, G // per, per)  # >= 0
+    midx = m.argmax(-1, keepdim=True)
+    dmin = (torch.gather(m, -1, midx) / top).to(torch.float16).float()
+    mc = torch.round(m / torch.where(dmin > 0, dmin, 1.0)).clamp(0, top)
+    mc = torch.where(dmin > 0, mc.scatter(-1, midx, float(top)), 0.0)
+    return (d * sc).reshape(out, G), None, -(dmin * mc).reshape(out, G)
 
 
 def quantize_to_grid(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, mins: torch.Tensor | None,
