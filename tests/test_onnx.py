@@ -237,7 +237,7 @@ def test_low_bit_codes_stored_densely(bits, overrides, quantized, tmp_path):
         ours = read_linear(handles, name, layers[name], q).qweight.dequantize()
         assert torch.equal(torch.from_numpy(_stored_dequant_onnx(out, name, "qdq")), ours), name
         planes = stored[f"{name}.qweight.planes"]
-        assert list(planes.dims) == [bits, -(-ours.numel() // 8)]  # bits x ceil(N * K / 8) bytes
+        assert list(planes.dims) == [bits, -(-ours.numel() // 8), 1]  # bits x ceil(N * K / 8) bytes
     ops = OrtBackend(out).optimized_op_types()
     assert not {"BitShift", "BitwiseAnd", "BitwiseOr", "Split"} & set(ops)  # rebuilt once, at load
     ref = load_model(q)(_ids()).float()

@@ -111,6 +111,7 @@ class _Graph:
         self.data = open(data_path, "wb")
         self.offset = 0
         self._names: dict[str, int] = {}
+        self._consts: dict[tuple, str] = {}
         self.op_counts: dict[str, int] = {}
 
     def fresh(self, base: str) -> str:
@@ -130,11 +131,13 @@ class _Graph:
         return outs
 
     def const(self, value, dtype=np.float32, name: str = "const") -> str:
-        """A small constant initializer stored inline."""
+        """A small constant initializer stored inline, once per value (the graph reuses it)."""
         arr = np.asarray(value, dtype=dtype)
-        out = self.fresh(name)
-        self.initializers.append(self.onnx.numpy_helper.from_array(arr, out))
-        return out
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.fresh(name)
+            self.initializers.append(self.onnx.numpy_helper.from_array(arr, self._consts[key]))
+        return self._consts[key]
 
     def weight(self, name: str, data: np.ndarray | bytes, dims: list[int], elem_type: int) -> str:
         """A weight initializer whose bytes go to the external data file (page-aligned when large)."""
@@ -146,7 +149,7 @@ class _Graph:
         if len(raw) < 1024:
             t.raw_data = raw
         else:
-            align = 4096 if len(raw) >= 1 << 16 else 64
+            align = 4096 if len(raw) >= 1 << 20 else 64  # pages for the big tensors (mapped), not every one
             pad = -self.offset % align
             self.data.write(b"\0" * pad)
             self.offset += pad
@@ -211,15 +214,14 @@ def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0
     planes = np.stack([np.packbits(((u >> i) & 1).astype(np.uint8).reshape(-1), bitorder="little")
                        for i in range(bits)])  # [bits, M]
     M = planes.shape[1]
-    p = g.weight(f"{name}.planes", planes, [bits, M], onnx.TensorProto.UINT8)
-    p = g.op("Unsqueeze", [p, g.const([-1], np.int64)])  # [bits, M, 1]
+    p = g.weight(f"{name}.planes", planes, [bits, M, 1], onnx.TensorProto.UINT8)
     bit = g.op("BitwiseAnd", [g.op("BitShift", [p, g.const(np.arange(8), np.uint8)], direction="RIGHT"),
                               g.const(np.array(1), np.uint8)])  # [bits, M, 8]: bit j of each byte
     flat = g.op("Reshape", [bit, g.const([bits, M * 8], np.int64)])
     if M * 8 != R * C:  # the last byte's padding bits
         flat = g.op("Slice", [flat, g.const([0], np.int64), g.const([R * C], np.int64), g.const([1], np.int64)])
     weighted = g.op("BitShift", [flat, g.const(np.arange(bits).reshape(bits, 1), np.uint8)], direction="LEFT")
-    parts = g.op_n("Split", [weighted], [g.fresh(f"{name}.plane") for _ in range(bits)], axis=0, num_outputs=bits)
+    parts = g.op_n("Split", [weighted], ["plane"] * bits, axis=0, num_outputs=bits)
     value = parts[0]
     for part in parts[1:]:  # the planes' bits are disjoint: OR is their sum
         value = g.op("BitwiseOr", [value, part])
@@ -350,10 +352,15 @@ class _Builder:
             inputs.append(_scales(g, scales, f"{name}.scales"))
             attrs = {"axis": 0, "block_size": K // G}
         if qw.zeros is not None:
-            z = qw.zeros.numpy().T
-            zdims = [N] if G == 1 else [G, N]
-            zdata = _pack_nibbles(z) if narrow else z.astype(np.uint8)
-            inputs.append(g.weight(f"{name}.qzeros", zdata, zdims, elem))
+            z = qw.zeros.numpy().T.reshape(-1, N)  # [G, N]
+            if narrow:
+                zp = g.weight(f"{name}.qzeros", _pack_nibbles(z), [N] if G == 1 else [G, N], elem)
+            elif c.bits == 8:
+                zp = g.weight(f"{name}.qzeros", z.astype(np.uint8), [N] if G == 1 else [G, N], elem)
+            else:  # the zero points at the codes' width too
+                zp = _dense_codes(g, z.astype(np.int16), c.bits, f"{name}.qzeros")
+                zp = zp if G > 1 else g.op("Reshape", [zp, g.const([N], np.int64)])
+            inputs.append(zp)
         return g.op("DequantizeLinear", inputs, f"{name}.weight", **attrs)
 
     def nbits_matmul(self, x: str, qw: QuantizedWeight, name: str, acc: int) -> str:
