@@ -21,6 +21,7 @@ data file.
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py                   # both bundled models
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models default --windows 8
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --target onnx
+    OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --target gguf-k   # K-quants (Q2_K .. Q6_K, Q8_0)
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ GRIDS = {
     "onnx": {"bits": (2, 3, 4, 8), "types": {2: "W2", 3: "W3", 4: "W4", 8: "W8", 16: "fp32"},
              "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)], "budgets": (3.5, 4.0, 4.5, 5.0, 6.0),
              "float_bits": 32, "files": ("model.onnx", "model.onnx.data")},
+    # llama.cpp's K-quants (each layer on its type's fallback where 256 does not divide its width)
+    "gguf-k": {"bits": (2, 3, 4, 5, 6, 8), "types": {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0",
+                                                      16: "F16"},
+               "uniform": [(b, eh) for b in (3, 4, 5, 6) for eh in (4, 6, 16)],
+               "budgets": (3.5, 4.0, 4.5, 5.0, 5.5, 6.0), "float_bits": 16, "files": ("model.gguf",), "kquant": True},
 }
 
 
@@ -69,8 +75,9 @@ def run_model(name: str, work: Path, args) -> dict:
     if scan_file.exists():
         scan = json.loads(scan_file.read_text())
     else:
+        grid_kw = {"kquant": True} if grid.get("kquant") else {"group_size": 32, "sym": True}
         scan = sensitivity_scan(model, tok, SensitivityConfig(
-            bits=grid["bits"], group_size=32, sym=True, calib=calib, embed_head=True,
+            bits=grid["bits"], calib=calib, embed_head=True, **grid_kw,
             fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
         scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
@@ -81,7 +88,7 @@ def run_model(name: str, work: Path, args) -> dict:
         if not q.exists():
             quantize(name, q, qcfg, progress=False)
         if not art.exists():
-            if args.target == "gguf":  # a float embedding / head as F16, as the exporter writes it by default
+            if args.target != "onnx":  # a float embedding / head as F16, as the exporter writes it by default
                 export_gguf(q, art, GgufExportConfig(embed_type="F16", head_type="F16"))
             else:
                 export_onnx(q, art)
@@ -92,7 +99,8 @@ def run_model(name: str, work: Path, args) -> dict:
                       **{k: s[k] for k in ("kld_mean", "kld_se", "kld_p99", "top1")}})
         print(json.dumps(cells[-1]), file=sys.stderr)
 
-    base = dict(method="gptq", scheme="W4A16", group_size=32, sym=True, calib=calib)
+    base = dict(method="gptq", scheme="W4A16", calib=calib,
+                **({"kquant": "Q4_K"} if grid.get("kquant") else {"group_size": 32, "sym": True}))
     for bits, eh in grid["uniform"]:
         layer_bits = {n: bits for n in linear_shapes(model)}
         layer_bits.update({n: eh for n in extra if eh != 16})
@@ -129,6 +137,9 @@ def to_markdown(res: dict) -> str:
     file = " + ".join(GRIDS[target]["files"])
     lines = [f"# Mixed precision with the embedding and head in the budget ({target.upper()} grid, GPTQ, mask-aware "
              f"calibration)",
+             *([""] + ["Types name the K-quant family; a layer whose width 256 does not divide is written in llama.cpp's "
+                       "fallback (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0)."]
+               if GRIDS[target].get("kquant") else []),
              "", f"Host: {res['host']['cpu']} ({', '.join(res['host']['flags'])}), torch threads "
              f"{res['host']['torch_threads']}. Reproduce: `{res['command']}`", ""]
     for m in res["models"]:
@@ -160,7 +171,8 @@ def main() -> int:
     p.add_argument("--workdir", help="keep the checkpoints and files here (default: a temp folder)")
     p.add_argument("--out", help="results stem (default: benchmarks/results/mixed_embed_head[_onnx]_default)")
     args = p.parse_args()
-    args.out = args.out or f"benchmarks/results/mixed_embed_head{'' if args.target == 'gguf' else '_onnx'}_default"
+    suffix = {"gguf": "", "onnx": "_onnx", "gguf-k": "_kquants"}[args.target]
+    args.out = args.out or f"benchmarks/results/mixed_embed_head{suffix}_default"
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mixed-eh-"))
     work.mkdir(parents=True, exist_ok=True)
     res = {"host": host(), "command": f"OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models {args.models} "

@@ -81,6 +81,9 @@ def _add_auto_args(p) -> None:
     p.add_argument("--mix-embed-head", action="store_true",
                    help="--scheme auto: the embedding and LM head join the allocation (quantized, or kept in "
                         "half precision, whichever the budget favours); the budget then covers them too")
+    p.add_argument("--kquants", action="store_true",
+                   help="--scheme auto with --target gguf: mix llama.cpp's K-quants (Q2_K..Q6_K, Q8_0; bits "
+                        "2,3,4,5,6,8) instead of Q4_0 / Q5_0 / Q8_0")
 
 
 def _auto_recipe(args, target: str | None, method: str, group_size: int | None = None) -> tuple[dict, dict]:
@@ -99,6 +102,10 @@ def _auto_recipe(args, target: str | None, method: str, group_size: int | None =
             raise DllmExportError(f"sensitivity file not found: {f}")
         scan = json.loads(f.read_text())
     bits = _int_list(args.bits_choices) if args.bits_choices else None
+    if getattr(args, "kquants", False):
+        if target != "gguf":
+            raise DllmExportError("--kquants mixes GGUF K-quants: use it with --target gguf")
+        target = "gguf-k"
     opts, rec = auto_recipe(args.model, args.avg_bits, target=target, bits=bits, scan=scan, method=method,
                             group_size=group_size, embed_head=args.mix_embed_head,
                             progress=not args.no_progress and sys.stderr.isatty())
@@ -288,7 +295,8 @@ def _add_analyze_eval(sub) -> None:
     an.add_argument("--granularity", default="layer", help="--sensitivity units: layer | role (default: %(default)s)")
     an.add_argument("--method", default="gptq", help="--sensitivity rounding: gptq | rtn (default: %(default)s)")
     an.add_argument("--grid", default="onnx", help="--sensitivity grids of a target: onnx (scheme groups) | gguf "
-                                                   "(symmetric groups of 32) (default: %(default)s)")
+                                                   "(symmetric groups of 32) | gguf-k (K-quants) "
+                                                   "(default: %(default)s)")
     an.add_argument("--group-size", type=int, help="--sensitivity group size (default: the grid's)")
     an.add_argument("--windows", type=int, default=8, help="--sensitivity held-out windows per ratio (default: %(default)s)")
     an.add_argument("--mix-embed-head", action="store_true",
@@ -551,17 +559,17 @@ def cmd_sensitivity(args) -> int:
     from .eval.fidelity import FidelityConfig
     from .eval.sensitivity import TARGET_GRIDS, SensitivityConfig, sensitivity_scan, to_markdown
 
-    if args.grid not in ("onnx", "gguf"):
-        raise DllmExportError(f"--grid must be onnx or gguf, got {args.grid!r}")
+    if args.grid not in ("onnx", "gguf", "gguf-k"):
+        raise DllmExportError(f"--grid must be onnx, gguf or gguf-k, got {args.grid!r}")
     grid = TARGET_GRIDS[args.grid]
-    if args.group_size is not None and grid["group_size"] not in (None, args.group_size):
-        raise DllmExportError(f"--grid {args.grid} stores groups of {grid['group_size']} weights")
+    if args.group_size is not None and (grid.get("kquant") or grid["group_size"] not in (None, args.group_size)):
+        raise DllmExportError(f"--grid {args.grid} stores groups of {grid['group_size'] or 'its types'} weights")
     cfg = SensitivityConfig(bits=_int_list(args.bits_choices) if args.bits_choices else grid["bits"],
                             granularity=args.granularity, method=args.method,
                             group_size=grid["group_size"] or args.group_size,
                             sym=grid["sym"], fidelity=FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios),
                                                                      windows=args.windows, elbo=False),
-                            embed_head=args.mix_embed_head)
+                            embed_head=args.mix_embed_head, kquant=bool(grid.get("kquant")))
     res = sensitivity_scan(load_model(args.model), load_tokenizer(args.model), cfg,
                            progress=not args.no_progress and sys.stderr.isatty())
     out = Path(args.out)
@@ -791,7 +799,7 @@ def cmd_export(args) -> int:
             raise DllmExportError("--scheme auto chooses the bits per layer: drop --bits / --quant")
         opts, rec = _auto_recipe(args, args.target, args.method, args.group_size)
         scheme, group_size = opts["scheme"], opts["group_size"]
-        qopts = {k: opts[k] for k in ("layer_bits", "avg_bits", "sym", "mix_embed_head")}
+        qopts = {k: opts[k] for k in ("layer_bits", "avg_bits", "sym", "mix_embed_head", "kquant")}
         extra = {"allocation": rec["allocation"]}
         label = f"auto{args.avg_bits:g}"
     elif args.avg_bits is not None:

@@ -325,3 +325,63 @@ def test_cli_mix_embed_head(ckpt, tmp_path):
     got = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
     assert {n: got[n] for n in types} == {n: names[b] for n, b in types.items()}
     assert spec.embedding in alloc["layer_bits"] or alloc["unit_bits"]["embedding"] == 16
+
+
+def test_kquant_mix_scan_allocate_and_gguf(CALIB, tmp_path):
+    """The K-quant family (--grid gguf-k): the scan rounds each layer on Q{b}_K (Q8_0 at 8 bits), or
+    on llama.cpp's fallback where 256 does not divide its width; a 3.5-bit mix quantizes with those
+    grids, the GGUF file holds each layer in its type exactly, and the allocation's bytes are the
+    file's tensor bytes."""
+    gguf = pytest.importorskip("gguf")
+    from dllm_export.exporter.gguf import export_gguf
+    from dllm_export.models.checkpoint import open_shards
+    from dllm_export.quant.load import read_linear, read_manifest
+
+    ckpt = make_random_checkpoint(tmp_path / "wide", family="dream", tokenizer=True, std=0.05, vocab_size=384,
+                                  hidden_size=256, intermediate_size=352, num_attention_heads=4,
+                                  num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=128)
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    scan = sensitivity_scan(model, tok, SensitivityConfig(bits=(2, 3, 4, 6), method="gptq", calib=CALIB,
+                                                          fidelity=FID, kquant=True))
+    down = next(n for n in scan["units"] if n.endswith("down_proj"))
+    q_proj = next(n for n in scan["units"] if n.endswith("q_proj"))
+    # q_proj (256 wide) at Q2_K / Q3_K / Q4_K / Q6_K sizes; down_proj (352 wide) on the fallbacks Q4_0 / Q5_0 / Q8_0
+    assert [scan["units"][q_proj]["bits"][b]["bytes"] * 8 / (256 * 256) for b in (2, 3, 4, 6)] == \
+        [2.625, 3.4375, 4.5, 6.5625]
+    assert [scan["units"][down]["bits"][b]["bytes"] * 8 / (256 * 352) for b in (2, 3, 4, 6)] == [4.5, 4.5, 5.5, 8.5]
+    alloc = allocate_bits(scan, avg_bits=3.5)
+    assert alloc["bytes"] <= alloc["budget_bytes"] and len(set(alloc["layer_bits"].values())) > 1
+    q = quantize(ckpt, tmp_path / "q", QuantizeConfig(method="gptq", scheme="W4A16", kquant="Q4_K", calib=CALIB,
+                                                      layer_bits=alloc["layer_bits"], avg_bits=3.5), progress=False)
+    man = read_manifest(q)
+    assert man["allocation"]["bytes"] == alloc["bytes"]
+    out = export_gguf(q, tmp_path / "gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    handles, names = open_shards(q), {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+                                      "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                                      "down_proj": "ffn_down"}
+    file_bytes = 0
+    for layer, bits in alloc["layer_bits"].items():
+        t = tensors[f"blk.0.{names[layer.rsplit('.', 1)[1]]}.weight"]
+        fallback = {2: "Q4_0", 3: "Q4_0", 4: "Q5_0", 6: "Q8_0"}
+        want = fallback[bits] if layer == down else {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 6: "Q6_K"}[bits]
+        assert t.tensor_type.name == want, layer
+        ours = read_linear(handles, layer, man["layers"][layer], q).qweight.dequantize().numpy()
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), ours), layer
+        file_bytes += t.n_bytes
+    assert file_bytes == alloc["bytes"]
+    # the same through the CLI: a gguf-k scan, then --scheme auto --kquants from it
+    rc = main(["analyze", "--sensitivity", "--model", str(ckpt), "--out", str(tmp_path / "s"), "--method", "rtn",
+               "--grid", "gguf-k", "--bits-choices", "2,3,4,6", "--windows", "2", "--ratios", "0.5", "--no-progress"])
+    assert rc == 0
+    rc = main(["--target", "gguf", "--model", str(ckpt), "--method", "rtn", "--scheme", "auto", "--kquants",
+               "--avg-bits", "3.5", "--sensitivity", str(tmp_path / "s" / "sensitivity.json"),
+               "--out", str(tmp_path / "g"), "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert m["quantize_settings"]["kquant"] == "Q4_K" and m["allocation"]["avg_bits"] <= 3.5
+    assert set(m["tensor_types"]) & {"Q2_K", "Q3_K", "Q4_K", "Q6_K"}
+    rc = main(["--target", "gguf", "--model", str(ckpt), "--method", "rtn", "--scheme", "auto", "--avg-bits", "5",
+               "--sensitivity", str(tmp_path / "s" / "sensitivity.json"), "--out", str(tmp_path / "g2"),
+               "--no-progress"])
+    assert rc == 2 and not (tmp_path / "g2").exists()  # a K-quant scan for a Q4_0 / Q5_0 / Q8_0 recipe

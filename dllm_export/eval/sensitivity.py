@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..quant.base import QuantizeConfig, round_weight
 from ..quant.calibrate import CalibConfig, calibration_ids
 from ..quant.driver import fit_group_size
+from ..quant.kquant import grid_for_width
 from ..quant.mixed import FLOAT_BITS, allocate, embed_head_shapes, grid_for_bits, linear_shapes, weight_bytes
 from .fidelity import FidelityConfig, build_reference, compare
 
@@ -41,6 +42,9 @@ class SensitivityConfig:
         embed_head: scan the embedding and the (untied) LM head too, as units "embedding" and
             "head" with one more option, FLOAT_BITS (kept in half precision, adds nothing), so the
             allocation spends the budget on them as well (the embedding is rounded with RTN).
+        kquant: the K-quant family instead (GGUF): b bits = Q{b}_K (8 = Q8_0), each layer on
+            llama.cpp's fallback type where 256 does not divide its width (`quant.kquant`);
+            group_size and sym must be left unset.
     """
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -52,8 +56,11 @@ class SensitivityConfig:
     fidelity: FidelityConfig = field(default_factory=lambda: FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=8,
                                                                             elbo=False))
     embed_head: bool = False
+    kquant: bool = False
 
     def __post_init__(self):
+        if self.kquant and (self.group_size is not None or self.sym is not None or 7 in self.bits):
+            raise InputError("the K-quant family fixes groups and symmetry, and has 2, 3, 4, 5, 6 and 8-bit types")
         if self.granularity not in GRANULARITIES:
             raise InputError(f"sensitivity granularity must be one of {', '.join(GRANULARITIES)}, "
                              f"got {self.granularity!r}")
@@ -64,6 +71,8 @@ class SensitivityConfig:
 
     def quantize_config(self) -> QuantizeConfig:
         """The QuantizeConfig whose grids the scan rounds with (and the allocation is quantized with)."""
+        if self.kquant:
+            return QuantizeConfig(method=self.method, scheme="W4A16", kquant="Q4_K", calib=self.calib)
         return QuantizeConfig(method=self.method, scheme="W4A16", group_size=self.group_size, sym=self.sym,
                               calib=self.calib)
 
@@ -133,16 +142,16 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
         entry = {"layers": names, "weights": sum(shapes[n][0] * shapes[n][1] for n in names), "bits": {}}
         originals = {n: model.get_submodule(n).weight.data.clone() for n in names}
         for b in sorted(cfg.bits):
-            wcfg = grid_for_bits(b, base, cfg.sym)
+            grids = {n: grid_for_width(grid_for_bits(b, base, cfg.sym), shapes[n][1]) for n in names}
             for n in names:
                 W = originals[n].float()
                 h = H.get(n)
-                qw, _ = round_weight(W, None if h is None else h.H, qcfg, wcfg, cfg.method if h is not None else "rtn",
-                                     name=n, n_tokens=None if h is None else h.n)
+                qw, _ = round_weight(W, None if h is None else h.H, qcfg, grids[n],
+                                     cfg.method if h is not None else "rtn", name=n, n_tokens=None if h is None else h.n)
                 model.get_submodule(n).weight.data.copy_(qw.dequantize(originals[n].dtype))
             s = compare(model, ref)["summary"]
             entry["bits"][b] = {"kld": s["kld_mean"], "kld_se": s["kld_se"], "top1": s["top1"],
-                                "bytes": sum(weight_bytes(*shapes[n], wcfg) for n in names)}
+                                "bytes": sum(weight_bytes(*shapes[n], grids[n]) for n in names)}
             for n in names:
                 model.get_submodule(n).weight.data.copy_(originals[n])
             if bar is not None:
@@ -216,9 +225,12 @@ def to_markdown(scan: dict, top: int = 20) -> str:
 
 # GGUF stores a layer exactly only as a symmetric group-32 block type: Q4_0 / Q5_0 / Q8_0; a float
 # embedding / head costs 16 bits a weight in a checkpoint or GGUF (F16), 32 in ONNX (fp32)
+# "gguf-k": llama.cpp's K-quants, Q2_K .. Q6_K and Q8_0, with its fallbacks (`quant.kquant`)
 TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "float_bits": 16},
                 "onnx": {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "float_bits": 32},
-                "gguf": {"bits": (4, 5, 8), "group_size": 32, "sym": True, "float_bits": 16}}
+                "gguf": {"bits": (4, 5, 8), "group_size": 32, "sym": True, "float_bits": 16},
+                "gguf-k": {"bits": (2, 3, 4, 5, 6, 8), "group_size": None, "sym": None, "float_bits": 16,
+                           "kquant": True}}
 
 
 def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tuple[int, ...] | None = None,
@@ -230,12 +242,12 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
 
     Args:
         model: checkpoint folder or `default` / `default-dream` (the float source).
-        target: None (a quantized checkpoint), "onnx" or "gguf" (its grids: see TARGET_GRIDS).
+        target: None (a quantized checkpoint), "onnx", "gguf" or "gguf-k" (its grids: see TARGET_GRIDS).
         bits: candidate bit-widths (default: the target's).
         group_size: the grids' group size (default: the target's; GGUF: 32).
         embed_head: the embedding and LM head share the budget (SensitivityConfig.embed_head).
     Returns:
-        ({"method", "scheme", "group_size", "sym", "layer_bits", "avg_bits", "mix_embed_head"},
+        ({"method", "scheme", "group_size", "sym", "kquant", "layer_bits", "avg_bits", "mix_embed_head"},
         {"allocation", "scan"}).
     """
     from .. import load_model, load_tokenizer
@@ -243,21 +255,27 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
     if target not in TARGET_GRIDS:
         raise InputError(f"--scheme auto: unknown target {target!r}")
     grid = dict(TARGET_GRIDS[target])
-    if group_size is not None and grid["group_size"] not in (None, group_size):
-        raise InputError(f"{target} stores groups of {grid['group_size']} weights, not {group_size}")
+    kquant = bool(grid.get("kquant"))
+    if group_size is not None and (kquant or grid["group_size"] not in (None, group_size)):
+        raise InputError(f"{target} stores groups of {grid['group_size'] or 'its types'} weights, not {group_size}")
     grid["group_size"] = grid["group_size"] or group_size
     bits = tuple(bits or grid["bits"])
-    if target == "gguf" and any(b not in grid["bits"] for b in bits):
-        raise InputError(f"GGUF stores mixed layers exactly as Q4_0 / Q5_0 / Q8_0: bit-widths 4, 5, 8 (got {bits})")
+    if target in ("gguf", "gguf-k") and any(b not in grid["bits"] for b in bits):
+        raise InputError(f"{target} stores mixed layers exactly at bit-widths {', '.join(map(str, grid['bits']))} "
+                         f"(got {bits})")
     if scan is None:
         cfg = SensitivityConfig(bits=bits, granularity=granularity, method=method, group_size=grid["group_size"],
-                                sym=grid["sym"], embed_head=embed_head)
+                                sym=grid["sym"], embed_head=embed_head, kquant=kquant)
         scan = sensitivity_scan(load_model(model), load_tokenizer(model), cfg, progress=progress)
+    if bool(scan["config"].get("kquant")) != kquant:
+        raise InputError(f"the sensitivity scan {'used' if not kquant else 'did not use'} the K-quant family the "
+                         f"{target} recipe needs (scan again with --grid {target})")
     if grid["group_size"] and scan["grid"]["group_size"] != grid["group_size"]:
         raise InputError(f"the sensitivity scan used groups of {scan['grid']['group_size']}; this recipe needs "
                          f"{grid['group_size']} (scan again with that grid)")
     alloc = allocate_bits(scan, avg_bits, bits, grid["float_bits"])
-    opts = {"method": scan["config"]["method"], "scheme": "W4A16", "group_size": scan["grid"]["group_size"],
-            "sym": scan["config"]["sym"], "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits,
+    opts = {"method": scan["config"]["method"], "scheme": "W4A16",
+            "group_size": None if kquant else scan["grid"]["group_size"], "sym": scan["config"]["sym"],
+            "kquant": "Q4_K" if kquant else None, "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits,
             "mix_embed_head": bool(scan["config"].get("embed_head"))}
     return opts, {"allocation": alloc, "scan": scan}

@@ -229,7 +229,9 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
                 raise InputError(f"GGUF block formats need input widths divisible by {GGUF_BLOCK}; "
                                  f"this model has {K}")
         bits = int(quant[1])
-        if quant.endswith("_K"):  # a K-quant grid; layers whose width 256 does not divide take its fallback
+        if req.quantize_options.get("kquant"):  # a K-quant mix (--scheme auto --kquants): its layer_bits
+            qcfg = _quantize_config(req, "W4A16", None, req.quantize_options)
+        elif quant.endswith("_K"):  # a K-quant grid; layers whose width 256 does not divide take its fallback
             qcfg = _quantize_config(req, f"W{bits}A16", None, {**req.quantize_options, "kquant": quant})
         else:
             opts = {**req.quantize_options, "bits": bits, "sym": quant.endswith("_0"),

@@ -92,8 +92,9 @@ class QuantizeConfig:
             if self.method not in ("rtn", "gptq", "awq") or not self.scheme_.weight_only:
                 raise InputError(f"K-quant grids need method rtn, gptq or awq and a weight-only scheme "
                                  f"(got {self.method} {self.scheme})")
-            if self.layer_bits or self.bits is not None or self.sym is not None or self.group_size not in (None, 0):
-                raise InputError(f"{self.kquant} fixes the bits, groups and symmetry of every layer")
+            if self.bits is not None or self.sym is not None or self.group_size not in (None, 0):
+                raise InputError(f"{self.kquant} fixes the bits, groups and symmetry of every layer "
+                                 f"(a mix: layer_bits from 2, 3, 4, 5, 6, 8)")
         self.weight_config()  # validates bits / group size / zero kind
         pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
         object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in pairs))  # JSON lists -> pairs
@@ -102,8 +103,8 @@ class QuantizeConfig:
                 raise InputError(f"per-layer bit-widths need method rtn or gptq and a weight-only scheme "
                                  f"(got {self.method} {self.scheme})")
             for name, b in self.layer_bits:
-                if not 2 <= int(b) <= 8:
-                    raise InputError(f"layer {name}: weight bits must lie in 2..8, got {b}")
+                if not 2 <= int(b) <= 8 or (self.kquant is not None and int(b) == 7):
+                    raise InputError(f"layer {name}: weight bits must lie in 2..8 (no 7 in a K-quant mix), got {b}")
 
     @property
     def scheme_(self) -> Scheme:

@@ -69,6 +69,15 @@ def kquant_grid(name: str) -> WeightQuantConfig:
     return KQUANTS[name].grid()
 
 
+def kquant_family_grid(bits: int) -> WeightQuantConfig:
+    """The grid of a `bits`-wide layer in a K-quant mix: Q{bits}_K, or Q8_0 for 8 bits."""
+    if bits == 8:
+        return BLOCK_GRIDS["Q8_0"]
+    if f"Q{bits}_K" not in KQUANTS:
+        raise InputError(f"the K-quant family stores 2, 3, 4, 5, 6 or 8-bit layers, not {bits}-bit")
+    return KQUANTS[f"Q{bits}_K"].grid()
+
+
 def kquant_name(cfg: WeightQuantConfig) -> str | None:
     """The K-quant type whose grid `cfg` is, or None."""
     for name, k in KQUANTS.items():

@@ -22,6 +22,7 @@ from functools import reduce
 import numpy as np
 
 from ..errors import InputError
+from .kquant import kquant_family_grid
 from .primitives import WeightQuantConfig
 from .schemes import SCHEMES
 
@@ -31,6 +32,8 @@ DP_MAX_CELLS = 50_000_000  # items x budget units above which the Lagrangian sol
 def grid_for_bits(bits: int, base: WeightQuantConfig, sym: bool | None = None) -> WeightQuantConfig:
     """The grid of a `bits`-wide layer in a mixed recipe: the base grid's group size and zero kind,
     the symmetry of scheme W{bits}A16 unless `sym` fixes it (2-bit grids are asymmetric)."""
+    if base.super_group:  # the K-quant family: Q{bits}_K, Q8_0 for 8 bits (fallbacks: `kquant.grid_for_width`)
+        return kquant_family_grid(bits)
     if sym is None:
         sym = SCHEMES[f"W{bits}A16"].sym if f"W{bits}A16" in SCHEMES else base.sym
     return dataclasses.replace(base, bits=bits, sym=sym)
@@ -38,8 +41,14 @@ def grid_for_bits(bits: int, base: WeightQuantConfig, sym: bool | None = None) -
 
 def weight_bytes(out_features: int, in_features: int, cfg: WeightQuantConfig) -> int:
     """Bytes of a packed [out, in] weight on grid `cfg`: codes at cfg.bits, one fp16 scale per
-    group (and a cfg.bits-wide zero point or fp16 minimum for asymmetric grids)."""
+    group (and a cfg.bits-wide zero point or fp16 minimum for asymmetric grids); K-quants: group
+    scales (and minimums) of cfg.scale_bits plus one fp16 d (and dmin) per super-block."""
     G = cfg.groups(in_features)
+    if cfg.super_group:
+        per_group = cfg.scale_bits * (1 if cfg.sym else 2)
+        per_super = 16 * (1 if cfg.sym else 2)
+        bits = out_features * (in_features * cfg.bits + G * per_group + in_features // cfg.super_group * per_super)
+        return math.ceil(bits / 8)
     bits = out_features * in_features * cfg.bits + out_features * G * 16
     if not cfg.sym:
         bits += out_features * G * (16 if cfg.zero_kind == "float" else cfg.bits)
