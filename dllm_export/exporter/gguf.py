@@ -12,8 +12,8 @@ A PTQ grid that *is* a GGML block format goes in code for code, scale for scale:
 so the file dequantizes (gguf.quants, llama.cpp) to exactly the weights our fake-quant computes
 with. A float checkpoint is written as F32 / F16 / BF16, or rounded here with the reference
 round-to-nearest of the classic block types (gguf.quants); llama.cpp's mixed K-quant recipes
-(Q4_K_M, ...) come from llama.cpp's own quantizer run on an F16 file. Online rotations and activation quantization
-have no GGUF form and are refused with the target that can carry them.
+(Q4_K_M, ...) come from llama.cpp's own quantizer run on an F16 file. Online rotations and
+activation quantization have no GGUF form and are refused with the target that can carry them.
 
 The artifact is a folder: `model.gguf`, plus config.json, the tokenizer files and manifest.json
 (so `dllm-export generate --model OUT` can tokenize without llama.cpp).
@@ -316,8 +316,7 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
     tensor_types: dict[str, int] = {}
     for t in plan:
         tensor_types[t.qtype] = tensor_types.get(t.qtype, 0) + 1
-    main_type = next((t for t in (*KQUANTS, "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16")
-                      if t in tensor_types), "F32")
+    main_type = _main_type(tensor_types)
     with atomic_folder(out_dir) as tmp:
         vocab, check = _choose_pre(tmp, source, vocab, main_type)  # before the tensors: refuse early
         target = tmp / (MODEL_FILE + ".f16" if llama_quant else MODEL_FILE)
@@ -342,6 +341,15 @@ def export_gguf(model_path: str | Path, out_dir: str | Path, cfg: GgufExportConf
         manifest.update(extra_manifest or {})
         write_sidecars(tmp, manifest, source)
     return Path(out_dir)
+
+
+def _main_type(tensor_types: dict[str, int]) -> str:
+    """The file's type (general.file_type, the manifest): the block type most tensors use (a mix:
+    its commonest), else BF16 / F16 / F32."""
+    blocks = [t for t in BLOCK_TYPES if t in tensor_types]
+    if blocks:
+        return max(blocks, key=lambda t: tensor_types[t])  # ties: BLOCK_TYPES order
+    return next((t for t in ("BF16", "F16") if t in tensor_types), "F32")
 
 
 def _refuse_online_parts(name: str, entry: dict) -> None:
