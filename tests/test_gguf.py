@@ -52,29 +52,34 @@ EXACT = [("Q4_0", dict(bits=4, sym=True)), ("Q5_0", dict(bits=5, sym=True)), ("Q
          ("Q4_1", dict(bits=4, sym=False, zero_kind="float")), ("Q5_1", dict(bits=5, sym=False, zero_kind="float"))]
 
 
+def _assert_written_exactly(q, out, roles: dict[str, str]) -> None:
+    """Every block's linears of `roles` (role -> the GGML type expected) dequantize with gguf.quants
+    to exactly our weights (LLaDA's q/k rows put back from llama.cpp's rope order)."""
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    handles, layers = open_shards(q), read_manifest(q)["layers"]
+    model = load_model(q)
+    spec, dims = model.spec, model.config.dims
+    gnames = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "up": "ffn_up", "down": "ffn_down"}
+    for i in range(dims.n_layers):
+        for role, qtype in roles.items():
+            name = f"{spec.blocks}.{i}.{spec.linears[role]}"
+            t = tensors[f"blk.{i}.{gnames[role]}.weight"]
+            assert t.tensor_type.name == qtype, name
+            theirs = gguf.quants.dequantize(t.data, t.tensor_type)
+            if spec.gguf_rope_permute and role in ("q", "k"):  # undo llama.cpp's NORM-rope row order
+                heads = dims.n_heads if role == "q" else dims.n_kv_heads
+                theirs = theirs[_permute_rope_rows(np.arange(theirs.shape[0]), heads).argsort()]
+            ours = read_linear(handles, name, layers[name], q).qweight.dequantize().numpy()
+            assert np.array_equal(theirs, ours), (name, np.abs(theirs - ours).max())
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("qtype,overrides", EXACT, ids=[q for q, _ in EXACT])
 def test_ptq_grid_written_exactly(family, qtype, overrides, ckpts, tmp_path):
     q = quantize(ckpts[family], tmp_path / "q", QuantizeConfig(method="gptq", scheme="W4A16", group_size=32,
                                                               calib=CALIB, **overrides), progress=False)
     out = export_gguf(q, tmp_path / "gguf")
-    reader = gguf.GGUFReader(str(out / "model.gguf"))
-    tensors = {t.name: t for t in reader.tensors}
-    handles, layers = open_shards(q), read_manifest(q)["layers"]
-    model = load_model(q)
-    spec, dims = model.spec, model.config.dims
-    for i in range(dims.n_layers):
-        for role, gname in [("q", "attn_q"), ("k", "attn_k"), ("down", "ffn_down"), ("o", "attn_output")]:
-            name = f"{spec.blocks}.{i}.{spec.linears[role]}"
-            t = tensors[f"blk.{i}.{gname}.weight"]
-            assert t.tensor_type.name == qtype
-            theirs = gguf.quants.dequantize(t.data, t.tensor_type)
-            if family == "llada" and role in ("q", "k"):  # undo llama.cpp's NORM-rope row order
-                heads = dims.n_heads if role == "q" else dims.n_kv_heads
-                inv = _permute_rope_rows(np.arange(theirs.shape[0]), heads).argsort()
-                theirs = theirs[inv]
-            ours = read_linear(handles, name, layers[name], q).qweight.dequantize().numpy()
-            assert np.array_equal(theirs, ours), (name, np.abs(theirs - ours).max())
+    _assert_written_exactly(q, out, {role: qtype for role in ("q", "k", "down", "o")})
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["exact_from_ptq"] and manifest["file_type"] == qtype
 
@@ -112,20 +117,7 @@ def test_kquant_grid_written_exactly(qtype, method, kquant_files):
     the GGML K-quant blocks bit for bit: gguf.quants dequantizes them to exactly our weights; the
     FFN down projection (width 352) takes the type's fallback block type, exactly too."""
     q, out = kquant_files(qtype, method)
-    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
-    handles, layers = open_shards(q), read_manifest(q)["layers"]
-    model = load_model(q)
-    spec, dims = model.spec, model.config.dims
-    for i in range(dims.n_layers):
-        for role, gname in [("q", "attn_q"), ("v", "attn_v"), ("up", "ffn_up"), ("down", "ffn_down")]:
-            name = f"{spec.blocks}.{i}.{spec.linears[role]}"
-            t = tensors[f"blk.{i}.{gname}.weight"]
-            assert t.tensor_type.name == (KQUANT_FALLBACK[qtype] if role == "down" else qtype)
-            theirs = gguf.quants.dequantize(t.data, t.tensor_type)
-            if role == "q":  # undo llama.cpp's NORM-rope row order
-                theirs = theirs[_permute_rope_rows(np.arange(theirs.shape[0]), dims.n_heads).argsort()]
-            ours = read_linear(handles, name, layers[name], q).qweight.dequantize().numpy()
-            assert np.array_equal(theirs, ours), (name, np.abs(theirs - ours).max())
+    _assert_written_exactly(q, out, {"q": qtype, "v": qtype, "up": qtype, "down": KQUANT_FALLBACK[qtype]})
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["exact_from_ptq"] and manifest["file_type"] == qtype
 
