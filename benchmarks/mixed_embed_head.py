@@ -50,7 +50,7 @@ GRIDS = {
     # llama.cpp's K-quants (each layer on its type's fallback where 256 does not divide its width)
     "gguf-k": {"bits": (2, 3, 4, 5, 6, 8), "types": {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0",
                                                       16: "F16"},
-               "uniform": [(b, eh) for b in (3, 4, 5, 6) for eh in (4, 6, 16)],
+               "uniform": [(b, eh) for b in (3, 4, 5, 6) for eh in (3, 4, 6, 16)],
                "budgets": (3.5, 4.0, 4.5, 5.0, 5.5, 6.0), "float_bits": 16, "files": ("model.gguf",), "kquant": True},
 }
 
@@ -62,6 +62,7 @@ def run_model(name: str, work: Path, args) -> dict:
     from dllm_export.exporter.gguf import GgufExportConfig, export_gguf
     from dllm_export.exporter.onnx import export_onnx
     from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
+    from dllm_export.errors import InputError
     from dllm_export.quant.mixed import embed_head_shapes, linear_shapes
 
     grid = GRIDS[args.target]
@@ -106,8 +107,13 @@ def run_model(name: str, work: Path, args) -> dict:
         layer_bits.update({n: eh for n in extra if eh != 16})
         qcfg = QuantizeConfig(**base, layer_bits=layer_bits)
         cell(f"{TYPES[bits]}+{TYPES[eh]}", qcfg, {"kind": "uniform", "blocks": TYPES[bits], "embed_head": TYPES[eh]})
+    infeasible = []
     for budget in grid["budgets"]:
-        alloc = allocate_bits(scan, budget, float_bits=grid["float_bits"])
+        try:
+            alloc = allocate_bits(scan, budget, float_bits=grid["float_bits"])
+        except InputError as e:  # e.g. Dream on K-quants: 192-wide layers fall back to 4.5-bit types
+            infeasible.append({"budget": budget, "why": str(e)})
+            continue
         qcfg = QuantizeConfig(**base, layer_bits=alloc["layer_bits"], avg_bits=budget, mix_embed_head=True)
         counts: dict = {}
         for u, b in alloc["unit_bits"].items():
@@ -129,7 +135,7 @@ def run_model(name: str, work: Path, args) -> dict:
             c["vs_nearest_larger"] = {"label": larger[0]["label"], "kld_diff": d["diff"], "z": d["z"],
                                       "significant": d["significant"]}
     return {"model": name, "scan_seconds": round(t_scan, 1), "seconds": round(time.perf_counter() - t0, 1),
-            "weights": scan["weights"], "cells": cells}
+            "weights": scan["weights"], "cells": cells, "infeasible_budgets": infeasible}
 
 
 def to_markdown(res: dict) -> str:
@@ -143,8 +149,9 @@ def to_markdown(res: dict) -> str:
              "", f"Host: {res['host']['cpu']} ({', '.join(res['host']['flags'])}), torch threads "
              f"{res['host']['torch_threads']}. Reproduce: `{res['command']}`", ""]
     for m in res["models"]:
-        lines += [f"## {m['model']}", "",
-                  f"| file | kind | {file} bytes | KLD mean +- se | KLD p99 | top-1 | embedding / head | block linears "
+        lines += [f"## {m['model']}", ""]
+        lines += [f"Budget {f['budget']} bits: no allocation fits ({f['why']}).\n" for f in m.get("infeasible_budgets", [])]
+        lines += [f"| file | kind | {file} bytes | KLD mean +- se | KLD p99 | top-1 | embedding / head | block linears "
                   "| vs nearest uniform at least as large: dKLD (z) | larger uniform files it beats |",
                   "|---|---|---:|---:|---:|---:|---|---|---|---|"]
         for c in sorted(m["cells"], key=lambda c: c["file_bytes"]):
