@@ -31,6 +31,7 @@ import torch
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
 from ..formats import GGUF_FORMAT
+from ..interrupts import kept_interrupts
 from ..models.checkpoint import source_record
 from ..quant.kquant import KQUANTS, kquant_name
 from ..quant.load import weight_config
@@ -476,6 +477,7 @@ def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:
         raise InputError(f"K-quants need llama-cpp-python (pip install llama-cpp-python): {e}") from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with kept_interrupts():  # its log callback would swallow Ctrl-C
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         raise CheckpointError(f"llama.cpp's quantizer failed on {src} (code {rc})")

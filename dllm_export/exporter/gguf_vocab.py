@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CheckpointError
+from ..interrupts import kept_interrupts
 
 # pre-tokenizer regexes of tokenizer.json whose llama.cpp name is known: tried first
 KNOWN_PRE = {
@@ -122,7 +123,11 @@ def llama_cpp_version() -> str | None:
 def read_back(path: Path, text: str) -> dict:
     """What llama.cpp makes of the vocabulary of GGUF `path` (loaded vocab only): the ids of `text`
     (specials parsed, none added), the special ids, add_bos and the chat template."""
-    L = _llama_cpp()
+    with kept_interrupts():  # llama.cpp logs through a Python callback that would swallow Ctrl-C
+        return _read_back(_llama_cpp(), path, text)
+
+
+def _read_back(L, path: Path, text: str) -> dict:
     L.llama_backend_init()
     mp = L.llama_model_default_params()
     mp.vocab_only = True

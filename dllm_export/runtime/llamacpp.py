@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..models.loader import read_spec
+from ..interrupts import kept_interrupts
 
 def _set_verbose(verbose: bool) -> None:
     """llama-cpp-python's own log hook: errors only unless verbose (its callback is installed at import)."""
@@ -90,11 +91,11 @@ class LlamaCppBackend:
         self.max_tokens = int(max_tokens or dims.context)
         self.max_seqs = max_seqs = min(max_seqs, self.max_tokens)  # a sequence has at least one token
         _set_verbose(verbose)
-        load_cpu_variants(L)
-        L.llama_backend_init()
-        self.cpu_features = L.llama_print_system_info().decode().strip()  # the CPU variant in use
-        mp = L.llama_model_default_params()
-        self.model = L.llama_model_load_from_file(str(file).encode(), mp)
+        with kept_interrupts():  # llama.cpp logs through a Python callback that would swallow Ctrl-C
+            load_cpu_variants(L)
+            L.llama_backend_init()
+            self.cpu_features = L.llama_print_system_info().decode().strip()  # the CPU variant in use
+            self.model = L.llama_model_load_from_file(str(file).encode(), L.llama_model_default_params())
         if not self.model:
             raise CheckpointError(f"llama.cpp could not load {file}")
         n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
@@ -109,7 +110,8 @@ class LlamaCppBackend:
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
-        self.ctx = L.llama_init_from_model(self.model, cp)
+        with kept_interrupts():
+            self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise CheckpointError(f"llama.cpp could not create a context for {file}")
         self.batch = L.llama_batch_init(self.max_tokens, 0, max_seqs)
@@ -133,7 +135,8 @@ class LlamaCppBackend:
                 b.logits[i] = 1
                 i += 1
         b.n_tokens = n
-        rc = L.llama_decode(self.ctx, b)
+        with kept_interrupts():  # a warning logged mid-decode must not swallow Ctrl-C
+            rc = L.llama_decode(self.ctx, b)
         if rc != 0:
             raise CheckpointError(f"llama_decode failed with code {rc}")
         logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n, self.vocab_size)).copy()
