@@ -75,11 +75,11 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     DeviceProfile(
         "x86-avx512-vnni", "x86-64 with AVX-512 VNNI (Ice Lake+, Zen 4+): int8 dot products; W8A8's integer "
         "GEMM measured 4.8x torch fp32 at a 128-token step (benchmarks/results/backend_speed_1b.json)",
-        "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q8_0",
+        "x86_64", ("avx2", "fma", "avx512f", "avx512_vnni"), ("onnx", "gguf"), "W8A8", 128, "qdq", 4, "Q6_K",
         speed_note="gguf: llama.cpp recomputes the whole canvas every step (no KV cache for diffusion archs); "
-        "its full step measured 1.05-1.64x torch fp32 (F16 .. Q4_K_M) but 0.49-0.76x torch bf16 on the anchor "
-        "shape (benchmarks/results/llamacpp_speed.json): the faster targets are onnx (W8A8) and torch bf16 / "
-        "--kernel int W8A8 with the dual cache", spinning=False),
+        "its full step measured 1.16-1.88x torch fp32 (Q8_0 .. Q6_K, the fastest type here) but 0.56-0.91x "
+        "torch bf16 on the anchor shape (benchmarks/results/llamacpp_speed_kquants.json): the faster targets "
+        "are onnx (W8A8) and torch bf16 / --kernel int W8A8 with the dual cache", spinning=False),
     DeviceProfile(
         "arm64-dotprod", "arm64 with the dot-product extension (phones, Graviton 2, Apple M1+): onnxruntime's "
         "KleidiAI 4-bit kernels want symmetric blocks that are a multiple of 32 and divide K",
