@@ -33,7 +33,7 @@ from ..fileio import atomic_folder
 from ..formats import GGUF_FORMAT
 from ..interrupts import kept_interrupts
 from ..models.checkpoint import source_record
-from ..quant.kquant import KQUANTS, kquant_name
+from ..quant.kquant import BLOCK_GRIDS, KQUANTS, kquant_name
 from ..quant.load import weight_config
 from ..quant.primitives import QuantizedWeight, WeightQuantConfig
 from .gguf_kquants import pack_kquant
@@ -55,7 +55,7 @@ QUANT_TYPES = FLOAT_TYPES + BLOCK_TYPES + tuple(LLAMA_QUANTS)
 _FILE_TYPES = {"Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
 
 # (bits, symmetric) of a group-32 grid -> the block type that stores it exactly
-_EXACT = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0", (4, False): "Q4_1", (5, False): "Q5_1"}
+_EXACT = {(g.bits, g.sym): name for name, g in BLOCK_GRIDS.items()}
 
 # llada: HF module name (inside a block) -> GGUF name; Dream uses the Qwen2 names
 _ROLE_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",

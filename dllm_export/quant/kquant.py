@@ -52,7 +52,8 @@ KQUANTS = {
     "Q6_K": KQuant(6, 16, True, 8, "Q8_0"),
 }
 
-# the classic block types as grids (groups of 32, fp16 scales): what a K-quant falls back to
+# the classic block types as grids (groups of 32, fp16 scales): a K-quant's fallbacks, and the GGUF
+# writer's map from a grid to the block type that stores it
 BLOCK_GRIDS = {
     "Q4_0": WeightQuantConfig(bits=4, group_size=32, sym=True),
     "Q5_0": WeightQuantConfig(bits=5, group_size=32, sym=True),

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
-from ..models.loader import read_spec
 from ..interrupts import kept_interrupts
+from ..models.loader import read_spec
 
 def _set_verbose(verbose: bool) -> None:
     """llama-cpp-python's own log hook: errors only unless verbose (its callback is installed at import)."""
