@@ -294,3 +294,27 @@ def test_duquant_bits_reach_the_checkpoint(tiny_q, calib_file, tmp_path):
                    progress=False)
     layers = json.loads((out / "manifest.json").read_text())["layers"]
     assert len(layers) == 14 and {e["weight"]["bits"] for e in layers.values()} == {3}
+
+
+@pytest.mark.parametrize("qmax", [3, 15, 31])
+def test_scale_min_search_never_worse_than_the_range(qmax):
+    """The K-quant group fit (weighted least squares over stretched grids) keeps s > 0 and m <= 0 and
+    has at most the weighted error of the plain min/max grid on every group, less on average."""
+    from dllm_export.quant.primitives import scale_min_search
+
+    Wg = torch.randn(64, 8, 32, generator=torch.Generator().manual_seed(0)) * 0.05
+    Wg[0, 0] = 0.0  # an all-zero group
+    Wg[1, 1] += 0.2  # a group with no negative weight: m = 0
+    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    s, m = scale_min_search(Wg, lo, hi, qmax)
+    assert bool((s > 0).all()) and bool((m <= 0).all())
+
+    def weighted_error(s, m):
+        w = Wg.pow(2).mean(-1, keepdim=True).sqrt() + Wg.abs()
+        q = torch.round((Wg - m[..., None]) / s[..., None]).clamp(0, qmax)
+        return (w * (s[..., None] * q + m[..., None] - Wg) ** 2).sum(-1)
+
+    s0 = ((hi - lo) / qmax).clamp(min=1e-30)
+    e, e0 = weighted_error(s, m), weighted_error(s0, lo)
+    assert bool((e <= e0 * (1 + 1e-5) + 1e-12).all())
+    assert float(e.sum()) < 0.97 * float(e0.sum())

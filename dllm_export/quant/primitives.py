@@ -154,14 +154,49 @@ def compute_grid(W: torch.Tensor, cfg: WeightQuantConfig, clip: torch.Tensor | f
         return _super_block_grid(scales, None, cfg) if cfg.super_group else (scales, None, None)
     xmax = (Wg.amax(dim=-1) * clip.squeeze(-1)).clamp(min=0)
     xmin = (Wg.amin(dim=-1) * clip.squeeze(-1)).clamp(max=0)
+    if cfg.super_group:  # K-quants with minimums: searched per group, then rounded onto the super-block
+        scales, xmin = scale_min_search(Wg, xmin, xmax, cfg.qmax)
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        return _super_block_grid(scales, xmin, cfg)
     scales = ((xmax - xmin) / cfg.qmax).to(cfg.scale_dtype)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-    if cfg.super_group:
-        return _super_block_grid(scales, xmin, cfg)
     if cfg.zero_kind == "float":
         return scales, None, xmin.to(cfg.scale_dtype)
     zeros = torch.round(-xmin / scales.float()).clamp(0, cfg.qmax).to(torch.int16)
     return scales, zeros, None
+
+
+def scale_min_search(Wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, steps: int = 20,
+                     shift: float = -1.0, step: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scale and minimum (w = s * q + m, q in [0, qmax]) by search instead of from the range,
+    as llama.cpp's K-quant quantizer does: for each of `steps` + 1 stretched grids over [lo, hi]
+    (levels qmax + shift + step * i) round the group, refit (s, m) by least squares weighted by
+    rms(group) + |w| (the large weights count more; m <= 0), and keep the fit of least weighted
+    error. Wg [out, G, g]; lo, hi [out, G]. Returns (scales, minimums) [out, G], float32."""
+    x = Wg.float()
+    w = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+    lo, hi = lo.float()[..., None], hi.float()[..., None]
+    span = (hi - lo).clamp(min=1e-30)
+    sw, swx = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
+
+    def error(s, m, q):
+        return (w * (s * q + m - x) ** 2).sum(-1, keepdim=True)
+
+    best_s, best_m = span / qmax, lo
+    best_e = error(best_s, best_m, torch.round((x - lo) / best_s).clamp(0, qmax))
+    for i in range(steps + 1):
+        q = torch.round((qmax + shift + step * i) / span * (x - lo)).clamp(0, qmax)
+        swq, swq2, swxq = (w * q).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True), (w * q * x).sum(-1, keepdim=True)
+        det = sw * swq2 - swq * swq
+        ok = det > 0
+        det = torch.where(ok, det, 1.0)
+        s, m = (sw * swxq - swx * swq) / det, (swq2 * swx - swq * swxq) / det
+        s = torch.where(m > 0, swxq / swq2.clamp(min=1e-30), s)  # a positive minimum: refit through 0
+        m = m.clamp(max=0)
+        e = error(s, m, q)
+        better = ok & (s > 0) & (e < best_e)
+        best_s, best_m, best_e = torch.where(better, s, best_s), torch.where(better, m, best_m), torch.where(better, e, best_e)
+    return best_s[..., 0], best_m[..., 0]
 
 
 def _super_block_grid(scales: torch.Tensor, xmin: torch.Tensor | None, cfg: WeightQuantConfig):
