@@ -4,6 +4,8 @@
     dllm-export info --model DIR
     dllm-export --target onnx --bits 4 [--method gptq] [--scheme W4A8] [--format qdq|matmulnbits] [--out DIR]
     dllm-export export --target gguf --quant Q4_0     (the same as a subcommand)
+    dllm-export --target gguf --quant Q4_K --method gptq      (GPTQ on llama.cpp's K-quant grid)
+    dllm-export --target gguf --scheme auto --avg-bits 3.5 --kquants    (a K-quant mix from a sensitivity scan)
     dllm-export generate --model DIR          (a checkpoint folder or an exported ONNX artifact)
     dllm-export lm-eval --model DIR --tasks arc_easy,gsm8k [--model-args mc_num=128,gen_length=256]
     dllm-export serve MODEL_OR_ARTIFACT [--port 8000] [--max-batch 8] [--api-key KEY]   (OpenAI-compatible HTTP)
