@@ -139,6 +139,8 @@ def compute_grid(W: torch.Tensor, cfg: WeightQuantConfig, clip: torch.Tensor | f
     Symmetric: the largest-magnitude weight of each group maps exactly onto the most negative
     code (scale = x_absmax_signed / -2^(b-1), as GGUF Q4_0 does), using all 2^b levels.
     Asymmetric: [min, max] (each scaled by `clip`) spans [0, 2^b - 1].
+    K-quants (`cfg.super_group`): those group scales (for the types with minimums, scale and
+    minimum from `scale_min_search`) rounded onto the super-block's integer grid.
     Returns:
         (scales [out, G] in scale_dtype, zeros [out, G] int16 or None, mins [out, G] or None).
     """
