@@ -20,8 +20,7 @@ from ..errors import InputError
 from ..quant.base import QuantizeConfig, round_weight
 from ..quant.calibrate import CalibConfig, calibration_ids
 from ..quant.driver import fit_group_size
-from ..quant.kquant import grid_for_width
-from ..quant.mixed import FLOAT_BITS, allocate, embed_head_shapes, grid_for_bits, linear_shapes, weight_bytes
+from ..quant.mixed import FLOAT_BITS, allocate, embed_head_shapes, layer_grid, linear_shapes, weight_bytes
 from .fidelity import FidelityConfig, build_reference, compare
 
 GRANULARITIES = ("layer", "role")
@@ -142,7 +141,7 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
         entry = {"layers": names, "weights": sum(shapes[n][0] * shapes[n][1] for n in names), "bits": {}}
         originals = {n: model.get_submodule(n).weight.data.clone() for n in names}
         for b in sorted(cfg.bits):
-            grids = {n: grid_for_width(grid_for_bits(b, base, cfg.sym), shapes[n][1]) for n in names}
+            grids = {n: layer_grid(base, shapes[n][1], b, cfg.sym) for n in names}
             for n in names:
                 W = originals[n].float()
                 h = H.get(n)

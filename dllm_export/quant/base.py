@@ -157,12 +157,9 @@ class QuantMethod:
         """The grid of layer `name` (full module name; None: any layer) `in_features` wide: its
         `layer_bits` entry's, else the scheme's; a K-quant's fallback where its super-blocks do not
         tile the width."""
-        from .kquant import grid_for_width
-        from .mixed import grid_for_bits
+        from .mixed import layer_grid
 
-        bits = dict(self.qcfg.layer_bits).get(name)
-        cfg = self.wcfg if bits is None else grid_for_bits(int(bits), self.wcfg, self.qcfg.sym)
-        return cfg if in_features is None else grid_for_width(cfg, in_features)
+        return layer_grid(self.wcfg, in_features, dict(self.qcfg.layer_bits).get(name), self.qcfg.sym)
 
     def transform_embedding(self, W: torch.Tensor) -> torch.Tensor:
         return W

@@ -104,16 +104,15 @@ def super_scales(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     out, G = qw.scales.shape
     per = cfg.super_group // cfg.group_size
     s = qw.scales.float().reshape(out, G // per, per)
+    lo, top = cfg.scale_code_range
     if cfg.sym:
-        lim = 1 << (cfg.scale_bits - 1)
-        d = torch.gather(s, -1, s.abs().argmax(-1, keepdim=True)) / -lim
-        res = {"d": d[..., 0], "sc": _integers(s, d, -lim, lim - 1, "scale")}
+        d = torch.gather(s, -1, s.abs().argmax(-1, keepdim=True)) / lo
+        res = {"d": d[..., 0], "sc": _integers(s, d, lo, top, "scale")}
     else:
-        top = (1 << cfg.scale_bits) - 1
         d = s.amax(-1, keepdim=True) / top
         m = -qw.mins.float().reshape(out, G // per, per)
         dmin = m.amax(-1, keepdim=True) / top
-        res = {"d": d[..., 0], "sc": _integers(s, d, 1, top, "scale"), "dmin": dmin[..., 0],
+        res = {"d": d[..., 0], "sc": _integers(s, d, lo, top, "scale"), "dmin": dmin[..., 0],
                "m": _integers(m, dmin, 0, top, "minimum")}
     for key in ("d", "dmin"):
         if key in res:

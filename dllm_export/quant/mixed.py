@@ -22,7 +22,7 @@ from functools import reduce
 import numpy as np
 
 from ..errors import InputError
-from .kquant import kquant_family_grid
+from .kquant import grid_for_width, kquant_family_grid
 from .primitives import WeightQuantConfig
 from .schemes import SCHEMES
 
@@ -37,6 +37,14 @@ def grid_for_bits(bits: int, base: WeightQuantConfig, sym: bool | None = None) -
     if sym is None:
         sym = SCHEMES[f"W{bits}A16"].sym if f"W{bits}A16" in SCHEMES else base.sym
     return dataclasses.replace(base, bits=bits, sym=sym)
+
+
+def layer_grid(base: WeightQuantConfig, in_features: int | None, bits: int | None = None,
+               sym: bool | None = None) -> WeightQuantConfig:
+    """The grid a layer `in_features` wide is rounded on: `base`, or `grid_for_bits` of its bits in a
+    mix; then a K-quant's fallback where 256 does not divide the width (`kquant.grid_for_width`)."""
+    cfg = base if bits is None else grid_for_bits(int(bits), base, sym)
+    return cfg if in_features is None else grid_for_width(cfg, in_features)
 
 
 def weight_bytes(out_features: int, in_features: int, cfg: WeightQuantConfig) -> int:
@@ -56,14 +64,6 @@ def weight_bytes(out_features: int, in_features: int, cfg: WeightQuantConfig) ->
 
 
 FLOAT_BITS = 16  # the "keep it float" option of the embedding and head units (stored as fp16 / F16)
-
-
-def unit_bytes(out_features: int, in_features: int, bits: int, base: WeightQuantConfig, sym: bool | None = None) -> int:
-    """Bytes of a layer at `bits` in a mixed recipe: `weight_bytes` of its grid, or 2 per weight
-    at FLOAT_BITS (the embedding and head may stay in half precision)."""
-    if bits == FLOAT_BITS:
-        return 2 * out_features * in_features
-    return weight_bytes(out_features, in_features, grid_for_bits(bits, base, sym))
 
 
 def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float]], budget: int) -> dict:

@@ -74,6 +74,14 @@ class WeightQuantConfig:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1 if self.sym else (1 << self.bits) - 1
 
+    @property
+    def scale_code_range(self) -> tuple[int, int]:
+        """K-quants: the integers a group scale is stored as (signed for symmetric grids, never 0
+        for grids with minimums); minimums take [0, the same top]."""
+        if self.sym:
+            return -(1 << (self.scale_bits - 1)), (1 << (self.scale_bits - 1)) - 1
+        return 1, (1 << self.scale_bits) - 1
+
     def groups(self, in_features: int) -> int:
         """Number of groups along the input dim; raises if the group size does not divide it."""
         g = self.group_size or in_features
@@ -210,15 +218,15 @@ def _super_block_grid(scales: torch.Tensor, xmin: torch.Tensor | None, cfg: Weig
     per = cfg.super_group // cfg.group_size
     s = scales.float().reshape(out, G // per, per)
     tiny = 2.0 ** -24  # the smallest fp16 (subnormal): an all-zero super-block still gets a usable d
-    if cfg.sym:  # signed integers in [-lim, lim - 1]; the largest-magnitude scale -> -lim (as Q3_K / Q6_K)
-        lim = 1 << (cfg.scale_bits - 1)
+    lo, top = cfg.scale_code_range
+    if cfg.sym:  # signed integers in [lo, top]; the largest-magnitude scale -> lo (as Q3_K / Q6_K)
         idx = s.abs().argmax(-1, keepdim=True)
-        d = (torch.gather(s, -1, idx) / -lim).to(torch.float16).float()
+        d = (torch.gather(s, -1, idx) / lo).to(torch.float16).float()
         d = torch.where(d == 0, torch.full_like(d, tiny), d)
-        sc = torch.round(s / d).clamp(-lim, lim - 1)
-        sc = torch.where(sc == 0, torch.where(s / d < 0, -1.0, 1.0), sc).scatter(-1, idx, -float(lim))
+        sc = torch.round(s / d).clamp(lo, top)
+        sc = torch.where(sc == 0, torch.where(s / d < 0, -1.0, 1.0), sc).scatter(-1, idx, float(lo))
         return (d * sc).reshape(out, G), None, None
-    top = (1 << cfg.scale_bits) - 1  # unsigned integers in [1, top]; minimums in [0, top] (subtracted)
+    # unsigned integers in [1, top]; minimums in [0, top] (subtracted)
     idx = s.argmax(-1, keepdim=True)
     d = (torch.gather(s, -1, idx) / top).to(torch.float16).float()
     d = torch.where(d == 0, torch.full_like(d, tiny), d)
