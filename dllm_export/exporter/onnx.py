@@ -202,15 +202,31 @@ def _scales(g: _Graph, s: torch.Tensor, name: str) -> str:
     return g.op("Cast", [half], name, to=1)
 
 
-def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0) -> str:
-    """Unsigned `bits`-bit codes u [R, C] stored densely as `bits` bit planes (np.packbits, LSB
-    first: R * C * bits / 8 bytes), with the ops that rebuild them as uint8 [R, C], minus `offset`
-    as int8 when `offset` is given (signed codes). Every input is an initializer, so onnxruntime
-    folds the rebuild at load: a file at the grid's bits (ONNX has no 3/5/6/7-bit type, and its
-    int2 needs opset 25), the 8-bit kernels in memory."""
+def _stored_codes(g: _Graph, codes: np.ndarray, bits: int, signed: bool, name: str) -> str:
+    """Integer codes (signed in [-2^(b-1), 2^(b-1)), else in [0, 2^b)) as a DequantizeLinear input of
+    their shape: int4 / uint4 at 4 bits, int8 / uint8 at 8, dense bit planes rebuilt as int8 / uint8
+    otherwise (`_dense_codes`)."""
     import onnx
 
-    R, C = u.shape
+    TP = onnx.TensorProto
+    if bits == 4:
+        return g.weight(name, _pack_nibbles(codes & 0xF), list(codes.shape), TP.INT4 if signed else TP.UINT4)
+    if bits == 8:
+        return g.weight(name, codes.astype(np.int8 if signed else np.uint8), list(codes.shape),
+                        TP.INT8 if signed else TP.UINT8)
+    offset = 1 << (bits - 1) if signed else 0
+    return _dense_codes(g, codes.astype(np.int16) + offset, bits, name, offset)
+
+
+def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0) -> str:
+    """Unsigned `bits`-bit codes u (any shape) stored densely as `bits` bit planes (np.packbits, LSB
+    first: u.size * bits / 8 bytes), with the ops that rebuild them as uint8 of u's shape, minus
+    `offset` as int8 when `offset` is given (signed codes). Every input is an initializer, so
+    onnxruntime folds the rebuild at load: a file at the grid's bits (ONNX has no 3/5/6/7-bit type,
+    and its int2 needs opset 25), the 8-bit kernels in memory."""
+    import onnx
+
+    n = u.size
     planes = np.stack([np.packbits(((u >> i) & 1).astype(np.uint8).reshape(-1), bitorder="little")
                        for i in range(bits)])  # [bits, M]
     M = planes.shape[1]
@@ -218,14 +234,14 @@ def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0
     bit = g.op("BitwiseAnd", [g.op("BitShift", [p, g.const(np.arange(8), np.uint8)], direction="RIGHT"),
                               g.const(np.array(1), np.uint8)])  # [bits, M, 8]: bit j of each byte
     flat = g.op("Reshape", [bit, g.const([bits, M * 8], np.int64)])
-    if M * 8 != R * C:  # the last byte's padding bits
-        flat = g.op("Slice", [flat, g.const([0], np.int64), g.const([R * C], np.int64), g.const([1], np.int64)])
+    if M * 8 != n:  # the last byte's padding bits
+        flat = g.op("Slice", [flat, g.const([0], np.int64), g.const([n], np.int64), g.const([1], np.int64)])
     weighted = g.op("BitShift", [flat, g.const(np.arange(bits).reshape(bits, 1), np.uint8)], direction="LEFT")
     parts = g.op_n("Split", [weighted], ["plane"] * bits, axis=0, num_outputs=bits)
     value = parts[0]
     for part in parts[1:]:  # the planes' bits are disjoint: OR is their sum
         value = g.op("BitwiseOr", [value, part])
-    value = g.op("Reshape", [value, g.const([R, C], np.int64)], None if offset else name)
+    value = g.op("Reshape", [value, g.const(list(u.shape), np.int64)], None if offset else name)
     if not offset:
         return value
     signed = g.op("Sub", [g.op("Cast", [value], to=onnx.TensorProto.INT32), g.const(np.array(offset), np.int32)])
@@ -326,41 +342,17 @@ class _Builder:
 
     def dq_weight(self, qw: QuantizedWeight, name: str) -> str:
         """DequantizeLinear of the codes as [K, N] (the layout onnxruntime's MatMulNBits fusion wants)."""
-        import onnx
-
         g, c = self.g, qw.cfg
-        N, K = qw.shape
+        K = qw.shape[1]
         G = qw.scales.shape[1]
-        codes = qw.codes.numpy().T
-        narrow = c.bits == 4
-        if c.sym:
-            elem = onnx.TensorProto.INT4 if narrow else onnx.TensorProto.INT8
-        else:
-            elem = onnx.TensorProto.UINT4 if narrow else onnx.TensorProto.UINT8
-        if narrow:
-            q = g.weight(f"{name}.qweight", _pack_nibbles(codes & 0xF), [K, N], elem)
-        elif c.bits == 8:
-            q = g.weight(f"{name}.qweight", codes.astype(np.int8 if c.sym else np.uint8), [K, N], elem)
-        else:  # 2, 3, 5, 6, 7 bits: dense bit planes in the file, 8-bit codes in memory
-            q = _dense_codes(g, codes.astype(np.int16) - c.qmin, c.bits, f"{name}.qweight", -c.qmin)
+        per_channel = G == 1
+        inputs = [_stored_codes(g, qw.codes.numpy().T, c.bits, c.sym, f"{name}.qweight")]
         scales = qw.scales.T  # [G, N]
-        inputs = [q]
-        if G == 1:  # per output channel
-            inputs.append(_scales(g, scales[0], f"{name}.scales"))
-            attrs = {"axis": 1}
-        else:
-            inputs.append(_scales(g, scales, f"{name}.scales"))
-            attrs = {"axis": 0, "block_size": K // G}
-        if qw.zeros is not None:
-            z = qw.zeros.numpy().T.reshape(-1, N)  # [G, N]
-            if narrow:
-                zp = g.weight(f"{name}.qzeros", _pack_nibbles(z), [N] if G == 1 else [G, N], elem)
-            elif c.bits == 8:
-                zp = g.weight(f"{name}.qzeros", z.astype(np.uint8), [N] if G == 1 else [G, N], elem)
-            else:  # the zero points at the codes' width too
-                zp = _dense_codes(g, z.astype(np.int16), c.bits, f"{name}.qzeros")
-                zp = zp if G > 1 else g.op("Reshape", [zp, g.const([N], np.int64)])
-            inputs.append(zp)
+        inputs.append(_scales(g, scales[0] if per_channel else scales, f"{name}.scales"))
+        if qw.zeros is not None:  # at the codes' width and type too
+            z = qw.zeros.numpy().T  # [G, N]
+            inputs.append(_stored_codes(g, z[0] if per_channel else z, c.bits, False, f"{name}.qzeros"))
+        attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": K // G}
         return g.op("DequantizeLinear", inputs, f"{name}.weight", **attrs)
 
     def nbits_matmul(self, x: str, qw: QuantizedWeight, name: str, acc: int) -> str:
