@@ -37,36 +37,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mixed_precision import host  # noqa: E402
 
-# per target: the bit-widths of the scan and the mixes, their names (16 = the float option), the uniform
-# files (block linears, embedding + head), the budgets (average bits per weight over block linears +
-# embedding + head), what a float embedding / head costs in the file, and the file(s) measured
+# per target (its bit-widths, float cost and K-quant family: eval.sensitivity.TARGET_GRIDS): the names of
+# the bit-widths (16 = the float option), the uniform files (block linears, embedding + head), the budgets
+# (average bits per weight over block linears + embedding + head) and the file(s) measured
 GRIDS = {
-    "gguf": {"bits": (4, 5, 8), "types": {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16"},
+    "gguf": {"types": {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16"},
              "uniform": [(b, eh) for b in (4, 5, 8) for eh in (4, 8, 16)], "budgets": (4.5, 5.0, 5.5, 6.0, 7.0),
-             "float_bits": 16, "files": ("model.gguf",)},
-    "onnx": {"bits": (2, 3, 4, 8), "types": {2: "W2", 3: "W3", 4: "W4", 8: "W8", 16: "fp32"},
+             "files": ("model.gguf",)},
+    "onnx": {"types": {2: "W2", 3: "W3", 4: "W4", 8: "W8", 16: "fp32"},
              "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)], "budgets": (3.5, 4.0, 4.5, 5.0, 6.0),
-             "float_bits": 32, "files": ("model.onnx", "model.onnx.data")},
+             "files": ("model.onnx", "model.onnx.data")},
     # llama.cpp's K-quants (each layer on its type's fallback where 256 does not divide its width)
-    "gguf-k": {"bits": (2, 3, 4, 5, 6, 8), "types": {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0",
-                                                      16: "F16"},
+    "gguf-k": {"types": {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0", 16: "F16"},
                "uniform": [(b, eh) for b in (3, 4, 5, 6) for eh in (3, 4, 6, 16)],
-               "budgets": (3.5, 4.0, 4.5, 5.0, 5.5, 6.0), "float_bits": 16, "files": ("model.gguf",), "kquant": True},
+               "budgets": (3.5, 4.0, 4.5, 5.0, 5.5, 6.0), "files": ("model.gguf",)},
 }
 
 
 def run_model(name: str, work: Path, args) -> dict:
     from dllm_export import load_model, load_tokenizer
     from dllm_export.eval.fidelity import FidelityConfig, build_reference, compare, paired_difference
-    from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, sensitivity_scan
+    from dllm_export.eval.sensitivity import TARGET_GRIDS, SensitivityConfig, allocate_bits, sensitivity_scan
     from dllm_export.exporter.gguf import GgufExportConfig, export_gguf
     from dllm_export.exporter.onnx import export_onnx
     from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
     from dllm_export.errors import InputError
     from dllm_export.quant.mixed import embed_head_shapes, linear_shapes
 
-    grid = GRIDS[args.target]
-    TYPES = grid["types"]
+    grid, target = GRIDS[args.target], TARGET_GRIDS[args.target]
+    TYPES, kquant = grid["types"], bool(target.get("kquant"))
     t0 = time.perf_counter()
     model, tok = load_model(name), load_tokenizer(name)
     extra = list(embed_head_shapes(model))
@@ -76,9 +75,9 @@ def run_model(name: str, work: Path, args) -> dict:
     if scan_file.exists():
         scan = json.loads(scan_file.read_text())
     else:
-        grid_kw = {"kquant": True} if grid.get("kquant") else {"group_size": 32, "sym": True}
+        grid_kw = {"kquant": True} if kquant else {"group_size": 32, "sym": True}
         scan = sensitivity_scan(model, tok, SensitivityConfig(
-            bits=grid["bits"], calib=calib, embed_head=True, **grid_kw,
+            bits=target["bits"], calib=calib, embed_head=True, **grid_kw,
             fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
         scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
@@ -101,7 +100,7 @@ def run_model(name: str, work: Path, args) -> dict:
         print(json.dumps(cells[-1]), file=sys.stderr)
 
     base = dict(method="gptq", scheme="W4A16", calib=calib,
-                **({"kquant": "Q4_K"} if grid.get("kquant") else {"group_size": 32, "sym": True}))
+                **({"kquant": "Q4_K"} if kquant else {"group_size": 32, "sym": True}))
     for bits, eh in grid["uniform"]:
         layer_bits = {n: bits for n in linear_shapes(model)}
         layer_bits.update({n: eh for n in extra if eh != 16})
@@ -110,7 +109,7 @@ def run_model(name: str, work: Path, args) -> dict:
     infeasible = []
     for budget in grid["budgets"]:
         try:
-            alloc = allocate_bits(scan, budget, float_bits=grid["float_bits"])
+            alloc = allocate_bits(scan, budget, float_bits=target["float_bits"])
         except InputError as e:  # e.g. Dream on K-quants: 192-wide layers fall back to 4.5-bit types
             infeasible.append({"budget": budget, "why": str(e)})
             continue
@@ -145,7 +144,7 @@ def to_markdown(res: dict) -> str:
              f"calibration)",
              *([""] + ["Types name the K-quant family; a layer whose width 256 does not divide is written in llama.cpp's "
                        "fallback (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0)."]
-               if GRIDS[target].get("kquant") else []),
+               if target == "gguf-k" else []),
              "", f"Host: {res['host']['cpu']} ({', '.join(res['host']['flags'])}), torch threads "
              f"{res['host']['torch_threads']}. Reproduce: `{res['command']}`", ""]
     for m in res["models"]:
