@@ -203,6 +203,7 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     from ..formats import GGUF_BLOCK
     from ..models.checkpoint import is_quantized
     from ..quant import get_scheme
+    from ..quant.kquant import BLOCK_GRIDS, KQUANTS
     from .gguf import BLOCK_TYPES, GgufExportConfig, check_tokenizer
     from .gguf_vocab import read_vocab
 
@@ -231,11 +232,11 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
         bits = int(quant[1])
         if req.quantize_options.get("kquant"):  # a K-quant mix (--scheme auto --kquants): its layer_bits
             qcfg = _quantize_config(req, "W4A16", None, req.quantize_options)
-        elif quant.endswith("_K"):  # a K-quant grid; layers whose width 256 does not divide take its fallback
+        elif quant in KQUANTS:  # a K-quant grid; layers whose width 256 does not divide take its fallback
             qcfg = _quantize_config(req, f"W{bits}A16", None, {**req.quantize_options, "kquant": quant})
-        else:
-            opts = {**req.quantize_options, "bits": bits, "sym": quant.endswith("_0"),
-                    "zero_kind": "int" if quant.endswith("_0") else "float"}
+        else:  # the block type's own grid
+            g = BLOCK_GRIDS[quant]
+            opts = {**req.quantize_options, "bits": g.bits, "sym": g.sym, "zero_kind": g.zero_kind}
             qcfg = _quantize_config(req, f"W{bits}A16", GGUF_BLOCK, opts)
         check_tokenizer(src)  # llama.cpp tokenizes like the checkpoint, or refused before calibrating
     return ExportPlan("gguf", src, qcfg, GgufExportConfig(quant=None if needs_ptq else quant), extra)
