@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dllm_export.runtime.loop import PRESETS
+
 # name -> generate() options (on top of gen_length / block_length; steps = gen_length)
 VARIANTS = {
     "reference": {},
@@ -29,7 +31,9 @@ VARIANTS = {
     "dual+factor1": {"cache": "dual", "factor": 1.0},
     "dual+threshold0.99": {"cache": "dual", "threshold": 0.99},
     "threshold0.99": {"threshold": 0.99},
-    "edge": {"cache": "dual", "threshold": 0.9, "stop_at_eos": True},  # the loop's edge preset
+    "dual+threshold0.99+refresh16": {"cache": "dual", "threshold": 0.99, "refresh_tokens": 16},
+    "fast-dllm+eos": {"cache": "dual", "threshold": 0.9, "stop_at_eos": True},  # Fast-dLLM dual + 0.9 (the earlier edge preset)
+    "edge": PRESETS["edge"],  # the loop's edge preset
 }
 
 

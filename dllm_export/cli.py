@@ -195,11 +195,14 @@ def _add_generate(sub) -> None:
     g.add_argument("--factor", type=float, help="Fast-dLLM factor rule for parallel decoding (instead of --threshold)")
     g.add_argument("--cache", choices=CACHES, help="block KV cache (default: none; dual = Fast-dLLM's)")
     g.add_argument("--refresh", type=int, help="with a cache: also a full forward every N steps inside a block")
+    g.add_argument("--refresh-tokens", type=int,
+                   help="with a cache: a full forward once N tokens were committed since the cache was filled")
     g.add_argument("--stop-at-eos", action="store_true", default=None,
                    help="stop once a decoded block holds an end token; fill the rest with EOS")
     g.add_argument("--preset", choices=sorted(PRESETS), default="reference",
-                   help="defaults for --cache/--threshold/--stop-at-eos: reference (the released loops) | "
-                        "edge (dual cache, threshold 0.9, stop at EOS) (default: %(default)s)")
+                   help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos: reference (the released "
+                        "loops) | edge (dual cache refreshed after 16 commits, threshold 0.99, stop at EOS) "
+                        "(default: %(default)s)")
     g.add_argument("--seed", type=int, help="random seed (for temperature > 0 or random samplers)")
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -430,7 +433,8 @@ def cmd_generate(args) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-    given = {"cache": args.cache, "threshold": args.threshold, "stop_at_eos": args.stop_at_eos}
+    given = {"cache": args.cache, "threshold": args.threshold, "refresh_tokens": args.refresh_tokens,
+             "stop_at_eos": args.stop_at_eos}
     preset = {k: v for k, v in PRESETS[args.preset].items() if given[k] is None and args.factor is None}
     opts = {**{k: v for k, v in given.items() if v is not None}, **preset}
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,

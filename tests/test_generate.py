@@ -220,6 +220,54 @@ def test_cache_with_refresh_every_step_is_the_reference(name, sampler, cache, ti
     assert torch.equal(ref.ids, out.ids) and torch.equal(ref.commit_step, out.commit_step)
 
 
+@pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("dream", "entropy")])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("parallel", [{}, {"threshold": 0.3}])
+def test_cache_refreshed_after_every_commit_is_the_reference(name, sampler, cache, parallel, tiny_dirs):
+    """refresh_tokens=1: every step commits at least one token, so every step is a full forward."""
+    model = load_model(tiny_dirs[name])
+    kw = dict(gen_length=16, steps=16, block_length=8, sampler=sampler, **parallel)
+    ref = generate(model, [[5, 9, 33], [12, 40, 7]], **kw)
+    out = generate(model, [[5, 9, 33], [12, 40, 7]], cache=cache, refresh_tokens=1, **kw)
+    assert torch.equal(ref.ids, out.ids) and torch.equal(ref.commit_step, out.commit_step)
+
+
+class _WindowLog:
+    """A backend wrapper that records, per forward, whether it was a full forward (no cache window)."""
+
+    def __init__(self, inner):
+        self.inner, self.full = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, ids, attention_mask=None, **kw):
+        self.full.append(kw["cache"].window is None)
+        return self.inner.forward(ids, attention_mask, **kw)
+
+
+@pytest.mark.parametrize("refresh_tokens", [2, 3, 5, 100])
+def test_refresh_tokens_refills_the_cache_once_enough_tokens_were_committed(refresh_tokens, tiny_dirs):
+    """A step is a full forward iff it starts a block or the rows' commits since the last full
+    forward reach refresh_tokens (replayed from commit_step, the batch's largest count)."""
+    from dllm_export.runtime.backends import TorchBackend
+
+    be = _WindowLog(TorchBackend(load_model(tiny_dirs["llada"])))
+    out = generate(be, [[5, 9, 33], [12, 40, 7]], gen_length=24, block_length=8, cache="dual", threshold=0.2,
+                   refresh_tokens=refresh_tokens)
+    want, since, block = [], torch.zeros(2, dtype=torch.long), -1
+    for step in range(out.nfe):
+        blk = int((out.commit_step < step).all(0).view(3, 8).all(1).sum())  # blocks decoded before this step
+        full = blk != block or int(since.max()) >= refresh_tokens
+        block = blk
+        if full:
+            since.zero_()
+        want.append(full)
+        since += (out.commit_step == step).sum(1)
+    assert be.full == want
+    assert sum(want) > 3 if refresh_tokens < 8 else sum(want) == 3  # 3 blocks: 3 full forwards at least
+
+
 @pytest.mark.parametrize("name", ["llada", "dream"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("parallel", [{}, {"threshold": 0.5}, {"factor": 1.0}])
@@ -257,6 +305,7 @@ def test_factor_rule_matches_fast_dllm():
     (dict(threshold=0.9, factor=1.0), "threshold or factor"),
     (dict(factor=0.0), "factor must be > 0"),
     (dict(cache="dual", refresh=0), "refresh must be >= 1"),
+    (dict(cache="dual", refresh_tokens=0), "refresh_tokens must be >= 1"),
 ])
 def test_bad_cache_arguments(kwargs, match, tiny_dirs):
     with pytest.raises(InputError, match=match):

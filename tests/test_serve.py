@@ -371,6 +371,17 @@ def test_request_settings_are_the_loop_plan_fields():
     assert {f.name for f in fields(GenSettings)} == {f.name for f in fields(Plan)} - {"eps"}
 
 
+@pytest.mark.parametrize("settings,batchable", [
+    (dict(cache="dual"), True),
+    (dict(cache="dual", refresh=2), True),
+    (dict(refresh_tokens=4), True),  # no cache: nothing to refresh
+    (dict(cache="dual", refresh_tokens=4), False),  # another row's commits would refresh this row's cache
+    (dict(seed=1), False),
+])
+def test_which_requests_share_a_batch(settings, batchable):
+    assert GenSettings(gen_length=8, **settings).batchable("low_confidence") is batchable
+
+
 def test_on_canvas_hook_leaves_the_trace(torch_engine):
     ids = encode_prompt(torch_engine.tokenizer, PROMPTS[0])
     seen = []

@@ -112,9 +112,10 @@ def test_dream_dual_cache_decodes_the_block_from_block_rows(models, sampler):
 
 
 @pytest.mark.parametrize("extra,want", [
-    ([], dict(cache="none", threshold=None, stop_at_eos=False)),
-    (["--preset", "edge"], dict(cache="dual", threshold=0.9, stop_at_eos=True)),
-    (["--preset", "edge", "--cache", "prefix", "--threshold", "0.5"], dict(cache="prefix", threshold=0.5, stop_at_eos=True)),
+    ([], dict(cache="none", threshold=None, refresh_tokens=None, stop_at_eos=False)),
+    (["--preset", "edge"], dict(cache="dual", threshold=0.99, refresh_tokens=16, stop_at_eos=True)),
+    (["--preset", "edge", "--cache", "prefix", "--threshold", "0.5", "--refresh-tokens", "4"],
+     dict(cache="prefix", threshold=0.5, refresh_tokens=4, stop_at_eos=True)),
     (["--stop-at-eos"], dict(cache="none", threshold=None, stop_at_eos=True)),
 ])
 def test_cli_preset_fills_only_the_options_left_open(tiny_dirs, capsys, extra, want):

@@ -25,8 +25,8 @@ Model args (`--model_args k=v,...`; numbers and true/false are typed by lm-eval'
     greedy: how `is_greedy` is decided: unmask (LLaDA's harness: unmask the continuation one token at
         a time, most confident first, and compare), argmax (one forward with the continuation masked),
         off (always False; saves the forwards).
-    gen_length, steps, block_length, cache (none | prefix | dual), threshold, factor, refresh, sampler,
-        temperature, cfg_scale, top_k, top_p, alg_temp, eps: the unmasking loop (see `generate`);
+    gen_length, steps, block_length, cache (none | prefix | dual), threshold, factor, refresh, refresh_tokens,
+        sampler, temperature, cfg_scale, top_k, top_p, alg_temp, eps: the unmasking loop (see `generate`);
         default gen_length 256, steps = gen_length, block_length 32.
     seed: every ELBO and every generation is seeded with it, so results do not depend on the order
         or the batching of requests (default 0).
@@ -62,7 +62,8 @@ _ARGS: dict[str, tuple[type, Any]] = {
     "backend": (str, "auto"), "dtype": (object, "float32"), "threads": (int, 0), "device": (str, None),
     "mc_num": (int, 128), "batch": (int, 16), "greedy": (str, "unmask"),
     "gen_length": (int, 256), "steps": (int, None), "block_length": (int, 32), "cache": (str, "none"),
-    "threshold": (float, None), "factor": (float, None), "refresh": (int, None), "sampler": (str, None),
+    "threshold": (float, None), "factor": (float, None), "refresh": (int, None),
+    "refresh_tokens": (int, None), "sampler": (str, None),
     "temperature": (float, 0.0), "cfg_scale": (float, 0.0), "top_k": (int, None), "top_p": (float, None),
     "alg_temp": (float, None), "eps": (float, 1e-3), "seed": (int, 0), "add_bos": (bool, False),
     "disable_tqdm": (bool, False),
@@ -303,7 +304,7 @@ class DLLM(LM):
                            block_length=sch["block_length"], sampler=a["sampler"], temperature=a["temperature"],
                            cfg_scale=a["cfg_scale"], top_k=a["top_k"], top_p=a["top_p"], alg_temp=a["alg_temp"],
                            eps=a["eps"], threshold=a["threshold"], factor=a["factor"], cache=a["cache"],
-                           refresh=a["refresh"], seed=a["seed"])
+                           refresh=a["refresh"], refresh_tokens=a["refresh_tokens"], seed=a["seed"])
             text = self.decode(res.generated[0, :sch["keep"]].tolist(), until)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)

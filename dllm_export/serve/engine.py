@@ -44,6 +44,7 @@ class GenSettings:
     factor: float | None = None
     cache: str = "none"
     refresh: int | None = None
+    refresh_tokens: int | None = None
     stop_at_eos: bool = False
     seed: int | None = None
 
@@ -53,15 +54,18 @@ class GenSettings:
 
     def batchable(self, sampler: str) -> bool:
         """Rows of other requests leave this request's tokens unchanged: greedy and unseeded (a shared
-        generator would interleave draws), and not Dream's batch-mean quota with ended rows."""
+        generator would interleave draws), not Dream's batch-mean quota with ended rows, and not a
+        cache refreshed by commit count (one row's commits refresh every row's cache)."""
         if self.seed is not None or self.temperature > 0 or sampler in ("random", "origin") or self.alg_temp:
+            return False
+        if self.refresh_tokens is not None and self.cache != "none":
             return False
         return not (self.stop_at_eos and sampler in DREAM_SAMPLERS and self.threshold is None and self.factor is None)
 
 
 # dLLM extensions a request may carry (OpenAI clients send them through `extra_body`)
-EXTENSIONS = ("steps", "block_length", "sampler", "threshold", "factor", "cache", "refresh", "stop_at_eos",
-              "cfg_scale", "top_k", "alg_temp")
+EXTENSIONS = ("steps", "block_length", "sampler", "threshold", "factor", "cache", "refresh", "refresh_tokens",
+              "stop_at_eos", "cfg_scale", "top_k", "alg_temp")
 
 
 class Engine:
@@ -125,7 +129,8 @@ class Engine:
         s = GenSettings(gen_length=gen, steps=req.steps, block_length=req.block_length, sampler=req.sampler,
                         temperature=req.temperature or 0.0, cfg_scale=req.cfg_scale or 0.0, top_k=req.top_k,
                         top_p=top_p, alg_temp=req.alg_temp, threshold=req.threshold, factor=req.factor,
-                        cache=req.cache or "none", refresh=req.refresh, stop_at_eos=bool(req.stop_at_eos),
+                        cache=req.cache or "none", refresh=req.refresh,
+                        refresh_tokens=req.refresh_tokens, stop_at_eos=bool(req.stop_at_eos),
                         seed=req.seed)
         try:
             Plan.resolve(self.spec, **s.kwargs()).check(self.backend)

@@ -48,6 +48,7 @@ class _GenRequest(_Strict):
     factor: float | None = None
     cache: str | None = None
     refresh: int | None = None
+    refresh_tokens: int | None = None
     stop_at_eos: bool | None = None
     cfg_scale: float | None = Field(None, ge=0)
     top_k: int | None = None
