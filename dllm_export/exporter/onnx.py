@@ -46,6 +46,7 @@ FORMAT = ONNX_FORMAT
 VERSION = 1
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+FUNCTION_DOMAIN = "dllm_export"  # the graph's local functions (the dense code rebuild)
 OPSET = 23  # ONNX Attention (bidirectional, GQA) and blocked int4 DequantizeLinear
 IR_VERSION = 11
 WEIGHT_FORMATS = ("qdq", "matmulnbits")
@@ -113,6 +114,7 @@ class _Graph:
         self._names: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
         self.op_counts: dict[str, int] = {}
+        self.functions: dict[str, object] = {}  # local functions (FunctionProto) by name
 
     def fresh(self, base: str) -> str:
         n = self._names.get(base, 0)
@@ -129,6 +131,11 @@ class _Graph:
                                                      **attrs))
         self.op_counts[op_type] = self.op_counts.get(op_type, 0) + 1
         return outs
+
+    def call(self, fn, inputs: list[str], name: str) -> str:
+        """A call of local function `fn` (a FunctionProto, added to the model once)."""
+        self.functions.setdefault(fn.name, fn)
+        return self.op(fn.name, inputs, name, domain=fn.domain)
 
     def const(self, value, dtype=np.float32, name: str = "const") -> str:
         """A small constant initializer stored inline, once per value (the graph reuses it)."""
@@ -220,32 +227,62 @@ def _stored_codes(g: _Graph, codes: np.ndarray, bits: int, signed: bool, name: s
 
 def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0) -> str:
     """Unsigned `bits`-bit codes u (any shape) stored densely as `bits` bit planes (np.packbits, LSB
-    first: u.size * bits / 8 bytes), with the ops that rebuild them as uint8 of u's shape, minus
-    `offset` as int8 when `offset` is given (signed codes). Every input is an initializer, so
-    onnxruntime folds the rebuild at load: a file at the grid's bits (ONNX has no 3/5/6/7-bit type,
-    and its int2 needs opset 25), the 8-bit kernels in memory."""
+    first: u.size * bits / 8 bytes), rebuilt as uint8 of u's shape, minus `offset` as int8 when
+    `offset` is given (signed codes), by one call of a local function (`_rebuild_function`). Every
+    input is an initializer, so onnxruntime inlines and folds the rebuild at load: a file at the
+    grid's bits (ONNX has no 3/5/6/7-bit type, and its int2 needs opset 25), the 8-bit kernels in memory."""
     import onnx
 
-    n = u.size
     planes = np.stack([np.packbits(((u >> i) & 1).astype(np.uint8).reshape(-1), bitorder="little")
                        for i in range(bits)])  # [bits, M]
-    M = planes.shape[1]
-    p = g.weight(f"{name}.planes", planes, [bits, M, 1], onnx.TensorProto.UINT8)
-    bit = g.op("BitwiseAnd", [g.op("BitShift", [p, g.const(np.arange(8), np.uint8)], direction="RIGHT"),
-                              g.const(np.array(1), np.uint8)])  # [bits, M, 8]: bit j of each byte
-    flat = g.op("Reshape", [bit, g.const([bits, M * 8], np.int64)])
-    if M * 8 != n:  # the last byte's padding bits
-        flat = g.op("Slice", [flat, g.const([0], np.int64), g.const([n], np.int64), g.const([1], np.int64)])
-    weighted = g.op("BitShift", [flat, g.const(np.arange(bits).reshape(bits, 1), np.uint8)], direction="LEFT")
-    parts = g.op_n("Split", [weighted], ["plane"] * bits, axis=0, num_outputs=bits)
-    value = parts[0]
-    for part in parts[1:]:  # the planes' bits are disjoint: OR is their sum
-        value = g.op("BitwiseOr", [value, part])
-    value = g.op("Reshape", [value, g.const(list(u.shape), np.int64)], None if offset else name)
+    p = g.weight(f"{name}.planes", planes, [bits, planes.shape[1], 1], onnx.TensorProto.UINT8)
+    shape = g.const(list(u.shape), np.int64)
     if not offset:
-        return value
-    signed = g.op("Sub", [g.op("Cast", [value], to=onnx.TensorProto.INT32), g.const(np.array(offset), np.int32)])
-    return g.op("Cast", [signed], name, to=onnx.TensorProto.INT8)
+        return g.call(_rebuild_function(False), [p, shape], name)
+    return g.call(_rebuild_function(True), [p, shape, g.const(np.array(offset), np.int32)], name)
+
+
+def _rebuild_function(signed: bool):
+    """The local function (planes [bits, M, 1] uint8, shape int64[r][, offset int32]) -> codes of
+    `shape`, uint8 (or int8 = value - offset): bit j of plane i is bit i of value 8 m + j. Written
+    once per graph however many layers call it, so a dense layer costs one node in the graph."""
+    import onnx
+
+    h, TP = onnx.helper, onnx.TensorProto
+
+    def const(name, arr):
+        return h.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(arr), name))
+
+    nodes = [
+        const("bit_index", np.arange(8, dtype=np.uint8)), const("one", np.array(1, np.uint8)),
+        const("zero", np.array([0], np.int64)), const("axis1", np.array([1], np.int64)),
+        const("axis0", np.array([0], np.int64)), const("minus1", np.array([-1], np.int64)),
+        const("zero_scalar", np.array(0, np.int64)), const("one_scalar", np.array(1, np.int64)),
+        h.make_node("BitShift", ["planes", "bit_index"], ["shifted"], direction="RIGHT"),
+        h.make_node("BitwiseAnd", ["shifted", "one"], ["bit"]),  # [bits, M, 8]: bit j of each byte
+        h.make_node("Shape", ["planes"], ["nbits"], start=0, end=1),
+        h.make_node("Concat", ["nbits", "minus1"], ["flat_shape"], axis=0),
+        h.make_node("Reshape", ["bit", "flat_shape"], ["flat"]),  # [bits, 8 M]
+        h.make_node("ReduceProd", ["shape"], ["n"], keepdims=1),
+        h.make_node("Slice", ["flat", "zero", "n", "axis1"], ["used"]),  # the last byte's padding dropped
+        h.make_node("Squeeze", ["nbits"], ["nbits_scalar"]),
+        h.make_node("Range", ["zero_scalar", "nbits_scalar", "one_scalar"], ["plane_index"]),
+        h.make_node("Cast", ["plane_index"], ["plane_shift_flat"], to=TP.UINT8),
+        h.make_node("Unsqueeze", ["plane_shift_flat", "axis1"], ["plane_shift"]),  # [bits, 1]
+        h.make_node("BitShift", ["used", "plane_shift"], ["weighted"], direction="LEFT"),
+        h.make_node("Cast", ["weighted"], ["wide"], to=TP.INT32),
+        h.make_node("ReduceSum", ["wide", "axis0"], ["value_flat"], keepdims=0),  # disjoint bits: the sum is the OR
+        h.make_node("Reshape", ["value_flat", "shape"], ["value"]),
+    ]
+    inputs = ["planes", "shape"]
+    if signed:
+        inputs.append("offset")
+        nodes += [h.make_node("Sub", ["value", "offset"], ["centred"]),
+                  h.make_node("Cast", ["centred"], ["codes"], to=TP.INT8)]
+    else:
+        nodes.append(h.make_node("Cast", ["value"], ["codes"], to=TP.UINT8))
+    return h.make_function(FUNCTION_DOMAIN, "DenseCodesInt8" if signed else "DenseCodesUint8", inputs, ["codes"],
+                           nodes, [h.make_opsetid("", OPSET)])
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -757,8 +794,8 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
         outputs = _graph_outputs(cfg, source.dims, present)
         graph = onnx.helper.make_graph(g.nodes, f"{source.spec.family}_forward", inputs, outputs,
                                        initializer=g.initializers)
-        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET),
-                                                             onnx.helper.make_opsetid("com.microsoft", 1)],
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in (("", OPSET), ("com.microsoft", 1), (FUNCTION_DOMAIN, 1))]
+        model = onnx.helper.make_model(graph, opset_imports=opsets, functions=list(g.functions.values()),
                                        producer_name="dllm-export")
         model.ir_version = IR_VERSION
         manifest = _manifest(cfg, source, b, g, inputs, outputs)
