@@ -21,7 +21,7 @@ import time
 
 from .errors import DllmExportError
 from .quant.kernels import KERNELS
-from .runtime.loop import PRESETS
+from .runtime.loop import PRESETS, with_preset
 
 
 class _Parser(argparse.ArgumentParser):
@@ -387,6 +387,10 @@ def _add_serve(sub) -> None:
     sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),
                     help="require Authorization: Bearer KEY on /v1/* (default: $DLLM_EXPORT_API_KEY, or none)")
     sv.add_argument("--max-tokens", type=int, default=64, help="gen length when a request sets no max_tokens")
+    sv.add_argument("--preset", choices=sorted(PRESETS), default="reference",
+                    help="decoding defaults of requests that set none (a request's `preset` or own settings win): "
+                         "reference (the released loops) | edge (dual cache refreshed after 16 commits, threshold "
+                         "0.99, stop at EOS) (default: %(default)s)")
     sv.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: the context)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.add_argument("--model-id", help="the model name clients use (default: the folder's name)")
@@ -433,14 +437,12 @@ def cmd_generate(args) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-    given = {"cache": args.cache, "threshold": args.threshold, "refresh_tokens": args.refresh_tokens,
-             "stop_at_eos": args.stop_at_eos}
-    preset = {k: v for k, v in PRESETS[args.preset].items() if given[k] is None and args.factor is None}
-    opts = {**{k: v for k, v in given.items() if v is not None}, **preset}
+    opts = with_preset(args.preset, {"cache": args.cache, "threshold": args.threshold, "factor": args.factor,
+                                     "refresh": args.refresh, "refresh_tokens": args.refresh_tokens,
+                                     "stop_at_eos": args.stop_at_eos})
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                   top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress,
-                   refresh=args.refresh, factor=args.factor, **opts)
+                   top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress, **opts)
     if bar is not None:
         bar.close()
     texts = [tok.decode(row, skip_special_tokens=True) for row in out.generated.tolist()]
@@ -766,7 +768,7 @@ def cmd_serve(args) -> int:
     sock = bind_socket(args.host, args.port)  # before the load: a taken port fails fast
     engine = load_engine(args.model, backend=args.backend, device=args.device, threads=args.threads,
                          model_id=args.model_id, default_max_tokens=args.max_tokens,
-                         max_tokens_limit=args.max_tokens_limit)
+                         max_tokens_limit=args.max_tokens_limit, preset=args.preset)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"dllm-export: warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"dllm-export: serving {engine.model_id!r} ({engine.backend.name}) at "

@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 from dllm_export import generate  # noqa: E402
 from dllm_export.serve import ServeConfig, bind_socket, load_engine, make_server  # noqa: E402
 from dllm_export.serve.batcher import Batcher, Job  # noqa: E402
+from dllm_export.errors import InputError  # noqa: E402
 from dllm_export.serve.engine import GenSettings, RequestError  # noqa: E402
 from dllm_export.tokenizer import encode_prompt  # noqa: E402
 
@@ -114,6 +115,19 @@ def test_completion_torch_equals_generate(torch_engine, torch_url):
     assert r.usage.prompt_tokens == len(ids) and 0 < r.usage.completion_tokens <= 16
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_completion_with_the_edge_preset_equals_generate(torch_engine, torch_url):
+    """A request naming the edge preset decodes as `generate` with PRESETS["edge"] (alone: its cache
+    refresh follows its own commits), through the official client."""
+    from dllm_export.runtime.loop import PRESETS
+
+    ids = encode_prompt(torch_engine.tokenizer, PROMPTS[0])
+    kw = {"steps": 64, "block_length": 32}
+    r = client(torch_url).completions.create(model="default", prompt=PROMPTS[0], max_tokens=64, temperature=0,
+                                             extra_body={**kw, "preset": "edge"})
+    assert r.choices[0].text == expected(torch_engine, ids, gen_length=64, **kw, **PRESETS["edge"])
+    assert r.model_extra["dllm"]["nfe"] < 64  # threshold decoding and the EOS stop: fewer forwards than tokens
 
 
 def test_chat_and_stream_torch(torch_engine, torch_url):
@@ -380,6 +394,39 @@ def test_request_settings_are_the_loop_plan_fields():
 ])
 def test_which_requests_share_a_batch(settings, batchable):
     assert GenSettings(gen_length=8, **settings).batchable("low_confidence") is batchable
+
+
+@pytest.mark.parametrize("server,request_fields,want", [
+    ("reference", {}, dict(cache="none", threshold=None, refresh_tokens=None, stop_at_eos=False)),
+    ("edge", {}, dict(cache="dual", threshold=0.99, refresh_tokens=16, stop_at_eos=True)),
+    ("edge", {"cache": "none", "threshold": 0.5}, dict(cache="none", threshold=0.5, refresh_tokens=16,
+                                                      stop_at_eos=True)),
+    ("edge", {"preset": "reference"}, dict(cache="none", threshold=None, refresh_tokens=None, stop_at_eos=False)),
+    ("edge", {"factor": 1.0}, dict(cache="none", threshold=None, factor=1.0, stop_at_eos=False)),
+    ("reference", {"preset": "edge", "stop_at_eos": False}, dict(cache="dual", threshold=0.99, stop_at_eos=False)),
+])
+def test_presets_fill_what_a_request_leaves_open(torch_engine, server, request_fields, want):
+    """The server's --preset (or the request's own `preset`) fills the decoding settings a request does
+    not set, by the CLI's rule (runtime.loop.with_preset)."""
+    from dllm_export.serve.engine import Engine
+    from dllm_export.serve.schemas import CompletionRequest
+
+    engine = Engine(torch_engine.backend, torch_engine.tokenizer, "m", preset=server)
+    s = engine.settings(CompletionRequest(model="m", prompt="1+1=", max_tokens=8, **request_fields), [4])
+    assert {k: getattr(s, k) for k in want} == want
+
+
+def test_unknown_or_unrunnable_presets_are_refused(torch_engine, artifact_engines):
+    from dllm_export.serve.engine import Engine
+    from dllm_export.serve.schemas import CompletionRequest
+
+    with pytest.raises(RequestError, match="unknown preset 'fast'") as e:
+        torch_engine.settings(CompletionRequest(model="m", prompt="1+1=", max_tokens=8, preset="fast"), [4])
+    assert e.value.param == "preset"
+    if "llama.cpp" in artifact_engines:  # no KV cache: the edge preset cannot be the server's default
+        be = artifact_engines["llama.cpp"]
+        with pytest.raises(InputError, match="edge preset decodes with a KV cache; the llama.cpp backend has none"):
+            Engine(be.backend, be.tokenizer, "m", preset="edge")
 
 
 def test_on_canvas_hook_leaves_the_trace(torch_engine):

@@ -156,8 +156,9 @@ class _Graph:
         if len(raw) < 1024:
             t.raw_data = raw
         else:
-            align = 4096 if len(raw) >= 1 << 20 else 64  # pages for the big tensors (mapped), not every one
-            pad = -self.offset % align
+            # pages for the big tensors (onnxruntime maps page-aligned data); the others are read into
+            # buffers of its own, so padding them would only add bytes
+            pad = -self.offset % 4096 if len(raw) >= 1 << 20 else 0
             self.data.write(b"\0" * pad)
             self.offset += pad
             for key, value in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(len(raw)))):

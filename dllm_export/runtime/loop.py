@@ -33,6 +33,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def with_preset(preset: str, options: dict) -> dict:
+    """Decoding `options` (None: left open) with the open ones taken from PRESETS[preset], Nones
+    dropped; an option set to a factor takes nothing from the preset (its threshold excludes one).
+    The rule the CLI's `--preset` and the server's default / per-request preset share."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r} (choose from {', '.join(sorted(PRESETS))})")
+    fill = {} if options.get("factor") is not None else PRESETS[preset]
+    given = {k: v for k, v in options.items() if v is not None}
+    return {**{k: v for k, v in fill.items() if k not in given}, **given}
+
+
 @dataclass
 class GenerateOutput:
     """Result of `generate`.

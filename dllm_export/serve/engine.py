@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..runtime.backends import load_backend
-from ..runtime.loop import Plan
+from ..runtime.loop import Plan, with_preset
 from ..runtime.samplers import DREAM_SAMPLERS, LLADA_SAMPLERS
 from ..tokenizer import encode_prompt, load_tokenizer
 
@@ -65,7 +65,9 @@ class GenSettings:
 
 # dLLM extensions a request may carry (OpenAI clients send them through `extra_body`)
 EXTENSIONS = ("steps", "block_length", "sampler", "threshold", "factor", "cache", "refresh", "refresh_tokens",
-              "stop_at_eos", "cfg_scale", "top_k", "alg_temp")
+              "stop_at_eos", "cfg_scale", "top_k", "alg_temp", "preset")
+# the request fields a preset fills when the request leaves them open (factor: it takes none then)
+PRESET_FIELDS = ("cache", "threshold", "factor", "refresh_tokens", "stop_at_eos")
 
 
 class Engine:
@@ -76,11 +78,15 @@ class Engine:
         model_id: the name clients pass as `model` and /v1/models lists.
         default_max_tokens: gen_length when a request gives no max_tokens (that of `dllm-export generate`).
         max_tokens_limit: the largest max_tokens accepted (default: the context).
+        preset: the decoding preset (runtime.loop.PRESETS) of requests that name none; a request's
+            own cache / threshold / refresh_tokens / stop_at_eos win over it.
     """
 
     def __init__(self, backend, tokenizer, model_id: str, default_max_tokens: int = 64,
-                 max_tokens_limit: int | None = None):
-        self.backend, self.tokenizer, self.model_id = backend, tokenizer, model_id
+                 max_tokens_limit: int | None = None, preset: str = "reference"):
+        if with_preset(preset, {}).get("cache", "none") != "none" and not backend.supports_cache:
+            raise InputError(f"the {preset} preset decodes with a KV cache; the {backend.name} backend has none")
+        self.backend, self.tokenizer, self.model_id, self.preset = backend, tokenizer, model_id, preset
         self.spec = backend.spec
         self.context = backend.max_length
         self.default_max_tokens = default_max_tokens
@@ -126,12 +132,14 @@ class Engine:
         if sampler in LLADA_SAMPLERS and (top_p is not None or req.top_k is not None):
             raise RequestError(f"top_p / top_k filter Dream's samplers; sampler {sampler!r} does not use them",
                                "top_p" if top_p is not None else "top_k", "unsupported_parameter")
+        try:
+            fast = with_preset(req.preset or self.preset, {k: getattr(req, k) for k in PRESET_FIELDS})
+        except InputError as e:
+            raise RequestError(str(e), "preset") from None
         s = GenSettings(gen_length=gen, steps=req.steps, block_length=req.block_length, sampler=req.sampler,
                         temperature=req.temperature or 0.0, cfg_scale=req.cfg_scale or 0.0, top_k=req.top_k,
-                        top_p=top_p, alg_temp=req.alg_temp, threshold=req.threshold, factor=req.factor,
-                        cache=req.cache or "none", refresh=req.refresh,
-                        refresh_tokens=req.refresh_tokens, stop_at_eos=bool(req.stop_at_eos),
-                        seed=req.seed)
+                        top_p=top_p, alg_temp=req.alg_temp, refresh=req.refresh, seed=req.seed,
+                        **{"cache": "none", **fast, "stop_at_eos": bool(fast.get("stop_at_eos"))})
         try:
             Plan.resolve(self.spec, **s.kwargs()).check(self.backend)
         except InputError as e:  # Plan's messages speak of gen_length: the request calls it max_tokens

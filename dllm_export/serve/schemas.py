@@ -49,6 +49,7 @@ class _GenRequest(_Strict):
     cache: str | None = None
     refresh: int | None = None
     refresh_tokens: int | None = None
+    preset: str | None = None  # runtime.loop.PRESETS; default: the server's --preset
     stop_at_eos: bool | None = None
     cfg_scale: float | None = Field(None, ge=0)
     top_k: int | None = None
