@@ -36,7 +36,8 @@ class BenchConfig:
         canvas: tokens of the full forward timed as one denoising step.
         reps: timed steps (after one warm-up).
         decode_reps: timed decodes (after one warm-up decode); tokens/s is their median.
-        gen_length / block_length / cache / threshold: the decode timed for tokens/s (steps = gen_length).
+        gen_length / block_length / cache / threshold / refresh_tokens / stop_at_eos: the decode timed
+            for tokens/s (steps = gen_length; `generate`'s options, e.g. a preset's, `runtime.loop.with_preset`).
         threads: CPU threads of the runtime (0 = its default).
         backend: "auto" (by what the path holds) or a backend name.
         device: the torch backend's device ("cuda" for a GPU; other runtimes pick their own).
@@ -55,6 +56,8 @@ class BenchConfig:
     block_length: int = 32
     cache: str = "none"
     threshold: float | None = None
+    refresh_tokens: int | None = None
+    stop_at_eos: bool = False
     threads: int = 0
     backend: str = "auto"
     quality: bool = False
@@ -99,7 +102,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     steps.sort()
     prompt = ids[:, : max(1, cfg.canvas - cfg.gen_length)].tolist()
     opts = dict(gen_length=cfg.gen_length, steps=cfg.gen_length, block_length=cfg.block_length,
-                cache=cfg.cache, threshold=cfg.threshold)
+                cache=cfg.cache, threshold=cfg.threshold, refresh_tokens=cfg.refresh_tokens, stop_at_eos=cfg.stop_at_eos)
     load_before = os.getloadavg()[0]
     out = generate(be, prompt, **opts)  # warm-up: first-call costs of every window shape
     decode = []

@@ -261,8 +261,13 @@ def _add_bench_build(sub) -> None:
                     help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")
     bn.add_argument("--gen-length", type=int, default=64)
     bn.add_argument("--block-length", type=int, default=32)
-    bn.add_argument("--cache", default="none", choices=CACHES, help="block KV cache of the timed decode")
+    bn.add_argument("--cache", choices=CACHES, help="block KV cache of the timed decode (default: none)")
     bn.add_argument("--threshold", type=float)
+    bn.add_argument("--refresh-tokens", type=int, help="with a cache: a full forward once N tokens were committed past it")
+    bn.add_argument("--stop-at-eos", action="store_true", default=None, help="stop the timed decode at an EOS block")
+    bn.add_argument("--preset", choices=sorted(PRESETS), default="reference",
+                    help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos, as generate's "
+                         "(default: %(default)s)")
     bn.add_argument("--threads", type=int, default=0)
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
     bn.add_argument("--json", dest="json_out", help="write the results here")
@@ -506,10 +511,12 @@ def cmd_bench(args) -> int:
 
     from .bench import BenchConfig, bench, to_markdown
 
-    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length, block_length=args.block_length,
-                      cache=args.cache, threshold=args.threshold, threads=args.threads, backend=args.backend,
+    decode = with_preset(args.preset, {"cache": args.cache, "threshold": args.threshold,
+                                       "refresh_tokens": args.refresh_tokens, "stop_at_eos": args.stop_at_eos})
+    cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length,
+                      block_length=args.block_length, threads=args.threads, backend=args.backend,
                       quality=args.quality, device=args.torch_device, kernel=args.kernel,
-                      roofline=not args.no_roofline)
+                      roofline=not args.no_roofline, **decode)
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")

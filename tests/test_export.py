@@ -26,6 +26,22 @@ def test_export_is_deterministic(target, kwargs, tiny_dirs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left
 
 
+def test_bench_times_the_preset_decode(tiny_dirs, tmp_path, capsys):
+    """`bench --preset edge` times the edge decode (its options in the config), own options winning."""
+    import json
+
+    from dllm_export.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", str(tiny_dirs["llada"]), "--canvas", "16", "--reps", "1", "--decode-reps", "1", "--gen-length",
+               "16", "--block-length", "8", "--no-roofline", "--preset", "edge", "--threshold", "0.5", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and capsys.readouterr().out.startswith("| path |")
+    assert {k: res["config"][k] for k in ("cache", "threshold", "refresh_tokens", "stop_at_eos")} == \
+        {"cache": "dual", "threshold": 0.5, "refresh_tokens": 16, "stop_at_eos": True}
+    assert 0 < res["artifacts"][0]["nfe"] <= 16
+
+
 @pytest.mark.slow
 def test_bench_side_by_side(tiny_dirs, tmp_path, capsys):
     import json
