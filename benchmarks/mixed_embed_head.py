@@ -16,7 +16,8 @@ the table lists the uniform files at least as large that it beats.
 `--target onnx` does the same on the ONNX grid: 2/3/4/8-bit groups of 32 (2/3-bit codes stored as
 dense bit planes), the embedding and head quantized or kept in fp32 (what the ONNX writer stores
 for a float tensor, so the allocation counts 32 bits for that option), size = model.onnx + its
-data file.
+data file; there each bit-width is also scanned in groups of 64 and 128, and the "-g" mixes may
+give a layer those (uniform files with 128-groups beside them).
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py                   # both bundled models
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models default --windows 8
@@ -45,8 +46,9 @@ GRIDS = {
              "uniform": [(b, eh) for b in (4, 5, 8) for eh in (4, 8, 16)], "budgets": (4.5, 5.0, 5.5, 6.0, 7.0),
              "files": ("model.gguf",)},
     "onnx": {"types": {2: "W2", 3: "W3", 4: "W4", 8: "W8", 16: "fp32"},
-             "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)], "budgets": (3.5, 4.0, 4.5, 5.0, 6.0),
-             "files": ("model.onnx", "model.onnx.data")},
+             "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)] + [("3g128", 4), ("4g128", 4)],
+             "budgets": (3.5, 4.0, 4.5, 5.0, 6.0), "files": ("model.onnx", "model.onnx.data"),
+             "group_choices": (64, 128)},
     # llama.cpp's K-quants (each layer on its type's fallback where 256 does not divide its width)
     "gguf-k": {"types": {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0", 16: "F16"},
                "uniform": [(b, eh) for b in (3, 4, 5, 6) for eh in (3, 4, 6, 16)],
@@ -62,22 +64,26 @@ def run_model(name: str, work: Path, args) -> dict:
     from dllm_export.exporter.onnx import export_onnx
     from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
     from dllm_export.errors import InputError
-    from dllm_export.quant.mixed import embed_head_shapes, linear_shapes
+    from dllm_export.quant.mixed import embed_head_shapes, linear_shapes, parse_option
 
     grid, target = GRIDS[args.target], TARGET_GRIDS[args.target]
-    TYPES, kquant = grid["types"], bool(target.get("kquant"))
+    TYPES, kquant, groups = grid["types"], bool(target.get("kquant")), grid.get("group_choices", ())
+
+    def type_name(option) -> str:  # "W3", or "W3g128" for an option with its own group size
+        b, g = parse_option(option)
+        return TYPES[b] + (f"g{g}" if g else "")
     t0 = time.perf_counter()
     model, tok = load_model(name), load_tokenizer(name)
     extra = list(embed_head_shapes(model))
     ref = build_reference(model, tok, FidelityConfig(windows=args.windows))
     calib = CalibConfig(n_samples=args.calib_samples)
-    scan_file = work / f"{name}-scan-eh-{args.target}.json"
+    scan_file = work / f"{name}-scan-eh-{args.target}{''.join(f'-g{g}' for g in groups)}.json"
     if scan_file.exists():
         scan = json.loads(scan_file.read_text())
     else:
         grid_kw = {"kquant": True} if kquant else {"group_size": 32, "sym": True}
         scan = sensitivity_scan(model, tok, SensitivityConfig(
-            bits=target["bits"], calib=calib, embed_head=True, **grid_kw,
+            bits=target["bits"], calib=calib, embed_head=True, group_sizes=groups, **grid_kw,
             fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
         scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
@@ -105,23 +111,25 @@ def run_model(name: str, work: Path, args) -> dict:
         layer_bits = {n: bits for n in linear_shapes(model)}
         layer_bits.update({n: eh for n in extra if eh != 16})
         qcfg = QuantizeConfig(**base, layer_bits=layer_bits)
-        cell(f"{TYPES[bits]}+{TYPES[eh]}", qcfg, {"kind": "uniform", "blocks": TYPES[bits], "embed_head": TYPES[eh]})
+        cell(f"{type_name(bits)}+{TYPES[eh]}", qcfg, {"kind": "uniform", "blocks": type_name(bits),
+                                                     "embed_head": TYPES[eh]})
     infeasible = []
-    for budget in grid["budgets"]:
+    for budget, group_sizes in [(b, ()) for b in grid["budgets"]] + [(b, groups) for b in grid["budgets"] if groups]:
+        label = f"mix{budget}" + ("-g" if group_sizes else "")
         try:
-            alloc = allocate_bits(scan, budget, float_bits=target["float_bits"])
+            alloc = allocate_bits(scan, budget, float_bits=target["float_bits"], group_sizes=group_sizes)
         except InputError as e:  # e.g. Dream on K-quants: 192-wide layers fall back to 4.5-bit types
-            infeasible.append({"budget": budget, "why": str(e)})
+            infeasible.append({"budget": budget, "label": label, "why": str(e)})
             continue
         qcfg = QuantizeConfig(**base, layer_bits=alloc["layer_bits"], avg_bits=budget, mix_embed_head=True)
         counts: dict = {}
         for u, b in alloc["unit_bits"].items():
             if u not in ("embedding", "head"):
-                counts[TYPES[b]] = counts.get(TYPES[b], 0) + 1
-        cell(f"mix{budget}", qcfg, {"kind": "mixed", "budget": budget, "predicted_kld": alloc["predicted_kld"],
-                                           "embedding": TYPES[alloc["unit_bits"]["embedding"]],
-                                           "head": TYPES[alloc["unit_bits"].get("head", 16)],
-                                           "blocks": dict(sorted(counts.items()))})
+                counts[type_name(b)] = counts.get(type_name(b), 0) + 1
+        cell(label, qcfg, {"kind": "mixed", "budget": budget, "predicted_kld": alloc["predicted_kld"],
+                           "embedding": type_name(alloc["unit_bits"]["embedding"]),
+                           "head": type_name(alloc["unit_bits"].get("head", 16)),
+                           "blocks": dict(sorted(counts.items()))})
     uniforms = sorted((c for c in cells if c["kind"] == "uniform"), key=lambda c: c["file_bytes"])
     for c in cells:
         if c["kind"] != "mixed":

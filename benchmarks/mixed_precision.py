@@ -1,8 +1,10 @@
 """Sensitivity-driven mixed precision against uniform schemes on the bundled models.
 
-Per model: one GPTQ sensitivity scan (every block linear alone at 2/3/4/5/8 bits, groups of 32;
-KLD on held-out canvases), then mixed recipes allocated from it at several average-bits budgets
-and uniform GPTQ schemes at groups of 32 and 64, all quantized with the same mask-aware
+Per model: one GPTQ sensitivity scan (every block linear alone at 2/3/4/5/8 bits, groups of 32,
+and each bit-width also at groups of 64 and 128 as options of their own; KLD on held-out
+canvases), then mixed recipes allocated from it at several average-bits budgets (on groups of 32
+only, and with the group-size options: "-g" cells) and uniform GPTQ schemes at groups of 32, 64
+and 128, all quantized with the same mask-aware
 calibration and scored on the same fidelity canvases (`eval.fidelity`: t = 0.15 / 0.5 / 0.85 and
 the loop's decode ratios, 16 windows of 128). Size is the packed bytes of the block linears
 (`quant.mixed.weight_bytes`: codes + fp16 scales + zero points; exactly the GGUF block types'
@@ -31,12 +33,15 @@ from pathlib import Path
 
 import torch
 
-# (label, candidate bits, average-bits budget): the issue's 2/3/4/8 grid at 3.5 and 4.5, and GGUF's
-# exact block types (4.5 bits is all-Q4_0 there, 3.5 unreachable)
-MIXED = [("mix{b}-2348", (2, 3, 4, 8), 3.5), ("mix{b}-2348", (2, 3, 4, 8), 4.5),
-         ("mix{b}-gguf", (4, 5, 8), 5.0), ("mix{b}-gguf", (4, 5, 8), 6.0)]
-UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (3, 64), (4, 64)]
-QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[2]]
+# (label, candidate bits, average-bits budget, group-size options): the issue's 2/3/4/8 grid at 3.5
+# and 4.5, and GGUF's exact block types (4.5 bits is all-Q4_0 there, 3.5 unreachable); "-g": a layer
+# may also take its bits in groups of 64 or 128 (the scan's group-size options)
+GROUP_CHOICES = (64, 128)
+MIXED = [("mix{b}-2348", (2, 3, 4, 8), 3.5, ()), ("mix{b}-2348", (2, 3, 4, 8), 4.5, ()),
+         ("mix{b}-gguf", (4, 5, 8), 5.0, ()), ("mix{b}-gguf", (4, 5, 8), 6.0, ()),
+         ("mix{b}-2348-g", (2, 3, 4, 8), 3.5, GROUP_CHOICES), ("mix{b}-2348-g", (2, 3, 4, 8), 4.5, GROUP_CHOICES)]
+UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (3, 64), (4, 64), (3, 128), (4, 128)]
+QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[2], MIXED[4]]
 QUICK_UNIFORM = [(3, 32), (4, 32), (5, 32), (3, 64), (4, 64)]
 
 
@@ -67,12 +72,12 @@ def run_model(name: str, work: Path, args) -> dict:
     model, tok = load_model(name), load_tokenizer(name)
     ref = build_reference(model, tok, FidelityConfig(windows=args.windows))
     calib = CalibConfig(n_samples=args.calib_samples)
-    scan_file = work / f"{name}-scan.json"
+    scan_file = work / f"{name}-scan-g{'-'.join(map(str, GROUP_CHOICES))}.json"
     if scan_file.exists():
         scan = json.loads(scan_file.read_text())
     else:
         scan = sensitivity_scan(model, tok, SensitivityConfig(
-            bits=(2, 3, 4, 5, 8), group_size=32, calib=calib,
+            bits=(2, 3, 4, 5, 8), group_size=32, group_sizes=GROUP_CHOICES, calib=calib,
             fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
         scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
@@ -99,16 +104,17 @@ def run_model(name: str, work: Path, args) -> dict:
     for bits, g in uniform:
         cell(f"W{bits}g{g}", QuantizeConfig(method="gptq", scheme=f"W{bits}A16", group_size=g, calib=calib),
              {"kind": "uniform", "bits": bits, "group_size": g})
-    for label, choices, budget in (QUICK_MIXED if args.quick else MIXED):
-        alloc = allocate_bits(scan, budget, choices)
+    for label, choices, budget, groups in (QUICK_MIXED if args.quick else MIXED):
+        alloc = allocate_bits(scan, budget, choices, group_sizes=groups)
         label = label.format(b=budget)
         qcfg = QuantizeConfig(method="gptq", scheme="W4A16", group_size=32, layer_bits=alloc["layer_bits"],
                               avg_bits=budget, calib=calib)
         counts = {}
         for b in alloc["layer_bits"].values():
-            counts[b] = counts.get(b, 0) + 1
-        cell(label, qcfg, {"kind": "mixed", "choices": list(choices), "budget": budget,
-                           "predicted_kld": alloc["predicted_kld"], "layers_per_bits": dict(sorted(counts.items()))})
+            counts[str(b)] = counts.get(str(b), 0) + 1
+        cell(label, qcfg, {"kind": "mixed", "choices": list(choices), "group_choices": list(groups), "budget": budget,
+                           "predicted_kld": alloc["predicted_kld"],
+                           "layers_per_bits": dict(sorted(counts.items(), key=lambda kv: (len(kv[0]), kv[0])))})
     # a mixed recipe against the next uniform scheme up in size (the smallest one at least as large),
     # paired over the same canvases; and the smallest uniform scheme that is better than it
     uniforms = sorted((u for u in cells if u["kind"] == "uniform"), key=lambda u: u["bytes"])
@@ -141,7 +147,8 @@ def run_exports(name: str, cells: list[dict], work: Path, args) -> list[dict]:
 
     tok = load_tokenizer(name)
     by = {c["label"]: c for c in cells}
-    picks = [("onnx", lbl) for lbl in ("mix4.5-2348", "W4g32", "W4g64", "mix3.5-2348", "W3g32") if lbl in by]
+    picks = [("onnx", lbl) for lbl in ("mix4.5-2348", "mix4.5-2348-g", "W4g32", "W4g64", "mix3.5-2348",
+                                       "mix3.5-2348-g", "W3g32") if lbl in by]
     picks += [("gguf", lbl) for lbl in ("mix5.0-gguf", "W4g32", "W5g32") if lbl in by]
     fcfg = FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=8, elbo=False)
     ids = torch.randint(0, 4000, (2, 96), generator=torch.Generator().manual_seed(0))

@@ -78,6 +78,8 @@ def _add_auto_args(p) -> None:
     p.add_argument("--avg-bits", type=float, help="--scheme auto: average bits per weight (codes + scales) of the "
                                                   "block linears, e.g. 3.5 or 4.5")
     p.add_argument("--bits-choices", help="--scheme auto: candidate bit-widths (default: 2,3,4,8; gguf: 4,5,8)")
+    p.add_argument("--group-choices", help="--scheme auto, ONNX: other group sizes a layer may take beside the "
+                                           "grid's, e.g. 64,128 (each bit-width is scanned at each)")
     p.add_argument("--sensitivity", dest="sensitivity_json",
                    help="--scheme auto: a sensitivity.json from `analyze --sensitivity` (default: scan now)")
     p.add_argument("--mix-embed-head", action="store_true",
@@ -108,13 +110,14 @@ def _auto_recipe(args, target: str | None, method: str, group_size: int | None =
         if target != "gguf":
             raise DllmExportError("--kquants mixes GGUF K-quants: use it with --target gguf")
         target = "gguf-k"
+    groups = _int_list(args.group_choices) if args.group_choices else ()
     opts, rec = auto_recipe(args.model, args.avg_bits, target=target, bits=bits, scan=scan, method=method,
-                            group_size=group_size, embed_head=args.mix_embed_head,
+                            group_size=group_size, group_sizes=groups, embed_head=args.mix_embed_head,
                             progress=not args.no_progress and sys.stderr.isatty())
     a = rec["allocation"]
     print(f"allocation: {a['avg_bits']:.4f} bits per weight (budget {a['avg_bits_budget']}), predicted KLD "
           f"{a['predicted_kld']:.4g} ({a['solver']}); layers per bit-width "
-          f"{dict(sorted(Counter(a['layer_bits'].values()).items()))}", file=sys.stderr)
+          f"{dict(sorted(Counter(str(o) for o in a['layer_bits'].values()).items()))}", file=sys.stderr)
     return opts, rec
 
 
@@ -308,6 +311,8 @@ def _add_analyze_eval(sub) -> None:
                                                    "(symmetric groups of 32) | gguf-k (K-quants) "
                                                    "(default: %(default)s)")
     an.add_argument("--group-size", type=int, help="--sensitivity group size (default: the grid's)")
+    an.add_argument("--group-choices", help="--sensitivity, onnx grid: also scan each bit-width at these group "
+                                            "sizes, as options of their own (e.g. 64,128)")
     an.add_argument("--windows", type=int, default=8, help="--sensitivity held-out windows per ratio (default: %(default)s)")
     an.add_argument("--mix-embed-head", action="store_true",
                     help="--sensitivity: scan the embedding and LM head too (units `embedding`, `head`)")
@@ -579,9 +584,12 @@ def cmd_sensitivity(args) -> int:
     grid = TARGET_GRIDS[args.grid]
     if args.group_size is not None and (grid.get("kquant") or grid["group_size"] not in (None, args.group_size)):
         raise DllmExportError(f"--grid {args.grid} stores groups of {grid['group_size'] or 'its types'} weights")
+    if args.group_choices and args.grid != "onnx":
+        raise DllmExportError(f"--grid {args.grid} stores a layer's groups in its block type: no --group-choices")
     cfg = SensitivityConfig(bits=_int_list(args.bits_choices) if args.bits_choices else grid["bits"],
                             granularity=args.granularity, method=args.method,
                             group_size=grid["group_size"] or args.group_size,
+                            group_sizes=_int_list(args.group_choices) if args.group_choices else (),
                             sym=grid["sym"], fidelity=FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios),
                                                                      windows=args.windows, elbo=False),
                             embed_head=args.mix_embed_head, kquant=bool(grid.get("kquant")))

@@ -165,11 +165,53 @@ def test_gptq_scan_and_mixed_quantize_and_exports(ckpt, CALIB, tmp_path):
     assert (OrtBackend(onnx_out).forward(ids) - ref).abs().max() < 1e-4
 
 
+def test_group_size_choices_scan_allocate_and_export(ckpt, CALIB, tmp_path):
+    """Options "{bits}g{size}" beside the bits: the scan measures them where the groups tile a unit,
+    the allocation mixes group sizes, the quantized layers take them, ONNX carries them exactly."""
+    from dllm_export.exporter.onnx import export_onnx
+    from dllm_export.quant.load import read_manifest
+    from dllm_export.quant.mixed import linear_shapes, parse_option
+    from dllm_export.runtime.ort import OrtBackend
+
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    cfg = SensitivityConfig(bits=(2, 3, 4), granularity="role", method="rtn", group_size=32, group_sizes=(16, 64),
+                            calib=CALIB, fidelity=FID)
+    scan = sensitivity_scan(model, tok, cfg)
+    shapes = linear_shapes(model)
+    for e in scan["units"].values():
+        widths = {shapes[n][1] for n in e["layers"]}
+        want = {str(b) for b in (2, 3, 4)} | {f"{b}g{g}" for b in (2, 3, 4) for g in (16, 64)
+                                               if all(w % g == 0 for w in widths)}
+        assert {str(k) for k in e["bits"]} == want
+        for k, v in e["bits"].items():  # bytes follow each option's grid
+            b, g = parse_option(k)
+            grid = WeightQuantConfig(bits=b, group_size=g or 32, sym=b > 2)
+            assert v["bytes"] == sum(weight_bytes(*shapes[n], grid) for n in e["layers"])
+    alloc = allocate_bits(json.loads(json.dumps(scan)), avg_bits=3.3)  # through JSON, as a reused scan
+    assert any(isinstance(o, str) for o in alloc["layer_bits"].values())  # group options are taken
+    q = quantize(ckpt, tmp_path / "q", QuantizeConfig(method="rtn", scheme="W4A16", group_size=32, calib=CALIB,
+                                                       layer_bits=alloc["layer_bits"], avg_bits=3.3), progress=False)
+    man = read_manifest(q)
+    assert man["allocation"]["bytes"] == alloc["bytes"] <= alloc["budget_bytes"]
+    for name, option in alloc["layer_bits"].items():
+        b, g = parse_option(option)
+        assert (man["layers"][name]["weight"]["bits"], man["layers"][name]["weight"]["group_size"]) == (b, g or 32)
+    ids = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert (OrtBackend(export_onnx(q, tmp_path / "onnx")).forward(ids) - load_model(q)(ids).float()).abs().max() < 1e-4
+
+
 def test_mixed_layer_bits_are_checked(ckpt, CALIB, tmp_path):
     with pytest.raises(InputError, match="rtn or gptq"):
         QuantizeConfig(method="awq", layer_bits={"x": 4})
     with pytest.raises(InputError, match="2..8"):
         QuantizeConfig(method="rtn", layer_bits={"x": 9})
+    with pytest.raises(InputError, match="bits and group size"):
+        QuantizeConfig(method="rtn", layer_bits={"x": "3x128"})
+    with pytest.raises(InputError, match="no group sizes in a K-quant mix"):
+        QuantizeConfig(method="rtn", kquant="Q4_K", layer_bits={"x": "3g128"})
+    with pytest.raises(InputError, match="K-quant family fixes groups"):
+        SensitivityConfig(kquant=True, bits=(2, 3), group_sizes=(64,))
+    assert dict(QuantizeConfig(method="rtn", layer_bits={"x": "3", "y": "4g64"}).layer_bits) == {"x": 3, "y": "4g64"}
     with pytest.raises(InputError, match="does not have"):
         quantize(ckpt, tmp_path / "q", QuantizeConfig(method="rtn", calib=CALIB, layer_bits={"nope.q": 4}),
                  progress=False)
@@ -264,8 +306,10 @@ def test_embedding_and_head_in_the_mix(method, ckpt, CALIB, tmp_path):
     q = quantize(ckpt, tmp_path / "q", qcfg, progress=False)
     man = read_manifest(q)
     assert {n: e["weight"]["bits"] for n, e in man["layers"].items()} == layer_bits
-    assert man["allocation"]["layers"][spec.embedding] == {"bits": 4, "bytes": 384 * 64 // 32 * 18}  # = Q4_0 bytes
-    assert man["allocation"]["layers"][spec.head] == {"bits": 8, "bytes": 384 * 64 // 32 * 34}  # = Q8_0 bytes
+    assert man["allocation"]["layers"][spec.embedding] == {"bits": 4, "bytes": 384 * 64 // 32 * 18,  # = Q4_0 bytes
+                                                            "group_size": 32}
+    assert man["allocation"]["layers"][spec.head] == {"bits": 8, "bytes": 384 * 64 // 32 * 34,  # = Q8_0 bytes
+                                                      "group_size": 32}
     assert spec.embedding not in man["high_precision"] and spec.head not in man["high_precision"]
     qm = load_model(q)
     W_emb = model.get_submodule(spec.embedding).weight.float()

@@ -20,7 +20,8 @@ from ..errors import InputError
 from ..quant.base import QuantizeConfig, round_weight
 from ..quant.calibrate import CalibConfig, calibration_ids
 from ..quant.driver import fit_group_size
-from ..quant.mixed import FLOAT_BITS, allocate, embed_head_shapes, layer_grid, linear_shapes, weight_bytes
+from ..quant.mixed import (FLOAT_BITS, allocate, embed_head_shapes, layer_grid, linear_shapes, option_key,
+                           parse_option, weight_bytes)
 from .fidelity import FidelityConfig, build_reference, compare
 
 GRANULARITIES = ("layer", "role")
@@ -35,6 +36,9 @@ class SensitivityConfig:
         granularity: "layer" (every block linear alone) or "role" (q, k, ... across all blocks at once).
         method: rounding of the scanned unit: "gptq" (Hessians of the float model) or "rtn".
         group_size: the grid's group size (None: the scheme's, fitted to the layer widths; 32 for GGUF).
+        group_sizes: other group sizes every bit-width is also scanned at, as options "{bits}g{size}"
+            of their own (a layer may then take 3 bits in groups of 128, or 4 in groups of 32): where a
+            group size does not divide a unit's widths, that unit lacks the option. Not with kquant.
         sym: fix the symmetry of every grid (None: W{b}A16's; GGUF's block types need True).
         calib: calibration canvases for the GPTQ Hessians (mask-aware by default).
         fidelity: the canvases the added KLD is measured on.
@@ -50,6 +54,7 @@ class SensitivityConfig:
     granularity: str = "layer"
     method: str = "gptq"
     group_size: int | None = None
+    group_sizes: tuple[int, ...] = ()
     sym: bool | None = None
     calib: CalibConfig = field(default_factory=lambda: CalibConfig(n_samples=32, seq_len=128))
     fidelity: FidelityConfig = field(default_factory=lambda: FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=8,
@@ -58,8 +63,11 @@ class SensitivityConfig:
     kquant: bool = False
 
     def __post_init__(self):
-        if self.kquant and (self.group_size is not None or self.sym is not None or 7 in self.bits):
+        object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))  # JSON lists -> tuple
+        if self.kquant and (self.group_size is not None or self.sym is not None or 7 in self.bits or self.group_sizes):
             raise InputError("the K-quant family fixes groups and symmetry, and has 2, 3, 4, 5, 6 and 8-bit types")
+        if any(g < 1 for g in self.group_sizes):
+            raise InputError(f"sensitivity group sizes must be positive, got {self.group_sizes}")
         if self.granularity not in GRANULARITIES:
             raise InputError(f"sensitivity granularity must be one of {', '.join(GRANULARITIES)}, "
                              f"got {self.granularity!r}")
@@ -131,16 +139,23 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
     if cfg.method == "gptq":  # the embedding is a lookup: no Hessian, RTN
         ids, _ = calibration_ids(tokenizer, model.spec, cfg.calib, model.config.dims.context)
         H = _hessians(model, ids, [n for n in shapes if n != model.spec.embedding])
+    options = [option_key(b, g) for b in sorted(cfg.bits) for g in (None, *cfg.group_sizes)
+               if g is None or g != base.group_size]
     out: dict = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(units) * len(cfg.bits), desc="sensitivity", unit="scan", leave=False)
+        bar = tqdm(total=len(units) * len(options), desc="sensitivity", unit="scan", leave=False)
     for unit, names in units.items():
         entry = {"layers": names, "weights": sum(shapes[n][0] * shapes[n][1] for n in names), "bits": {}}
         originals = {n: model.get_submodule(n).weight.data.clone() for n in names}
-        for b in sorted(cfg.bits):
+        for b in options:
+            g = parse_option(b)[1]
+            if g is not None and any(shapes[n][1] % g for n in names):  # these groups do not tile the unit
+                if bar is not None:
+                    bar.update(1)
+                continue
             grids = {n: layer_grid(base, shapes[n][1], b, cfg.sym) for n in names}
             for n in names:
                 W = originals[n].float()
@@ -170,7 +185,7 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
 
 
 def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = None,
-                  float_bits: int = FLOAT_BITS) -> dict:
+                  float_bits: int = FLOAT_BITS, group_sizes: tuple[int, ...] | None = None) -> dict:
     """Per-layer bit-widths from a scan minimising the summed added KLD with at most `avg_bits`
     bits per weight (bytes as `quant.mixed.weight_bytes`) over the scanned layers.
 
@@ -181,16 +196,20 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
             keep their FLOAT_BITS option in any case).
         float_bits: what that float option costs in the target's file (16: fp16 / F16; ONNX
             writes float tensors in fp32, 32).
+        group_sizes: of the scan's "{bits}g{size}" options, those with these sizes (default: all).
     Returns:
-        {"layer_bits": {layer: bits} (layers left in float are not listed), "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget",
+        {"layer_bits": {layer: option} (bits, or "{bits}g{size}"; layers left in float are not listed), "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget",
         "predicted_kld", "solver"}.
     """
     units = scan["units"]
     if not units:
         raise InputError("the sensitivity scan holds no units")
 
-    def opts(e):
-        return {int(b): v for b, v in e["bits"].items() if bits is None or int(b) in bits or int(b) == FLOAT_BITS}
+    def kept(b, g):
+        return (b == FLOAT_BITS or bits is None or b in bits) and (g is None or group_sizes is None or g in group_sizes)
+
+    def opts(e):  # option (bits, or "{bits}g{size}": quant.mixed.parse_option) -> its measurement
+        return {option_key(*parse_option(k)): v for k, v in e["bits"].items() if kept(*parse_option(k))}
 
     def cost(e, b, v):
         return e["weights"] * float_bits // 8 if b == FLOAT_BITS else v["bytes"]
@@ -211,12 +230,13 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
 
 def to_markdown(scan: dict, top: int = 20) -> str:
     """The scan as a table: units by sensitivity, KLD +- se per bit-width."""
-    bits = sorted({int(b) for e in scan["units"].values() for b in e["bits"]})
+    bits = sorted({option_key(*parse_option(b)) for e in scan["units"].values() for b in e["bits"]},
+                  key=lambda o: (parse_option(o)[0], parse_option(o)[1] or 0))
     lines = ["| unit | weights | " + " | ".join(f"KLD @ {b} bits" for b in bits) + " |",
              "|---|---:|" + "---:|" * len(bits)]
     for u in scan["ranking"][:top]:
         e = scan["units"][u]
-        by = {int(k): v for k, v in e["bits"].items()}  # JSON keys are strings
+        by = {option_key(*parse_option(k)): v for k, v in e["bits"].items()}  # JSON keys are strings
         cells = [f"{by[b]['kld']:.4g} +- {by[b]['kld_se']:.2g}" if b in by else "" for b in bits]
         lines.append(f"| {u} | {e['weights']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -234,7 +254,7 @@ TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "f
 
 def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tuple[int, ...] | None = None,
                 scan: dict | None = None, method: str = "gptq", granularity: str = "layer",
-                group_size: int | None = None, embed_head: bool = False,
+                group_size: int | None = None, group_sizes: tuple[int, ...] = (), embed_head: bool = False,
                 progress: bool = False) -> tuple[dict, dict]:
     """`--scheme auto --avg-bits B`: scan (unless `scan` is given), allocate, and return the
     quantize options of the mixed recipe plus the allocation and the scan.
@@ -244,6 +264,7 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
         target: None (a quantized checkpoint), "onnx", "gguf" or "gguf-k" (its grids: see TARGET_GRIDS).
         bits: candidate bit-widths (default: the target's).
         group_size: the grids' group size (default: the target's; GGUF: 32).
+        group_sizes: other group sizes a layer may take (SensitivityConfig.group_sizes; ONNX only).
         embed_head: the embedding and LM head share the budget (SensitivityConfig.embed_head).
     Returns:
         ({"method", "scheme", "group_size", "sym", "kquant", "layer_bits", "avg_bits", "mix_embed_head"},
@@ -263,8 +284,10 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
         raise InputError(f"{target} stores mixed layers exactly at bit-widths {', '.join(map(str, grid['bits']))} "
                          f"(got {bits})")
     if scan is None:
+        if group_sizes and target in ("gguf", "gguf-k"):
+            raise InputError(f"{target} stores a layer's groups in its block type: no group-size choices")
         cfg = SensitivityConfig(bits=bits, granularity=granularity, method=method, group_size=grid["group_size"],
-                                sym=grid["sym"], embed_head=embed_head, kquant=kquant)
+                                group_sizes=tuple(group_sizes), sym=grid["sym"], embed_head=embed_head, kquant=kquant)
         scan = sensitivity_scan(load_model(model), load_tokenizer(model), cfg, progress=progress)
     if bool(scan["config"].get("kquant")) != kquant:
         raise InputError(f"the sensitivity scan {'used' if not kquant else 'did not use'} the K-quant family the "
@@ -272,7 +295,7 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
     if grid["group_size"] and scan["grid"]["group_size"] != grid["group_size"]:
         raise InputError(f"the sensitivity scan used groups of {scan['grid']['group_size']}; this recipe needs "
                          f"{grid['group_size']} (scan again with that grid)")
-    alloc = allocate_bits(scan, avg_bits, bits, grid["float_bits"])
+    alloc = allocate_bits(scan, avg_bits, bits, grid["float_bits"], tuple(group_sizes) if group_sizes else None)
     opts = {"method": scan["config"]["method"], "scheme": "W4A16",
             "group_size": None if kquant else scan["grid"]["group_size"], "sym": scan["config"]["sym"],
             "kquant": "Q4_K" if kquant else None, "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits,

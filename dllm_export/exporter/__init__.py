@@ -275,9 +275,12 @@ def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
         raise InputError("float minimums (zero_kind='float', GGUF Q4_1 style) have no exact ONNX form; "
                          "use integer zero points (the default) or --target gguf")
     if ocfg.weight_format == "matmulnbits":
-        for bits in sorted({w.bits, *dict(qcfg.layer_bits).values()}):  # mixed precision: every layer's bits
+        from ..quant.mixed import parse_option
+
+        grids = {(w.bits, w.group_size), *(parse_option(o) for o in dict(qcfg.layer_bits).values())}
+        for bits, group_size in sorted(grids, key=str):  # mixed precision: every layer's bits and groups
             for K in widths:
-                check_matmulnbits(bits, w.group_size or K, "--format matmulnbits")
+                check_matmulnbits(bits, group_size or w.group_size or K, "--format matmulnbits")
 
 
 __all__ = ["ExportPlan", "ExportRequest", "ExportResult", "RESOLVERS", "TARGETS", "export", "plan_export"]

@@ -96,15 +96,20 @@ class QuantizeConfig:
                 raise InputError(f"{self.kquant} fixes the bits, groups and symmetry of every layer "
                                  f"(a mix: layer_bits from 2, 3, 4, 5, 6, 8)")
         self.weight_config()  # validates bits / group size / zero kind
+        from .mixed import option_key, parse_option
+
         pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
-        object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in pairs))  # JSON lists -> pairs
+        # JSON lists -> pairs; each layer's option canonical: bits, or "{bits}g{group}" (mixed.parse_option)
+        object.__setattr__(self, "layer_bits", tuple((str(n), option_key(*parse_option(b))) for n, b in pairs))
         if self.layer_bits:
             if self.method not in ("rtn", "gptq") or not self.scheme_.weight_only:
                 raise InputError(f"per-layer bit-widths need method rtn or gptq and a weight-only scheme "
                                  f"(got {self.method} {self.scheme})")
-            for name, b in self.layer_bits:
-                if not 2 <= int(b) <= 8 or (self.kquant is not None and int(b) == 7):
-                    raise InputError(f"layer {name}: weight bits must lie in 2..8 (no 7 in a K-quant mix), got {b}")
+            for name, option in self.layer_bits:
+                b, g = parse_option(option)
+                if not 2 <= b <= 8 or (self.kquant is not None and (b == 7 or g is not None)):
+                    raise InputError(f"layer {name}: weight bits must lie in 2..8 (no 7 and no group sizes in a "
+                                     f"K-quant mix), got {option}")
 
     @property
     def scheme_(self) -> Scheme:

@@ -29,21 +29,49 @@ from .schemes import SCHEMES
 DP_MAX_CELLS = 50_000_000  # items x budget units above which the Lagrangian solver is used
 
 
-def grid_for_bits(bits: int, base: WeightQuantConfig, sym: bool | None = None) -> WeightQuantConfig:
-    """The grid of a `bits`-wide layer in a mixed recipe: the base grid's group size and zero kind,
-    the symmetry of scheme W{bits}A16 unless `sym` fixes it (2-bit grids are asymmetric)."""
+def parse_option(option) -> tuple[int, int | None]:
+    """(bits, group size or None for the base grid's) of a layer's option in a mixed recipe: its
+    bit-width (3, "3"), or its bit-width with a group size of its own ("3g128")."""
+    bits, _, group = str(option).partition("g")
+    try:
+        b, g = int(bits), (int(group) if group else None)
+    except ValueError:
+        raise InputError(f"a layer's option is its bits (2..8) or bits and group size (e.g. 3g128), "
+                         f"got {option!r}") from None
+    if g is not None and g < 1:
+        raise InputError(f"a layer's group size must be positive, got {option!r}")
+    return b, g
+
+
+def option_key(bits: int, group_size: int | None = None) -> int | str:
+    """The canonical option: the bits alone on the base grid's groups, else "{bits}g{group_size}"."""
+    return int(bits) if group_size is None else f"{int(bits)}g{int(group_size)}"
+
+
+def grid_for_bits(bits: int, base: WeightQuantConfig, sym: bool | None = None,
+                  group_size: int | None = None) -> WeightQuantConfig:
+    """The grid of a `bits`-wide layer in a mixed recipe: the base grid's group size (or
+    `group_size`) and zero kind, the symmetry of scheme W{bits}A16 unless `sym` fixes it (2-bit
+    grids are asymmetric)."""
     if base.super_group:  # the K-quant family: Q{bits}_K, Q8_0 for 8 bits (fallbacks: `kquant.grid_for_width`)
+        if group_size is not None:
+            raise InputError("the K-quant family fixes its groups: a mix's layers take bits only")
         return kquant_family_grid(bits)
     if sym is None:
         sym = SCHEMES[f"W{bits}A16"].sym if f"W{bits}A16" in SCHEMES else base.sym
-    return dataclasses.replace(base, bits=bits, sym=sym)
+    return dataclasses.replace(base, bits=bits, sym=sym, group_size=base.group_size if group_size is None
+                               else group_size)
 
 
-def layer_grid(base: WeightQuantConfig, in_features: int | None, bits: int | None = None,
+def layer_grid(base: WeightQuantConfig, in_features: int | None, option: int | str | None = None,
                sym: bool | None = None) -> WeightQuantConfig:
-    """The grid a layer `in_features` wide is rounded on: `base`, or `grid_for_bits` of its bits in a
-    mix; then a K-quant's fallback where 256 does not divide the width (`kquant.grid_for_width`)."""
-    cfg = base if bits is None else grid_for_bits(int(bits), base, sym)
+    """The grid a layer `in_features` wide is rounded on: `base`, or `grid_for_bits` of its option
+    in a mix (`parse_option`); then a K-quant's fallback where 256 does not divide the width
+    (`kquant.grid_for_width`)."""
+    cfg = base
+    if option is not None:
+        bits, group_size = parse_option(option)
+        cfg = grid_for_bits(bits, base, sym, group_size)
     return cfg if in_features is None else grid_for_width(cfg, in_features)
 
 
@@ -70,7 +98,7 @@ def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float
     """Choose one option per unit minimising sum(values) subject to sum(costs) <= budget.
 
     Args:
-        costs: unit -> {option (bits): bytes}.
+        costs: unit -> {option (bits, or "{bits}g{size}": `parse_option`): bytes}.
         values: unit -> {option: added KLD} (the same options).
         budget: total bytes allowed.
     Returns:
@@ -79,7 +107,7 @@ def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float
         InputError when even the cheapest options exceed the budget.
     """
     units = list(costs)
-    opts = [sorted(costs[u]) for u in units]
+    opts = [sorted(costs[u], key=str) for u in units]  # options: bits, or "{bits}g{size}"
     if any(set(costs[u]) != set(values[u]) for u in units):
         raise InputError("every unit needs a cost and a value for the same options")
     least = sum(min(costs[u].values()) for u in units)
@@ -182,6 +210,8 @@ def allocation_record(layer_cfgs: dict[str, WeightQuantConfig | None], shapes: d
         out_f, in_f = shapes[name]
         b = 2 * out_f * in_f if cfg is None else weight_bytes(out_f, in_f, cfg)
         layers[name] = {"bits": FLOAT_BITS if cfg is None else cfg.bits, "bytes": b}
+        if cfg is not None and cfg.group_size and not cfg.super_group:
+            layers[name]["group_size"] = cfg.group_size
         total += b
         n += out_f * in_f
     return {"avg_bits_budget": avg_bits, "avg_bits": round(8 * total / n, 6), "bytes": total, "weights": n,
