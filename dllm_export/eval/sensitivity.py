@@ -198,8 +198,8 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
             writes float tensors in fp32, 32).
         group_sizes: of the scan's "{bits}g{size}" options, those with these sizes (default: all).
     Returns:
-        {"layer_bits": {layer: option} (bits, or "{bits}g{size}"; layers left in float are not listed), "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget",
-        "predicted_kld", "solver"}.
+        {"layer_bits": {layer: option} (bits, or "{bits}g{size}"; layers left in float are not listed),
+        "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget", "predicted_kld", "solver"}.
     """
     units = scan["units"]
     if not units:
@@ -295,7 +295,9 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
     if grid["group_size"] and scan["grid"]["group_size"] != grid["group_size"]:
         raise InputError(f"the sensitivity scan used groups of {scan['grid']['group_size']}; this recipe needs "
                          f"{grid['group_size']} (scan again with that grid)")
-    alloc = allocate_bits(scan, avg_bits, bits, grid["float_bits"], tuple(group_sizes) if group_sizes else None)
+    # group-size options: those asked for, else all the scan holds; none in GGUF (a block type fixes its groups)
+    groups = () if target in ("gguf", "gguf-k") else tuple(group_sizes) or None
+    alloc = allocate_bits(scan, avg_bits, bits, grid["float_bits"], groups)
     opts = {"method": scan["config"]["method"], "scheme": "W4A16",
             "group_size": None if kquant else scan["grid"]["group_size"], "sym": scan["config"]["sym"],
             "kquant": "Q4_K" if kquant else None, "layer_bits": alloc["layer_bits"], "avg_bits": avg_bits,
