@@ -17,7 +17,8 @@ the table lists the uniform files at least as large that it beats.
 dense bit planes), the embedding and head quantized or kept in fp32 (what the ONNX writer stores
 for a float tensor, so the allocation counts 32 bits for that option), size = model.onnx + its
 data file; there each bit-width is also scanned in groups of 64 and 128, and the "-g" mixes may
-give a layer those (uniform files with 128-groups beside them).
+give a layer those (uniform files with 64-groups beside them; 128 does not divide LLaDA's FFN
+width, so its FFN output layers have no 128 option).
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py                   # both bundled models
     OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models default --windows 8
@@ -46,7 +47,7 @@ GRIDS = {
              "uniform": [(b, eh) for b in (4, 5, 8) for eh in (4, 8, 16)], "budgets": (4.5, 5.0, 5.5, 6.0, 7.0),
              "files": ("model.gguf",)},
     "onnx": {"types": {2: "W2", 3: "W3", 4: "W4", 8: "W8", 16: "fp32"},
-             "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)] + [("3g128", 4), ("4g128", 4)],
+             "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)] + [("3g64", 4), ("4g64", 4)],
              "budgets": (3.5, 4.0, 4.5, 5.0, 6.0), "files": ("model.onnx", "model.onnx.data"),
              "group_choices": (64, 128)},
     # llama.cpp's K-quants (each layer on its type's fallback where 256 does not divide its width)

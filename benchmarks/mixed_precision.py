@@ -3,8 +3,8 @@
 Per model: one GPTQ sensitivity scan (every block linear alone at 2/3/4/5/8 bits, groups of 32,
 and each bit-width also at groups of 64 and 128 as options of their own; KLD on held-out
 canvases), then mixed recipes allocated from it at several average-bits budgets (on groups of 32
-only, and with the group-size options: "-g" cells) and uniform GPTQ schemes at groups of 32, 64
-and 128, all quantized with the same mask-aware
+only, and with the group-size options: "-g" cells) and uniform GPTQ schemes at groups of 32 and 64
+(128 does not divide the bundled LLaDA's FFN width), all quantized with the same mask-aware
 calibration and scored on the same fidelity canvases (`eval.fidelity`: t = 0.15 / 0.5 / 0.85 and
 the loop's decode ratios, 16 windows of 128). Size is the packed bytes of the block linears
 (`quant.mixed.weight_bytes`: codes + fp16 scales + zero points; exactly the GGUF block types'
@@ -40,7 +40,7 @@ GROUP_CHOICES = (64, 128)
 MIXED = [("mix{b}-2348", (2, 3, 4, 8), 3.5, ()), ("mix{b}-2348", (2, 3, 4, 8), 4.5, ()),
          ("mix{b}-gguf", (4, 5, 8), 5.0, ()), ("mix{b}-gguf", (4, 5, 8), 6.0, ()),
          ("mix{b}-2348-g", (2, 3, 4, 8), 3.5, GROUP_CHOICES), ("mix{b}-2348-g", (2, 3, 4, 8), 4.5, GROUP_CHOICES)]
-UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (3, 64), (4, 64), (3, 128), (4, 128)]
+UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (3, 64), (4, 64)]  # 128 does not divide LLaDA's 704
 QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[2], MIXED[4]]
 QUICK_UNIFORM = [(3, 32), (4, 32), (5, 32), (3, 64), (4, 64)]
 
