@@ -248,8 +248,9 @@ class _WindowLog:
 
 @pytest.mark.parametrize("refresh_tokens", [2, 3, 5, 100])
 def test_refresh_tokens_refills_the_cache_once_enough_tokens_were_committed(refresh_tokens, tiny_dirs):
-    """A step is a full forward iff it starts a block or the rows' commits since the last full
-    forward reach refresh_tokens (replayed from commit_step, the batch's largest count)."""
+    """A row's step is a full forward iff it starts a block or the row's commits since its last full
+    forward reach refresh_tokens (replayed from commit_step): all rows full -> one full forward, none
+    -> one cached forward, some -> the cached forward, then the full one."""
     from dllm_export.runtime.backends import TorchBackend
 
     be = _WindowLog(TorchBackend(load_model(tiny_dirs["llada"])))
@@ -258,14 +259,38 @@ def test_refresh_tokens_refills_the_cache_once_enough_tokens_were_committed(refr
     want, since, block = [], torch.zeros(2, dtype=torch.long), -1
     for step in range(out.nfe):
         blk = int((out.commit_step < step).all(0).view(3, 8).all(1).sum())  # blocks decoded before this step
-        full = blk != block or int(since.max()) >= refresh_tokens
+        rows = torch.full((2,), blk != block) | (since >= refresh_tokens)
         block = blk
-        if full:
-            since.zero_()
-        want.append(full)
+        want += [True] if bool(rows.all()) else [False] if not bool(rows.any()) else [False, True]
+        since[rows] = 0
         since += (out.commit_step == step).sum(1)
     assert be.full == want
     assert sum(want) > 3 if refresh_tokens < 8 else sum(want) == 3  # 3 blocks: 3 full forwards at least
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_refresh_tokens_rows_in_a_batch_decode_as_alone(cache, backend, tmp_path):
+    """A batch whose rows need their caches refreshed at different steps (an arithmetic prompt's EOS
+    burst, a code prompt's one-token steps) gives every row the tokens it gets decoding alone."""
+    from dllm_export import load_tokenizer
+    from dllm_export.runtime.backends import TorchBackend, load_backend
+
+    tok = load_tokenizer("default")
+    if backend == "torch":
+        be = TorchBackend(load_model("default"))
+    else:
+        from dllm_export.exporter.onnx import export_onnx
+
+        be = load_backend(str(export_onnx("default", tmp_path / "onnx")), threads=1)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("38+32=", "def fibonacci(n):", "7*8=")]
+    kw = dict(gen_length=64, block_length=32, cache=cache, threshold=0.99, refresh_tokens=8)
+    logged = _WindowLog(be)
+    batch = generate(logged, prompts, **kw)
+    assert len(logged.full) > batch.nfe  # some steps refreshed only some rows (both forwards ran)
+    for r, p in enumerate(prompts):
+        alone = generate(be, [p], **kw)
+        assert batch.generated[r].tolist() == alone.generated[0].tolist()  # (its steps: the batch waits for all)
 
 
 @pytest.mark.parametrize("name", ["llada", "dream"])

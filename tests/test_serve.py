@@ -118,8 +118,7 @@ def test_completion_torch_equals_generate(torch_engine, torch_url):
 
 
 def test_completion_with_the_edge_preset_equals_generate(torch_engine, torch_url):
-    """A request naming the edge preset decodes as `generate` with PRESETS["edge"] (alone: its cache
-    refresh follows its own commits), through the official client."""
+    """A request naming the edge preset decodes as `generate` with PRESETS["edge"], through the official client."""
     from dllm_export.runtime.loop import PRESETS
 
     ids = encode_prompt(torch_engine.tokenizer, PROMPTS[0])
@@ -388,8 +387,7 @@ def test_request_settings_are_the_loop_plan_fields():
 @pytest.mark.parametrize("settings,batchable", [
     (dict(cache="dual"), True),
     (dict(cache="dual", refresh=2), True),
-    (dict(refresh_tokens=4), True),  # no cache: nothing to refresh
-    (dict(cache="dual", refresh_tokens=4), False),  # another row's commits would refresh this row's cache
+    (dict(cache="dual", refresh_tokens=4), True),  # each row's cache is refreshed on its own commits
     (dict(seed=1), False),
 ])
 def test_which_requests_share_a_batch(settings, batchable):

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -135,6 +136,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             many tokens since the cache was filled: the cached keys/values are stale by exactly
             those tokens, so a step that commits many at once (an EOS tail) is followed by an exact one,
             while one-token steps keep the cache. 1 refreshes after every commit (the reference trace).
+            Per row: in a batch each row is refreshed when it needs it (a step where only some rows
+            do runs the cached and the full forward), so its tokens are those it gets alone.
         stop_at_eos: once a block is decoded with an end token (EOS or end of turn) in a row's
             generated part and only masks after the block, that row's rest is filled with EOS
             (commit step: the block's last) and not decoded; the loop ends when every row has
@@ -345,24 +348,44 @@ class _StepLogits:
         self.shift = 1 if self.spec.shift_logits else 0
         self.use_rows = plan.greedy and backend.supports_rows
         self.logits: torch.Tensor | None = None
-        self.nfe = 0  # backend forward calls (a CFG step counts once)
+        self.nfe = 0  # steps, i.e. backend forward calls (a CFG step counts once, so does a step whose
+        # rows split into full and cached ones, though it runs both)
         self.filled: torch.Tensor | None = None  # (B,) decoded positions when the cache was filled
 
-    def full_step(self, x: torch.Tensor, i: int) -> bool:
-        """Whether step `i` of a block is a full forward (which refills the cache)."""
-        plan = self.plan
-        full = self.kv is None or i == 0 or (plan.refresh is not None and i % plan.refresh == 0)
+    def full_rows(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """(B,) bool: the rows whose step `i` of a block is a full forward (which refills their
+        cache): every row at a block's start and every `refresh`-th step; with `refresh_tokens`, the
+        rows that committed that many tokens since their cache was filled."""
+        plan, B = self.plan, x.shape[0]
         filled = (x != self.spec.mask_id).sum(1)
-        if not full and plan.refresh_tokens is not None:
-            full = int((filled - self.filled).max()) >= plan.refresh_tokens
-        if full:
-            self.filled = filled
+        if self.kv is None or i == 0 or (plan.refresh is not None and i % plan.refresh == 0):
+            full = torch.ones(B, dtype=torch.bool)
+        elif plan.refresh_tokens is not None:
+            full = filled - self.filled >= plan.refresh_tokens
+        else:
+            full = torch.zeros(B, dtype=torch.bool)
+        self.filled = filled if self.filled is None else torch.where(full, filled, self.filled)
         return full
 
     def __call__(self, x: torch.Tensor, i: int, lo_blk: int, hi: int, eligible: torch.Tensor) -> torch.Tensor:
-        plan, shift, L = self.plan, self.shift, x.shape[1]
-        full = self.full_step(x, i)
+        full = self.full_rows(x, i)
         self.nfe += 1
+        if bool(full.all()) or not bool(full.any()):
+            return self.step(x, bool(full.all()), lo_blk, hi, eligible)
+        # some rows' caches went stale, the others' did not: each row gets what it would decoding
+        # alone (a batch's answers do not depend on its companions), at the cost of both forwards
+        keep = ~full
+        self.step(x, False, lo_blk, hi, eligible)
+        kept_logits, old_k, old_v = self.logits[keep].clone(), self.kv.k, self.kv.v
+        self.step(x, True, lo_blk, hi, eligible)
+        self.logits[keep] = kept_logits
+        self.kv.k = [_rows_where(keep, o, n) for o, n in zip(old_k, self.kv.k)]
+        self.kv.v = [_rows_where(keep, o, n) for o, n in zip(old_v, self.kv.v)]
+        return self.logits
+
+    def step(self, x: torch.Tensor, full: bool, lo_blk: int, hi: int, eligible: torch.Tensor) -> torch.Tensor:
+        """The logits of a full forward (refilling the cache) or of a cached window, for every row."""
+        plan, shift, L = self.plan, self.shift, x.shape[1]
         if full and not self.use_rows:
             logits = self.spec.align_logits(self.raw(x, None))
             if self.kv is not None:
@@ -402,6 +425,15 @@ class _StepLogits:
             cond, un = out.chunk(2, dim=0)
             out = un + (cfg + 1) * (cond - un)
         return out
+
+
+def _rows_where(keep: torch.Tensor, old, new):
+    """A cached layer's keys (or values) [rows, ...]: `old`'s rows where `keep`, else `new`'s; torch
+    tensors or numpy arrays, as the backend stores them (rows = 2 B with classifier-free guidance)."""
+    keep = keep.repeat(new.shape[0] // keep.shape[0])
+    if isinstance(new, torch.Tensor):
+        return torch.where(keep.to(new.device).view(-1, *[1] * (new.dim() - 1)), old, new)
+    return np.where(keep.numpy().reshape(-1, *[1] * (new.ndim - 1)), old, new)
 
 
 def _rule(plan: Plan, mask_id: int, generator: torch.Generator | None) -> Callable:

@@ -54,11 +54,8 @@ class GenSettings:
 
     def batchable(self, sampler: str) -> bool:
         """Rows of other requests leave this request's tokens unchanged: greedy and unseeded (a shared
-        generator would interleave draws), not Dream's batch-mean quota with ended rows, and not a
-        cache refreshed by commit count (one row's commits refresh every row's cache)."""
+        generator would interleave draws), and not Dream's batch-mean quota with ended rows."""
         if self.seed is not None or self.temperature > 0 or sampler in ("random", "origin") or self.alg_temp:
-            return False
-        if self.refresh_tokens is not None and self.cache != "none":
             return False
         return not (self.stop_at_eos and sampler in DREAM_SAMPLERS and self.threshold is None and self.factor is None)
 
