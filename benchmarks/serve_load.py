@@ -6,8 +6,9 @@ client is a thread with its own HTTP connection that sends /v1/completions reque
 generated tokens per second over all clients (max_tokens per answered request: a diffusion LM
 decodes the whole canvas; `returned` counts the tokens before the first end token), latency is per
 request (p50 / p95). Every answer is checked against the one-client answer of the same prompt.
-Two request settings: the reference loop (a full forward over the canvas every step) and
-Fast-dLLM's dual cache (only the current block is recomputed between block starts).
+Request settings: the reference loop (a full forward over the canvas every step), Fast-dLLM's dual
+cache (only the current block is recomputed between block starts), and the edge preset
+(`--variants edge`).
 
     python benchmarks/serve_load.py                          # bundled model, max_tokens 32, block 8
     python benchmarks/serve_load.py --model out/onnx --clients 1,8 --threads 2
@@ -104,7 +105,9 @@ def run_level(url: str, clients: int, per_client: int, body: dict) -> dict:
     }
 
 
-VARIANTS = {"reference": {}, "dual": {"cache": "dual"}}  # request settings beside max_tokens / steps / block
+# request settings beside max_tokens / steps / block; "edge": the edge preset (dual cache refreshed per row
+# after 16 commits, threshold 0.99, stop at EOS), named by the request as an OpenAI client's extra_body does
+VARIANTS = {"reference": {}, "dual": {"cache": "dual"}, "edge": {"preset": "edge"}}
 
 
 def to_markdown(res: dict) -> str:
