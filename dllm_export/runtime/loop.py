@@ -55,7 +55,8 @@ class GenerateOutput:
             generated position stopped being the mask token; -1 if it never did.
         prompt_length: P.
         attention_mask: (B, P + gen_length) 0/1, zeros at left padding.
-        nfe: number of backend forward calls (a CFG step counts once).
+        nfe: number of steps, i.e. backend forward calls (a CFG step counts once; so does a batch step
+            that refreshes only some rows' caches, though it runs the cached and the full forward).
         seconds: wall time of the loop.
         settings: the resolved decoding settings.
     """
@@ -332,11 +333,11 @@ class _StepLogits:
     """The logits a step samples from, [B, L, V] aligned so that row i predicts token i.
 
     Without a cache every step is a full forward (the reference). With one, a block's first step
-    (every `refresh`-th, and the first with `refresh_tokens` commits past the cache) is a full
-    forward that fills the KVCache; the other steps run only the
-    cached window (the block for "dual", block to end for "prefix") and write its rows into the
-    last full logits. A backend with `supports_rows` computes the head only on the rows the
-    greedy samplers read (the first eligible position to the block end).
+    (every `refresh`-th, and for a row the first with `refresh_tokens` commits past its cache) is a
+    full forward that fills the KVCache; the other steps run only the cached window (the block for
+    "dual", block to end for "prefix") and write its rows into the last full logits. A backend with
+    `supports_rows` computes the head only on the rows the greedy samplers read (the first eligible
+    position to the block end).
     """
 
     def __init__(self, backend: Backend, plan: Plan, prompt_index: torch.Tensor, am: torch.Tensor):
@@ -357,14 +358,15 @@ class _StepLogits:
         cache): every row at a block's start and every `refresh`-th step; with `refresh_tokens`, the
         rows that committed that many tokens since their cache was filled."""
         plan, B = self.plan, x.shape[0]
+        every = self.kv is None or i == 0 or (plan.refresh is not None and i % plan.refresh == 0)
+        if plan.refresh_tokens is None or self.kv is None:
+            return torch.full((B,), every)
         filled = (x != self.spec.mask_id).sum(1)
-        if self.kv is None or i == 0 or (plan.refresh is not None and i % plan.refresh == 0):
-            full = torch.ones(B, dtype=torch.bool)
-        elif plan.refresh_tokens is not None:
-            full = filled - self.filled >= plan.refresh_tokens
-        else:
-            full = torch.zeros(B, dtype=torch.bool)
-        self.filled = filled if self.filled is None else torch.where(full, filled, self.filled)
+        if every:
+            self.filled = filled
+            return torch.ones(B, dtype=torch.bool)
+        full = filled - self.filled >= plan.refresh_tokens
+        self.filled = torch.where(full, filled, self.filled)
         return full
 
     def __call__(self, x: torch.Tensor, i: int, lo_blk: int, hi: int, eligible: torch.Tensor) -> torch.Tensor:
