@@ -269,20 +269,21 @@ def test_refresh_tokens_refills_the_cache_once_enough_tokens_were_committed(refr
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_refresh_tokens_rows_in_a_batch_decode_as_alone(cache, backend, tmp_path):
+@pytest.mark.parametrize("model,backend", [("default", "torch"), ("default", "onnxruntime"),
+                                           ("default-dream", "torch")])
+def test_refresh_tokens_rows_in_a_batch_decode_as_alone(cache, model, backend, tmp_path):
     """A batch whose rows need their caches refreshed at different steps (an arithmetic prompt's EOS
     burst, a code prompt's one-token steps) gives every row the tokens it gets decoding alone."""
     from dllm_export import load_tokenizer
     from dllm_export.runtime.backends import TorchBackend, load_backend
 
-    tok = load_tokenizer("default")
+    tok = load_tokenizer(model)
     if backend == "torch":
-        be = TorchBackend(load_model("default"))
+        be = TorchBackend(load_model(model))
     else:
         from dllm_export.exporter.onnx import export_onnx
 
-        be = load_backend(str(export_onnx("default", tmp_path / "onnx")), threads=1)
+        be = load_backend(str(export_onnx(model, tmp_path / "onnx")), threads=1)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("38+32=", "def fibonacci(n):", "7*8=")]
     kw = dict(gen_length=64, block_length=32, cache=cache, threshold=0.99, refresh_tokens=8)
     logged = _WindowLog(be)
