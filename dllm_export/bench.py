@@ -36,8 +36,10 @@ class BenchConfig:
         canvas: tokens of the full forward timed as one denoising step.
         reps: timed steps (after one warm-up).
         decode_reps: timed decodes (after one warm-up decode); tokens/s is their median.
-        gen_length / block_length / cache / threshold / refresh_tokens / stop_at_eos: the decode timed
-            for tokens/s (steps = gen_length; `generate`'s options, e.g. a preset's, `runtime.loop.with_preset`).
+        gen_length / block_length / cache / threshold / refresh_tokens / stop_at_eos / preset: the
+            decode timed for tokens/s (steps = gen_length; `generate`'s options, None: the preset's
+            for that artifact's backend, `runtime.loop.with_preset`; each row records its own as
+            "decode_settings").
         threads: CPU threads of the runtime (0 = its default).
         backend: "auto" (by what the path holds) or a backend name.
         device: the torch backend's device ("cuda" for a GPU; other runtimes pick their own).
@@ -54,10 +56,11 @@ class BenchConfig:
     decode_reps: int = 3
     gen_length: int = 64
     block_length: int = 32
-    cache: str = "none"
+    cache: str | None = None
     threshold: float | None = None
     refresh_tokens: int | None = None
-    stop_at_eos: bool = False
+    stop_at_eos: bool | None = None
+    preset: str = "reference"
     threads: int = 0
     backend: str = "auto"
     quality: bool = False
@@ -86,6 +89,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     from . import generate, load_tokenizer
     from .models.loader import resolve_model_path
     from .runtime.backends import load_backend
+    from .runtime.loop import with_preset
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -101,8 +105,10 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         steps.append(time.perf_counter() - t)
     steps.sort()
     prompt = ids[:, : max(1, cfg.canvas - cfg.gen_length)].tolist()
-    opts = dict(gen_length=cfg.gen_length, steps=cfg.gen_length, block_length=cfg.block_length,
-                cache=cfg.cache, threshold=cfg.threshold, refresh_tokens=cfg.refresh_tokens, stop_at_eos=cfg.stop_at_eos)
+    settings = with_preset(cfg.preset, {"cache": cfg.cache, "threshold": cfg.threshold,
+                                        "refresh_tokens": cfg.refresh_tokens, "stop_at_eos": cfg.stop_at_eos},
+                           be.supports_cache)
+    opts = dict(gen_length=cfg.gen_length, steps=cfg.gen_length, block_length=cfg.block_length, **settings)
     load_before = os.getloadavg()[0]
     out = generate(be, prompt, **opts)  # warm-up: first-call costs of every window shape
     decode = []
@@ -119,7 +125,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "step_ms_p90": round(1000 * steps[min(len(steps) - 1, int(0.9 * len(steps)))], 3),
         "tokens_per_s": round(n_gen / decode_s, 2), "tokens_per_s_min": round(n_gen / max(decode), 2),
         "tokens_per_s_max": round(n_gen / min(decode), 2), "nfe": out.nfe,
-        "tokens_per_step": round(out.generated.numel() / max(out.nfe, 1), 2),
+        "tokens_per_step": round(out.generated.numel() / max(out.nfe, 1), 2), "decode_settings": settings,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads() if be.name == "torch" else cfg.threads,
         "host_load": round(max(load_before, os.getloadavg()[0]), 2), "host_cores": os.cpu_count(),

@@ -204,8 +204,8 @@ def _add_generate(sub) -> None:
                    help="stop once a decoded block holds an end token; fill the rest with EOS")
     g.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                    help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos: reference (the released "
-                        "loops) | edge (dual cache refreshed after 16 commits, threshold 0.99, stop at EOS) "
-                        "(default: %(default)s)")
+                        "loops) | edge (dual cache refreshed after 16 commits, threshold 0.99, stop at EOS; no cache "
+                        "where the backend has none) (default: %(default)s)")
     g.add_argument("--seed", type=int, help="random seed (for temperature > 0 or random samplers)")
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -269,8 +269,8 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--refresh-tokens", type=int, help="with a cache: a full forward once N tokens were committed past it")
     bn.add_argument("--stop-at-eos", action="store_true", default=None, help="stop the timed decode at an EOS block")
     bn.add_argument("--preset", choices=sorted(PRESETS), default="reference",
-                    help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos, as generate's "
-                         "(default: %(default)s)")
+                    help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos, as generate's, per "
+                         "artifact (default: %(default)s)")
     bn.add_argument("--threads", type=int, default=0)
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
     bn.add_argument("--json", dest="json_out", help="write the results here")
@@ -449,7 +449,7 @@ def cmd_generate(args) -> int:
 
     opts = with_preset(args.preset, {"cache": args.cache, "threshold": args.threshold, "factor": args.factor,
                                      "refresh": args.refresh, "refresh_tokens": args.refresh_tokens,
-                                     "stop_at_eos": args.stop_at_eos})
+                                     "stop_at_eos": args.stop_at_eos}, model.supports_cache)
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
                    top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress, **opts)
@@ -516,12 +516,11 @@ def cmd_bench(args) -> int:
 
     from .bench import BenchConfig, bench, to_markdown
 
-    decode = with_preset(args.preset, {"cache": args.cache, "threshold": args.threshold,
-                                       "refresh_tokens": args.refresh_tokens, "stop_at_eos": args.stop_at_eos})
     cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length,
-                      block_length=args.block_length, threads=args.threads, backend=args.backend,
-                      quality=args.quality, device=args.torch_device, kernel=args.kernel,
-                      roofline=not args.no_roofline, **decode)
+                      block_length=args.block_length, cache=args.cache, threshold=args.threshold,
+                      refresh_tokens=args.refresh_tokens, stop_at_eos=args.stop_at_eos, preset=args.preset,
+                      threads=args.threads, backend=args.backend, quality=args.quality, device=args.torch_device,
+                      kernel=args.kernel, roofline=not args.no_roofline)
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")

@@ -414,17 +414,20 @@ def test_presets_fill_what_a_request_leaves_open(torch_engine, server, request_f
     assert {k: getattr(s, k) for k in want} == want
 
 
-def test_unknown_or_unrunnable_presets_are_refused(torch_engine, artifact_engines):
+def test_unknown_presets_are_refused_and_cacheless_backends_take_the_rest(torch_engine, artifact_engines):
     from dllm_export.serve.engine import Engine
     from dllm_export.serve.schemas import CompletionRequest
 
     with pytest.raises(RequestError, match="unknown preset 'fast'") as e:
         torch_engine.settings(CompletionRequest(model="m", prompt="1+1=", max_tokens=8, preset="fast"), [4])
     assert e.value.param == "preset"
-    if "llama.cpp" in artifact_engines:  # no KV cache: the edge preset cannot be the server's default
+    with pytest.raises(InputError, match="unknown preset"):
+        Engine(torch_engine.backend, torch_engine.tokenizer, "m", preset="fast")
+    if "llama.cpp" in artifact_engines:  # no KV cache: the edge preset without its cache
         be = artifact_engines["llama.cpp"]
-        with pytest.raises(InputError, match="edge preset decodes with a KV cache; the llama.cpp backend has none"):
-            Engine(be.backend, be.tokenizer, "m", preset="edge")
+        s = Engine(be.backend, be.tokenizer, "m", preset="edge").settings(
+            CompletionRequest(model="m", prompt=[5, 9], max_tokens=8), [2])
+        assert (s.cache, s.refresh_tokens, s.threshold, s.stop_at_eos) == ("none", None, 0.99, True)
 
 
 def test_on_canvas_hook_leaves_the_trace(torch_engine):

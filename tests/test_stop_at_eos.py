@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dllm_export as D
+from dllm_export import InputError
 from dllm_export.runtime import TorchBackend
 
 from .conftest import GOLDEN
@@ -109,6 +110,20 @@ def test_dream_dual_cache_decodes_the_block_from_block_rows(models, sampler):
     assert torch.equal(ref.ids, same.ids) and torch.equal(ref.commit_step, same.commit_step)
     fast = D.generate(model, [PROMPT, PROMPT[:3]], cache="dual", threshold=0.3, **kw)
     assert (fast.generated != model.spec.mask_id).all() and fast.nfe <= ref.nfe
+
+
+def test_with_preset_fills_open_options_by_backend():
+    from dllm_export.runtime.loop import with_preset
+
+    assert with_preset("edge", {"threshold": None}) == {"cache": "dual", "threshold": 0.99, "refresh_tokens": 16,
+                                                        "stop_at_eos": True}
+    assert with_preset("edge", {}, supports_cache=False) == {"threshold": 0.99, "stop_at_eos": True}
+    assert with_preset("edge", {"cache": "none", "stop_at_eos": False}) == {"cache": "none", "stop_at_eos": False,
+                                                                          "threshold": 0.99, "refresh_tokens": 16}
+    assert with_preset("edge", {"factor": 1.0}) == {"factor": 1.0}  # a factor excludes the preset's threshold
+    assert with_preset("reference", {"cache": None}) == {}
+    with pytest.raises(InputError, match="unknown preset 'fast'"):
+        with_preset("fast", {})
 
 
 @pytest.mark.parametrize("extra,want", [

@@ -34,13 +34,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def with_preset(preset: str, options: dict) -> dict:
+def with_preset(preset: str, options: dict, supports_cache: bool = True) -> dict:
     """Decoding `options` (None: left open) with the open ones taken from PRESETS[preset], Nones
-    dropped; an option set to a factor takes nothing from the preset (its threshold excludes one).
-    The rule the CLI's `--preset` and the server's default / per-request preset share."""
+    dropped; an option set to a factor takes nothing from the preset (its threshold excludes one),
+    and a backend without a KV cache takes the preset's other settings (not its cache). The rule
+    the CLI's `--preset` (generate, bench) and the server's default / per-request preset share."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r} (choose from {', '.join(sorted(PRESETS))})")
     fill = {} if options.get("factor") is not None else PRESETS[preset]
+    if not supports_cache:
+        fill = {k: v for k, v in fill.items() if k not in ("cache", "refresh_tokens")}
     given = {k: v for k, v in options.items() if v is not None}
     return {**{k: v for k, v in fill.items() if k not in given}, **given}
 

@@ -76,13 +76,13 @@ class Engine:
         default_max_tokens: gen_length when a request gives no max_tokens (that of `dllm-export generate`).
         max_tokens_limit: the largest max_tokens accepted (default: the context).
         preset: the decoding preset (runtime.loop.PRESETS) of requests that name none; a request's
-            own cache / threshold / refresh_tokens / stop_at_eos win over it.
+            own cache / threshold / refresh_tokens / stop_at_eos win over it (a backend without a KV
+            cache takes the preset without its cache).
     """
 
     def __init__(self, backend, tokenizer, model_id: str, default_max_tokens: int = 64,
                  max_tokens_limit: int | None = None, preset: str = "reference"):
-        if with_preset(preset, {}).get("cache", "none") != "none" and not backend.supports_cache:
-            raise InputError(f"the {preset} preset decodes with a KV cache; the {backend.name} backend has none")
+        with_preset(preset, {})  # an unknown preset fails here, at start-up
         self.backend, self.tokenizer, self.model_id, self.preset = backend, tokenizer, model_id, preset
         self.spec = backend.spec
         self.context = backend.max_length
@@ -130,7 +130,8 @@ class Engine:
             raise RequestError(f"top_p / top_k filter Dream's samplers; sampler {sampler!r} does not use them",
                                "top_p" if top_p is not None else "top_k", "unsupported_parameter")
         try:
-            fast = with_preset(req.preset or self.preset, {k: getattr(req, k) for k in PRESET_FIELDS})
+            fast = with_preset(req.preset or self.preset, {k: getattr(req, k) for k in PRESET_FIELDS},
+                               self.backend.supports_cache)
         except InputError as e:
             raise RequestError(str(e), "preset") from None
         s = GenSettings(gen_length=gen, steps=req.steps, block_length=req.block_length, sampler=req.sampler,
