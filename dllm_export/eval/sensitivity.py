@@ -21,7 +21,7 @@ from ..quant.base import QuantizeConfig, round_weight
 from ..quant.calibrate import CalibConfig, calibration_ids
 from ..quant.driver import fit_group_size
 from ..quant.mixed import (FLOAT_BITS, allocate, embed_head_shapes, layer_grid, linear_shapes, option_key,
-                           parse_option, weight_bytes)
+                           option_order, parse_option, weight_bytes)
 from .fidelity import FidelityConfig, build_reference, compare
 
 GRANULARITIES = ("layer", "role")
@@ -231,7 +231,7 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
 def to_markdown(scan: dict, top: int = 20) -> str:
     """The scan as a table: units by sensitivity, KLD +- se per bit-width."""
     bits = sorted({option_key(*parse_option(b)) for e in scan["units"].values() for b in e["bits"]},
-                  key=lambda o: (parse_option(o)[0], parse_option(o)[1] or 0))
+                  key=option_order)
     lines = ["| unit | weights | " + " | ".join(f"KLD @ {b} bits" for b in bits) + " |",
              "|---|---:|" + "---:|" * len(bits)]
     for u in scan["ranking"][:top]:

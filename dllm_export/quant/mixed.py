@@ -48,6 +48,12 @@ def option_key(bits: int, group_size: int | None = None) -> int | str:
     return int(bits) if group_size is None else f"{int(bits)}g{int(group_size)}"
 
 
+def option_order(option) -> tuple[int, int]:
+    """Sort key of options: by bits, then group size (the base grid's first)."""
+    bits, group_size = parse_option(option)
+    return bits, group_size or 0
+
+
 def grid_for_bits(bits: int, base: WeightQuantConfig, sym: bool | None = None,
                   group_size: int | None = None) -> WeightQuantConfig:
     """The grid of a `bits`-wide layer in a mixed recipe: the base grid's group size (or
@@ -107,7 +113,7 @@ def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float
         InputError when even the cheapest options exceed the budget.
     """
     units = list(costs)
-    opts = [sorted(costs[u], key=str) for u in units]  # options: bits, or "{bits}g{size}"
+    opts = [sorted(costs[u], key=option_order) for u in units]
     if any(set(costs[u]) != set(values[u]) for u in units):
         raise InputError("every unit needs a cost and a value for the same options")
     least = sum(min(costs[u].values()) for u in units)
