@@ -205,11 +205,13 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
     if not units:
         raise InputError("the sensitivity scan holds no units")
 
-    def kept(b, g):
-        return (b == FLOAT_BITS or bits is None or b in bits) and (g is None or group_sizes is None or g in group_sizes)
-
     def opts(e):  # option (bits, or "{bits}g{size}": quant.mixed.parse_option) -> its measurement
-        return {option_key(*parse_option(k)): v for k, v in e["bits"].items() if kept(*parse_option(k))}
+        out = {}
+        for k, v in e["bits"].items():
+            b, g = parse_option(k)
+            if (b == FLOAT_BITS or bits is None or b in bits) and (g is None or group_sizes is None or g in group_sizes):
+                out[option_key(b, g)] = v
+        return out
 
     def cost(e, b, v):
         return e["weights"] * float_bits // 8 if b == FLOAT_BITS else v["bytes"]

@@ -275,12 +275,13 @@ def _precheck_onnx(src: Path, qcfg, ocfg) -> None:
         raise InputError("float minimums (zero_kind='float', GGUF Q4_1 style) have no exact ONNX form; "
                          "use integer zero points (the default) or --target gguf")
     if ocfg.weight_format == "matmulnbits":
-        from ..quant.mixed import parse_option
+        from ..quant.mixed import layer_grid, option_order
 
-        grids = {(w.bits, w.group_size), *(parse_option(o) for o in dict(qcfg.layer_bits).values())}
-        for bits, group_size in sorted(grids, key=str):  # mixed precision: every layer's bits and groups
+        # the scheme's grid and, in a mix, every layer's (its bits and group size)
+        options = [None, *sorted(set(dict(qcfg.layer_bits).values()), key=option_order)]
+        for c in (layer_grid(w, None, o, qcfg.sym) for o in options):
             for K in widths:
-                check_matmulnbits(bits, group_size or w.group_size or K, "--format matmulnbits")
+                check_matmulnbits(c.bits, c.group_size or K, "--format matmulnbits")
 
 
 __all__ = ["ExportPlan", "ExportRequest", "ExportResult", "RESOLVERS", "TARGETS", "export", "plan_export"]

@@ -26,6 +26,7 @@ Output: raw (unshifted) `logits` float32 [B, P, V].
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -243,10 +244,12 @@ def _dense_codes(g: _Graph, u: np.ndarray, bits: int, name: str, offset: int = 0
     return g.call(_rebuild_function(True), [p, shape, g.const(np.array(offset), np.int32)], name)
 
 
+@functools.lru_cache(maxsize=None)
 def _rebuild_function(signed: bool):
     """The local function (planes [bits, M, 1] uint8, shape int64[r][, offset int32]) -> codes of
     `shape`, uint8 (or int8 = value - offset): bit j of plane i is bit i of value 8 m + j. Written
-    once per graph however many layers call it, so a dense layer costs one node in the graph."""
+    once per graph however many layers call it, so a dense layer costs one node in the graph (built
+    once per process: the model copies it in)."""
     import onnx
 
     h, TP = onnx.helper, onnx.TensorProto
