@@ -46,8 +46,8 @@ GRIDS = {
     "gguf": {"types": {4: "Q4_0", 5: "Q5_0", 8: "Q8_0", 16: "F16"},
              "uniform": [(b, eh) for b in (4, 5, 8) for eh in (4, 8, 16)], "budgets": (4.5, 5.0, 5.5, 6.0, 7.0),
              "files": ("model.gguf",)},
-    "onnx": {"types": {2: "W2", 3: "W3", 4: "W4", 8: "W8", 16: "fp32"},
-             "uniform": [(b, eh) for b in (2, 3, 4, 8) for eh in (4, 8, 16)] + [("3g64", 4), ("4g64", 4)],
+    "onnx": {"types": {2: "W2", 3: "W3", 4: "W4", 5: "W5", 6: "W6", 8: "W8", 16: "fp32"},
+             "uniform": [(b, eh) for b in (2, 3, 4, 5, 6, 8) for eh in (4, 5, 6, 8, 16)] + [("3g64", 4), ("4g64", 4)],
              "budgets": (3.5, 4.0, 4.5, 5.0, 6.0), "files": ("model.onnx", "model.onnx.data"),
              "group_choices": (64, 128)},
     # llama.cpp's K-quants (each layer on its type's fallback where 256 does not divide its width)
@@ -146,6 +146,14 @@ def run_model(name: str, work: Path, args) -> dict:
             "weights": scan["weights"], "cells": cells, "infeasible_budgets": infeasible}
 
 
+def _first_better(c: dict, size: dict) -> str:
+    """The smallest uniform file at least as large as mix `c` with lower KLD, and its size ratio."""
+    better = c.get("larger_uniform_better") if c["kind"] == "mixed" else None
+    if better is None:
+        return ""
+    return f"{better[0]} ({size[better[0]] / c['file_bytes']:.2f}x)" if better else "none"
+
+
 def to_markdown(res: dict) -> str:
     target = res.get("target", "gguf")
     file = " + ".join(GRIDS[target]["files"])
@@ -160,8 +168,10 @@ def to_markdown(res: dict) -> str:
         lines += [f"## {m['model']}", ""]
         lines += [f"Budget {f['budget']} bits: no allocation fits ({f['why']}).\n" for f in m.get("infeasible_budgets", [])]
         lines += [f"| file | kind | {file} bytes | KLD mean +- se | KLD p99 | top-1 | embedding / head | block linears "
-                  "| vs nearest uniform at least as large: dKLD (z) | larger uniform files it beats |",
-                  "|---|---|---:|---:|---:|---:|---|---|---|---|"]
+                  "| vs nearest uniform at least as large: dKLD (z) | larger uniform files it beats "
+                  "| smallest larger uniform with lower KLD (its size / this) |",
+                  "|---|---|---:|---:|---:|---:|---|---|---|---|---|"]
+        size = {c["label"]: c["file_bytes"] for c in m["cells"]}
         for c in sorted(m["cells"], key=lambda c: c["file_bytes"]):
             mixed = c["kind"] == "mixed"
             eh = f"{c['embedding']} / {c['head']}" if mixed else c["embed_head"]
@@ -171,7 +181,7 @@ def to_markdown(res: dict) -> str:
                                          f"{' **lower**' if vs['kld_diff'] < 0 and vs['significant'] else ''}")
             lines.append(f"| {c['label']} | {c['kind']} | {c['file_bytes']} | {c['kld_mean']:.4g} +- {c['kld_se']:.2g} "
                          f"| {c['kld_p99']:.3g} | {c['top1']:.4f} | {eh} | {c['blocks']} | {vs_s} | "
-                         f"{', '.join(c.get('beats_larger_uniform', [])) if mixed else ''} |")
+                         f"{', '.join(c.get('beats_larger_uniform', [])) if mixed else ''} | {_first_better(c, size)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,6 @@
 """Sensitivity-driven mixed precision against uniform schemes on the bundled models.
 
-Per model: one GPTQ sensitivity scan (every block linear alone at 2/3/4/5/8 bits, groups of 32,
+Per model: one GPTQ sensitivity scan (every block linear alone at 2/3/4/5/6/8 bits, groups of 32,
 and each bit-width also at groups of 64 and 128 as options of their own; KLD on held-out
 canvases), then mixed recipes allocated from it at several average-bits budgets (on groups of 32
 only, and with the group-size options: "-g" cells) and uniform GPTQ schemes at groups of 32 and 64
@@ -35,11 +35,13 @@ import torch
 
 # (label, candidate bits, average-bits budget, group-size options): the issue's 2/3/4/8 grid at 3.5
 # and 4.5, and GGUF's exact block types (4.5 bits is all-Q4_0 there, 3.5 unreachable); "-g": a layer
-# may also take its bits in groups of 64 or 128 (the scan's group-size options)
+# may also take its bits in groups of 64 or 128 (the scan's group-size options); "-onnx": the ONNX
+# target's grid (TARGET_GRIDS: 2/3/4/5/6/8 bits) with the group-size options
 GROUP_CHOICES = (64, 128)
 MIXED = [("mix{b}-2348", (2, 3, 4, 8), 3.5, ()), ("mix{b}-2348", (2, 3, 4, 8), 4.5, ()),
          ("mix{b}-gguf", (4, 5, 8), 5.0, ()), ("mix{b}-gguf", (4, 5, 8), 6.0, ()),
-         ("mix{b}-2348-g", (2, 3, 4, 8), 3.5, GROUP_CHOICES), ("mix{b}-2348-g", (2, 3, 4, 8), 4.5, GROUP_CHOICES)]
+         ("mix{b}-2348-g", (2, 3, 4, 8), 3.5, GROUP_CHOICES), ("mix{b}-2348-g", (2, 3, 4, 8), 4.5, GROUP_CHOICES),
+         ("mix{b}-onnx", (2, 3, 4, 5, 6, 8), 3.5, GROUP_CHOICES), ("mix{b}-onnx", (2, 3, 4, 5, 6, 8), 4.5, GROUP_CHOICES)]
 UNIFORM = [(2, 32), (3, 32), (4, 32), (5, 32), (8, 32), (3, 64), (4, 64)]  # 128 does not divide LLaDA's 704
 QUICK_MIXED = [MIXED[0], MIXED[1], MIXED[2], MIXED[4]]
 QUICK_UNIFORM = [(3, 32), (4, 32), (5, 32), (3, 64), (4, 64)]
@@ -77,7 +79,7 @@ def run_model(name: str, work: Path, args) -> dict:
         scan = json.loads(scan_file.read_text())
     else:
         scan = sensitivity_scan(model, tok, SensitivityConfig(
-            bits=(2, 3, 4, 5, 8), group_size=32, group_sizes=GROUP_CHOICES, calib=calib,
+            bits=(2, 3, 4, 5, 6, 8), group_size=32, group_sizes=GROUP_CHOICES, calib=calib,
             fidelity=FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=args.scan_windows, elbo=False)))
         scan_file.write_text(json.dumps(scan))
     t_scan = time.perf_counter() - t0
@@ -147,8 +149,8 @@ def run_exports(name: str, cells: list[dict], work: Path, args) -> list[dict]:
 
     tok = load_tokenizer(name)
     by = {c["label"]: c for c in cells}
-    picks = [("onnx", lbl) for lbl in ("mix4.5-2348", "mix4.5-2348-g", "W4g32", "W4g64", "mix3.5-2348",
-                                       "mix3.5-2348-g", "W3g32") if lbl in by]
+    picks = [("onnx", lbl) for lbl in ("mix4.5-2348", "mix4.5-2348-g", "mix4.5-onnx", "W4g32", "W4g64", "mix3.5-2348",
+                                       "mix3.5-2348-g", "mix3.5-onnx", "W3g32") if lbl in by]
     picks += [("gguf", lbl) for lbl in ("mix5.0-gguf", "W4g32", "W5g32") if lbl in by]
     fcfg = FidelityConfig(ratios=(0.15, 0.5, 0.85), windows=8, elbo=False)
     ids = torch.randint(0, 4000, (2, 96), generator=torch.Generator().manual_seed(0))

@@ -77,7 +77,8 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
 def _add_auto_args(p) -> None:
     p.add_argument("--avg-bits", type=float, help="--scheme auto: average bits per weight (codes + scales) of the "
                                                   "block linears, e.g. 3.5 or 4.5")
-    p.add_argument("--bits-choices", help="--scheme auto: candidate bit-widths (default: 2,3,4,8; gguf: 4,5,8)")
+    p.add_argument("--bits-choices", help="--scheme auto: candidate bit-widths (default: the scan's; a fresh "
+                                          "scan: onnx 2,3,4,5,6,8, a checkpoint 2,3,4,8, gguf 4,5,8)")
     p.add_argument("--group-choices", help="--scheme auto, ONNX: other group sizes a layer may take beside the "
                                            "grid's, e.g. 64,128 (each bit-width is scanned at each)")
     p.add_argument("--sensitivity", dest="sensitivity_json",
@@ -304,7 +305,8 @@ def _add_analyze_eval(sub) -> None:
     an.add_argument("--no-plots", action="store_true", help="JSON and markdown only, no PNG")
     an.add_argument("--sensitivity", action="store_true",
                     help="instead: the KLD each layer adds when quantized alone, per bit-width (sensitivity.json/.md)")
-    an.add_argument("--bits-choices", default=None, help="--sensitivity bit-widths (default: 2,3,4,8; gguf grid: 4,5,8)")
+    an.add_argument("--bits-choices", default=None, help="--sensitivity bit-widths (default: the grid's: onnx "
+                                                         "2,3,4,5,6,8; gguf 4,5,8; gguf-k 2,3,4,5,6,8)")
     an.add_argument("--granularity", default="layer", help="--sensitivity units: layer | role (default: %(default)s)")
     an.add_argument("--method", default="gptq", help="--sensitivity rounding: gptq | rtn (default: %(default)s)")
     an.add_argument("--grid", default="onnx", help="--sensitivity grids of a target: onnx (scheme groups) | gguf "

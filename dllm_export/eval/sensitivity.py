@@ -248,7 +248,7 @@ def to_markdown(scan: dict, top: int = 20) -> str:
 # embedding / head costs 16 bits a weight in a checkpoint or GGUF (F16), 32 in ONNX (fp32)
 # "gguf-k": llama.cpp's K-quants, Q2_K .. Q6_K and Q8_0, with its fallbacks (`quant.kquant`)
 TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "float_bits": 16},
-                "onnx": {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "float_bits": 32},
+                "onnx": {"bits": (2, 3, 4, 5, 6, 8), "group_size": None, "sym": None, "float_bits": 32},
                 "gguf": {"bits": (4, 5, 8), "group_size": 32, "sym": True, "float_bits": 16},
                 "gguf-k": {"bits": (2, 3, 4, 5, 6, 8), "group_size": None, "sym": None, "float_bits": 16,
                            "kquant": True}}
