@@ -12,7 +12,8 @@ import torch
 from dllm_export import InputError, load_model, load_tokenizer
 from dllm_export.cli import main
 from dllm_export.eval.fidelity import FidelityConfig
-from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, sensitivity_scan
+from dllm_export.eval import sensitivity
+from dllm_export.eval.sensitivity import SensitivityConfig, allocate_bits, scan_plan, sensitivity_scan
 from dllm_export.models.factory import make_random_checkpoint
 from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
 from dllm_export.quant import mixed
@@ -271,6 +272,17 @@ def test_cli_sensitivity_then_auto_quantize(ckpt, calib_text, tmp_path, capsys):
     assert main(["quantize", "--model", str(ckpt), "--avg-bits", "4", "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.parametrize("argv", [["--target", "onnx"], ["--target", "gguf"], ["quantize"]])
+def test_auto_budget_too_small_fails_before_the_scan(argv, ckpt, tmp_path, capsys, monkeypatch):
+    """A budget no allocation fits is refused in a line before minutes of scanning, nothing written."""
+    monkeypatch.setattr(sensitivity, "sensitivity_scan", lambda *a, **k: pytest.fail("scanned for an infeasible budget"))
+    rc = main([*argv, "--model", str(ckpt), "--scheme", "auto", "--avg-bits", "1", "--mix-embed-head",
+               "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--avg-bits 1.0: the smallest allocation" in err, err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_embedding_and_head_in_the_mix(method, ckpt, CALIB, tmp_path):
     """`embed_head`: the scan has units `embedding` and `head` with a float option; a recipe that
@@ -294,6 +306,9 @@ def test_embedding_and_head_in_the_mix(method, ckpt, CALIB, tmp_path):
         assert opts[mixed.FLOAT_BITS]["kld"] == 0 and opts[4]["kld"] > opts[8]["kld"] > 0
         assert opts[mixed.FLOAT_BITS]["bytes"] == 2 * 384 * 64
     assert scan["weights"] == sum(a * b for a, b in mixed.linear_shapes(model).values()) + 2 * 384 * 64
+    plan, _ = scan_plan(model, cfg)  # what auto_recipe checks a budget on before scanning: the scan's bytes
+    assert {u: e["bytes"] for u, e in plan.items()} == {u: {b: v["bytes"] for b, v in e["bits"].items()}
+                                                         for u, e in scan["units"].items()}
     for budget in (4.6, 6.0):  # the budget covers embedding and head: all-float would not fit either
         alloc = allocate_bits(scan, avg_bits=budget)
         assert alloc["bytes"] <= alloc["budget_bytes"] and alloc["avg_bits"] <= budget

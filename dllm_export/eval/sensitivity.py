@@ -117,6 +117,31 @@ def _hessians(model, ids: torch.Tensor, names: list[str], batch: int = 8) -> dic
     return stats
 
 
+def scan_plan(model, cfg: SensitivityConfig) -> tuple[dict, QuantizeConfig]:
+    """What a scan will measure, from the shapes alone: {unit: {"layers", "weights", "grids":
+    {option: {layer: grid}}, "bytes": {option: packed bytes}}} (an option whose groups do not tile
+    a unit's widths is left out; the embedding and head units add FLOAT_BITS at 2 bytes a weight),
+    and the QuantizeConfig fitted to the layer widths. `auto_recipe` checks a budget on it before
+    the scan's minutes."""
+    shapes = linear_shapes(model)
+    qcfg = fit_group_size(cfg.quantize_config(), sorted({s[1] for s in shapes.values()}))
+    base = qcfg.weight_config()
+    extra = embed_head_shapes(model) if cfg.embed_head else {}
+    shapes.update(extra)
+    options = [option_key(b, g) for b in sorted(cfg.bits) for g in (None, *cfg.group_sizes)
+               if g is None or g != base.group_size]
+    plan = {}
+    for unit, names in _units(model, cfg.granularity, cfg.embed_head).items():
+        grids = {b: {n: layer_grid(base, shapes[n][1], b, cfg.sym) for n in names} for b in options
+                 if parse_option(b)[1] is None or not any(shapes[n][1] % parse_option(b)[1] for n in names)}
+        nbytes = {b: sum(weight_bytes(*shapes[n], g[n]) for n in names) for b, g in grids.items()}
+        if any(n in extra for n in names):
+            grids[FLOAT_BITS], nbytes[FLOAT_BITS] = {}, sum(2 * shapes[n][0] * shapes[n][1] for n in names)
+        plan[unit] = {"layers": names, "weights": sum(shapes[n][0] * shapes[n][1] for n in names),
+                      "grids": grids, "bytes": nbytes}
+    return plan, qcfg
+
+
 @torch.no_grad()
 def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfig(), progress: bool = False) -> dict:
     """KLD added by quantizing each unit alone at each candidate bit-width.
@@ -128,35 +153,27 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
         JSON-ready {"units": {unit: {"layers", "weights", "bits": {b: {"kld", "kld_se", "top1", "bytes"}}}},
         "ranking": units by KLD at the lowest bit-width, "config", "grid"}.
     """
-    shapes = linear_shapes(model)
-    qcfg = fit_group_size(cfg.quantize_config(), sorted({s[1] for s in shapes.values()}))
-    base = qcfg.weight_config()
-    extra = embed_head_shapes(model) if cfg.embed_head else {}
-    shapes.update(extra)
-    units = _units(model, cfg.granularity, cfg.embed_head)
+    plan, qcfg = scan_plan(model, cfg)
     ref = build_reference(model, tokenizer, cfg.fidelity)
     H = {}
     if cfg.method == "gptq":  # the embedding is a lookup: no Hessian, RTN
         ids, _ = calibration_ids(tokenizer, model.spec, cfg.calib, model.config.dims.context)
-        H = _hessians(model, ids, [n for n in shapes if n != model.spec.embedding])
-    options = [option_key(b, g) for b in sorted(cfg.bits) for g in (None, *cfg.group_sizes)
-               if g is None or g != base.group_size]
+        H = _hessians(model, ids, [n for e in plan.values() for n in e["layers"] if n != model.spec.embedding])
     out: dict = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(units) * len(options), desc="sensitivity", unit="scan", leave=False)
-    for unit, names in units.items():
-        entry = {"layers": names, "weights": sum(shapes[n][0] * shapes[n][1] for n in names), "bits": {}}
+        bar = tqdm(total=sum(len(e["grids"]) - (FLOAT_BITS in e["grids"]) for e in plan.values()), desc="sensitivity",
+                   unit="scan", leave=False)
+    for unit, e in plan.items():
+        names = e["layers"]
+        entry = {"layers": names, "weights": e["weights"], "bits": {}}
         originals = {n: model.get_submodule(n).weight.data.clone() for n in names}
-        for b in options:
-            g = parse_option(b)[1]
-            if g is not None and any(shapes[n][1] % g for n in names):  # these groups do not tile the unit
-                if bar is not None:
-                    bar.update(1)
+        for b, grids in e["grids"].items():
+            if b == FLOAT_BITS:  # kept in half precision: adds nothing
+                entry["bits"][b] = {"kld": 0.0, "kld_se": 0.0, "top1": 1.0, "bytes": e["bytes"][b]}
                 continue
-            grids = {n: layer_grid(base, shapes[n][1], b, cfg.sym) for n in names}
             for n in names:
                 W = originals[n].float()
                 h = H.get(n)
@@ -164,15 +181,11 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
                                      cfg.method if h is not None else "rtn", name=n, n_tokens=None if h is None else h.n)
                 model.get_submodule(n).weight.data.copy_(qw.dequantize(originals[n].dtype))
             s = compare(model, ref)["summary"]
-            entry["bits"][b] = {"kld": s["kld_mean"], "kld_se": s["kld_se"], "top1": s["top1"],
-                                "bytes": sum(weight_bytes(*shapes[n], grids[n]) for n in names)}
+            entry["bits"][b] = {"kld": s["kld_mean"], "kld_se": s["kld_se"], "top1": s["top1"], "bytes": e["bytes"][b]}
             for n in names:
                 model.get_submodule(n).weight.data.copy_(originals[n])
             if bar is not None:
                 bar.update(1)
-        if any(n in extra for n in names):  # kept in half precision: adds nothing
-            entry["bits"][FLOAT_BITS] = {"kld": 0.0, "kld_se": 0.0, "top1": 1.0,
-                                         "bytes": sum(2 * shapes[n][0] * shapes[n][1] for n in names)}
         out[unit] = entry
     if bar is not None:
         bar.close()
@@ -180,7 +193,7 @@ def sensitivity_scan(model, tokenizer, cfg: SensitivityConfig = SensitivityConfi
     ranking = sorted(out, key=lambda u: -out[u]["bits"][low]["kld"])  # most sensitive first
     cfg_d = dataclasses.asdict(cfg)
     cfg_d["fidelity"]["ratios"] = list(cfg.fidelity.ratios)
-    return {"units": out, "ranking": ranking, "config": cfg_d, "grid": base.to_dict(),
+    return {"units": out, "ranking": ranking, "config": cfg_d, "grid": qcfg.weight_config().to_dict(),
             "weights": sum(e["weights"] for e in out.values())}
 
 
@@ -222,6 +235,10 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
         raise InputError(f"the scan measured none of the bit-widths {bits}")
     n = scan["weights"]
     budget = int(avg_bits * n // 8)
+    least = sum(min(c.values()) for c in costs.values())
+    if least > budget:
+        raise InputError(f"--avg-bits {avg_bits}: the smallest allocation of these options takes "
+                         f"{8 * least / n:.3f} bits per weight")
     res = allocate(costs, values, budget)
     layer_bits = {layer: res["choice"][u] for u, e in units.items() for layer in e["layers"]
                   if res["choice"][u] != FLOAT_BITS}
@@ -285,20 +302,26 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
     if target in ("gguf", "gguf-k") and any(b not in grid["bits"] for b in bits):
         raise InputError(f"{target} stores mixed layers exactly at bit-widths {', '.join(map(str, grid['bits']))} "
                          f"(got {bits})")
+    # group-size options: those asked for, else all the scan holds; none in GGUF (a block type fixes its groups)
+    groups = () if target in ("gguf", "gguf-k") else tuple(group_sizes) or None
     if scan is None:
         if group_sizes and target in ("gguf", "gguf-k"):
             raise InputError(f"{target} stores a layer's groups in its block type: no group-size choices")
         cfg = SensitivityConfig(bits=bits, granularity=granularity, method=method, group_size=grid["group_size"],
                                 group_sizes=tuple(group_sizes), sym=grid["sym"], embed_head=embed_head, kquant=kquant)
-        scan = sensitivity_scan(load_model(model), load_tokenizer(model), cfg, progress=progress)
+        float_model = load_model(model)
+        plan, _ = scan_plan(float_model, cfg)  # a budget no allocation fits fails now, not after the scan
+        allocate_bits({"weights": sum(e["weights"] for e in plan.values()),
+                       "units": {u: {"layers": e["layers"], "weights": e["weights"],
+                                     "bits": {b: {"bytes": c, "kld": 0.0} for b, c in e["bytes"].items()}}
+                                 for u, e in plan.items()}}, avg_bits, bits, grid["float_bits"], groups)
+        scan = sensitivity_scan(float_model, load_tokenizer(model), cfg, progress=progress)
     if bool(scan["config"].get("kquant")) != kquant:
         raise InputError(f"the sensitivity scan {'used' if not kquant else 'did not use'} the K-quant family the "
                          f"{target} recipe needs (scan again with --grid {target})")
     if grid["group_size"] and scan["grid"]["group_size"] != grid["group_size"]:
         raise InputError(f"the sensitivity scan used groups of {scan['grid']['group_size']}; this recipe needs "
                          f"{grid['group_size']} (scan again with that grid)")
-    # group-size options: those asked for, else all the scan holds; none in GGUF (a block type fixes its groups)
-    groups = () if target in ("gguf", "gguf-k") else tuple(group_sizes) or None
     alloc = allocate_bits(scan, avg_bits, bits, grid["float_bits"], groups)
     opts = {"method": scan["config"]["method"], "scheme": "W4A16",
             "group_size": None if kquant else scan["grid"]["group_size"], "sym": scan["config"]["sym"],
