@@ -447,3 +447,11 @@ def test_kquant_mix_scan_allocate_and_gguf(CALIB, tmp_path):
                "--sensitivity", str(tmp_path / "s" / "sensitivity.json"), "--out", str(tmp_path / "g2"),
                "--no-progress"])
     assert rc == 2 and not (tmp_path / "g2").exists()  # a K-quant scan for a Q4_0 / Q5_0 / Q8_0 recipe
+
+
+def test_group_choice_that_tiles_no_layer_is_refused(ckpt, tmp_path, capsys):
+    rc = main(["analyze", "--sensitivity", "--model", str(ckpt), "--out", str(tmp_path / "s"), "--method", "rtn",
+               "--group-size", "32", "--group-choices", "4096", "--windows", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "group size 4096 tiles no scanned unit's input widths" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()

@@ -139,6 +139,10 @@ def scan_plan(model, cfg: SensitivityConfig) -> tuple[dict, QuantizeConfig]:
             grids[FLOAT_BITS], nbytes[FLOAT_BITS] = {}, sum(2 * shapes[n][0] * shapes[n][1] for n in names)
         plan[unit] = {"layers": names, "weights": sum(shapes[n][0] * shapes[n][1] for n in names),
                       "grids": grids, "bytes": nbytes}
+    for g in cfg.group_sizes:
+        if g != base.group_size and not any(parse_option(b)[1] == g for e in plan.values() for b in e["grids"]):
+            raise InputError(f"group size {g} tiles no scanned unit's input widths "
+                             f"({', '.join(map(str, sorted({w for _, w in shapes.values()})))})")
     return plan, qcfg
 
 
