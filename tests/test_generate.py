@@ -95,6 +95,47 @@ def test_any_backend_gives_the_same_trace(llada, dream, family):
     assert backend.calls == b.nfe == 8
 
 
+class _OwnThreads(NumpyBackend):
+    """A backend with a thread pool of its own (as onnxruntime's): records torch's thread count
+    during each forward, and can fail one."""
+
+    own_threads = True
+
+    def __init__(self, model, fail_at: int | None = None):
+        super().__init__(model)
+        self.threads, self.fail_at = [], fail_at
+
+    def forward(self, ids, attention_mask=None):
+        self.threads.append(torch.get_num_threads())
+        if self.calls == self.fail_at:
+            raise RuntimeError("backend failed")
+        return super().forward(ids, attention_mask)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_loop_ops_on_one_thread_beside_a_backend_pool(llada, dream, family):
+    """With an own-threads backend the loop's ops run on one torch thread (no two pools on the same
+    cores), the tokens are the same, and torch's thread count is restored, after a failure too."""
+    model = llada if family == "llada" else dream
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        be = _OwnThreads(model)
+        a = D.generate(model, PROMPT, gen_length=16, steps=8, block_length=8)
+        b = D.generate(be, PROMPT, gen_length=16, steps=8, block_length=8)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+        assert be.threads == [1] * 8 and torch.get_num_threads() == 2
+        ids = a.ids.clone()
+        ids[0, -3:] = model.spec.mask_id
+        assert torch.equal(D.infill(_OwnThreads(model), ids), D.infill(model, ids))
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="backend failed"):
+            D.generate(_OwnThreads(model, fail_at=3), PROMPT, gen_length=16, steps=8, block_length=8)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_infilling_masks_in_the_prompt(llada):
     m = llada.spec.mask_id
     out = D.generate(llada, [[5, m, 33, m, 9]], gen_length=8, steps=8)

@@ -3,11 +3,13 @@
 
 Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logits [B, L, V] float32`,
 raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
-`max_length` (context) describe the model; `name`, `supports_cache` and `supports_rows` are its
-capabilities. A backend with `supports_cache = True` also accepts `forward(..., cache=KVCache)` for
+`max_length` (context) describe the model; `name`, `supports_cache`, `supports_rows` and
+`own_threads` are its capabilities. A backend with `supports_cache = True` also accepts `forward(..., cache=KVCache)` for
 the block caches of the loop; one with `supports_rows = True` accepts `forward(..., rows=(start,
 end))` and returns only those positions' logits (the head is the costliest layer of a
-large-vocabulary model, and its output the largest transfer). `as_backend` gives an object that
+large-vocabulary model, and its output the largest transfer). One with `own_threads = True`
+computes in a thread pool of its own (onnxruntime, llama.cpp): the loop then runs its own tensor
+ops on one torch thread, so they do not fight that pool for the same cores. `as_backend` gives an object that
 has only `spec`, `vocab_size`, `max_length` and `forward` the capabilities of a plain forward.
 """
 
@@ -40,6 +42,7 @@ class Backend(ForwardOnly, Protocol):
     name: str
     supports_cache: bool
     supports_rows: bool
+    own_threads: bool
 
 
 class _Declared:
@@ -53,6 +56,7 @@ class _Declared:
         self.name = getattr(inner, "name", type(inner).__name__)
         self.supports_cache = bool(getattr(inner, "supports_cache", False))
         self.supports_rows = bool(getattr(inner, "supports_rows", False))
+        self.own_threads = bool(getattr(inner, "own_threads", False))
 
     def forward(self, ids, attention_mask=None, **kw):
         return self.inner.forward(ids, attention_mask, **kw)
@@ -64,6 +68,7 @@ class TorchBackend:
     name = "torch"
     supports_cache = True
     supports_rows = True
+    own_threads = False  # its forwards run on torch's own threads, as the loop's ops do
 
     def __init__(self, model: nn.Module):
         from ..quant.kernels import kernel_counts

@@ -75,6 +75,7 @@ class LlamaCppBackend:
     name = "llama.cpp"
     supports_cache = False  # llama.cpp keeps its own KV cache; the loop's block caches are not wired in
     supports_rows = False
+    own_threads = True  # ggml's threads
 
     def __init__(self, path: str | Path, threads: int = 0, max_tokens: int | None = None, max_seqs: int = 32,
                  flash_attn: bool = False, verbose: bool = False):

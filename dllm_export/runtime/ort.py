@@ -41,6 +41,7 @@ class OrtBackend:
     name = "onnxruntime"
     supports_rows = True
     supports_cache = False  # True for a block-step graph (set at load)
+    own_threads = True  # onnxruntime's intra-op pool
 
     def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None,
                  accuracy_level: int | None = None, optimize: bool = True, spinning: bool | None = None):
