@@ -20,8 +20,8 @@ from ..errors import InputError
 from ..quant.base import QuantizeConfig, round_weight
 from ..quant.calibrate import CalibConfig, calibration_ids
 from ..quant.driver import fit_group_size
-from ..quant.mixed import (FLOAT_BITS, allocate, embed_head_shapes, layer_grid, linear_shapes, option_key,
-                           option_order, parse_option, weight_bytes)
+from ..quant.mixed import (FLOAT_BITS, allocate, embed_head_shapes, layer_grid, least_bytes, linear_shapes,
+                           option_key, option_order, parse_option, weight_bytes)
 from .fidelity import FidelityConfig, build_reference, compare
 
 GRANULARITIES = ("layer", "role")
@@ -239,8 +239,8 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
         raise InputError(f"the scan measured none of the bit-widths {bits}")
     n = scan["weights"]
     budget = int(avg_bits * n // 8)
-    least = sum(min(c.values()) for c in costs.values())
-    if least > budget:
+    least = least_bytes(costs)
+    if least > budget:  # said in the user's unit; `allocate` would say it in bytes
         raise InputError(f"--avg-bits {avg_bits}: the smallest allocation of these options takes "
                          f"{8 * least / n:.3f} bits per weight")
     res = allocate(costs, values, budget)
@@ -273,6 +273,14 @@ TARGET_GRIDS = {None: {"bits": (2, 3, 4, 8), "group_size": None, "sym": None, "f
                 "gguf": {"bits": (4, 5, 8), "group_size": 32, "sym": True, "float_bits": 16},
                 "gguf-k": {"bits": (2, 3, 4, 5, 6, 8), "group_size": None, "sym": None, "float_bits": 16,
                            "kquant": True}}
+
+
+def _unmeasured(plan: dict) -> dict:
+    """A scan of `plan` with every KLD 0: what `allocate_bits` needs to check a budget."""
+    return {"weights": sum(e["weights"] for e in plan.values()),
+            "units": {u: {"layers": e["layers"], "weights": e["weights"],
+                          "bits": {b: {"bytes": c, "kld": 0.0} for b, c in e["bytes"].items()}}
+                      for u, e in plan.items()}}
 
 
 def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tuple[int, ...] | None = None,
@@ -314,11 +322,8 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
         cfg = SensitivityConfig(bits=bits, granularity=granularity, method=method, group_size=grid["group_size"],
                                 group_sizes=tuple(group_sizes), sym=grid["sym"], embed_head=embed_head, kquant=kquant)
         float_model = load_model(model)
-        plan, _ = scan_plan(float_model, cfg)  # a budget no allocation fits fails now, not after the scan
-        allocate_bits({"weights": sum(e["weights"] for e in plan.values()),
-                       "units": {u: {"layers": e["layers"], "weights": e["weights"],
-                                     "bits": {b: {"bytes": c, "kld": 0.0} for b, c in e["bytes"].items()}}
-                                 for u, e in plan.items()}}, avg_bits, bits, grid["float_bits"], groups)
+        # a budget no allocation fits fails now, not after the scan's minutes
+        allocate_bits(_unmeasured(scan_plan(float_model, cfg)[0]), avg_bits, bits, grid["float_bits"], groups)
         scan = sensitivity_scan(float_model, load_tokenizer(model), cfg, progress=progress)
     if bool(scan["config"].get("kquant")) != kquant:
         raise InputError(f"the sensitivity scan {'used' if not kquant else 'did not use'} the K-quant family the "

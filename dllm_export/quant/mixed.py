@@ -100,6 +100,11 @@ def weight_bytes(out_features: int, in_features: int, cfg: WeightQuantConfig) ->
 FLOAT_BITS = 16  # the "keep it float" option of the embedding and head units (stored as fp16 / F16)
 
 
+def least_bytes(costs: dict[str, dict]) -> int:
+    """Bytes of the cheapest allocation: every unit at its cheapest option (no budget below it fits)."""
+    return sum(min(c.values()) for c in costs.values())
+
+
 def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float]], budget: int) -> dict:
     """Choose one option per unit minimising sum(values) subject to sum(costs) <= budget.
 
@@ -116,7 +121,7 @@ def allocate(costs: dict[str, dict[int, int]], values: dict[str, dict[int, float
     opts = [sorted(costs[u], key=option_order) for u in units]
     if any(set(costs[u]) != set(values[u]) for u in units):
         raise InputError("every unit needs a cost and a value for the same options")
-    least = sum(min(costs[u].values()) for u in units)
+    least = least_bytes(costs)
     if least > budget:
         raise InputError(f"the budget of {budget} bytes is below the smallest allocation ({least} bytes)")
     unit = reduce(math.gcd, (c for u in units for c in costs[u].values()))

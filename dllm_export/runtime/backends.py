@@ -4,13 +4,14 @@
 Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logits [B, L, V] float32`,
 raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
 `max_length` (context) describe the model; `name`, `supports_cache`, `supports_rows` and
-`own_threads` are its capabilities. A backend with `supports_cache = True` also accepts `forward(..., cache=KVCache)` for
-the block caches of the loop; one with `supports_rows = True` accepts `forward(..., rows=(start,
-end))` and returns only those positions' logits (the head is the costliest layer of a
-large-vocabulary model, and its output the largest transfer). One with `own_threads = True`
-computes in a thread pool of its own (onnxruntime, llama.cpp): the loop then runs its own tensor
-ops on one torch thread, so they do not fight that pool for the same cores. `as_backend` gives an object that
-has only `spec`, `vocab_size`, `max_length` and `forward` the capabilities of a plain forward.
+`own_threads` are its capabilities. A backend with `supports_cache = True` also accepts
+`forward(..., cache=KVCache)` for the block caches of the loop; one with `supports_rows = True`
+accepts `forward(..., rows=(start, end))` and returns only those positions' logits (the head is the
+costliest layer of a large-vocabulary model, and its output the largest transfer); one with
+`own_threads = True` computes in a thread pool of its own (onnxruntime, llama.cpp), so the loop runs
+its own tensor ops on one torch thread instead of fighting that pool for the same cores.
+`as_backend` gives an object that has only `spec`, `vocab_size`, `max_length` and `forward` the
+capabilities of a plain forward.
 """
 
 from __future__ import annotations

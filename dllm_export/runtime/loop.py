@@ -201,7 +201,7 @@ def _loop_threads(backend: Backend):
     """The loop's own tensor ops (softmax, confidences, top-k over [B, block, V]) on one torch
     thread while a backend with a thread pool of its own runs the forwards: two pools on the same
     cores made those small ops take as long as an onnxruntime step (bundled LLaDA, W4 ONNX, 2
-    cores: 19.6 ms a step against 9.7). torch's thread count is restored after."""
+    cores: 19.6 ms a step against 8.2). torch's thread count is restored after."""
     n = torch.get_num_threads()
     if not backend.own_threads or n == 1:
         yield
