@@ -3,9 +3,10 @@
 Measures the host (memory read bandwidth, fp32 / bf16 / int8 GEMM rates, ISA flags), builds the
 artifacts of one checkpoint (torch fp32 / bf16, ONNX fp32 / W8A8 / W4, GGUF Q4_0), times each
 step kind (full forward; prefix and dual block steps with a KV cache) and divides it by its floor =
-max(bytes read / bandwidth, FLOPs / peak rate of its kernel). With `--e2e` it also decodes the
-fixed-schedule job end to end (steps = gen_length / 4: random weights never reach a threshold) for
-the x-torch-fp32 table. JSON + markdown + PNG under benchmarks/results/.
+max(bytes read / bandwidth, linear FLOPs / its kernel's peak + attention FLOPs / fp32's peak
+(bf16's in torch bf16)). With `--e2e` it also decodes the fixed-schedule job end to end (steps =
+gen_length / 4: random weights never reach a threshold) for the x-torch-fp32 table, beside the same
+job at its steps' floors. JSON + markdown + PNG under benchmarks/results/.
 
     python benchmarks/roofline.py --quick                    # ~2 min: 2 layers of the anchor shape
     python benchmarks/roofline.py --shape anchor --e2e       # the 478M LLaDA shape, end to end
@@ -134,6 +135,17 @@ def e2e(be, prompt_len: int, gen: int, block: int, steps: int, cache: str) -> di
             "s_per_step": round(s / out.nfe, 4)}
 
 
+def _e2e_floor(r: dict, steps: dict, blocks: int, base_s: float | None) -> dict:
+    """The job at its steps' floors: a full forward per step without a cache; with the dual cache
+    one per block (it fills the cache) and block steps for the rest."""
+    full, dual = steps.get("full"), steps.get("dual")
+    if full is None or (r["cache"] == "dual" and dual is None) or r["cache"] not in ("none", "dual"):
+        return {}
+    n_full = r["nfe"] if r["cache"] == "none" else blocks
+    s = (n_full * full["floor_ms"] + (r["nfe"] - n_full) * (dual["floor_ms"] if dual else 0)) / 1000
+    return {"floor_s": round(s, 3), "x_torch_fp32_at_floor": round(base_s / s, 2) if base_s else None}
+
+
 def _nbits_node(K: int, N: int, bits: int, bs: int, acc: int):
     """A MatMulNBits node with random symmetric codes (zero point default) and its initializers."""
     import numpy as np
@@ -203,12 +215,13 @@ def to_markdown(res: dict) -> str:
              f"{h['bandwidth_gbs']} GB/s; GEMM {h['gemm_shape']} TFLOP/s: "
              + ", ".join(f"{k} {v}" for k, v in h["gemm_tflops"].items()), "",
              f"Step ms: best of {res['reps']} (median beside it); x floor = best / floor.", "",
-             "| artifact | step | rows | ms | median ms | floor ms | bound | x floor | MB read | GFLOP |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "| artifact | step | rows | ms | median ms | floor ms | bound | x floor | MB read | GFLOP | of which attention |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for name, a in res["artifacts"].items():
         for kind, s in a["steps"].items():
             lines.append(f"| {name} | {kind} | {s['rows']} | {s['ms']} | {s['ms_median']} | {s['floor_ms']} | {s['bound']} | "
-                         f"{s['x_floor']} | {s['mb_read']} | {s['gflop']} |")
+                         f"{s['x_floor']} | {s['mb_read']} | {s['gflop']} | {s['attention_gflop']} "
+                         f"({a['precision']['attention']}) |")
     if res.get("kernels"):
         kn = res["kernels"]
         ms = list(next(iter(kn["ms"].values())))
@@ -218,10 +231,12 @@ def to_markdown(res: dict) -> str:
     if res.get("e2e"):
         lines += ["", f"End to end: prompt {res['prompt']}, gen {res['e2e_gen_length']}, block {res['block_length']}, "
                   f"{res['steps']} steps (fixed schedule)", "",
-                  "| artifact | cache | s | s/step | tok/s | x torch fp32 |", "|---|---|---:|---:|---:|---:|"]
+                  "| artifact | cache | s | s/step | tok/s | x torch fp32 | s at the floors | x torch fp32 at the floors |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for key, r in res["e2e"].items():
             lines.append(f"| {r['artifact']} | {r['cache']} | {r['seconds']} | {r['s_per_step']} | "
-                         f"{r['tokens_per_s']} | {r.get('x_torch_fp32', '')} |")
+                         f"{r['tokens_per_s']} | {r.get('x_torch_fp32', '')} | {r.get('floor_s', '')} | "
+                         f"{r.get('x_torch_fp32_at_floor', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -344,11 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             k = kinds[kind.split("-")[0]]
             cost = step_cost(dims, prec, rows=k["rows"], keys=L, head_rows=args.block_length,
                              cached=k["window"] is not None)
-            f = floor_s(cost, host, prec.compute)
+            f = floor_s(cost, host, prec.compute, prec.attention)
             entry["steps"][kind] = {"rows": k["rows"], "ms": round(1000 * sec, 2), "ms_median": round(1000 * med, 2),
                                     "floor_ms": round(1000 * f["floor_s"], 2), "bound": f["bound"],
                                     "x_floor": round(sec / f["floor_s"], 2), "mb_read": round(cost.bytes / 1e6, 1),
-                                    "gflop": round(cost.flops / 1e9, 2)}
+                                    "gflop": round(cost.flops / 1e9, 2),
+                                    "attention_gflop": round(cost.attention_flops / 1e9, 3)}
             print(f"{name:12s} {kind:7s} {1000 * sec:9.2f} ms  floor {1000 * f['floor_s']:8.2f} ms ({f['bound']})  "
                   f"x{sec / f['floor_s']:.2f}", flush=True)
         if args.e2e:  # the reference loop for torch fp32 (the baseline), each artifact's fastest mode
@@ -373,14 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     res["host"] = best.to_dict()
     for name, a in res["artifacts"].items():
         for s in a["steps"].values():
-            f = floor_s(StepCost(s["mb_read"] * 1e6, s["gflop"] * 1e9, s["rows"], 0, 0), best,
-                        a["precision"]["compute"])
+            cost = StepCost(s["mb_read"] * 1e6, s["gflop"] * 1e9, s["rows"], 0, 0,
+                            attention_flops=s["attention_gflop"] * 1e9)
+            f = floor_s(cost, best, a["precision"]["compute"], a["precision"]["attention"])
             s.update(floor_ms=round(1000 * f["floor_s"], 2), bound=f["bound"],
                      x_floor=round(s["ms"] / 1000 / f["floor_s"], 2))
     base = res["e2e"].get("torch-fp32:none", {}).get("seconds")
     for r in res["e2e"].values():
         if base:
             r["x_torch_fp32"] = round(base / r["seconds"], 2)
+        if (args.e2e_gen_length or args.gen_length) == args.gen_length:  # the timed steps are the job's
+            r.update(_e2e_floor(r, res["artifacts"][r["artifact"]]["steps"], args.gen_length // args.block_length,
+                                base))
     stem = Path(args.out or f"benchmarks/results/roofline_{label}{'_quick' if args.quick else ''}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

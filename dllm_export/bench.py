@@ -143,7 +143,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         cost = step_cost(read_spec(folder)[2], prec, rows=cfg.canvas, keys=cfg.canvas, head_rows=cfg.canvas,
                          cached=False)
         res.update(step_mb_read=round(cost.bytes / 1e6, 2), step_gflop=round(cost.flops / 1e9, 3),
-                   compute=prec.compute)
+                   step_attention_gflop=round(cost.attention_flops / 1e9, 3), compute=prec.compute,
+                   attention=prec.attention)
     if cfg.quality:
         from .eval.quality import quick_quality
 
@@ -169,8 +170,9 @@ def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
         host = measure_host(cfg.threads or os.cpu_count() or 1, quick=True)
         for r in rows:
             if "step_mb_read" in r:
-                cost = StepCost(r["step_mb_read"] * 1e6, r["step_gflop"] * 1e9, cfg.canvas, cfg.canvas, cfg.canvas)
-                f = floor_s(cost, host, r["compute"])
+                cost = StepCost(r["step_mb_read"] * 1e6, r["step_gflop"] * 1e9, cfg.canvas, cfg.canvas, cfg.canvas,
+                                attention_flops=r["step_attention_gflop"] * 1e9)
+                f = floor_s(cost, host, r["compute"], r["attention"])
                 r["floor_ms"] = round(1000 * f["floor_s"], 3)
                 r["x_floor"] = round(r["step_ms_median"] / r["floor_ms"], 2)
                 r["bound"] = f["bound"]

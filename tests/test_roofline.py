@@ -33,6 +33,16 @@ def test_floor_is_the_larger_limit(bw, rate, bound):
     assert f["memory_s"] == pytest.approx(cost.bytes / (bw * 1e9))
 
 
+@pytest.mark.parametrize("attention,rates", [("fp32", {"fp32": 0.2, "int8": 0.8}), ("bf16", {"fp32": 0.2, "bf16": 0.4, "int8": 0.8})])
+def test_attention_runs_at_its_own_kinds_peak(attention, rates):
+    host = HostLimits(1e6, rates, (1, 1, 1), (), 1)  # compute-bound
+    full = step_cost(ANCHOR, Precision(8, 9, 9, "int8"), rows=288, keys=288, head_rows=32, cached=False)
+    assert full.attention_flops == pytest.approx(8.15e9, rel=1e-3)
+    f = floor_s(full, host, "int8", attention)
+    want = (full.flops - full.attention_flops) / 0.8e12 + full.attention_flops / (rates[attention] * 1e12)
+    assert f["compute_s"] == pytest.approx(want) and f["compute_s"] > full.flops / 0.8e12
+
+
 @pytest.mark.parametrize("kwargs,want", [
     (dict(target="onnx"), Precision(32, 32, 32, "fp32")),
     (dict(target="onnx", scheme="W8A8", device="x86-avx512-vnni"), Precision(8, 9, 9, "int8")),
@@ -51,5 +61,6 @@ def test_artifact_precision(kwargs, want, tiny_dirs, tmp_path):
 
 
 def test_checkpoint_precision_follows_the_dtype(tiny_dirs):
-    assert artifact_precision(tiny_dirs["llada"], "bfloat16") == Precision(16, 16, 16, "bf16", kv_bytes=2)
+    assert artifact_precision(tiny_dirs["llada"], "bfloat16") == Precision(16, 16, 16, "bf16", kv_bytes=2,
+                                                                           attention="bf16")
     assert artifact_precision(tiny_dirs["llada"]).compute == "fp32"

@@ -432,8 +432,7 @@ class _Builder:
         if a.sym:  # rows x cols in one kernel: (codes - 128)(W_q - z_w) x w_scale, then x the row's scale
             y = g.op("MatMulIntegerToFloat", [x8["codes"], wq, g.const(1.0), w_scales, a_zp, *w_zero], f"{name}.acc",
                      domain="com.microsoft")
-            y = g.op("Mul", [y, x8["scale"]])
-            return g.op("Reshape", [y, g.op("Concat", [x8["lead"], g.const([N], np.int64)], axis=0)], name)
+            return g.op("Mul", [y, x8["scale"]], name)
         acc = g.op("MatMulInteger", [x8["codes"], wq, a_zp, *w_zero], f"{name}.acc")
         # remove the per-token zero point: acc - z * colsum(W_q - z_w)
         w_int = qw.codes.to(torch.int64) - (0 if qw.zeros is None else qw.zeros.to(torch.int64))
@@ -467,17 +466,15 @@ class _Builder:
     def _emit_act_codes(self, x: str, a: ActQuantConfig, K: int, name: str) -> dict[str, str]:
         g = self.g
         axis = g.const([-1], np.int64)
-        if a.sym:  # codes as rows [B*L, K] (QuantizeLinear's per-axis form), their scales [B*L, 1]
+        if a.sym:  # one scale per token [B, L, 1]: QuantizeLinear's blocked form, one block of K per row
             amax = g.op("ReduceMax", [g.op("Abs", [x]), axis], keepdims=1)
-            s = g.op("Max", [g.op("Div", [g.op("Mul", [amax, g.const(a.clip)]), g.const(127.0)]), g.const(1e-8)],
-                     f"{name}.act_scale")
-            s_rows = g.op("Reshape", [s, g.const([-1], np.int64)])
-            z_rows = g.op("ConstantOfShape", [g.op("Shape", [s_rows])],
-                          value=g.onnx.helper.make_tensor("z", g.onnx.TensorProto.UINT8, [1], [128]))
-            rows = g.op("Reshape", [x, g.const([-1, K], np.int64)])
-            q = g.op("QuantizeLinear", [rows, s_rows, z_rows], f"{name}.xq", axis=0)
-            return {"codes": q, "scale": g.op("Unsqueeze", [s_rows, g.const([1], np.int64)]),
-                    "lead": g.op("Shape", [x], start=0, end=-1)}
+            if a.clip != 1.0:  # (x * 1.0 is x: no node for the default)
+                amax = g.op("Mul", [amax, g.const(a.clip)])
+            s = g.op("Max", [g.op("Div", [amax, g.const(127.0)]), g.const(1e-8)], f"{name}.act_scale")
+            z = g.op("ConstantOfShape", [g.op("Shape", [s])],
+                     value=g.onnx.helper.make_tensor("z", g.onnx.TensorProto.UINT8, [1], [128]))
+            q = g.op("QuantizeLinear", [x, s, z], f"{name}.xq", axis=-1, block_size=K)
+            return {"codes": q, "scale": s}
         hi = g.op("Max", [g.op("Mul", [g.op("ReduceMax", [x, axis], keepdims=1), g.const(a.clip)]), g.const(0.0)])
         lo = g.op("Min", [g.op("Mul", [g.op("ReduceMin", [x, axis], keepdims=1), g.const(a.clip)]), g.const(0.0)])
         s = g.op("Max", [g.op("Div", [g.op("Sub", [hi, lo]), g.const(255.0)]), g.const(1e-8)], f"{name}.act_scale")

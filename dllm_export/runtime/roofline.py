@@ -1,11 +1,14 @@
 """The roofline of one denoising step: what the host can do (memory read bandwidth, GEMM rates)
 and what a step needs (bytes read, FLOPs), so a measured step time reads as a ratio to its floor:
 
-    floor = max(bytes read per step / bandwidth, FLOPs per step / peak rate of its kernel)
+    floor = max(bytes read per step / bandwidth, sum over kernel kinds of FLOPs / that kind's peak)
 
 A step reads every block weight once at its stored precision, the head rows it computes, the
 embedding rows of its tokens and (block steps) the cached keys/values of every layer; its FLOPs
-are 2 x rows x params of the linears, the attention products and the head on its rows.
+are 2 x rows x params of the linears and the head on its rows, at the peak of the linears' kernel
+(int8 for the integer artifacts), plus the attention products at the peak of the kind they run in
+(fp32 in onnxruntime and llama.cpp, bf16 in torch bf16). Each kind's peak is the best any runtime
+here reaches on this host (fp32: torch's or onnxruntime's MLAS GEMM, whichever is faster).
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ def _best_s(fn, reps: int) -> float:
     return min(times)
 
 
-def _int8_gemm_s(M: int, K: int, N: int, reps: int, threads: int) -> float | None:
-    """u8 x s8 GEMM through onnxruntime's MatMulInteger (the MLAS kernel under the W8A8 artifacts'
-    MatMulIntegerToFloat / MatMulInteger nodes)."""
+def _ort_gemm_s(kind: str, M: int, K: int, N: int, reps: int, threads: int) -> float | None:
+    """One GEMM in onnxruntime: "int8" = u8 x s8 through MatMulInteger (the MLAS kernel under the
+    W8A8 artifacts' MatMulIntegerToFloat / MatMulInteger nodes), "fp32" = MatMul (MLAS SGEMM, the
+    fp32 graphs and every artifact's attention)."""
     try:
         import numpy as np
         import onnx
@@ -61,21 +65,27 @@ def _int8_gemm_s(M: int, K: int, N: int, reps: int, threads: int) -> float | Non
     except ImportError:
         return None
     h, TP = onnx.helper, onnx.TensorProto
-    w = np.random.default_rng(0).integers(-127, 128, (K, N), dtype=np.int8)
-    graph = h.make_graph([h.make_node("MatMulInteger", ["a", "w"], ["y"])], "int8_gemm",
-                         [h.make_tensor_value_info("a", TP.UINT8, [M, K])],
-                         [h.make_tensor_value_info("y", TP.INT32, [M, N])],
+    rng = np.random.default_rng(0)
+    if kind == "int8":
+        w, a = rng.integers(-127, 128, (K, N), dtype=np.int8), rng.integers(0, 256, (M, K), dtype=np.uint8)
+        op, a_type, y_type = "MatMulInteger", TP.UINT8, TP.INT32
+    else:
+        w, a = rng.standard_normal((K, N), dtype=np.float32), rng.standard_normal((M, K), dtype=np.float32)
+        op, a_type, y_type = "MatMul", TP.FLOAT, TP.FLOAT
+    graph = h.make_graph([h.make_node(op, ["a", "w"], ["y"])], f"{kind}_gemm",
+                         [h.make_tensor_value_info("a", a_type, [M, K])],
+                         [h.make_tensor_value_info("y", y_type, [M, N])],
                          initializer=[onnx.numpy_helper.from_array(w, "w")])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    a = np.random.default_rng(1).integers(0, 256, (M, K), dtype=np.uint8)
     return _best_s(lambda: sess.run(None, {"a": a}), reps)
 
 
 def measure_host(threads: int = 2, quick: bool = False) -> HostLimits:
-    """Bandwidth and GEMM rates of this host (torch for fp32/bf16, onnxruntime for int8)."""
+    """Bandwidth and GEMM rates of this host (fp32: the faster of torch and onnxruntime; bf16: torch;
+    int8: onnxruntime)."""
     import torch
 
     from ..targets import host_flags
@@ -91,9 +101,10 @@ def measure_host(threads: int = 2, quick: bool = False) -> HostLimits:
     for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
         rates[kind] = 2 * M * K * N / _best_s(lambda: a @ b, reps) / 1e12
-    s = _int8_gemm_s(M, K, N, reps, threads)
-    if s is not None:
-        rates["int8"] = 2 * M * K * N / s / 1e12
+    for kind in ("fp32", "int8"):
+        s = _ort_gemm_s(kind, M, K, N, reps, threads)
+        if s is not None:
+            rates[kind] = max(rates.get(kind, 0.0), 2 * M * K * N / s / 1e12)
     flags = host_flags()
     return HostLimits(round(bw, 2), {k: round(v, 3) for k, v in rates.items()}, (M, K, N),
                       tuple(f for f in ISA_FLAGS if f in flags), threads)
@@ -107,8 +118,9 @@ class Precision:
         linear_bits: bits per block-linear weight, scales included (e.g. 4.5 for 4-bit in groups of 32
             with fp16 scales, 4.125 for groups of 128).
         embed_bits / head_bits: bits per embedding / LM-head weight.
-        compute: the peak rate that applies ("fp32", "bf16" or "int8").
+        compute: the peak rate that applies to the linears and the head ("fp32", "bf16" or "int8").
         kv_bytes: bytes per cached key/value element.
+        attention: the kind the attention products run in (fp32 but in torch bf16).
     """
 
     linear_bits: float
@@ -116,11 +128,13 @@ class Precision:
     head_bits: float
     compute: str
     kv_bytes: int = 4
+    attention: str = "fp32"
 
 
 @dataclass(frozen=True)
 class StepCost:
-    """Bytes read and FLOPs of one forward, and the rows it ran."""
+    """Bytes read and FLOPs of one forward (`attention_flops` of them in the attention products), and
+    the rows it ran."""
 
     bytes: float
     flops: float
@@ -128,6 +142,7 @@ class StepCost:
     keys: int
     head_rows: int
     parts: dict = field(default_factory=dict)
+    attention_flops: float = 0.0
 
 
 def step_cost(dims, prec: Precision, rows: int, keys: int, head_rows: int, cached: bool) -> StepCost:
@@ -146,15 +161,21 @@ def step_cost(dims, prec: Precision, rows: int, keys: int, head_rows: int, cache
         "embedding_rows": rows * d * prec.embed_bits / 8,
         "kv_cache": (2 * L * (keys - rows) * kv_out * prec.kv_bytes) if cached else 0,
     }
-    flops = (2 * rows * linear_params + L * 4 * rows * keys * q_out + 2 * head_rows * head_params)
-    return StepCost(sum(parts.values()), float(flops), rows, keys, head_rows, parts)
+    attention = L * 4 * rows * keys * q_out  # scores and the weighted values
+    flops = 2 * rows * linear_params + attention + 2 * head_rows * head_params
+    return StepCost(sum(parts.values()), float(flops), rows, keys, head_rows, parts, float(attention))
 
 
-def floor_s(cost: StepCost, host: HostLimits, compute: str) -> dict:
-    """The floor of a step and which limit sets it: {"floor_s", "memory_s", "compute_s", "bound"}."""
+def floor_s(cost: StepCost, host: HostLimits, compute: str, attention: str = "fp32") -> dict:
+    """The floor of a step and which limit sets it: {"floor_s", "memory_s", "compute_s", "bound"}.
+    The linears and head run at `compute`'s peak, the attention products at `attention`'s (an
+    unmeasured kind at fp32's): one kernel after the other, so their times add."""
+
+    def rate(kind: str) -> float:
+        return (host.gemm_tflops.get(kind) or host.gemm_tflops["fp32"]) * 1e12
+
     mem = cost.bytes / (host.bandwidth_gbs * 1e9)
-    rate = host.gemm_tflops.get(compute) or host.gemm_tflops["fp32"]
-    comp = cost.flops / (rate * 1e12)
+    comp = (cost.flops - cost.attention_flops) / rate(compute) + cost.attention_flops / rate(attention)
     return {"floor_s": max(mem, comp), "memory_s": mem, "compute_s": comp,
             "bound": "memory" if mem >= comp else "compute"}
 
@@ -194,7 +215,8 @@ def artifact_precision(path, torch_dtype: str = "float32") -> Precision:
             bits = max(bits, 8)
         return Precision(bits + extra, eh_bits, eh_bits, "int8" if int_kernel else "fp32")
     bits = {"float32": 32, "bfloat16": 16, "float16": 16}[torch_dtype]
-    return Precision(bits, bits, bits, "bf16" if bits == 16 else "fp32", kv_bytes=bits // 8)
+    kind = "bf16" if bits == 16 else "fp32"
+    return Precision(bits, bits, bits, kind, kv_bytes=bits // 8, attention=kind)
 
 
 def _gguf_precision(path) -> Precision:
