@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -89,7 +87,7 @@ def to_markdown(res: dict) -> str:
 
 
 def main() -> int:
-    from mixed_precision import host  # noqa: E402  (same folder)
+    from mixed_precision import host, run_models  # noqa: E402  (same folder)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="default,default-dream")
@@ -99,21 +97,11 @@ def main() -> int:
     p.add_argument("--workdir")
     p.add_argument("--out", default="benchmarks/results/calib_timestep_default")
     args = p.parse_args()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="calib-"))
-    work.mkdir(parents=True, exist_ok=True)
     h = host()
     res = {"host": f"{h['cpu']} ({', '.join(h['flags'])}), torch threads {h['torch_threads']}",
            "command": f"OMP_NUM_THREADS=1 python benchmarks/calib_timestep.py --models {args.models} --windows "
                       f"{args.windows} --cells {args.cells} --calib-samples {args.calib_samples}", "models": []}
-    try:
-        for name in args.models.split(","):
-            res["models"].append(run_model(name, work, args))
-            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")  # after each model
-            Path(args.out + ".md").write_text(to_markdown(res))
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
-    print(to_markdown(res))
+    run_models(res, args, "calib-", run_model, to_markdown)
     return 0
 
 

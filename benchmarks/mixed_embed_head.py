@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mixed_precision import host  # noqa: E402
+from mixed_precision import host, run_models  # noqa: E402
 
 # per target (its bit-widths, float cost and K-quant family: eval.sensitivity.TARGET_GRIDS): the names of
 # the bit-widths (16 = the float option), the uniform files (block linears, embedding + head), the budgets
@@ -198,21 +196,11 @@ def main() -> int:
     args = p.parse_args()
     suffix = {"gguf": "", "onnx": "_onnx", "gguf-k": "_kquants"}[args.target]
     args.out = args.out or f"benchmarks/results/mixed_embed_head{suffix}_default"
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mixed-eh-"))
-    work.mkdir(parents=True, exist_ok=True)
     res = {"host": host(), "command": f"OMP_NUM_THREADS=1 python benchmarks/mixed_embed_head.py --models {args.models} "
                                       f"--target {args.target} --windows {args.windows} --scan-windows "
                                       f"{args.scan_windows} --calib-samples {args.calib_samples}",
            "target": args.target, "budgets": list(GRIDS[args.target]["budgets"]), "models": []}
-    try:
-        for name in args.models.split(","):
-            res["models"].append(run_model(name, work, args))
-            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")  # after each model
-            Path(args.out + ".md").write_text(to_markdown(res))
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
-    print(to_markdown(res))
+    run_models(res, args, "mixed-eh-", run_model, to_markdown)
     return 0
 
 

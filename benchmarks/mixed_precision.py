@@ -206,6 +206,24 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_models(res: dict, args, prefix: str, run_model, to_markdown) -> None:
+    """Run `run_model(name, work, args)` for each of `args.models` into res["models"], saving the JSON
+    and markdown at `args.out` after each model; the work folder is `args.workdir` or a temp folder
+    (removed after)."""
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in args.models.split(","):
+            res["models"].append(run_model(name, work, args))
+            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
+            Path(args.out + ".md").write_text(to_markdown(res))
+            print(f"{name} done", file=sys.stderr)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(to_markdown(res))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="default,default-dream")
@@ -216,23 +234,12 @@ def main() -> int:
     p.add_argument("--workdir", help="keep the quantized checkpoints here (default: a temp folder)")
     p.add_argument("--out", default="benchmarks/results/mixed_precision_default")
     args = p.parse_args()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mixed-"))
-    work.mkdir(parents=True, exist_ok=True)
     res = {"host": host(), "command": "OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py"
                                       + (" --quick" if args.quick else "") + f" --models {args.models} --windows "
                                       f"{args.windows} --scan-windows {args.scan_windows} --calib-samples "
                                       f"{args.calib_samples}",
            "models": []}
-    try:
-        for name in args.models.split(","):
-            res["models"].append(run_model(name, work, args))
-            Path(args.out + ".json").write_text(json.dumps(res, indent=2) + "\n")  # after each model
-            Path(args.out + ".md").write_text(to_markdown(res))
-            print(f"{name} done", file=sys.stderr)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
-    print(to_markdown(res))
+    run_models(res, args, "mixed-", run_model, to_markdown)
     return 0
 
 
