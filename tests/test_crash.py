@@ -53,8 +53,11 @@ POINTS = {
 def _run_until(cmd: list[str], parent: Path, point, sig=signal.SIGKILL, timeout=120.0):
     """Start the CLI, send `sig` once `point` shows in `parent`; returns (rc, stderr, whether it was sent)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # SIGINT back to its default in the child: a suite started in the background (`cmd &`) hands
+    # its children SIGINT ignored, and Python then keeps ignoring it (as a user's Ctrl-C would be)
     p = subprocess.Popen([sys.executable, "-m", "dllm_export.cli", *cmd], cwd=ROOT, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     sent, t0 = False, time.monotonic()
     while p.poll() is None and time.monotonic() - t0 < timeout:
         if point is not None and point(_entries(parent)):

@@ -27,6 +27,15 @@ class _Raised(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Python's own SIGINT handler for each test: a suite started in the background (`cmd &`) starts
+    with SIGINT ignored, and `kept_interrupts` rightly leaves an ignored SIGINT alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_ctypes_swallows_what_a_handler_raises_in_a_callback():
     def raise_(signum, frame):

@@ -171,6 +171,35 @@ def test_integer_scheme_runs_integer_kernels(quantized, tmp_path, scheme, overri
     assert ops.get("Cast", 0) == json.loads((out / "manifest.json").read_text())["ops"]["Cast"] - (14 if "4" in stored else 0)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+def test_activation_codes_equal_quantize_act(sym, clip, tmp_path):
+    """The graph's per-token 8-bit codes are `quantize_act`'s bit for bit (round half to even, the
+    same scale arithmetic), on rows with exact ties, an all-zero row and outliers."""
+    from dllm_export.exporter.onnx import OPSET, _Builder, _Graph
+    from dllm_export.quant.primitives import ActQuantConfig, quantize_act
+
+    a, K = ActQuantConfig(bits=8, sym=sym, clip=clip), 96
+    g = _Graph(tmp_path / "data")
+    codes = _Builder(g, OnnxExportConfig())._act_codes("x", a, K, "t")["codes"]
+    g.close()
+    TP, h = onnx.TensorProto, onnx.helper
+    graph = h.make_graph(g.nodes, "codes", [h.make_tensor_value_info("x", TP.FLOAT, ["B", "L", K])],
+                         [h.make_tensor_value_info(codes, TP.UINT8, None)], initializer=g.initializers)
+    sess = ort.InferenceSession(h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 400, K, generator=gen) * torch.logspace(-3, 3, 400).view(1, -1, 1)
+    x[0, 0] = 0.0
+    x[1, :, 0] = 127.0  # absmax 127 (sym): x / s lands on exact halves below
+    x[1, :, 1:40] = torch.arange(-19.5, 19.5)
+    x[2, :, 5] *= 50.0  # an outlier channel
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]).float()
+    q, _, z = quantize_act(x, a)
+    want = q + 128 if z is None else q
+    assert torch.equal(got, want), (got != want).sum()
+
+
 def _stored_dequant_onnx(out, name: str, fmt: str) -> np.ndarray:
     """Dequantize one layer's weight with onnxruntime from the stored initializers: the DQ node run
     alone (qdq), or MatMulNBits applied to the identity (matmulnbits), each with the nodes that

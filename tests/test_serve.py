@@ -458,7 +458,8 @@ def test_cli_serve_starts_and_shuts_down():
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "dllm_export.cli", "serve", "default", "--port", str(port),
-                             "--log-level", "warning", "--threads", "1"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--log-level", "warning", "--threads", "1"], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as tests/test_crash.py
     try:
         t0 = time.monotonic()
         while True:
