@@ -303,6 +303,7 @@ class _Builder:
         self.simulated = False
         # per-token codes of one activation, shared by the layers that read it (q/k/v, gate/up)
         self._codes: dict[tuple[str, ActQuantConfig], dict[str, str]] = {}
+        self._row_sources: dict[str, tuple[str, str]] = {}  # rows_of's outputs -> (activation, rows)
 
     # -- transforms and activation quantization (x [..., K] -> same shape)
 
@@ -456,11 +457,23 @@ class _Builder:
         q4 = g.weight(f"{name}.qweight", _pack_nibbles(codes & 0xF), [K, N], narrow)
         return g.op("Cast", [q4], f"{name}.qweight8", to=wide)
 
+    def rows_of(self, x: str, rows: str, name: str) -> str:
+        """x [B, L, K] at `rows` [B, P, 1]; a layer that reads the result takes x's per-token codes
+        at those rows (the same codes: gathered, not computed again)."""
+        out = _gather_rows(self.g, x, rows, name)
+        self._row_sources[out] = (x, rows)
+        return out
+
     def _act_codes(self, x: str, a: ActQuantConfig, K: int, name: str) -> dict[str, str]:
         """uint8 codes, scale and zero point of per-token 8-bit activations (`fake_quantize_act`'s grid),
         computed once per (activation, grid) however many layers read them."""
         if (x, a) not in self._codes:
-            self._codes[(x, a)] = self._emit_act_codes(x, a, K, name)
+            if x in self._row_sources:
+                src, rows = self._row_sources[x]
+                self._codes[(x, a)] = {k: _gather_rows(self.g, v, rows, f"{name}.act_{k}")
+                                       for k, v in self._act_codes(src, a, K, name).items()}
+            else:
+                self._codes[(x, a)] = self._emit_act_codes(x, a, K, name)
         return self._codes[(x, a)]
 
     def _emit_act_codes(self, x: str, a: ActQuantConfig, K: int, name: str) -> dict[str, str]:
@@ -680,27 +693,44 @@ def _embed(g: _Graph, cfg: OnnxExportConfig, source) -> str:
                 "embed")
 
 
-def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) -> tuple[str, list[str]]:
-    """Transformer block `i` on the hidden states `x`: (its output, its present K/V names if cached)."""
+def _gather_rows(g: _Graph, x: str, rows: str, name: str) -> str:
+    """x [B, L, ...] at the positions `rows` [B, P, 1] of each batch row: [B, P, ...]."""
+    return g.op("GatherND", [x, rows], name, batch_dims=1)
+
+
+def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int,
+                rows: str | None = None) -> tuple[str, list[str]]:
+    """Transformer block `i` on the hidden states `x`: (its output, its present K/V names if cached).
+
+    `rows` ([B, P, 1], the last block's when only some rows reach the head): keys and values still
+    come from every row, the queries, attention output and FFN from those rows alone, so the output
+    is [B, P, d] (llama.cpp's out_ids; the other rows' outputs would feed nothing)."""
     spec, dims, tensor, stored = source.spec, source.dims, source.tensor, source.linear
     H, kvH = dims.n_heads, dims.n_kv_heads
     p = f"{spec.blocks}.{i}."
     ln = {role: p + n for role, n in spec.linears.items()}
     present = []
     h = _rms_norm(g, x, tensor(p + spec.norms["attn"] + ".weight"), dims.norm_eps, p + spec.norms["attn"])
-    q = _rope(g, b.linear(h, stored(ln["q"]), ln["q"]), H, pro, f"{p}q_rot")
+    h_q, pro_q = h, pro
+    if rows is not None:
+        h_q, x = b.rows_of(h, rows, f"{p}query_rows"), _gather_rows(g, x, rows, f"{p}residual_rows")
+        bias = g.op("Squeeze", [pro.attn_bias, g.const([1], np.int64)])  # [B, W, keys]: gather query rows
+        pro_q = dataclasses.replace(pro, positions=_gather_rows(g, pro.positions, rows, f"{p}query_positions"),
+                                    attn_bias=g.op("Unsqueeze", [_gather_rows(g, bias, rows, f"{p}query_bias"),
+                                                                 g.const([1], np.int64)]))
+    q = _rope(g, b.linear(h_q, stored(ln["q"]), ln["q"]), H, pro_q, f"{p}q_rot")
     k = _rope(g, b.linear(h, stored(ln["k"]), ln["k"]), kvH, pro, f"{p}k_rot")
     v = b.linear(h, stored(ln["v"]), ln["v"])
     if b.cfg.kv_cache:
         # the op appends the window's keys/values to the past ones and returns that as its present:
         # the fresh ones alone in a full forward (empty past), the cache's next content; the bias
         # masks the past's stale window rows in a block step
-        att, k_all, v_all = g.op_n("Attention", [q, k, v, pro.attn_bias, f"past.{i}.key", f"past.{i}.value"],
+        att, k_all, v_all = g.op_n("Attention", [q, k, v, pro_q.attn_bias, f"past.{i}.key", f"past.{i}.value"],
                                    [f"{p}attention", f"present.{i}.key", f"present.{i}.value"],
                                    is_causal=0, q_num_heads=H, kv_num_heads=kvH)
         present = [k_all, v_all]
     else:
-        att = g.op("Attention", [q, k, v, pro.attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
+        att = g.op("Attention", [q, k, v, pro_q.attn_bias], f"{p}attention", is_causal=0, q_num_heads=H,
                    kv_num_heads=kvH)
     x = g.op("Add", [x, b.linear(att, stored(ln["o"]), ln["o"])], f"{p}attn_residual")
     h = _rms_norm(g, x, tensor(p + spec.norms["ffn"] + ".weight"), dims.norm_eps, p + spec.norms["ffn"])
@@ -712,12 +742,9 @@ def _emit_block(g: _Graph, b: _Builder, pro: _Prologue, source, x: str, i: int) 
 
 
 def _emit_head(g: _Graph, b: _Builder, source, x: str) -> None:
-    """Final norm, the rows that reach the head, and the head itself as the `logits` output."""
+    """Final norm and the head on the rows that reach it, as the `logits` output."""
     spec, dims = source.spec, source.dims
     x = _rms_norm(g, x, source.tensor(f"{spec.final_norm}.weight"), dims.norm_eps, spec.final_norm)
-    if b.cfg.logit_positions:  # only the requested rows reach the head
-        x = g.op("GatherND", [x, g.op("Unsqueeze", ["logit_positions", g.const([-1], np.int64)])],
-                 "head_rows", batch_dims=1)
     head = spec.embedding if dims.tied_head else spec.head
     if head in source.layers:  # a mixed recipe's quantized head (or tied embedding), exactly
         x = b.linear(x, source.linear(head), "lm_head")
@@ -786,8 +813,12 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
             pro = _prologue(g, cfg, source.spec, source.dims)
             x = _embed(g, cfg, source)
             present = []
+            # the requested rows [B, P, 1]: the last block computes its output on them alone
+            rows = g.op("Unsqueeze", ["logit_positions", g.const([-1], np.int64)], "head_rows") \
+                if cfg.logit_positions else None
             for i in range(source.dims.n_layers):
-                x, kv = _emit_block(g, b, pro, source, x, i)
+                last = i == source.dims.n_layers - 1
+                x, kv = _emit_block(g, b, pro, source, x, i, rows if last else None)
                 present += kv
             _emit_head(g, b, source, x)
         finally:
