@@ -66,6 +66,10 @@ def test_float_export_matches_torch(name, tiny_dirs, float_exports):
     got = be.forward(ids, None, pos)
     assert got.shape == (2, 3, ref.shape[-1])
     assert (got - ref.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1]))).abs().max() < 1e-4
+    # ... and the last block computes only those rows, the keys of every row still in (left padding too)
+    pos = torch.tensor([[0, 5, 23], [7, 9, 23]])
+    got_p = be.forward(ids, am, pos)
+    assert (got_p - ref_p.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1]))).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("llada_gqa", "low_confidence"),
