@@ -133,17 +133,23 @@ class DreamAttention(nn.Module):
         self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, **kw)
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=False, **kw)
 
-    def forward(self, h, cos, sin, mask, kv=None):
+    def forward(self, h, cos, sin, mask, kv=None, rows: tuple[int, int] | None = None):
+        """Attention over h (B, T, d); `rows` = (start, end): queries (and output) for those rows alone."""
         B, T, _ = h.shape
         cfg = self.cfg
-        q = self.q_proj(h).view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        h_q, cos_q, sin_q = h, cos, sin
+        if rows is not None:  # cos / sin / mask are (B or 1, 1, rows, ...): their query axis is 2
+            h_q, cos_q, sin_q = h[:, rows[0]:rows[1]], cos[:, :, rows[0]:rows[1]], sin[:, :, rows[0]:rows[1]]
+            mask = None if mask is None else mask[:, :, rows[0]:rows[1]]
+        Tq = h_q.shape[1]
+        q = self.q_proj(h_q).view(B, Tq, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # in the activation dtype, as Dream does
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)  # in the activation dtype, as Dream does
         if kv is not None:  # a KVCache hook: store, or attend over cached keys/values too
             k, v = kv(k, v)
         att = attention(q, k, v, mask)
-        return self.o_proj(att.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(att.transpose(1, 2).reshape(B, Tq, -1))
 
 
 class DreamMLP(nn.Module):
@@ -167,8 +173,13 @@ class DreamLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = DreamMLP(cfg, **kw)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+    def forward(self, x, cos, sin, mask, kv=None, rows: tuple[int, int] | None = None):
+        """The layer on x (B, T, d); `rows` = (start, end): keys and values from every row, the rest
+        from those rows alone, returning (B, end - start, d)."""
+        h = self.input_layernorm(x)
+        if rows is not None:
+            x = x[:, rows[0]:rows[1]]
+        x = x + self.self_attn(h, cos, sin, mask, kv, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -223,7 +234,8 @@ class DreamModelLM(nn.Module):
                 rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw (unshifted) logits. With a `cache` whose window is set, `input_ids` holds only the
         window's tokens (`attention_mask` / `position_ids` still span the whole sequence). `rows` =
-        (start, end) computes the head only for those positions of the input."""
+        (start, end) computes the last layer's queries and MLP and the head only for those positions
+        of the input."""
         check_ids(input_ids, self.config.vocab_size)
         x = self.model.embed_tokens(input_ids)
         window = None if cache is None else cache.window
@@ -233,10 +245,9 @@ class DreamModelLM(nn.Module):
             s, e = window
             cos, sin = cos[:, :, s:e], sin[:, :, s:e]
             mask = None if mask is None else mask[:, :, s:e]
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i))
-        if rows is not None:
-            x = x[:, rows[0]:rows[1]]
+            x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), rows if i == last else None)
         x = self.model.norm(x)
         # the head module when untied (a quantized head is a QLinear / IntLinear there)
         if self.config.tie_word_embeddings:

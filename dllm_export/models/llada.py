@@ -156,24 +156,31 @@ class LLaDABlock(nn.Module):
         self.ff_out = Linear(cfg.mlp_hidden_size, d, bias=False, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
-                kv=None) -> torch.Tensor:
+                kv=None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The block on x (B, T, d). `rows` = (start, end): keys and values from every row, queries,
+        attention output and MLP from those rows alone; returns (B, end - start, d)."""
         B, T, _ = x.shape
         cfg = self.cfg
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        h_q, cos_q, sin_q = h, cos, sin
+        if rows is not None:
+            x, h_q = x[:, rows[0]:rows[1]], h[:, rows[0]:rows[1]]
+            cos_q, sin_q = cos[rows[0]:rows[1]], sin[rows[0]:rows[1]]
+        Tq = h_q.shape[1]
+        q = self.q_proj(h_q).view(B, Tq, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.rope_full_precision:  # LLaDA rotates q/k in fp32, then casts back
             up = torch.promote_types(q.dtype, torch.float32)
-            q = apply_rope(q.to(up), cos.to(up), sin.to(up)).type_as(v)
+            q = apply_rope(q.to(up), cos_q.to(up), sin_q.to(up)).type_as(v)
             k = apply_rope(k.to(up), cos.to(up), sin.to(up)).type_as(v)
         else:
-            q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
+            q = apply_rope(q, cos_q.to(q.dtype), sin_q.to(q.dtype))
             k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
         if kv is not None:  # a KVCache hook: store, or attend over cached keys/values too
             k, v = kv(k, v)
-        att = attention(q, k, v, bias)  # (B, H, T, hd)
-        x = x + self.attn_out(att.transpose(1, 2).reshape(B, T, cfg.d_model))
+        att = attention(q, k, v, bias)  # (B, H, Tq, hd); the key-padding bias is (B, 1, 1, keys)
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, Tq, cfg.d_model))
         h = self.ff_norm(x)
         return x + self.ff_out(nn.functional.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -226,7 +233,8 @@ class LLaDAModelLM(nn.Module):
                 cache: KVCache | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw logits. With a `cache` whose window is set, `input_ids` holds only the window's tokens
         (and `attention_mask` still spans the whole sequence). `rows` = (start, end) computes the
-        head only for those positions of the input (the loop reads only the current block's)."""
+        last block's queries and MLP and the head only for those positions of the input (the loop
+        reads only the current block's)."""
         check_ids(input_ids, self.config.embedding_size)
         tr = self.model.transformer
         x = tr.wte(input_ids)
@@ -235,10 +243,9 @@ class LLaDAModelLM(nn.Module):
         cos, sin, bias = self.block_context(T, x.dtype, input_ids.device, attention_mask)
         if window is not None:  # rotate the window's queries/keys at their absolute positions
             cos, sin = cos[window[0]:window[1]], sin[window[0]:window[1]]
+        last = len(tr.blocks) - 1
         for i, block in enumerate(tr.blocks):
-            x = block(x, cos, sin, bias, None if cache is None else cache.layer(i))
-        if rows is not None:
-            x = x[:, rows[0]:rows[1]]
+            x = block(x, cos, sin, bias, None if cache is None else cache.layer(i), rows if i == last else None)
         x = tr.ln_f(x)
         # the head module when untied (a quantized head is a QLinear / IntLinear there)
         return nn.functional.linear(x, tr.wte.weight) if self.config.weight_tying else tr.ff_out(x)
