@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                  "size_mib": None if size is None else round(size / 2**20, 1), "steps": {}}
         for kind, (med, sec) in times.items():
             k = kinds[kind.split("-")[0]]
-            cost = step_cost(dims, prec, rows=k["rows"], keys=L, head_rows=args.block_length,
+            # the rows the loop reads (llama.cpp's encoder path outputs every token, though)
+            head_rows = args.block_length if getattr(be, "supports_rows", False) else k["rows"]
+            cost = step_cost(dims, prec, rows=k["rows"], keys=L, head_rows=head_rows,
                              cached=k["window"] is not None)
             f = floor_s(cost, host, prec.compute, prec.attention)
             entry["steps"][kind] = {"rows": k["rows"], "ms": round(1000 * sec, 2), "ms_median": round(1000 * med, 2),

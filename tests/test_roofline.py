@@ -18,6 +18,12 @@ def test_step_cost_matches_the_anchor_figures():
     full = step_cost(ANCHOR, fp32, rows=288, keys=288, head_rows=288, cached=False)
     assert full.flops == pytest.approx(276.3e9, rel=1e-3)  # 268.2 G in the linears and head + 8.15 G attention
     assert full.parts["linear_weights"] == pytest.approx(453.0e6 * 4, rel=1e-3) and full.parts["kv_cache"] == 0
+    # the head on 32 rows: so are the last block's q, o and MLP (k / v still on all 288)
+    rows32 = step_cost(ANCHOR, fp32, rows=288, keys=288, head_rows=32, cached=False)
+    last = 1536 * 1536 * 2 + 3 * 1536 * 4096
+    want = full.flops - 2 * 256 * last - 4 * 256 * 288 * 1536 - 2 * 256 * 1536 * 8192
+    assert rows32.flops == pytest.approx(want) and rows32.attention_flops == pytest.approx(8.15e9 * (15 + 32 / 288) / 16,
+                                                                                             rel=1e-3)
     w4 = step_cost(ANCHOR, Precision(4.25, 9, 9, "int8"), rows=32, keys=288, head_rows=32, cached=True)
     assert w4.parts["linear_weights"] == pytest.approx(453.0e6 * 4.25 / 8, rel=1e-3)
     assert w4.parts["kv_cache"] == 2 * 16 * 256 * 1536 * 4  # the past keys and values of every layer
@@ -36,7 +42,7 @@ def test_floor_is_the_larger_limit(bw, rate, bound):
 @pytest.mark.parametrize("attention,rates", [("fp32", {"fp32": 0.2, "int8": 0.8}), ("bf16", {"fp32": 0.2, "bf16": 0.4, "int8": 0.8})])
 def test_attention_runs_at_its_own_kinds_peak(attention, rates):
     host = HostLimits(1e6, rates, (1, 1, 1), (), 1)  # compute-bound
-    full = step_cost(ANCHOR, Precision(8, 9, 9, "int8"), rows=288, keys=288, head_rows=32, cached=False)
+    full = step_cost(ANCHOR, Precision(8, 9, 9, "int8"), rows=288, keys=288, head_rows=288, cached=False)
     assert full.attention_flops == pytest.approx(8.15e9, rel=1e-3)
     f = floor_s(full, host, "int8", attention)
     want = (full.flops - full.attention_flops) / 0.8e12 + full.attention_flops / (rates[attention] * 1e12)

@@ -148,12 +148,15 @@ class StepCost:
 def step_cost(dims, prec: Precision, rows: int, keys: int, head_rows: int, cached: bool) -> StepCost:
     """Cost of one forward of `rows` tokens attending to `keys` positions, the head on `head_rows`.
 
+    The last block computes its keys and values on every row, its queries, attention output and MLP
+    on the `head_rows` alone (the runtimes with `rows`; pass head_rows = rows for one without).
     `cached`: a block step that reads the past keys/values of the other `keys - rows` positions.
     """
     d, L, hd = dims.d_model, dims.n_layers, dims.head_dim
     q_out, kv_out = dims.n_heads * hd, dims.n_kv_heads * hd
     per_layer = d * (q_out + 2 * kv_out) + q_out * d + 3 * d * dims.mlp_hidden
     linear_params = L * per_layer
+    rows_only = per_layer - 2 * d * kv_out  # the last block's weights that see only the head rows
     head_params = d * dims.vocab_rows
     parts = {
         "linear_weights": linear_params * prec.linear_bits / 8,
@@ -161,8 +164,8 @@ def step_cost(dims, prec: Precision, rows: int, keys: int, head_rows: int, cache
         "embedding_rows": rows * d * prec.embed_bits / 8,
         "kv_cache": (2 * L * (keys - rows) * kv_out * prec.kv_bytes) if cached else 0,
     }
-    attention = L * 4 * rows * keys * q_out  # scores and the weighted values
-    flops = 2 * rows * linear_params + attention + 2 * head_rows * head_params
+    attention = ((L - 1) * rows + head_rows) * 4 * keys * q_out  # scores and the weighted values
+    flops = 2 * rows * linear_params - 2 * (rows - head_rows) * rows_only + attention + 2 * head_rows * head_params
     return StepCost(sum(parts.values()), float(flops), rows, keys, head_rows, parts, float(attention))
 
 
