@@ -19,7 +19,8 @@ anything else (4-bit activations) as an explicit fake-quant simulation graph, fl
 manifest. Online rotations become MatMul / Einsum nodes (Kronecker-factored Hadamards).
 
 Graph inputs: `input_ids` int64 [B, L], `attention_mask` int64 [B, L] (1 = real token), and,
-unless disabled, `logit_positions` int64 [B, P] selecting the rows that reach the LM head.
+unless disabled, `logit_positions` int64 [B, P] selecting the rows that reach the LM head (the
+last block computes its queries, attention output and FFN on those rows alone).
 Output: raw (unshifted) `logits` float32 [B, P, V].
 """
 
@@ -70,7 +71,8 @@ class OnnxExportConfig:
             exact, needs per-channel weights), "nbits" (MatMulNBits accuracy level 4, needs a
             power-of-two group), "simulate" (fake-quant ops + float GEMM), or "auto" (integer when
             the weights are per channel, else nbits when the group allows, else simulate).
-        logit_positions: add the `logit_positions` input, so the LM head runs only on those rows.
+        logit_positions: add the `logit_positions` input, so the LM head (and the last block but
+            its keys and values) runs only on those rows.
         kv_cache: the block-step form of Fast-dLLM's caches: inputs `window_start` [1] and
             `past.{i}.key/value` [B, kv_heads, T, head_dim], outputs `present.{i}.key/value`. The
             ids are the tokens of positions [window_start, window_start + W) of a length-T sequence
