@@ -173,6 +173,10 @@ def test_integer_scheme_runs_integer_kernels(quantized, tmp_path, scheme, overri
     types = {onnx.TensorProto.DataType.Name(t.data_type) for t in m.graph.initializer if t.name.endswith(".qweight")}
     assert types == {stored}
     assert ops.get("Cast", 0) == json.loads((out / "manifest.json").read_text())["ops"]["Cast"] - (14 if "4" in stored else 0)
+    # no dead nodes: every value a node writes is read by another or is a graph output (the last
+    # block's float rows are not written where its q layer reads their integer codes)
+    read = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    assert all(o in read for n in m.graph.node for o in n.output)
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -135,6 +135,19 @@ class _Graph:
         self.op_counts[op_type] = self.op_counts.get(op_type, 0) + 1
         return outs
 
+    def prune(self, outputs: list[str]) -> None:
+        """Drop the nodes no graph output depends on: the builder writes a value some layers may not
+        read (a block's float rows, where its layer took the rows' integer codes instead)."""
+        needed, keep = set(outputs), []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                keep.append(node)
+                needed.update(i for i in node.input if i)
+            elif self.op_counts.get(node.op_type):
+                self.op_counts[node.op_type] -= 1
+        self.nodes = keep[::-1]
+        self.op_counts = {k: v for k, v in self.op_counts.items() if v}
+
     def call(self, fn, inputs: list[str], name: str) -> str:
         """A call of local function `fn` (a FunctionProto, added to the model once)."""
         self.functions.setdefault(fn.name, fn)
@@ -826,6 +839,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, cfg: OnnxExportConf
         finally:
             g.close()
         outputs = _graph_outputs(cfg, source.dims, present)
+        g.prune([o.name for o in outputs])
         graph = onnx.helper.make_graph(g.nodes, f"{source.spec.family}_forward", inputs, outputs,
                                        initializer=g.initializers)
         opsets = [onnx.helper.make_opsetid(d, v) for d, v in (("", OPSET), ("com.microsoft", 1), (FUNCTION_DOMAIN, 1))]
