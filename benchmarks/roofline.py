@@ -49,11 +49,15 @@ ARTIFACTS = {
     "onnx-W4A8-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni"}),
     # per-channel 4-bit codes stored as int4, widened at load for the u8 x s8 kernel
     "onnx-W4A8pc-edge": ("onnx", {"scheme": "W4A8", "device": "x86-avx512-vnni"}),
+    # groups of 128 with progressive (integer) group scales: int4 codes in the file, the u8 x s8 kernel
+    "onnx-W4A8p-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni",
+                                 "quantize_options": {"progressive": True}}),
     "gguf-Q4_0": ("gguf", {"quant": "Q4_0"}),
 }
 DEFAULT = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8", "onnx-W8A8-edge", "onnx-W4A8", "onnx-W4A8-edge",
-           "onnx-W4A8pc-edge", "gguf-Q4_0")
-QUICK = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8-edge", "onnx-W4A8-edge", "onnx-W4A8pc-edge")
+           "onnx-W4A8pc-edge", "onnx-W4A8p-edge", "gguf-Q4_0")
+QUICK = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8-edge", "onnx-W4A8-edge", "onnx-W4A8pc-edge",
+         "onnx-W4A8p-edge")
 
 
 def _timed(fn, reps: int) -> tuple[float, float]:
@@ -114,10 +118,11 @@ def build(name: str, src: Path, work: Path, threads: int):
     art = work / name
     if art.exists():
         shutil.rmtree(art)
-    calib = {"calib": CalibConfig(n_samples=4, seq_len=64)}  # RTN needs no statistics: keep it short
     opts = dict(opts)
+    # RTN needs no statistics: keep the calibration short
+    qopts = {"calib": CalibConfig(n_samples=4, seq_len=64), **opts.pop("quantize_options", {})}
     quantized = "scheme" in opts or "quant" in opts
-    export(src, art, target=target, method="rtn", quantize_options=calib if quantized else None, **opts)
+    export(src, art, target=target, method="rtn", quantize_options=qopts if quantized else None, **opts)
     path = art / "model.gguf" if target == "gguf" else art
     kw = {"max_tokens": 512} if target == "gguf" else {}
     return load_backend(path, threads=threads, **kw), art, artifact_precision(path)

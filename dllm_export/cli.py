@@ -155,6 +155,9 @@ def _add_export_args(x) -> None:
                         "--avg-bits (default: W{bits}A16)")
     _add_auto_args(x)
     x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
+    x.add_argument("--progressive", action="store_true",
+                   help="onnx: QServe's progressive group scales (integers x a channel scale): grouped W4A8 runs on "
+                        "the int8 GEMM exactly (with --scheme W4A8 --group-size 128)")
     x.add_argument("--device", choices=["auto", *PROFILES],
                    help="device profile that fills the choices left open (auto: this host)")
     x.add_argument("--format", dest="weight_format", choices=WEIGHT_FORMATS,
@@ -234,6 +237,9 @@ def _add_quantize(sub) -> None:
                    help="asymmetric zero as 'int' zero point or 'float' minimum")
     q.add_argument("--mse-clip", action="store_true", help="MSE clip search of the weight grid (RTN/GPTQ)")
     q.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    q.add_argument("--progressive", action="store_true",
+                   help="QServe's progressive group scales: integers x one channel scale, so a grouped symmetric "
+                        "grid of <= 4 bits runs on the int8 GEMMs exactly (ONNX and the torch int kernels)")
     q.add_argument("--act-granularity", default="per_token", choices=("per_token", "per_tensor"),
                    help="activations: per_token (dynamic, default) or per_tensor (static, calibrated)")
     q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: %(default)s)")
@@ -498,6 +504,7 @@ def cmd_quantize(args) -> int:
     qcfg = QuantizeConfig(method=args.method, scheme=scheme, bits=args.w_bits, group_size=group_size, sym=sym,
                           zero_kind=args.zero_kind, mse_clip=args.mse_clip, act_order=args.act_order, alpha=args.alpha,
                           weight_method=args.weight_method, seed=args.seed, act_granularity=args.act_granularity,
+                          progressive=args.progressive,
                           calib=CalibConfig(source=args.calib, n_samples=args.calib_samples,
                                             seq_len=args.calib_seq_len, mask=args.calib_mask, seed=args.seed, **decode),
                           **mixed)
@@ -828,6 +835,8 @@ def cmd_export(args) -> int:
         label = f"auto{args.avg_bits:g}"
     elif args.avg_bits is not None:
         raise DllmExportError("--avg-bits goes with --scheme auto")
+    if args.progressive:
+        qopts = {**(qopts or {}), "progressive": True}
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
     res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=scheme,
                              group_size=group_size, quantize_options=qopts, extra_manifest=extra,

@@ -44,6 +44,10 @@ def test_info(tiny_dirs, capsys):
     (["--target", "tflite", "--bits", "4"], "unknown export target 'tflite'; targets: onnx"),
     (["--target", "onnx", "--bits", "12"], "target onnx cannot carry 12-bit weights"),
     (["--target", "onnx", "--bits", "3", "--format", "matmulnbits"], "--format matmulnbits stores 2, 4 or 8-bit"),
+    (["--target", "gguf", "--bits", "4", "--progressive"], "--progressive scales are an ONNX int8-GEMM grid"),
+    (["--target", "onnx", "--scheme", "W4A8", "--progressive"], "progressive group scales need a symmetric grouped"),
+    (["--target", "onnx", "--bits", "8", "--progressive"], "progressive group scales need a symmetric grouped grid of "
+                                                          "at most 4 bits (got 8-bit, sym, group size 128)"),
 ])
 def test_bad_export_requests(args, message, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path / "art")]) == 2

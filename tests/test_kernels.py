@@ -41,6 +41,10 @@ GRIDS = [  # (weight grid, activation grid, expected kernel)
     (WeightQuantConfig(4, 0, True), ActQuantConfig(4), "w8a8"),
     (WeightQuantConfig(4, 32, True), ActQuantConfig(8), "int4"),  # act fake-quantized, then the int4 kernel
     (WeightQuantConfig(8, 0, True), ActQuantConfig(8, sym=False), "int8"),
+    # progressive groups: group integer x code is the int8 weight of the integer GEMM
+    (WeightQuantConfig(4, 32, True, scale_dtype=torch.float32, progressive=True), ActQuantConfig(8), "w8a8"),
+    (WeightQuantConfig(3, 64, True, scale_dtype=torch.float32, progressive=True), ActQuantConfig(8), "w8a8"),
+    (WeightQuantConfig(4, 32, True, scale_dtype=torch.float32, progressive=True), None, "int4"),
 ]
 
 

@@ -105,6 +105,10 @@ QUANT_CASES = [
     ("rtn", "W4A8", dict(sym=False), {}, "rounding"),  # uint4 codes + zero points, widened at load
     ("quarot", "W4A4", {}, {}, "rounding"),  # simulation graph
     ("rtn", "W4A8", dict(group_size=32), {}, "acc4"),  # MatMulNBits quantizes activations per K-block
+    # progressive groups: the int8 weight (group integer x int4 / 3-bit code) rebuilt at load, integer GEMM
+    ("gptq", "W4A8", dict(group_size=32, progressive=True), {}, "rounding"),
+    ("awq", "W4A8", dict(bits=3, group_size=16, progressive=True), {}, "rounding"),
+    ("rtn", "W4A16", dict(group_size=32, progressive=True), dict(weight_format="matmulnbits"), "exact"),
 ]
 
 
@@ -159,9 +163,11 @@ def test_weight_only_graph_runs_matmulnbits(fmt, quantized, tmp_path):
     assert "DequantizeLinear" not in ops
 
 
-@pytest.mark.parametrize("scheme,overrides,stored", [("W8A8", {}, "INT8"), ("W4A8", {}, "INT4"),
-                                                     ("W4A8", dict(sym=False), "UINT4")])
-def test_integer_scheme_runs_integer_kernels(quantized, tmp_path, scheme, overrides, stored):
+@pytest.mark.parametrize("scheme,overrides,stored,casts", [
+    ("W8A8", {}, "INT8", 0), ("W4A8", {}, "INT4", 1), ("W4A8", dict(sym=False), "UINT4", 1),
+    # progressive: int4 codes x int8 group integers, Cast / Reshape / Mul / Reshape / Cast folded at load
+    ("W4A8", dict(group_size=32, progressive=True), "INT4", 3)])
+def test_integer_scheme_runs_integer_kernels(quantized, tmp_path, scheme, overrides, stored, casts):
     out = export_onnx(quantized("llada", "rtn", scheme, overrides), tmp_path / scheme)
     ops = OrtBackend(out).optimized_op_types()
     # symmetric per-token activations: the GEMM and the weight scales in one kernel
@@ -172,7 +178,10 @@ def test_integer_scheme_runs_integer_kernels(quantized, tmp_path, scheme, overri
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     types = {onnx.TensorProto.DataType.Name(t.data_type) for t in m.graph.initializer if t.name.endswith(".qweight")}
     assert types == {stored}
-    assert ops.get("Cast", 0) == json.loads((out / "manifest.json").read_text())["ops"]["Cast"] - (14 if "4" in stored else 0)
+    assert ops.get("Cast", 0) == json.loads((out / "manifest.json").read_text())["ops"]["Cast"] - 14 * casts
+    if overrides.get("progressive"):  # after folding: the per-channel W4A8 graph, node for node
+        plain = export_onnx(quantized("llada", "rtn", scheme, {}), tmp_path / "plain")
+        assert ops == OrtBackend(plain).optimized_op_types()
     # no dead nodes: every value a node writes is read by another or is a graph output (the last
     # block's float rows are not written where its q layer reads their integer codes)
     read = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}

@@ -220,6 +220,9 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
         raise InputError(f"GGUF carries weight-only schemes; {scheme} quantizes activations, which llama.cpp "
                          f"does itself. Use --target onnx for {scheme}")
     needs_ptq = not quantized_input and quant in BLOCK_TYPES
+    if req.quantize_options.get("progressive"):
+        raise InputError("--progressive scales are an ONNX int8-GEMM grid: GGUF's block types store their own "
+                         "scales (use --target onnx)")
     read_vocab(src, _dims(src).vocab_rows)  # the vocabulary GGUF embeds: refused now, not after calibration
     qcfg = None
     if needs_ptq:

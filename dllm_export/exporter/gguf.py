@@ -89,6 +89,9 @@ class GgufExportConfig:
 def block_type_for(c: WeightQuantConfig, in_features: int, name: str = "weight") -> str:
     """The GGML block type that stores the grid `c` (of a layer `in_features` wide) exactly, or a
     clear error saying why none does."""
+    if c.progressive:
+        raise InputError(f"{name}: progressive group scales (integers x a channel scale, for the int8 GEMMs) have "
+                         f"no exact GGUF form: export it with --target onnx")
     if c.super_group:
         kq = kquant_name(c)
         if kq is None:

@@ -12,9 +12,11 @@ Quantized layers keep their calibrated codes and fp16 scales exactly:
 
 Activation quantization: per-token dynamic 8-bit activations with per-channel weights run as
 an integer GEMM (uint8 activations x int8 weights: MatMulIntegerToFloat, or MatMulInteger for
-asymmetric activations; 4-bit codes stored as int4), static per-tensor 8-bit as
-QuantizeLinear/DequantizeLinear pairs onnxruntime turns into integer kernels, W4A8 with blocked
-weights as MatMulNBits accuracy level 4 (int8 activations per K-block inside the kernel), and
+asymmetric activations; 4-bit codes stored as int4), and so do progressive grouped weights (their
+int8 weight is rebuilt from int4 codes and integer group scales by nodes folded at load), static
+per-tensor 8-bit as QuantizeLinear/DequantizeLinear pairs onnxruntime turns into integer kernels,
+W4A8 with other blocked weights as MatMulNBits accuracy level 4 (int8 activations per K-block
+inside the kernel), and
 anything else (4-bit activations) as an explicit fake-quant simulation graph, flagged in the
 manifest. Online rotations become MatMul / Einsum nodes (Kronecker-factored Hadamards).
 
@@ -41,7 +43,7 @@ from ..fileio import atomic_folder
 from ..formats import MATMULNBITS_BITS, ONNX_FORMAT, check_matmulnbits, matmulnbits_block_ok
 from ..models.checkpoint import source_record
 from ..models.layers import rope_cos_sin
-from ..quant.primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, quantize_weight
+from ..quant.primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, progressive_scales, quantize_weight
 from .source import open_source, write_sidecars
 
 FORMAT = ONNX_FORMAT
@@ -444,7 +446,8 @@ class _Builder:
         wq = self._integer_weight(qw, name)
         w_zero = [] if qw.zeros is None else [g.weight(f"{name}.qzeros", qw.zeros[:, 0].numpy().astype(np.uint8), [N], 2)]
         a_zp = g.const(np.array(128 if a.sym else 0, np.uint8), np.uint8, f"{name}.act_zero")
-        w_scales = g.weight(f"{name}.scales", _f32(qw.scales)[:, 0], [N], 1)
+        col_scales = progressive_scales(qw)[0] if qw.cfg.progressive else qw.scales[:, 0]
+        w_scales = g.weight(f"{name}.scales", _f32(col_scales), [N], 1)
         if a.sym:  # rows x cols in one kernel: (codes - 128)(W_q - z_w) x w_scale, then x the row's scale
             y = g.op("MatMulIntegerToFloat", [x8["codes"], wq, g.const(1.0), w_scales, a_zp, *w_zero], f"{name}.acc",
                      domain="com.microsoft")
@@ -466,11 +469,31 @@ class _Builder:
         g, TP = self.g, onnx.TensorProto
         N, K = qw.shape
         codes = qw.codes.numpy().T
+        if qw.cfg.progressive:
+            return self._progressive_weight(qw, name)
         wide, narrow = (TP.INT8, TP.INT4) if qw.zeros is None else (TP.UINT8, TP.UINT4)
         if qw.cfg.bits > 4:
             return g.weight(f"{name}.qweight", codes.astype(np.int8 if qw.zeros is None else np.uint8), [K, N], wide)
         q4 = g.weight(f"{name}.qweight", _pack_nibbles(codes & 0xF), [K, N], narrow)
         return g.op("Cast", [q4], f"{name}.qweight8", to=wide)
+
+    def _progressive_weight(self, qw: QuantizedWeight, name: str) -> str:
+        """A progressive weight's int8 [K, N] (group-scale integer x code, `primitives.int8_form`),
+        stored as its int4 (2/3-bit: bit-plane) codes and int8 group integers [G, 1, N] and rebuilt
+        by Cast / Reshape / Mul / Reshape / Cast on initializers only, which onnxruntime folds into
+        the integer GEMM's weight at load: a 4-bit file, the int8 kernel, no work per step."""
+        import onnx
+
+        g, TP = self.g, onnx.TensorProto
+        N, K = qw.shape
+        _, ints = progressive_scales(qw)
+        G = ints.shape[1]
+        q = g.op("Cast", [_stored_codes(g, qw.codes.numpy().T, qw.cfg.bits, True, f"{name}.qweight")], to=TP.INT32)
+        sc = g.weight(f"{name}.scale_ints", ints.T.numpy().astype(np.int8).reshape(G, 1, N), [G, 1, N], TP.INT8)
+        grouped = g.op("Reshape", [q, g.const([G, K // G, N], np.int64)])
+        w = g.op("Mul", [grouped, g.op("Cast", [sc], to=TP.INT32)])
+        w = g.op("Reshape", [w, g.const([K, N], np.int64)])
+        return g.op("Cast", [w], f"{name}.qweight8", to=TP.INT8)
 
     def rows_of(self, x: str, rows: str, name: str) -> str:
         """x [B, L, K] at `rows` [B, P, 1]; a layer that reads the result takes x's per-token codes
@@ -558,16 +581,17 @@ class _Builder:
         if static:
             return "static" if a.bits == 8 and qw is not None else "simulate"
         want = self.cfg.act_kernel
-        per_channel = qw is not None and qw.scales.shape[1] == 1 and qw.mins is None
+        # per channel, or progressive groups: an int8 weight times one scale per column
+        int8_weight = qw is not None and qw.mins is None and (qw.scales.shape[1] == 1 or qw.cfg.progressive)
         G = qw.scales.shape[1] if qw is not None else 0
         bs = qw.shape[1] // G if G else 0
         nbits_ok = qw is not None and qw.cfg.bits in MATMULNBITS_BITS and matmulnbits_block_ok(bs)
-        exact_int = a.bits == 8 and per_channel
+        exact_int = a.bits == 8 and int8_weight
         if want == "auto":
             return "integer" if exact_int else "nbits" if (nbits_ok and a.bits == 8 and G > 1) else "simulate"
         if want == "integer" and not exact_int:
-            raise InputError("act_kernel 'integer' needs 8-bit per-token activations and per-channel weights "
-                             "(scheme W8A8 / W4A8 with group size 0)")
+            raise InputError("act_kernel 'integer' needs 8-bit per-token activations and per-channel or progressive "
+                             "weights (scheme W8A8 / W4A8 with group size 0, or --progressive)")
         if want == "nbits" and not (nbits_ok and a.bits == 8):
             raise InputError("act_kernel 'nbits' needs 8-bit activations and 2/4/8-bit weights with a power-of-two "
                              "group >= 16 (e.g. --group-size 128)")

@@ -55,6 +55,9 @@ class QuantizeConfig:
         kquant: a llama.cpp K-quant (Q2_K .. Q6_K, `quant.kquant`) whose grid replaces the scheme's
             (weight-only schemes, methods rtn / gptq / awq); layers whose width is not a multiple of
             256 take the type's fallback block grid.
+        progressive: QServe's progressive group scales (`WeightQuantConfig.progressive`): a grouped
+            symmetric grid of <= 4 bits whose group scales are integers x one channel scale, so
+            grouped W4A8 runs on the int8 GEMMs exactly (ONNX MatMulIntegerToFloat, torch _int_mm).
     """
 
     method: str = "gptq"
@@ -78,6 +81,7 @@ class QuantizeConfig:
     avg_bits: float | None = None
     mix_embed_head: bool = False
     kquant: str | None = None
+    progressive: bool = False
 
     def __post_init__(self):
         get_scheme(self.scheme)
@@ -88,6 +92,9 @@ class QuantizeConfig:
             raise InputError(f"act_granularity must be per_token or per_tensor, got {self.act_granularity!r}")
         if not 0 < self.alpha < 1:
             raise InputError(f"alpha must lie in (0, 1), got {self.alpha}")
+        if self.progressive and (self.kquant is not None or self.layer_bits):
+            raise InputError("progressive group scales apply to one uniform grid: not with K-quants or "
+                             "per-layer bit-widths")
         if self.kquant is not None:
             if self.method not in ("rtn", "gptq", "awq") or not self.scheme_.weight_only:
                 raise InputError(f"K-quant grids need method rtn, gptq or awq and a weight-only scheme "
@@ -123,8 +130,14 @@ class QuantizeConfig:
 
             return kquant_grid(self.kquant)
         sym = METHODS[self.method].default_weight_sym if self.sym is None else self.sym
+        if self.progressive and self.sym is None:  # progressive grids are symmetric: the method's default yields
+            sym = True
         cfg = self.scheme_.weight_config(self.group_size, sym, self.zero_kind)
-        return cfg if self.bits is None else dataclasses.replace(cfg, bits=self.bits)
+        if self.bits is not None:
+            cfg = dataclasses.replace(cfg, bits=self.bits)
+        if self.progressive:
+            cfg = dataclasses.replace(cfg, progressive=True, scale_dtype=torch.float32)
+        return cfg
 
     def act_config(self, clip: float = 1.0) -> ActQuantConfig | None:
         """The activation grid of this run (None for weight-only schemes): symmetric per `act_sym`,

@@ -74,9 +74,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: WeightQuantConfig, bloc
     zeros = torch.empty(out, G, dtype=torch.int16, device=dev) if (not cfg.sym and cfg.zero_kind == "int") else None
     mins = torch.empty(out, G, dtype=cfg.scale_dtype, device=dev) if (not cfg.sym and cfg.zero_kind == "float") else None
 
-    # columns whose grid is set at once: a group, or a K-quant super-block (its groups share d)
-    span = cfg.super_group or gs
-    span_cfg = cfg if cfg.super_group else _single(cfg)
+    # columns whose grid is set at once: a group, a K-quant super-block (its groups share d), or
+    # the whole row of a progressive grid (its groups share the channel scale: static groups)
+    span = n if cfg.progressive else cfg.super_group or gs
+    span_cfg = cfg if cfg.super_group or cfg.progressive else _single(cfg)
 
     def set_grid(col: int, Wspan: torch.Tensor) -> None:
         clip = mse_clip_ratios(Wspan, span_cfg) if mse_clip else 1.0

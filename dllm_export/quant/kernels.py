@@ -10,7 +10,8 @@ kernels. Which one a layer gets follows from its grid (`kernel_for`, the one rul
               It is a GEMV-style kernel: above 96 rows the packed codes are widened to the
               compute dtype and its GEMM runs (1.6x the kernel at 288 rows, 0.8x at 64)
     w8a8   symmetric activations of <= 8 bits (per token, or a static per-tensor scale) over a
-           per-channel weight whose codes fit int8 -> torch._int_mm (int8 x int8 -> int32,
+           per-channel weight whose codes fit int8, or a progressive grouped one (its int8 weight
+           is group-scale integer x code, `primitives.int8_form`) -> torch._int_mm (int8 x int8 -> int32,
            oneDNN's VNNI/AMX dot products), then the token and channel scales: exact integer sums
     int8   weight-only, 5..8 bits per channel -> aten._weight_int8pack_mm up to 16 rows; more
            rows widen the int8 codes to the compute dtype and run its GEMM (the int8pack kernel
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .primitives import ActQuantConfig, QuantizedWeight, fake_quantize_act, quantize_act
+from .primitives import ActQuantConfig, QuantizedWeight, fake_quantize_act, int8_form, quantize_act
 
 KERNELS = ("fake", "int")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu takes, largest first
@@ -55,26 +56,15 @@ def _int4_group(qw: QuantizedWeight) -> int | None:
     return next((k for k in INT4_GROUPS if g % k == 0), None)
 
 
-def _int8_codes(qw: QuantizedWeight) -> torch.Tensor | None:
-    """Per-channel int8 codes c with w = scale * c (zero point folded in), or None if they do not fit."""
-    if qw.scales.shape[1] != 1 or qw.mins is not None:
-        return None
-    c = qw.codes.to(torch.int32)
-    if qw.zeros is not None:
-        c = c - qw.zeros.to(torch.int32)
-    if int(c.min()) < -128 or int(c.max()) > 127:
-        return None
-    return c.to(torch.int8)
-
-
 def kernel_for(qw: QuantizedWeight, act: ActQuantConfig | None) -> str:
     """The kernel a layer with weight grid `qw` and activation grid `act` runs on (see module doc)."""
     int_act = act is not None and act.sym and act.bits <= 8
-    if int_act and qw.cfg.bits <= 8 and qw.scales.shape[1] == 1 and _int8_codes(qw) is not None:
+    int8 = int8_form(qw) is not None
+    if int_act and int8:
         return "w8a8"
     if qw.cfg.bits <= 4 and _int4_group(qw) is not None:
         return "int4"
-    if qw.cfg.bits <= 8 and _int8_codes(qw) is not None:
+    if int8:
         return "int8"
     return "dense"
 
@@ -127,9 +117,10 @@ class IntLinear(nn.Module):
         elif self.kernel in ("int8", "w8a8"):
             # [N, K]: _weight_int8pack_mm's layout; _int_mm takes its transposed view (oneDNN's
             # fast "NT" case: 5x the contiguous [K, N] at 32 rows)
-            self.register_buffer("weight_int8", _int8_codes(qweight), persistent=False)
-            scale_dtype = torch.float32 if self.kernel == "w8a8" else dtype
-            self.register_buffer("scales", qweight.scales[:, 0].to(scale_dtype), persistent=False)
+            codes, scales = int8_form(qweight)
+            self.register_buffer("weight_int8", codes, persistent=False)
+            self.register_buffer("scales", scales.to(torch.float32 if self.kernel == "w8a8" else dtype),
+                                 persistent=False)
         else:
             self.register_buffer("weight", qweight.dequantize(dtype), persistent=False)
 

@@ -38,6 +38,11 @@ class WeightQuantConfig:
             products (fp32, `scale_dtype` float32).
         scale_bits: bits of the K-quant group scales: signed for symmetric grids (Q3_K 6, Q6_K 8),
             unsigned for grids with minimums (Q2_K 4, Q4_K / Q5_K 6).
+        progressive: QServe's progressive group quantization (Lin et al., 2024, arXiv 2405.04532):
+            each group scale is a signed integer of at most `progressive_max` times one scale per
+            output channel, so scale_int * code fits int8 and a grouped weight runs exactly as a
+            per-channel int8 weight on the integer GEMMs (symmetric grids of <= 4 bits; the stored
+            scales are the products, fp32, `scale_dtype` float32).
     """
 
     bits: int = 4
@@ -47,6 +52,7 @@ class WeightQuantConfig:
     scale_dtype: torch.dtype = torch.float16
     super_group: int = 0
     scale_bits: int = 0
+    progressive: bool = False
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -65,6 +71,14 @@ class WeightQuantConfig:
                 raise InputError("K-quant grids with minimums store them as floats: zero_kind 'float'")
             if self.scale_dtype != torch.float32:
                 raise InputError("K-quant group scales (integer x fp16) need scale_dtype float32")
+        if self.progressive:
+            if not self.sym or self.bits > 4 or not self.group_size or self.super_group:
+                raise InputError(f"progressive group scales need a symmetric grouped grid of at most 4 bits "
+                                 f"(got {self.bits}-bit, {'sym' if self.sym else 'asym'}, group size "
+                                 f"{self.group_size}{', K-quant' if self.super_group else ''}): it takes --bits <= 4, a "
+                                 f"--group-size > 0 and no --asym")
+            if self.scale_dtype != torch.float32:
+                raise InputError("progressive group scales (integer x channel scale) need scale_dtype float32")
 
     @property
     def qmin(self) -> int:
@@ -73,6 +87,12 @@ class WeightQuantConfig:
     @property
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1 if self.sym else (1 << self.bits) - 1
+
+    @property
+    def progressive_max(self) -> int:
+        """Progressive grids: the largest group-scale integer, 127 // 2^(b-1) (15 at 4 bits), so that
+        |scale_int * code| <= 127 for every code in [-2^(b-1), 2^(b-1))."""
+        return 127 // (1 << (self.bits - 1))
 
     @property
     def scale_code_range(self) -> tuple[int, int]:
@@ -161,6 +181,8 @@ def compute_grid(W: torch.Tensor, cfg: WeightQuantConfig, clip: torch.Tensor | f
         xm = torch.gather(Wg, -1, idx).squeeze(-1) * clip.squeeze(-1)  # signed max-magnitude value
         scales = (xm / cfg.qmin).to(cfg.scale_dtype)
         scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        if cfg.progressive:
+            return _progressive_grid(scales, cfg), None, None
         return _super_block_grid(scales, None, cfg) if cfg.super_group else (scales, None, None)
     xmax = (Wg.amax(dim=-1) * clip.squeeze(-1)).clamp(min=0)
     xmin = (Wg.amin(dim=-1) * clip.squeeze(-1)).clamp(max=0)
@@ -237,6 +259,52 @@ def _super_block_grid(scales: torch.Tensor, xmin: torch.Tensor | None, cfg: Weig
     mc = torch.round(m / torch.where(dmin > 0, dmin, 1.0)).clamp(0, top)
     mc = torch.where(dmin > 0, mc.scatter(-1, midx, float(top)), 0.0)
     return (d * sc).reshape(out, G), None, -(dmin * mc).reshape(out, G)
+
+
+def _progressive_grid(scales: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
+    """Progressive grids: each row's group scales [out, G] rounded to integers in
+    [-progressive_max, progressive_max] (never 0) times one channel scale d with 8 significant bits
+    (bf16's), so every product d * int is exact in fp32 and `progressive_scales` reads d and the
+    integers back; the row's largest scale maps to +-progressive_max. Returns the products (fp32)."""
+    S = cfg.progressive_max
+    s = scales.float()
+    d = (s.abs().amax(dim=1, keepdim=True) / S).to(torch.bfloat16).float()
+    d = torch.where(d == 0, torch.full_like(d, 2.0 ** -126), d)
+    sc = torch.round(s / d).clamp(-S, S)
+    sc = torch.where(sc == 0, torch.where(s < 0, -1.0, 1.0), sc)
+    return d * sc
+
+
+def progressive_scales(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channel scales d [out] fp32, group-scale integers [out, G] int32) of a progressive weight:
+    scales == d[:, None] * ints exactly. Raises InputError when the stored scales are not of that form
+    (a checkpoint written by other code)."""
+    s = qw.scales.float()
+    d = s.abs().amax(dim=1) / qw.cfg.progressive_max
+    ints = torch.round(s / d[:, None])
+    if not torch.equal(d[:, None] * ints, s) or bool((ints.abs() > qw.cfg.progressive_max).any()):
+        raise InputError("a progressive weight's scales are not integers x one channel scale: the checkpoint "
+                         "was not written by this quantizer")
+    return d, ints.to(torch.int32)
+
+
+def int8_form(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 codes c [out, in], fp32 channel scales [out]) with w = scale[n] * c[n, k] exactly, for
+    the integer GEMMs: per-channel grids whose codes minus zero point fit int8, and progressive grids
+    (c = group-scale integer * code). None for every other grid."""
+    if qw.mins is not None:
+        return None
+    c = qw.codes.to(torch.int32)
+    if qw.cfg.progressive:
+        d, ints = progressive_scales(qw)
+        return (c * ints.repeat_interleave(c.shape[1] // ints.shape[1], dim=1)).to(torch.int8), d
+    if qw.scales.shape[1] != 1:
+        return None
+    if qw.zeros is not None:
+        c = c - qw.zeros.to(torch.int32)
+    if int(c.min()) < -128 or int(c.max()) > 127:
+        return None
+    return c.to(torch.int8), qw.scales[:, 0].float()
 
 
 def quantize_to_grid(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, mins: torch.Tensor | None,

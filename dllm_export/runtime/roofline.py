@@ -214,8 +214,8 @@ def artifact_precision(path, torch_dtype: str = "float32") -> Precision:
         extra = (32 + (0 if sym else bits)) / group if group else 0
         layers = set((m.get("layers") or {}).values())
         int_kernel = bool(layers & {"integer", "nbits-acc4", "static-qdq"}) or m.get("accuracy_level") == 4
-        if "integer" in layers:  # the integer GEMM reads 8-bit codes (4-bit ones are widened at load)
-            bits = max(bits, 8)
+        if "integer" in layers:  # the integer GEMM reads int8 codes and a scale per column (4-bit codes and
+            bits, extra = max(bits, 8), 0.0  # progressive groups are widened into them at load)
         return Precision(bits + extra, eh_bits, eh_bits, "int8" if int_kernel else "fp32")
     bits = {"float32": 32, "bfloat16": 16, "float16": 16}[torch_dtype]
     kind = "bf16" if bits == 16 else "fp32"
