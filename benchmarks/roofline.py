@@ -46,12 +46,14 @@ ARTIFACTS = {
     "onnx-W4A16": ("onnx", {"scheme": "W4A16", "group_size": 128}),
     # the edge profile of this host class: int8 embedding and head (accuracy level 4)
     "onnx-W8A8-edge": ("onnx", {"scheme": "W8A8", "device": "x86-avx512-vnni"}),
-    "onnx-W4A8-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni"}),
+    # groups of 128 with fp16 scales: MatMulNBits accuracy level 4 (the profile's default is progressive)
+    "onnx-W4A8-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni",
+                                "quantize_options": {"progressive": False}}),
     # per-channel 4-bit codes stored as int4, widened at load for the u8 x s8 kernel
     "onnx-W4A8pc-edge": ("onnx", {"scheme": "W4A8", "device": "x86-avx512-vnni"}),
-    # groups of 128 with progressive (integer) group scales: int4 codes in the file, the u8 x s8 kernel
-    "onnx-W4A8p-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni",
-                                 "quantize_options": {"progressive": True}}),
+    # groups of 128 with progressive (integer) group scales, the profile's default: int4 codes in the
+    # file, the u8 x s8 kernel
+    "onnx-W4A8p-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni"}),
     "gguf-Q4_0": ("gguf", {"quant": "Q4_0"}),
 }
 DEFAULT = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-W8A8", "onnx-W8A8-edge", "onnx-W4A8", "onnx-W4A8-edge",
@@ -189,6 +191,7 @@ def kernel_rates(M_list: list[int], K: int, N: int, threads: int, reps: int) -> 
     for bits, bs, acc in ((4, 32, 0), (4, 32, 4), (4, 64, 4), (4, 128, 0), (4, 128, 4), (8, 128, 4), (8, 32, 4)):
         node, inits = _nbits_node(K, N, bits, bs, acc)
         cases[f"MatMulNBits-b{bits}-bs{bs}-acc{acc}"] = ([node], inits)
+    cases["W4A8-progressive-g128"] = _progressive_nodes(w, 128)
     out: dict[str, dict] = {}
     for name, (nodes, inits) in cases.items():
         graph = h.make_graph(nodes, name, [h.make_tensor_value_info("a", TP.FLOAT, ["M", K])],
@@ -208,6 +211,32 @@ def kernel_rates(M_list: list[int], K: int, N: int, threads: int, reps: int) -> 
             a = torch.randn(M, K).to(dtype)
             out[name][str(M)] = round(1000 * _timed(lambda: a @ wt, reps)[1], 3)
     return out
+
+
+def _progressive_nodes(w, group: int) -> tuple[list, list]:
+    """The exporter's own nodes for one W4A8 layer with progressive groups (`w` [K, N]): per-token
+    codes by QuantizeLinear, the int8 weight rebuilt from int4 codes x group integers (folded at
+    load), MatMulIntegerToFloat, the token scale."""
+    import tempfile
+
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from dllm_export.exporter.onnx import DATA_FILE, OnnxExportConfig, _Builder, _Graph
+    from dllm_export.quant.primitives import ActQuantConfig, WeightQuantConfig, quantize_weight
+
+    cfg = WeightQuantConfig(4, group, True, scale_dtype=torch.float32, progressive=True)
+    qw = quantize_weight(torch.from_numpy(w).T.contiguous(), cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        g = _Graph(Path(tmp) / DATA_FILE)
+        y = _Builder(g, OnnxExportConfig()).integer_matmul("a", qw, ActQuantConfig(8), "layer")
+        g.close()
+        for t in g.initializers:  # inline the streamed weights: the table builds its sessions from bytes
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                load_external_data_for_tensor(t, tmp)
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+        return [*g.nodes, onnx.helper.make_node("Identity", [y], ["y"])], list(g.initializers)
 
 
 def to_markdown(res: dict) -> str:

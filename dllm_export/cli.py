@@ -155,9 +155,9 @@ def _add_export_args(x) -> None:
                         "--avg-bits (default: W{bits}A16)")
     _add_auto_args(x)
     x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
-    x.add_argument("--progressive", action="store_true",
+    x.add_argument("--progressive", action=argparse.BooleanOptionalAction,
                    help="onnx: QServe's progressive group scales (integers x a channel scale): grouped W4A8 runs on "
-                        "the int8 GEMM exactly (with --scheme W4A8 --group-size 128)")
+                        "the int8 GEMM exactly (with --scheme W4A8 --group-size 128; default: the device profile's)")
     x.add_argument("--device", choices=["auto", *PROFILES],
                    help="device profile that fills the choices left open (auto: this host)")
     x.add_argument("--format", dest="weight_format", choices=WEIGHT_FORMATS,
@@ -835,8 +835,8 @@ def cmd_export(args) -> int:
         label = f"auto{args.avg_bits:g}"
     elif args.avg_bits is not None:
         raise DllmExportError("--avg-bits goes with --scheme auto")
-    if args.progressive:
-        qopts = {**(qopts or {}), "progressive": True}
+    if args.progressive is not None:
+        qopts = {**(qopts or {}), "progressive": args.progressive}
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
     res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=scheme,
                              group_size=group_size, quantize_options=qopts, extra_manifest=extra,
@@ -864,6 +864,8 @@ def cmd_export(args) -> int:
         print(f"  built for device {m['device']['name']}: {m['device']['description']}")
     print(f"  activations: {', '.join(kernels) or 'float'}; accuracy level {m['accuracy_level']}"
           + ("; SIMULATION graph (fake-quant activations: for accuracy studies, not speed)" if m["simulated"] else ""))
+    if (m.get("quantize_settings") or {}).get("progressive"):
+        print("  weights: progressive group scales (integers x a channel scale): grouped, on the int8 GEMM")
     print(f"  run it: dllm-export generate --model {res.path} --prompt TEXT")
     return 0
 

@@ -297,3 +297,12 @@ def test_vocabulary_must_fit_the_embedding(ckpts, tmp_path):
     with pytest.raises(CheckpointError, match="embedding has 384 rows"):
         export_gguf(bad, tmp_path / "art")
     assert not (tmp_path / "art").exists()
+
+
+def test_progressive_grids_have_no_gguf_form():
+    """Progressive group scales (integer x channel scale) are refused by name, not rounded to fp16."""
+    from dllm_export.exporter.gguf import block_type_for
+    from dllm_export.quant.primitives import WeightQuantConfig
+
+    with pytest.raises(InputError, match="progressive group scales .* no exact GGUF form"):
+        block_type_for(WeightQuantConfig(4, 32, True, scale_dtype=torch.float32, progressive=True), 64, "blk.0")

@@ -45,3 +45,27 @@ def test_device_fills_the_open_choices(device, tiny_dirs, tmp_path):
     # edge profiles: an 8-bit embedding and head by default, the head on the kernel the profile measured
     assert m["export"]["embed_head"] == profile.embed_head == "int8"
     assert m["export"]["head_accuracy_level"] == profile.head_accuracy_level
+
+
+@pytest.mark.parametrize("device,kw,want", [
+    ("x86-avx512-vnni", dict(scheme="W4A8", group_size=32), True),  # grouped W4A8: the integer GEMM
+    ("x86-avx512-vnni", dict(scheme="W4A8", group_size=32, quantize_options={"progressive": False}), False),
+    ("x86-avx512-vnni", dict(scheme="W4A8"), False),  # per channel: already an int8 weight
+    ("x86-avx512-vnni", dict(scheme="W4A16", group_size=32), False),  # weight-only: MatMulNBits
+    ("x86-avx512-vnni", dict(scheme="W8A8", group_size=32), False),  # 8-bit weights: no room for the integers
+    ("arm64-dotprod", dict(scheme="W4A8", group_size=32), False),  # not measured there
+    (None, dict(scheme="W4A8", group_size=32, quantize_options={"progressive": True}), True),
+])
+def test_profile_progressive_default(device, kw, want, tiny_dirs, tmp_path):
+    from dllm_export.exporter import ExportRequest, plan_export
+
+    plan = plan_export(tiny_dirs["llada"], tmp_path / "a", ExportRequest(target="onnx", device=device, **kw))
+    assert plan.qcfg.weight_config().progressive is want
+
+
+def test_bits_override_the_scheme(tiny_dirs, tmp_path):
+    """`bits` with a scheme sets its weight bits (the scheme keeps its activations)."""
+    from dllm_export.exporter import ExportRequest, plan_export
+
+    plan = plan_export(tiny_dirs["llada"], tmp_path / "a", ExportRequest(target="onnx", bits=3, scheme="W4A8"))
+    assert plan.qcfg.weight_config().bits == 3 and plan.qcfg.act_config().bits == 8

@@ -167,7 +167,8 @@ def run_plan(plan: ExportPlan, out: Path, progress: bool = False) -> ExportResul
 
 
 def _plan_onnx(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPlan:
-    """ONNX: the profile's scheme / format / accuracy level / group; MatMulNBits' bit and block rules."""
+    """ONNX: the profile's scheme / format / accuracy level / group / progressive scales; MatMulNBits'
+    bit and block rules; `bits` with a scheme overrides its weight bits."""
     from ..formats import MATMULNBITS_BITS
     from ..models.checkpoint import is_quantized
     from .onnx import OnnxExportConfig
@@ -193,9 +194,25 @@ def _plan_onnx(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     needs_ptq = not quantized_input and not (scheme is None and (req.bits is None or req.bits >= 16))
     qcfg = None
     if needs_ptq:
-        qcfg = _quantize_config(req, scheme or f"W{req.bits}A16", group_size, req.quantize_options)
+        scheme = scheme or f"W{req.bits}A16"
+        opts = dict(req.quantize_options)
+        if req.bits is not None and req.bits < 16:  # with a scheme, `bits` overrides its weight bits
+            opts.setdefault("bits", req.bits)
+        if profile is not None and profile.progressive and "progressive" not in opts:
+            opts["progressive"] = _progressive_applies(scheme, req.bits, group_size)
+        qcfg = _quantize_config(req, scheme, group_size, opts)
         _precheck_onnx(src, qcfg, ocfg)
     return ExportPlan("onnx", src, qcfg, ocfg, extra)
+
+
+def _progressive_applies(scheme: str, bits: int | None, group_size: int | None) -> bool:
+    """A profile's progressive default reaches grouped <= 4-bit weights under 8-bit activations
+    (grouped W4A8), the grids MatMulNBits would otherwise run."""
+    from ..quant import get_scheme
+
+    sch = get_scheme(scheme)
+    group = sch.group_size if group_size is None else group_size
+    return sch.a_bits == 8 and (bits or sch.w_bits) <= 4 and group > 0
 
 
 def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPlan:

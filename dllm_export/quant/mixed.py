@@ -84,16 +84,13 @@ def layer_grid(base: WeightQuantConfig, in_features: int | None, option: int | s
 def weight_bytes(out_features: int, in_features: int, cfg: WeightQuantConfig) -> int:
     """Bytes of a packed [out, in] weight on grid `cfg`: codes at cfg.bits, one fp16 scale per
     group (and a cfg.bits-wide zero point or fp16 minimum for asymmetric grids); K-quants: group
-    scales (and minimums) of cfg.scale_bits plus one fp16 d (and dmin) per super-block; progressive
-    grids: an int8 integer per group and an fp32 scale per row."""
+    scales (and minimums) of cfg.scale_bits plus one fp16 d (and dmin) per super-block."""
     G = cfg.groups(in_features)
     if cfg.super_group:
         per_group = cfg.scale_bits * (1 if cfg.sym else 2)
         per_super = 16 * (1 if cfg.sym else 2)
         bits = out_features * (in_features * cfg.bits + G * per_group + in_features // cfg.super_group * per_super)
         return math.ceil(bits / 8)
-    if cfg.progressive:  # int8 group-scale integers and one fp32 channel scale (the ONNX storage)
-        return math.ceil(out_features * (in_features * cfg.bits + G * 8 + 32) / 8)
     bits = out_features * in_features * cfg.bits + out_features * G * 16
     if not cfg.sym:
         bits += out_features * G * (16 if cfg.zero_kind == "float" else cfg.bits)

@@ -43,6 +43,9 @@ class DeviceProfile:
             exact but onnxruntime's 8-bit fallback dequantizes the whole head every call).
         spinning: onnxruntime's intra-op threads spin while waiting for work (faster on an idle
             device, slower where other processes share the cores).
+        progressive: grouped <= 4-bit weights under 8-bit activations (W4A8 with a group size) take
+            progressive group scales (`--progressive`), so they run on the integer GEMM instead of
+            MatMulNBits; an explicit `--no-progressive` keeps fp16 group scales.
         speed_note: where a target measured slower than another on this device class: which,
             against what, and the faster target ("" where not measured).
     """
@@ -62,6 +65,7 @@ class DeviceProfile:
     embed_head: str = "int8"
     head_accuracy_level: int = 4
     spinning: bool = True
+    progressive: bool = False
     speed_note: str = ""
 
     def to_dict(self) -> dict:
@@ -79,7 +83,8 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
         speed_note="gguf: llama.cpp recomputes the whole canvas every step (no KV cache for diffusion archs); "
         "its full step measured 1.16-1.88x torch fp32 (Q8_0 .. Q6_K, the fastest type here) but 0.56-0.91x "
         "torch bf16 on the anchor shape (benchmarks/results/llamacpp_speed_kquants.json): the faster targets "
-        "are onnx (W8A8) and torch bf16 / --kernel int W8A8 with the dual cache", spinning=False),
+        "are onnx (W8A8) and torch bf16 / --kernel int W8A8 with the dual cache", spinning=False,
+        progressive=True),
     DeviceProfile(
         "arm64-dotprod", "arm64 with the dot-product extension (phones, Graviton 2, Apple M1+): onnxruntime's "
         "KleidiAI 4-bit kernels want symmetric blocks that are a multiple of 32 and divide K",
