@@ -19,7 +19,6 @@ loop's decode ratios, `eval.fidelity`), and compared pairwise with the uniform c
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -87,18 +86,12 @@ def to_markdown(res: dict) -> str:
 
 
 def main() -> int:
-    from mixed_precision import host, run_models  # noqa: E402  (same folder)
+    from mixed_precision import host_line, run_models, study_parser  # noqa: E402  (same folder)
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="default,default-dream")
-    p.add_argument("--windows", type=int, default=16)
+    p = study_parser(__doc__, "benchmarks/results/calib_timestep_default")
     p.add_argument("--cells", type=int, default=len(CELLS), help="the first N cells of CELLS")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--workdir")
-    p.add_argument("--out", default="benchmarks/results/calib_timestep_default")
     args = p.parse_args()
-    h = host()
-    res = {"host": f"{h['cpu']} ({', '.join(h['flags'])}), torch threads {h['torch_threads']}",
+    res = {"host": host_line(),
            "command": f"OMP_NUM_THREADS=1 python benchmarks/calib_timestep.py --models {args.models} --windows "
                       f"{args.windows} --cells {args.cells} --calib-samples {args.calib_samples}", "models": []}
     run_models(res, args, "calib-", run_model, to_markdown)

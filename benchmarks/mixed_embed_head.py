@@ -28,14 +28,13 @@ width, so its FFN output layers have no 128 option).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mixed_precision import host, run_models  # noqa: E402
+from mixed_precision import host, run_models, study_parser  # noqa: E402
 
 # per target (its bit-widths, float cost and K-quant family: eval.sensitivity.TARGET_GRIDS): the names of
 # the bit-widths (16 = the float option), the uniform files (block linears, embedding + head), the budgets
@@ -185,14 +184,9 @@ def to_markdown(res: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="default,default-dream")
+    p = study_parser(__doc__, None, windows=12, calib_samples=32)  # --out default: per target, below
     p.add_argument("--target", choices=list(GRIDS), default="gguf")
-    p.add_argument("--windows", type=int, default=12, help="fidelity windows per ratio set of every cell")
     p.add_argument("--scan-windows", type=int, default=6, help="fidelity windows per ratio of the scan")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (scan Hessians and cells)")
-    p.add_argument("--workdir", help="keep the checkpoints and files here (default: a temp folder)")
-    p.add_argument("--out", help="results stem (default: benchmarks/results/mixed_embed_head[_onnx]_default)")
     args = p.parse_args()
     suffix = {"gguf": "", "onnx": "_onnx", "gguf-k": "_kquants"}[args.target]
     args.out = args.out or f"benchmarks/results/mixed_embed_head{suffix}_default"

@@ -59,6 +59,12 @@ def host() -> dict:
     return {"cpu": model, "flags": keep, "torch_threads": torch.get_num_threads()}
 
 
+def host_line() -> str:
+    """`host()` as one line for a study's header: CPU, its vector flags, torch threads."""
+    h = host()
+    return f"{h['cpu']} ({', '.join(h['flags'])}), torch threads {h['torch_threads']}"
+
+
 def _fid(res: dict) -> dict:
     s = res["summary"]
     return {k: s[k] for k in ("kld_mean", "kld_se", "kld_p99", "top1", "sqnr_db")}
@@ -206,6 +212,18 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_parser(doc: str, out: str | None, windows: int = 16, calib_samples: int = 64) -> argparse.ArgumentParser:
+    """The arguments every fidelity study over the bundled models shares: --models, --windows,
+    --calib-samples, --workdir, --out (default `out`); a study adds its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--models", default="default,default-dream")
+    p.add_argument("--windows", type=int, default=windows, help="fidelity windows per ratio set of every cell")
+    p.add_argument("--calib-samples", type=int, default=calib_samples, help="calibration windows")
+    p.add_argument("--workdir", help="keep the quantized checkpoints here (default: a temp folder)")
+    p.add_argument("--out", default=out, help="results stem (.json and .md)")
+    return p
+
+
 def run_models(res: dict, args, prefix: str, run_model, to_markdown) -> None:
     """Run `run_model(name, work, args)` for each of `args.models` into res["models"], saving the JSON
     and markdown at `args.out` after each model; the work folder is `args.workdir` or a temp folder
@@ -225,14 +243,9 @@ def run_models(res: dict, args, prefix: str, run_model, to_markdown) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="default,default-dream")
-    p.add_argument("--windows", type=int, default=16, help="fidelity windows per ratio set of every cell")
+    p = study_parser(__doc__, "benchmarks/results/mixed_precision_default")
     p.add_argument("--scan-windows", type=int, default=8, help="fidelity windows per ratio of the scan")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (scan Hessians and cells)")
     p.add_argument("--quick", action="store_true", help="fewer cells")
-    p.add_argument("--workdir", help="keep the quantized checkpoints here (default: a temp folder)")
-    p.add_argument("--out", default="benchmarks/results/mixed_precision_default")
     args = p.parse_args()
     res = {"host": host(), "command": "OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py"
                                       + (" --quick" if args.quick else "") + f" --models {args.models} --windows "

@@ -14,7 +14,6 @@ groups, scored on the same fidelity canvases (`eval.fidelity`: KL to the float m
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -74,18 +73,12 @@ def to_markdown(res: dict) -> str:
 
 
 def main() -> int:
-    from mixed_precision import host, run_models  # noqa: E402  (same folder)
+    from mixed_precision import host_line, run_models, study_parser  # noqa: E402  (same folder)
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="default,default-dream")
+    p = study_parser(__doc__, "benchmarks/results/progressive_default")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--workdir")
-    p.add_argument("--out", default="benchmarks/results/progressive_default")
     args = p.parse_args()
-    h = host()
-    res = {"host": f"{h['cpu']} ({', '.join(h['flags'])}), torch threads {h['torch_threads']}",
+    res = {"host": host_line(),
            "command": f"OMP_NUM_THREADS=1 python benchmarks/progressive.py --models {args.models} --methods "
                       f"{args.methods} --windows {args.windows} --calib-samples {args.calib_samples}", "models": []}
     run_models(res, args, "progressive-", run_model, to_markdown)
