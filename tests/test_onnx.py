@@ -108,6 +108,7 @@ QUANT_CASES = [
     # progressive groups: the int8 weight (group integer x int4 / 3-bit code) rebuilt at load, integer GEMM
     ("gptq", "W4A8", dict(group_size=32, progressive=True), {}, "rounding"),
     ("awq", "W4A8", dict(bits=3, group_size=16, progressive=True), {}, "rounding"),
+    ("quarot", "W4A8", dict(group_size=32, progressive=True), {}, "rounding"),  # + online Hadamards
     ("rtn", "W4A16", dict(group_size=32, progressive=True), dict(weight_format="matmulnbits"), "exact"),
 ]
 
