@@ -25,9 +25,12 @@ import torch.nn.functional as F
 
 ANCHOR = dict(d_model=1536, n_layers=16, n_heads=12, n_kv_heads=12, mlp_hidden_size=4096, vocab_size=8192,
               max_sequence_length=2048)
-# weight grids of the int variants (RTN): name -> (bits, group size, activation bits or None)
-GRIDS = {"W4A16 g128 (int4)": (4, 128, None), "W8A16 per-channel (int8)": (8, 0, None),
-         "W8A8 (int_mm)": (8, 0, 8)}
+# weight grids of the int variants (RTN): name -> (bits, group size, activation bits or None, progressive)
+GRIDS = {"W4A16 g128 (int4)": (4, 128, None, False), "W8A16 per-channel (int8)": (8, 0, None, False),
+         "W8A8 (int_mm)": (8, 0, 8, False),
+         # grouped W4A8: fp16 group scales take the int4 kernel after fake-quant activations; progressive
+         # (integer) group scales make the weight int8, on the integer GEMM
+         "W4A8 g128 (int4, fake-quant act)": (4, 128, 8, False), "W4A8 g128 progressive (int_mm)": (4, 128, 8, True)}
 
 
 def host() -> dict:
@@ -58,8 +61,10 @@ def int_layer(W: torch.Tensor, grid: tuple, dtype: torch.dtype):
     from dllm_export.quant.kernels import IntLinear
     from dllm_export.quant.primitives import ActQuantConfig, WeightQuantConfig, quantize_weight
 
-    bits, g, a = grid
-    qw = quantize_weight(W, WeightQuantConfig(bits=bits, group_size=g, sym=True))
+    bits, g, a, progressive = grid
+    scale_dtype = torch.float32 if progressive else torch.float16
+    qw = quantize_weight(W, WeightQuantConfig(bits=bits, group_size=g, sym=True, scale_dtype=scale_dtype,
+                                              progressive=progressive))
     return IntLinear(qw, None, ActQuantConfig(bits=a) if a else None, None, dtype), qw
 
 
