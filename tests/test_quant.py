@@ -370,3 +370,32 @@ def test_progressive_quantize_config():
     for bad in (dict(sym=False), dict(kquant="Q4_K"), dict(layer_bits={"model.layers.0.mlp.up_proj": 3})):
         with pytest.raises(D.InputError, match="progressive"):
             QuantizeConfig(method="rtn", scheme="W4A16", group_size=128, progressive=True, **bad)
+
+
+def test_progressive_grid_fuzzed():
+    """Any weights (rows of zeros, groups 1e-30..1e30 apart, subnormal rows): the integers stay in
+    [-S, S] and non-zero, the int8 weight never saturates and equals the dequantized weight exactly."""
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @hyp.given(bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([16, 32]), G=st.integers(1, 5),
+               out=st.integers(1, 6), exps=st.lists(st.integers(-40, 30), min_size=30, max_size=30),
+               seed=st.integers(0, 2**16))
+    def check(bits, group, G, out, exps, seed):
+        W = torch.randn(out, G * group, generator=torch.Generator().manual_seed(seed))
+        scale = torch.tensor([10.0 ** e for e in exps[:out * G]] + [1.0] * max(0, out * G - len(exps)))
+        W = (W.view(out, G, group) * scale[:out * G].view(out, G, 1)).view(out, G * group)
+        W[0, :group] = 0.0  # an all-zero group
+        if out > 1:
+            W[1] = 0.0  # and an all-zero row
+        cfg = WeightQuantConfig(bits, group, True, scale_dtype=torch.float32, progressive=True)
+        q = quantize_weight(W, cfg)
+        d, ints = progressive_scales(q)
+        assert (ints != 0).all() and ints.abs().max() <= cfg.progressive_max
+        wide = q.codes.to(torch.int32) * ints.repeat_interleave(group, dim=1)
+        assert wide.abs().max() <= 127
+        c, s = int8_form(q)
+        assert torch.equal(c.float() * s[:, None], q.dequantize())
+
+    check()
