@@ -326,7 +326,7 @@ def test_scale_min_search_never_worse_than_the_range(qmax):
 def test_progressive_grid_is_an_exact_int8_weight(bits, group_size, rounding):
     """QServe's progressive groups: integer group scales x one channel scale (each row's largest at the
     top integer), integer x code within int8, `int8_form` exactly the dequantized weight, and an output
-    error within 5 % of the same grid with float group scales (measured: 0.6-1.018 x, 1.039 x with the
+    error within 5 % of the same grid with float group scales (measured: 0.994-1.018x, 1.039x with the
     MSE clip at groups of 32)."""
     W = _W()
     W[5, 7] = 12.0  # an outlier: its group's scale is 12 sigma, the row's others stay small
@@ -373,7 +373,7 @@ def test_progressive_quantize_config():
 
 
 def test_progressive_grid_fuzzed():
-    """Any weights (rows of zeros, groups 1e-30..1e30 apart, subnormal rows): the integers stay in
+    """Any weights (rows of zeros, groups 1e-40..1e30 apart, subnormal ones): the integers stay in
     [-S, S] and non-zero, the int8 weight never saturates and equals the dequantized weight exactly."""
     hyp = pytest.importorskip("hypothesis")
     st = hyp.strategies
@@ -384,8 +384,8 @@ def test_progressive_grid_fuzzed():
                seed=st.integers(0, 2**16))
     def check(bits, group, G, out, exps, seed):
         W = torch.randn(out, G * group, generator=torch.Generator().manual_seed(seed))
-        scale = torch.tensor([10.0 ** e for e in exps[:out * G]] + [1.0] * max(0, out * G - len(exps)))
-        W = (W.view(out, G, group) * scale[:out * G].view(out, G, 1)).view(out, G * group)
+        scale = torch.tensor([10.0 ** e for e in exps[:out * G]])  # out * G <= 30 exponents
+        W = (W.view(out, G, group) * scale.view(out, G, 1)).view(out, G * group)
         W[0, :group] = 0.0  # an all-zero group
         if out > 1:
             W[1] = 0.0  # and an all-zero row

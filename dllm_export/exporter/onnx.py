@@ -443,10 +443,9 @@ class _Builder:
         g = self.g
         N, K = qw.shape
         x8 = self._act_codes(x, a, K, name)
-        wq = self._integer_weight(qw, name)
+        wq, col_scales = self._integer_weight(qw, name)
         w_zero = [] if qw.zeros is None else [g.weight(f"{name}.qzeros", qw.zeros[:, 0].numpy().astype(np.uint8), [N], 2)]
         a_zp = g.const(np.array(128 if a.sym else 0, np.uint8), np.uint8, f"{name}.act_zero")
-        col_scales = progressive_scales(qw)[0] if qw.cfg.progressive else qw.scales[:, 0]
         w_scales = g.weight(f"{name}.scales", _f32(col_scales), [N], 1)
         if a.sym:  # rows x cols in one kernel: (codes - 128)(W_q - z_w) x w_scale, then x the row's scale
             y = g.op("MatMulIntegerToFloat", [x8["codes"], wq, g.const(1.0), w_scales, a_zp, *w_zero], f"{name}.acc",
@@ -460,40 +459,43 @@ class _Builder:
         y = g.op("Mul", [g.op("Cast", [acc], to=1), x8["scale"]])
         return g.op("Mul", [y, w_scales], name)
 
-    def _integer_weight(self, qw: QuantizedWeight, name: str) -> str:
+    def _integer_weight(self, qw: QuantizedWeight, name: str) -> tuple[str, torch.Tensor]:
         """The codes as an 8-bit [K, N] input of the integer GEMM (int8 symmetric, uint8 with zero
-        points). Codes of <= 4 bits are stored as packed int4 / uint4 and widened by a Cast, which
-        onnxruntime folds into the kernel's 8-bit weight at load: a 4-bit file, the int8 kernel."""
+        points) and its column scales [N]. Codes of <= 4 bits are stored as packed int4 / uint4 and
+        widened by a Cast, which onnxruntime folds into the kernel's 8-bit weight at load: a 4-bit
+        file, the int8 kernel."""
         import onnx
 
+        if qw.cfg.progressive:
+            return self._progressive_weight(qw, name)
         g, TP = self.g, onnx.TensorProto
         N, K = qw.shape
         codes = qw.codes.numpy().T
-        if qw.cfg.progressive:
-            return self._progressive_weight(qw, name)
         wide, narrow = (TP.INT8, TP.INT4) if qw.zeros is None else (TP.UINT8, TP.UINT4)
         if qw.cfg.bits > 4:
-            return g.weight(f"{name}.qweight", codes.astype(np.int8 if qw.zeros is None else np.uint8), [K, N], wide)
+            stored = codes.astype(np.int8 if qw.zeros is None else np.uint8)
+            return g.weight(f"{name}.qweight", stored, [K, N], wide), qw.scales[:, 0]
         q4 = g.weight(f"{name}.qweight", _pack_nibbles(codes & 0xF), [K, N], narrow)
-        return g.op("Cast", [q4], f"{name}.qweight8", to=wide)
+        return g.op("Cast", [q4], f"{name}.qweight8", to=wide), qw.scales[:, 0]
 
-    def _progressive_weight(self, qw: QuantizedWeight, name: str) -> str:
-        """A progressive weight's int8 [K, N] (group-scale integer x code, `primitives.int8_form`),
-        stored as its int4 (2/3-bit: bit-plane) codes and int8 group integers [G, 1, N] and rebuilt
-        by Cast / Reshape / Mul / Reshape / Cast on initializers only, which onnxruntime folds into
-        the integer GEMM's weight at load: a 4-bit file, the int8 kernel, no work per step."""
+    def _progressive_weight(self, qw: QuantizedWeight, name: str) -> tuple[str, torch.Tensor]:
+        """A progressive weight's int8 [K, N] (group-scale integer x code, `primitives.int8_form`)
+        and its channel scales, the weight stored as its int4 (2/3-bit: bit-plane) codes and int8
+        group integers [G, 1, N] and rebuilt by Cast / Reshape / Mul / Reshape / Cast on initializers
+        only, which onnxruntime folds into the integer GEMM's weight at load: a 4-bit file, the int8
+        kernel, no work per step."""
         import onnx
 
         g, TP = self.g, onnx.TensorProto
         N, K = qw.shape
-        _, ints = progressive_scales(qw)
+        d, ints = progressive_scales(qw)
         G = ints.shape[1]
         q = g.op("Cast", [_stored_codes(g, qw.codes.numpy().T, qw.cfg.bits, True, f"{name}.qweight")], to=TP.INT32)
         sc = g.weight(f"{name}.scale_ints", ints.T.numpy().astype(np.int8).reshape(G, 1, N), [G, 1, N], TP.INT8)
         grouped = g.op("Reshape", [q, g.const([G, K // G, N], np.int64)])
         w = g.op("Mul", [grouped, g.op("Cast", [sc], to=TP.INT32)])
         w = g.op("Reshape", [w, g.const([K, N], np.int64)])
-        return g.op("Cast", [w], f"{name}.qweight8", to=TP.INT8)
+        return g.op("Cast", [w], f"{name}.qweight8", to=TP.INT8), d
 
     def rows_of(self, x: str, rows: str, name: str) -> str:
         """x [B, L, K] at `rows` [B, P, 1]; a layer that reads the result takes x's per-token codes
