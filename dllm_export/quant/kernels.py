@@ -56,10 +56,10 @@ def _int4_group(qw: QuantizedWeight) -> int | None:
     return next((k for k in INT4_GROUPS if g % k == 0), None)
 
 
-def kernel_for(qw: QuantizedWeight, act: ActQuantConfig | None) -> str:
-    """The kernel a layer with weight grid `qw` and activation grid `act` runs on (see module doc)."""
+def kernel_for(qw: QuantizedWeight, act: ActQuantConfig | None, int8: bool) -> str:
+    """The kernel a layer with weight grid `qw` and activation grid `act` runs on (see module doc);
+    `int8`: whether the weight has an int8 form (`primitives.int8_form`, computed once by the caller)."""
     int_act = act is not None and act.sym and act.bits <= 8
-    int8 = int8_form(qw) is not None
     if int_act and int8:
         return "w8a8"
     if qw.cfg.bits <= 4 and _int4_group(qw) is not None:
@@ -105,7 +105,8 @@ class IntLinear(nn.Module):
         self.act = None if act is None or act.bits >= 16 else act
         self.act_scale, self.act_zero = act_scale, act_zero
         self.input_transform = input_transform
-        self.kernel = kernel_for(qweight, self.act)
+        int8 = int8_form(qweight)  # (codes, scales) or None: the rule's input and the int8 kernels' weight
+        self.kernel = kernel_for(qweight, self.act, int8 is not None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.group_size = 0
         if self.kernel == "int4":
@@ -117,7 +118,7 @@ class IntLinear(nn.Module):
         elif self.kernel in ("int8", "w8a8"):
             # [N, K]: _weight_int8pack_mm's layout; _int_mm takes its transposed view (oneDNN's
             # fast "NT" case: 5x the contiguous [K, N] at 32 rows)
-            codes, scales = int8_form(qweight)
+            codes, scales = int8
             self.register_buffer("weight_int8", codes, persistent=False)
             self.register_buffer("scales", scales.to(torch.float32 if self.kernel == "w8a8" else dtype),
                                  persistent=False)
