@@ -36,8 +36,8 @@ class BenchConfig:
         canvas: tokens of the full forward timed as one denoising step.
         reps: timed steps (after one warm-up).
         decode_reps: timed decodes (after one warm-up decode); tokens/s is their median.
-        gen_length / block_length / cache / threshold / refresh_tokens / stop_at_eos / preset: the
-            decode timed for tokens/s (steps = gen_length; `generate`'s options, None: the preset's
+        gen_length / steps / block_length / cache / threshold / refresh_tokens / stop_at_eos / preset:
+            the decode timed for tokens/s (steps None = gen_length; `generate`'s options, None: the preset's
             for that artifact's backend, `runtime.loop.with_preset`; each row records its own as
             "decode_settings").
         threads: CPU threads of the runtime (0 = its default).
@@ -49,12 +49,15 @@ class BenchConfig:
             held-out 2-digit arithmetic problems (`eval.quality.quick_quality`, as build's gates).
         roofline: also the step's floor on this host (`runtime.roofline`: the larger of bytes read over
             the measured bandwidth and FLOPs over the measured GEMM rate of its kernel) and the ratio.
+        profile: also one more decode under the runtime's profiler (onnxruntime's, torch.profiler):
+            its time per op type, the `profile_top` largest named, the rest summed.
     """
 
     canvas: int = 128
     reps: int = 10
     decode_reps: int = 3
     gen_length: int = 64
+    steps: int | None = None
     block_length: int = 32
     cache: str | None = None
     threshold: float | None = None
@@ -69,6 +72,8 @@ class BenchConfig:
     problems: int = 50
     eval_windows: int = 8
     roofline: bool = True
+    profile: bool = False
+    profile_top: int = 12
 
 
 def _size(path: Path) -> int:
@@ -108,7 +113,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     settings = with_preset(cfg.preset, {"cache": cfg.cache, "threshold": cfg.threshold,
                                         "refresh_tokens": cfg.refresh_tokens, "stop_at_eos": cfg.stop_at_eos},
                            be.supports_cache)
-    opts = dict(gen_length=cfg.gen_length, steps=cfg.gen_length, block_length=cfg.block_length, **settings)
+    opts = dict(gen_length=cfg.gen_length, steps=cfg.steps or cfg.gen_length, block_length=cfg.block_length, **settings)
     load_before = os.getloadavg()[0]
     out = generate(be, prompt, **opts)  # warm-up: first-call costs of every window shape
     decode = []
@@ -145,11 +150,36 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         res.update(step_mb_read=round(cost.bytes / 1e6, 2), step_gflop=round(cost.flops / 1e9, 3),
                    step_attention_gflop=round(cost.attention_flops / 1e9, 3), compute=prec.compute,
                    attention=prec.attention)
+    if cfg.profile:
+        res["profile"] = op_profile(be, lambda: generate(be, prompt, **opts), cfg.profile_top)
     if cfg.quality:
         from .eval.quality import quick_quality
 
         res.update(quick_quality(be, load_tokenizer(path), windows=cfg.eval_windows, problems=cfg.problems))
     return res
+
+
+def op_profile(be, fn, top: int = 12) -> dict:
+    """`fn()`'s time per op type under the backend's profiler (`op_profile`), largest first: the
+    `top` largest, the rest summed, and the time outside the runtime's ops (the loop's own work,
+    feeds and copies; for torch the loop's ops are ops too). Shares are of the profiled call's wall
+    time; the profiler's own cost is in it, so read the shares, not the milliseconds, as speed."""
+    profiled = getattr(be, "op_profile", None)
+    if profiled is None:
+        return {"error": f"the {be.name} backend has no per-op profiler (onnxruntime and torch have)"}
+    p = profiled(fn)
+    wall = p["wall_ms"]
+
+    def row(op: str, ms: float, calls: int | None) -> dict:
+        return {"op": op, "ms": round(ms, 3), "calls": calls, "share": round(ms / wall, 4)}
+
+    ranked = sorted(p["ops"].items(), key=lambda kv: -kv[1][0])
+    rows = [row(op, ms, n) for op, (ms, n) in ranked[:top]]
+    rest = ranked[top:]
+    if rest:
+        rows.append(row(f"({len(rest)} other op types)", sum(v[0] for _, v in rest), sum(v[1] for _, v in rest)))
+    rows.append(row("(outside the runtime's ops)", max(0.0, wall - sum(v[0] for v in p["ops"].values())), None))
+    return {"wall_ms": round(wall, 3), "ops": rows}
 
 
 def bench(paths: list[str], cfg: BenchConfig = BenchConfig()) -> dict:
@@ -228,12 +258,27 @@ def to_markdown(result: dict) -> str:
             f = r["faster"]
             lines.append(f"\nllama.cpp ({r['path']}) is {f['x']}x slower per step than {f['path']} ({f['backend']}): "
                          "its diffusion archs keep no KV cache, so every step is a full forward (no --cache).")
+    for r in result["artifacts"]:
+        if "profile" in r:
+            lines.append(_profile_markdown(r))
     busy = [r for r in result["artifacts"] if "error" not in r and r["host_load"] > r["host_cores"]]
     if busy:
         lines.append(f"\nnote: host load average up to {max(r['host_load'] for r in busy)} on {busy[0]['host_cores']} "
                      f"cores: other work slows these figures and spreads them (see tokens_per_s_min / _max); "
                      f"pin --threads 1 or measure on an idle host")
     return "\n".join(lines) + "\n"
+
+
+def _profile_markdown(r: dict) -> str:
+    """One artifact's op profile as a table (or the reason there is none)."""
+    p = r["profile"]
+    if "error" in p:
+        return f"\nprofile of {r['path']}: {p['error']}"
+    lines = [f"\nOne decode of {r['path']} ({r['backend']}) under its profiler: {p['wall_ms']} ms",
+             "", "| op | ms | calls | share |", "|---|---:|---:|---:|"]
+    lines += [f"| {o['op']} | {o['ms']} | {'' if o['calls'] is None else o['calls']} | {100 * o['share']:.1f} % |"
+              for o in p["ops"]]
+    return "\n".join(lines)
 
 
 def _main(argv: list[str] | None = None) -> int:

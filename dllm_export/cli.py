@@ -270,6 +270,7 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--decode-reps", type=int, default=3,
                     help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")
     bn.add_argument("--gen-length", type=int, default=64)
+    bn.add_argument("--steps", type=int, help="denoising steps of the timed decode (default: --gen-length)")
     bn.add_argument("--block-length", type=int, default=32)
     bn.add_argument("--cache", choices=CACHES, help="block KV cache of the timed decode (default: none)")
     bn.add_argument("--threshold", type=float)
@@ -285,6 +286,8 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--plot", help="write a PNG of every figure here")
     bn.add_argument("--torch-device", default="cpu", help="device of torch-backend artifacts (cpu, cuda)")
     bn.add_argument("--no-roofline", action="store_true", help="skip the step floors (host bandwidth / GEMM rates)")
+    bn.add_argument("--profile", action="store_true",
+                    help="also one decode under the runtime's profiler: time per op type (onnxruntime, torch)")
     bn.add_argument("--kernel", choices=KERNELS, default="fake",
                     help="quantized checkpoints on torch: fake | int (integer CPU kernels, bf16 where the host "
                          "has bf16 units) (default: %(default)s)")
@@ -526,10 +529,10 @@ def cmd_bench(args) -> int:
     from .bench import BenchConfig, bench, to_markdown
 
     cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length,
-                      block_length=args.block_length, cache=args.cache, threshold=args.threshold,
+                      steps=args.steps, block_length=args.block_length, cache=args.cache, threshold=args.threshold,
                       refresh_tokens=args.refresh_tokens, stop_at_eos=args.stop_at_eos, preset=args.preset,
                       threads=args.threads, backend=args.backend, quality=args.quality, device=args.torch_device,
-                      kernel=args.kernel, roofline=not args.no_roofline)
+                      kernel=args.kernel, roofline=not args.no_roofline, profile=args.profile)
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")

@@ -1,5 +1,8 @@
 """bench's reading of its own numbers: a llama.cpp artifact slower per step than the fastest one
-of the run is named with that artifact and the factor, in the JSON and the table."""
+of the run is named with that artifact and the factor, in the JSON and the table; `--profile` ranks a
+decode's op types by the time its runtime's profiler gave them."""
+
+import pytest
 
 from dllm_export.bench import _flag_slower_llamacpp, to_markdown
 
@@ -32,3 +35,70 @@ def test_gguf_export_names_the_faster_target_on_a_measured_device(tmp_path, caps
                  "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"  speed: {PROFILES['x86-avx512-vnni'].speed_note}" in out and "faster targets are onnx" in out
+
+
+def test_ort_op_times_counts_the_runs_after_the_warmup():
+    from dllm_export.runtime.ort import ort_op_times
+
+    def node(op, ts, dur):
+        return {"cat": "Node", "name": f"{op}_x_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 90}, node("MatMul", 10, 50),
+              {"cat": "Session", "name": "model_run", "ts": 100, "dur": 90}, node("MatMul", 110, 40),
+              node("Add", 160, 5), {"cat": "Node", "name": "MatMul_x_fence_before", "ts": 150, "dur": 7,
+                                    "args": {"op_name": "MatMul"}}]
+    assert ort_op_times(events) == {"MatMul": [0.09, 2], "Add": [0.005, 1]}
+    assert ort_op_times(events, skip_runs=1) == {"MatMul": [0.04, 1], "Add": [0.005, 1]}
+    assert ort_op_times(events, skip_runs=2) == {}
+
+
+@pytest.fixture(scope="module")
+def w8a8_onnx(tiny_dirs, tmp_path_factory):
+    from dllm_export.exporter import export
+    from dllm_export.quant import CalibConfig
+
+    return export(tiny_dirs["llada"], tmp_path_factory.mktemp("prof") / "onnx", target="onnx", scheme="W8A8",
+                  method="rtn", quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)}).path
+
+
+@pytest.mark.parametrize("kind, gemm", [("torch", "aten::mm"), ("onnx", "MatMulIntegerToFloat")])
+def test_op_profile_of_a_decode(kind, gemm, tiny_dirs, w8a8_onnx):
+    """bench --profile: the runtime's op types of one decode, the largest first, shares of its wall
+    time summing to 1 with the time outside the runtime's ops; the backend runs as before after."""
+    import torch
+
+    from dllm_export import generate
+    from dllm_export.bench import op_profile
+    from dllm_export.runtime.backends import load_backend
+
+    be = load_backend(tiny_dirs["llada"] if kind == "torch" else w8a8_onnx, threads=1)
+    prompt = [[5, 6, 7, 8]]
+    before = generate(be, prompt, gen_length=8, steps=8, block_length=8).generated
+    session = getattr(be, "session", None)
+    p = op_profile(be, lambda: generate(be, prompt, gen_length=8, steps=8, block_length=8), top=3)
+    named = p["ops"][:3]
+    assert [o["ms"] for o in named] == sorted((o["ms"] for o in named), reverse=True)
+    assert any(o["op"] == gemm and o["calls"] >= 8 for o in p["ops"])  # a GEMM op each step at least
+    assert p["ops"][-1]["op"] == "(outside the runtime's ops)" and p["ops"][-2]["op"].endswith("other op types)")
+    assert sum(o["share"] for o in p["ops"]) == pytest.approx(1.0, abs=2e-3)
+    assert getattr(be, "session", None) is session  # the profiled session was a second one
+    assert torch.equal(generate(be, prompt, gen_length=8, steps=8, block_length=8).generated, before)
+    table = to_markdown({"config": {"quality": False}, "artifacts": [{**_row("a", be.name, 1.0), "profile": p}]})
+    assert f"| {gemm} |" in table and "under its profiler" in table
+
+
+def test_op_profile_names_a_backend_without_a_profiler(tiny_dirs):
+    from dllm_export import load_model
+    from dllm_export.bench import op_profile
+    from dllm_export.runtime.backends import as_backend
+
+    model = load_model(tiny_dirs["llada"])
+
+    class Plain:  # a foreign backend: a forward and nothing else
+        spec, vocab_size, max_length = model.spec, model.config.dims.vocab_rows, model.config.dims.context
+
+        def forward(self, ids, attention_mask=None):
+            return model(ids)
+
+    assert op_profile(as_backend(Plain()), lambda: None) == {
+        "error": "the Plain backend has no per-op profiler (onnxruntime and torch have)"}

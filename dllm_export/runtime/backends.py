@@ -9,13 +9,16 @@ raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embeddin
 accepts `forward(..., rows=(start, end))` and returns only those positions' logits (the head is the
 costliest layer of a large-vocabulary model, and its output the largest transfer); one with
 `own_threads = True` computes in a thread pool of its own (onnxruntime, llama.cpp), so the loop runs
-its own tensor ops on one torch thread instead of fighting that pool for the same cores.
+its own tensor ops on one torch thread instead of fighting that pool for the same cores. A backend
+may also supply `op_profile(fn)`: the time per op of its runtime while `fn()` runs (torch's and
+onnxruntime's profilers; `bench --profile`).
 `as_backend` gives an object that has only `spec`, `vocab_size`, `max_length` and `forward` the
 capabilities of a plain forward.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -92,6 +95,20 @@ class TorchBackend:
             if rows is not None:
                 kw["rows"] = rows
             return self.model(ids.to(dev), attention_mask=am, **kw).float().cpu()
+
+    def op_profile(self, fn) -> dict:
+        """Where `fn()` (which calls `forward`) spends torch's time: {"wall_ms", "ops": {op: [ms,
+        calls]}} of its second call, from torch.profiler (self CPU time per op, the loop's own ops
+        included; on a GPU that is launch time, not the kernels')."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            wall_ms = 1000 * (time.perf_counter() - t0)
+        return {"wall_ms": wall_ms, "ops": {e.key: [e.self_cpu_time_total / 1000, e.count]
+                                             for e in prof.key_averages() if e.self_cpu_time_total > 0}}
 
 
 def as_backend(model_or_backend) -> Backend:

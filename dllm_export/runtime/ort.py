@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,20 @@ def read_onnx_manifest(path: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'manifest.json'} is not a dllm-export ONNX manifest")
     return manifest
+
+
+def ort_op_times(events: list[dict], skip_runs: int = 0) -> dict[str, list]:
+    """{op type: [ms, calls]} of the kernels in onnxruntime profiler `events` (its JSON trace),
+    counting the session runs after the first `skip_runs`."""
+    runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    start = runs[skip_runs] if skip_runs < len(runs) else float("inf")
+    ops: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+            t = ops.setdefault(e["args"]["op_name"], [0.0, 0])
+            t[0] += e["dur"] / 1000
+            t[1] += 1
+    return ops
 
 
 class OrtBackend:
@@ -60,30 +75,66 @@ class OrtBackend:
         if accuracy_level is not None:
             self.config_entries["session.qdq_matmulnbits_accuracy_level"] = str(accuracy_level)
         device = self.manifest.get("device") or {}
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or device.get("threads", 0)
-        if not (device.get("spinning", True) if spinning is None else spinning):
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for key, value in self.config_entries.items():
-            opts.add_session_config_entry(key, value)
-        if not optimize:
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self._threads = threads or device.get("threads", 0)
+        self._spinning = device.get("spinning", True) if spinning is None else spinning
+        self._optimize = optimize
         if providers is None:  # the device profile's, else CUDA when present, then CPU
             available = ort.get_available_providers()
             wanted = device.get("providers") or ("CUDAExecutionProvider", "CPUExecutionProvider")
             providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException types
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path / MODEL_FILE}: onnxruntime cannot load the graph or its weights "
-                                  f"({detail}); run dllm-export verify {path}") from None
+        self.providers = providers
+        self.path = path
+        self.session = self._new_session()
+        self.runs = 0  # session runs (forwards) so far
         names = {i.name for i in self.session.get_inputs()}
         self.has_positions = "logit_positions" in names
         self.supports_cache = "window_start" in names  # the block-step graph (exporter.onnx kv_cache)
         self.n_layers = dims.n_layers
         self.kv_shape = (dims.n_kv_heads, dims.head_dim)
-        self.path = path
+
+    def _new_session(self, profile_prefix: str | None = None):
+        """An InferenceSession of the artifact with this backend's options (and onnxruntime's
+        profiler on, writing under `profile_prefix`, when given)."""
+        import onnxruntime as ort
+
+        from ..exporter.onnx import MODEL_FILE
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._threads
+        if not self._spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in self.config_entries.items():
+            opts.add_session_config_entry(key, value)
+        if not self._optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
+        try:
+            return ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException types
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.path / MODEL_FILE}: onnxruntime cannot load the graph or its weights "
+                                  f"({detail}); run dllm-export verify {self.path}") from None
+
+    def op_profile(self, fn) -> dict:
+        """Where `fn()` (which calls `forward`) spends onnxruntime's time: {"wall_ms", "ops": {op type:
+        [ms, calls]}} of its second call, from onnxruntime's profiler on a second session of the
+        artifact (the first call pays that session's first-run costs). The profiler adds a few percent
+        per node: read the shares, and the backend's own timings for speed."""
+        with tempfile.TemporaryDirectory() as d:
+            plain, self.session = self.session, self._new_session(str(Path(d) / "ort"))
+            try:
+                before = self.runs
+                fn()
+                warm = self.runs - before
+                t0 = time.perf_counter()
+                fn()
+                wall_ms = 1000 * (time.perf_counter() - t0)
+                events = json.loads(Path(self.session.end_profiling()).read_text())
+            finally:
+                self.session = plain
+        return {"wall_ms": wall_ms, "ops": ort_op_times(events, skip_runs=warm)}
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache=None, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -120,6 +171,7 @@ class OrtBackend:
         elif cache is not None:
             raise CheckpointError(f"{self.path}: exported without the kv_cache inputs (re-export to use caches)")
         out = self.session.run(outputs, feed)
+        self.runs += 1
         if len(out) > 1:  # a full forward refreshes the cache
             cache.k, cache.v, cache.length = out[1::2], out[2::2], W
         logits = torch.from_numpy(out[0])
