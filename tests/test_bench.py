@@ -64,7 +64,7 @@ def w8a8_onnx(tiny_dirs, tmp_path_factory):
 @pytest.mark.parametrize("kind, gemm", [("torch", "aten::mm"), ("onnx", "MatMulIntegerToFloat")])
 def test_op_profile_of_a_decode(kind, gemm, tiny_dirs, w8a8_onnx):
     """bench --profile: the runtime's op types of one decode, the largest first, shares of its wall
-    time summing to 1 with the time outside the runtime's ops; the backend runs as before after."""
+    time summing to 1 with the time outside the runtime's ops; the backend decodes as before after."""
     import torch
 
     from dllm_export import generate
@@ -74,14 +74,12 @@ def test_op_profile_of_a_decode(kind, gemm, tiny_dirs, w8a8_onnx):
     be = load_backend(tiny_dirs["llada"] if kind == "torch" else w8a8_onnx, threads=1)
     prompt = [[5, 6, 7, 8]]
     before = generate(be, prompt, gen_length=8, steps=8, block_length=8).generated
-    session = getattr(be, "session", None)
     p = op_profile(be, lambda: generate(be, prompt, gen_length=8, steps=8, block_length=8), top=3)
     named = p["ops"][:3]
     assert [o["ms"] for o in named] == sorted((o["ms"] for o in named), reverse=True)
     assert any(o["op"] == gemm and o["calls"] >= 8 for o in p["ops"])  # a GEMM op each step at least
     assert p["ops"][-1]["op"] == "(outside the runtime's ops)" and p["ops"][-2]["op"].endswith("other op types)")
     assert sum(o["share"] for o in p["ops"]) == pytest.approx(1.0, abs=2e-3)
-    assert getattr(be, "session", None) is session  # the profiled session was a second one
     assert torch.equal(generate(be, prompt, gen_length=8, steps=8, block_length=8).generated, before)
     table = to_markdown({"config": {"quality": False}, "artifacts": [{**_row("a", be.name, 1.0), "profile": p}]})
     assert f"| {gemm} |" in table and "under its profiler" in table

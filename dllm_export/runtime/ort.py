@@ -119,11 +119,13 @@ class OrtBackend:
 
     def op_profile(self, fn) -> dict:
         """Where `fn()` (which calls `forward`) spends onnxruntime's time: {"wall_ms", "ops": {op type:
-        [ms, calls]}} of its second call, from onnxruntime's profiler on a second session of the
-        artifact (the first call pays that session's first-run costs). The profiler adds a few percent
-        per node: read the shares, and the backend's own timings for speed."""
+        [ms, calls]}} of its second call (the first pays first-run costs), from onnxruntime's profiler.
+        The session is rebuilt with the profiler on (the old one released first, so one copy of the
+        weights is held) and kept after, its profiler ended. The profiler adds a few percent per node:
+        read the shares, and the backend's own timings for speed."""
         with tempfile.TemporaryDirectory() as d:
-            plain, self.session = self.session, self._new_session(str(Path(d) / "ort"))
+            self.session = None
+            self.session = self._new_session(str(Path(d) / "ort"))
             try:
                 before = self.runs
                 fn()
@@ -131,9 +133,9 @@ class OrtBackend:
                 t0 = time.perf_counter()
                 fn()
                 wall_ms = 1000 * (time.perf_counter() - t0)
-                events = json.loads(Path(self.session.end_profiling()).read_text())
             finally:
-                self.session = plain
+                trace = self.session.end_profiling()  # later runs are not profiled
+            events = json.loads(Path(trace).read_text())
         return {"wall_ms": wall_ms, "ops": ort_op_times(events, skip_runs=warm)}
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
