@@ -286,7 +286,13 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", required=True)
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
-    print(json.dumps(measure(args.one, BenchConfig(**json.loads(args.config)))))
+    from .errors import DllmExportError
+
+    try:
+        print(json.dumps(measure(args.one, BenchConfig(**json.loads(args.config)))))
+    except DllmExportError as e:  # one line, which the parent reports as this artifact's error
+        print(e, file=sys.stderr)
+        return 2
     return 0
 
 

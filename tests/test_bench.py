@@ -100,3 +100,19 @@ def test_op_profile_names_a_backend_without_a_profiler(tiny_dirs):
 
     assert op_profile(as_backend(Plain()), lambda: None) == {
         "error": "the Plain backend has no per-op profiler (onnxruntime and torch have)"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["MISSING"], "model folder not found"),
+    (["MODEL", "--steps", "3"], "steps 3 must be a multiple of the number of blocks 2"),
+])
+def test_bad_artifact_or_schedule_is_one_line_in_the_table(args, message, tiny_dirs, tmp_path, capsys):
+    """Each artifact is measured in its own process: its bad input comes back as that row's one-line
+    error (no exception class, no traceback) and bench exits 2."""
+    from dllm_export.cli import main
+
+    args = [str(tmp_path / "missing") if a == "MISSING" else str(tiny_dirs["llada"]) if a == "MODEL" else a
+            for a in args]
+    assert main(["bench", *args, "--no-roofline", "--reps", "1", "--decode-reps", "1", "--canvas", "16"]) == 2
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| error: " in line)
+    assert message in row and "Error" not in row and "Traceback" not in row
