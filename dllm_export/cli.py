@@ -122,6 +122,20 @@ def _auto_recipe(args, target: str | None, method: str, group_size: int | None =
     return opts, rec
 
 
+def _at_least(lo: int, kind: type = int):
+    """An argparse `type`: a number of `kind` >= `lo` (a one-line usage error otherwise)."""
+    def convert(text: str):
+        try:
+            n = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    return convert
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -182,7 +196,7 @@ def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="decode text from a prompt by iterative unmasking")
     _add_model_arg(g)
     g.add_argument("--backend", default="auto", help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
+    g.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: the runtime's)")
     g.add_argument("--kernel", choices=KERNELS, default="fake",
                    help="torch backend, quantized checkpoints: fake (dequantized weights, the reference) | int "
                         "(int4/int8 CPU kernels on the packed codes) (default: %(default)s)")
@@ -265,9 +279,9 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("artifacts", nargs="+", help="checkpoint folders, ONNX / GGUF artifact folders, .gguf files, "
                                                 "'default'; ratios are to the first")
     bn.add_argument("--backend", default="auto", help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
-    bn.add_argument("--canvas", type=int, default=128, help="tokens of one timed denoising step (default: %(default)s)")
-    bn.add_argument("--reps", type=int, default=10, help="timed denoising steps (default: %(default)s)")
-    bn.add_argument("--decode-reps", type=int, default=3,
+    bn.add_argument("--canvas", type=_at_least(1), default=128, help="tokens of one timed denoising step (default: %(default)s)")
+    bn.add_argument("--reps", type=_at_least(1), default=10, help="timed denoising steps (default: %(default)s)")
+    bn.add_argument("--decode-reps", type=_at_least(1), default=3,
                     help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")
     bn.add_argument("--gen-length", type=int, default=64)
     bn.add_argument("--steps", type=int, help="denoising steps of the timed decode (default: --gen-length)")
@@ -279,7 +293,7 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                     help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos, as generate's, per "
                          "artifact (default: %(default)s)")
-    bn.add_argument("--threads", type=int, default=0)
+    bn.add_argument("--threads", type=_at_least(0), default=0)
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
@@ -399,20 +413,20 @@ def _add_serve(sub) -> None:
                     help="default: by what MODEL holds")
     sv.add_argument("--device", choices=["auto", *PROFILES], help="device profile: its threads and onnxruntime "
                                                                   "providers (cuda: torch on the GPU)")
-    sv.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
+    sv.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: the runtime's)")
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
-    sv.add_argument("--batch-wait-ms", type=float, default=50.0,
+    sv.add_argument("--batch-wait-ms", type=_at_least(0, float), default=50.0,
                     help="under concurrency, wait this long for requests to join a batch (default: %(default)s)")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),
                     help="require Authorization: Bearer KEY on /v1/* (default: $DLLM_EXPORT_API_KEY, or none)")
-    sv.add_argument("--max-tokens", type=int, default=64, help="gen length when a request sets no max_tokens")
+    sv.add_argument("--max-tokens", type=_at_least(1), default=64, help="gen length when a request sets no max_tokens")
     sv.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                     help="decoding defaults of requests that set none (a request's `preset` or own settings win): "
                          "reference (the released loops) | edge (dual cache refreshed after 16 commits, threshold "
                          "0.99, stop at EOS) (default: %(default)s)")
-    sv.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: the context)")
+    sv.add_argument("--max-tokens-limit", type=_at_least(1), help="largest max_tokens accepted (default: the context)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.add_argument("--model-id", help="the model name clients use (default: the folder's name)")
     sv.add_argument("--log-level", default="info", help="uvicorn's: critical | error | warning | info | debug")

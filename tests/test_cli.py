@@ -67,6 +67,14 @@ def test_bad_export_requests(args, message, capsys, tmp_path):
     (["--target", "onnx", "--device", "pdp11"], "argument --device: invalid choice: 'pdp11' (choose from 'auto', "),
     (["--target", "gguf", "--quant", "Q9_9"], "argument --quant: invalid choice: 'Q9_9' (choose from 'F32', "),
     (["generate", "--model", "{llada}", "--prompt", "x", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["generate", "--model", "{llada}", "--prompt", "x", "--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    (["bench", "{llada}", "--reps", "0"], "argument --reps: must be >= 1, got 0"),
+    (["bench", "{llada}", "--threads", "1.5"], "argument --threads: expected an integer, got '1.5'"),
+    (["serve", "{llada}", "--batch-wait-ms", "-5"], "argument --batch-wait-ms: must be >= 0, got -5.0"),
+    (["serve", "{llada}", "--max-tokens", "0"], "argument --max-tokens: must be >= 1, got 0"),
+    (["serve", "{llada}", "--port", "99999"], "port must lie in 0..65535 (0: a free one), got 99999"),
+    (["serve", "{llada}", "--port", "0", "--max-batch", "0"], "max_batch must be >= 1, got 0"),
+    (["serve", "{llada}", "--port", "0", "--timeout", "0"], "timeout must be > 0 seconds, got 0.0"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(tiny_dirs, capsys, args, message):
     args = [a.format(llada=tiny_dirs["llada"]) for a in args]

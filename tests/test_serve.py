@@ -438,6 +438,28 @@ def test_on_canvas_hook_leaves_the_trace(torch_engine):
     assert a.ids.equal(b.ids) and len(seen) == a.nfe and seen[-1].equal(a.ids)
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(port=70000), "port must lie in 0..65535"), (dict(max_queue=0), "max_queue must be >= 1, got 0"),
+    (dict(max_body_bytes=0), "max_body_bytes must be >= 1"), (dict(graceful_timeout=-1), "graceful_timeout must be >= 0"),
+])
+def test_server_settings_that_cannot_serve_are_refused(settings, message):
+    """A queue or body limit of 0 would refuse every request and a port out of range would raise
+    OverflowError at bind: refused at start-up instead, by name."""
+    from dllm_export.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        ServeConfig(**settings)
+
+
+def test_engine_limits_below_one_are_refused(torch_engine):
+    from dllm_export.errors import InputError
+    from dllm_export.serve.engine import Engine
+
+    for limits in (dict(default_max_tokens=0), dict(max_tokens_limit=-3)):
+        with pytest.raises(InputError, match=f"{next(iter(limits))} must be >= 1"):
+            Engine(torch_engine.backend, torch_engine.tokenizer, "m", **limits)
+
+
 def test_cli_serve_bad_input(tmp_path, capsys):
     from dllm_export.cli import main
 

@@ -52,6 +52,20 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     graceful_timeout: float = 30.0
 
+    def __post_init__(self):
+        from ..errors import InputError
+
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"port must lie in 0..65535 (0: a free one), got {self.port}")
+        for name in ("max_batch", "max_queue", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout <= 0:
+            raise InputError(f"timeout must be > 0 seconds, got {self.timeout}")
+        for name in ("batch_wait", "graceful_timeout"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -349,8 +363,8 @@ def bind_socket(host: str, port: int):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0..65535
         sock.close()
-        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise InputError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     sock.set_inheritable(True)
     return sock

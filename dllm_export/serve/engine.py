@@ -83,6 +83,9 @@ class Engine:
     def __init__(self, backend, tokenizer, model_id: str, default_max_tokens: int = 64,
                  max_tokens_limit: int | None = None, preset: str = "reference"):
         with_preset(preset, {})  # an unknown preset fails here, at start-up
+        for name, n in (("default_max_tokens", default_max_tokens), ("max_tokens_limit", max_tokens_limit)):
+            if n is not None and n < 1:
+                raise InputError(f"{name} must be >= 1, got {n}")
         self.backend, self.tokenizer, self.model_id, self.preset = backend, tokenizer, model_id, preset
         self.spec = backend.spec
         self.context = backend.max_length
