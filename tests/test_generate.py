@@ -195,6 +195,10 @@ def test_infill_is_the_one_block_low_confidence_loop(llada, dream, family):
     (dict(threshold=1.5), "threshold must lie in"),
     (dict(top_p=0.0), "top_p must lie in"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0 and finite, got nan"),
+    (dict(cfg_scale=-1.0), "cfg_scale must be >= 0"),
+    (dict(cfg_scale=float("inf")), "cfg_scale must be >= 0 and finite"),
+    (dict(sampler="entropy", alg_temp=-1.0), "alg_temp must be >= 0"),
 ])
 def test_bad_arguments_raise_clear_errors(llada, kwargs, message):
     with pytest.raises(D.InputError, match=message):
@@ -371,6 +375,7 @@ def test_factor_rule_matches_fast_dllm():
     (dict(cache="triple"), "unknown cache"),
     (dict(threshold=0.9, factor=1.0), "threshold or factor"),
     (dict(factor=0.0), "factor must be > 0"),
+    (dict(factor=float("nan")), "factor must be > 0 and finite, got nan"),
     (dict(cache="dual", refresh=0), "refresh must be >= 1"),
     (dict(cache="dual", refresh_tokens=0), "refresh_tokens must be >= 1"),
 ])

@@ -56,6 +56,13 @@ def test_unknown_task():
         run_task(None, None, "gsm8k")
 
 
+@pytest.mark.parametrize("n", [0, -2])
+def test_item_counts_below_one_are_refused(n):
+    """0 read as "the task's default" and -2 as all items but two (a slice): both refused."""
+    with pytest.raises(InputError, match=f"items per task must be >= 1, got {n}"):
+        run_task(None, None, "arithmetic", n_items=n)
+
+
 def test_report_grid_is_cached_and_resumable(tiny_dirs, tmp_path):
     from dllm_export.eval.report import ReportConfig, run_report
 

@@ -198,6 +198,8 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
 
     if name not in TASKS:
         raise InputError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
+    if n_items is not None and n_items < 1:
+        raise InputError(f"items per task must be >= 1, got {n_items}")
     task = TASKS[name]
     n = n_items or task.n_items
     be = as_backend(backend)

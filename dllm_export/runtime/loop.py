@@ -9,6 +9,7 @@ over blocks, as LLaDA's `generate.py` does; with `threshold` a block runs until 
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -309,11 +310,15 @@ class Plan:
         """Raise InputError for settings that cannot run (on `backend`, for the cache)."""
         _validate(self.sampler, self.gen_length, self.steps, self.block_length, self.temperature, self.top_k,
                   self.top_p, self.threshold, self.factor is not None)
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise InputError(f"cfg_scale must be >= 0 and finite (0: no guidance), got {self.cfg_scale}")
+        if self.alg_temp is not None and not (math.isfinite(self.alg_temp) and self.alg_temp >= 0):
+            raise InputError(f"alg_temp must be >= 0 and finite (0: top-k positions), got {self.alg_temp}")
         if self.factor is not None:
             if self.threshold is not None:
                 raise InputError("pass threshold or factor, not both")
-            if self.factor <= 0:
-                raise InputError(f"factor must be > 0, got {self.factor}")
+            if not (math.isfinite(self.factor) and self.factor > 0):
+                raise InputError(f"factor must be > 0 and finite, got {self.factor}")
             if self.sampler in ("random", "origin"):
                 raise InputError(f"factor decoding ranks by confidence; sampler {self.sampler!r} has none")
         if self.cache not in CACHES:
@@ -488,8 +493,8 @@ def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_
     if threshold is None and not by_factor and steps % num_blocks:
         raise InputError(f"steps {steps} must be a multiple of the number of blocks {num_blocks} "
                          f"(gen_length {gen_length} / block_length {block_length})")
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be >= 0 and finite, got {temperature}")
     if top_k is not None and top_k < 1:
         raise InputError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
