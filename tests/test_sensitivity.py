@@ -455,3 +455,12 @@ def test_group_choice_that_tiles_no_layer_is_refused(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "group size 4096 tiles no scanned unit's input widths" in err and err.count("\n") == 1, err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("avg_bits", [float("nan"), 0.0, -1.0, float("inf")])
+def test_budgets_that_are_not_a_positive_number_are_refused(avg_bits):
+    """NaN reached int() as a ValueError traceback; inf would allocate everything at its widest."""
+    from dllm_export.errors import InputError
+
+    with pytest.raises(InputError, match="--avg-bits must be a positive number of bits per weight"):
+        allocate_bits({"weights": 1, "units": {}}, avg_bits)

@@ -115,3 +115,15 @@ def test_report_recomputes_cells_of_a_changed_model(tiny_dirs, tmp_path):
     more = run_report(ReportConfig(**{**cfg.__dict__, "tasks": ("arithmetic", "line_infill")}), tmp_path / "r")
     assert set(more["rows"][1]["scores"]) == {"arithmetic", "line_infill"}  # only the new task ran
     assert more["rows"][1]["scores"]["arithmetic"] == again["rows"][1]["scores"]["arithmetic"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(items=0), "items per task must be >= 1"), (dict(calib_samples=0), "calibration needs n_samples >= 1"),
+    (dict(fidelity_windows=1), "fidelity needs windows >= 2"),
+])
+def test_report_settings_no_cell_could_run_are_refused_up_front(settings, message):
+    """Before, such a grid ran to the end with every cell's row an error and exited 0."""
+    from dllm_export.eval.report import ReportConfig
+
+    with pytest.raises(InputError, match=message):
+        ReportConfig(**settings)

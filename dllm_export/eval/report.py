@@ -44,6 +44,17 @@ class ReportConfig:
     fidelity: bool = True
     fidelity_windows: int = 16
 
+    def __post_init__(self):
+        """Settings no cell could run with are refused before the grid starts (InputError)."""
+        from ..quant import CalibConfig
+        from .fidelity import FidelityConfig
+        from .tasks import check_items
+
+        check_items(self.items)
+        CalibConfig(n_samples=self.calib_samples, seq_len=self.calib_seq_len)
+        if self.fidelity:
+            FidelityConfig(windows=self.fidelity_windows)
+
 
 def _cell_name(model: str, method: str, scheme: str, mask: str) -> str:
     return f"{Path(model).name}-{method}-{scheme}-{mask}".lower()

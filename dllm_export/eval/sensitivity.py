@@ -12,6 +12,7 @@ whole mixed model (HAWQ, Quant-dLLM): `allocate_bits` minimises it under a bytes
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -218,6 +219,8 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
         {"layer_bits": {layer: option} (bits, or "{bits}g{size}"; layers left in float are not listed),
         "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget", "predicted_kld", "solver"}.
     """
+    if not (math.isfinite(avg_bits) and avg_bits > 0):
+        raise InputError(f"--avg-bits must be a positive number of bits per weight, got {avg_bits}")
     units = scan["units"]
     if not units:
         raise InputError("the sensitivity scan holds no units")

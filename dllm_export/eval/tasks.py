@@ -185,6 +185,12 @@ def answer_digits(text: str) -> str:
     return text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))]
 
 
+def check_items(n_items: int | None) -> None:
+    """Raise InputError unless `n_items` (items per task) is None (the task's own count) or >= 1."""
+    if n_items is not None and n_items < 1:
+        raise InputError(f"items per task must be >= 1, got {n_items}")
+
+
 def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0) -> dict:
     """Score one task on any backend (torch model, onnxruntime, llama.cpp); returns the score
     with its 95% Wilson interval (`ci95`), the item count, the per-item outcomes (1 right, 0
@@ -198,8 +204,7 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
 
     if name not in TASKS:
         raise InputError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
-    if n_items is not None and n_items < 1:
-        raise InputError(f"items per task must be >= 1, got {n_items}")
+    check_items(n_items)
     task = TASKS[name]
     n = n_items or task.n_items
     be = as_backend(backend)
