@@ -206,7 +206,10 @@ def test_bad_arguments_raise_clear_errors(llada, kwargs, message):
 
 
 @pytest.mark.parametrize("prompt,message", [([[5, 500]], r"must lie in \[0, 128\)"), ([[5, -1]], "must lie in"),
-                                            ([], "empty")])
+                                            ([], "empty"), ("hello", "got a string: encode text"),
+                                            ([[5.7, 6.0]], "integer token ids, got torch.float32"),
+                                            (torch.tensor([[5.0, 6.0]]), "integer token ids, got torch.float32"),
+                                            ([[True, False]], "integer token ids, got torch.bool")])
 def test_bad_prompts_raise_clear_errors(llada, prompt, message):
     with pytest.raises(D.InputError, match=message):
         D.generate(llada, prompt, gen_length=8)

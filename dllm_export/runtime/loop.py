@@ -81,8 +81,13 @@ class GenerateOutput:
 
 
 def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) from a tensor [B, P] / [P] or (ragged) lists of ids; ragged rows are left-padded."""
+    """(ids, mask) from a tensor [B, P] / [P] or (ragged) lists of ids; ragged rows are left-padded.
+    Anything but integer ids (text, floats, bools) is an InputError, not silently truncated."""
+    if isinstance(prompt_ids, str):
+        raise InputError("prompt_ids are token ids, got a string: encode text with the model's tokenizer "
+                         "(dllm_export.load_tokenizer) first")
     if isinstance(prompt_ids, torch.Tensor):
+        _check_int_ids(prompt_ids)
         ids = prompt_ids.long()
         if ids.dim() == 1:
             ids = ids[None]
@@ -99,9 +104,16 @@ def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.
     ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), P), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, P - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        row = torch.as_tensor(list(r))
+        _check_int_ids(row)
+        ids[i, P - len(r):] = row
         mask[i, P - len(r):] = 1
     return ids, mask
+
+
+def _check_int_ids(t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"prompt_ids must be integer token ids, got {t.dtype}")
 
 
 def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int | None = None,
