@@ -102,12 +102,31 @@ def read_config(path: str | Path) -> BuildConfig:
     bad = [str(x["name"]) for x in (*models, *targets) if not _NAME.fullmatch(str(x["name"]))]
     if bad:  # a name is a folder of the output and half of a cell key ("model/target")
         raise InputError(f"{p}: names may hold letters, digits, '.', '_' and '-' only: {', '.join(bad)}")
-    cal, ev = raw.get("calibration", {}), raw.get("evaluation", {})
-    return BuildConfig(models=models, targets=targets, calib_samples=int(cal.get("samples", 32)),
-                       calib_seq_len=int(cal.get("seq_len", 128)), eval_windows=int(ev.get("windows", 8)),
-                       problems=int(ev.get("problems", 50)), bench=bool(ev.get("bench", True)),
+    cal = _section(p, raw, "calibration", {"samples": (32, 1), "seq_len": (128, 8)})
+    ev = _section(p, raw, "evaluation", {"windows": (8, 1), "problems": (50, 1), "bench": (True, None)})
+    return BuildConfig(models=models, targets=targets, calib_samples=cal["samples"], calib_seq_len=cal["seq_len"],
+                       eval_windows=ev["windows"], problems=ev["problems"], bench=ev["bench"],
                        gates=_gates(p, raw.get("gates", {})),
                        source={"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})
+
+
+def _section(p: Path, raw: dict, name: str, keys: dict) -> dict:
+    """A [name] table's settings: {key: (default, least)}, integers >= least (or a bool where least
+    is None); an unknown key or a value of another type or range is an InputError naming it."""
+    table = raw.get(name, {})
+    unknown = set(table) - set(keys)
+    if unknown:
+        raise InputError(f"{p}: unknown [{name}] key(s) {', '.join(sorted(unknown))} (known: {', '.join(keys)})")
+    out = {}
+    for key, (default, least) in keys.items():
+        v = table.get(key, default)
+        kind = bool if least is None else int
+        # bool is an int in Python: `samples = true` is not a count
+        if type(v) is not kind or (least is not None and v < least):
+            want = "true or false" if least is None else f"an integer >= {least}"
+            raise InputError(f"{p}: [{name}] {key} must be {want}, got {v!r}")
+        out[key] = v
+    return out
 
 
 def _gates(p: Path, raw: dict) -> Gates:

@@ -113,3 +113,20 @@ def test_build_config_names_are_checked(tmp_path, capsys):
     p.write_text('[[models]]\nname = "a/b"\npath = "default"\n[[targets]]\nname = "t"\ntarget = "onnx"\n')
     assert main(["build", str(p), "--matrix"]) == 2
     assert "a/b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("section, message", [
+    ("[calibration]\nsamples = -2", "[calibration] samples must be an integer >= 1, got -2"),
+    ("[calibration]\nseq_len = \"x\"", "[calibration] seq_len must be an integer >= 8, got 'x'"),
+    ("[calibration]\nsample = 2", "unknown [calibration] key(s) sample (known: samples, seq_len)"),
+    ("[evaluation]\nproblems = true", "[evaluation] problems must be an integer >= 1, got True"),
+    ("[evaluation]\nbench = 1", "[evaluation] bench must be true or false, got 1"),
+])
+def test_build_config_settings_are_checked(section, message, tmp_path, capsys):
+    """A bad count was a ValueError traceback (`seq_len = "x"`) or a cell failing after the export
+    (`samples = -2`); a misspelt key was ignored."""
+    p = tmp_path / "b.toml"
+    p.write_text('[[models]]\nname = "a"\npath = "default"\n[[targets]]\nname = "t"\ntarget = "onnx"\n' + section + "\n")
+    assert main(["build", str(p), "--matrix"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

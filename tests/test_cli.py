@@ -48,6 +48,11 @@ def test_info(tiny_dirs, capsys):
     (["--target", "onnx", "--scheme", "W4A8", "--progressive"], "progressive group scales need a symmetric grouped"),
     (["--target", "onnx", "--bits", "8", "--progressive"], "progressive group scales need a symmetric grouped grid of "
                                                           "at most 4 bits (got 8-bit, sym, group size 128)"),
+    # an option of the other target was dropped without a word (a float ONNX file for --quant Q4_0)
+    (["--target", "onnx", "--quant", "Q4_0"], "--quant applies to --target gguf only; --target onnx does not read it"),
+    (["--target", "gguf", "--format", "qdq"], "--format applies to --target onnx only"),
+    (["--target", "gguf", "--accuracy-level", "4"], "--accuracy-level applies to --target onnx only"),
+    (["--target", "gguf", "--embed-head", "int8"], "--embed-head applies to --target onnx only"),
 ])
 def test_bad_export_requests(args, message, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path / "art")]) == 2

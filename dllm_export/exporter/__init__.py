@@ -117,6 +117,13 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     return run_plan(plan, Path(out), progress=progress)
 
 
+# request fields only one target reads: (that target, the CLI flag, the unset value); given to the
+# other target they would be dropped without a word (--target onnx --quant Q4_0 built a float file)
+TARGET_OPTIONS = {"quant": ("gguf", "--quant", None), "weight_format": ("onnx", "--format", None),
+                  "accuracy_level": ("onnx", "--accuracy-level", None), "act_kernel": ("onnx", "--act-kernel", "auto"),
+                  "embed_head": ("onnx", "--embed-head", None)}
+
+
 def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> ExportPlan:
     """Resolve `req` for its target (device profile defaults, then the target's rules) and check it:
     every error an exporter would raise about bits, groups, formats or files comes here, before
@@ -126,6 +133,9 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
 
     if req.target not in TARGETS:
         raise InputError(f"unknown export target {req.target!r} (choose from {', '.join(TARGETS)})")
+    for name, (owner, flag, unset) in TARGET_OPTIONS.items():
+        if owner != req.target and getattr(req, name) != unset:
+            raise InputError(f"{flag} applies to --target {owner} only; --target {req.target} does not read it")
     allowed = TARGETS[req.target][1]
     if req.bits is not None and req.bits not in allowed:
         raise InputError(f"target {req.target} cannot carry {req.bits}-bit weights "
