@@ -243,8 +243,9 @@ def test_static_per_tensor_activations(tiny_q, calib_file, tmp_path, method):
     """per_tensor activations: one calibrated (scale, zero) per layer, saved and reloaded."""
     from dllm_export.quant.qlinear import QLinear
 
-    qcfg = QuantizeConfig(method=method, scheme="W8A8", act_granularity="per_tensor", weight_method="rtn",
-                          calib=_calib(calib_file))
+    rounding = {"weight_method": "rtn"} if "weight_method" in METHODS[method].options else {}
+    qcfg = QuantizeConfig(method=method, scheme="W8A8", act_granularity="per_tensor", calib=_calib(calib_file),
+                          **rounding)
     out = quantize(tiny_q["llada"], tmp_path / "q", qcfg, progress=False)
     q = D.load_model(out)
     layers = [m for m in q.modules() if isinstance(m, QLinear)]
@@ -399,3 +400,28 @@ def test_progressive_grid_fuzzed():
         assert torch.equal(c.float() * s[:, None], q.dequantize())
 
     check()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="rtn", act_order=True), "act_order is a GPTQ option; method rtn does not round with GPTQ"),
+    (dict(method="awq", act_order=True, percdamp=0.1), "act_order, percdamp are GPTQ options; method awq"),
+    (dict(method="duquant", scheme="W4A8", weight_method="rtn", act_order=True),
+     "method duquant with weight_method rtn does not round with GPTQ"),
+    (dict(method="awq", mse_clip=True), "mse_clip is the RTN / GPTQ grid's clip search; method awq rounds with a clip"),
+    (dict(method="gptq", alpha=0.3), "alpha is an option of duquant, smoothquant; method gptq does not read it"),
+    (dict(method="rtn", weight_method="rtn"), "weight_method is an option of duquant, quarot, smoothquant"),
+    (dict(method="rtn", act_granularity="per_tensor"), "scheme W4A16 quantizes no activations"),
+])
+def test_options_a_method_does_not_read_are_refused(kwargs, message):
+    """Each was dropped without a word (`quantize --method rtn --act-order` rounded to nearest)."""
+    with pytest.raises(D.InputError, match=message):
+        QuantizeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="gptq", act_order=True, mse_clip=True),
+                                    dict(method="smoothquant", scheme="W8A8", alpha=0.7, weight_method="rtn",
+                                         mse_clip=True),
+                                    dict(method="quarot", scheme="W8A8", act_order=True),
+                                    dict(method="duquant", scheme="W4A8", alpha=0.6, mse_clip=True)])
+def test_options_the_method_reads_are_taken(kwargs):
+    assert QuantizeConfig(**kwargs).method == kwargs["method"]

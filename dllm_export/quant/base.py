@@ -86,6 +86,7 @@ class QuantizeConfig:
     def __post_init__(self):
         get_scheme(self.scheme)
         get_method(self.method)
+        self._check_method_reads()
         if self.weight_method not in ("rtn", "gptq"):
             raise InputError(f"weight_method must be rtn or gptq, got {self.weight_method!r}")
         if self.act_granularity not in ("per_token", "per_tensor"):
@@ -117,6 +118,29 @@ class QuantizeConfig:
                 if not 2 <= b <= 8 or (self.kquant is not None and (b == 7 or g is not None)):
                     raise InputError(f"layer {name}: weight bits must lie in 2..8 (no 7 and no group sizes in a "
                                      f"K-quant mix), got {option}")
+
+    def _check_method_reads(self) -> None:
+        """Refuse options the run would drop without a word: a method's own (alpha, weight_method) given
+        to another method, GPTQ's (act_order, percdamp, block_size) or the RTN / GPTQ clip search
+        (mse_clip) where the weights are not rounded that way, static activations without any."""
+        method = METHODS[self.method]
+        for name, unset in (("alpha", 0.5), ("weight_method", "gptq")):
+            if getattr(self, name) != unset and name not in method.options:
+                readers = ", ".join(m for m, c in sorted(METHODS.items()) if name in c.options)
+                raise InputError(f"{name} is an option of {readers}; method {self.method} does not read it")
+        rounding = method.rounding(self)
+        how = f"method {self.method}" + (f" with weight_method {self.weight_method}" if "weight_method" in
+                                         method.options else "")
+        gptq = [n for n, unset in (("act_order", False), ("percdamp", 0.01), ("block_size", 128))
+                if getattr(self, n) != unset]
+        if gptq and rounding != "gptq":
+            what = f"{gptq[0]} is a GPTQ option" if len(gptq) == 1 else f"{', '.join(gptq)} are GPTQ options"
+            raise InputError(f"{what}; {how} does not round with GPTQ")
+        if self.mse_clip and rounding not in ("rtn", "gptq"):
+            raise InputError(f"mse_clip is the RTN / GPTQ grid's clip search; {how} rounds with a clip of its own")
+        if self.act_granularity != "per_token" and self.scheme_.weight_only:
+            raise InputError(f"act_granularity {self.act_granularity} sets the activation grid; scheme {self.scheme} "
+                             f"quantizes no activations")
 
     @property
     def scheme_(self) -> Scheme:
@@ -163,6 +187,13 @@ class QuantMethod:
     name = "base"
     default_act_sym = True
     default_weight_sym: bool | None = None  # None: the scheme's
+    options: frozenset[str] = frozenset()  # QuantizeConfig fields of its own that it reads (alpha, weight_method)
+
+    @classmethod
+    def rounding(cls, qcfg: QuantizeConfig) -> str | None:
+        """How it rounds the weights: "rtn" / "gptq" (`round_weight`: the clip search, GPTQ's
+        options), or None for a rounding of its own."""
+        return None
 
     def __init__(self, qcfg: QuantizeConfig, spec: ModelSpec, model_config):
         self.qcfg = qcfg

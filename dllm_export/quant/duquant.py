@@ -289,6 +289,11 @@ class DuQuant(QuantMethod):
     name = "duquant"
     default_act_sym = False  # per-token asymmetric activations, as the study's DuQuant
     default_weight_sym = False  # per-channel asymmetric weights, as the study's DuQuant
+    options = frozenset({"alpha", "weight_method"})
+
+    @classmethod
+    def rounding(cls, qcfg):
+        return "gptq" if qcfg.weight_method == "gptq" else None  # rtn: its own swc clip
 
     def __init__(self, qcfg, spec, model_config, dcfg: DuQuantConfig | None = None):
         super().__init__(qcfg, spec, model_config)

@@ -13,6 +13,10 @@ class RTN(QuantMethod):
 
     name = "rtn"
 
+    @classmethod
+    def rounding(cls, qcfg):
+        return "rtn"
+
     def process_block(self, block, X, ctx, index):
         return sequential_quantize(self, block, X, ctx, rounding="rtn", index=index)
 
@@ -22,6 +26,10 @@ class GPTQ(QuantMethod):
     """GPTQ on every block linear (q/k/v included), true-sequential within the block."""
 
     name = "gptq"
+
+    @classmethod
+    def rounding(cls, qcfg):
+        return "gptq"
 
     def process_block(self, block, X, ctx, index):
         return sequential_quantize(self, block, X, ctx, rounding="gptq", index=index)

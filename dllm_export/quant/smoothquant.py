@@ -109,6 +109,11 @@ class SmoothQuant(QuantMethod):
 
     name = "smoothquant"
     default_act_sym = False  # per-token asymmetric activations, as the study's SmoothQuant
+    options = frozenset({"alpha", "weight_method"})
+
+    @classmethod
+    def rounding(cls, qcfg):
+        return qcfg.weight_method
 
     def process_block(self, block, X, ctx, index):
         ranges = smooth_block(self, block, X, ctx, self.qcfg.alpha)
