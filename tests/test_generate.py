@@ -379,6 +379,11 @@ def test_factor_rule_matches_fast_dllm():
     (dict(threshold=0.9, factor=1.0), "threshold or factor"),
     (dict(factor=0.0), "factor must be > 0"),
     (dict(factor=float("nan")), "factor must be > 0 and finite, got nan"),
+    (dict(refresh=2), "refresh needs a block cache: set cache to 'prefix' or 'dual'"),
+    (dict(refresh=2, refresh_tokens=4), "refresh and refresh_tokens need a block cache"),
+    (dict(top_p=0.5), "top_p is an option of Dream's samplers .*; LLaDA's sampler 'low_confidence' does not read it"),
+    (dict(top_k=3, alg_temp=0.1), "top_k, alg_temp are options of Dream's samplers"),
+    (dict(sampler="entropy", top_k=3, threshold=0.9), "threshold decoding does not read it"),
     (dict(cache="dual", refresh=0), "refresh must be >= 1"),
     (dict(cache="dual", refresh_tokens=0), "refresh_tokens must be >= 1"),
 ])

@@ -397,7 +397,8 @@ def test_which_requests_share_a_batch(settings, batchable):
 @pytest.mark.parametrize("server,request_fields,want", [
     ("reference", {}, dict(cache="none", threshold=None, refresh_tokens=None, stop_at_eos=False)),
     ("edge", {}, dict(cache="dual", threshold=0.99, refresh_tokens=16, stop_at_eos=True)),
-    ("edge", {"cache": "none", "threshold": 0.5}, dict(cache="none", threshold=0.5, refresh_tokens=16,
+    # the preset's cache refresh goes with its cache
+    ("edge", {"cache": "none", "threshold": 0.5}, dict(cache="none", threshold=0.5, refresh_tokens=None,
                                                       stop_at_eos=True)),
     ("edge", {"preset": "reference"}, dict(cache="none", threshold=None, refresh_tokens=None, stop_at_eos=False)),
     ("edge", {"factor": 1.0}, dict(cache="none", threshold=None, factor=1.0, stop_at_eos=False)),

@@ -118,8 +118,10 @@ def test_with_preset_fills_open_options_by_backend():
     assert with_preset("edge", {"threshold": None}) == {"cache": "dual", "threshold": 0.99, "refresh_tokens": 16,
                                                         "stop_at_eos": True}
     assert with_preset("edge", {}, supports_cache=False) == {"threshold": 0.99, "stop_at_eos": True}
+    # the preset's cache refresh goes with its cache; one asked for is kept (and refused by the plan)
     assert with_preset("edge", {"cache": "none", "stop_at_eos": False}) == {"cache": "none", "stop_at_eos": False,
-                                                                          "threshold": 0.99, "refresh_tokens": 16}
+                                                                          "threshold": 0.99}
+    assert with_preset("edge", {"cache": "none", "refresh_tokens": 4})["refresh_tokens"] == 4
     assert with_preset("edge", {"factor": 1.0}) == {"factor": 1.0}  # a factor excludes the preset's threshold
     assert with_preset("reference", {"cache": None}) == {}
     with pytest.raises(InputError, match="unknown preset 'fast'"):

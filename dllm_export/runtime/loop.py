@@ -45,9 +45,12 @@ def with_preset(preset: str, options: dict, supports_cache: bool = True) -> dict
         raise InputError(f"unknown preset {preset!r} (choose from {', '.join(sorted(PRESETS))})")
     fill = {} if options.get("factor") is not None else PRESETS[preset]
     if not supports_cache:
-        fill = {k: v for k, v in fill.items() if k not in ("cache", "refresh_tokens")}
+        fill = {k: v for k, v in fill.items() if k != "cache"}
     given = {k: v for k, v in options.items() if v is not None}
-    return {**{k: v for k, v in fill.items() if k not in given}, **given}
+    merged = {**{k: v for k, v in fill.items() if k not in given}, **given}
+    if merged.get("cache", "none") == "none" and "refresh_tokens" not in given:
+        merged.pop("refresh_tokens", None)  # the preset's cache refresh goes with its cache
+    return merged
 
 
 @dataclass
@@ -335,6 +338,17 @@ class Plan:
                 raise InputError(f"factor decoding ranks by confidence; sampler {self.sampler!r} has none")
         if self.cache not in CACHES:
             raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
+        refresh = [n for n in ("refresh", "refresh_tokens") if getattr(self, n) is not None]
+        if refresh and self.cache == "none":
+            raise InputError(f"{' and '.join(refresh)} {'needs' if len(refresh) == 1 else 'need'} a block cache: "
+                             f"set cache to {' or '.join(repr(c) for c in CACHES if c != 'none')}")
+        dream_only = [n for n in ("top_k", "top_p", "alg_temp") if getattr(self, n) is not None]
+        if dream_only and (self.parallel or self.sampler in S.LLADA_SAMPLERS):
+            rule = (f"{'threshold' if self.threshold is not None else 'factor'} decoding" if self.parallel
+                    else f"LLaDA's sampler {self.sampler!r}")
+            what = "is an option" if len(dream_only) == 1 else "are options"
+            raise InputError(f"{', '.join(dream_only)} {what} of Dream's samplers ({', '.join(S.DREAM_SAMPLERS)}); "
+                             f"{rule} does not read {'it' if len(dream_only) == 1 else 'them'}")
         if self.cache != "none" and not backend.supports_cache:
             raise InputError(f"the {backend.name} backend has no KV cache; "
                              f"use cache='none'")

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..runtime.backends import load_backend
 from ..runtime.loop import Plan, with_preset
-from ..runtime.samplers import DREAM_SAMPLERS, LLADA_SAMPLERS
+from ..runtime.samplers import DREAM_SAMPLERS
 from ..tokenizer import encode_prompt, load_tokenizer
 
 
@@ -127,11 +127,7 @@ class Engine:
         if longest + gen > self.context:
             raise RequestError(f"prompt ({longest} tokens) + max_tokens ({gen}) = {longest + gen} exceeds the "
                                f"model's context of {self.context} tokens", "max_tokens", "context_length_exceeded")
-        sampler = req.sampler or self.spec.default_sampler
-        top_p = None if req.top_p is None or req.top_p == 1 else req.top_p
-        if sampler in LLADA_SAMPLERS and (top_p is not None or req.top_k is not None):
-            raise RequestError(f"top_p / top_k filter Dream's samplers; sampler {sampler!r} does not use them",
-                               "top_p" if top_p is not None else "top_k", "unsupported_parameter")
+        top_p = None if req.top_p is None or req.top_p == 1 else req.top_p  # 1: OpenAI's "no filter"
         try:
             fast = with_preset(req.preset or self.preset, {k: getattr(req, k) for k in PRESET_FIELDS},
                                self.backend.supports_cache)
@@ -145,7 +141,8 @@ class Engine:
             Plan.resolve(self.spec, **s.kwargs()).check(self.backend)
         except InputError as e:  # Plan's messages speak of gen_length: the request calls it max_tokens
             msg = str(e).replace("gen_length", "max_tokens")
-            raise RequestError(msg, _param_of(str(e)), "unsupported_parameter" if "backend" in msg else None) from None
+            unsupported = "backend" in msg or "does not read" in msg
+            raise RequestError(msg, _param_of(str(e)), "unsupported_parameter" if unsupported else None) from None
         return s
 
     def batchable(self, s: GenSettings) -> bool:
