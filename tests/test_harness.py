@@ -143,6 +143,10 @@ def test_rolling_windows_cover_the_text_once(lms):
     ({"gen_length": 10, "block_length": 4}, "not a multiple of block_length"),
     ({"steps": "many"}, "model arg steps='many' must be int"),
     ({"greedy": "maybe"}, "unknown greedy 'maybe'"),
+    # the loop's own rules (Plan.check), as generate applies them
+    ({"top_p": 0.5}, "top_p is an option of Dream's samplers"),
+    ({"sampler": "low_confidence", "refresh": 2}, "refresh needs a block cache"),
+    ({"temperature": float("nan")}, "temperature must be >= 0 and finite"),
 ])
 def test_bad_model_args(tiny_dirs, args, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -68,6 +68,9 @@ _ARGS: dict[str, tuple[type, Any]] = {
     "alg_temp": (float, None), "eps": (float, 1e-3), "seed": (int, 0), "add_bos": (bool, False),
     "disable_tqdm": (bool, False),
 }
+# the model args that are the loop's settings as they are (generate's keywords, Plan's fields)
+_PLAN_ARGS = ("temperature", "cfg_scale", "top_k", "top_p", "alg_temp", "eps", "threshold", "factor", "cache",
+              "refresh", "refresh_tokens", "seed")
 _IGNORED = ("batch_size", "max_batch_size")  # lm-eval's own batching: requests run one at a time here
 
 
@@ -104,7 +107,7 @@ class DLLM(LM):
         super().__init__()
         from .. import load_tokenizer
         from ..runtime.backends import as_backend, load_backend
-        from ..runtime.loop import CACHES, _validate
+        from ..runtime.loop import CACHES
 
         unknown = sorted(set(kwargs) - set(_ARGS) - set(_IGNORED))
         if unknown:
@@ -117,13 +120,15 @@ class DLLM(LM):
             raise InputError(f"mc_num ({a['mc_num']}) must be a positive multiple of batch ({a['batch']})")
         if a["greedy"] not in GREEDY:
             raise InputError(f"unknown greedy {a['greedy']!r} (choose from {', '.join(GREEDY)})")
-        if a["cache"] not in CACHES:
+        if a["cache"] not in CACHES:  # before the weights load, whatever the sampler
             raise InputError(f"unknown cache {a['cache']!r} (choose from {', '.join(CACHES)})")
         if a["gen_length"] < 1 or a["block_length"] < 1:
             raise InputError(f"gen_length and block_length must be >= 1 (got {a['gen_length']}, {a['block_length']})")
         a["block_length"] = min(a["block_length"], a["gen_length"])
         if a["steps"] is None:
             a["steps"] = a["gen_length"]
+        if a["sampler"] is not None:  # before the weights load: the loop's rules (the family picks a default)
+            self._plan(a, a["sampler"]).check()
 
         if isinstance(model, (str, Path)):
             self.model_name = str(model)
@@ -146,11 +151,7 @@ class DLLM(LM):
         self.spec = self.backend.spec
         self.estimator = self.spec.elbo_estimator  # the family's own Monte-Carlo ELBO (likelihood.elbo)
         self.max_length = int(self.backend.max_length)
-        sampler = a["sampler"] or self.spec.default_sampler
-        _validate(sampler, a["gen_length"], a["steps"], a["block_length"], a["temperature"], a["top_k"], a["top_p"],
-                  a["threshold"], a["factor"] is not None)
-        if a["cache"] != "none" and not self.backend.supports_cache:
-            raise InputError(f"the {self.backend.name} backend has no KV cache; use cache=none")
+        self._plan(a, a["sampler"] or self.spec.default_sampler).check(self.backend)
         self.args = a
         s = self.spec
         # the prompt of an empty context / of rolling windows: BOS if the model has one; LLaDA scores from
@@ -271,6 +272,14 @@ class DLLM(LM):
 
     # ------------------------------------------------------------------ generation
 
+    @staticmethod
+    def _plan(a: dict, sampler: str):
+        """The loop's Plan of the model args, checked by `Plan.check` as `generate` checks its own."""
+        from ..runtime.loop import Plan
+
+        return Plan(sampler=sampler, gen_length=a["gen_length"], steps=a["steps"], block_length=a["block_length"],
+                    **{k: a[k] for k in _PLAN_ARGS})
+
     def schedule(self, max_gen_toks: int | None) -> dict:
         """The loop's settings for a request: gen_length = min(gen_length, max_gen_toks) tokens kept;
         the canvas is that rounded up to whole blocks, steps scaled by the canvas (the configured
@@ -301,10 +310,7 @@ class DLLM(LM):
                                  f"context of {self.max_length} tokens: lower gen_length in the model args")
             prompt = self.prompt_ids(context)[-(self.max_length - sch["gen_length"]):]
             res = generate(self.backend, [prompt], gen_length=sch["gen_length"], steps=sch["steps"],
-                           block_length=sch["block_length"], sampler=a["sampler"], temperature=a["temperature"],
-                           cfg_scale=a["cfg_scale"], top_k=a["top_k"], top_p=a["top_p"], alg_temp=a["alg_temp"],
-                           eps=a["eps"], threshold=a["threshold"], factor=a["factor"], cache=a["cache"],
-                           refresh=a["refresh"], refresh_tokens=a["refresh_tokens"], seed=a["seed"])
+                           block_length=sch["block_length"], sampler=a["sampler"], **{k: a[k] for k in _PLAN_ARGS})
             text = self.decode(res.generated[0, :sch["keep"]].tolist(), until)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)

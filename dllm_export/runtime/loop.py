@@ -321,8 +321,8 @@ class Plan:
         """The sampler reads only the eligible positions and draws nothing at random."""
         return self.temperature == 0 and self.sampler not in ("random", "origin") and not self.alg_temp
 
-    def check(self, backend) -> None:
-        """Raise InputError for settings that cannot run (on `backend`, for the cache)."""
+    def check(self, backend=None) -> None:
+        """Raise InputError for settings that cannot run (on `backend`, for the cache; None: on any)."""
         _validate(self.sampler, self.gen_length, self.steps, self.block_length, self.temperature, self.top_k,
                   self.top_p, self.threshold, self.factor is not None)
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
@@ -349,7 +349,7 @@ class Plan:
             what = "is an option" if len(dream_only) == 1 else "are options"
             raise InputError(f"{', '.join(dream_only)} {what} of Dream's samplers ({', '.join(S.DREAM_SAMPLERS)}); "
                              f"{rule} does not read {'it' if len(dream_only) == 1 else 'them'}")
-        if self.cache != "none" and not backend.supports_cache:
+        if self.cache != "none" and backend is not None and not backend.supports_cache:
             raise InputError(f"the {backend.name} backend has no KV cache; "
                              f"use cache='none'")
         for name in ("refresh", "refresh_tokens"):
