@@ -114,6 +114,35 @@ def decode(model, prompt: np.ndarray, gen_length: int, block_length: int, mask_i
     return x, nfe
 
 
+class BadInput(Exception):
+    """An artifact or a setting this runner cannot run."""
+
+
+def _check(args) -> tuple[Path, dict]:
+    """The artifact folder and its manifest, the counts checked; BadInput names what is wrong."""
+    for name in ("canvas", "reps", "gen_length", "block_length"):
+        if getattr(args, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise BadInput(f"--threads must be >= 0, got {args.threads}")
+    if args.gen_length % args.block_length:
+        raise BadInput(f"--gen-length {args.gen_length} is not a multiple of --block-length {args.block_length}")
+    folder = Path(args.artifact)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        spec, dims = manifest["spec"], manifest["dims"]
+        spec["mask_id"], spec["shift_logits"], dims["vocab_rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{folder}: not a dllm-export artifact (manifest.json: {type(e).__name__}: {e})") from None
+    if not any((folder / f).is_file() for f in ("model.onnx", "model.gguf")):
+        raise BadInput(f"{folder}: neither model.onnx nor model.gguf")
+    context = dims.get("context")
+    longest = max(args.canvas, max(1, args.canvas - args.gen_length) + args.gen_length)
+    if context and longest > context:
+        raise BadInput(f"a canvas of {longest} tokens exceeds the model's context of {context}")
+    return folder, manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact")
@@ -124,14 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dump", help="save the canvas logits and the decoded tokens here (.npz)")
     args = ap.parse_args(argv)
-    folder = Path(args.artifact)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    spec = manifest["spec"]
-    t0 = time.perf_counter()
-    if (folder / "model.onnx").is_file():
-        model = OrtModel(folder, manifest, args.threads)
-    else:
-        model = LlamaModel(folder, manifest, args.threads, max(args.canvas, args.gen_length + 1))
+    try:
+        folder, manifest = _check(args)
+        spec = manifest["spec"]
+        t0 = time.perf_counter()
+        if (folder / "model.onnx").is_file():
+            model = OrtModel(folder, manifest, args.threads)
+        else:
+            model = LlamaModel(folder, manifest, args.threads, max(args.canvas, args.gen_length + 1))
+    except ImportError as e:
+        pip = {"onnxruntime": "onnxruntime", "llama_cpp": "llama-cpp-python"}.get(e.name, e.name)
+        print(f"ondevice: error: this artifact needs {e.name}: pip install {pip}", file=sys.stderr)
+        return 2
+    except BadInput as e:  # one line and exit 2, as dllm-export's own errors
+        print(f"ondevice: error: {e}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - t0
     vocab = manifest["dims"]["vocab_rows"]
     ids = np.random.default_rng(0).integers(0, min(vocab, 256), (1, args.canvas)).astype(np.int64)

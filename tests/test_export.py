@@ -107,6 +107,28 @@ def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
         assert res[key] > 0
 
 
+@pytest.mark.parametrize("args, message", [
+    (["MISSING"], "not a dllm-export artifact (manifest.json: FileNotFoundError"),
+    (["ART", "--reps", "0"], "--reps must be >= 1, got 0"),
+    (["ART", "--gen-length", "12", "--block-length", "8"], "--gen-length 12 is not a multiple of --block-length 8"),
+    (["ART", "--canvas", "100000"], "a canvas of 100000 tokens exceeds the model's context of"),
+    (["ART", "--threads", "-1"], "--threads must be >= 0, got -1"),
+])
+def test_ondevice_runner_bad_input_is_one_line(args, message, tiny_dirs, tmp_path, capsys):
+    """The device runner answers as the CLI does: one line, exit 2 (a missing manifest was a
+    FileNotFoundError traceback, --reps 0 a StatisticsError)."""
+    import dllm_export.ondevice as runner
+
+    art = tiny_dirs["llada"].parent / "ondevice-art"
+    if not art.exists():
+        export(tiny_dirs["llada"], art, target="onnx", bits=8, method="rtn",
+               quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)})
+    args = [str(tmp_path / "missing") if a == "MISSING" else str(art) if a == "ART" else a for a in args]
+    assert runner.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ondevice: error: ") and message in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("gate,rc", [("max_bpt_increase = 1.0", 0), ("max_bpt_increase = -1.0", 1)])
 def test_build_matrix_and_gate(gate, rc, tiny_dirs, tmp_path, capsys):
     import json
