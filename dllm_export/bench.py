@@ -93,13 +93,15 @@ def measure(path: str, cfg: BenchConfig) -> dict:
 
     from . import generate, load_tokenizer
     from .models.loader import resolve_model_path
-    from .runtime.backends import load_backend
+    from .runtime.backends import backend_kind, load_backend
     from .runtime.loop import with_preset
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device, kernel=cfg.kernel)
+    # --kernel picks a torch checkpoint's kernels; the other rows of the run open as exported
+    kernel = cfg.kernel if backend_kind(path, cfg.backend) == "torch" else "fake"
+    be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device, kernel=kernel)
     load_s = time.perf_counter() - t0
     ids = torch.randint(0, min(be.vocab_size, 256), (1, cfg.canvas), generator=torch.Generator().manual_seed(0))
     be.forward(ids)  # warm-up: first-call allocations, weight prepacking

@@ -191,11 +191,13 @@ def _add_export_args(x) -> None:
 
 
 def _add_generate(sub) -> None:
+    from .runtime.backends import BACKENDS
     from .runtime.loop import CACHES, PRESETS
 
     g = sub.add_parser("generate", help="decode text from a prompt by iterative unmasking")
     _add_model_arg(g)
-    g.add_argument("--backend", default="auto", help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
     g.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: the runtime's)")
     g.add_argument("--kernel", choices=KERNELS, default="fake",
                    help="torch backend, quantized checkpoints: fake (dequantized weights, the reference) | int "
@@ -273,12 +275,14 @@ def _add_quantize(sub) -> None:
 
 
 def _add_bench_build(sub) -> None:
+    from .runtime.backends import BACKENDS
     from .runtime.loop import CACHES
 
     bn = sub.add_parser("bench", help="artifacts side by side: load, step latency, tokens/s, memory, size")
     bn.add_argument("artifacts", nargs="+", help="checkpoint folders, ONNX / GGUF artifact folders, .gguf files, "
                                                 "'default'; ratios are to the first")
-    bn.add_argument("--backend", default="auto", help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
+    bn.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
     bn.add_argument("--canvas", type=_at_least(1), default=128, help="tokens of one timed denoising step (default: %(default)s)")
     bn.add_argument("--reps", type=_at_least(1), default=10, help="timed denoising steps (default: %(default)s)")
     bn.add_argument("--decode-reps", type=_at_least(1), default=3,
@@ -401,6 +405,7 @@ def _add_report_verify_info(sub) -> None:
 
 
 def _add_serve(sub) -> None:
+    from .runtime.backends import BACKENDS
     from .targets import PROFILES
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, batching, "
@@ -409,7 +414,7 @@ def _add_serve(sub) -> None:
                     help="checkpoint folder, 'default' / 'default-dream', ONNX or GGUF artifact (default: %(default)s)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "llama.cpp"],
+    sv.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="default: by what MODEL holds")
     sv.add_argument("--device", choices=["auto", *PROFILES], help="device profile: its threads and onnxruntime "
                                                                   "providers (cuda: torch on the GPU)")

@@ -107,6 +107,26 @@ def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
         assert res[key] > 0
 
 
+@pytest.fixture(scope="module")
+def w8_onnx(tiny_dirs, tmp_path_factory):
+    """A W8 ONNX artifact of the tiny LLaDA (RTN: quick)."""
+    return export(tiny_dirs["llada"], tmp_path_factory.mktemp("w8") / "onnx", target="onnx", bits=8, method="rtn",
+                  quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)}).path
+
+
+@pytest.mark.parametrize("kwargs", [dict(dtype="bfloat16"), dict(kernel="int")])
+def test_torch_options_on_an_artifact_are_refused(kwargs, w8_onnx):
+    """--dtype / --kernel choose a checkpoint's torch compute; on an ONNX artifact they were dropped."""
+    from dllm_export import InputError, load_backend
+    from dllm_export.runtime.backends import backend_kind
+
+    assert backend_kind(w8_onnx) == "onnxruntime" and backend_kind("default") == "torch"
+    with pytest.raises(InputError, match="dtype and kernel choose a torch checkpoint's compute; onnxruntime runs"):
+        load_backend(w8_onnx, **kwargs)
+    with pytest.raises(InputError, match="unknown backend 'tflite'"):
+        load_backend(w8_onnx, backend="tflite")
+
+
 @pytest.mark.parametrize("args, message", [
     (["MISSING"], "not a dllm-export artifact (manifest.json: FileNotFoundError"),
     (["ART", "--reps", "0"], "--reps must be >= 1, got 0"),
@@ -114,16 +134,12 @@ def test_ondevice_runner_needs_no_torch(target, kwargs, tiny_dirs, tmp_path):
     (["ART", "--canvas", "100000"], "a canvas of 100000 tokens exceeds the model's context of"),
     (["ART", "--threads", "-1"], "--threads must be >= 0, got -1"),
 ])
-def test_ondevice_runner_bad_input_is_one_line(args, message, tiny_dirs, tmp_path, capsys):
+def test_ondevice_runner_bad_input_is_one_line(args, message, w8_onnx, tmp_path, capsys):
     """The device runner answers as the CLI does: one line, exit 2 (a missing manifest was a
     FileNotFoundError traceback, --reps 0 a StatisticsError)."""
     import dllm_export.ondevice as runner
 
-    art = tiny_dirs["llada"].parent / "ondevice-art"
-    if not art.exists():
-        export(tiny_dirs["llada"], art, target="onnx", bits=8, method="rtn",
-               quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)})
-    args = [str(tmp_path / "missing") if a == "MISSING" else str(art) if a == "ART" else a for a in args]
+    args = [str(tmp_path / "missing") if a == "MISSING" else str(w8_onnx) if a == "ART" else a for a in args]
     assert runner.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("ondevice: error: ") and message in err and err.count("\n") == 1

@@ -59,7 +59,7 @@ GREEDY = ("unmask", "argmax", "off")
 
 # model arg -> (type, default); lm-eval's parser already types numbers, this also accepts strings
 _ARGS: dict[str, tuple[type, Any]] = {
-    "backend": (str, "auto"), "dtype": (object, "float32"), "threads": (int, 0), "device": (str, None),
+    "backend": (str, "auto"), "dtype": (object, None), "threads": (int, 0), "device": (str, None),
     "mc_num": (int, 128), "batch": (int, 16), "greedy": (str, "unmask"),
     "gen_length": (int, 256), "steps": (int, None), "block_length": (int, 32), "cache": (str, "none"),
     "threshold": (float, None), "factor": (float, None), "refresh": (int, None),

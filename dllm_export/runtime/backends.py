@@ -153,6 +153,28 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
     return load_float_model(folder, dtype, device)
 
 
+BACKENDS = ("auto", "torch", "onnxruntime", "llama.cpp")
+
+
+def backend_kind(path, backend: str = "auto") -> str:
+    """The runtime that opens `path`: "onnxruntime" for a folder with model.onnx, "llama.cpp" for a
+    .gguf file or a folder with model.gguf, else "torch" (a checkpoint, `default`); `backend`
+    other than "auto" forces one."""
+    from ..errors import InputError
+    from ..models.checkpoint import BUNDLED
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend != "auto" or str(path) in BUNDLED:
+        return "torch" if backend == "auto" else backend
+    p = Path(path)
+    if (p / "model.onnx").is_file():
+        return "onnxruntime"
+    if p.suffix == ".gguf" or (p / "model.gguf").is_file():
+        return "llama.cpp"
+    return "torch"
+
+
 def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = None, threads: int = 0,
                  device: str = "cpu", kernel: str = "fake", **options) -> Backend:
     """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
@@ -175,14 +197,10 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = 
     folder = Path(artifact_folder(p))
     if str(path) not in BUNDLED and (folder / MANIFEST).is_file():
         check_files(folder)
-    kind = backend
-    if kind == "auto":
-        kind = "torch"
-        if str(path) not in BUNDLED:
-            if (p / "model.onnx").is_file():
-                kind = "onnxruntime"
-            elif p.suffix == ".gguf" or (p / "model.gguf").is_file():
-                kind = "llama.cpp"
+    kind = backend_kind(path, backend)
+    if kind != "torch" and (dtype is not None or kernel != "fake"):
+        raise InputError(f"dtype and kernel choose a torch checkpoint's compute; {kind} runs {p} as exported "
+                         f"(drop --dtype / --kernel)")
     if kind == "llama.cpp":
         from .llamacpp import LlamaCppBackend
 
@@ -191,12 +209,10 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = 
         from .ort import OrtBackend
 
         return OrtBackend(p, threads=threads, **options)
-    if kind == "torch":
-        from ..quant.kernels import check_kernel
-        from ..targets import has_bf16
+    from ..quant.kernels import check_kernel
+    from ..targets import has_bf16
 
-        check_kernel(kernel, device)
-        if dtype is None:
-            dtype = torch.bfloat16 if kernel == "int" and has_bf16() else torch.float32
-        return TorchBackend(load_model(path, dtype=dtype, device=device, kernel=kernel))
-    raise InputError(f"unknown backend {backend!r} (choose from auto, torch, onnxruntime, llama.cpp)")
+    check_kernel(kernel, device)
+    if dtype is None:
+        dtype = torch.bfloat16 if kernel == "int" and has_bf16() else torch.float32
+    return TorchBackend(load_model(path, dtype=dtype, device=device, kernel=kernel))
