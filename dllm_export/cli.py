@@ -399,7 +399,8 @@ def _add_report_verify_info(sub) -> None:
     vf.add_argument("--no-smoke", action="store_true", help="files and format only: no load, no forward")
     vf.add_argument("--json", action="store_true")
 
-    i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count (reads no weights)")
+    i = sub.add_parser("info", help="print a checkpoint's family, spec and parameter count, or what an ONNX / "
+                                    "GGUF artifact's manifest says it is (reads no weights)")
     _add_model_arg(i, dtype=False)
     i.add_argument("--json", action="store_true")
 
@@ -761,7 +762,10 @@ def cmd_info(args) -> int:
     from .models import family_for
     from .models.checkpoint import read_config, resolve_model_path, tokenizer_special_ids, weight_files
     from .models.loader import build_model
+    from .runtime.backends import backend_kind
 
+    if backend_kind(args.model) != "torch":
+        return _artifact_info(args)
     path = resolve_model_path(args.model)
     config = read_config(path)
     model = build_model(config, device="meta", added_tokens=tokenizer_special_ids(path))
@@ -784,6 +788,29 @@ def cmd_info(args) -> int:
         print(f"  {'mask/eos/pad/bos/eot id':24s} {s.mask_id} / {s.eos_id} / {s.pad_id} / {s.bos_id} / {s.eot_id}")
         print(f"  {'shift_logits':24s} {s.shift_logits}")
         print(f"  {'default sampler':24s} {s.default_sampler}")
+    return 0
+
+
+def _artifact_info(args) -> int:
+    """`info` on an ONNX / GGUF artifact: what its manifest says it is."""
+    from .verify import artifact_info
+
+    info = artifact_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    grid = " ".join(str(x) for x in (info["method"], info["scheme"], info["file_type"]) if x) or "float"
+    total = sum(b or 0 for b in info["files"].values())
+    src = (info["source"] or {}).get("name", "?")
+    print(f"{info['path']}: {info['kind'].upper()} artifact ({info['format']} v{info['version']}) of {src} "
+          f"({info['family']}), {grid}, {len(info['files'])} file(s), {total / 2**20:.1f} MiB")
+    for key in ("export", "dims", "spec"):
+        for k, v in (info[key] or {}).items():
+            print(f"  {key + '.' + k:28s} {v}")
+    if info["device"]:
+        print(f"  {'device':28s} {info['device']}")
+    for name, size in info["files"].items():
+        print(f"  {'file ' + name:28s} {size:,} bytes")
     return 0
 
 
@@ -917,6 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # every writer removes its temporary folder on the way out
         print("dllm-export: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`dllm-export info | head`): stop quietly, as head's writers do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
 
 
 if __name__ == "__main__":

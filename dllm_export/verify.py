@@ -74,6 +74,19 @@ def artifact_kind(manifest: dict) -> str:
     return kind[manifest["format"]]
 
 
+def artifact_info(path: str | Path) -> dict:
+    """What an exported artifact is, from its manifest alone (no weights read): its kind and format,
+    family, source checkpoint, PTQ method / scheme / GGUF file type, export and device settings,
+    dims, spec ids and files with their sizes."""
+    folder = artifact_folder(path)
+    m = _read_manifest(folder)
+    return {"path": str(folder), "kind": artifact_kind(m), "format": m["format"], "version": m.get("version"),
+            "family": m.get("family"), "source": m.get("source"), "method": m.get("method"),
+            "scheme": m.get("scheme"), "file_type": m.get("file_type"), "export": m.get("export"),
+            "device": (m.get("device") or {}).get("name"), "dims": m.get("dims"), "spec": m.get("spec"),
+            "files": {name: f.get("bytes") for name, f in (m.get("files") or {}).items()}}
+
+
 def fixed_canvas(mask_id: int, vocab_rows: int, context: int) -> torch.Tensor:
     """The smoke-test input [1, L]: seeded random ids, the second half masked (as a denoising step sees)."""
     L = min(CANVAS_LENGTH, context)

@@ -96,6 +96,16 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and "model folder not found" in proc.stderr
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`dllm-export info | head -1`: the pipe closes under the writer; it stops quietly (exit 141,
+    as a shell reports SIGPIPE) instead of a BrokenPipeError traceback on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "dllm_export.cli", "info", "--model", "default"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and "Traceback" not in err, err
+
+
 def test_sym_and_asym_reach_the_config(monkeypatch):
     """--sym / --asym set QuantizeConfig.sym (True / False; neither: None, the method's default)."""
     import dllm_export.verify as verify

@@ -114,6 +114,21 @@ def w8_onnx(tiny_dirs, tmp_path_factory):
                   quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)}).path
 
 
+def test_info_on_an_artifact_reads_its_manifest(w8_onnx, capsys):
+    """`info` describes an exported artifact from its manifest (it said "no model.safetensors")."""
+    import json
+
+    from dllm_export.cli import main
+
+    assert main(["info", "--model", str(w8_onnx)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{w8_onnx}: ONNX artifact (dllm-export/onnx v1) of ") and "rtn W8A16" in out
+    assert "file model.onnx" in out and "dims.n_layers" in out
+    assert main(["info", "--model", str(w8_onnx), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "onnx" and info["scheme"] == "W8A16" and info["files"]["model.onnx"] > 0
+
+
 @pytest.mark.parametrize("kwargs", [dict(dtype="bfloat16"), dict(kernel="int")])
 def test_torch_options_on_an_artifact_are_refused(kwargs, w8_onnx):
     """--dtype / --kernel choose a checkpoint's torch compute; on an ONNX artifact they were dropped."""
