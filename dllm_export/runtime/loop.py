@@ -338,6 +338,16 @@ class Plan:
                 raise InputError(f"factor decoding ranks by confidence; sampler {self.sampler!r} has none")
         if self.cache not in CACHES:
             raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
+        for name in ("refresh", "refresh_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_reads()
+        if self.cache != "none" and backend is not None and not backend.supports_cache:
+            raise InputError(f"the {backend.name} backend has no KV cache; use cache='none'")
+
+    def _check_reads(self) -> None:
+        """Refuse settings the decoding would drop without a word: a cache refresh without a cache,
+        Dream's sampling filters where a LLaDA sampler or a threshold / factor rule commits."""
         refresh = [n for n in ("refresh", "refresh_tokens") if getattr(self, n) is not None]
         if refresh and self.cache == "none":
             raise InputError(f"{' and '.join(refresh)} {'needs' if len(refresh) == 1 else 'need'} a block cache: "
@@ -346,15 +356,9 @@ class Plan:
         if dream_only and (self.parallel or self.sampler in S.LLADA_SAMPLERS):
             rule = (f"{'threshold' if self.threshold is not None else 'factor'} decoding" if self.parallel
                     else f"LLaDA's sampler {self.sampler!r}")
-            what = "is an option" if len(dream_only) == 1 else "are options"
+            what, it = ("is an option", "it") if len(dream_only) == 1 else ("are options", "them")
             raise InputError(f"{', '.join(dream_only)} {what} of Dream's samplers ({', '.join(S.DREAM_SAMPLERS)}); "
-                             f"{rule} does not read {'it' if len(dream_only) == 1 else 'them'}")
-        if self.cache != "none" and backend is not None and not backend.supports_cache:
-            raise InputError(f"the {backend.name} backend has no KV cache; "
-                             f"use cache='none'")
-        for name in ("refresh", "refresh_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+                             f"{rule} does not read {it}")
 
     def settings(self) -> dict:
         """The settings as a plain dict (GenerateOutput.settings)."""
