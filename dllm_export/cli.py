@@ -283,7 +283,8 @@ def _add_bench_build(sub) -> None:
                                                 "'default'; ratios are to the first")
     bn.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="auto (by what each path holds) | torch | onnxruntime | llama.cpp")
-    bn.add_argument("--canvas", type=_at_least(1), default=128, help="tokens of one timed denoising step (default: %(default)s)")
+    bn.add_argument("--canvas", type=_at_least(1), default=128,
+                    help="tokens of one timed denoising step (default: %(default)s)")
     bn.add_argument("--reps", type=_at_least(1), default=10, help="timed denoising steps (default: %(default)s)")
     bn.add_argument("--decode-reps", type=_at_least(1), default=3,
                     help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")

@@ -126,7 +126,8 @@ def test_build_config_settings_are_checked(section, message, tmp_path, capsys):
     """A bad count was a ValueError traceback (`seq_len = "x"`) or a cell failing after the export
     (`samples = -2`); a misspelt key was ignored."""
     p = tmp_path / "b.toml"
-    p.write_text('[[models]]\nname = "a"\npath = "default"\n[[targets]]\nname = "t"\ntarget = "onnx"\n' + section + "\n")
+    head = '[[models]]\nname = "a"\npath = "default"\n[[targets]]\nname = "t"\ntarget = "onnx"\n'
+    p.write_text(head + section + "\n")
     assert main(["build", str(p), "--matrix"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

@@ -171,3 +171,22 @@ def test_spec_names_the_roles_factory_and_train_use(family):
     outs = [n for n in names if spec.is_residual_out(n)]
     assert len(outs) == 2 * 2 and all(n.startswith(spec.blocks) for n in outs)
     assert (spec.gguf_rope_permute, spec.elbo_estimator) == {"llada": (True, "llada"), "dream": (False, "dream")}[family]
+
+
+@pytest.mark.parametrize("device, message", [("gpu0", "unknown device 'gpu0'"),
+                                             ("cuda:7", "device 'cuda:7': ")])
+def test_devices_this_machine_lacks_are_refused(device, message, tiny_dirs, tmp_path):
+    """A CUDA device on a CPU build died inside safetensors' reader (load) or as an AssertionError
+    traceback (quantize); now one line naming the device, before any file is read."""
+    from dllm_export.errors import InputError
+    from dllm_export.quant import CalibConfig, QuantizeConfig, quantize
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    with pytest.raises(InputError, match=message):
+        D.load_model(tiny_dirs["llada"], device=device)
+    with pytest.raises(InputError, match=message):
+        quantize(tiny_dirs["llada"], tmp_path / "q", QuantizeConfig(method="rtn", calib=CalibConfig(n_samples=1,
+                                                                                                   seq_len=8)),
+                 device=device, progress=False)
+    assert not (tmp_path / "q").exists()

@@ -441,7 +441,8 @@ def test_on_canvas_hook_leaves_the_trace(torch_engine):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(port=70000), "port must lie in 0..65535"), (dict(max_queue=0), "max_queue must be >= 1, got 0"),
-    (dict(max_body_bytes=0), "max_body_bytes must be >= 1"), (dict(graceful_timeout=-1), "graceful_timeout must be >= 0"),
+    (dict(max_body_bytes=0), "max_body_bytes must be >= 1"),
+    (dict(graceful_timeout=-1), "graceful_timeout must be >= 0"),
 ])
 def test_server_settings_that_cannot_serve_are_refused(settings, message):
     """A queue or body limit of 0 would refuse every request and a port out of range would raise

@@ -131,6 +131,24 @@ def resolve_dtype(dtype: torch.dtype | str, config: dict) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that can hold tensors on this machine; InputError for a name torch
+    does not know, or a CUDA device where there is none (a CPU build of torch, no GPU visible)."""
+    from ..errors import InputError
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r} ({str(e).splitlines()[0]})") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"device {str(device)!r}: {why} (torch {torch.__version__}); use cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 def tokenizer_special_ids(path: Path) -> dict[str, int]:
     """token text -> id of the added (special) tokens of a folder's tokenizer.json, if any."""
     f = path / "tokenizer.json"

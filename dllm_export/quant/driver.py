@@ -21,8 +21,8 @@ from torch import nn
 from ..errors import CalibrationError, InputError
 from ..models.checks import check_weight
 from ..formats import QUANTIZED_FORMAT, QUANTIZED_VERSION
-from ..models.checkpoint import (open_shards, read_config, resolve_model_path, source_record, tokenizer_files,
-                                 tokenizer_special_ids, weight_files, write_checkpoint)
+from ..models.checkpoint import (open_shards, read_config, resolve_device, resolve_model_path, source_record,
+                                 tokenizer_files, tokenizer_special_ids, weight_files, write_checkpoint)
 from ..models.loader import build_model
 
 from .base import METHODS, QuantizeConfig, forward_block, round_weight
@@ -174,7 +174,7 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     Returns:
         the output folder, holding safetensors, config.json, tokenizer files and manifest.json.
     """
-    run = _prepare(model_path, qcfg, source_model, torch.device(device))
+    run = _prepare(model_path, qcfg, source_model, resolve_device(device))
     # 1 GiB shards: finished blocks leave memory as soon as their shard is written
     return write_checkpoint(out_dir, run.config, _stream(run, progress), dtype=None,
                             extra_files=lambda: tokenizer_files(run.path), max_shard_bytes=SHARD_BYTES,
