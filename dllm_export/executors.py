@@ -111,6 +111,24 @@ def import_ray():
     return ray
 
 
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """InputError unless something listens at a Ray address's host:port ("host:port" or
+    "ray://host:port"; None and "auto" are this node's, which Ray finds itself): Ray keeps retrying
+    an address nothing answers at, printing a warning every 30 seconds, without end."""
+    import socket
+
+    if address in (None, "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise InputError(f"cannot reach a Ray cluster at {address!r}: {e.strerror or e}") from None
+
+
 class RayExecutor:
     """Each cell a Ray task. Connects to `address` ("auto": the cluster running on this node;
     "ray://host:10001": a remote cluster through Ray Client; None: Ray's default, which joins a
@@ -137,6 +155,7 @@ class RayExecutor:
         ray = import_ray()
         started = not ray.is_initialized()
         if started:
+            _probe(self.address)
             try:
                 ray.init(address=self.address)
             except ConnectionError as e:

@@ -49,3 +49,24 @@ def test_cli_names_the_missing_extra(monkeypatch, tmp_path, capsys):
     assert main(["report", "--models", "default", "--methods", "rtn", "--schemes", "W8A16", "--tasks", "arithmetic",
                  "--items", "1", "--out", str(tmp_path), "--executor", "ray"]) == 2
     assert "dllm-export[ray]" in capsys.readouterr().err
+
+
+def test_ray_addresses_nothing_answers_at_are_refused_at_once():
+    """Ray retries an address nothing listens at without end (a warning every 30 s); the probe
+    names it in one line first. None / auto are this node's, which Ray finds itself."""
+    import socket
+
+    from dllm_export.executors import _probe
+
+    for address in (None, "auto"):
+        _probe(address)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        _probe(f"127.0.0.1:{port}")
+        _probe(f"ray://127.0.0.1:{port}")
+    with pytest.raises(InputError, match=f"cannot reach a Ray cluster at '127.0.0.1:{port}'"):
+        _probe(f"127.0.0.1:{port}")  # closed now
+    with pytest.raises(InputError, match="expected host:port, ray://host:port or auto"):
+        _probe("nonsense")
