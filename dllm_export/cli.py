@@ -948,6 +948,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`dllm-export info | head`): stop quietly, as head's writers do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return 141
+    except OSError as e:  # the machine, not the input (a full disk, a file gone mid-run): one line, exit 1
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dllm-export: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

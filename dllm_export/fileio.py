@@ -25,10 +25,18 @@ _CHUNK = 1 << 20
 
 
 def check_output_folder(out: str | Path) -> Path:
-    """`out` as a Path, or InputError when it exists and is not an empty folder (every writer's rule)."""
+    """`out` as a Path, or InputError when it exists and is not an empty folder, or when no folder
+    can be made where it goes (every writer's rule, checked before the work that fills it)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"output folder {out} exists and is not empty")
+    base = out.parent
+    while not base.exists() and base != base.parent:  # the folders above it are made on the way
+        base = base.parent
+    try:  # a trial folder: permissions, read-only mounts and pseudo file systems (/proc) all answer here
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=base)).rmdir()
+    except OSError as e:
+        raise InputError(f"cannot write the output folder {out}: {base}: {e.strerror or e}") from None
     return out
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,41 @@ def test_export_subcommand_equals_the_root_form(tiny_dirs, tmp_path, capsys):
         assert f"{out}: llada -> onnx (qdq), float32" in capsys.readouterr().out
         digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())})
     assert digests[0] == digests[1] and "model.onnx" in digests[0]
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path, capsys):
+    """--out under a read-only or pseudo file system died with FileNotFoundError once the export had
+    quantized (the temp folder beside it); now one line before any work, and nothing is left."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        probe = ro / "w"
+        try:  # root writes anywhere: then /proc is the folder no one can make entries in
+            probe.mkdir()
+            probe.rmdir()
+            target = Path("/proc/dllm-export-test/art")
+        except OSError:
+            target = ro / "sub" / "art"
+        if not target.parent.parent.exists():
+            pytest.skip("no read-only place to write into here")
+        assert main(["--target", "onnx", "--bits", "4", "--method", "rtn", "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dllm-export: error: cannot write the output folder {target}: ") and err.count("\n") == 1
+    finally:
+        ro.chmod(0o700)
+
+
+def test_machine_errors_are_one_line_with_exit_1(monkeypatch, capsys):
+    """A full disk or a file gone mid-run is the machine, not the input: one line naming the file."""
+    import errno
+
+    import dllm_export.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/.art.tmp-1/model.onnx.data")
+
+    monkeypatch.setattr(cli, "cmd_info", full)
+    assert main(["info", "--model", "default"]) == 1
+    assert capsys.readouterr().err == ("dllm-export: error: /data/out/.art.tmp-1/model.onnx.data: "
+                                       "No space left on device\n")

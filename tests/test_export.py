@@ -129,6 +129,24 @@ def test_info_on_an_artifact_reads_its_manifest(w8_onnx, capsys):
     assert info["kind"] == "onnx" and info["scheme"] == "W8A16" and info["files"]["model.onnx"] > 0
 
 
+def test_an_artifact_is_not_a_checkpoint(w8_onnx, tmp_path):
+    """Exporting or quantizing an artifact read its manifest as a quantized checkpoint's ("is not a
+    dllm-export quantized manifest"); now it is named for what it is."""
+    from dllm_export import CheckpointError, load_model
+    from dllm_export.quant import QuantizeConfig, quantize
+
+    message = f"{w8_onnx} is an ONNX artifact, not a checkpoint"
+    with pytest.raises(CheckpointError, match=message):
+        export(w8_onnx, tmp_path / "again", target="gguf", quant="Q8_0")
+    with pytest.raises(CheckpointError, match=message):
+        quantize(w8_onnx, tmp_path / "q", QuantizeConfig(method="rtn"), progress=False)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(w8_onnx)
+    with pytest.raises(CheckpointError, match="model.gguf is a GGUF artifact"):
+        load_model(tmp_path / "model.gguf")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("kwargs", [dict(dtype="bfloat16"), dict(kernel="int")])
 def test_torch_options_on_an_artifact_are_refused(kwargs, w8_onnx):
     """--dtype / --kernel choose a checkpoint's torch compute; on an ONNX artifact they were dropped."""

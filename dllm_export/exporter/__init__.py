@@ -129,7 +129,7 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
     every error an exporter would raise about bits, groups, formats or files comes here, before
     any calibration runs."""
     from ..fileio import check_output_folder
-    from ..models.checkpoint import resolve_model_path
+    from ..models.checkpoint import resolve_checkpoint
 
     if req.target not in TARGETS:
         raise InputError(f"unknown export target {req.target!r} (choose from {', '.join(TARGETS)})")
@@ -140,7 +140,7 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
     if req.bits is not None and req.bits not in allowed:
         raise InputError(f"target {req.target} cannot carry {req.bits}-bit weights "
                          f"(supported: {', '.join(map(str, allowed))})")
-    src = resolve_model_path(model)
+    src = resolve_checkpoint(model)
     check_output_folder(out)
     extra = dict(req.extra_manifest)
     profile = None

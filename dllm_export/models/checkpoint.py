@@ -46,6 +46,24 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`resolve_model_path` for a checkpoint whose weights are read (float or quantized): an
+    exported ONNX / GGUF artifact is refused by name (its manifest used to be read as a quantized
+    checkpoint's)."""
+    if str(path) in BUNDLED:
+        return resolve_model_path(path)
+    p = Path(path)
+    if p.suffix == ".gguf":
+        kind = "a GGUF"
+    else:
+        p = resolve_model_path(path)
+        kind = next((k for f, k in (("model.onnx", "an ONNX"), ("model.gguf", "a GGUF")) if (p / f).is_file()), None)
+    if kind is not None:
+        raise CheckpointError(f"{p} is {kind} artifact, not a checkpoint: export, quantize and load_model read the "
+                              f"checkpoint it was made from (`dllm-export info --model {p}` names it)")
+    return p
+
+
 def checkpoint_sha256(path: str | Path) -> str:
     """sha256 over a checkpoint's config.json and weight files (names and bytes), in name order."""
     folder = resolve_model_path(path)

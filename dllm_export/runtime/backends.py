@@ -142,11 +142,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
     Raises:
         CheckpointError: missing/truncated files, unknown model_type, wrong tensor shapes.
     """
-    from ..models.checkpoint import is_quantized, read_config, resolve_device, resolve_dtype, resolve_model_path
+    from ..models.checkpoint import is_quantized, read_config, resolve_checkpoint, resolve_device, resolve_dtype
     from ..models.loader import load_float_model
 
     device = resolve_device(device)
-    folder = resolve_model_path(path)
+    folder = resolve_checkpoint(path)
     if is_quantized(folder):
         from ..quant.load import load_quantized
 
