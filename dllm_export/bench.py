@@ -92,7 +92,6 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     import torch
 
     from . import generate, load_tokenizer
-    from .models.loader import resolve_model_path
     from .runtime.backends import backend_kind, load_backend
     from .runtime.loop import with_preset
 
@@ -139,19 +138,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     }
     if getattr(be, "kernels", None):
         res["kernels"] = be.kernels
-    if cfg.roofline:  # what one timed step reads and computes (the parent divides by the host's limits)
-        from .models.loader import read_spec
-        from .runtime.roofline import artifact_precision, step_cost
-
-        p = Path(path)
-        folder = p if p.exists() else resolve_model_path(str(p))
-        folder = folder.parent if folder.suffix == ".gguf" else folder
-        prec = artifact_precision(p if p.exists() else folder, "float32")
-        cost = step_cost(read_spec(folder)[2], prec, rows=cfg.canvas, keys=cfg.canvas, head_rows=cfg.canvas,
-                         cached=False)
-        res.update(step_mb_read=round(cost.bytes / 1e6, 2), step_gflop=round(cost.flops / 1e9, 3),
-                   step_attention_gflop=round(cost.attention_flops / 1e9, 3), compute=prec.compute,
-                   attention=prec.attention)
+    if cfg.roofline:
+        res.update(_step_cost(path, cfg.canvas))
     if cfg.profile:
         res["profile"] = op_profile(be, lambda: generate(be, prompt, **opts), cfg.profile_top)
     if cfg.quality:
@@ -159,6 +147,21 @@ def measure(path: str, cfg: BenchConfig) -> dict:
 
         res.update(quick_quality(be, load_tokenizer(path), windows=cfg.eval_windows, problems=cfg.problems))
     return res
+
+
+def _step_cost(path: str, canvas: int) -> dict:
+    """What one timed step of `path` reads and computes (the parent divides by the host's limits)."""
+    from .models.loader import read_spec, resolve_model_path
+    from .runtime.roofline import artifact_precision, step_cost
+
+    p = Path(path)
+    folder = p if p.exists() else resolve_model_path(str(p))
+    folder = folder.parent if folder.suffix == ".gguf" else folder
+    prec = artifact_precision(p if p.exists() else folder, "float32")
+    cost = step_cost(read_spec(folder)[2], prec, rows=canvas, keys=canvas, head_rows=canvas, cached=False)
+    return {"step_mb_read": round(cost.bytes / 1e6, 2), "step_gflop": round(cost.flops / 1e9, 3),
+            "step_attention_gflop": round(cost.attention_flops / 1e9, 3), "compute": prec.compute,
+            "attention": prec.attention}
 
 
 def op_profile(be, fn, top: int = 12) -> dict:
