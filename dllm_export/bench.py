@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import DllmExportError
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -114,7 +116,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     settings = with_preset(cfg.preset, {"cache": cfg.cache, "threshold": cfg.threshold,
                                         "refresh_tokens": cfg.refresh_tokens, "stop_at_eos": cfg.stop_at_eos},
                            be.supports_cache)
-    opts = dict(gen_length=cfg.gen_length, steps=cfg.steps or cfg.gen_length, block_length=cfg.block_length, **settings)
+    opts = dict(gen_length=cfg.gen_length, steps=cfg.steps or cfg.gen_length, block_length=cfg.block_length,
+                **settings)
     load_before = os.getloadavg()[0]
     out = generate(be, prompt, **opts)  # warm-up: first-call costs of every window shape
     decode = []
@@ -291,8 +294,6 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", required=True)
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
-    from .errors import DllmExportError
-
     try:
         print(json.dumps(measure(args.one, BenchConfig(**json.loads(args.config)))))
     except DllmExportError as e:  # one line, which the parent reports as this artifact's error

@@ -113,7 +113,7 @@ def import_ray():
 
 def _probe(address: str | None, timeout: float = 5.0) -> None:
     """InputError unless something listens at a Ray address's host:port ("host:port" or
-    "ray://host:port"; None and "auto" are this node's, which Ray finds itself): Ray keeps retrying
+    "ray://host:port"; None, "auto" and "local" are this node's, which Ray finds or starts): Ray keeps retrying
     an address nothing answers at, printing a warning every 30 seconds, without end."""
     import socket
 

@@ -36,6 +36,19 @@ def artifact_folder(path: str | Path) -> str | Path:
     return Path(path).parent if str(path).endswith(".gguf") else path
 
 
+# the model file that makes a folder an exported artifact of each format
+ARTIFACT_MODEL_FILES = {"onnx": "model.onnx", "gguf": "model.gguf"}
+
+
+def artifact_format(path: str | Path) -> str | None:
+    """"onnx" / "gguf" for an exported artifact (its folder, or a .gguf file), None for anything
+    else (a checkpoint folder, a bundled model's name)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return "gguf"
+    return next((fmt for fmt, name in ARTIFACT_MODEL_FILES.items() if (p / name).is_file()), None)
+
+
 def matmulnbits_block_ok(block_size: int) -> bool:
     """Whether MatMulNBits can hold groups of `block_size` weights (a power of two >= 16)."""
     return block_size >= MATMULNBITS_MIN_BLOCK and not block_size & (block_size - 1)

@@ -142,6 +142,7 @@ def test_an_artifact_is_not_a_checkpoint(w8_onnx, tmp_path):
         quantize(w8_onnx, tmp_path / "q", QuantizeConfig(method="rtn"), progress=False)
     with pytest.raises(CheckpointError, match=message):
         load_model(w8_onnx)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match="model.gguf is a GGUF artifact"):
         load_model(tmp_path / "model.gguf")
     assert not (tmp_path / "again").exists() and not (tmp_path / "q").exists()

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import atomic_folder, write_manifest
-from ..formats import TOKENIZER_FILES
+from ..formats import TOKENIZER_FILES, artifact_format
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -50,18 +50,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """`resolve_model_path` for a checkpoint whose weights are read (float or quantized): an
     exported ONNX / GGUF artifact is refused by name (its manifest used to be read as a quantized
     checkpoint's)."""
-    if str(path) in BUNDLED:
-        return resolve_model_path(path)
-    p = Path(path)
-    if p.suffix == ".gguf":
-        kind = "a GGUF"
-    else:
-        p = resolve_model_path(path)
-        kind = next((k for f, k in (("model.onnx", "an ONNX"), ("model.gguf", "a GGUF")) if (p / f).is_file()), None)
-    if kind is not None:
-        raise CheckpointError(f"{p} is {kind} artifact, not a checkpoint: export, quantize and load_model read the "
-                              f"checkpoint it was made from (`dllm-export info --model {p}` names it)")
-    return p
+    fmt = artifact_format(path) if str(path) not in BUNDLED and Path(path).exists() else None
+    if fmt is not None:
+        kind = {"onnx": "an ONNX", "gguf": "a GGUF"}[fmt]
+        raise CheckpointError(f"{path} is {kind} artifact, not a checkpoint: export, quantize and load_model read "
+                              f"the checkpoint it was made from (`dllm-export info --model {path}` names it)")
+    return resolve_model_path(path)
 
 
 def checkpoint_sha256(path: str | Path) -> str:

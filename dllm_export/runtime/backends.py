@@ -162,18 +162,14 @@ def backend_kind(path, backend: str = "auto") -> str:
     .gguf file or a folder with model.gguf, else "torch" (a checkpoint, `default`); `backend`
     other than "auto" forces one."""
     from ..errors import InputError
+    from ..formats import artifact_format
     from ..models.checkpoint import BUNDLED
 
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend != "auto" or str(path) in BUNDLED:
         return "torch" if backend == "auto" else backend
-    p = Path(path)
-    if (p / "model.onnx").is_file():
-        return "onnxruntime"
-    if p.suffix == ".gguf" or (p / "model.gguf").is_file():
-        return "llama.cpp"
-    return "torch"
+    return {"onnx": "onnxruntime", "gguf": "llama.cpp"}.get(artifact_format(path), "torch")
 
 
 def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = None, threads: int = 0,
