@@ -131,7 +131,9 @@ def _check(args) -> tuple[Path, dict]:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         spec, dims = manifest["spec"], manifest["dims"]
-        spec["mask_id"], spec["shift_logits"], dims["vocab_rows"]
+        missing = [k for k, table in (("mask_id", spec), ("shift_logits", spec), ("vocab_rows", dims)) if k not in table]
+        if missing:
+            raise KeyError(", ".join(missing))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BadInput(f"{folder}: not a dllm-export artifact (manifest.json: {type(e).__name__}: {e})") from None
     if not any((folder / f).is_file() for f in ("model.onnx", "model.gguf")):
