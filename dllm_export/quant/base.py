@@ -192,8 +192,8 @@ class QuantMethod:
     @classmethod
     def rounding(cls, qcfg: QuantizeConfig) -> str | None:
         """How it rounds the weights: "rtn" / "gptq" (`round_weight`: the clip search, GPTQ's
-        options), or None for a rounding of its own."""
-        return None
+        options), or None for a rounding of its own; a method that reads `weight_method` rounds by it."""
+        return qcfg.weight_method if "weight_method" in cls.options else None
 
     def __init__(self, qcfg: QuantizeConfig, spec: ModelSpec, model_config):
         self.qcfg = qcfg

@@ -237,10 +237,6 @@ class QuaRot(QuantMethod):
     default_act_sym = True  # QuaRot quantizes activations symmetrically, per token
     options = frozenset({"weight_method"})
 
-    @classmethod
-    def rounding(cls, qcfg):
-        return qcfg.weight_method
-
     def __init__(self, qcfg, spec, model_config):
         super().__init__(qcfg, spec, model_config)
         self.rotation = QuaRotRotation(spec, model_config, qcfg.seed)

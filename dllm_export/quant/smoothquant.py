@@ -111,10 +111,6 @@ class SmoothQuant(QuantMethod):
     default_act_sym = False  # per-token asymmetric activations, as the study's SmoothQuant
     options = frozenset({"alpha", "weight_method"})
 
-    @classmethod
-    def rounding(cls, qcfg):
-        return qcfg.weight_method
-
     def process_block(self, block, X, ctx, index):
         ranges = smooth_block(self, block, X, ctx, self.qcfg.alpha)
         info = sequential_quantize(self, block, X, ctx, rounding=self.qcfg.weight_method)
