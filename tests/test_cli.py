@@ -54,6 +54,8 @@ def test_info(tiny_dirs, capsys):
     (["--target", "gguf", "--format", "qdq"], "--format applies to --target onnx only"),
     (["--target", "gguf", "--accuracy-level", "4"], "--accuracy-level applies to --target onnx only"),
     (["--target", "gguf", "--embed-head", "int8"], "--embed-head applies to --target onnx only"),
+    # a GGUF file whose manifest named the cuda profile, which runs ONNX only
+    (["--target", "gguf", "--device", "cuda"], "device profile cuda runs onnx artifacts, not --target gguf"),
 ])
 def test_bad_export_requests(args, message, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path / "art")]) == 2

@@ -148,6 +148,9 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
         from ..targets import get_profile
 
         profile = get_profile(req.device)
+        if req.target not in profile.targets:  # the manifest would name a device that does not run it
+            raise InputError(f"device profile {profile.name} runs {' / '.join(profile.targets)} artifacts, "
+                             f"not --target {req.target}")
         extra["device"] = profile.to_dict()
     return RESOLVERS[req.target](req, src, profile, extra)
 
