@@ -165,6 +165,34 @@ def test_streamed_driver_equals_in_memory(tiny_q, calib_file, tmp_path, method):
     assert "seconds" not in text and str(tmp_path) not in text
 
 
+@pytest.mark.parametrize("method,scheme,extra,data_free", [
+    ("rtn", "W4A16", {"group_size": 32}, True), ("rtn", "W8A8", {}, True),
+    ("quarot", "W4A8", {"weight_method": "rtn"}, True), ("rtn", "W8A8", {"act_granularity": "per_tensor"}, False),
+    ("gptq", "W4A16", {"group_size": 32}, False), ("quarot", "W4A8", {}, False), ("smoothquant", "W8A8", {}, False)])
+def test_data_free_runs_push_only_the_diagnostic_sequences(tiny_q, calib_file, tmp_path, monkeypatch, method, scheme,
+                                                          extra, data_free):
+    """RTN on dynamic activations reads no calibration statistics: the driver pushes only the sequences its error
+    figures read, and writes the weights the whole set would give."""
+    from safetensors.torch import load_file
+
+    from dllm_export.quant.base import QuantMethod
+
+    calib = CalibConfig(source=str(calib_file), n_samples=10, seq_len=64)  # error figures: 4 sequences
+    qcfg = QuantizeConfig(method=method, scheme=scheme, calib=calib, **extra)
+    model = D.load_model(tiny_q["llada"])
+    assert METHODS[method](qcfg, model.spec, model.config).reads_calibration() is not data_free
+    if not data_free:
+        return
+    fast = quantize(tiny_q["llada"], tmp_path / "fast", qcfg, progress=False)
+    monkeypatch.setattr(QuantMethod, "reads_calibration", lambda self: True)
+    full = quantize(tiny_q["llada"], tmp_path / "full", qcfg, progress=False)
+    ta, tb = load_file(fast / "model.safetensors"), load_file(full / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    calib = json.loads((fast / "manifest.json").read_text())["calibration"]
+    assert calib["reads_calibration"] is False and calib["windows_run"] < calib["windows"]
+    assert "windows_run" not in json.loads((full / "manifest.json").read_text())["calibration"]
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("method,scheme,tol", [("rtn", "W8A16", 0.02), ("gptq", "W8A16", 0.02), ("awq", "W8A16", 0.02),
                                                ("rtn", "W8A8", 0.05), ("smoothquant", "W8A8", 0.05),

@@ -188,6 +188,7 @@ class QuantMethod:
     default_act_sym = True
     default_weight_sym: bool | None = None  # None: the scheme's
     options: frozenset[str] = frozenset()  # QuantizeConfig fields of its own that it reads (alpha, weight_method)
+    calibrated_transforms = True  # its transforms or searches read the calibration activations (smoothing, AWQ)
 
     @classmethod
     def rounding(cls, qcfg: QuantizeConfig) -> str | None:
@@ -201,6 +202,13 @@ class QuantMethod:
         self.model_config = model_config
         self.wcfg = qcfg.weight_config()
         self.acfg = qcfg.act_config()
+
+    def reads_calibration(self) -> bool:
+        """Whether the weights or grids it writes depend on the calibration activations: its own
+        transforms, GPTQ's Hessians, static activation ranges. Where none do (RTN, QuaRot with RTN,
+        dynamic activations) the driver runs only the few sequences its error figures read."""
+        static_acts = self.acfg is not None and self.acfg.granularity == "per_tensor"
+        return self.calibrated_transforms or self.rounding(self.qcfg) == "gptq" or static_acts
 
     def layer_wcfg(self, name: str | None, in_features: int | None = None) -> WeightQuantConfig:
         """The grid of layer `name` (full module name; None: any layer) `in_features` wide: its
@@ -296,9 +304,12 @@ def hessians(block: nn.Module, X: torch.Tensor, ctx: tuple, names: list[str], ba
     return stats
 
 
+SAMPLE_ROWS = 256  # input rows a layer's output error is measured on (HessianStats.sample keeps as many)
+
+
 @torch.no_grad()
 def input_sample(block: nn.Module, X: torch.Tensor, ctx: tuple, name: str, batch_size: int,
-                 keep: int = 256) -> torch.Tensor:
+                 keep: int = SAMPLE_ROWS) -> torch.Tensor:
     """The first `keep` input rows [keep, in] of block.<name> (the rows HessianStats.sample keeps),
     from a forward over only as many calibration sequences as they need."""
     rows: list[torch.Tensor] = []

@@ -25,7 +25,7 @@ from ..models.checkpoint import (open_shards, read_config, resolve_checkpoint, r
                                  tokenizer_files, tokenizer_special_ids, weight_files, write_checkpoint)
 from ..models.loader import build_model
 
-from .base import METHODS, QuantizeConfig, forward_block, round_weight
+from .base import METHODS, SAMPLE_ROWS, QuantizeConfig, forward_block, round_weight
 from .calibrate import calibration_ids
 from .gptq import HessianStats
 from .mixed import allocation_record, embed_head_shapes, linear_shapes
@@ -34,6 +34,7 @@ from .qlinear import ActQuantLinear, QLinear
 from .schemes import fit_group
 
 SHARD_BYTES = 1 << 30
+DIAGNOSTIC_SEQUENCES = 4  # calibration sequences each block's output error is measured on
 
 
 class CheckpointSource:
@@ -223,6 +224,9 @@ def _prepare(model_path, qcfg: QuantizeConfig, source_model: nn.Module | None, d
     source = ModuleSource(source_model) if source_model is not None else CheckpointSource(path)
     max_len = int(getattr(model.config, spec.context_key))
     ids, calib_summary = calibration_ids(load_tokenizer(path), spec, qcfg.calib, max_len)
+    if not method.reads_calibration():  # RTN: the sequences the error figures read, not the whole set
+        keep = min(ids.shape[0], max(DIAGNOSTIC_SEQUENCES, -(-SAMPLE_ROWS // ids.shape[1])))
+        ids, calib_summary = ids[:keep], {**calib_summary, "windows_run": keep, "reads_calibration": False}
     manifest = {
         "format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "method": qcfg.method,
         "scheme": "auto" if qcfg.layer_bits else qcfg.scheme,  # per-layer bits: see "allocation"
@@ -317,7 +321,7 @@ def _process_block(run: _Run, i: int, X: torch.Tensor) -> tuple[torch.Tensor, di
     prefix = f"{spec.blocks}.{i}."
     materialize(block, prefix, run.source, run.device)
     method.prepare_block(block, i)  # exact, calibration-free transforms (QuaRot's rotations)
-    n_err = min(X.shape[0], 4)
+    n_err = min(X.shape[0], DIAGNOSTIC_SEQUENCES)
     Y_ref = forward_block(block, X[:n_err], run.ctx, bs)
     try:
         info = method.process_block(block, X, run.ctx, i)

@@ -12,6 +12,7 @@ class RTN(QuantMethod):
     for the weights (calibration inputs only measure the output error)."""
 
     name = "rtn"
+    calibrated_transforms = False
 
     @classmethod
     def rounding(cls, qcfg):
@@ -26,6 +27,7 @@ class GPTQ(QuantMethod):
     """GPTQ on every block linear (q/k/v included), true-sequential within the block."""
 
     name = "gptq"
+    calibrated_transforms = False  # its Hessians are read through `rounding`
 
     @classmethod
     def rounding(cls, qcfg):

@@ -236,6 +236,7 @@ class QuaRot(QuantMethod):
     name = "quarot"
     default_act_sym = True  # QuaRot quantizes activations symmetrically, per token
     options = frozenset({"weight_method"})
+    calibrated_transforms = False  # random Hadamard rotations: no statistics
 
     def __init__(self, qcfg, spec, model_config):
         super().__init__(qcfg, spec, model_config)
