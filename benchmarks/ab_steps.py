@@ -1,10 +1,11 @@
-"""Side-by-side step times of two ONNX artifacts of one checkpoint (an exporter change, A against B).
+"""Side-by-side step times of ONNX artifacts of one checkpoint (an exporter change, A against B, or
+the kernel choices of one device).
 
-The two sessions are timed in turns (rounds x reps, best of each), so the noise of a shared host
-falls on both alike; prints and saves the full-step and dual-cache block-step times and the largest
-logit difference between the two.
+The sessions are timed in turns (rounds x reps, best of each), so the noise of a shared host falls
+on all alike; prints and saves the full-step and dual-cache block-step times and each artifact's
+largest logit difference from the first.
 
-    python benchmarks/ab_steps.py OLD_ARTIFACT NEW_ARTIFACT [--threads 2 --rounds 3 --out F.json]
+    python benchmarks/ab_steps.py OLD_ARTIFACT NEW_ARTIFACT [MORE ...] [--threads 2 --rounds 3 --out F.json]
 """
 
 from __future__ import annotations
@@ -26,12 +27,8 @@ def _best_ms(fn, reps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from roofline import step_kinds
-    from dllm_export.models.layers import KVCache
-    from dllm_export.runtime.ort import OrtBackend
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("artifacts", nargs=2, help="two ONNX artifact folders built from one checkpoint")
+    ap.add_argument("artifacts", nargs="+", help="two or more ONNX artifact folders built from one checkpoint")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen-length", type=int, default=256)
@@ -40,33 +37,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10, help="block steps per round (full steps: a fifth)")
     ap.add_argument("--out", help="JSON file for the figures")
     args = ap.parse_args(argv)
+    if len(args.artifacts) < 2:
+        ap.error("give two or more artifacts")
+    res = time_in_turns(args.artifacts, args.threads, args.prompt, args.gen_length, args.block_length, args.rounds,
+                        args.reps)
+    for a, t in res["ms"].items():
+        print(f"{a}: full {t['full']:.1f} ms, dual {t['dual']:.2f} ms"
+              + (f" (max |logit difference| from the first: {res['max_abs_logit_diff_dual'][a]:.3g})"
+                 if a in res["max_abs_logit_diff_dual"] else ""))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
 
-    L, block = args.prompt + args.gen_length, args.block_length
-    s, e = step_kinds(args.prompt, args.gen_length, block)["dual"]["window"]
+
+def time_in_turns(artifacts: list, threads: int = 2, prompt: int = 32, gen_length: int = 256, block_length: int = 32,
+                  rounds: int = 3, reps: int = 10) -> dict:
+    """Full-step and dual-cache block-step ms (best over `rounds` turns of `reps`) of each artifact, and the
+    largest block-step logit difference of each from the first."""
+    from roofline import step_kinds
+    from dllm_export.models.layers import KVCache
+    from dllm_export.runtime.ort import OrtBackend
+
+    L, block = prompt + gen_length, block_length
+    s, e = step_kinds(prompt, gen_length, block)["dual"]["window"]
     ids = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(0))
-    backends = [OrtBackend(a, threads=args.threads) for a in args.artifacts]
+    backends = [OrtBackend(a, threads=threads) for a in artifacts]
     caches = []
     for be in backends:
         kv = KVCache()
         be.forward(ids, cache=kv)
         kv.window = (s, e)
         caches.append(kv)
-    names = [Path(a).name for a in args.artifacts]  # results carry folder names, not this machine's paths
+    names = [Path(a).name for a in artifacts]  # results carry folder names, not this machine's paths
     times = {n: {"dual": [], "full": []} for n in names}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for a, be, kv in zip(names, backends, caches):
-            times[a]["dual"].append(_best_ms(lambda: be.forward(ids[:, s:e], cache=kv, rows=(0, block)), args.reps))
-            times[a]["full"].append(_best_ms(lambda: be.forward(ids, rows=(L - block, L)), max(1, args.reps // 5)))
+            times[a]["dual"].append(_best_ms(lambda: be.forward(ids[:, s:e], cache=kv, rows=(0, block)), reps))
+            times[a]["full"].append(_best_ms(lambda: be.forward(ids, rows=(L - block, L)), max(1, reps // 5)))
     logits = [be.forward(ids[:, s:e], cache=kv, rows=(0, block)) for be, kv in zip(backends, caches)]
-    res = {"threads": args.threads, "tokens": L, "window": [s, e],
-           "ms": {a: {k: round(min(v), 2) for k, v in t.items()} for a, t in times.items()},
-           "max_abs_logit_diff_dual": float((logits[0] - logits[1]).abs().max())}
-    for a in names:
-        print(f"{a}: full {res['ms'][a]['full']:.1f} ms, dual {res['ms'][a]['dual']:.2f} ms")
-    print(f"max |logit difference| on the block step: {res['max_abs_logit_diff_dual']:.3g}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    return 0
+    return {"threads": threads, "tokens": L, "window": [s, e],
+            "ms": {a: {k: round(min(v), 2) for k, v in t.items()} for a, t in times.items()},
+            "max_abs_logit_diff_dual": {a: float((lg - logits[0]).abs().max()) for a, lg in zip(names[1:], logits[1:])}}
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ ARTIFACTS = {
     "onnx-W4A8-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni",
                                 "quantize_options": {"progressive": False}}),
     # per-channel 4-bit codes stored as int4, widened at load for the u8 x s8 kernel
-    "onnx-W4A8pc-edge": ("onnx", {"scheme": "W4A8", "device": "x86-avx512-vnni"}),
+    "onnx-W4A8pc-edge": ("onnx", {"scheme": "W4A8", "group_size": 0, "device": "x86-avx512-vnni"}),
     # groups of 128 with progressive (integer) group scales, the profile's default: int4 codes in the
     # file, the u8 x s8 kernel
     "onnx-W4A8p-edge": ("onnx", {"scheme": "W4A8", "group_size": 128, "device": "x86-avx512-vnni"}),

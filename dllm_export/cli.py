@@ -863,6 +863,18 @@ def _host_speed_note() -> str:
         return ""
 
 
+def _portable_note() -> str:
+    """What `--device auto` would change for a portable ONNX export on this host."""
+    from .targets import detect
+
+    try:
+        name = detect().name
+    except DllmExportError:
+        return "--device names the profile of the device it will run on"
+    return (f"--device auto builds for this host ({name}) on its int8 kernels, faster at some fidelity "
+            f"(README: Choosing a 4-bit ONNX artifact)")
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
@@ -912,6 +924,8 @@ def cmd_export(args) -> int:
           f"(model.onnx + model.onnx.data); quantize {res.quantize_seconds:.1f} s, export {res.export_seconds:.1f} s")
     if m.get("device"):
         print(f"  built for device {m['device']['name']}: {m['device']['description']}")
+    elif m["scheme"] and kernels == ["float"] and not m["simulated"]:  # weight-only codes, fp32 compute
+        print(f"  portable: no --device, so fp32 arithmetic on every host; {_portable_note()}")
     print(f"  activations: {', '.join(kernels) or 'float'}; accuracy level {m['accuracy_level']}"
           + ("; SIMULATION graph (fake-quant activations: for accuracy studies, not speed)" if m["simulated"] else ""))
     if (m.get("quantize_settings") or {}).get("progressive"):

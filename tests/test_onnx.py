@@ -301,6 +301,7 @@ def test_export_cli_flow_and_generate(tmp_path, capsys):
     assert main(["--target", "onnx", "--bits", "4", "--method", "rtn", "--model", "default", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "W4A16 rtn" in text and "MiB" in text
+    assert "portable: no --device, so fp32 arithmetic on every host; " in text  # and what --device would change
     assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     props = {p.key: p.value for p in m.metadata_props}

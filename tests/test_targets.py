@@ -50,7 +50,10 @@ def test_device_fills_the_open_choices(device, tiny_dirs, tmp_path):
 @pytest.mark.parametrize("device,kw,want", [
     ("x86-avx512-vnni", dict(scheme="W4A8", group_size=32), True),  # grouped W4A8: the integer GEMM
     ("x86-avx512-vnni", dict(scheme="W4A8", group_size=32, quantize_options={"progressive": False}), False),
-    ("x86-avx512-vnni", dict(scheme="W4A8"), False),  # per channel: already an int8 weight
+    # the scheme's per-channel grid left open: the profile fills its groups (same kernel, less KLD)
+    ("x86-avx512-vnni", dict(scheme="W4A8"), True),
+    ("x86-avx512-vnni", dict(scheme="W4A8", group_size=0), False),  # per channel asked: already an int8 weight
+    ("x86-avx512-vnni", dict(scheme="W4A8", quantize_options={"progressive": False}), False),
     ("x86-avx512-vnni", dict(scheme="W4A16", group_size=32), False),  # weight-only: MatMulNBits
     ("x86-avx512-vnni", dict(scheme="W8A8", group_size=32), False),  # 8-bit weights: no room for the integers
     ("arm64-dotprod", dict(scheme="W4A8", group_size=32), False),  # not measured there
@@ -61,6 +64,8 @@ def test_profile_progressive_default(device, kw, want, tiny_dirs, tmp_path):
 
     plan = plan_export(tiny_dirs["llada"], tmp_path / "a", ExportRequest(target="onnx", device=device, **kw))
     assert plan.qcfg.weight_config().progressive is want
+    if "group_size" not in kw and kw["scheme"] == "W4A8":  # filled (the tiny widths fit 32) or the scheme's channel
+        assert plan.qcfg.weight_config().group_size == (32 if want else 0)
 
 
 def test_bits_override_the_scheme(tiny_dirs, tmp_path):
