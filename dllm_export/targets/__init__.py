@@ -45,7 +45,9 @@ class DeviceProfile:
             device, slower where other processes share the cores).
         progressive: grouped <= 4-bit weights under 8-bit activations (W4A8 with a group size) take
             progressive group scales (`--progressive`), so they run on the integer GEMM instead of
-            MatMulNBits; an explicit `--no-progressive` keeps fp16 group scales.
+            MatMulNBits, and a per-channel W4A8 scheme left without a group size takes `group_size`
+            (the same kernel, less error); `--no-progressive` keeps fp16 group scales, `--group-size 0`
+            per channel.
         speed_note: where a target measured slower than another on this device class: which,
             against what, and the faster target ("" where not measured).
     """
