@@ -22,6 +22,7 @@ import ast
 import random
 import re
 import sysconfig
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,21 @@ def code_texts(held_out: bool = False) -> list[tuple[str, str]]:
 
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_SCOPES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)  # the nodes a docstring opens
+_STATEMENT_LISTS = frozenset({"body", "orelse", "finalbody", "handlers", "cases"})
+
+
+def _scopes(tree: ast.AST):
+    """The module, classes and functions of `tree` in `ast.walk`'s breadth-first order, walking only
+    the statement lists (defs and classes stand nowhere else), so most of the tree is skipped."""
+    todo = deque([tree])
+    while todo:
+        node = todo.popleft()
+        for name in node._fields:  # field order, as ast.iter_child_nodes
+            if name in _STATEMENT_LISTS:
+                todo.extend(getattr(node, name))
+        if isinstance(node, _SCOPES):
+            yield node
 
 
 def docstring_sentences(sources: list[str]) -> list[str]:
@@ -125,9 +141,7 @@ def docstring_sentences(sources: list[str]) -> list[str]:
             tree = ast.parse(src)
         except (SyntaxError, ValueError):
             continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
+        for node in _scopes(tree):
             doc = ast.get_docstring(node)
             if not doc:
                 continue
@@ -169,7 +183,8 @@ def arithmetic_test_problems(recipe: CorpusRecipe = CorpusRecipe()) -> list[tupl
 def arithmetic_lines(n: int, recipe: CorpusRecipe = CorpusRecipe(), seed_offset: int = 1) -> list[str]:
     """`n` training lines: 40% 2-digit +, 40% 2-digit - (a >= b), 20% (1-2 digit) * (1 digit).
 
-    Problems in `arithmetic_test_problems` are never produced.
+    Problems in `arithmetic_test_problems` are never produced. One seeded stream: the first k of
+    `n` lines are the k lines asked for alone.
     """
     test = set(arithmetic_test_problems(recipe))
     rng = random.Random(recipe.seed + seed_offset)
@@ -206,14 +221,19 @@ class Corpus:
         return self.code_train + ["\n".join(self.english_train)] + ["\n".join(self.arithmetic_train[:20000])]
 
 
+def english_sentences(code_train: list[str], recipe: CorpusRecipe = CorpusRecipe()) -> list[str]:
+    """The English training sentences: the docstrings of the training code, in the recipe's order."""
+    sentences = docstring_sentences(code_train)
+    random.Random(recipe.seed + 2).shuffle(sentences)
+    return sentences
+
+
 def build_corpus(recipe: CorpusRecipe = CorpusRecipe()) -> Corpus:
     """Build every source of the recipe (deterministic for a given Python version)."""
-    train = code_texts(held_out=False)
-    sentences = docstring_sentences([t for _, t in train])
-    random.Random(recipe.seed + 2).shuffle(sentences)
+    train = [t for _, t in code_texts(held_out=False)]
     return Corpus(
-        code_train=[t for _, t in train],
-        english_train=sentences,
+        code_train=train,
+        english_train=english_sentences(train, recipe),
         arithmetic_train=arithmetic_lines(recipe.n_arithmetic_train_lines, recipe),
         code_held_out=code_texts(held_out=True),
         arithmetic_test=arithmetic_test_problems(recipe),

@@ -77,3 +77,60 @@ def test_a_resumed_run_replays_the_uninterrupted_one_bit_for_bit(tmp_path):
     for k, v in whole["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
     assert whole["mix_history"] == resumed["mix_history"]
+
+
+SCOPED_SOURCE = '''
+"""Module doc."""
+import sys
+if sys.platform == "x":
+    def a():
+        """In an if."""
+else:
+    class B:
+        """In an else."""
+        def m(self):
+            """A method."""
+            return [lambda: 1 for _ in ()]
+try:
+    def c():
+        """In a try."""
+except ValueError:
+    async def d():
+        """In a handler."""
+finally:
+    def e():
+        """In a finally."""
+match sys.argv:
+    case [x]:
+        def f():
+            """In a case."""
+with open(__file__) as fh:
+    for line in fh:
+        def g():
+            """In a loop in a with."""
+    else:
+        def h():
+            """In a for's else."""
+'''
+
+
+def test_docstring_scopes_come_in_ast_walks_order():
+    """The corpus walks only statement lists for docstrings; it must meet the same scopes in the same
+    order as ast.walk (the English sentences' order seeds their shuffle)."""
+    import ast
+    import random
+
+    from dllm_export.corpus import _SCOPES, _scopes, code_texts
+
+    sources = [SCOPED_SOURCE] + [t for _, t in random.Random(0).sample(code_texts(held_out=False), 25)]
+    for src in sources:
+        tree = ast.parse(src)
+        assert list(_scopes(tree)) == [n for n in ast.walk(tree) if isinstance(n, _SCOPES)]
+    assert len(list(_scopes(ast.parse(SCOPED_SOURCE)))) == 10  # the module and nine defs
+
+
+def test_arithmetic_lines_are_one_stream():
+    """Calibration builds only the arithmetic lines it reads: the first k lines of a longer stream."""
+    from dllm_export.corpus import arithmetic_lines
+
+    assert arithmetic_lines(300) == arithmetic_lines(3000)[:300]

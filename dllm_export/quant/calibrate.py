@@ -100,15 +100,20 @@ def decode_canvas_masks(ratios: list[float], length: int, gen_length: int, block
     return masks
 
 
+DEFAULT_ARITHMETIC_LINES = 20_000  # of the training stream's arithmetic: a sample beside the code and English
+
+
 @functools.lru_cache(maxsize=1)
 def _default_texts() -> tuple[str, ...]:
-    """The bundled corpus recipe's training texts (built once per process: it reads the stdlib)."""
-    from ..corpus import build_corpus
+    """The bundled corpus recipe's training texts (built once per process: it reads the stdlib); only
+    the sources calibration reads, not the whole corpus."""
+    from ..corpus import arithmetic_lines, code_texts, english_sentences
 
-    c = build_corpus()
+    code = [t for _, t in code_texts(held_out=False)]
+    english, arithmetic = english_sentences(code), arithmetic_lines(DEFAULT_ARITHMETIC_LINES)
     # code, then English and arithmetic in chunks of similar size, so a seeded document order mixes them
     chunk = lambda lines, n: ["\n".join(lines[i:i + n]) for i in range(0, len(lines), n)]  # noqa: E731
-    return tuple(c.code_train + chunk(c.english_train, 200) + chunk(c.arithmetic_train[:20000], 1000))
+    return tuple(code + chunk(english, 200) + chunk(arithmetic, 1000))
 
 
 def calibration_texts(source: str) -> list[str]:
