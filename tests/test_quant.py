@@ -118,7 +118,7 @@ def _calib(calib_file, **kw):
 def test_scale_folding_is_exact(tiny_q, family, method):
     """SmoothQuant's and AWQ's scales, folded without rounding, leave the logits unchanged."""
     from dllm_export.quant.awq import search_scales
-    from dllm_export.quant.base import capture_inputs, forward_block
+    from dllm_export.quant.base import collect_inputs, forward_block
     from dllm_export.quant.smoothquant import expand_kv_scales, fold_scales, heads, kv_group_scales, smooth_block
 
     for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 1e-3)]:
@@ -135,8 +135,7 @@ def test_scale_folding_is_exact(tiny_q, family, method):
                 n_heads, n_kv = heads(model.config)
                 for prev, consumers in model.spec.smooth_pairs:
                     xs = []
-                    with capture_inputs(block, [consumers[0]], lambda n, x: xs.append(x.reshape(-1, x.shape[-1]))):
-                        forward_block(block, X, ctx)
+                    collect_inputs(block, X, ctx, [consumers[0]], lambda n, x: xs.append(x.reshape(-1, x.shape[-1])))
                     x = torch.cat(xs).float()
                     Ws = [block.get_submodule(c).weight.float() for c in consumers]
                     expand, x_mean = None, None
@@ -163,6 +162,33 @@ def test_streamed_driver_equals_in_memory(tiny_q, calib_file, tmp_path, method):
     text = (a / "manifest.json").read_text()
     assert text == (b / "manifest.json").read_text()
     assert "seconds" not in text and str(tmp_path) not in text
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_collect_inputs_stops_each_batch_at_the_last_input_asked(tiny_q, family):
+    """Inputs taken from a forward stopped after the last asked-for layer equal those of a whole forward,
+    and the layers after it do not run."""
+    from dllm_export.quant.base import collect_inputs, linear_names
+
+    model = D.load_model(tiny_q[family])
+    block, ctx, names = model.blocks[0], model.block_context(24, torch.float32), linear_names(model.spec)
+    X = torch.randn(5, 24, block.get_submodule(names[0]).in_features, generator=torch.Generator().manual_seed(1))
+    full: dict[str, list] = {n: [] for n in names}
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: full[n].append(a[0].clone()))
+               for n in names]
+    for i in range(0, 5, 2):
+        block(X[i:i + 2], *ctx)
+    for h in handles:
+        h.remove()
+    ran = []
+    last = block.get_submodule(names[-1])
+    hook = last.register_forward_hook(lambda m, a, y: ran.append(True))
+    for upto in (names[:1], names[3:5], names[:-1]):
+        got: dict[str, list] = {n: [] for n in upto}
+        collect_inputs(block, X, ctx, upto, lambda n, x: got[n].append(x), batch_size=2)
+        assert all(torch.equal(torch.cat(got[n]), torch.cat(full[n])) for n in upto)
+    hook.remove()
+    assert not ran  # the down projection (after every asked-for input) never ran
 
 
 @pytest.mark.parametrize("method,scheme,extra,data_free", [

@@ -20,8 +20,7 @@ import functools
 import torch
 from torch import nn
 
-from .base import (QuantMethod, calibrate_static_acts, capture_inputs, forward_block, install_qlinear,
-                   register_method)
+from .base import QuantMethod, calibrate_static_acts, collect_inputs, install_qlinear, register_method
 from .primitives import QuantizedWeight, WeightQuantConfig, compute_grid, quantize_to_grid
 from .smoothquant import expand_kv_scales, fold_scales, heads, kv_group_scales
 
@@ -102,8 +101,7 @@ class AWQ(QuantMethod):
         def grab(name, x):
             inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())
 
-        with capture_inputs(block, [c[0] for _, c in pairs], grab):
-            forward_block(block, X, ctx, self.qcfg.batch_size)
+        collect_inputs(block, X, ctx, [c[0] for _, c in pairs], grab, self.qcfg.batch_size)
         xs = {n: torch.cat(v)[keep] for n, v in inputs.items()}
         n_heads, n_kv = heads(self.model_config)
         info: dict[str, dict] = {}

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import (GROUPS, QuantMethod, calibrate_static_acts, capture_inputs, forward_block, input_sample,
+from .base import (GROUPS, QuantMethod, calibrate_static_acts, collect_inputs, input_sample,
                    install_qlinear, linear_names, output_rel_err, register_method, sequential_quantize)
 from .hadamard import sylvester
 from .primitives import quantize_weight, single_thread
@@ -275,8 +275,7 @@ def rotation_inputs(method: QuantMethod, block: nn.Module, X: torch.Tensor, ctx:
         else:
             acc[n].append(x.reshape(-1, x.shape[-1]))
 
-    with capture_inputs(block, names, add):
-        forward_block(block, X, ctx, method.qcfg.batch_size)
+    collect_inputs(block, X, ctx, names, add, method.qcfg.batch_size)
     if mode == "mean":
         return {n: a[0] / X.shape[0] for n, a in acc.items()}
     return {n: torch.cat(a) for n, a in acc.items()}

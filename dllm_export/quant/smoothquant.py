@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import QuantMethod, capture_inputs, forward_block, register_method, sequential_quantize
+from .base import QuantMethod, collect_inputs, register_method, sequential_quantize
 
 
 class AbsMaxStats:
@@ -85,8 +85,7 @@ def smooth_block(method: QuantMethod, block: nn.Module, X: torch.Tensor, ctx: tu
     pairs = method.spec.smooth_pairs
     leaders = [consumers[0] for _, consumers in pairs]
     stats = {n: AbsMaxStats() for n in leaders}
-    with capture_inputs(block, leaders, lambda n, x: stats[n].update(x)):
-        forward_block(block, X, ctx, method.qcfg.batch_size)
+    collect_inputs(block, X, ctx, leaders, lambda n, x: stats[n].update(x), method.qcfg.batch_size)
     n_heads, n_kv = heads(method.model_config)
     applied = {}
     for prev, consumers in pairs:
