@@ -274,13 +274,13 @@ def collect_inputs(block: nn.Module, X: torch.Tensor, ctx: tuple, names: list[st
     forward (GPTQ's q/k/v Hessians need the attention norm only)."""
     seen: set[str] = set()
 
-    def hook(module, args, name):
-        fn(name, args[0].detach())
+    def take(name: str, x: torch.Tensor) -> None:
+        fn(name, x.detach())
         seen.add(name)
-        if len(seen) == len(names):
+        if len(seen) == len(set(names)):
             raise _InputsTaken
 
-    handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n))
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: take(n, args[0]))
                for n in names]
     try:
         for i in range(0, X.shape[0], batch_size):
