@@ -114,7 +114,7 @@ def to_markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from dllm_export.models.factory import make_random_checkpoint
-    from dllm_export.targets import detect
+    from dllm_export.targets import detect, host_flags
     from roofline import SHAPES, cpu_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     speed_res = speed(src, work, args)
     flags = sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp",
-                               "i8mm") if f in open("/proc/cpuinfo").read().split())
+                               "i8mm") if f in host_flags())
     res = {"command": "python benchmarks/onnx_w4_choices.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "host": f"{cpu_model()} ({', '.join(flags)}; profile {detect().name}; load {load0:.1f} before timing)",
            "threads": args.threads, "shape": args.shape, "method": args.method, "speed": speed_res,
