@@ -136,7 +136,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "tokens_per_s_max": round(n_gen / min(decode), 2), "nfe": out.nfe,
         "tokens_per_step": round(out.generated.numel() / max(out.nfe, 1), 2), "decode_settings": settings,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "threads": torch.get_num_threads() if be.name == "torch" else cfg.threads,
+        "threads": torch.get_num_threads() if be.name == "torch" else getattr(be, "threads", cfg.threads),
         "host_load": round(max(load_before, os.getloadavg()[0]), 2), "host_cores": os.cpu_count(),
     }
     if getattr(be, "kernels", None):

@@ -2,6 +2,7 @@
 llama.cpp's forward against ours (an independent implementation), decoding traces, bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -254,6 +255,19 @@ def test_backend_refuses_oversized_batches(f32_exports):
     with pytest.raises(InputError, match="n_ubatch"):
         be.forward(torch.zeros(1, 17, dtype=torch.long))
     assert be.forward(torch.zeros(3, 16, dtype=torch.long)).shape == (3, 16, 384)  # one call per row
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_backend_threads_default_to_the_cores(threads, f32_exports, monkeypatch):
+    """llama.cpp's context default is 4 threads on any host (1.7x slower a step on 2 cores): the backend
+    gives it one per physical core unless told, and says how many it runs."""
+    L = _llama()
+    from dllm_export.runtime import llamacpp
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    be = llamacpp.LlamaCppBackend(f32_exports["llada"], threads=threads, max_tokens=16)
+    want = threads or llamacpp.physical_cores()
+    assert be.threads == want == L.llama_n_threads(be.ctx) and 1 <= llamacpp.physical_cores() <= 2
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +59,29 @@ def gguf_file(path: str | Path) -> Path:
     return p
 
 
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyper-threads of one core counted once, as
+    llama.cpp's own tools count them): ggml's threads spin, so more threads than cores slow it."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
 class LlamaCppBackend:
     """`forward(ids, attention_mask) -> logits` through llama.cpp.
 
     Args:
         path: an artifact folder from `exporter.gguf` (model.gguf + config.json + tokenizer) or a
             .gguf file inside one.
-        threads: CPU threads (0 = llama.cpp's default).
+        threads: CPU threads (0 = one per physical core this process may run on).
         max_tokens: tokens per llama_decode call (n_batch = n_ubatch); default the model's context.
         max_seqs: sequences per call.
         flash_attn: llama.cpp's flash attention (faster; keeps K/V in F16, so logits move by ~1e-3
@@ -109,8 +126,10 @@ class LlamaCppBackend:
         cp.n_ctx = max(self.max_tokens, 256 * max_seqs) // max_seqs * max_seqs
         cp.n_seq_max = max_seqs
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if threads:
-            cp.n_threads = cp.n_threads_batch = threads
+        # llama.cpp's own default is 4 threads whatever the host: on 2 cores its spinning threads then
+        # take 1.7x longer a step (bundled model); one per core this process may run on
+        self.threads = threads or physical_cores()
+        cp.n_threads = cp.n_threads_batch = self.threads
         with kept_interrupts():
             self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
