@@ -191,6 +191,26 @@ def test_collect_inputs_stops_each_batch_at_the_last_input_asked(tiny_q, family)
     assert not ran  # the down projection (after every asked-for input) never ran
 
 
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, False), (3, 64, True), (4, 0, False)])
+def test_awq_clip_search_by_gram_equals_the_output_error(bits, group_size, sym):
+    """AWQ's clip search scores each group by d^T (x^T x) d: the same error as summing its outputs'
+    squares over the tokens (llm-awq's form, computed here independently), so the same ratios."""
+    from dllm_export.quant.awq import _fake_quant, search_clip
+    from dllm_export.quant.primitives import WeightQuantConfig
+
+    g = torch.Generator().manual_seed(bits + group_size)
+    x = torch.randn(300, 128, generator=g) * torch.linspace(0.1, 3, 128)  # uneven channels, as activations are
+    W = torch.randn(48, 128, generator=g)
+    cfg = WeightQuantConfig(bits, group_size, sym)
+    got = search_clip(x, W, cfg)
+    G = cfg.groups(128)
+    ratios = [1 - i / 20 for i in range(10)]
+    errs = torch.stack([((x.double().reshape(300, 1, G, -1) * (W - _fake_quant(W, cfg, r)).double().reshape(1, 48, G, -1))
+                         .sum(-1) ** 2).sum(0) for r in ratios])  # [ratio, out, G]
+    want = torch.tensor(ratios)[errs.argmin(0)]
+    assert torch.equal(got, want.float())
+
+
 @pytest.mark.parametrize("method,scheme,extra,data_free", [
     ("rtn", "W4A16", {"group_size": 32}, True), ("rtn", "W8A8", {}, True),
     ("quarot", "W4A8", {"weight_method": "rtn"}, True), ("rtn", "W8A8", {"act_granularity": "per_tensor"}, False),
