@@ -34,7 +34,8 @@ CHOICES = {
     "portable": ({"bits": 4}, "--bits 4"),
     "profile": ({"bits": 4, "device": "auto"}, "--bits 4 --device auto"),
     "w4a8": ({"scheme": "W4A8", "device": "auto"}, "--scheme W4A8 --device auto"),
-    "w4a8-channel": ({"scheme": "W4A8", "group_size": 0, "device": "auto"}, "--scheme W4A8 --group-size 0 --device auto"),
+    "w4a8-channel": ({"scheme": "W4A8", "group_size": 0, "device": "auto"},
+                     "--scheme W4A8 --group-size 0 --device auto"),
 }
 
 
@@ -51,6 +52,9 @@ def build(src, out: Path, choice: str, method: str) -> Path:
 def speed(src: Path, work: Path, args) -> dict:
     """Sizes and step times of each choice's RTN artifact of `src`."""
     from ab_steps import time_in_turns
+    from dllm_export.exporter import _widths
+    from dllm_export.quant import get_scheme
+    from dllm_export.quant.schemes import fit_group
 
     arts = {c: build(src, work / f"speed-{c}", c, "rtn") for c in CHOICES}
     res = time_in_turns([str(a) for a in arts.values()], threads=args.threads, rounds=args.rounds, reps=args.reps)
@@ -59,7 +63,10 @@ def speed(src: Path, work: Path, args) -> dict:
         size = sum(f.stat().st_size for f in a.iterdir() if f.name.startswith("model."))
         m = json.loads((a / "manifest.json").read_text())
         grid = m["quantize_settings"]
-        scheme = f"{m['scheme']} " + (f"g{grid['group_size']}" if grid["group_size"] else "per channel") + (
+        group, default = grid["group_size"], get_scheme(m["scheme"]).group_size
+        if group is None:  # the scheme's, fitted to the widths as the driver does
+            group = fit_group(default, _widths(src)) if default else 0
+        scheme = f"{m['scheme']} " + (f"g{group}" if group else "per channel") + (
             ", progressive" if grid["progressive"] else "")
         out[c] = {**res["ms"][a.name], "size_mib": round(size / 2**20, 2), "scheme": scheme,
                   "kernels": sorted(set(m["layers"].values())), "accuracy_level": m["accuracy_level"]}
@@ -119,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="anchor", help="random LLaDA for the speed columns")
+    ap.add_argument("--checkpoint", help="a checkpoint folder for the speed columns instead of --shape")
     ap.add_argument("--models", default="default,default-dream", help="bundled models for the fidelity columns")
     ap.add_argument("--method", default="gptq", help="PTQ method of the fidelity artifacts")
     ap.add_argument("--windows", type=int, default=16, help="fidelity windows per mask ratio")
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     quality_res = {m: quality(m, work, args) for m in args.models.split(",")}
-    src = work / f"ckpt-{args.shape}"
+    src = Path(args.checkpoint) if args.checkpoint else work / f"ckpt-{args.shape}"
     if not (src / "config.json").is_file():
         make_random_checkpoint(src, family="llada", dtype=torch.bfloat16, std=0.02, tokenizer=True,
                                max_shard_bytes=1 << 30, **SHAPES[args.shape])
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                                "i8mm") if f in host_flags())
     res = {"command": "python benchmarks/onnx_w4_choices.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "host": f"{cpu_model()} ({', '.join(flags)}; profile {detect().name}; load {load0:.1f} before timing)",
-           "threads": args.threads, "shape": args.shape, "method": args.method, "speed": speed_res,
+           "threads": args.threads, "shape": src.name if args.checkpoint else args.shape, "method": args.method,
+           "speed": speed_res,
            "quality": quality_res, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
