@@ -34,7 +34,7 @@ from .qlinear import ActQuantLinear, QLinear
 from .schemes import fit_group
 
 SHARD_BYTES = 1 << 30
-DIAGNOSTIC_SEQUENCES = 4  # calibration sequences each block's output error is measured on
+DIAGNOSTIC_SEQUENCES = 4  # calibration sequences each block's output error is measured on (at most)
 
 
 class CheckpointSource:
@@ -224,8 +224,8 @@ def _prepare(model_path, qcfg: QuantizeConfig, source_model: nn.Module | None, d
     source = ModuleSource(source_model) if source_model is not None else CheckpointSource(path)
     max_len = int(getattr(model.config, spec.context_key))
     ids, calib_summary = calibration_ids(load_tokenizer(path), spec, qcfg.calib, max_len)
-    if not method.reads_calibration():  # RTN: the sequences the error figures read, not the whole set
-        keep = min(ids.shape[0], max(DIAGNOSTIC_SEQUENCES, -(-SAMPLE_ROWS // ids.shape[1])))
+    if not method.reads_calibration():  # RTN: the rows its layers' error figures read, not the whole set
+        keep = min(ids.shape[0], -(-SAMPLE_ROWS // ids.shape[1]))
         ids, calib_summary = ids[:keep], {**calib_summary, "windows_run": keep, "reads_calibration": False}
     manifest = {
         "format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "method": qcfg.method,
