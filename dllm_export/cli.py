@@ -168,7 +168,8 @@ def _add_export_args(x) -> None:
                    help="quantization scheme; auto: mixed precision, per-layer bits from a sensitivity scan under "
                         "--avg-bits (default: W{bits}A16)")
     _add_auto_args(x)
-    x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's)")
+    x.add_argument("--group-size", type=int, help="weight group size (0 = per channel; default: the scheme's, or "
+                                                  "the device profile's where it measured groups faster or better)")
     x.add_argument("--progressive", action=argparse.BooleanOptionalAction,
                    help="onnx: QServe's progressive group scales (integers x a channel scale): grouped W4A8 runs on "
                         "the int8 GEMM exactly (with --scheme W4A8 --group-size 128; default: the device profile's)")
