@@ -199,7 +199,7 @@ def _add_generate(sub) -> None:
     _add_model_arg(g)
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
-    g.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: the runtime's)")
+    g.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: one per physical core)")
     g.add_argument("--kernel", choices=KERNELS, default="fake",
                    help="torch backend, quantized checkpoints: fake (dequantized weights, the reference) | int "
                         "(int4/int8 CPU kernels on the packed codes) (default: %(default)s)")
@@ -299,7 +299,7 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                     help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos, as generate's, per "
                          "artifact (default: %(default)s)")
-    bn.add_argument("--threads", type=_at_least(0), default=0)
+    bn.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: one per physical core)")
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
@@ -421,7 +421,7 @@ def _add_serve(sub) -> None:
                     help="default: by what MODEL holds")
     sv.add_argument("--device", choices=["auto", *PROFILES], help="device profile: its threads and onnxruntime "
                                                                   "providers (cuda: torch on the GPU)")
-    sv.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: the runtime's)")
+    sv.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: one per physical core)")
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
     sv.add_argument("--batch-wait-ms", type=_at_least(0, float), default=50.0,
