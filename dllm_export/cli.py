@@ -854,25 +854,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _host_speed_note() -> str:
-    """The speed note of this host's device profile ("" where none fits or none was measured)."""
+def _host_profile():
+    """This host's device profile, or None where none fits."""
     from .targets import detect
 
     try:
-        return detect().speed_note
+        return detect()
     except DllmExportError:
-        return ""
+        return None
 
 
 def _portable_note() -> str:
     """What `--device auto` would change for a portable ONNX export on this host."""
-    from .targets import detect
-
-    try:
-        name = detect().name
-    except DllmExportError:
+    profile = _host_profile()
+    if profile is None:
         return "--device names the profile of the device it will run on"
-    return (f"--device auto builds for this host ({name}) on its int8 kernels, faster at some fidelity "
+    return (f"--device auto builds for this host ({profile.name}) on its int8 kernels, faster at some fidelity "
             f"(README: Choosing a 4-bit ONNX artifact)")
 
 
@@ -914,7 +911,7 @@ def cmd_export(args) -> int:
         print(f"{res.path / 'model.gguf'}: {m['family']} -> gguf arch {m['arch']}, {m['file_type']}{exact}, "
               f"{m['method'] or ''} {size / 2**20:.2f} MiB; quantize {res.quantize_seconds:.1f} s, "
               f"export {res.export_seconds:.1f} s; tensor types {m['tensor_types']}")
-        note = (m.get("device") or {}).get("speed_note") or _host_speed_note()
+        note = (m.get("device") or {}).get("speed_note") or getattr(_host_profile(), "speed_note", "")
         if note:
             print(f"  speed: {note}")
         print(f"  run it: dllm-export generate --model {res.path} --prompt TEXT")

@@ -262,12 +262,13 @@ def test_backend_threads_default_to_the_cores(threads, f32_exports, monkeypatch)
     """llama.cpp's context default is 4 threads on any host (1.7x slower a step on 2 cores): the backend
     gives it one per physical core unless told, and says how many it runs."""
     L = _llama()
-    from dllm_export.runtime import llamacpp
+    from dllm_export.runtime.llamacpp import LlamaCppBackend
+    from dllm_export.targets import physical_cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    be = llamacpp.LlamaCppBackend(f32_exports["llada"], threads=threads, max_tokens=16)
-    want = threads or llamacpp.physical_cores()
-    assert be.threads == want == L.llama_n_threads(be.ctx) and 1 <= llamacpp.physical_cores() <= 2
+    be = LlamaCppBackend(f32_exports["llada"], threads=threads, max_tokens=16)
+    want = threads or physical_cores()
+    assert be.threads == want == L.llama_n_threads(be.ctx) and 1 <= physical_cores() <= 2
 
 
 @pytest.mark.parametrize("kwargs,match", [

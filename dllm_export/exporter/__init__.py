@@ -198,11 +198,9 @@ def _plan_onnx(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
         weight_only = (scheme or f"W{req.bits}A16").upper().endswith("A16")
         if accuracy_level is None and weight_only:
             accuracy_level = profile.accuracy_level
-        if group_size is None and weight_only:
-            group_size = fit_group(profile.group_size, _widths(src))
-        elif group_size is None and scheme and _fills_progressive_groups(profile, req, scheme):
-            # per-channel W4A8 and progressive groups run the same int8 GEMM at the same speed; the groups
-            # have a fifth less KLD for a 1.4 % larger file (benchmarks/results/onnx_w4_choices.md)
+        # weight-only grids take the profile's block; so does per-channel W4A8 where progressive groups run
+        # the same int8 GEMM at the same speed with a fifth less KLD (benchmarks/results/onnx_w4_choices.md)
+        if group_size is None and (weight_only or (scheme and _fills_progressive_groups(profile, req, scheme))):
             group_size = fit_group(profile.group_size, _widths(src))
     ocfg = OnnxExportConfig(weight_format=weight_format or "qdq", accuracy_level=accuracy_level,
                             act_kernel=req.act_kernel, embed_head=embed_head or "fp32", head_accuracy_level=head_acc)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from ..errors import CheckpointError, InputError
 from ..interrupts import kept_interrupts
 from ..models.loader import read_spec
+from ..targets import physical_cores
 
 def _set_verbose(verbose: bool) -> None:
     """llama-cpp-python's own log hook: errors only unless verbose (its callback is installed at import)."""
@@ -57,22 +57,6 @@ def gguf_file(path: str | Path) -> Path:
     if not p.is_file():
         raise CheckpointError(f"GGUF file not found: {p}")
     return p
-
-
-def physical_cores() -> int:
-    """The physical cores this process may run on (hyper-threads of one core counted once, as
-    llama.cpp's own tools count them): ggml's threads spin, so more threads than cores slow it."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for c in cpus:
-        try:
-            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
-        except OSError:
-            cores.add(str(c))
-    return max(1, len(cores))
 
 
 class LlamaCppBackend:

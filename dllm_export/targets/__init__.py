@@ -12,6 +12,7 @@ other work).
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +114,22 @@ def host_flags() -> set[str]:
         if key in ("flags", "features"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyper-threads of one core counted once, as
+    llama.cpp's own tools count them): ggml's threads spin, so more threads than cores slow it."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
 
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16 / AMX, arm64 FEAT_BF16
