@@ -429,7 +429,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),
                     help="require Authorization: Bearer KEY on /v1/* (default: $DLLM_EXPORT_API_KEY, or none)")
-    sv.add_argument("--max-tokens", type=_at_least(1), default=64, help="gen length when a request sets no max_tokens")
+    sv.add_argument("--max-tokens", type=_at_least(1),
+                    help="gen length when a request sets no max_tokens (default: 64, or the limit where lower)")
     sv.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                     help="decoding defaults of requests that set none (a request's `preset` or own settings win): "
                          "reference (the released loops) | edge (dual cache refreshed after 16 commits, threshold "

@@ -199,6 +199,9 @@ BAD = [  # (raw body, expected status, a word of the message)
     ('{"prompt": "x", "max_tokens": 8, "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     ('{"prompt": "x", "max_tokens": 8, "n": 9}', 400, "n"),
     ('{"prompt": "x", "model": "gpt-4"}', 404, "gpt-4"),
+    ('{"prompt": "x", "max_tokens": 8, "seed": 18446744073709551616}', 400, "seed"),
+    ('{"prompt": "\\ud800 x", "max_tokens": 8}', 400, "not valid Unicode"),
+    ('{"prompt": "x", "max_tokens": 8, "stream_options": {"include_usage": true}}', 400, "stream_options"),
 ]
 
 
@@ -216,9 +219,12 @@ def test_bad_completion_requests(body, status, word, torch_url):
     ({"messages": [{"role": "user", "content": 5}]}, "content"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": None}]}, "only an assistant message may have null content"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "not valid Unicode"),
 ])
 def test_bad_chat_requests(body, word, torch_url):
-    r = httpx.post(f"{torch_url}/v1/chat/completions", json=body)
+    r = httpx.post(f"{torch_url}/v1/chat/completions", content=json.dumps(body),  # \ud800 stays an escape
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
 
 
@@ -269,9 +275,73 @@ def test_n_and_stop(torch_engine, torch_url):
         assert streamed == full[:1]
 
 
+def test_bad_requests_name_their_field(torch_url):
+    """The field at fault is the error's `param`: a seed torch cannot take, a cache the backend lacks."""
+    r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "seed": -(1 << 63) - 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "refresh": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "refresh"
+
+
+def test_openai_client_details(torch_engine, torch_url):
+    """What the official client and its kin send and read: explicit nulls, models.retrieve, echo in a
+    stream, and the same usage streamed or not when a stop string cuts the text."""
+    r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "1+1=", "max_tokens": 4, "n": None, "stream": None,
+                                                         "echo": None, "steps": 4})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    c = client(torch_url)
+    assert c.models.retrieve("default").id == "default"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-4")
+    kw = dict(model="default", prompt="12+34=", max_tokens=8, extra_body={"steps": 8})
+    whole = c.completions.create(echo=True, **kw).choices[0].text
+    assert whole.startswith("12+34=")
+    assert "".join(ch.choices[0].text for ch in c.completions.create(echo=True, stream=True, **kw)) == whole
+    full = c.completions.create(**kw).choices[0].text
+    if len(full) >= 2:
+        stop = [full[1:]]
+        cut = c.completions.create(stop=stop, **kw)
+        chunks = list(c.completions.create(stop=stop, stream=True, stream_options={"include_usage": True}, **kw))
+        assert cut.usage.completion_tokens == chunks[-1].usage.completion_tokens < 8
+    chat = c.chat.completions.create(model="default", max_tokens=4, extra_body={"steps": 4}, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "1+1="}])
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("model", ["default", "default-dream"])
+def test_chat_text_never_becomes_control_tokens(model):
+    """A special token's string in a message is text: the ids hold the template's control tokens
+    only; a conversation without such strings tokenizes exactly as before (the whole rendered text)."""
+    engine = load_engine(model)
+    tok = engine.tokenizer
+    plain = [{"role": "user", "content": "say hi"}]
+    text = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    assert engine.encode_chat(plain) == tok(text, add_special_tokens=False)["input_ids"]
+    specials = set(tok.get_added_vocab().values())
+    injected = [{"role": "user", "content": f"say hi{''.join(tok.get_added_vocab())} then stop"}]
+    count = lambda ids: sum(i in specials for i in ids)  # noqa: E731
+    assert count(engine.encode_chat(injected)) == count(engine.encode_chat(plain))
+    assert tok.decode(engine.encode_chat(injected)).count("then stop") == 1
+
+
+def test_default_max_tokens_fits_the_limit_and_the_room(torch_engine):
+    from dllm_export.serve.engine import Engine
+    from dllm_export.serve.schemas import CompletionRequest
+
+    be, tok = torch_engine.backend, torch_engine.tokenizer
+    assert Engine(be, tok, "m", max_tokens_limit=32).default_max_tokens == 32
+    with pytest.raises(InputError, match="the default max_tokens 64 exceeds the max_tokens limit 32"):
+        Engine(be, tok, "m", default_max_tokens=64, max_tokens_limit=32)
+    req = CompletionRequest(prompt="x")
+    assert torch_engine.settings(req, [torch_engine.context - 16]).gen_length == 16  # the room the prompt leaves
+    assert torch_engine.settings(req, [8]).gen_length == 64
+
+
 def test_api_key(torch_engine):
     with running(torch_engine, ServeConfig(api_key="s3cret")) as url:
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "1+1=", "max_tokens": 4})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(f"{url}/v1/completions", content=b"{not json")  # refused before its body is read
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             client(url, "wrong").completions.create(model="default", prompt="1+1=", max_tokens=4)
@@ -311,11 +381,16 @@ def test_queue_bounds_and_timeout(torch_engine):
     assert e.value.status == 429
     with pytest.raises(RequestError) as e:
         b.submit(job([[1], [2], [3]]))
+    assert e.value.status == 400 and e.value.param == "prompt"  # three prompts, n 1: the prompts are at fault
+    with pytest.raises(RequestError) as e:
+        b.submit(Job(rows=[[1]] * 3, settings=GenSettings(gen_length=4), loop=loop, events=asyncio.Queue(),
+                     deadline=time.monotonic() + 10, n=3))
     assert e.value.status == 400 and e.value.param == "n"
     loop.close()
     with running(torch_engine, ServeConfig(timeout=0.2)) as url:
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 256, "steps": 256}, timeout=60)
         assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
+        assert r.headers["x-should-retry"] == "false"  # the official clients would resend it twice
 
 
 def test_queued_client_that_leaves_frees_its_slot(torch_engine):

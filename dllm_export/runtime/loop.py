@@ -341,6 +341,8 @@ class Plan:
         for name in ("refresh", "refresh_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            raise InputError(f"seed must lie in [-2**63, 2**64) (torch's generator takes 64 bits), got {self.seed}")
         self._check_reads()
         if self.cache != "none" and backend is not None and not backend.supports_cache:
             raise InputError(f"the {backend.name} backend has no KV cache; use cache='none'")

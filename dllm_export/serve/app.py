@@ -15,7 +15,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -72,9 +72,10 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-    """A JSON error in OpenAI's shape."""
+    """A JSON error in OpenAI's shape. A timeout (408) says `x-should-retry: false`: the official
+    clients would otherwise resend the same long generation twice more."""
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers={"x-should-retry": "false"} if status == 408 else None)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -94,10 +95,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class _Guard:
-    """ASGI middleware: refuses bodies over the limit (413) and counts every answer in the metrics."""
+    """ASGI middleware: refuses /v1/* requests without the API key (401, before their body is read),
+    bodies over the limit (413), and counts every answer in the metrics."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+    def __init__(self, app, max_body: int, metrics: Metrics, api_key: str | None = None):
+        self.app, self.max_body, self.metrics, self.api_key = app, max_body, metrics, api_key
+
+    def _authorized(self, scope) -> bool:
+        if self.api_key is None or not scope["path"].startswith("/v1/"):
+            return True
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -121,7 +129,10 @@ class _Guard:
             await send(msg)
 
         try:
-            if length.isdigit() and int(length) > self.max_body:
+            if not self._authorized(scope):
+                await error_response(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                     code="invalid_api_key")(scope, receive, counted_send)
+            elif length.isdigit() and int(length) > self.max_body:
                 await error_response(413, too_large, param=None, code="body_too_large")(scope, receive, counted_send)
             else:
                 await self.app(scope, guarded_receive, counted_send)
@@ -145,16 +156,11 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
     app = FastAPI(title="dllm-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.batcher, app.state.metrics, app.state.cfg = engine, batcher, metrics, cfg
-    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, metrics=metrics)
+    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, metrics=metrics, api_key=cfg.api_key)
     _add_error_handlers(app)
-
-    def auth(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-            raise RequestError("missing or wrong API key (send Authorization: Bearer KEY)", None, "invalid_api_key",
-                               401)
+    model = {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "dllm-export",
+             "family": engine.spec.family, "backend": getattr(engine.backend, "name", "?"),
+             "context_length": engine.context}
 
     @app.get("/health")
     async def health():
@@ -164,18 +170,21 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": 0,
-                                            "owned_by": "dllm-export", "family": engine.spec.family,
-                                            "backend": getattr(engine.backend, "name", "?"),
-                                            "context_length": engine.context}]}
+        return {"object": "list", "data": [model]}
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        if model_id != engine.model_id:
+            raise _no_model(model_id, engine, "model")
+        return model
+
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await _respond(app, body, request, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await _respond(app, body, request, chat=True)
 
@@ -213,36 +222,38 @@ async def _respond(app: FastAPI, body, request: Request, chat: bool):
     batcher: Batcher = app.state.batcher
     body.unsupported()
     if body.model is not None and body.model != engine.model_id:
-        raise RequestError(f"the model {body.model!r} does not exist (this server has {engine.model_id!r})",
-                           "model", "model_not_found", 404)
+        raise _no_model(body.model, engine, "model")
     stops = body.stops()
-    if chat:
-        texts = None
-        prompts = [engine.encode_chat([m.as_dict() for m in body.messages])]
-    else:
-        texts = body.prompts()
-        prompts = [engine.encode(p) for p in texts]
+    texts = None if chat else body.prompts()
+    # tokenizing a long prompt takes a while: off the event loop, which serves every other client
+    prompts = await asyncio.to_thread(
+        lambda: [engine.encode_chat([m.as_dict() for m in body.messages])] if chat else [engine.encode(p) for p in texts])
     settings = engine.settings(body, [len(p) for p in prompts])
     loop = asyncio.get_running_loop()
     job = Job(rows=[p for p in prompts for _ in range(body.n)], settings=settings, loop=loop,
-              events=asyncio.Queue(), deadline=time.monotonic() + app.state.cfg.timeout, stream=body.stream,
+              events=asyncio.Queue(), deadline=time.monotonic() + app.state.cfg.timeout, n=body.n, stream=body.stream,
               canvas=body.canvas, batchable=engine.batchable(settings))
+    echoes = [_echo(engine, t, p) for t, p in zip(texts, prompts)] if getattr(body, "echo", False) else None
     batcher.submit(job)
     usage = {"prompt_tokens": sum(len(p) for p in prompts)}
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": engine.model_id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(app, job, stops, meta, usage, chat, include_usage),
+        return StreamingResponse(_sse(app, job, stops, meta, usage, chat, include_usage, echoes),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async for event in _events(batcher, job, request):
         if event[0] == "error":
             raise event[1]
         if event[0] == "done":
-            return _full_response(engine, event[1], event[2], stops, meta, usage, chat,
-                                  [_echo(engine, t, p) for t, p in zip(texts, prompts)] if getattr(body, "echo", False) else None,
-                                  body.n, app.state.metrics)
+            return _full_response(engine, event[1], event[2], stops, meta, usage, chat, echoes, body.n,
+                                  app.state.metrics)
     raise RequestError("the client left", None, "client_closed", 499)
+
+
+def _no_model(name: str, engine: Engine, param: str | None) -> RequestError:
+    return RequestError(f"the model {name!r} does not exist (this server has {engine.model_id!r})", param,
+                        "model_not_found", 404)
 
 
 def _echo(engine: Engine, text, ids: list[int]) -> str:
@@ -302,14 +313,18 @@ def _sse_data(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: bool, include_usage: bool):
-    """Server-sent events of a streamed request: deltas of each choice's committed prefix, a last
-    chunk with its finish reason, the usage chunk when asked for, then [DONE]."""
+async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: bool, include_usage: bool,
+               echoes: list[str] | None = None):
+    """Server-sent events of a streamed request: each choice's role (chat) or echoed prompt, deltas
+    of its committed prefix, a last chunk with its finish reason, the usage chunk when asked for,
+    then [DONE]."""
     engine: Engine = app.state.engine
     streams = [TextStream(engine, stops) for _ in job.rows]
-    if chat:
-        for i in range(len(streams)):
+    for i in range(len(streams)):
+        if chat:
             yield _sse_data(_chunk(meta, chat, i, None, None, role=True))
+        elif echoes and echoes[i // job.n]:
+            yield _sse_data(_chunk(meta, chat, i, echoes[i // job.n], None))
     async for event in _events(app.state.batcher, job, None):
         if event[0] == "error":
             err = event[1]
@@ -323,10 +338,10 @@ async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: boo
             delta, reason = s.feed(committed, final)
             if delta or reason:
                 yield _sse_data(_chunk(meta, chat, i, delta, reason))
-        if job.canvas and not final:
-            yield _sse_data({**meta, "object": "dllm.canvas", "choices": [], "canvas": _canvas(engine, rows)})
         if all(s.reason is not None for s in streams):
             break  # every choice is finished (end token or stop string): _events frees the slot
+        if job.canvas and not final:
+            yield _sse_data({**meta, "object": "dllm.canvas", "choices": [], "canvas": _canvas(engine, rows)})
     used = sum(s.tokens for s in streams)
     app.state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
     app.state.metrics.completion_tokens.inc(used)

@@ -11,6 +11,7 @@ request's asyncio loop through thread-safe queue puts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ import torch
 from ..runtime.loop import generate
 from .engine import Engine, GenSettings, RequestError
 
+log = logging.getLogger(__name__)
 RECENT_BATCHES = 8  # batch starts whose client counts set how many companions a batch waits for
 
 
@@ -42,6 +44,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     deadline: float
+    n: int = 1  # rows per prompt
     stream: bool = False
     canvas: bool = False
     cancelled: bool = False
@@ -92,8 +95,9 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue a job; RequestError 429 when the queue is full, 503 when the server is shutting down."""
         if len(job.rows) > self.max_batch:
-            raise RequestError(f"n x prompts = {len(job.rows)} rows exceed this server's batch of {self.max_batch}",
-                               "n")
+            prompts = len(job.rows) // job.n
+            raise RequestError(f"{prompts} prompt{'s' if prompts > 1 else ''} x n {job.n} = {len(job.rows)} rows exceed "
+                               f"this server's batch of {self.max_batch}", "n" if job.n > 1 else "prompt")
         with self._cv:
             if self._closing:
                 raise RequestError("the server is shutting down", None, "shutting_down", 503, "server_error")
@@ -224,6 +228,7 @@ class Batcher:
         except RequestError as e:
             err = e
         except Exception as e:  # a backend failure fails this batch, never the server
+            log.exception("decoding a batch of %d rows failed", len(rows))
             err = RequestError(f"decoding failed: {type(e).__name__}: {e}", None, "decode_failed", 500,
                                "server_error")
         finally:

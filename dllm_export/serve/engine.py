@@ -7,6 +7,8 @@ loop only ever runs settings that `generate` accepts.
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,14 +75,15 @@ class Engine:
     Args:
         backend / tokenizer: what `load_backend` and `load_tokenizer` return.
         model_id: the name clients pass as `model` and /v1/models lists.
-        default_max_tokens: gen_length when a request gives no max_tokens (that of `dllm-export generate`).
+        default_max_tokens: gen_length when a request gives no max_tokens (None: that of `dllm-export
+            generate`, 64, or the limit where lower); a request's prompt may shrink it to the room left.
         max_tokens_limit: the largest max_tokens accepted (default: the context).
         preset: the decoding preset (runtime.loop.PRESETS) of requests that name none; a request's
             own cache / threshold / refresh_tokens / stop_at_eos win over it (a backend without a KV
             cache takes the preset without its cache).
     """
 
-    def __init__(self, backend, tokenizer, model_id: str, default_max_tokens: int = 64,
+    def __init__(self, backend, tokenizer, model_id: str, default_max_tokens: int | None = None,
                  max_tokens_limit: int | None = None, preset: str = "reference"):
         with_preset(preset, {})  # an unknown preset fails here, at start-up
         for name, n in (("default_max_tokens", default_max_tokens), ("max_tokens_limit", max_tokens_limit)):
@@ -89,14 +92,20 @@ class Engine:
         self.backend, self.tokenizer, self.model_id, self.preset = backend, tokenizer, model_id, preset
         self.spec = backend.spec
         self.context = backend.max_length
-        self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit or self.context
+        self.default_max_tokens = default_max_tokens or min(64, self.max_tokens_limit)
+        if self.default_max_tokens > self.max_tokens_limit:  # every request without max_tokens would be refused
+            raise InputError(f"the default max_tokens {default_max_tokens} exceeds the max_tokens limit "
+                             f"{self.max_tokens_limit}")
+        # added tokens' strings (<|eot_id|>, ...): in a chat message they are text, never control tokens
+        self.special_strings = tuple(tokenizer.get_added_vocab())
         self.end_ids = {i for i in (self.spec.eos_id, self.spec.eot_id) if i is not None}
 
     # -- prompts --------------------------------------------------------------------------------
     def encode(self, prompt) -> list[int]:
         """Ids of a completion prompt: text, or a list of token ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
+            _check_unicode(prompt, "prompt")
             ids = encode_prompt(self.tokenizer, prompt)
         else:
             ids = list(prompt)
@@ -109,21 +118,42 @@ class Engine:
         return ids
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Ids of a conversation in the family's chat template, ready for the assistant's turn."""
+        """Ids of a conversation in the family's chat template, ready for the assistant's turn.
+
+        The template's special tokens are control tokens; a message's text is text: a special token's
+        string written in it (`<|im_end|><|im_start|>system`) is tokenized as plain characters, so a
+        user cannot open a turn of another role.
+        """
+        for m in messages:
+            _check_unicode(m["content"], "messages")
+        if not any(t in m["content"] for m in messages for t in self.special_strings):
+            return self.tokenizer(self._render(messages), add_special_tokens=False)["input_ids"]
+        # the rare case: render with each content between markers, tokenize the contents apart with
+        # special tokens split (template whitespace rules such as LLaDA's trim then keep the content whole)
+        marker = f"\x00{uuid.uuid4().hex}\x00"
+        text = self._render([{**m, "content": marker + m["content"] + marker} for m in messages])
+        ids: list[int] = []
+        for k, piece in enumerate(text.split(marker)):
+            ids += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=k % 2 == 1)["input_ids"]
+        return ids
+
+    def _render(self, messages: list[dict]) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # jinja raises TemplateError for conversations a template refuses
             raise RequestError(f"the chat template refused the messages: {e}", "messages") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # -- settings -------------------------------------------------------------------------------
     def settings(self, req, prompt_lengths: list[int]) -> GenSettings:
         """Checked GenSettings of a request (a schemas.*Request); RequestError names the field at fault."""
-        gen = req.max_tokens if req.max_tokens is not None else self.default_max_tokens
+        longest = max(prompt_lengths)
+        if req.max_tokens is None:  # the default shrinks to the room the prompt leaves (OpenAI's own default)
+            gen = min(self.default_max_tokens, max(self.context - longest, 1))
+        else:
+            gen = req.max_tokens
         if gen > self.max_tokens_limit:
             raise RequestError(f"max_tokens {gen} exceeds this server's limit of {self.max_tokens_limit}",
                                "max_tokens")
-        longest = max(prompt_lengths)
         if longest + gen > self.context:
             raise RequestError(f"prompt ({longest} tokens) + max_tokens ({gen}) = {longest + gen} exceeds the "
                                f"model's context of {self.context} tokens", "max_tokens", "context_length_exceeded")
@@ -152,24 +182,41 @@ class Engine:
     # -- output ---------------------------------------------------------------------------------
     def text(self, tokens: list[int], stops: tuple[str, ...] = ()) -> tuple[str, str | None, int]:
         """(text, finish reason or None, tokens used) of generated tokens (a committed prefix or all of
-        them): cut at the first end token (EOS / end of turn) and at the first stop string."""
+        them): cut at the first end token (EOS / end of turn) and at the first stop string. The tokens
+        used run to the end token, or through the one that completes the stop string: the same count
+        for a committed prefix as for the whole row once the cut lies in it (streamed = not streamed)."""
         cut = next((k for k, t in enumerate(tokens) if t in self.end_ids), None)
         kept = tokens if cut is None else tokens[:cut]
         reason = None if cut is None else "stop"
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        decode = lambda k: self.tokenizer.decode(kept[:k], skip_special_tokens=True)  # noqa: E731
+        text = decode(len(kept))
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            text, reason = text[:min(hits)], "stop"
-        return text, reason, len(kept)
+        if not hits:
+            return text, reason, len(kept)
+        lo, hi = 1, len(kept)  # the fewest tokens whose text holds a stop string (bisection: decodes grow)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if any(s in decode(mid) for s in stops) else (mid + 1, hi)
+        return text[:min(hits)], "stop", hi
 
 
 def _param_of(message: str) -> str | None:
     """The request field an InputError of `Plan.check` is about (its first word that is one)."""
-    names = {"gen_length": "max_tokens", "temperature": "temperature", "top_p": "top_p", **{n: n for n in EXTENSIONS}}
-    for word in message.replace(",", " ").replace("'", " ").split():
+    names = {"gen_length": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+             **{n: n for n in EXTENSIONS}}
+    for word in re.findall(r"\w+", message):
         if word in names:
             return names[word]
     return None
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """RequestError for text a tokenizer cannot take: JSON's \\ud800 escapes decode to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param}: the text is not valid Unicode (a lone surrogate at character {e.start})",
+                           param) from None
 
 
 def load_engine(model: str, backend: str = "auto", device: str | None = None, threads: int = 0,
@@ -195,8 +242,9 @@ def load_engine(model: str, backend: str = "auto", device: str | None = None, th
         torch.set_num_threads(threads)
     be = load_backend(model, backend=backend, threads=threads, device=torch_device,
                       **(options if _is_onnx(model, backend) else {}))
-    tok = load_tokenizer(Path(model).parent if str(model).endswith(".gguf") else model)
-    name = model_id or (str(model) if str(model).startswith("default") else Path(str(model)).name or str(model))
+    folder = Path(model).parent if str(model).endswith(".gguf") else Path(model)  # a .gguf file: its artifact folder
+    tok = load_tokenizer(folder)
+    name = model_id or (str(model) if str(model).startswith("default") else folder.resolve().name or str(model))
     return Engine(be, tok, name, **limits)
 
 

@@ -8,9 +8,9 @@ where the OpenAI clients' `extra_body` puts them.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .engine import RequestError
 
@@ -18,14 +18,26 @@ from .engine import RequestError
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    # OpenAI's spec lets these fields be null, meaning their default (clients send `"n": null`)
+    null_is_default: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_to_default(cls, value, info):
+        if value is None and info.field_name in cls.null_is_default:
+            return cls.model_fields[info.field_name].default
+        return value
+
 
 class StreamOptions(_Strict):
+    null_is_default = ("include_usage",)
     include_usage: bool = False
 
 
 class _GenRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
+    null_is_default = ("n", "stream", "echo", "canvas")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -72,6 +84,8 @@ class _GenRequest(_Strict):
             raise RequestError("logit_bias is not supported", "logit_bias", "unsupported_parameter")
         if self.canvas and not self.stream:
             raise RequestError("canvas streams the denoising canvas; it needs stream: true", "canvas")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed when stream is true", "stream_options")
 
 
 class CompletionRequest(_GenRequest):
@@ -109,12 +123,20 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[str, list[TextPart], None]  # null: an assistant turn without text (OpenAI allows it)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _null_only_for_assistant(cls, content, info):
+        if content is None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message may have null content")
+        return content
 
     def as_dict(self) -> dict:
         """{"role", "content"} with text parts joined, as chat templates take it."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        parts = self.content or ""
+        text = parts if isinstance(parts, str) else "".join(p.text for p in parts)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
