@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import DllmExportError
+from .errors import DllmExportError, InputError
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class BenchConfig:
     decode_reps: int = 3
     gen_length: int = 64
     steps: int | None = None
-    block_length: int = 32
+    block_length: int | None = None  # None: 32 where it divides gen_length, else gen_length
     cache: str | None = None
     threshold: float | None = None
     refresh_tokens: int | None = None
@@ -104,6 +104,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     kernel = cfg.kernel if backend_kind(path, cfg.backend) == "torch" else "fake"
     be = load_backend(path, backend=cfg.backend, threads=cfg.threads, device=cfg.device, kernel=kernel)
     load_s = time.perf_counter() - t0
+    if cfg.canvas > be.max_length:
+        raise InputError(f"canvas {cfg.canvas} exceeds the model's context of {be.max_length} tokens")
     ids = torch.randint(0, min(be.vocab_size, 256), (1, cfg.canvas), generator=torch.Generator().manual_seed(0))
     be.forward(ids)  # warm-up: first-call allocations, weight prepacking
     steps = []
@@ -116,8 +118,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     settings = with_preset(cfg.preset, {"cache": cfg.cache, "threshold": cfg.threshold,
                                         "refresh_tokens": cfg.refresh_tokens, "stop_at_eos": cfg.stop_at_eos},
                            be.supports_cache)
-    opts = dict(gen_length=cfg.gen_length, steps=cfg.steps or cfg.gen_length, block_length=cfg.block_length,
-                **settings)
+    block = cfg.block_length or (32 if cfg.gen_length % 32 == 0 else cfg.gen_length)
+    opts = dict(gen_length=cfg.gen_length, steps=cfg.steps or cfg.gen_length, block_length=block, **settings)
     load_before = os.getloadavg()[0]
     out = generate(be, prompt, **opts)  # warm-up: first-call costs of every window shape
     decode = []

@@ -19,26 +19,35 @@ the cells' output folders into the folder (and the manifest) one `build` run giv
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
+import math
 import re
+import reprlib
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import DllmExportError, InputError
 from .executors import Cell, Executor, LocalExecutor
-from .fileio import check_output_folder
+from .fileio import atomic_folder, check_output_folder
 
 FORMAT = "dllm-export/build"
 VERSION = 2  # 2: timings and bench figures moved to measurements.json, config by name and sha256
 MEASUREMENTS_FORMAT = "dllm-export/build-measurements"
 MANIFEST, MEASUREMENTS = "manifest.json", "measurements.json"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-# keys a [[targets]] entry may carry: export() arguments
-_TARGET_KEYS = {"name", "target", "bits", "method", "scheme", "group_size", "weight_format", "accuracy_level",
-                "act_kernel", "quant", "device"}
+_SECTIONS = ("models", "targets", "calibration", "evaluation", "gates")
+_MODEL_KEYS = {"name": str, "path": str}
+# keys a [[targets]] entry may carry (export() arguments), with their TOML types
+_TARGET_KEYS = {"name": str, "target": str, "bits": int, "method": str, "scheme": str, "group_size": int,
+                "weight_format": str, "accuracy_level": int, "act_kernel": str, "quant": str, "device": str}
+# gate -> the (lowest, highest) values that mean something: a drop of exact match is a fraction; a
+# relative rise of bits/token can be negative (a quantized model may score better), never below -100 %
+_GATES = {"max_drop": (0.0, 1.0), "max_bpt_increase": (-1.0, None)}
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,8 @@ class BuildConfig:
 
 
 def read_config(path: str | Path) -> BuildConfig:
-    """Parse and check a build TOML (see examples/build.toml)."""
+    """Parse and check a build TOML (see examples/build.toml): every section, key, type and range,
+    so a bad file is a one-line InputError naming the key before anything is built."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -78,45 +88,73 @@ def read_config(path: str | Path) -> BuildConfig:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"build config not found: {p}")
+    data = p.read_bytes()
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                         f"TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{p}: not valid TOML ({e})") from None
-    models, targets = raw.get("models", []), raw.get("targets", [])
-    if not models or not targets:
-        raise InputError(f"{p}: needs at least one [[models]] and one [[targets]]")
-    names = set()
-    for t in targets:
-        unknown = set(t) - _TARGET_KEYS
-        if unknown or "name" not in t or "target" not in t:
-            raise InputError(f"{p}: target {t.get('name', '?')!r} needs name and target; unknown keys: "
-                             f"{', '.join(sorted(unknown)) or 'none'}")
-        names.add(t["name"])
-    if len(names) != len(targets):
-        raise InputError(f"{p}: target names must be unique")
-    for m in models:
-        if "name" not in m or "path" not in m:
-            raise InputError(f"{p}: every [[models]] needs name and path")
-    if len({m["name"] for m in models}) != len(models):
-        raise InputError(f"{p}: model names must be unique")
-    bad = [str(x["name"]) for x in (*models, *targets) if not _NAME.fullmatch(str(x["name"]))]
-    if bad:  # a name is a folder of the output and half of a cell key ("model/target")
-        raise InputError(f"{p}: names may hold letters, digits, '.', '_' and '-' only: {', '.join(bad)}")
+    _check_keys(p, "section(s)", raw, _SECTIONS)
+    models = _entries(p, raw, "models", _MODEL_KEYS, ("name", "path"))
+    targets = _entries(p, raw, "targets", _TARGET_KEYS, ("name", "target"))
+    for kind, entries in (("model", models), ("target", targets)):
+        names = [x["name"] for x in entries]
+        bad = [n for n in names if not _NAME.fullmatch(n)]
+        if bad:  # a name is a folder of the output and half of a cell key ("model/target")
+            raise InputError(f"{p}: names may hold letters, digits, '.', '_' and '-' only: {', '.join(map(repr, bad))}")
+        if len(set(names)) != len(names):
+            raise InputError(f"{p}: {kind} names must be unique")
     cal = _section(p, raw, "calibration", {"samples": (32, 1), "seq_len": (128, 8)})
     ev = _section(p, raw, "evaluation", {"windows": (8, 1), "problems": (50, 1), "bench": (True, None)})
     return BuildConfig(models=models, targets=targets, calib_samples=cal["samples"], calib_seq_len=cal["seq_len"],
                        eval_windows=ev["windows"], problems=ev["problems"], bench=ev["bench"],
-                       gates=_gates(p, raw.get("gates", {})),
-                       source={"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})
+                       gates=_gates(p, raw), source={"name": p.name, "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def _check_keys(p: Path, where: str, table: dict, known) -> None:
+    """InputError naming the keys of `table` not in `known` (and the closest known one)."""
+    unknown = sorted(k for k in table if k not in known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(known), n=1)
+        shown = ", ".join(k if k.isprintable() else repr(k) for k in unknown)
+        raise InputError(f"{p}: unknown {where} {shown} (known: {', '.join(known)})"
+                         + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def _table(p: Path, raw: dict, name: str) -> dict:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):  # reprlib: a value shown in one short line
+        raise InputError(f"{p}: [{name}] must be a table, got {name} = {reprlib.repr(table)}")
+    return table
+
+
+def _entries(p: Path, raw: dict, name: str, keys: dict, required: tuple) -> list[dict]:
+    """The [[name]] tables (at least one): known keys of the right type, the required ones present."""
+    entries = raw.get(name)
+    if entries is None or entries == []:
+        raise InputError(f"{p}: needs at least one [[{name}]] table")
+    if not isinstance(entries, list) or not all(isinstance(x, dict) for x in entries):
+        raise InputError(f"{p}: {name} must be [[{name}]] tables, got {name} = {reprlib.repr(entries)}")
+    for i, x in enumerate(entries, 1):
+        where = f"[[{name}]] {x['name']!r}" if isinstance(x.get("name"), str) else f"[[{name}]] #{i}"
+        _check_keys(p, f"{where} key(s)", x, keys)
+        missing = [k for k in required if k not in x]
+        if missing:
+            raise InputError(f"{p}: {where} needs {' and '.join(missing)}")
+        for k, v in x.items():
+            if type(v) is not keys[k]:  # bool is an int in Python: `bits = true` is not a width
+                want = "a string" if keys[k] is str else "an integer"
+                raise InputError(f"{p}: {where} {k} must be {want}, got {reprlib.repr(v)}")
+    return entries
 
 
 def _section(p: Path, raw: dict, name: str, keys: dict) -> dict:
     """A [name] table's settings: {key: (default, least)}, integers >= least (or a bool where least
     is None); an unknown key or a value of another type or range is an InputError naming it."""
-    table = raw.get(name, {})
-    unknown = set(table) - set(keys)
-    if unknown:
-        raise InputError(f"{p}: unknown [{name}] key(s) {', '.join(sorted(unknown))} (known: {', '.join(keys)})")
+    table = _table(p, raw, name)
+    _check_keys(p, f"[{name}] key(s)", table, keys)
     out = {}
     for key, (default, least) in keys.items():
         v = table.get(key, default)
@@ -124,16 +162,22 @@ def _section(p: Path, raw: dict, name: str, keys: dict) -> dict:
         # bool is an int in Python: `samples = true` is not a count
         if type(v) is not kind or (least is not None and v < least):
             want = "true or false" if least is None else f"an integer >= {least}"
-            raise InputError(f"{p}: [{name}] {key} must be {want}, got {v!r}")
+            raise InputError(f"{p}: [{name}] {key} must be {want}, got {reprlib.repr(v)}")
         out[key] = v
     return out
 
 
 def _gates(p: Path, raw: dict) -> Gates:
-    unknown = set(raw) - {f for f in Gates.__dataclass_fields__}
-    if unknown:
-        raise InputError(f"{p}: unknown [gates] key(s) {', '.join(sorted(unknown))} (known: max_drop, max_bpt_increase)")
-    return Gates(**raw)
+    """[gates]: finite numbers within each gate's bounds (_GATES)."""
+    table = _table(p, raw, "gates")
+    _check_keys(p, "[gates] key(s)", table, _GATES)
+    for key, v in table.items():
+        low, top = _GATES[key]
+        # bool is an int in Python, and nan passes no comparison: both would gate nothing
+        if type(v) not in (int, float) or not math.isfinite(v) or v < low or (top is not None and v > top):
+            want = f"a number >= {low:g}" if top is None else f"a number from {low:g} to {top:g}"
+            raise InputError(f"{p}: [gates] {key} must be {want}, got {reprlib.repr(v)}")
+    return Gates(**table)
 
 
 def cell_key(model: dict, target: dict) -> str:
@@ -155,10 +199,30 @@ def build_cells(cfg: BuildConfig, out_dir: str | Path) -> list[Cell]:
             for m in cfg.models for t in cfg.targets]
 
 
+def check_cells(cells: list[Cell]) -> None:
+    """Resolve each cell's export as `run_build_cell` will (`exporter.plan_export`: target, bits,
+    scheme, method, model path), so a request the exporter refuses stops the build before anything
+    is written, not after the other cells were built."""
+    from .exporter import ExportRequest, plan_export
+    from .quant import CalibConfig
+
+    for c in cells:
+        a = c.args
+        req = ExportRequest(**{k: v for k, v in a["target"].items() if k != "name"},
+                            quantize_options={"calib": CalibConfig(**a["calib"])})
+        try:
+            plan_export(a["model"], a["out"], req)
+        except DllmExportError as e:
+            raise InputError(f"cell {c.key}: {e}") from None
+
+
 def plan_matrix(config_path: str | Path) -> dict:
     """The cells as a CI job matrix: {"include": [{"cell": KEY, "id": a file-name-safe KEY}, ...]}
-    (GitHub Actions: `strategy.matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`)."""
+    (GitHub Actions: `strategy.matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`), every cell
+    checked as `build` checks it, so a bad target or model fails the plan, not one job of it."""
     cfg = read_config(config_path)
+    with tempfile.TemporaryDirectory() as d:  # plan_export checks an output path too; nothing is written
+        check_cells(build_cells(cfg, d))
     return {"include": [{"cell": cell_key(m, t), "id": f"{m['name']}--{t['name']}"}
                         for m in cfg.models for t in cfg.targets]}
 
@@ -273,31 +337,64 @@ def build(config_path: str | Path, out_dir: str | Path, progress: bool = False, 
     """Build the config's cells (all, or the keys in `cells`) into `out_dir` on `executor` (default:
     this process); returns the build manifest (also out_dir/manifest.json, with measurements.json
     beside it). `manifest["failed"]` lists the cells that broke a gate or could not be built; a
-    cell that raised is in it with its error, and the other cells are built all the same."""
+    cell that raised is in it with its error, and the other cells are built all the same.
+
+    The config, the cell keys and each selected cell's export are checked before anything is
+    written; the build is staged beside `out_dir` and renamed into place whole, so a refused or
+    interrupted build leaves no output folder (and a re-run starts afresh)."""
     cfg = read_config(config_path)
     out = check_output_folder(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = _select(build_cells(cfg, out), cells)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    check_cells(_select(build_cells(cfg, out), cells))
+    with atomic_folder(out) as stage:
+        todo = _select(build_cells(cfg, stage), cells)
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="build", unit="cell")
-    results = (executor or LocalExecutor()).map(run_build_cell, todo,
-                                                on_done=None if bar is None else lambda r: bar.update(1))
-    if bar is not None:
-        bar.close()
-    entries, meas = [], []
-    for c, r in zip(todo, results):
-        if r.error is not None:
-            r_value = {"entry": {"cell": c.key, "path": c.key, "target": c.args["target"]["target"],
-                                 "error": f"cell {c.key} failed: {r.error}", "gate": "error"},
-                       "measurements": {"cell": c.key}}
-        else:
-            r_value = r.value
-        entries.append(r_value["entry"])
-        meas.append(r_value["measurements"])
-    return _write_outputs(out, cfg, entries, meas)
+            bar = tqdm(total=len(todo), desc="build", unit="cell")
+        try:
+            results = (executor or LocalExecutor()).map(run_build_cell, todo,
+                                                        on_done=None if bar is None else lambda r: bar.update(1))
+        finally:
+            if bar is not None:
+                bar.close()
+        entries, meas = [], []
+        for c, r in zip(todo, results):
+            if r.error is not None:
+                r_value = {"entry": {"cell": c.key, "path": c.key, "target": c.args["target"]["target"],
+                                     "error": f"cell {c.key} failed: {r.error}", "gate": "error"},
+                           "measurements": {"cell": c.key}}
+            else:
+                r_value = r.value
+            entries.append(r_value["entry"])
+            meas.append(r_value["measurements"])
+        manifest = _write_outputs(stage, cfg, entries, meas)
+    return manifest
+
+
+def _read_part(part: Path, cfg: BuildConfig) -> tuple[list[dict], dict]:
+    """A per-cell build folder's manifest entries and its measurements by cell, checked: this format
+    and version, this config, and entries that name their cell and lie under its key."""
+    f = part / MANIFEST
+    if not f.is_file():
+        raise InputError(f"{part}: no {MANIFEST} (expected the --out folder of `dllm-export build --cell`)")
+    try:
+        m = json.loads(f.read_text())
+        meas = json.loads((part / MEASUREMENTS).read_text()) if (part / MEASUREMENTS).is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{part}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise InputError(f"{f}: not a build manifest of this version ({FORMAT} v{VERSION})")
+    if m.get("config") != cfg.source:
+        raise InputError(f"{part} was built from another config ({m.get('config')}), not {cfg.source}")
+    cells = m.get("cells")
+    # an entry's path is joined to the part and to the merged folder: only its own key may be there
+    if not isinstance(cells, list) or not all(isinstance(e, dict) and isinstance(e.get("cell"), str)
+                                              and e.get("path") == e["cell"] for e in cells):
+        raise InputError(f"{f}: malformed cell list (each entry names its cell, with path MODEL/TARGET)")
+    rows = meas.get("cells") if isinstance(meas, dict) else None
+    rows = rows if isinstance(rows, list) else []  # timings only: a part without them merges all the same
+    return cells, {x["cell"]: x for x in rows if isinstance(x, dict) and isinstance(x.get("cell"), str)}
 
 
 def merge(config_path: str | Path, parts: list[str | Path], out_dir: str | Path) -> dict:
@@ -305,26 +402,12 @@ def merge(config_path: str | Path, parts: list[str | Path], out_dir: str | Path)
     into `out_dir`: every cell of the config exactly once, each artifact's files checked against
     its part's manifest (sha256), copied into the layout one `build` run writes, and that run's
     manifest.json (same bytes) and measurements.json. Written atomically."""
-    from .fileio import atomic_folder
-
     cfg = read_config(config_path)
     keys = [cell_key(m, t) for m in cfg.models for t in cfg.targets]
     found: dict[str, tuple[Path, dict, dict]] = {}
     for part in map(Path, parts):
-        f = part / MANIFEST
-        if not f.is_file():
-            raise InputError(f"{part}: no {MANIFEST} (expected the --out folder of `dllm-export build --cell`)")
-        try:
-            m = json.loads(f.read_text())
-            meas = json.loads((part / MEASUREMENTS).read_text()) if (part / MEASUREMENTS).is_file() else {}
-        except json.JSONDecodeError as e:
-            raise InputError(f"{part}: not valid JSON ({e})") from None
-        if m.get("format") != FORMAT or m.get("version") != VERSION:
-            raise InputError(f"{f}: not a build manifest of this version ({FORMAT} v{VERSION})")
-        if m.get("config") != cfg.source:
-            raise InputError(f"{part} was built from another config ({m.get('config')}), not {cfg.source}")
-        by_key = {x["cell"]: x for x in meas.get("cells", [])}
-        for e in m["cells"]:
+        cells, by_key = _read_part(part, cfg)
+        for e in cells:
             if e["cell"] in found:
                 raise InputError(f"cell {e['cell']} is in both {found[e['cell']][0]} and {part}")
             if e["cell"] not in keys:
@@ -346,5 +429,5 @@ def merge(config_path: str | Path, parts: list[str | Path], out_dir: str | Path)
     return manifest
 
 
-__all__ = ["BuildConfig", "Gates", "build", "build_cells", "cell_key", "merge", "plan_matrix", "read_config",
-           "run_build_cell"]
+__all__ = ["BuildConfig", "Gates", "build", "build_cells", "cell_key", "check_cells", "merge", "plan_matrix",
+           "read_config", "run_build_cell"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -91,21 +92,27 @@ def _add_auto_args(p) -> None:
                         "2,3,4,5,6,8) instead of Q4_0 / Q5_0 / Q8_0")
 
 
+# _add_auto_args' options (dest, flag): read by --scheme auto alone, dropped without a word elsewhere
+AUTO_ARGS = (("avg_bits", "--avg-bits"), ("bits_choices", "--bits-choices"), ("group_choices", "--group-choices"),
+             ("sensitivity_json", "--sensitivity"), ("mix_embed_head", "--mix-embed-head"), ("kquants", "--kquants"))
+
+
+def _refuse_auto_args(args) -> None:
+    """DllmExportError naming the --scheme auto options given without --scheme auto."""
+    given = [flag for dest, flag in AUTO_ARGS if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise DllmExportError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --scheme auto")
+
+
 def _auto_recipe(args, target: str | None, method: str, group_size: int | None = None) -> tuple[dict, dict]:
     """The mixed recipe of `--scheme auto --avg-bits B`: per-layer bits from a scan (run or read)."""
     from collections import Counter
-    from pathlib import Path
 
-    from .eval.sensitivity import auto_recipe
+    from .eval.sensitivity import auto_recipe, read_scan
 
     if args.avg_bits is None:
         raise DllmExportError("--scheme auto needs --avg-bits (e.g. --avg-bits 4.5)")
-    scan = None
-    if args.sensitivity_json:
-        f = Path(args.sensitivity_json)
-        if not f.is_file():
-            raise DllmExportError(f"sensitivity file not found: {f}")
-        scan = json.loads(f.read_text())
+    scan = read_scan(args.sensitivity_json) if args.sensitivity_json else None
     bits = _int_list(args.bits_choices) if args.bits_choices else None
     if getattr(args, "kquants", False):
         if target != "gguf":
@@ -130,10 +137,26 @@ def _at_least(lo: int, kind: type = int):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
+        if kind is float and not math.isfinite(n):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if n < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
         return n
     return convert
+
+
+# more threads than this per CPU only slow a decode down; 100000 would exhaust the process table
+THREADS_PER_CPU = 8
+
+
+def _threads(text: str) -> int:
+    """An argparse `type` for --threads: 0 (one per physical core) up to THREADS_PER_CPU per CPU."""
+    n = _at_least(0)(text)
+    cpus = os.cpu_count() or 1
+    if n > THREADS_PER_CPU * cpus:
+        raise argparse.ArgumentTypeError(f"{n} threads on {cpus} CPUs: at most {THREADS_PER_CPU * cpus} "
+                                         f"({THREADS_PER_CPU} per CPU)")
+    return n
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -158,7 +181,8 @@ def _add_export_args(x) -> None:
     from .targets import PROFILES
 
     x.add_argument("--target", help="export target: onnx | gguf")
-    x.add_argument("--bits", type=int, help="weight bits (scheme W{bits}A16 unless --scheme); 16/32 or none = float")
+    x.add_argument("--bits", type=int, help="weight bits (scheme W{bits}A16, or with --scheme its weight bits); "
+                                         "16/32 or none = float")
     x.add_argument("--model", default="default", help="checkpoint folder, 'default' / 'default-dream', or a "
                                                        "quantized checkpoint (exported as is) (default: %(default)s)")
     x.add_argument("--method", default="gptq", type=_lookup(get_method), choices=sorted(METHODS),
@@ -199,7 +223,7 @@ def _add_generate(sub) -> None:
     _add_model_arg(g)
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto (by what --model holds) | torch | onnxruntime | llama.cpp")
-    g.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: one per physical core)")
+    g.add_argument("--threads", type=_threads, default=0, help="CPU threads (default: one per physical core)")
     g.add_argument("--kernel", choices=KERNELS, default="fake",
                    help="torch backend, quantized checkpoints: fake (dequantized weights, the reference) | int "
                         "(int4/int8 CPU kernels on the packed codes) (default: %(default)s)")
@@ -291,7 +315,8 @@ def _add_bench_build(sub) -> None:
                     help="timed decodes after a warm-up one; tokens/s is their median (default: %(default)s)")
     bn.add_argument("--gen-length", type=int, default=64)
     bn.add_argument("--steps", type=int, help="denoising steps of the timed decode (default: --gen-length)")
-    bn.add_argument("--block-length", type=int, default=32)
+    bn.add_argument("--block-length", type=int, help="decode block (default: 32 where it divides --gen-length, "
+                                                        "else --gen-length)")
     bn.add_argument("--cache", choices=CACHES, help="block KV cache of the timed decode (default: none)")
     bn.add_argument("--threshold", type=float)
     bn.add_argument("--refresh-tokens", type=int, help="with a cache: a full forward once N tokens were committed past it")
@@ -299,7 +324,7 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                     help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos, as generate's, per "
                          "artifact (default: %(default)s)")
-    bn.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: one per physical core)")
+    bn.add_argument("--threads", type=_threads, default=0, help="CPU threads (default: one per physical core)")
     bn.add_argument("--quality", action="store_true", help="also arithmetic exact match on held-out problems")
     bn.add_argument("--json", dest="json_out", help="write the results here")
     bn.add_argument("--markdown", help="write a markdown table here")
@@ -421,7 +446,7 @@ def _add_serve(sub) -> None:
                     help="default: by what MODEL holds")
     sv.add_argument("--device", choices=["auto", *PROFILES], help="device profile: its threads and onnxruntime "
                                                                   "providers (cuda: torch on the GPU)")
-    sv.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads (default: one per physical core)")
+    sv.add_argument("--threads", type=_threads, default=0, help="CPU threads (default: one per physical core)")
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most (default: %(default)s)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
     sv.add_argument("--batch-wait-ms", type=_at_least(0, float), default=50.0,
@@ -438,7 +463,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--max-tokens-limit", type=_at_least(1), help="largest max_tokens accepted (default: the context)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.add_argument("--model-id", help="the model name clients use (default: the folder's name)")
-    sv.add_argument("--log-level", default="info", help="uvicorn's: critical | error | warning | info | debug")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                    help="uvicorn's log level (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -517,8 +543,8 @@ def cmd_quantize(args) -> int:
         opts, _ = _auto_recipe(args, None, args.method, args.group_size)
         scheme, group_size, sym = opts["scheme"], opts["group_size"], opts["sym"]
         mixed = {k: opts[k] for k in ("layer_bits", "avg_bits", "mix_embed_head")}
-    elif args.avg_bits is not None:
-        raise DllmExportError("--avg-bits goes with --scheme auto")
+    else:
+        _refuse_auto_args(args)
     decode = {}
     if args.calib_mask == "decode":  # measured with the float model's own loop on held-out prompts
         from . import load_tokenizer
@@ -538,10 +564,14 @@ def cmd_quantize(args) -> int:
     out, _ = quantize_verified(args.model, args.out, qcfg, progress=not args.no_progress and sys.stderr.isatty(),
                                device=args.torch_device)
     seconds = time.perf_counter() - t0
+    from .verify import override_bits
+
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     worst = max(manifest["blocks"], key=lambda b: b["out_rel_err"])
-    print(f"{out}: {args.method} {args.scheme}, {len(manifest['layers'])} quantized layers, {size / 2**20:.2f} MiB, "
+    bits = override_bits(manifest)
+    label = manifest["scheme"] + (f" at {bits}-bit weights" if bits else "")
+    print(f"{out}: {args.method} {label}, {len(manifest['layers'])} quantized layers, {size / 2**20:.2f} MiB, "
           f"quantized in {seconds:.2f} s; worst block output error {worst['out_rel_err']:.3g} (block {worst['index']})")
     return 0
 
@@ -550,7 +580,11 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     from .bench import BenchConfig, bench, to_markdown
+    from .fileio import atomic_file, check_output_file
 
+    for f in (args.json_out, args.markdown, args.plot):  # before the run's minutes
+        if f:
+            check_output_file(f)
     cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length,
                       steps=args.steps, block_length=args.block_length, cache=args.cache, threshold=args.threshold,
                       refresh_tokens=args.refresh_tokens, stop_at_eos=args.stop_at_eos, preset=args.preset,
@@ -559,15 +593,19 @@ def cmd_bench(args) -> int:
     res = bench(args.artifacts, cfg)
     table = to_markdown(res)
     print(table, end="")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    for name, text in ((args.json_out, json.dumps(res, indent=2) + "\n"), (args.markdown, table)):
+        if name:
+            with atomic_file(name) as tmp:
+                tmp.write_text(text)
     if args.plot:
         from .eval.plots import plot_bench
 
-        plot_bench(res, args.plot)
-    return 2 if any("error" in r for r in res["artifacts"]) else 0
+        with atomic_file(args.plot) as tmp:
+            plot_bench(res, tmp)
+    failed = [r for r in res["artifacts"] if "error" in r]
+    for r in failed:  # the table says it too, but a script reads stderr
+        print(f"dllm-export: error: {r['path']}: {r['error']}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def cmd_build(args) -> int:
@@ -607,9 +645,8 @@ def cmd_build(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
-    from pathlib import Path
-
     from . import load_model, load_tokenizer
+    from .fileio import atomic_folder, check_output_folder
     from .eval.fidelity import FidelityConfig
     from .eval.sensitivity import TARGET_GRIDS, SensitivityConfig, sensitivity_scan, to_markdown
 
@@ -627,46 +664,49 @@ def cmd_sensitivity(args) -> int:
                             sym=grid["sym"], fidelity=FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios),
                                                                      windows=args.windows, elbo=False),
                             embed_head=args.mix_embed_head, kquant=bool(grid.get("kquant")))
+    out = check_output_folder(args.out)  # before the scan's minutes
     res = sensitivity_scan(load_model(args.model), load_tokenizer(args.model), cfg,
                            progress=not args.no_progress and sys.stderr.isatty())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sensitivity.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "sensitivity.md").write_text(to_markdown(res, top=len(res["units"])))
+    with atomic_folder(out) as tmp:
+        (tmp / "sensitivity.json").write_text(json.dumps(res, indent=2) + "\n")
+        (tmp / "sensitivity.md").write_text(to_markdown(res, top=len(res["units"])))
     print(to_markdown(res, top=10), end="")
     print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.md'}")
     return 0
 
 
 def cmd_analyze(args) -> int:
-    from pathlib import Path
-
     if args.sensitivity:
         return cmd_sensitivity(args)
 
     from . import load_model, load_tokenizer
+    from .fileio import atomic_folder, check_output_folder
     from .eval.outliers import analyze, to_markdown
     from .quant.calibrate import CalibConfig, calibration_ids
 
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(",") if r.strip())
+    except ValueError:
+        raise DllmExportError(f"--ratios takes mask ratios in [0, 1] separated by commas, got {args.ratios!r}") \
+            from None
+    out = check_output_folder(args.out)  # before the model runs
     model = load_model(args.model, dtype=args.dtype or "float32")
     ids, _ = calibration_ids(load_tokenizer(args.model), model.spec,
                              CalibConfig(n_samples=args.samples, seq_len=args.seq_len, mask="none"),
                              model.config.dims.context)
     snapshots: dict = {}
-    res = analyze(model, ids, model.spec.mask_id, ratios=tuple(float(r) for r in args.ratios.split(",")),
-                  snapshots=snapshots)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "outliers.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "outliers.md").write_text(to_markdown(res))
-    if not args.no_plots:
-        from .eval.plots import plot_outliers
+    res = analyze(model, ids, model.spec.mask_id, ratios=ratios, snapshots=snapshots)
+    with atomic_folder(out) as tmp:
+        (tmp / "outliers.json").write_text(json.dumps(res, indent=2) + "\n")
+        (tmp / "outliers.md").write_text(to_markdown(res))
+        if not args.no_plots:
+            from .eval.plots import plot_outliers
 
-        # the pictures: every block's FFN hidden state (down) and the block with the worst q input
-        worst_q = max((n for n in snapshots if res["layers"][n]["role"] == "q"),
-                      key=lambda n: res["layers"][n]["all"]["channel_max_over_median"], default=None)
-        keep = {n: x for n, x in snapshots.items() if res["layers"][n]["role"] != "q" or n == worst_q}
-        plot_outliers(res, out, keep)
+            # the pictures: every block's FFN hidden state (down) and the block with the worst q input
+            worst_q = max((n for n in snapshots if res["layers"][n]["role"] == "q"),
+                          key=lambda n: res["layers"][n]["all"]["channel_max_over_median"], default=None)
+            keep = {n: x for n, x in snapshots.items() if res["layers"][n]["role"] != "q" or n == worst_q}
+            plot_outliers(res, tmp, keep)
     print(f"{len(res['layers'])} linear inputs over {res['windows']} windows x {len(res['ratios'])} mask ratios; "
           f"largest channel max/median by role: {res['by_role']}")
     for f in res["flagged"][:10]:
@@ -733,9 +773,10 @@ def cmd_lm_eval(args) -> int:
     model_args = harness.parse_model_args(args.model_args)
     if args.no_progress or not sys.stderr.isatty():
         model_args.setdefault("disable_tqdm", True)
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    if args.out:  # before the run, not after its minutes
+        harness.check_results_path(args.out)
     res = harness.evaluate(args.model, args.tasks, model_args=model_args, include_path=args.include_path,
-                           limit=limit, num_fewshot=args.num_fewshot, gen_kwargs=args.gen_kwargs,
+                           limit=args.limit, num_fewshot=args.num_fewshot, gen_kwargs=args.gen_kwargs,
                            apply_chat_template=args.apply_chat_template,
                            confirm_run_unsafe_code=args.confirm_run_unsafe_code)
     print(harness.results_table(res), end="")
@@ -802,7 +843,8 @@ def _artifact_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    grid = " ".join(str(x) for x in (info["method"], info["scheme"], info["file_type"]) if x) or "float"
+    scheme = info["scheme"] and info["scheme"] + (f" at {info['weight_bits']}-bit weights" if info["weight_bits"] else "")
+    grid = " ".join(str(x) for x in (info["method"], scheme, info["file_type"]) if x) or "float"
     total = sum(b or 0 for b in info["files"].values())
     src = (info["source"] or {}).get("name", "?")
     print(f"{info['path']}: {info['kind'].upper()} artifact ({info['format']} v{info['version']}) of {src} "
@@ -894,8 +936,8 @@ def cmd_export(args) -> int:
         qopts = {k: opts[k] for k in ("layer_bits", "avg_bits", "sym", "mix_embed_head", "kquant")}
         extra = {"allocation": rec["allocation"]}
         label = f"auto{args.avg_bits:g}"
-    elif args.avg_bits is not None:
-        raise DllmExportError("--avg-bits goes with --scheme auto")
+    else:
+        _refuse_auto_args(args)
     if args.progressive is not None:
         qopts = {**(qopts or {}), "progressive": args.progressive}
     out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
@@ -935,7 +977,17 @@ def cmd_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dllm-export` console script; returns the exit code."""
-    parser = build_parser()
+    from .interrupts import terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        return _run(build_parser(), argv)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """One command, its errors turned into one line and an exit code: 2 bad input, 130 / 143
+    interrupted / terminated, 1 the machine or a bug (DLLM_EXPORT_DEBUG=1 re-raises with the traceback)."""
+    from .interrupts import Terminated
+
     try:
         args = parser.parse_args(argv)
         if args.version:
@@ -945,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command is None:
             if args.target is None:
+                if sys.argv[1:] if argv is None else argv:  # export options without the one that names the artifact
+                    raise DllmExportError("an export needs --target (onnx | gguf); see dllm-export --help")
                 parser.print_help()
                 return 2
             return cmd_export(args)
@@ -955,15 +1009,22 @@ def main(argv: list[str] | None = None) -> int:
     except DllmExportError as e:
         print(f"dllm-export: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # every writer removes its temporary folder on the way out
-        print("dllm-export: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # every writer removes its temporary folder on the way out
+        print(f"dllm-export: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # the reader left (`dllm-export info | head`): stop quietly, as head's writers do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return 141
     except OSError as e:  # the machine, not the input (a full disk, a file gone mid-run): one line, exit 1
         where = f"{e.filename}: " if e.filename else ""
         print(f"dllm-export: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a library's own error type (safetensors' disk full, ...) or a bug: still one line
+        if os.environ.get("DLLM_EXPORT_DEBUG"):
+            raise
+        detail = " ".join(str(e).split())[:300] or "no message"
+        print(f"dllm-export: error: {type(e).__name__}: {detail} (DLLM_EXPORT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -28,7 +28,9 @@ def check_output_folder(out: str | Path) -> Path:
     """`out` as a Path, or InputError when it exists and is not an empty folder, or when no folder
     can be made where it goes (every writer's rule, checked before the work that fills it)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out} is an existing file")
+    if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder {out} exists and is not empty")
     base = out.parent
     while not base.exists() and base != base.parent:  # the folders above it are made on the way
@@ -37,6 +39,26 @@ def check_output_folder(out: str | Path) -> Path:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=base)).rmdir()
     except OSError as e:
         raise InputError(f"cannot write the output folder {out}: {base}: {e.strerror or e}") from None
+    return out
+
+
+def check_output_file(out: str | Path) -> Path:
+    """`out` as a Path, or InputError when no file can be written there: a folder is in the way, a
+    file stands where one of its folders goes, or the place is not writable (before the work)."""
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"output path {out} is a folder, expected a file name")
+    base = out.parent
+    while not base.exists() and base != base.parent:  # the folders above it are made on the way
+        base = base.parent
+    if not base.is_dir():
+        raise InputError(f"cannot write {out}: {base} is a file, not a folder")
+    try:  # a trial file: permissions and read-only mounts answer here
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=base)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {base}: {e.strerror or e}") from None
     return out
 
 

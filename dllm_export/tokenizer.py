@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .formats import artifact_folder
 from .models import family_for
 from .models.checkpoint import read_config, resolve_model_path
@@ -61,8 +61,19 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def check_text(text: str, what: str = "the prompt") -> None:
+    """InputError for text a tokenizer cannot take: a lone surrogate, which is what bytes that are not
+    UTF-8 in a command-line argument (or a JSON \\ud800 escape) decode to."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 text (a lone surrogate or stray byte at character {e.start})") \
+            from None
+
+
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
     """Token ids of a prompt; with `chat`, wrapped in the instruct chat template as released."""
+    check_text(text)
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)

@@ -82,9 +82,22 @@ def artifact_info(path: str | Path) -> dict:
     m = _read_manifest(folder)
     return {"path": str(folder), "kind": artifact_kind(m), "format": m["format"], "version": m.get("version"),
             "family": m.get("family"), "source": m.get("source"), "method": m.get("method"),
-            "scheme": m.get("scheme"), "file_type": m.get("file_type"), "export": m.get("export"),
+            "scheme": m.get("scheme"), "weight_bits": override_bits(m), "file_type": m.get("file_type"),
+            "export": m.get("export"),
             "device": (m.get("device") or {}).get("name"), "dims": m.get("dims"), "spec": m.get("spec"),
             "files": {name: f.get("bytes") for name, f in (m.get("files") or {}).items()}}
+
+
+def override_bits(manifest: dict) -> int | None:
+    """The weight bits a manifest's PTQ settings put in place of its scheme's (`--bits 4 --scheme
+    W8A16` quantizes to 4 bits), else None: the scheme's name alone would mislabel the weights."""
+    from .quant import get_scheme
+
+    scheme = manifest.get("scheme")
+    bits = (manifest.get("quantize_settings") or manifest.get("settings") or {}).get("bits")
+    if not scheme or scheme == "auto" or bits is None:
+        return None
+    return bits if bits != get_scheme(scheme).w_bits else None
 
 
 def fixed_canvas(mask_id: int, vocab_rows: int, context: int) -> torch.Tensor:

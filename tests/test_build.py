@@ -2,6 +2,7 @@
 (--matrix -> one --cell build per cell -> --merge) that gives the same folder as one build."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,143 @@ def test_build_config_settings_are_checked(section, message, tmp_path, capsys):
     assert main(["build", str(p), "--matrix"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def _config(top="", model="", target="", tail=""):
+    """A minimal valid config (the bundled model, one ONNX target), with text added in each place."""
+    return (f'{top}\n[[models]]\nname = "a"\npath = "default"\n{model}\n'
+            f'[[targets]]\nname = "t"\ntarget = "onnx"\nbits = 4\nmethod = "rtn"\n{target}\n'
+            f'[calibration]\nsamples = 4\nseq_len = 32\n[evaluation]\nwindows = 1\nproblems = 1\nbench = false\n{tail}')
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"\xff\xfe[[models]]\n", "not UTF-8 text (byte 0xff at offset 0)"),
+    ('models = "default"\ntargets = 3\n', "models must be [[models]] tables, got models = 'default'"),
+    ('models = [1]\ntargets = [2]\n', "models must be [[models]] tables, got models = [1]"),
+    ('[[models]]\nname = "a"\npath = "default"\n', "needs at least one [[targets]] table"),
+    (_config(top="calibration = 3").replace("[calibration]\nsamples = 4\nseq_len = 32\n", ""),
+     "[calibration] must be a table, got calibration = 3"),
+    (_config(top="gates = [1]"), "[gates] must be a table, got gates = [1]"),
+    (_config(tail='[gates]\nmax_drop = "abc"'), "[gates] max_drop must be a number from 0 to 1, got 'abc'"),
+    (_config(tail="[gates]\nmax_drop = nan"), "[gates] max_drop must be a number from 0 to 1, got nan"),
+    (_config(tail="[gates]\nmax_drop = 1.5"), "[gates] max_drop must be a number from 0 to 1, got 1.5"),
+    (_config(tail="[gates]\nmax_bpt_increase = -1.5"), "[gates] max_bpt_increase must be a number >= -1, got -1.5"),
+    (_config(tail="[gates]\nmax_bpt_increase = true"), "[gates] max_bpt_increase must be a number >= -1, got True"),
+    (_config(tail="[gates]\nmax_dorp = 0.1"), "unknown [gates] key(s) max_dorp (known: max_drop, max_bpt_increase); "
+                                               "did you mean max_drop?"),
+    (_config(model='colour = "red"'), "unknown [[models]] 'a' key(s) colour (known: name, path)"),
+    (_config(model="path2 = 1").replace('path = "default"\n', ""), "unknown [[models]] 'a' key(s) path2"),
+    ('[[models]]\nname = "a"\n[[targets]]\nname = "t"\ntarget = "onnx"\n', "[[models]] 'a' needs path"),
+    (_config(model="").replace('name = "a"', "name = 3"), "[[models]] #1 name must be a string, got 3"),
+    (_config(target='bits = "4"').replace("bits = 4\n", ""), "[[targets]] 't' bits must be an integer, got '4'"),
+    (_config(target="metod = 'rtn'"), "unknown [[targets]] 't' key(s) metod (known: name, target, bits, method"),
+    (_config(tail="[evaluaton]\nwindows = 1"), "unknown section(s) evaluaton (known: models, targets, calibration, "
+                                               "evaluation, gates); did you mean evaluation?"),
+    (_config(top="bench = true"), "unknown section(s) bench"),
+    (_config().replace('target = "onnx"', 'target = "bogus"'), "cell a/t: unknown export target 'bogus'"),
+    (_config().replace('path = "default"', 'path = "no-such-model"'), "cell a/t: model folder not found"),
+    (_config().replace("method = \"rtn\"", "method = \"bogus\""), "cell a/t: unknown method 'bogus'"),
+])
+@pytest.mark.parametrize("mode", ["matrix", "build"])
+def test_bad_configs_are_refused_up_front_in_one_line(text, message, mode, tmp_path, monkeypatch, capsys):
+    """Each was a traceback (wrong types, a non-UTF-8 file), passed unnoticed (unknown keys, a bad
+    target or model in --matrix), or failed after cells were built, leaving a half-written folder."""
+    monkeypatch.chdir(tmp_path)  # relative model paths resolve here
+    p = tmp_path / "b.toml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    argv = ["build", str(p), "--matrix"] if mode == "matrix" else ["build", str(p), "--out", str(tmp_path / "dist")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.toml"]  # nothing made, not even a temp folder
+
+
+def test_the_minimal_config_is_accepted(tmp_path, capsys):
+    p = tmp_path / "b.toml"
+    p.write_text(_config(tail="[gates]\nmax_drop = 0\nmax_bpt_increase = 0.5"))
+    assert main(["build", str(p), "--matrix"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"include": [{"cell": "a/t", "id": "a--t"}]}
+
+
+def test_an_unknown_cell_leaves_no_folder(tmp_path, capsys):
+    p = tmp_path / "b.toml"
+    p.write_text(_config())
+    assert main(["build", str(p), "--out", str(tmp_path / "bx"), "--cell", "bogus/cell"]) == 2
+    assert "unknown cell(s) bogus/cell" in capsys.readouterr().err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.toml"]
+
+
+def _fake_cell(fail_at=None):
+    """A stand-in for run_build_cell: writes a file into the cell's folder; raises at cell `fail_at`."""
+    calls = []
+
+    def run(cell):
+        calls.append(cell.key)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        out = Path(cell.args["out"])
+        out.mkdir(parents=True)
+        (out / "model.onnx").write_bytes(b"x")
+        return {"entry": {"cell": cell.key, "path": cell.key, "target": "onnx", "gate": "pass"},
+                "measurements": {"cell": cell.key}}
+    return run
+
+
+TWO = _config(tail='[[targets]]\nname = "t2"\ntarget = "onnx"\nbits = 8\nmethod = "rtn"\n')
+
+
+@pytest.mark.parametrize("where", ["second cell", "writing the manifest"])
+def test_an_interrupted_build_leaves_nothing(where, tmp_path, monkeypatch):
+    """An interrupt after the first cell left dist/a/t (a whole cell) and no manifest, so that a
+    re-run was refused ("exists and is not empty")."""
+    from dllm_export import build as build_mod
+
+    p = tmp_path / "b.toml"
+    p.write_text(TWO)
+    if where == "second cell":
+        monkeypatch.setattr(build_mod, "run_build_cell", _fake_cell(fail_at=2))
+    else:
+        monkeypatch.setattr(build_mod, "run_build_cell", _fake_cell())
+        monkeypatch.setattr(build_mod, "_write_outputs", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build_mod.build(p, tmp_path / "dist")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.toml"]  # no dist, no .dist.tmp-*
+
+
+def test_a_build_is_staged_and_renamed_into_place(tmp_path, monkeypatch):
+    """The cells are written in a temp folder beside the output (a dead run's is removed first)."""
+    from dllm_export import build as build_mod
+
+    p = tmp_path / "b.toml"
+    p.write_text(TWO)
+    stale = tmp_path / ".dist.tmp-4194305-x"  # a killed run's (no such process)
+    (stale / "a" / "t").mkdir(parents=True)
+    monkeypatch.setattr(build_mod, "run_build_cell", _fake_cell())
+    m = build_mod.build(p, tmp_path / "dist", cells=["a/t2"])
+    assert [c["cell"] for c in m["cells"]] == ["a/t2"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.toml", "dist"]
+    assert sorted(str(f.relative_to(tmp_path / "dist")) for f in (tmp_path / "dist").rglob("*")) == \
+        ["a", "a/t2", "a/t2/model.onnx", "manifest.json", "measurements.json"]
+
+
+@pytest.mark.parametrize("cells, message", [
+    ([{"cell": "a/t", "path": "../../evil", "files": {}}], "malformed cell list"),
+    ({"a/t": {}}, "malformed cell list"),
+    ([["a/t"]], "malformed cell list"),
+])
+def test_merge_refuses_malformed_parts(cells, message, tmp_path, capsys):
+    """A part's entry path was joined to the merged folder as is (`../..` wrote outside it); a
+    malformed cell list was a KeyError / TypeError traceback."""
+    import hashlib
+
+    p = tmp_path / "b.toml"
+    p.write_text(_config())
+    part = tmp_path / "part"
+    part.mkdir()
+    source = {"name": "b.toml", "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    (part / "manifest.json").write_text(json.dumps({"format": "dllm-export/build", "version": 2, "config": source,
+                                                    "cells": cells}))
+    assert main(["build", str(p), "--merge", str(part), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists() and not any(tmp_path.glob(".r.tmp-*"))

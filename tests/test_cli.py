@@ -56,6 +56,11 @@ def test_info(tiny_dirs, capsys):
     (["--target", "gguf", "--embed-head", "int8"], "--embed-head applies to --target onnx only"),
     # a GGUF file whose manifest named the cuda profile, which runs ONNX only
     (["--target", "gguf", "--device", "cuda"], "device profile cuda runs onnx artifacts, not --target gguf"),
+    # --scheme auto's options were dropped without a word elsewhere
+    (["--target", "onnx", "--bits", "4", "--kquants"], "--kquants goes with --scheme auto"),
+    (["--target", "onnx", "--bits", "4", "--avg-bits", "3", "--mix-embed-head"],
+     "--avg-bits, --mix-embed-head go with --scheme auto"),
+    (["--bits", "4"], "an export needs --target (onnx | gguf)"),
 ])
 def test_bad_export_requests(args, message, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path / "art")]) == 2
@@ -87,12 +92,28 @@ def test_bad_export_requests(args, message, capsys, tmp_path):
     (["serve", "{llada}", "--port", "99999"], "port must lie in 0..65535 (0: a free one), got 99999"),
     (["serve", "{llada}", "--port", "0", "--max-batch", "0"], "max_batch must be >= 1, got 0"),
     (["serve", "{llada}", "--port", "0", "--timeout", "0"], "timeout must be > 0 seconds, got 0.0"),
+    (["serve", "{llada}", "--port", "0", "--timeout", "nan"], "timeout must be > 0 seconds, got nan"),
+    (["serve", "{llada}", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    # 100000 threads exhausted the process table: a segfault in torch, a hang in onnxruntime
+    (["generate", "--model", "{llada}", "--prompt", "x", "--threads", "100000"], "argument --threads: 100000 threads on"),
+    (["generate", "--model", "{llada}", "--prompt", "abc\udcff", "--gen-length", "8"],  # bytes that are not UTF-8
+     "the prompt is not valid UTF-8 text"),
+    (["analyze", "--model", "{llada}", "--ratios", "abc", "--out", "x"], "--ratios takes mask ratios in [0, 1]"),
+    (["analyze", "--model", "{llada}", "--ratios", "nan", "--samples", "1", "--seq-len", "16", "--no-plots",
+      "--out", "{tmp}/an"], "mask ratios must be numbers in [0, 1], got nan"),
+    (["analyze", "--model", "{llada}", "--out", "{file}"], "output folder {file} is an existing file"),
+    (["bench", "{llada}", "--json", "{file}/x.json"], "cannot write {file}/x.json: {file} is a file, not a folder"),
+    (["bench", "{llada}", "--canvas", "5000", "--reps", "1", "--decode-reps", "1", "--gen-length", "8",
+      "--no-roofline"], "canvas 5000 exceeds the model's context"),
 ])
-def test_errors_are_one_line_with_nonzero_exit(tiny_dirs, capsys, args, message):
-    args = [a.format(llada=tiny_dirs["llada"]) for a in args]
+def test_errors_are_one_line_with_nonzero_exit(tiny_dirs, capsys, tmp_path, args, message):
+    (tmp_path / "file").write_text("x")
+    fill = dict(llada=tiny_dirs["llada"], tmp=tmp_path, file=tmp_path / "file")
+    args = [a.format(**fill) for a in args]
     rc = main(args)
     err = capsys.readouterr().err
-    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert rc == 2 and message.format(**fill) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "an").exists()
 
 
 @pytest.mark.slow
@@ -178,3 +199,54 @@ def test_machine_errors_are_one_line_with_exit_1(monkeypatch, capsys):
     assert main(["info", "--model", "default"]) == 1
     assert capsys.readouterr().err == ("dllm-export: error: /data/out/.art.tmp-1/model.onnx.data: "
                                        "No space left on device\n")
+
+
+def test_other_errors_are_one_line_with_exit_1(monkeypatch, capsys):
+    """A library's own error type (safetensors' disk full) or a bug: one line, no traceback."""
+    import dllm_export.cli as cli
+
+    def boom(args):
+        raise RuntimeError("safetensors: No space left\non device")
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    assert main(["info", "--model", "default"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dllm-export: error: RuntimeError: safetensors: No space left on device (") and \
+        err.count("\n") == 1
+    monkeypatch.setenv("DLLM_EXPORT_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["info", "--model", "default"])
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
+    """SIGTERM (a scheduler, `timeout`) raises in the command, so every writer's cleanup runs, and the
+    exit code is 143; the default handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    import dllm_export.cli as cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises before this ends
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_info", terminated)
+    assert main(["info", "--model", "default"]) == 143
+    assert capsys.readouterr().err == "dllm-export: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("manifest,bits", [
+    ({"scheme": "W8A16", "quantize_settings": {"bits": 4}}, 4),  # --bits 4 --scheme W8A16
+    ({"scheme": "W4A16", "settings": {"bits": 7}}, 7),  # quantize --bits 7
+    ({"scheme": "W4A16", "settings": {"bits": 4}}, None),
+    ({"scheme": "W4A16", "settings": {"bits": None}}, None),
+    ({"scheme": "auto", "settings": {"bits": 4}}, None),
+    ({"scheme": None}, None),
+])
+def test_bits_that_override_the_scheme_are_named(manifest, bits):
+    from dllm_export.verify import override_bits
+
+    assert override_bits(manifest) == bits

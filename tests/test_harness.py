@@ -4,6 +4,7 @@ checkpoints of both families; its numbers against the library's own `elbo` and `
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.slow  # lm-eval's evaluator, task loading and sampling
 
 import dllm_export as D  # noqa: E402
 from dllm_export.errors import InputError  # noqa: E402
-from dllm_export.eval.harness import DLLM, evaluate  # noqa: E402
+from dllm_export.eval.harness import (DLLM, check_limit, check_results_path, evaluate,  # noqa: E402
+                                      parse_gen_kwargs, write_results)
 from dllm_export.eval.likelihood import elbo  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
@@ -188,3 +190,86 @@ def test_create_from_arg_string_types_values(tiny_dirs):
     assert lm.args["mc_num"] == 8 and lm.args["threshold"] == 0.9 and lm.args["cache"] == "none"
     assert lm.args["steps"] == 8 and lm.args["add_bos"] is True and lm.model_name == str(tiny_dirs["llada"])
     assert lm.encode_pair("", "ab")[0] == [lm.spec.bos_id]
+
+
+@pytest.mark.parametrize("limit, expected", [(None, None), (0.5, 0.5), (1, 1), (2.0, 2), (3, 3)])
+def test_limit_is_a_fraction_or_a_whole_count(limit, expected):
+    got = check_limit(limit)
+    assert got == expected and type(got) is type(expected)
+
+
+BAD_LIMIT = "limit must be a fraction in (0, 1) or a whole number >= 1 of examples per task"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # lm-eval failed on these mid-run: islice, "did not find any docs", NaN to int; 2.5 became 2
+    *[(dict(limit=v), BAD_LIMIT) for v in (-1, 0, 0.0, float("nan"), float("inf"), 2.5, True, "5")],
+    (dict(num_fewshot=-1), "num_fewshot must be an integer >= 0, got -1"),  # was accepted: n-shot -1
+    (dict(num_fewshot=1.5), "num_fewshot must be an integer >= 0"),
+    (dict(gen_kwargs="garbage"), "gen kwargs must be key=value pairs separated by commas, got 'garbage'"),
+    (dict(gen_kwargs="=4"), "gen kwargs must be key=value pairs"),
+    (dict(gen_kwargs="until=a,until=b"), "gen kwargs: until given twice"),
+    (dict(gen_kwargs="temperature=0.5"), "gen kwarg(s) temperature not read by the dllm model"),
+    (dict(gen_kwargs="max_gen_toks=0"), "max_gen_toks must be an integer >= 1, got 0"),
+    (dict(gen_kwargs="max_gen_toks=many"), "max_gen_toks must be an integer >= 1, got 'many'"),
+    (dict(gen_kwargs={"until": 3}), "gen kwarg until must be a string or a list of strings"),
+    (dict(model_args="mc_num=4,mc_num=8"), "model args: mc_num given twice"),
+])
+def test_bad_run_settings_are_refused_before_the_model_loads(tmp_path, kwargs, message):
+    """A missing model and an unknown task would raise too: the settings are checked first."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        evaluate(str(tmp_path / "no_model"), ["no_such_task"], include_defaults=False, **kwargs)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, None), ("", None), ("until=x", {"until": "x"}),
+    (" max_gen_toks=4, until=x ", {"max_gen_toks": 4, "until": "x"}),
+    ({"until": ["a", "b"]}, {"until": ["a", "b"]}),
+])
+def test_gen_kwargs_parse(text, expected):
+    assert parse_gen_kwargs(text) == expected
+
+
+@pytest.mark.parametrize("case, message", [
+    ("under_file", "f is a file, not a folder"), ("folder", "is a folder, expected a file name"),
+])
+def test_results_path_is_checked_before_the_run(tmp_path, case, message):
+    """`--out FILE/x.json` used to fail with "FILE: File exists" (exit 1) after the whole run."""
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "x.json" if case == "under_file" else tmp_path
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=message):
+        check_results_path(out)
+    with pytest.raises(InputError, match=message):
+        write_results({"results": {}}, out)
+    assert sorted(tmp_path.rglob("*")) == before
+    assert check_results_path(tmp_path / "new" / "r.json") == tmp_path / "new" / "r.json"
+    assert not (tmp_path / "new").exists()  # checked, nothing made
+
+
+def test_git_commit_is_recorded_quietly(tmp_path, monkeypatch, capfd):
+    """lm-eval records `git describe` of the working folder; outside a repository git's "fatal: not a git
+    repository" went to stderr on every run. Quiet only while evaluate runs: lm-eval is unchanged after."""
+    import lm_eval.evaluator as ev
+
+    from dllm_export.eval.harness import _quiet_git
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    original = ev.get_git_commit_hash
+    with _quiet_git():
+        assert ev.get_git_commit_hash() is None
+    assert ev.get_git_commit_hash is original
+    assert "not a git repository" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "-1"], BAD_LIMIT), (["--limit", "nan"], BAD_LIMIT), (["--num-fewshot", "-1"], "num_fewshot"),
+    (["--gen-kwargs", "garbage"], "gen kwargs must be key=value"),
+])
+def test_cli_bad_run_settings_are_one_line_exit_2(tmp_path, capsys, argv, message):
+    from dllm_export.cli import main
+
+    assert main(["lm-eval", "--model", str(tmp_path / "no_model"), "--tasks", "x", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

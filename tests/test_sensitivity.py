@@ -4,6 +4,7 @@ exporters, and timestep-aware calibration."""
 import itertools
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -457,10 +458,33 @@ def test_group_choice_that_tiles_no_layer_is_refused(ckpt, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("avg_bits", [float("nan"), 0.0, -1.0, float("inf")])
-def test_budgets_that_are_not_a_positive_number_are_refused(avg_bits):
-    """NaN reached int() as a ValueError traceback; inf would allocate everything at its widest."""
+@pytest.mark.parametrize("avg_bits", [float("nan"), 0.0, -1.0, float("inf"), 1e308, 33.0])
+def test_budgets_outside_0_32_bits_are_refused(avg_bits):
+    """NaN reached int() as a ValueError traceback, and so did 1e308 (its byte budget overflows to inf);
+    inf would allocate everything at its widest."""
     from dllm_export.errors import InputError
 
-    with pytest.raises(InputError, match="--avg-bits must be a positive number of bits per weight"):
+    with pytest.raises(InputError, match=r"--avg-bits must be a number of bits per weight in \(0, 32\]"):
         allocate_bits({"weights": 1, "units": {}}, avg_bits)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not json", "not a JSON sensitivity scan"),
+    (b"\xff\xfe", "not a JSON sensitivity scan"),
+    (b"[1, 2]", "expected a JSON object"),
+    (b"{}", "no 'config' dict"),
+    (b'{"config": {"method": "rtn", "sym": null}, "grid": {"group_size": null}, "units": {"a": {}}, "weights": 8}',
+     "unit 'a' lacks layers / weights / bits"),
+    (b'{"config": {"method": "rtn", "sym": null}, "grid": {"group_size": null}, "weights": 8, '
+     b'"units": {"a": {"layers": [], "weights": 8, "bits": {"4": {"kld": 0.1}}}}}', "a bit-width without kld / bytes"),
+])
+def test_a_bad_sensitivity_file_is_one_line(tmp_path, content, message):
+    """--sensitivity F: a file that is not a scan is named with what is wrong, before any allocation."""
+    from dllm_export.errors import InputError
+    from dllm_export.eval.sensitivity import read_scan
+
+    f = tmp_path / "s.json"
+    f.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_scan(f)
+

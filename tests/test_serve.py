@@ -200,7 +200,7 @@ BAD = [  # (raw body, expected status, a word of the message)
     ('{"prompt": "x", "max_tokens": 8, "n": 9}', 400, "n"),
     ('{"prompt": "x", "model": "gpt-4"}', 404, "gpt-4"),
     ('{"prompt": "x", "max_tokens": 8, "seed": 18446744073709551616}', 400, "seed"),
-    ('{"prompt": "\\ud800 x", "max_tokens": 8}', 400, "not valid Unicode"),
+    ('{"prompt": "\\ud800 x", "max_tokens": 8}', 400, "not valid UTF-8"),
     ('{"prompt": "x", "max_tokens": 8, "stream_options": {"include_usage": true}}', 400, "stream_options"),
 ]
 
@@ -220,7 +220,7 @@ def test_bad_completion_requests(body, status, word, torch_url):
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": None}]}, "only an assistant message may have null content"),
-    ({"messages": [{"role": "user", "content": "\ud800"}]}, "not valid Unicode"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "not valid UTF-8"),
 ])
 def test_bad_chat_requests(body, word, torch_url):
     r = httpx.post(f"{torch_url}/v1/chat/completions", content=json.dumps(body),  # \ud800 stays an escape

@@ -6,6 +6,7 @@ import pytest
 
 from dllm_export import InputError, load_model, load_tokenizer
 from dllm_export.corpus import code_texts
+from dllm_export.errors import DllmExportError
 from dllm_export.eval.tasks import TASKS, _has_tests, cloze_items, executed_lines, infill_items, passes_tests, run_task
 
 needs_cpython_tests = pytest.mark.skipif(not _has_tests("textwrap"), reason="this Python has no test package")
@@ -120,6 +121,14 @@ def test_report_recomputes_cells_of_a_changed_model(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("settings, message", [
     (dict(items=0), "items per task must be >= 1"), (dict(calib_samples=0), "calibration needs n_samples >= 1"),
     (dict(fidelity_windows=1), "fidelity needs windows >= 2"),
+    # names no registry knows: each cell's row used to say so while `failed` stayed empty (exit 0)
+    (dict(methods=("bogus",)), "unknown method 'bogus'"), (dict(schemes=("W9A16",)), "unknown scheme 'W9A16'"),
+    (dict(calib_masks=("bogus",)), "unknown calibration mask 'bogus'"),
+    (dict(tasks=("bogus",)), "unknown task 'bogus'"),  # was a KeyError after the whole grid ran
+    (dict(models=()), "report models: none given"), (dict(methods=()), "report methods: none given"),
+    (dict(tasks=(" ",)), "report tasks: none given"),
+    (dict(methods=("rtn", "rtn")), "'rtn' is listed twice"),
+    (dict(schemes=("w4a16", "W4A16")), "'W4A16' is listed twice"),
 ])
 def test_report_settings_no_cell_could_run_are_refused_up_front(settings, message):
     """Before, such a grid ran to the end with every cell's row an error and exited 0."""
@@ -127,3 +136,69 @@ def test_report_settings_no_cell_could_run_are_refused_up_front(settings, messag
 
     with pytest.raises(InputError, match=message):
         ReportConfig(**settings)
+
+
+def test_report_config_names_are_canonical():
+    """A string is a comma-separated list; schemes take their registry spelling (cell keys, the bits plotted)."""
+    from dllm_export.eval.report import ReportConfig
+
+    cfg = ReportConfig(models="default", methods="rtn, gptq", schemes=("w4a16",), tasks=["arithmetic"])
+    assert (cfg.models, cfg.methods, cfg.schemes, cfg.tasks) == (("default",), ("rtn", "gptq"), ("W4A16",),
+                                                                  ("arithmetic",))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "model folder not found"), ("no_weights", "no model.safetensors"),
+    ("quantized", "is a quantized checkpoint"), ("same_name", "share the name 'llada'"),
+    ("out_file", "exists and is a file"), ("out_under_file", "Not a directory"),
+    ("out_not_report", "holds no report"), ("out_taken", "a folder of that name is in the way"),
+])
+def test_report_refuses_bad_models_and_outputs_before_any_work(tiny_dirs, tmp_path, monkeypatch, case, message):
+    """Refused before a cell runs and before the output folder is made (a bad model used to leave
+    OUT/cells behind, a file as OUT failed with "OUT/cells: Not a directory", exit 1)."""
+    import shutil
+
+    from dllm_export.eval import report
+
+    monkeypatch.setattr(report, "run_cell", lambda cell: pytest.fail("a cell ran"))
+    llada, out = str(tiny_dirs["llada"]), tmp_path / "out"
+    models = (llada,)
+    if case == "missing":
+        models = (str(tmp_path / "nope"),)
+    elif case in ("no_weights", "quantized", "same_name"):
+        m = tmp_path / "m" / "llada"
+        shutil.copytree(tiny_dirs["llada"], m)
+        models = (llada, str(m)) if case == "same_name" else (str(m),)
+        if case == "no_weights":
+            for f in m.glob("*.safetensors"):
+                f.unlink()
+        if case == "quantized":
+            (m / "manifest.json").write_text("{}")
+    elif case in ("out_file", "out_under_file"):
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" if case == "out_file" else tmp_path / "f" / "r"
+    elif case == "out_not_report":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "out_taken":  # an earlier report's folder where a report file's name is a folder
+        (out / "cells").mkdir(parents=True)
+        (out / "report.md").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    cfg = report.ReportConfig(models=models, methods=("rtn",), schemes=("W4A16",), tasks=("arithmetic",), items=2)
+    with pytest.raises(DllmExportError, match=message):
+        report.run_report(cfg, out)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing made, nothing left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "bogus"], "unknown method 'bogus'"), (["--schemes", "W9A16"], "unknown scheme 'W9A16'"),
+    (["--calib-masks", "bogus"], "unknown calibration mask 'bogus'"), (["--tasks", "bogus"], "unknown task 'bogus'"),
+    (["--models", ","], "report models: none given"), (["--models", "bogus"], "model folder not found: bogus"),
+])
+def test_report_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    from dllm_export.cli import main
+
+    assert main(["report", "--out", str(tmp_path / "rp"), "--items", "2", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rp").exists()

@@ -41,7 +41,11 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import os
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,8 @@ _ARGS: dict[str, tuple[type, Any]] = {
 _PLAN_ARGS = ("temperature", "cfg_scale", "top_k", "top_p", "alg_temp", "eps", "threshold", "factor", "cache",
               "refresh", "refresh_tokens", "seed")
 _IGNORED = ("batch_size", "max_batch_size")  # lm-eval's own batching: requests run one at a time here
+# the task generation kwargs `generate_until` reads; sampling settings are model args (see the module docstring)
+GEN_KWARGS = ("until", "max_gen_toks")
 
 
 def _typed(name: str, value, kind: type):
@@ -340,18 +346,111 @@ class DLLM(LM):
                                                   add_generation_prompt=add_generation_prompt)
 
 
+def _parse_pairs(text: str, what: str) -> dict:
+    """lm-eval's `k=v,...` (values typed by its parser: numbers, true/false, none) -> dict; InputError
+    for a part that is no `key=value` or a key given twice (lm-eval keeps the last without a word)."""
+    from lm_eval.utils import handle_arg_string
+
+    out: dict = {}
+    for part in (p for p in str(text).split(",") if p.strip()):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise InputError(f"{what} must be key=value pairs separated by commas, got {part.strip()!r}")
+        if key.strip() in out:
+            raise InputError(f"{what}: {key.strip()} given twice")
+        out[key.strip()] = handle_arg_string(value)
+    return out
+
+
 def parse_model_args(model_args: str | dict | None) -> dict:
     """`k=v,...` (typed by lm-eval's parser: numbers, true/false, none) or a dict -> dict."""
     if model_args is None:
         return {}
     if isinstance(model_args, dict):
         return dict(model_args)
-    from lm_eval.utils import simple_parse_args_string
+    return _parse_pairs(model_args, "model args")
 
-    bad = [p for p in str(model_args).split(",") if p.strip() and "=" not in p]
-    if bad:
-        raise InputError(f"model args must be key=value pairs separated by commas, got {', '.join(bad)!s}")
-    return simple_parse_args_string(model_args)
+
+def parse_gen_kwargs(gen_kwargs: str | dict | None) -> dict | None:
+    """lm-eval's `gen_kwargs` (`k=v,...` or a dict) checked -> dict, or None when empty. InputError for
+    a malformed string, a key the dllm model does not read (only `GEN_KWARGS`: a dropped temperature
+    would go unnoticed) or a max_gen_toks that is not an integer >= 1."""
+    if gen_kwargs is None:
+        return None
+    if isinstance(gen_kwargs, str):
+        kw = _parse_pairs(gen_kwargs, "gen kwargs")
+    elif isinstance(gen_kwargs, dict):
+        kw = dict(gen_kwargs)
+    else:
+        raise InputError(f"gen kwargs must be key=value pairs separated by commas, got {gen_kwargs!r}")
+    unknown = sorted(set(kw) - set(GEN_KWARGS))
+    if unknown:
+        raise InputError(f"gen kwarg(s) {', '.join(map(str, unknown))} not read by the dllm model (it reads "
+                         f"{', '.join(GEN_KWARGS)}; sampling settings are model args, e.g. temperature=0.5)")
+    n = kw.get("max_gen_toks")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise InputError(f"gen kwarg max_gen_toks must be an integer >= 1, got {n!r}")
+    until = kw.get("until")
+    if until is not None and not (isinstance(until, str) or (isinstance(until, (list, tuple))
+                                                            and all(isinstance(u, str) for u in until))):
+        raise InputError(f"gen kwarg until must be a string or a list of strings, got {until!r}")
+    return kw or None
+
+
+def check_limit(limit) -> int | float | None:
+    """lm-eval's `limit` checked: None (every example), a fraction of the examples in (0, 1), or a
+    whole count >= 1 (returned as an int); InputError otherwise (lm-eval fails on it mid-run)."""
+    if limit is None:
+        return None
+    bad = InputError(f"limit must be a fraction in (0, 1) or a whole number >= 1 of examples per task, got {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit) or limit <= 0:
+        raise bad
+    if limit < 1:
+        return float(limit)
+    if limit != int(limit):
+        raise bad
+    return int(limit)
+
+
+def check_num_fewshot(num_fewshot) -> int | None:
+    """`num_fewshot` checked: None (each task's own) or an integer >= 0; InputError otherwise."""
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, numbers.Integral)
+                                    or num_fewshot < 0):
+        raise InputError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}")
+    return None if num_fewshot is None else int(num_fewshot)
+
+
+def check_results_path(out: str | Path) -> Path:
+    """`out` as a Path, or InputError when no results file can be written there (fileio.check_output_file).
+    Call it before `evaluate`: `write_results` checks again, but only after the whole run."""
+    from ..fileio import check_output_file
+
+    return check_output_file(out)
+
+
+def _quiet_git_commit_hash() -> str | None:
+    """lm-eval's `get_git_commit_hash` (the commit of the working folder's repository, recorded in the
+    results) without git's "fatal: not a git repository" on stderr outside one."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, OSError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextmanager
+def _quiet_git():
+    """While the block runs, lm-eval records the commit quietly (it has no option for it: its evaluator
+    calls git with stderr inherited); restored afterwards, so nothing changes at import time."""
+    import lm_eval.evaluator as ev
+
+    saved = ev.get_git_commit_hash
+    ev.get_git_commit_hash = _quiet_git_commit_hash
+    try:
+        yield
+    finally:
+        ev.get_git_commit_hash = saved
 
 
 def evaluate(model="default", tasks=("arc_easy",), *, model_args: str | dict | None = None,
@@ -368,11 +467,14 @@ def evaluate(model="default", tasks=("arc_easy",), *, model_args: str | dict | N
         model_args: the `dllm` model args (`k=v,...` or a dict), see the module docstring.
         include_path: folder(s) of extra task YAMLs (e.g. local tasks).
         include_defaults: also index lm-eval's built-in tasks (a few seconds; False for local tasks only).
-        limit: examples per task (a fraction when < 1).
+        limit: examples per task: a whole number >= 1, or a fraction in (0, 1) of each task's examples.
+        num_fewshot: few-shot examples (>= 0; default: each task's own).
+        gen_kwargs: `until` / `max_gen_toks` overriding the tasks' (`k=v,...` or a dict).
     Returns:
         lm-eval's results dict ("results", "configs", "versions", "n-shot", "config", ...).
     Raises:
-        InputError: bad model args, unknown tasks.
+        InputError: bad model args, limit, num_fewshot or gen_kwargs, unknown tasks; all checked
+            before the model loads.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -380,22 +482,26 @@ def evaluate(model="default", tasks=("arc_easy",), *, model_args: str | dict | N
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
         raise InputError("no tasks given")
+    limit, num_fewshot = check_limit(limit), check_num_fewshot(num_fewshot)
+    gen_kwargs = parse_gen_kwargs(gen_kwargs)
     args = parse_model_args(model_args)
-    if isinstance(model, DLLM):
-        lm = model
-    else:
-        if "model" in args or "pretrained" in args:
-            model = args.pop("model", None) or args.pop("pretrained")
-        lm = DLLM(model=model, **args)
+    # the task index before the weights: an unknown task costs seconds, not a model load
     tm = TaskManager(include_path=[str(p) for p in include_path] if isinstance(include_path, (list, tuple))
                      else (str(include_path) if include_path else None), include_defaults=include_defaults)
     missing = [t for t in names if not (t.endswith(".yaml") and Path(t).is_file()) and not tm.match_tasks([t])]
     if missing:
         hint = "" if include_path else " (local task YAMLs: pass include_path / --include-path)"
         raise InputError(f"unknown lm-eval task(s): {', '.join(missing)}{hint}")
-    res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
-                          gen_kwargs=gen_kwargs, apply_chat_template=apply_chat_template, log_samples=log_samples,
-                          confirm_run_unsafe_code=confirm_run_unsafe_code, bootstrap_iters=bootstrap_iters)
+    if isinstance(model, DLLM):
+        lm = model
+    else:
+        if "model" in args or "pretrained" in args:
+            model = args.pop("model", None) or args.pop("pretrained")
+        lm = DLLM(model=model, **args)
+    with _quiet_git():
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
+                              gen_kwargs=gen_kwargs, apply_chat_template=apply_chat_template, log_samples=log_samples,
+                              confirm_run_unsafe_code=confirm_run_unsafe_code, bootstrap_iters=bootstrap_iters)
     res["config"]["model"] = "dllm"
     res["config"]["model_args"] = {"model": lm.model_name, **{k: v for k, v in lm.args.items() if v is not None}}
     return res
@@ -412,14 +518,15 @@ def results_table(results: dict) -> str:
 
 
 def write_results(results: dict, out: str | Path) -> Path:
-    """Write a results dict as JSON (atomically: the file appears whole or not at all)."""
+    """Write a results dict as JSON (atomically: the file appears whole or not at all); InputError
+    when `out` cannot be written (`check_results_path`)."""
     import json
 
     from lm_eval.utils import handle_non_serializable
 
     from ..fileio import atomic_file
 
-    out = Path(out)
+    out = check_results_path(out)
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     return out

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class OutlierConfig:
@@ -108,6 +110,8 @@ def analyze(model, ids: torch.Tensor, mask_id: int, ratios=(0.15, 0.5, 0.85), cf
     Returns {"layers": {name: {"role": ..., "all": ..., "masked": ..., "visible": ..., "ratio_0.5": ...}},
     "by_role": {role: worst channel max/median over blocks}, "flagged": [...]}.
     """
+    if not ratios or not all(isinstance(r, (int, float)) and 0 <= r <= 1 for r in ratios):  # NaN fails too
+        raise InputError(f"mask ratios must be numbers in [0, 1], got {', '.join(map(str, ratios)) or 'none'}")
     spec = model.spec
     roles = {v: k for k, v in spec.linears.items()}
     stats: dict[str, InputStats] = {}

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DllmExportError
+from ..errors import DllmExportError, InputError
 from ..executors import Cell, Executor, LocalExecutor
-from ..fileio import atomic_file
+from ..fileio import atomic_file, check_output_folder
 from ..models.checkpoint import BUNDLED, checkpoint_sha256
+
+# the files run_report writes beside cells/ (each atomically)
+REPORT_FILES = ("report.json", "report.csv", "report.md", "score_vs_bits.png")
 
 
 @dataclass(frozen=True)
@@ -45,15 +51,90 @@ class ReportConfig:
     fidelity_windows: int = 16
 
     def __post_init__(self):
-        """Settings no cell could run with are refused before the grid starts (InputError)."""
-        from ..quant import CalibConfig
+        """Settings no cell could run with are refused before the grid starts (InputError): an empty
+        or repeated list, a method, scheme, task or calibration mask no registry knows, bad budgets.
+        The models are checked by `run_report` (`check_models`: they are files, not names)."""
+        from ..quant import METHODS, CalibConfig, get_scheme
+        from ..quant.calibrate import MASKS
         from .fidelity import FidelityConfig
-        from .tasks import check_items
+        from .tasks import TASKS, check_items
 
+        for name in ("models", "methods", "schemes", "tasks", "calib_masks"):
+            object.__setattr__(self, name, _names(name, getattr(self, name)))
+        # canonical scheme names: cell keys and the bits read from them (plots, findings) need "W4A16", not "w4a16"
+        object.__setattr__(self, "schemes", _names("schemes", tuple(get_scheme(s).name for s in self.schemes)))
+        _known("method", self.methods, sorted(METHODS))
+        _known("task", self.tasks, TASKS)
+        _known("calibration mask", self.calib_masks, MASKS)
         check_items(self.items)
         CalibConfig(n_samples=self.calib_samples, seq_len=self.calib_seq_len)
         if self.fidelity:
             FidelityConfig(windows=self.fidelity_windows)
+
+
+def _names(field: str, value) -> tuple[str, ...]:
+    """A grid axis as a tuple of names (a string is read as a comma-separated list); InputError when
+    it is empty or names something twice (two cells would share one cache folder)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, (str, os.PathLike)) for x in items):
+        raise InputError(f"report {field} must be a list of names, got {value!r}")
+    names = tuple(n for n in (str(x).strip() for x in items) if n)
+    if not names:
+        raise InputError(f"report {field}: none given (name at least one)")
+    twice = next((n for i, n in enumerate(names) if n.lower() in {m.lower() for m in names[:i]}), None)
+    if twice is not None:
+        raise InputError(f"report {field}: {twice!r} is listed twice")
+    return names
+
+
+def _known(what: str, names: tuple[str, ...], known) -> None:
+    """InputError naming the first of `names` not in `known`, with the known ones."""
+    bad = next((n for n in names if n not in known), None)
+    if bad is not None:
+        raise InputError(f"unknown {what} {bad!r} (choose from {', '.join(known)})")
+
+
+def check_models(models) -> None:
+    """Raise CheckpointError / InputError unless every model is a bundled name or a float checkpoint
+    folder (config.json and weights), and no two share a folder name (their cells' cache folders and
+    report rows are named after it)."""
+    from ..models.checkpoint import is_quantized, read_config, resolve_checkpoint, weight_files
+
+    seen: dict[str, str] = {}
+    for m in models:
+        path = resolve_checkpoint(m)
+        read_config(path)
+        weight_files(path)
+        if is_quantized(path):  # quantizing it again fails in every cell, each with a cryptic row error
+            raise InputError(f"{m} is a quantized checkpoint: the report quantizes float checkpoints (pass the "
+                             f"one it was made from)")
+        key = Path(str(m)).name.lower()
+        if key in seen:
+            raise InputError(f"models {seen[key]} and {m} share the name {Path(str(m)).name!r}: their cells would "
+                             f"share cache folders (rename one folder)")
+        seen[key] = str(m)
+
+
+def check_report_folder(out: str | Path) -> Path:
+    """`out` as a Path, or InputError unless it can hold a report: new, an empty folder, or the folder
+    of an earlier report (holding cells/: the run resumes from its cached cells), and writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out} exists and is a file")
+    if not out.is_dir() or not any(out.iterdir()):
+        return check_output_folder(out)
+    if not (out / "cells").is_dir():
+        raise InputError(f"output folder {out} is not empty and holds no report (no cells/): pick a new or empty "
+                         f"folder, or an earlier report's folder to resume it")
+    taken = next((n for n in REPORT_FILES if (out / n).is_dir()), None)
+    if taken is not None:
+        raise InputError(f"cannot write {out / taken}: a folder of that name is in the way")
+    for folder in (out, out / "cells"):
+        try:  # a trial folder, as check_output_folder makes: permissions and read-only mounts answer here
+            Path(tempfile.mkdtemp(prefix=".report.probe-", dir=folder)).rmdir()
+        except OSError as e:
+            raise InputError(f"cannot write the report folder {out}: {folder}: {e.strerror or e}") from None
+    return out
 
 
 def _cell_name(model: str, method: str, scheme: str, mask: str) -> str:
@@ -154,10 +235,14 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False,
                executor: Executor | None = None) -> dict:
     """Run (or resume) the grid on `executor` (default: this process); write report.md, report.csv
     and report.json under out_dir. `result["failed"]` lists the cells that raised (not cached: a
-    re-run tries them again) with their errors; their rows carry the error too."""
-    out = Path(out_dir)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    re-run tries them again) with their errors; their rows carry the error too.
+    Raises InputError / CheckpointError before any work (and before out_dir is made) for a model
+    that is no float checkpoint or an out_dir that cannot hold the report (`check_report_folder`)."""
+    check_models(cfg.models)
+    out = check_report_folder(out_dir)
     cells = report_cells(cfg, out)
+    # not one atomic folder: cells/ is the resume cache, kept when a run stops; the report files appear whole
+    (out / "cells").mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -184,9 +269,11 @@ def run_report(cfg: ReportConfig, out_dir: str | Path, progress: bool = False,
         rows.append({**row, "scores": {t: row["scores"][t] for t in cfg.tasks if t in row["scores"]}})
     _annotate(rows, cfg)
     result = {"config": asdict(cfg), "rows": rows, "findings": _findings(rows, fidelity_results), "failed": failed}
-    (out / "report.json").write_text(json.dumps(_without_outcomes(result), indent=2) + "\n")
-    _write_csv(out / "report.csv", rows, cfg.tasks)
-    (out / "report.md").write_text(_markdown(result, cfg))
+    texts = {"report.json": json.dumps(_without_outcomes(result), indent=2) + "\n",
+             "report.csv": _csv(rows, cfg.tasks), "report.md": _markdown(result, cfg)}
+    for name, text in texts.items():  # all rendered first: a rendering error leaves the last report's files
+        with atomic_file(out / name) as tmp:
+            tmp.write_bytes(text.encode())
     from .plots import plot_report
 
     plot_report(result, out)
@@ -325,9 +412,10 @@ def _bits(scheme: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _write_csv(path: Path, rows: list[dict], tasks) -> None:
+def _csv(rows: list[dict], tasks) -> str:
+    """report.csv's text: a row per cell, scores, drops, significance and fidelity per task."""
     fid = ("kld_mean", "kld_se", "kld_p99", "top1", "sqnr_db", "elbo_diff_bits", "elbo_diff_se_bits")
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "method", "scheme", "calib", *tasks, *(f"drop_{t}" for t in tasks),
                     *(f"rel_drop_{t}" for t in tasks), *(f"sig_{t}" for t in tasks), *fid, "error"])
@@ -337,6 +425,7 @@ def _write_csv(path: Path, rows: list[dict], tasks) -> None:
                         *(r["drop"].get(t, "") for t in tasks), *(r["rel_drop"].get(t, "") for t in tasks),
                         *(r["significant"].get(t, "") for t in tasks), *(fr.get(k, "") for k in fid),
                         r.get("error") or ""])
+        return f.getvalue()
 
 
 def _fmt_drop(r: dict, key: str, pre: str = "") -> str:

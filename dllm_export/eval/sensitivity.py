@@ -219,8 +219,8 @@ def allocate_bits(scan: dict, avg_bits: float, bits: tuple[int, ...] | None = No
         {"layer_bits": {layer: option} (bits, or "{bits}g{size}"; layers left in float are not listed),
         "unit_bits", "bytes", "budget_bytes", "avg_bits", "avg_bits_budget", "predicted_kld", "solver"}.
     """
-    if not (math.isfinite(avg_bits) and avg_bits > 0):
-        raise InputError(f"--avg-bits must be a positive number of bits per weight, got {avg_bits}")
+    if not (math.isfinite(avg_bits) and 0 < avg_bits <= 32):  # 32: every weight in fp32, the most a budget buys
+        raise InputError(f"--avg-bits must be a number of bits per weight in (0, 32], got {avg_bits}")
     units = scan["units"]
     if not units:
         raise InputError("the sensitivity scan holds no units")
@@ -284,6 +284,37 @@ def _unmeasured(plan: dict) -> dict:
             "units": {u: {"layers": e["layers"], "weights": e["weights"],
                           "bits": {b: {"bytes": c, "kld": 0.0} for b, c in e["bytes"].items()}}
                       for u, e in plan.items()}}
+
+
+def read_scan(path) -> dict:
+    """A sensitivity scan written by `analyze --sensitivity` (sensitivity.json), its structure checked:
+    InputError naming the file and what is wrong, never a KeyError half-way through an allocation."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"sensitivity file not found: {path}")
+    try:
+        scan = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a JSON sensitivity scan ({e})") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise InputError(f"{path}: not a sensitivity scan of `dllm-export analyze --sensitivity` ({what})")
+
+    need(isinstance(scan, dict), "expected a JSON object")
+    for key, kind in (("config", dict), ("grid", dict), ("units", dict), ("weights", int)):
+        need(isinstance(scan.get(key), kind), f"no {key!r} {kind.__name__}")
+    need(all(k in scan["config"] for k in ("method", "sym")) and "group_size" in scan["grid"],
+         "its config lacks method / sym / group_size")
+    for name, unit in scan["units"].items():
+        need(isinstance(unit, dict) and isinstance(unit.get("layers"), list) and isinstance(unit.get("weights"), int)
+             and isinstance(unit.get("bits"), dict), f"unit {name!r} lacks layers / weights / bits")
+        need(all(isinstance(v, dict) and {"kld", "bytes"} <= set(v) for v in unit["bits"].values()),
+             f"unit {name!r}: a bit-width without kld / bytes")
+    return scan
 
 
 def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tuple[int, ...] | None = None,

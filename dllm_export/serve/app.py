@@ -60,10 +60,10 @@ class ServeConfig:
         for name in ("max_batch", "max_queue", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.timeout <= 0:
+        if not self.timeout > 0:  # `not >` refuses NaN too
             raise InputError(f"timeout must be > 0 seconds, got {self.timeout}")
         for name in ("batch_wait", "graceful_timeout"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
 
 

@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..runtime.backends import load_backend
 from ..runtime.loop import Plan, with_preset
 from ..runtime.samplers import DREAM_SAMPLERS
-from ..tokenizer import encode_prompt, load_tokenizer
+from ..tokenizer import check_text, encode_prompt, load_tokenizer
 
 
 class RequestError(InputError):
@@ -211,12 +211,11 @@ def _param_of(message: str) -> str | None:
 
 
 def _check_unicode(text: str, param: str) -> None:
-    """RequestError for text a tokenizer cannot take: JSON's \\ud800 escapes decode to lone surrogates."""
+    """RequestError naming the field for text a tokenizer cannot take (tokenizer.check_text)."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RequestError(f"{param}: the text is not valid Unicode (a lone surrogate at character {e.start})",
-                           param) from None
+        check_text(text, param)
+    except InputError as e:
+        raise RequestError(str(e), param) from None
 
 
 def load_engine(model: str, backend: str = "auto", device: str | None = None, threads: int = 0,
