@@ -740,10 +740,13 @@ def cmd_eval(args) -> int:
     from .eval.tasks import run_task
     from .runtime.backends import load_backend
 
+    tasks = args.tasks or ("" if args.fidelity else "docstring_cloze,arithmetic,line_infill")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names and not args.fidelity:
+        raise DllmExportError(f"--tasks names no task (got {args.tasks!r})")
     be = load_backend(args.model)
     tok = load_tokenizer(args.model)
-    tasks = args.tasks or ("" if args.fidelity else "docstring_cloze,arithmetic,line_infill")
-    results = [run_task(be, tok, t.strip(), args.items, seed=args.seed) for t in tasks.split(",") if t.strip()]
+    results = [run_task(be, tok, t, args.items, seed=args.seed) for t in names]
     for r in results:
         print(f"{r['task']:18s} {r['category']:8s} {r['score']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
               f"({r['n']} items)")

@@ -61,6 +61,8 @@ def artifact_folder(path: str | Path) -> Path:
     p = Path(path)
     if p.suffix == ".gguf" and p.is_file():
         p = p.parent
+    if p.is_file():  # model.onnx, manifest.json, ...: the folder holds the artifact
+        raise CheckpointError(f"{p} is a file: pass the artifact folder that holds it ({p.parent})")
     if not p.is_dir():
         raise CheckpointError(f"artifact folder not found: {p}")
     return p

@@ -250,3 +250,15 @@ def test_bits_that_override_the_scheme_are_named(manifest, bits):
     from dllm_export.verify import override_bits
 
     assert override_bits(manifest) == bits
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--model", "{llada}", "--tasks", ",,,"], "--tasks names no task (got ',,,')"),
+    (["verify", "{llada}/config.json"], "is a file: pass the artifact folder that holds it"),
+    (["eval", "--model", "{llada}", "--fidelity", "--reference", "{dream}", "--windows", "2", "--ratios", "0.5",
+      "--tasks", "arithmetic", "--items", "1"], "a llada candidate cannot be scored against a dream reference"),
+])
+def test_more_bad_input_is_one_line(tiny_dirs, capsys, args, message):
+    rc = main([a.format(llada=tiny_dirs["llada"], dream=tiny_dirs["dream"]) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err

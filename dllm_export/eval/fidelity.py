@@ -160,6 +160,7 @@ class FidelityReference:
     sets: dict
     config: FidelityConfig
     decode_ratios: list[float] = field(default_factory=list)
+    family: str | None = None  # the reference's: a candidate of another family would score its own tokenizer
 
 
 def _logits_at(backend, ids: torch.Tensor, mask: torch.Tensor, batch: int) -> torch.Tensor:
@@ -223,7 +224,7 @@ def build_reference(reference, tokenizer, cfg: FidelityConfig = FidelityConfig()
         s["target"] = windows
         s["ids"] = windows.masked_fill(s["mask"], spec.mask_id)
         s["logits"] = _logits_at(be, s["ids"], s["mask"], cfg.batch)
-    return FidelityReference(sets=sets, config=cfg, decode_ratios=decode_ratios)
+    return FidelityReference(sets=sets, config=cfg, decode_ratios=decode_ratios, family=spec.family)
 
 
 def _cluster(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> tuple[float, float, list[float], list[int]]:
@@ -264,6 +265,9 @@ def compare(candidate, ref: FidelityReference) -> dict:
     sums and counts used by `paired_difference`), and the config.
     """
     be = as_backend(candidate)
+    if ref.family is not None and be.spec.family != ref.family:
+        raise InputError(f"a {be.spec.family} candidate cannot be scored against a {ref.family} reference "
+                         f"(different mask id and tokenizer): pass the float model it was made from")
     cfg = ref.config
     per_set: dict = {}
     pooled_kl, pooled_agree, pooled_rows = [], [], []
