@@ -577,8 +577,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pathlib import Path
-
     from .bench import BenchConfig, bench, to_markdown
     from .fileio import atomic_file, check_output_file
 
