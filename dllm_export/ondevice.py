@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -39,7 +40,11 @@ class OrtModel:
         opts.intra_op_num_threads = threads
         for key, value in manifest.get("session_options", {}).items():
             opts.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own Fail / InvalidProtobuf / RuntimeException types
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise BadInput(f"{folder / 'model.onnx'}: onnxruntime cannot load it ({detail})") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         dims = manifest["dims"]
         self.kv = (dims["n_kv_heads"], dims["head_dim"])
@@ -67,6 +72,8 @@ class LlamaModel:
         self.L = L
         L.llama_backend_init()
         self.model = L.llama_model_load_from_file(str(folder / "model.gguf").encode(), L.llama_model_default_params())
+        if not self.model:  # NULL: using it would crash the process (SIGSEGV), not raise
+            raise BadInput(f"{folder / 'model.gguf'}: llama.cpp cannot load it (its log above says why)")
         cp = L.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = cp.n_outputs_max = max_tokens
         cp.n_seq_max = 1
@@ -74,6 +81,8 @@ class LlamaModel:
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
         self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise BadInput(f"{folder / 'model.gguf'}: llama.cpp cannot make a context of {max_tokens} tokens")
         self.batch = L.llama_batch_init(max_tokens, 0, 1)
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.max_tokens = max_tokens
@@ -125,19 +134,33 @@ def _check(args) -> tuple[Path, dict]:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads < 0:
         raise BadInput(f"--threads must be >= 0, got {args.threads}")
+    if args.threads > 8 * (os.cpu_count() or 1):  # more only slow a run down; 100000 exhausts the process table
+        raise BadInput(f"--threads {args.threads} on {os.cpu_count()} CPUs: at most {8 * (os.cpu_count() or 1)}")
+    if args.dump:
+        dump = Path(args.dump)
+        if dump.is_dir() or not dump.parent.is_dir():  # checked now, not after the whole run
+            raise BadInput(f"--dump {dump}: {'a folder' if dump.is_dir() else 'no folder ' + str(dump.parent)}; "
+                           f"give a file name in an existing folder")
     if args.gen_length % args.block_length:
         raise BadInput(f"--gen-length {args.gen_length} is not a multiple of --block-length {args.block_length}")
     folder = Path(args.artifact)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         spec, dims = manifest["spec"], manifest["dims"]
-        missing = [k for k, table in (("mask_id", spec), ("shift_logits", spec), ("vocab_rows", dims)) if k not in table]
+        missing = [k for k, table in (("mask_id", spec), ("shift_logits", spec), ("vocab_rows", dims),
+                                      ("family", manifest)) if k not in table]
         if missing:
             raise KeyError(", ".join(missing))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BadInput(f"{folder}: not a dllm-export artifact (manifest.json: {type(e).__name__}: {e})") from None
     if not any((folder / f).is_file() for f in ("model.onnx", "model.gguf")):
         raise BadInput(f"{folder}: neither model.onnx nor model.gguf")
+    for name, entry in (manifest.get("files") or {}).items():  # a truncated file crashes llama.cpp outright
+        size = (folder / name).stat().st_size if (folder / name).is_file() else None
+        want = entry.get("bytes") if isinstance(entry, dict) else None
+        if want is not None and size != want:
+            raise BadInput(f"{folder / name}: {'missing' if size is None else f'{size} bytes'}, the manifest says "
+                           f"{want} (truncated or replaced)")
     context = dims.get("context")
     longest = max(args.canvas, max(1, args.canvas - args.gen_length) + args.gen_length)
     if context and longest > context:

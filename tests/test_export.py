@@ -3,6 +3,7 @@
 import hashlib
 
 import pytest
+import torch
 
 from dllm_export.exporter import export
 from dllm_export.quant import CalibConfig
@@ -167,13 +168,24 @@ def test_torch_options_on_an_artifact_are_refused(kwargs, w8_onnx):
     (["ART", "--gen-length", "12", "--block-length", "8"], "--gen-length 12 is not a multiple of --block-length 8"),
     (["ART", "--canvas", "100000"], "a canvas of 100000 tokens exceeds the model's context of"),
     (["ART", "--threads", "-1"], "--threads must be >= 0, got -1"),
+    (["ART", "--threads", "100000"], "--threads 100000 on"),
+    (["ART", "--dump", "MISSING/x.npz"], "give a file name in an existing folder"),  # not after the whole run
+    (["TRUNCATED"], "bytes, the manifest says"),  # a truncated model.gguf crashed llama.cpp (SIGSEGV)
 ])
 def test_ondevice_runner_bad_input_is_one_line(args, message, w8_onnx, tmp_path, capsys):
     """The device runner answers as the CLI does: one line, exit 2 (a missing manifest was a
     FileNotFoundError traceback, --reps 0 a StatisticsError)."""
     import dllm_export.ondevice as runner
 
-    args = [str(tmp_path / "missing") if a == "MISSING" else str(w8_onnx) if a == "ART" else a for a in args]
+    import shutil
+
+    cut = tmp_path / "cut"
+    if args == ["TRUNCATED"]:
+        shutil.copytree(w8_onnx, cut)
+        data = cut / "model.onnx.data"
+        data.write_bytes(data.read_bytes()[:-100])
+    args = [a.replace("MISSING", str(tmp_path / "missing")) if "MISSING" in a else str(w8_onnx) if a == "ART"
+            else str(cut) if a == "TRUNCATED" else a for a in args]
     assert runner.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("ondevice: error: ") and message in err and err.count("\n") == 1
@@ -271,3 +283,29 @@ def test_export_plan_refuses_before_any_calibration(model, target, kwargs, messa
     with pytest.raises(DllmExportError, match=message):
         export(dream_bpe_files if model == "bpe" else tiny_dirs["dream"], tmp_path / "art", target=target, **kwargs)
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("ids,mask,message", [
+    (torch.tensor([[1, -3, 2]]), None, r"token ids must lie in \[0, "),  # onnxruntime's Gather wrapped it: row V-3
+    (torch.tensor([[1, 100000, 2]]), None, r"token ids must lie in \[0, "),
+    (torch.zeros(1, 0, dtype=torch.long), None, r"length >= 1"),
+    (torch.tensor([1, 5, 2]), None, r"shape \[batch, length >= 1\]"),
+    (torch.tensor([[1.0, 5.0]]), None, "integer tensor"),
+    ([[1, 5, 2]], None, "must be a torch tensor"),
+    (torch.ones(1, 5000, dtype=torch.long), None, "tokens exceed the model's context of"),
+    (torch.tensor([[1, 5, 2]]), torch.ones(1, 5), r"attention_mask must have the ids' shape \(1, 3\)"),
+])
+def test_artifact_backends_check_their_ids(w8_onnx, tiny_dirs, tmp_path_factory, ids, mask, message):
+    """A backend's forward (the runtime's protocol) refuses what the graph would wrap, truncate or
+    fail on deep inside, as the torch model does."""
+    from dllm_export import InputError, load_backend
+
+    gguf = tmp_path_factory.getbasetemp() / "ids-gguf"
+    if not gguf.exists():
+        export(tiny_dirs["llada"], gguf, target="gguf", quant="Q8_0", method="rtn",
+               quantize_options={"calib": CalibConfig(n_samples=2, seq_len=32)})
+    for be in (load_backend(w8_onnx), load_backend(gguf)):
+        if be.name == "llama.cpp" and "context" in message:
+            continue  # llama.cpp's limit is its batch (n_ubatch), with a message of its own
+        with pytest.raises(InputError, match=message):
+            be.forward(ids, mask)

@@ -1,5 +1,6 @@
 """The unmasking loop's API: shapes, batching, backends, determinism and input validation."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,12 +208,60 @@ def test_bad_arguments_raise_clear_errors(llada, kwargs, message):
 
 @pytest.mark.parametrize("prompt,message", [([[5, 500]], r"must lie in \[0, 128\)"), ([[5, -1]], "must lie in"),
                                             ([], "empty"), ("hello", "got a string: encode text"),
-                                            ([[5.7, 6.0]], "integer token ids, got torch.float32"),
+                                            ([[5.7, 6.0]], "prompt row 0 must be a list of integer token ids"),
                                             (torch.tensor([[5.0, 6.0]]), "integer token ids, got torch.float32"),
-                                            ([[True, False]], "integer token ids, got torch.bool")])
+                                            ([[True, False]], "prompt row 0 must be a list of integer token ids"),
+                                            (np.array([[5.0, 6.0]]), "integer token ids, got torch.float64"),
+                                            ([[5, 1 << 70]], "beyond 64 bits"),
+                                            ([[[5, 6]]], "prompt row 0 must be a list of integer token ids"),
+                                            ({5: 6}, "must be a tensor or lists of token ids, got dict"),
+                                            (torch.zeros(1, 0, dtype=torch.long), "length >= 1")])
 def test_bad_prompts_raise_clear_errors(llada, prompt, message):
     with pytest.raises(D.InputError, match=message):
         D.generate(llada, prompt, gen_length=8)
+    if not isinstance(prompt, (str, dict)) and len(prompt):
+        with pytest.raises(D.InputError, match=message):  # infill reads prompts the same way
+            D.infill(llada, prompt)
+
+
+@pytest.mark.parametrize("mask,message", [
+    (torch.full((1, 3), 0.5), "values other than 0 and 1"),  # .long() made it 0: the whole prompt masked
+    (torch.full((1, 3), 2), "values other than 0 and 1"),
+    (torch.zeros(1, 3), "masks every token of a prompt row"),
+    (torch.ones(3, 1), r"the prompt's shape \(1, 3\), got \(3, 1\)"),
+    (torch.ones(2, 4), r"the prompt's shape \(1, 3\), got \(2, 4\)"),
+])
+def test_bad_attention_masks_raise_clear_errors(llada, mask, message):
+    with pytest.raises(D.InputError, match=message):
+        D.generate(llada, torch.tensor([[5, 6, 7]]), gen_length=8, attention_mask=mask)
+    with pytest.raises(D.InputError, match="attention_mask goes with a"):  # a list prompt's mask is its padding
+        D.generate(llada, [[5, 6, 7]], gen_length=8, attention_mask=torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(gen_length=8.0), "gen_length must be an integer, got 8.0"),
+    (dict(gen_length=True), "gen_length must be an integer, got True"),
+    (dict(steps="8"), "steps must be an integer"),
+    (dict(refresh=1.5, cache="dual"), "refresh must be an integer, got 1.5"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(temperature="0.5"), "temperature must be a number"),
+    (dict(eps=-1.0), r"eps must lie in \(0, 1\)"),
+    (dict(eps=float("nan")), r"eps must lie in \(0, 1\)"),
+    (dict(block_length=1, steps=3, threshold=0.9), "steps 3 is fewer than the number of blocks 8"),
+    (dict(block_length=1, steps=3, factor=1.0), "steps 3 is fewer than the number of blocks 8"),
+])
+def test_bad_argument_types_raise_clear_errors(llada, kwargs, message):
+    with pytest.raises(D.InputError, match=message):
+        D.generate(llada, [[5, 6, 7]], **{"gen_length": 8, **kwargs})
+
+
+def test_numpy_prompts_and_seeds_are_taken(llada):
+    """numpy arrays and integers are what many callers hold: the same tokens as torch's."""
+    want = D.generate(llada, torch.tensor([[5, 6, 7]]), gen_length=8, temperature=1.0, seed=3).ids
+    got = D.generate(llada, np.array([[5, 6, 7]]), gen_length=8, temperature=1.0, seed=np.int64(3)).ids
+    assert torch.equal(want, got)
+    assert torch.equal(D.generate(llada, [[np.int64(5), 6, 7]], gen_length=8).ids,
+                       D.generate(llada, [[5, 6, 7]], gen_length=8).ids)
 
 
 def test_forward_rejects_out_of_vocab_ids(llada):

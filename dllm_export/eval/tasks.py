@@ -191,6 +191,17 @@ def check_items(n_items: int | None) -> None:
         raise InputError(f"items per task must be >= 1, got {n_items}")
 
 
+def _fit(before: list[int], line: list[int], after: list[int], context: int) -> tuple[list, list, list]:
+    """An infill item cut to the model's context: the masked line whole, the code around it trimmed
+    from its far ends, the room shared (a model never sees past its context)."""
+    room = max(context - len(line), 0)
+    if len(before) + len(after) <= room:
+        return before, line, after
+    a = min(len(after), room // 2)
+    b = room - a
+    return before[len(before) - b:], line, after[:a]
+
+
 def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0) -> dict:
     """Score one task on any backend (torch model, onnxruntime, llama.cpp); returns the score
     with its 95% Wilson interval (`ci95`), the item count, the per-item outcomes (1 right, 0
@@ -233,7 +244,7 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
                                  "which this Python lacks")
             sources = dict(code_texts(held_out=True))
         for it in infill_items(n, seed, executed if run else None):
-            before, line, after = enc(it["before"]), enc(it["line"]), enc(it["after"])
+            before, line, after = _fit(enc(it["before"]), enc(it["line"]), enc(it["after"]), be.max_length)
             x = torch.tensor([before + [mask] * len(line) + after])
             got = infill(be, x)[0, len(before):len(before) + len(line)]
             text = tok.decode(got.tolist())

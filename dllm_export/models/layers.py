@@ -103,14 +103,24 @@ class KVCache:
         return hook
 
 
-def check_ids(input_ids: torch.Tensor, vocab_rows: int) -> None:
-    """Raise a clear error for token ids outside the embedding table (instead of an IndexError deep inside)."""
+def check_ids(input_ids: torch.Tensor, vocab_rows: int, context: int | None = None,
+              attention_mask: torch.Tensor | None = None) -> None:
+    """Raise a clear error for ids a forward cannot take: not an integer tensor [batch, length >= 1],
+    outside the embedding table, longer than `context` (where given: exported graphs fail past it,
+    onnxruntime's Gather wraps a negative id), or with a mask of another shape."""
     from ..errors import InputError
 
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError(f"input_ids must be a torch tensor [batch, length], got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise InputError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must have shape [batch, length >= 1], got {tuple(input_ids.shape)}")
+    if context is not None and input_ids.shape[1] > context:
+        raise InputError(f"{input_ids.shape[1]} tokens exceed the model's context of {context}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(f"attention_mask must have the ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_rows):
         raise InputError(
             f"token ids must lie in [0, {vocab_rows}); got min {int(input_ids.min())}, max {int(input_ids.max())}"

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..interrupts import kept_interrupts
+from ..models.layers import check_ids
 from ..models.loader import read_spec
 from ..targets import physical_cores
 
@@ -152,6 +153,7 @@ class LlamaCppBackend:
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits [B, L, V] (float32); rows of left padding come back as zeros."""
+        check_ids(ids, self.vocab_size, attention_mask=attention_mask)  # the length: n_ubatch, below
         ids_np = ids.to(torch.int64).cpu().numpy()
         B, T = ids_np.shape
         if T > self.max_tokens:

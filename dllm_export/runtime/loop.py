@@ -10,6 +10,7 @@ over blocks, as LLaDA's `generate.py` does; with `threshold` a block runs until 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -89,17 +90,23 @@ def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.
     if isinstance(prompt_ids, str):
         raise InputError("prompt_ids are token ids, got a string: encode text with the model's tokenizer "
                          "(dllm_export.load_tokenizer) first")
+    if isinstance(prompt_ids, np.ndarray):
+        prompt_ids = torch.from_numpy(prompt_ids)
     if isinstance(prompt_ids, torch.Tensor):
         _check_int_ids(prompt_ids)
         ids = prompt_ids.long()
         if ids.dim() == 1:
             ids = ids[None]
-        if ids.dim() != 2:
-            raise InputError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long().reshape(ids.shape)
-        return ids, mask
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise InputError(f"prompt_ids must be [batch, length] with length >= 1, got shape {tuple(prompt_ids.shape)}")
+        return ids, torch.ones_like(ids) if attention_mask is None else _check_mask(attention_mask, ids)
+    if attention_mask is not None:  # the rows' padding makes the mask; a given one would be dropped
+        raise InputError("attention_mask goes with a [batch, length] tensor prompt; lists of ids of any lengths "
+                         "are left-padded and masked by generate itself")
     rows: Sequence = prompt_ids
-    if rows and isinstance(rows[0], int):
+    if not isinstance(rows, (list, tuple)):
+        raise InputError(f"prompt_ids must be a tensor or lists of token ids, got {type(rows).__name__}")
+    if rows and isinstance(rows[0], numbers.Number):
         rows = [rows]
     if not rows or any(len(r) == 0 for r in rows):
         raise InputError("the prompt is empty")
@@ -107,11 +114,29 @@ def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.
     ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), P), dtype=torch.long)
     for i, r in enumerate(rows):
-        row = torch.as_tensor(list(r))
-        _check_int_ids(row)
+        if not isinstance(r, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                        for t in r):
+            raise InputError(f"prompt row {i} must be a list of integer token ids, got {r!r:.80}")
+        try:
+            row = torch.as_tensor([int(t) for t in r])  # numpy integers too
+        except (OverflowError, ValueError, RuntimeError):
+            raise InputError(f"prompt row {i} holds an id beyond 64 bits") from None
         ids[i, P - len(r):] = row
         mask[i, P - len(r):] = 1
     return ids, mask
+
+
+def _check_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of a tensor prompt: ids' shape, 0 / 1 only (1 = a real token, 0 = left
+    padding), at least one real token a row; `.long()` made 0.5 a 0 and masked the whole prompt."""
+    m = torch.as_tensor(np.asarray(attention_mask) if not isinstance(attention_mask, torch.Tensor) else attention_mask)
+    if tuple(m.shape) != tuple(ids.shape):
+        raise InputError(f"attention_mask must have the prompt's shape {tuple(ids.shape)}, got {tuple(m.shape)}")
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise InputError("attention_mask holds values other than 0 and 1")
+    if not bool((m == 1).any(1).all()):
+        raise InputError("attention_mask masks every token of a prompt row")
+    return m.long()
 
 
 def _check_int_ids(t: torch.Tensor) -> None:
@@ -183,7 +208,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
                         refresh_tokens=refresh_tokens, stop_at_eos=stop_at_eos, seed=seed)
     plan.check(backend)
     if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(int(seed))  # numpy integers too
     prompt, pmask = prepare_prompt(prompt_ids, spec.pad_id, attention_mask)
     _check_prompt(prompt, gen_length, backend)
 
@@ -323,6 +348,7 @@ class Plan:
 
     def check(self, backend=None) -> None:
         """Raise InputError for settings that cannot run (on `backend`, for the cache; None: on any)."""
+        self._check_types()
         _validate(self.sampler, self.gen_length, self.steps, self.block_length, self.temperature, self.top_k,
                   self.top_p, self.threshold, self.factor is not None)
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
@@ -346,6 +372,22 @@ class Plan:
         self._check_reads()
         if self.cache != "none" and backend is not None and not backend.supports_cache:
             raise InputError(f"the {backend.name} backend has no KV cache; use cache='none'")
+
+    def _check_types(self) -> None:
+        """Counts are integers and settings numbers (numpy's too; a bool is neither): `gen_length=8.0`
+        or `temperature="0.5"` failed deep inside torch, `refresh=1.5` ran a schedule nobody asked for."""
+        for name in ("gen_length", "steps", "block_length", "top_k", "refresh", "refresh_tokens", "seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise InputError(f"{name} must be an integer, got {v!r}")
+        for name in ("temperature", "cfg_scale", "top_p", "alg_temp", "eps", "threshold", "factor"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise InputError(f"{name} must be a number, got {v!r}")
+        if not 0 < self.eps < 1:  # Dream's schedule runs from t = 1 down to eps
+            raise InputError(f"eps must lie in (0, 1), got {self.eps}")
+        if not isinstance(self.sampler, str) or not isinstance(self.cache, str):
+            raise InputError(f"sampler and cache are names, got {self.sampler!r} and {self.cache!r}")
 
     def _check_reads(self) -> None:
         """Refuse settings the decoding would drop without a word: a cache refresh without a cache,
@@ -522,6 +564,9 @@ def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_
     if gen_length % block_length:
         raise InputError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
     num_blocks = gen_length // block_length
+    if steps < num_blocks:  # every block takes at least one step (threshold and factor decoding too)
+        raise InputError(f"steps {steps} is fewer than the number of blocks {num_blocks} "
+                         f"(gen_length {gen_length} / block_length {block_length})")
     if threshold is None and not by_factor and steps % num_blocks:
         raise InputError(f"steps {steps} must be a multiple of the number of blocks {num_blocks} "
                          f"(gen_length {gen_length} / block_length {block_length})")
@@ -550,9 +595,11 @@ def infill(model_or_backend, ids, *, check: Callable[[int, int], bool] | None = 
     """
     backend: Backend = as_backend(model_or_backend)
     spec = backend.spec
-    x = torch.as_tensor(ids).long().clone()
-    if x.dim() != 2 or x.shape[0] != 1:
+    x, _ = prepare_prompt(ids, spec.pad_id)  # integer ids, [1, L] or [L]
+    if x.shape[0] != 1:
         raise InputError(f"infill takes one sequence [1, L], got shape {tuple(x.shape)}")
+    _check_prompt(x, 0, backend)  # in the vocabulary and the context
+    x = x.clone()
     with _loop_threads(backend):
         while True:
             pos = (x[0] == spec.mask_id).nonzero().flatten()

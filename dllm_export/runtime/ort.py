@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..models.layers import check_ids
 from ..models.loader import read_spec
 
 
@@ -147,9 +148,10 @@ class OrtBackend:
         With a `KVCache` (models.layers): a full forward (window None) stores every layer's
         present keys/values; a windowed one (ids = the window's tokens) feeds them as the past.
         """
+        window = None if cache is None else cache.window
+        check_ids(ids, self.vocab_size, self.max_length, attention_mask if window is None else None)
         ids_np = ids.to(torch.int64).cpu().numpy()
         B, W = ids_np.shape
-        window = None if cache is None else cache.window
         T = W if window is None else cache.length
         mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask.to(torch.int64).cpu().numpy()
         feed = {"input_ids": ids_np, "attention_mask": mask}
