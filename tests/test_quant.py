@@ -4,6 +4,7 @@ quantized checkpoints and their error contract."""
 import dataclasses
 import functools
 import json
+import re
 
 import pytest
 import torch
@@ -499,3 +500,32 @@ def test_options_a_method_does_not_read_are_refused(kwargs, message):
                                     dict(method="duquant", scheme="W4A8", alpha=0.6, mse_clip=True)])
 def test_options_the_method_reads_are_taken(kwargs):
     assert QuantizeConfig(**kwargs).method == kwargs["method"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_size=0), "batch_size and block_size must be >= 1"),  # range() arg 3 must not be zero, mid-run
+    (dict(block_size=-1), "batch_size and block_size must be >= 1"),  # was blamed on a NaN Hessian
+    (dict(percdamp=0.0), "percdamp must be > 0 and finite"),  # was blamed on too few calibration tokens
+    (dict(percdamp=float("nan")), "percdamp must be > 0 and finite"),
+    (dict(bits=4.0), "bits must be an integer, got 4.0"),
+    (dict(group_size="64"), "group_size must be an integer"),
+    (dict(sym="no"), "sym must be true or false, got 'no'"),  # was taken as True
+    (dict(calib={"n_samples": 2}), "calib must be a CalibConfig, got dict"),
+    (dict(calib=CalibConfig(n_samples=2, seq_len=32), seed=1.5), "seed must be an integer"),
+])
+def test_quantize_config_types_and_ranges(kwargs, message):
+    from dllm_export.quant import QuantizeConfig
+
+    with pytest.raises(D.InputError, match=re.escape(message)):
+        QuantizeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_prefix=2.0), "max_prefix must lie in [0, 1], got 2.0"),  # nothing left to mask, silently
+    (dict(max_prefix=float("nan")), "max_prefix must lie in [0, 1], got nan"),
+    (dict(n_samples=2.5), "n_samples must be an integer, got 2.5"),
+    (dict(seq_len="32"), "seq_len must be an integer"),
+])
+def test_calib_config_types_and_ranges(kwargs, message):
+    with pytest.raises(D.InputError, match=re.escape(message)):
+        CalibConfig(**kwargs)

@@ -5,12 +5,14 @@ a linear for its quantized version)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ..checks import check_fields
 from ..errors import InputError
 from ..models.spec import ModelSpec
 from .calibrate import CalibConfig
@@ -83,6 +85,15 @@ class QuantizeConfig:
     progressive: bool = False
 
     def __post_init__(self):
+        check_fields(self, ints=("bits", "group_size", "block_size", "batch_size", "seed"),
+                     reals=("percdamp", "alpha", "avg_bits"),
+                     bools=("sym", "mse_clip", "act_order", "act_sym", "mix_embed_head", "progressive"))
+        if not isinstance(self.calib, CalibConfig):
+            raise InputError(f"calib must be a CalibConfig, got {type(self.calib).__name__}")
+        if self.batch_size < 1 or self.block_size < 1:
+            raise InputError(f"batch_size and block_size must be >= 1, got {self.batch_size}, {self.block_size}")
+        if not (math.isfinite(self.percdamp) and self.percdamp > 0):  # GPTQ's damping of the Hessian's diagonal
+            raise InputError(f"percdamp must be > 0 and finite, got {self.percdamp}")
         get_scheme(self.scheme)
         get_method(self.method)
         self._check_method_reads()

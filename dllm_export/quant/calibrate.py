@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_fields
 from ..errors import InputError
 
 
@@ -54,6 +55,9 @@ class CalibConfig:
     block_length: int = 32
 
     def __post_init__(self):
+        check_fields(self, ints=("n_samples", "seq_len", "seed", "gen_length", "block_length"), reals=("max_prefix",))
+        if not 0 <= self.max_prefix <= 1:  # a fraction of the window (2.0 left nothing to mask: plain-text calibration)
+            raise InputError(f"max_prefix must lie in [0, 1], got {self.max_prefix}")
         if self.mask not in MASKS:
             raise InputError(f"calibration mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
         object.__setattr__(self, "decode_ratios", tuple(float(r) for r in self.decode_ratios))

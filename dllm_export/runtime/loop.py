@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_fields
 from ..errors import InputError
 from ..models.layers import KVCache
 from . import samplers as S
@@ -376,14 +377,9 @@ class Plan:
     def _check_types(self) -> None:
         """Counts are integers and settings numbers (numpy's too; a bool is neither): `gen_length=8.0`
         or `temperature="0.5"` failed deep inside torch, `refresh=1.5` ran a schedule nobody asked for."""
-        for name in ("gen_length", "steps", "block_length", "top_k", "refresh", "refresh_tokens", "seed"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-                raise InputError(f"{name} must be an integer, got {v!r}")
-        for name in ("temperature", "cfg_scale", "top_p", "alg_temp", "eps", "threshold", "factor"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
-                raise InputError(f"{name} must be a number, got {v!r}")
+        check_fields(self, ints=("gen_length", "steps", "block_length", "top_k", "refresh", "refresh_tokens", "seed"),
+                     reals=("temperature", "cfg_scale", "top_p", "alg_temp", "eps", "threshold", "factor"),
+                     bools=("stop_at_eos",))
         if not 0 < self.eps < 1:  # Dream's schedule runs from t = 1 down to eps
             raise InputError(f"eps must lie in (0, 1), got {self.eps}")
         if not isinstance(self.sampler, str) or not isinstance(self.cache, str):
