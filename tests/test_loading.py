@@ -190,3 +190,14 @@ def test_devices_this_machine_lacks_are_refused(device, message, tiny_dirs, tmp_
                                                                                                    seq_len=8)),
                  device=device, progress=False)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kernel="fast"), "unknown kernel 'fast'"),  # a float checkpoint ignored it: a misspelt name passed
+    (dict(dtype=torch.int8), "compute dtype must be a float one"),  # failed deep in the parameters
+])
+def test_load_model_refuses_what_it_cannot_use(kwargs, message):
+    import dllm_export as D
+
+    with pytest.raises(D.DllmExportError, match=message):
+        D.load_model("default", **kwargs)

@@ -512,6 +512,9 @@ def test_options_the_method_reads_are_taken(kwargs):
     (dict(sym="no"), "sym must be true or false, got 'no'"),  # was taken as True
     (dict(calib={"n_samples": 2}), "calib must be a CalibConfig, got dict"),
     (dict(calib=CalibConfig(n_samples=2, seq_len=32), seed=1.5), "seed must be an integer"),
+    # settings the run would drop without a word (the same bytes as without them)
+    (dict(method="rtn", act_sym=True), "act_sym sets the activation grid; scheme W4A16 quantizes no activations"),
+    (dict(method="awq", sym=True, zero_kind="float"), "zero_kind float sets an asymmetric grid's zero point"),
 ])
 def test_quantize_config_types_and_ranges(kwargs, message):
     from dllm_export.quant import QuantizeConfig

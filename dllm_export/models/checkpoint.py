@@ -135,6 +135,8 @@ def open_shards(path: Path) -> dict:
 def resolve_dtype(dtype: torch.dtype | str, config: dict) -> torch.dtype:
     """torch dtype from a dtype or a name; 'auto' takes the checkpoint's own `torch_dtype`."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # an integer dtype failed deep in the model's parameters
+            raise CheckpointError(f"compute dtype must be a float one (float32, bfloat16, float16), got {dtype}")
         return dtype
     if dtype == "auto":
         dtype = config.get("torch_dtype") or config.get("dtype") or "float32"

@@ -113,7 +113,9 @@ class QuantizeConfig:
             if self.bits is not None or self.sym is not None or self.group_size not in (None, 0):
                 raise InputError(f"{self.kquant} fixes the bits, groups and symmetry of every layer "
                                  f"(a mix: layer_bits from 2, 3, 4, 5, 6, 8)")
-        self.weight_config()  # validates bits / group size / zero kind
+        if self.weight_config().sym and self.zero_kind != "int":  # validates bits / group size / zero kind too
+            raise InputError(f"zero_kind {self.zero_kind} sets an asymmetric grid's zero point; this grid is "
+                             f"symmetric (no zero point)")
         from .mixed import option_key, parse_option
 
         pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
@@ -151,6 +153,8 @@ class QuantizeConfig:
         if self.act_granularity != "per_token" and self.scheme_.weight_only:
             raise InputError(f"act_granularity {self.act_granularity} sets the activation grid; scheme {self.scheme} "
                              f"quantizes no activations")
+        if self.act_sym is not None and self.scheme_.weight_only:
+            raise InputError(f"act_sym sets the activation grid; scheme {self.scheme} quantizes no activations")
 
     @property
     def scheme_(self) -> Scheme:

@@ -145,7 +145,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
     from ..models.checkpoint import is_quantized, read_config, resolve_checkpoint, resolve_device, resolve_dtype
     from ..models.loader import load_float_model
 
+    from ..quant.kernels import check_kernel
+
     device = resolve_device(device)
+    check_kernel(kernel, device)  # a float checkpoint ignores it, but a misspelt name is no choice
     folder = resolve_checkpoint(path)
     if is_quantized(folder):
         from ..quant.load import load_quantized
