@@ -24,6 +24,20 @@ MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
 
+def existing_base(out: Path) -> Path:
+    """The nearest folder above `out` that exists (the ones between are made on the way)."""
+    base = out.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    return base
+
+
+def probe_writable(folder: Path, name: str) -> None:
+    """Make and remove a trial folder `.<name>.probe-*` in `folder`: permissions, read-only mounts
+    and pseudo file systems (/proc) all answer here with an OSError, before any work."""
+    Path(tempfile.mkdtemp(prefix=f".{name}.probe-", dir=folder)).rmdir()
+
+
 def check_output_folder(out: str | Path) -> Path:
     """`out` as a Path, or InputError when it exists and is not an empty folder, or when no folder
     can be made where it goes (every writer's rule, checked before the work that fills it)."""
@@ -32,11 +46,9 @@ def check_output_folder(out: str | Path) -> Path:
         raise InputError(f"output folder {out} is an existing file")
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder {out} exists and is not empty")
-    base = out.parent
-    while not base.exists() and base != base.parent:  # the folders above it are made on the way
-        base = base.parent
-    try:  # a trial folder: permissions, read-only mounts and pseudo file systems (/proc) all answer here
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=base)).rmdir()
+    base = existing_base(out)
+    try:
+        probe_writable(base, out.name)
     except OSError as e:
         raise InputError(f"cannot write the output folder {out}: {base}: {e.strerror or e}") from None
     return out
@@ -48,15 +60,11 @@ def check_output_file(out: str | Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise InputError(f"output path {out} is a folder, expected a file name")
-    base = out.parent
-    while not base.exists() and base != base.parent:  # the folders above it are made on the way
-        base = base.parent
+    base = existing_base(out)
     if not base.is_dir():
         raise InputError(f"cannot write {out}: {base} is a file, not a folder")
-    try:  # a trial file: permissions and read-only mounts answer here
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=base)
-        os.close(fd)
-        os.unlink(name)
+    try:
+        probe_writable(base, out.name)
     except OSError as e:
         raise InputError(f"cannot write {out}: {base}: {e.strerror or e}") from None
     return out

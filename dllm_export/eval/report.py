@@ -22,13 +22,12 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import DllmExportError, InputError
 from ..executors import Cell, Executor, LocalExecutor
-from ..fileio import atomic_file, check_output_folder
+from ..fileio import atomic_file, check_output_folder, probe_writable
 from ..models.checkpoint import BUNDLED, checkpoint_sha256
 
 # the files run_report writes beside cells/ (each atomically)
@@ -130,8 +129,8 @@ def check_report_folder(out: str | Path) -> Path:
     if taken is not None:
         raise InputError(f"cannot write {out / taken}: a folder of that name is in the way")
     for folder in (out, out / "cells"):
-        try:  # a trial folder, as check_output_folder makes: permissions and read-only mounts answer here
-            Path(tempfile.mkdtemp(prefix=".report.probe-", dir=folder)).rmdir()
+        try:
+            probe_writable(folder, "report")
         except OSError as e:
             raise InputError(f"cannot write the report folder {out}: {folder}: {e.strerror or e}") from None
     return out
