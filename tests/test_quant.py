@@ -281,11 +281,13 @@ def test_mask_aware_calibration(tiny_q, calib_file):
     (dict(bits=9), "weight bits must lie in 2..8"),
     (dict(calib=CalibConfig(source="/nonexistent.txt"), group_size=32), "calibration file not found"),
     (dict(calib="EMPTY"), "calibration file is empty"),
+    (dict(calib="BINARY"), r"is not UTF-8 text \(a binary file\?\)"),  # calibrated on its bytes without a word
 ])
 def test_bad_input_gives_clear_error_and_no_output(tiny_q, tmp_path, kwargs, message):
-    if kwargs.get("calib") == "EMPTY":
-        (tmp_path / "empty.txt").write_text("  \n")
-        kwargs = dict(calib=CalibConfig(source=str(tmp_path / "empty.txt")), group_size=32)
+    if kwargs.get("calib") in ("EMPTY", "BINARY"):
+        f = tmp_path / "calib.txt"
+        f.write_bytes(b"  \n" if kwargs["calib"] == "EMPTY" else bytes(range(256)) * 8)
+        kwargs = dict(calib=CalibConfig(source=str(f)), group_size=32)
     with pytest.raises(D.InputError, match=message):
         quantize(tiny_q["llada"], tmp_path / "out", QuantizeConfig(**kwargs), progress=False)
     assert not (tmp_path / "out").exists()

@@ -127,7 +127,10 @@ def calibration_texts(source: str) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise InputError(f"calibration file not found: {path}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_text(encoding="utf-8", errors="replace")  # a stray bad byte in a text file is tolerated
+    # a binary file (model.onnx.data, an archive) calibrated on its bytes without a word
+    if "\x00" in raw or raw.count("\ufffd") > 0.1 * len(raw):
+        raise InputError(f"calibration file {path} is not UTF-8 text (a binary file?)")
     if path.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
