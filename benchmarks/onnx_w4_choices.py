@@ -122,7 +122,8 @@ def to_markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from dllm_export.models.factory import make_random_checkpoint
     from dllm_export.targets import detect, host_flags
-    from roofline import SHAPES, cpu_model
+    from common import cpu_model, save_results
+    from roofline import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="anchor", help="random LLaDA for the speed columns")
@@ -154,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
            "threads": args.threads, "shape": src.name if args.checkpoint else args.shape, "method": args.method,
            "speed": speed_res,
            "quality": quality_res, "seconds": round(time.perf_counter() - t0, 1)}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(res))
+    save_results(res, args.out, to_markdown(res))
     print(to_markdown(res), end="")
     return 0
 

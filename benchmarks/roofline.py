@@ -17,9 +17,7 @@ job at its steps' floors. JSON + markdown + PNG under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,6 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, save_results  # noqa: E402  (same folder; cpu_model stays importable from here)
 
 SHAPES = {  # llada_config kwargs of the random checkpoints
     "anchor": dict(d_model=1536, n_layers=16, n_heads=12, n_kv_heads=12, mlp_hidden_size=4096, vocab_size=8192,
@@ -304,16 +305,6 @@ def plot(res: dict, path: Path) -> bool:
     return True
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random LLaDA checkpoint of this shape")
@@ -438,10 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             r.update(_e2e_floor(r, res["artifacts"][r["artifact"]]["steps"], args.gen_length // args.block_length,
                                 base))
     stem = Path(args.out or f"benchmarks/results/roofline_{label}{'_quick' if args.quick else ''}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(res))
-    wrote = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    wrote = save_results(res, stem, to_markdown(res))
     if plot(res, stem.with_suffix(".png")):
         wrote.append(stem.with_suffix(".png"))
     print("wrote " + ", ".join(map(str, wrote)))

@@ -29,6 +29,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import save_results  # noqa: E402  (same folder)
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\nimport sys\n",
            "x = [1, 2, 3]\nfor i in x:", "def read_file(path):", "The quick brown fox", "12+34=", "7*8="]
 
@@ -180,9 +182,7 @@ def main() -> int:
            "settings": {"threads": args.threads, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
                         "per_client": args.per_client, "repeats": args.repeats, "body": body},
            "variants": variants}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(res))
+    save_results(res, args.out, to_markdown(res))
     print(to_markdown(res), end="")
     return 0
 
