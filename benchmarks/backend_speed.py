@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dllm_export import generate, load_model
     from dllm_export.exporter import export
+    from dllm_export.exporter.gguf import BLOCK_TYPES
     from dllm_export.models.factory import make_random_checkpoint
     from dllm_export.runtime.llamacpp import LlamaCppBackend
     from dllm_export.runtime.ort import OrtBackend
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             group = opts.get("group_size")
             if group:  # the largest of 128 / 64 / 32 that tiles every layer width (704 = 11 x 64)
                 group = next(g for g in (group, 64, 32, 16) if all(w % g == 0 for w in widths))
-            res = export(src, art, target="onnx", scheme=scheme, method="rtn", group_size=group,
+            res = export(src, art, target="onnx", scheme=scheme, method="rtn" if scheme else None, group_size=group,
                          accuracy_level=opts.get("accuracy_level"), quantize_options=calib if scheme else None)
             be = OrtBackend(art, threads=args.threads)
             kernels = be.optimized_op_types()
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "MatMulIntegerToFloat")},
                      "activations": sorted(set(res.manifest["layers"].values()))}
         else:
-            res = export(src, art, target="gguf", quant=scheme, method="rtn", quantize_options=calib)
+            res = export(src, art, target="gguf", quant=scheme, method="rtn" if scheme in BLOCK_TYPES else None,
+                         quantize_options=calib)
             be = LlamaCppBackend(art, threads=args.threads, max_tokens=max(args.canvas, 64))
             extra = {"tensor_types": res.manifest["tensor_types"]}
         size = sum(f.stat().st_size for f in art.iterdir() if f.name.startswith("model."))

@@ -31,6 +31,7 @@ QUANTS = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 def artifacts(layers: int, work: Path, quants: tuple[str, ...]) -> tuple[Path, dict[str, Path]]:
     """The anchor-shaped random checkpoint (bf16 on disk) and one GGUF artifact per type (made once)."""
     from dllm_export.exporter import export
+    from dllm_export.exporter.gguf import BLOCK_TYPES
     from dllm_export.models.factory import make_random_checkpoint
 
     src = work / f"ckpt-anchor-{layers}l"
@@ -41,7 +42,7 @@ def artifacts(layers: int, work: Path, quants: tuple[str, ...]) -> tuple[Path, d
     for q in quants:
         dst = work / f"gguf-{layers}l-{q}"
         if not (dst / "model.gguf").is_file():
-            export(src, dst, target="gguf", quant=q, method="rtn")
+            export(src, dst, target="gguf", quant=q, method="rtn" if q in BLOCK_TYPES else None)  # F16 / Q4_K_M: no PTQ
         out[q] = dst
     return src, out
 

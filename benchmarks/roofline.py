@@ -125,7 +125,8 @@ def build(name: str, src: Path, work: Path, threads: int):
     # RTN needs no statistics: keep the calibration short
     qopts = {"calib": CalibConfig(n_samples=4, seq_len=64), **opts.pop("quantize_options", {})}
     quantized = "scheme" in opts or "quant" in opts
-    export(src, art, target=target, method="rtn", quantize_options=qopts if quantized else None, **opts)
+    export(src, art, target=target, method="rtn" if quantized else None, quantize_options=qopts if quantized else None,
+           **opts)
     path = art / "model.gguf" if target == "gguf" else art
     kw = {"max_tokens": 512} if target == "gguf" else {}
     return load_backend(path, threads=threads, **kw), art, artifact_precision(path)

@@ -185,8 +185,8 @@ def _add_export_args(x) -> None:
                                          "16/32 or none = float")
     x.add_argument("--model", default="default", help="checkpoint folder, 'default' / 'default-dream', or a "
                                                        "quantized checkpoint (exported as is) (default: %(default)s)")
-    x.add_argument("--method", default="gptq", type=_lookup(get_method), choices=sorted(METHODS),
-                   help="PTQ method (default: %(default)s)")
+    x.add_argument("--method", type=_lookup(get_method), choices=sorted(METHODS),
+                   help="PTQ method of a quantized export (default: gptq)")
     x.add_argument("--scheme", type=_lookup(_scheme_or_auto), choices=[*SCHEMES, "auto"],
                    metavar=_choices([*SCHEMES, "auto"]),
                    help="quantization scheme; auto: mixed precision, per-layer bits from a sensitivity scan under "
@@ -211,7 +211,8 @@ def _add_export_args(x) -> None:
                    help=f"gguf type (default: Q4_0 for --bits 4, Q8_0 for 8; Q2_K..Q6_K: --method on the K-quant grid; "
                         f"Q4_K_M and other recipes: llama.cpp's quantizer): "
                         f"{', '.join(QUANT_TYPES)}")
-    x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>)")
+    x.add_argument("--out", help="artifact folder (default: out/<model>-<target>-<scheme>-<method>, or "
+                                 "out/<model>-<target>-float)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -230,7 +231,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the instruct chat template")
     g.add_argument("--gen-length", type=int, default=64, help="tokens to generate (default: %(default)s)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: gen-length); threshold / factor decoding "
+                                             "runs each block until it is decoded, as Fast-dLLM's loops do")
     g.add_argument("--block-length", type=int, help="semi-autoregressive block size (default: gen-length)")
     g.add_argument("--sampler", help="low_confidence | random | origin | maskgit_plus | topk_margin | entropy "
                                      "(default: the model family's)")
@@ -932,7 +934,7 @@ def cmd_export(args) -> int:
     if (args.scheme or "").lower() == "auto":
         if args.bits or args.quant:
             raise DllmExportError("--scheme auto chooses the bits per layer: drop --bits / --quant")
-        opts, rec = _auto_recipe(args, args.target, args.method, args.group_size)
+        opts, rec = _auto_recipe(args, args.target, args.method or "gptq", args.group_size)
         scheme, group_size = opts["scheme"], opts["group_size"]
         qopts = {k: opts[k] for k in ("layer_bits", "avg_bits", "sym", "mix_embed_head", "kquant")}
         extra = {"allocation": rec["allocation"]}
@@ -941,7 +943,9 @@ def cmd_export(args) -> int:
         _refuse_auto_args(args)
     if args.progressive is not None:
         qopts = {**(qopts or {}), "progressive": args.progressive}
-    out = args.out or Path("out") / f"{Path(str(args.model)).name}-{args.target}-{label}-{args.method}".lower()
+    method = args.method or ("" if label == "float" else "gptq")  # a float export has no method to name
+    out = args.out or Path("out") / "-".join(filter(None, (Path(str(args.model)).name, args.target, label,
+                                                           method))).lower()
     res, _ = export_verified(args.model, out, target=args.target, bits=args.bits, method=args.method, scheme=scheme,
                              group_size=group_size, quantize_options=qopts, extra_manifest=extra,
                              weight_format=args.weight_format,
@@ -1016,10 +1020,10 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except BrokenPipeError:  # the reader left (`dllm-export info | head`): stop quietly, as head's writers do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return 141
-    except OSError as e:  # the machine, not the input (a full disk, a file gone mid-run): one line, exit 1
-        where = f"{e.filename}: " if e.filename else ""
+    except OSError as e:  # the machine (a full disk, a file gone mid-run): one line, exit 1; a file it may not
+        where = f"{e.filename}: " if e.filename else ""  # read is one the user named (outputs are tried first): 2
         print(f"dllm-export: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, PermissionError) else 1
     except Exception as e:  # a library's own error type (safetensors' disk full, ...) or a bug: still one line
         if os.environ.get("DLLM_EXPORT_DEBUG"):
             raise

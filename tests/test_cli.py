@@ -186,19 +186,23 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_pat
         ro.chmod(0o700)
 
 
-def test_machine_errors_are_one_line_with_exit_1(monkeypatch, capsys):
-    """A full disk or a file gone mid-run is the machine, not the input: one line naming the file."""
+@pytest.mark.parametrize("code, text, path, rc", [
+    ("ENOSPC", "No space left on device", "/data/out/.art.tmp-1/model.onnx.data", 1),  # the machine
+    ("EACCES", "Permission denied", "/data/calib.txt", 2),  # a file the user named (outputs are tried first)
+])
+def test_os_errors_are_one_line(monkeypatch, capsys, code, text, path, rc):
+    """A full disk or a file gone mid-run is the machine (exit 1), a file the user may not read is
+    their input (exit 2): one line naming the file either way."""
     import errno
 
     import dllm_export.cli as cli
 
-    def full(args):
-        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/.art.tmp-1/model.onnx.data")
+    def fail(args):
+        raise OSError(getattr(errno, code), text, path)  # OSError picks the subclass: PermissionError for EACCES
 
-    monkeypatch.setattr(cli, "cmd_info", full)
-    assert main(["info", "--model", "default"]) == 1
-    assert capsys.readouterr().err == ("dllm-export: error: /data/out/.art.tmp-1/model.onnx.data: "
-                                       "No space left on device\n")
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    assert main(["info", "--model", "default"]) == rc
+    assert capsys.readouterr().err == f"dllm-export: error: {path}: {text}\n"
 
 
 def test_other_errors_are_one_line_with_exit_1(monkeypatch, capsys):

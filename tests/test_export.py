@@ -285,6 +285,47 @@ def test_export_plan_refuses_before_any_calibration(model, target, kwargs, messa
     assert not (tmp_path / "art").exists()
 
 
+@pytest.fixture(scope="module")
+def rtn_w4_checkpoint(tiny_dirs, tmp_path_factory):
+    """A quantized checkpoint (RTN W4A16, group 32) of the tiny LLaDA."""
+    from dllm_export.quant import QuantizeConfig, quantize
+
+    return quantize(tiny_dirs["llada"], tmp_path_factory.mktemp("q") / "q",
+                    QuantizeConfig(method="rtn", scheme="W4A16", group_size=32,
+                                   calib=CalibConfig(n_samples=2, seq_len=32)), progress=False)
+
+
+@pytest.mark.parametrize("target,kwargs,flags", [
+    ("onnx", dict(bits=8), "--bits"),  # a W8 request wrote the W4 grid
+    ("onnx", dict(scheme="W8A8", group_size=0), "--scheme / --group-size"),
+    ("gguf", dict(method="gptq"), "--method"),
+])
+def test_a_quantized_checkpoint_refuses_another_grid(rtn_w4_checkpoint, target, kwargs, flags, tmp_path):
+    """A quantized checkpoint is exported on its own grid: options that would choose another one are
+    refused by name instead of dropped; without them it exports as is."""
+    from dllm_export import InputError
+
+    with pytest.raises(InputError, match=f"is a quantized checkpoint, exported on its own grid: drop {flags} "):
+        export(rtn_w4_checkpoint, tmp_path / "art", target=target, **kwargs)
+    assert not (tmp_path / "art").exists()
+    art = export(rtn_w4_checkpoint, tmp_path / "ok", target="onnx")
+    assert art.manifest["scheme"] == "W4A16" and art.manifest["method"] == "rtn"
+
+
+@pytest.mark.parametrize("target,kwargs", [
+    ("onnx", {}), ("onnx", dict(bits=16)), ("gguf", dict(quant="F16")), ("gguf", dict(quant="Q4_K_M")),
+])
+def test_a_method_without_ptq_is_refused(tiny_dirs, target, kwargs, tmp_path):
+    """`--method awq` on a float export (or a llama.cpp recipe, which its quantizer rounds) was
+    dropped without a word: the plan refuses it, before anything is written."""
+    from dllm_export import InputError
+    from dllm_export.exporter import ExportRequest, plan_export
+
+    with pytest.raises(InputError, match="--method awq has nothing to round: this export runs no PTQ"):
+        plan_export(tiny_dirs["llada"], tmp_path / "art", ExportRequest(target=target, method="awq", **kwargs))
+    assert plan_export(tiny_dirs["llada"], tmp_path / "art", ExportRequest(target=target, **kwargs)).qcfg is None
+
+
 @pytest.mark.parametrize("ids,mask,message", [
     (torch.tensor([[1, -3, 2]]), None, r"token ids must lie in \[0, "),  # onnxruntime's Gather wrapped it: row V-3
     (torch.tensor([[1, 100000, 2]]), None, r"token ids must lie in \[0, "),

@@ -323,7 +323,7 @@ def test_cache_with_refresh_every_step_is_the_reference(name, sampler, cache, ti
 def test_cache_refreshed_after_every_commit_is_the_reference(name, sampler, cache, parallel, tiny_dirs):
     """refresh_tokens=1: every step commits at least one token, so every step is a full forward."""
     model = load_model(tiny_dirs[name])
-    kw = dict(gen_length=16, steps=16, block_length=8, sampler=sampler, **parallel)
+    kw = dict(gen_length=16, steps=16, block_length=8, sampler=None if parallel else sampler, **parallel)
     ref = generate(model, [[5, 9, 33], [12, 40, 7]], **kw)
     out = generate(model, [[5, 9, 33], [12, 40, 7]], cache=cache, refresh_tokens=1, **kw)
     assert torch.equal(ref.ids, out.ids) and torch.equal(ref.commit_step, out.commit_step)
@@ -432,7 +432,10 @@ def test_factor_rule_matches_fast_dllm():
     (dict(refresh=2, refresh_tokens=4), "refresh and refresh_tokens need a block cache"),
     (dict(top_p=0.5), "top_p is an option of Dream's samplers .*; LLaDA's sampler 'low_confidence' does not read it"),
     (dict(top_k=3, alg_temp=0.1), "top_k, alg_temp are options of Dream's samplers"),
-    (dict(sampler="entropy", top_k=3, threshold=0.9), "threshold decoding does not read it"),
+    (dict(sampler="maskgit_plus", top_k=3, threshold=0.9), "threshold decoding does not read it"),
+    # the rules rank by top-1 probability: another sampler's ranking was dropped (the family default is replaced)
+    (dict(sampler="entropy", threshold=0.9), "threshold decoding ranks .*; sampler 'entropy' ranks by entropy"),
+    (dict(sampler="topk_margin", factor=1.0), "factor decoding ranks .*; sampler 'topk_margin' ranks by its top-2"),
     (dict(cache="dual", refresh=0), "refresh must be >= 1"),
     (dict(cache="dual", refresh_tokens=0), "refresh_tokens must be >= 1"),
 ])

@@ -113,7 +113,7 @@ class DLLM(LM):
         super().__init__()
         from .. import load_tokenizer
         from ..runtime.backends import as_backend, load_backend
-        from ..runtime.loop import CACHES
+        from ..runtime.loop import CACHES, check_sampler_read
 
         unknown = sorted(set(kwargs) - set(_ARGS) - set(_IGNORED))
         if unknown:
@@ -134,6 +134,7 @@ class DLLM(LM):
         if a["steps"] is None:
             a["steps"] = a["gen_length"]
         if a["sampler"] is not None:  # before the weights load: the loop's rules (the family picks a default)
+            check_sampler_read(a["sampler"], a["threshold"], a["factor"])
             self._plan(a, a["sampler"]).check()
 
         if isinstance(model, (str, Path)):

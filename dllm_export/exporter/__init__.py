@@ -40,7 +40,7 @@ class ExportRequest:
 
     target: str = "onnx"
     bits: int | None = None
-    method: str = "gptq"
+    method: str | None = None
     scheme: str | None = None
     group_size: int | None = None
     weight_format: str | None = None
@@ -83,7 +83,7 @@ class ExportPlan:
 
 
 def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: int | None = None,
-           method: str = "gptq", scheme: str | None = None, group_size: int | None = None,
+           method: str | None = None, scheme: str | None = None, group_size: int | None = None,
            weight_format: str | None = None, accuracy_level: int | None = None, act_kernel: str = "auto",
            quant: str | None = None, device: str | None = None, embed_head: str | None = None,
            quantize_options: dict | None = None, extra_manifest: dict | None = None,
@@ -96,7 +96,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
         target: "onnx" or "gguf".
         bits: weight bits; picks scheme W{bits}A16 unless `scheme` is given (then it overrides its bits).
             None / 16 / 32 without a scheme exports float weights.
-        method / scheme / group_size / quantize_options: the PTQ run (see `quant.QuantizeConfig`).
+        method / scheme / group_size / quantize_options: the PTQ run (see `quant.QuantizeConfig`;
+            method None = its default, GPTQ). A method on an export that rounds nothing is refused.
         weight_format / accuracy_level / act_kernel / embed_head: the ONNX graph (see
             `exporter.onnx.OnnxExportConfig`); embed_head None = the device profile's, else fp32.
         quant: GGUF type. Q4_0 / Q5_0 / Q8_0 / Q4_1 / Q5_1 and the K-quants Q2_K .. Q6_K: `method`
@@ -141,6 +142,7 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
         raise InputError(f"target {req.target} cannot carry {req.bits}-bit weights "
                          f"(supported: {', '.join(map(str, allowed))})")
     src = resolve_checkpoint(model)
+    _check_quantized_input(src, req)
     check_output_folder(out)
     extra = dict(req.extra_manifest)
     profile = None
@@ -152,7 +154,34 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
             raise InputError(f"device profile {profile.name} runs {' / '.join(profile.targets)} artifacts, "
                              f"not --target {req.target}")
         extra["device"] = profile.to_dict()
-    return RESOLVERS[req.target](req, src, profile, extra)
+    plan = RESOLVERS[req.target](req, src, profile, extra)
+    check_method_read(plan, req.method)
+    return plan
+
+
+# request fields that choose a PTQ grid: a quantized checkpoint is exported on its own grid, so given
+# with one they would be dropped without a word (--bits 8 on a W4 checkpoint wrote a W4 artifact)
+GRID_OPTIONS = {"bits": "--bits", "scheme": "--scheme", "group_size": "--group-size"}
+
+
+def _check_quantized_input(src: Path, req: ExportRequest) -> None:
+    """A quantized checkpoint is written as it is: refuse the options that would choose another grid."""
+    from ..models.checkpoint import is_quantized
+
+    grid = [flag for name, flag in GRID_OPTIONS.items() if getattr(req, name) is not None]
+    grid += ["--method"] * (req.method is not None)
+    if is_quantized(src) and grid:
+        raise InputError(f"{src} is a quantized checkpoint, exported on its own grid: drop {' / '.join(grid)} "
+                         f"(to change the grid, quantize the float checkpoint it was made from)")
+
+
+def check_method_read(plan: "ExportPlan", method: str | None) -> None:
+    """Refuse a PTQ method on an export that quantizes nothing (a float export, llama.cpp's recipes):
+    the method would be dropped without a word."""
+    if method is not None and plan.qcfg is None:
+        raise InputError(f"--method {method} has nothing to round: this export runs no PTQ (float weights, or a "
+                         f"llama.cpp recipe its own quantizer rounds); drop --method, or give --bits / --scheme / "
+                         f"a GGUF block type")
 
 
 def run_plan(plan: ExportPlan, out: Path, progress: bool = False) -> ExportResult:
@@ -293,7 +322,8 @@ RESOLVERS = {"onnx": _plan_onnx, "gguf": _plan_gguf}
 def _quantize_config(req: ExportRequest, scheme: str, group_size: int | None, opts: dict):
     from ..quant import QuantizeConfig
 
-    return QuantizeConfig(method=req.method, scheme=scheme, group_size=group_size, **opts)
+    method = {} if req.method is None else {"method": req.method}
+    return QuantizeConfig(**method, scheme=scheme, group_size=group_size, **opts)
 
 
 def _dims(src: Path):

@@ -317,6 +317,7 @@ class Plan:
                 sampler: str | None = None, **settings) -> "Plan":
         """The plan of `generate`'s settings, defaults filled in: steps and block_length =
         gen_length, the family's default sampler (`spec`)."""
+        check_sampler_read(sampler, settings.get("threshold"), settings.get("factor"))
         return cls(sampler=sampler or spec.default_sampler, gen_length=gen_length,
                    steps=gen_length if steps is None else steps,
                    block_length=gen_length if block_length is None else block_length, **settings)
@@ -550,6 +551,17 @@ def _rule(plan: Plan, mask_id: int, generator: torch.Generator | None) -> Callab
     kind = ("threshold" if plan.threshold is not None else "factor" if plan.factor is not None
             else "llada" if plan.sampler in S.LLADA_SAMPLERS else "dream")
     return rules[kind]
+
+
+def check_sampler_read(sampler: str | None, threshold: float | None, factor: float | None) -> None:
+    """Refuse a sampler given with threshold / factor decoding that ranks by another confidence:
+    those rules rank by the top-1 probability (low_confidence / maskgit_plus), so `entropy` or
+    `topk_margin` would be dropped without a word (None: the family's default, which they replace)."""
+    if sampler in ("topk_margin", "entropy") and (threshold is not None or factor is not None):
+        rule = "threshold" if threshold is not None else "factor"
+        raise InputError(f"{rule} decoding ranks positions by top-1 probability; sampler {sampler!r} ranks by "
+                         f"{'its top-2 margin' if sampler == 'topk_margin' else 'entropy'}, which it does not read "
+                         f"(drop the sampler, or use low_confidence / maskgit_plus)")
 
 
 def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold, by_factor) -> None:
