@@ -37,9 +37,9 @@ max_bpt_increase = 1.0
 
 @pytest.fixture
 def config(tiny_dirs, tmp_path):
-    def make(bench="false"):
+    def make(bench="false", gate="max_bpt_increase = 1.0"):
         p = tmp_path / "build.toml"
-        p.write_text(CONFIG.format(model=tiny_dirs["llada"], bench=bench))
+        p.write_text(CONFIG.format(model=tiny_dirs["llada"], bench=bench).replace("max_bpt_increase = 1.0", gate))
         return p
     return make
 
@@ -81,6 +81,18 @@ def test_matrix_round_trip_gives_the_manifest_of_one_build(config, tmp_path, cap
     one, merged = _tree(tmp_path / "dist"), _tree(tmp_path / "release")
     assert one.keys() == merged.keys()
     assert all(one[k] == merged[k] for k in one if k != "measurements.json")  # artifacts: same bytes
+
+
+@pytest.mark.parametrize("gate,rc", [("max_bpt_increase = 1.0", 0), ("max_bpt_increase = -1.0", 1)])
+def test_build_gate(gate, rc, config, tmp_path, capsys):
+    """A cell over its quality gate still lands in the manifest, listed as failed, and the build exits 1."""
+    assert main(["build", str(config(gate=gate)), "--out", str(tmp_path / "dist")]) == rc
+    m = json.loads((tmp_path / "dist" / "manifest.json").read_text())
+    assert [c["cell"] for c in m["cells"]] == ["tiny/onnx-w4", "tiny/gguf-q8"]
+    assert all(len(f["sha256"]) == 64 for c in m["cells"] for f in c["files"].values())
+    if rc:
+        assert m["failed"] == ["tiny/onnx-w4", "tiny/gguf-q8"]
+        assert "quality gate failed: tiny/onnx-w4, tiny/gguf-q8" in capsys.readouterr().err
 
 
 def test_merge_refuses_missing_foreign_and_tampered_parts(config, tmp_path, capsys):

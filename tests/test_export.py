@@ -191,47 +191,6 @@ def test_ondevice_runner_bad_input_is_one_line(args, message, w8_onnx, tmp_path,
     assert err.startswith("ondevice: error: ") and message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("gate,rc", [("max_bpt_increase = 1.0", 0), ("max_bpt_increase = -1.0", 1)])
-def test_build_matrix_and_gate(gate, rc, tiny_dirs, tmp_path, capsys):
-    import json
-
-    from dllm_export.cli import main
-
-    cfg = tmp_path / "build.toml"
-    cfg.write_text(f"""
-[[models]]
-name = "tiny"
-path = "{tiny_dirs['llada']}"
-[[targets]]
-name = "onnx-w4"
-target = "onnx"
-bits = 4
-method = "rtn"
-group_size = 32
-[[targets]]
-name = "gguf-q8"
-target = "gguf"
-quant = "Q8_0"
-method = "rtn"
-[calibration]
-samples = 2
-seq_len = 32
-[evaluation]
-windows = 1
-problems = 2
-bench = false
-[gates]
-{gate}
-""")
-    assert main(["build", str(cfg), "--out", str(tmp_path / "dist")]) == rc
-    m = json.loads((tmp_path / "dist" / "manifest.json").read_text())
-    assert [c["cell"] for c in m["cells"]] == ["tiny/onnx-w4", "tiny/gguf-q8"]
-    assert all(len(f["sha256"]) == 64 for c in m["cells"] for f in c["files"].values())
-    if rc:
-        assert m["failed"] == ["tiny/onnx-w4", "tiny/gguf-q8"]
-        assert "quality gate failed: tiny/onnx-w4, tiny/gguf-q8" in capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def dream_bpe_files(tiny_dirs, tmp_path_factory):
     """The tiny Dream checkpoint as Dream ships its tokenizer: vocab.json + merges.txt, no tokenizer.json."""
@@ -269,6 +228,10 @@ def test_export_carries_a_vocab_and_merges_tokenizer(target, kwargs, dream_bpe_f
     ("dream", "onnx", dict(bits=3, weight_format="matmulnbits"), "--format matmulnbits stores 2, 4 or 8-bit weights"),
     ("dream", "onnx", dict(scheme="W4A16", group_size=24, weight_format="matmulnbits"),
      "MatMulNBits needs a power-of-two block size >= 16"),
+    # options the graph would not read
+    ("dream", "onnx", dict(weight_format="matmulnbits", accuracy_level=4),
+     "--format / --accuracy-level set how quantized weights run; this export keeps float weights"),
+    ("dream", "onnx", dict(bits=4, act_kernel="integer"), "--act-kernel runs a scheme's 8-bit activations; W4A16"),
 ])
 def test_export_plan_refuses_before_any_calibration(model, target, kwargs, message, dream_bpe_files, tiny_dirs,
                                                     tmp_path, monkeypatch):
@@ -312,17 +275,21 @@ def test_a_quantized_checkpoint_refuses_another_grid(rtn_w4_checkpoint, target, 
     assert art.manifest["scheme"] == "W4A16" and art.manifest["method"] == "rtn"
 
 
-@pytest.mark.parametrize("target,kwargs", [
-    ("onnx", {}), ("onnx", dict(bits=16)), ("gguf", dict(quant="F16")), ("gguf", dict(quant="Q4_K_M")),
+@pytest.mark.parametrize("target,kwargs,given,message", [
+    ("onnx", {}, dict(method="awq"), "--method awq: nothing reads it: this export keeps float weights"),
+    ("onnx", dict(bits=16), dict(group_size=32, method="rtn"), "--method rtn / --group-size 32: nothing reads them"),
+    ("onnx", {}, dict(quantize_options={"progressive": True}), "--progressive: nothing reads it"),
+    ("gguf", dict(quant="F16"), dict(scheme="W4A16"), "--scheme W4A16: nothing reads it: --quant F16 keeps float"),
+    ("gguf", dict(quant="Q4_K_M"), dict(bits=8), "--bits 8: nothing reads it: --quant Q4_K_M is llama.cpp's recipe"),
 ])
-def test_a_method_without_ptq_is_refused(tiny_dirs, target, kwargs, tmp_path):
-    """`--method awq` on a float export (or a llama.cpp recipe, which its quantizer rounds) was
-    dropped without a word: the plan refuses it, before anything is written."""
+def test_ptq_options_without_ptq_are_refused(tiny_dirs, target, kwargs, given, message, tmp_path):
+    """A PTQ method, grid or group size on a float export (or a llama.cpp recipe, which its own
+    quantizer rounds) was dropped without a word: the plan refuses it, before anything is written."""
     from dllm_export import InputError
     from dllm_export.exporter import ExportRequest, plan_export
 
-    with pytest.raises(InputError, match="--method awq has nothing to round: this export runs no PTQ"):
-        plan_export(tiny_dirs["llada"], tmp_path / "art", ExportRequest(target=target, method="awq", **kwargs))
+    with pytest.raises(InputError, match=message):
+        plan_export(tiny_dirs["llada"], tmp_path / "art", ExportRequest(target=target, **kwargs, **given))
     assert plan_export(tiny_dirs["llada"], tmp_path / "art", ExportRequest(target=target, **kwargs)).qcfg is None
 
 

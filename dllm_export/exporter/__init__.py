@@ -130,7 +130,7 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
     every error an exporter would raise about bits, groups, formats or files comes here, before
     any calibration runs."""
     from ..fileio import check_output_folder
-    from ..models.checkpoint import resolve_checkpoint
+    from ..models.checkpoint import is_quantized, resolve_checkpoint
 
     if req.target not in TARGETS:
         raise InputError(f"unknown export target {req.target!r} (choose from {', '.join(TARGETS)})")
@@ -155,7 +155,8 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
                              f"not --target {req.target}")
         extra["device"] = profile.to_dict()
     plan = RESOLVERS[req.target](req, src, profile, extra)
-    check_method_read(plan, req.method)
+    if not is_quantized(src):  # a quantized checkpoint's own grid: `_check_quantized_input`
+        _check_ptq_read(plan, req)
     return plan
 
 
@@ -175,13 +176,26 @@ def _check_quantized_input(src: Path, req: ExportRequest) -> None:
                          f"(to change the grid, quantize the float checkpoint it was made from)")
 
 
-def check_method_read(plan: "ExportPlan", method: str | None) -> None:
-    """Refuse a PTQ method on an export that quantizes nothing (a float export, llama.cpp's recipes):
-    the method would be dropped without a word."""
-    if method is not None and plan.qcfg is None:
-        raise InputError(f"--method {method} has nothing to round: this export runs no PTQ (float weights, or a "
-                         f"llama.cpp recipe its own quantizer rounds); drop --method, or give --bits / --scheme / "
-                         f"a GGUF block type")
+def _check_ptq_read(plan: "ExportPlan", req: ExportRequest) -> None:
+    """Refuse the PTQ options of an export that rounds nothing (a float export, a llama.cpp recipe
+    such as Q4_K_M, which its own quantizer rounds): they would be dropped without a word."""
+    from .gguf import LLAMA_QUANTS
+
+    if plan.qcfg is not None:
+        return
+    given = [f"{flag} {getattr(req, name)}" for name, flag in (("method", "--method"), *GRID_OPTIONS.items())
+             if getattr(req, name) is not None and not (name == "bits" and req.bits >= 16)]
+    given += ["--progressive"] * bool(req.quantize_options.get("progressive"))
+    if not given:
+        return
+    it = "it" if len(given) == 1 else "them"
+    if req.quant in LLAMA_QUANTS:
+        why, fix = f"--quant {req.quant} is llama.cpp's recipe, which its own quantizer rounds", ""
+    elif req.quant is not None:  # F16 / BF16 / F32
+        why, fix = f"--quant {req.quant} keeps float weights", ""
+    else:
+        why, fix = "this export keeps float weights", ", or give --bits / --scheme to quantize"
+    raise InputError(f"{' / '.join(given)}: nothing reads {it}: {why} (no PTQ runs); drop {it}{fix}")
 
 
 def run_plan(plan: ExportPlan, out: Path, progress: bool = False) -> ExportResult:
@@ -236,6 +250,8 @@ def _plan_onnx(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     if ocfg.weight_format == "matmulnbits" and req.bits is not None and req.bits not in (*MATMULNBITS_BITS, 16, 32):
         raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {req.bits}-bit (use --format qdq)")
     needs_ptq = not quantized_input and not (scheme is None and (req.bits is None or req.bits >= 16))
+    _check_onnx_reads(req, scheme or f"W{req.bits}A16" if needs_ptq else _source_scheme(src) if quantized_input
+                      else None)
     qcfg = None
     if needs_ptq:
         scheme = scheme or f"W{req.bits}A16"
@@ -247,6 +263,28 @@ def _plan_onnx(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
         qcfg = _quantize_config(req, scheme, group_size, opts)
         _precheck_onnx(src, qcfg, ocfg)
     return ExportPlan("onnx", src, qcfg, ocfg, extra)
+
+
+def _source_scheme(src: Path) -> str | None:
+    """The scheme a quantized checkpoint was made with (its manifest's), None where it names none."""
+    from ..quant.load import read_manifest
+
+    return read_manifest(src).get("scheme")
+
+
+def _check_onnx_reads(req: ExportRequest, scheme: str | None) -> None:
+    """Refuse the ONNX options the graph would not read: on float weights (`scheme` None) the
+    quantized weights' format, accuracy level and activation kernel; on a weight-only scheme the
+    activation kernel. Only what was asked is checked: a device profile fills what applies."""
+    from ..quant import get_scheme
+
+    names = ("weight_format", "accuracy_level", "act_kernel") if scheme is None else ("act_kernel",)
+    given = [TARGET_OPTIONS[n][1] for n in names if getattr(req, n) != TARGET_OPTIONS[n][2]]
+    if scheme is None and given:
+        raise InputError(f"{' / '.join(given)} {'sets' if len(given) == 1 else 'set'} how quantized weights run; "
+                         f"this export keeps float weights (give --bits or --scheme)")
+    if given and get_scheme(scheme).weight_only:
+        raise InputError(f"--act-kernel runs a scheme's 8-bit activations; {scheme.upper()} quantizes weights only")
 
 
 def _fills_progressive_groups(profile, req: ExportRequest, scheme: str) -> bool:
