@@ -4,8 +4,12 @@ process): the host's CPU name and the results writer."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
+
+# the ISA flags that decide which kernels a host runs (int8 dot products, bf16, AMX tiles)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def cpu_model() -> str:
@@ -17,6 +21,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def host_info() -> dict:
+    """The host a figure was measured on: CPU model, the ISA flags it has of `ISA_FLAGS`, CPU count."""
+    flags: set[str] = set()
+    try:
+        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        flags = set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return {"cpu": cpu_model(), "flags": [f for f in ISA_FLAGS if f in flags], "cpus": os.cpu_count()}
 
 
 def save_results(res: dict, stem: str | Path, markdown: str) -> list[Path]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -48,15 +47,10 @@ QUICK_UNIFORM = [(3, 32), (4, 32), (5, 32), (3, 64), (4, 64)]
 
 
 def host() -> dict:
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f" {f}" in flags]
-    return {"cpu": model, "flags": keep, "torch_threads": torch.get_num_threads()}
+    """`common.host_info()` and torch's threads."""
+    from common import host_info  # same folder
+
+    return {**host_info(), "torch_threads": torch.get_num_threads()}
 
 
 def host_line() -> str:

@@ -30,26 +30,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import save_results  # noqa: E402  (same folder)
+from common import host_info, save_results  # noqa: E402  (same folder)
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\nimport sys\n",
            "x = [1, 2, 3]\nfor i in x:", "def read_file(path):", "The quick brown fox", "12+34=", "7*8="]
-
-
-def host() -> dict:
-    """CPU model, the vector flags that matter, core count."""
-    info = {"cpu": "?", "flags": [], "cores": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["cpu"] == "?":
-            info["cpu"] = value.strip()
-        if key.strip() == "flags" and not info["flags"]:
-            want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-            info["flags"] = [f for f in want if f in value.split()]
-    return info
 
 
 def start_server(args, port: int) -> subprocess.Popen:
@@ -178,7 +161,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(60)
-    res = {"model": args.model, "host": host(),
+    res = {"model": args.model, "host": host_info(),
            "settings": {"threads": args.threads, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
                         "per_client": args.per_client, "repeats": args.repeats, "body": body},
            "variants": variants}

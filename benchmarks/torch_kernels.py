@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,14 +33,11 @@ GRIDS = {"W4A16 g128 (int4)": (4, 128, None, False), "W8A16 per-channel (int8)":
 
 
 def host() -> dict:
-    """CPU model, the ISA flags that matter here, torch's threads and version."""
-    from dllm_export.targets import host_flags
+    """`common.host_info()`, torch's threads, version and CPU capability."""
+    from common import host_info  # same folder
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "avx_vnni")
-    return {"cpu": model, "flags": sorted(f for f in host_flags() if f in keep), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
+    return {**host_info(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def interleaved(fns: dict, reps: int) -> dict[str, float]:

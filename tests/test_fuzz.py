@@ -99,6 +99,56 @@ def test_generate_arguments(ckpt, prompt, gen, steps, block, temperature, sample
     _assert_clean(*_call(argv))
 
 
+ONNX_OPTIONS = dict(weight_format=[None, "qdq", "matmulnbits"], accuracy_level=[None, 0, 4],
+                    act_kernel=["auto", "integer", "nbits", "simulate"], embed_head=[None, "fp32", "int8"])
+GGUF_OPTIONS = dict(quant=[None, "Q4_0", "Q8_0", "Q4_1", "Q4_K", "Q6_K", "F16", "Q4_K_M"])
+
+
+def _maybe(values):
+    return st.one_of(st.just(values[0]), st.sampled_from(values))  # the unset value about half the time
+
+
+@fuzz(150)
+@given(data=st.data(), quantized=st.booleans(), target=st.sampled_from(["onnx", "gguf"]),
+       bits=_maybe([None, 2, 3, 4, 5, 8, 16]), scheme=_maybe([None, "W4A16", "W8A8", "W4A8", "W8A16", "W2A16"]),
+       method=_maybe([None, "rtn", "awq", "smoothquant"]), group_size=_maybe([None, 0, 16, 32, 64]),
+       device=_maybe([None, "x86-avx512-vnni", "arm64-dotprod"]), progressive=_maybe([None, True, False]))
+def test_an_export_plan_reads_every_option_given(ckpt, qart, tmp_path_factory, data, quantized, target, bits, scheme,
+                                                 method, group_size, device, progressive):
+    """Any mix of export options is refused in one line, or planned so that each option given is
+    the one the plan carries: none is dropped without a word (`--bits 8` on a W4 checkpoint wrote
+    W4; `--method awq` on a float export rounded nothing)."""
+    from dllm_export import DllmExportError
+    from dllm_export.exporter import ExportRequest, plan_export
+    from dllm_export.quant import get_scheme
+
+    target_opts = {k: data.draw(_maybe(v)) for k, v in (ONNX_OPTIONS if target == "onnx" else GGUF_OPTIONS).items()}
+    req = ExportRequest(target=target, bits=bits, scheme=scheme, method=method, group_size=group_size, device=device,
+                        quantize_options={} if progressive is None else {"progressive": progressive}, **target_opts)
+    try:
+        plan = plan_export(qart if quantized else ckpt, tmp_path_factory.getbasetemp() / "never", req)
+    except DllmExportError as e:
+        assert "\n" not in str(e)
+        return
+    q = plan.qcfg
+    ptq = {"method": method, "scheme": scheme, "group_size": group_size, "progressive": progressive or None,
+           "bits": bits if bits is not None and bits < 16 else None}
+    if q is None:  # a quantized checkpoint as it is, or float weights: no PTQ option may have been given
+        assert all(v is None for v in ptq.values()), ptq
+    else:
+        assert method is None or q.method == method
+        assert group_size is None or q.group_size == group_size
+        assert ptq["bits"] is None or (q.bits or get_scheme(q.scheme).w_bits) == bits
+        assert scheme is None or q.scheme.upper() == scheme.upper()
+        assert progressive is None or q.progressive == progressive
+    for name, value in target_opts.items():  # the target's own options reach its writer's config
+        if value not in (None, "auto") and target == "onnx":
+            assert getattr(plan.config, name) == value, (name, value, plan.config)
+    if target == "gguf" and target_opts["quant"] is not None:
+        grid = plan.config.quant if q is None else (q.kquant or f"Q{q.bits or 4}_{1 if q.sym is False else 0}")
+        assert grid == target_opts["quant"], (grid, target_opts["quant"])
+
+
 def _mutate(data, tree):
     """A copy of JSON `tree` with one value somewhere inside replaced (or its key deleted)."""
     tree = json.loads(json.dumps(tree))

@@ -325,9 +325,12 @@ def _plan_gguf(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     quant = quant or (None if quantized_input else _GGUF_BY_BITS.get(bits or 16))
     if quant is not None and bits is not None and quant in BLOCK_TYPES and int(quant[1]) != bits:
         raise InputError(f"--quant {quant} stores {quant[1]}-bit weights, not {bits}-bit")
-    if scheme is not None and scheme.upper() not in ("W4A16", "W5A16", "W8A16"):
+    if scheme is not None and not get_scheme(scheme).weight_only:
         raise InputError(f"GGUF carries weight-only schemes; {scheme} quantizes activations, which llama.cpp "
                          f"does itself. Use --target onnx for {scheme}")
+    if scheme is not None and scheme.upper() not in ("W4A16", "W5A16", "W8A16"):
+        raise InputError(f"GGUF block types carry 4, 5 or 8-bit weights, not {scheme}'s {get_scheme(scheme).w_bits}; "
+                         f"use --target onnx for {scheme}")
     needs_ptq = not quantized_input and quant in BLOCK_TYPES
     if req.quantize_options.get("progressive"):
         raise InputError("--progressive scales are an ONNX int8-GEMM grid: GGUF's block types store their own "
