@@ -434,8 +434,8 @@ def test_factor_rule_matches_fast_dllm():
     (dict(top_k=3, alg_temp=0.1), "top_k, alg_temp are options of Dream's samplers"),
     (dict(sampler="maskgit_plus", top_k=3, threshold=0.9), "threshold decoding does not read it"),
     # the rules rank by top-1 probability: another sampler's ranking was dropped (the family default is replaced)
-    (dict(sampler="entropy", threshold=0.9), "threshold decoding ranks .*; sampler 'entropy' ranks by entropy"),
-    (dict(sampler="topk_margin", factor=1.0), "factor decoding ranks .*; sampler 'topk_margin' ranks by its top-2"),
+    (dict(sampler="entropy", threshold=0.9), "sampler 'entropy' ranks positions by entropy; threshold decoding"),
+    (dict(sampler="topk_margin", factor=1.0), "sampler 'topk_margin' ranks positions by their top-2 margin; factor"),
     (dict(cache="dual", refresh=0), "refresh must be >= 1"),
     (dict(cache="dual", refresh_tokens=0), "refresh_tokens must be >= 1"),
 ])

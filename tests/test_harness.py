@@ -148,7 +148,7 @@ def test_rolling_windows_cover_the_text_once(lms):
     # the loop's own rules (Plan.check), as generate applies them
     ({"top_p": 0.5}, "top_p is an option of Dream's samplers"),
     ({"sampler": "low_confidence", "refresh": 2}, "refresh needs a block cache"),
-    ({"sampler": "entropy", "threshold": 0.9}, "sampler 'entropy' ranks by entropy, which it does not read"),
+    ({"sampler": "entropy", "threshold": 0.9}, "sampler 'entropy' ranks positions by entropy; threshold decoding"),
     ({"temperature": float("nan")}, "temperature must be >= 0 and finite"),
 ])
 def test_bad_model_args(tiny_dirs, args, message):

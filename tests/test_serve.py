@@ -281,6 +281,11 @@ def test_bad_requests_name_their_field(torch_url):
     assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
     r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "refresh": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "refresh"
+    # a sampler that threshold decoding would not read: the sampler is at fault, an unsupported pairing
+    r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "threshold": 0.9,
+                                                         "sampler": "entropy"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sampler", r.json()
+    assert r.json()["error"]["code"] == "unsupported_parameter"
 
 
 def test_openai_client_details(torch_engine, torch_url):

@@ -559,9 +559,9 @@ def check_sampler_read(sampler: str | None, threshold: float | None, factor: flo
     `topk_margin` would be dropped without a word (None: the family's default, which they replace)."""
     if sampler in ("topk_margin", "entropy") and (threshold is not None or factor is not None):
         rule = "threshold" if threshold is not None else "factor"
-        raise InputError(f"{rule} decoding ranks positions by top-1 probability; sampler {sampler!r} ranks by "
-                         f"{'its top-2 margin' if sampler == 'topk_margin' else 'entropy'}, which it does not read "
-                         f"(drop the sampler, or use low_confidence / maskgit_plus)")
+        what = "their top-2 margin" if sampler == "topk_margin" else "entropy"
+        raise InputError(f"sampler {sampler!r} ranks positions by {what}; {rule} decoding ranks them by top-1 "
+                         f"probability and does not read it (drop the sampler, or use low_confidence / maskgit_plus)")
 
 
 def _validate(sampler, gen_length, steps, block_length, temperature, top_k, top_p, threshold, by_factor) -> None:
