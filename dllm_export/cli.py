@@ -649,6 +649,7 @@ def cmd_sensitivity(args) -> int:
     from .fileio import atomic_folder, check_output_folder
     from .eval.fidelity import FidelityConfig
     from .eval.sensitivity import TARGET_GRIDS, SensitivityConfig, sensitivity_scan, to_markdown
+    from .models.checkpoint import resolve_float_checkpoint
 
     if args.grid not in ("onnx", "gguf", "gguf-k"):
         raise DllmExportError(f"--grid must be onnx, gguf or gguf-k, got {args.grid!r}")
@@ -664,6 +665,7 @@ def cmd_sensitivity(args) -> int:
                             sym=grid["sym"], fidelity=FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios),
                                                                      windows=args.windows, elbo=False),
                             embed_head=args.mix_embed_head, kquant=bool(grid.get("kquant")))
+    resolve_float_checkpoint(args.model, "a sensitivity scan")
     out = check_output_folder(args.out)  # before the scan's minutes
     res = sensitivity_scan(load_model(args.model), load_tokenizer(args.model), cfg,
                            progress=not args.no_progress and sys.stderr.isatty())

@@ -8,6 +8,7 @@ recognises as its own (same output name, owner process gone) and removes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -81,9 +82,15 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 / 0600 entries
         for f in tmp.iterdir():
             os.chmod(f, 0o755 if f.is_dir() else 0o644)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except OSError as e:  # another run wrote `out` meanwhile: its result stays, this one goes
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise InputError(f"output folder {out} was filled by another run while this one worked; "
+                             f"this run's result was discarded") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -156,6 +156,20 @@ def test_write_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_folder_filled_meanwhile_by_another_run_is_kept(tmp_path):
+    """Two runs writing one output: the first to finish keeps it; the second's rename found it not
+    empty ("Directory not empty", exit 1) and now says what happened, leaving its temp folder nowhere."""
+    from dllm_export.fileio import atomic_folder
+
+    out = tmp_path / "art"
+    with pytest.raises(D.InputError, match=f"output folder {out} was filled by another run while this one worked"):
+        with atomic_folder(out) as stage:
+            (stage / "model.onnx").write_text("ours")
+            out.mkdir()
+            (out / "model.onnx").write_text("theirs")  # the other run finished first
+    assert os.listdir(tmp_path) == ["art"] and (out / "model.onnx").read_text() == "theirs"
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_spec_names_the_roles_factory_and_train_use(family):
     """Norms, residual outputs, the GGUF rope permutation and the ELBO estimator are spec data, so a

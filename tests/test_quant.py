@@ -114,6 +114,29 @@ def _calib(calib_file, **kw):
     return CalibConfig(source=str(calib_file), n_samples=6, seq_len=48, **kw)
 
 
+@pytest.mark.parametrize("reader", ["quantize", "--scheme auto", "a sensitivity scan"])
+def test_runs_that_read_float_weights_refuse_a_quantized_checkpoint(tiny_q, calib_file, tmp_path, reader,
+                                                                    monkeypatch, capsys):
+    """Quantizing a quantized checkpoint failed on a missing tensor; `--scheme auto` scanned its
+    fake-quant weights for minutes before the export refused it. Each names it at once, with the
+    source its manifest records, and writes nothing."""
+    import dllm_export.eval.sensitivity as sensitivity
+    from dllm_export.cli import main
+
+    q = quantize(tiny_q["llada"], tmp_path / "q", QuantizeConfig(method="rtn", calib=_calib(calib_file)), progress=False)
+    monkeypatch.setattr(sensitivity, "sensitivity_scan", lambda *a, **k: pytest.fail("scanned a quantized model"))
+    message = f"{q} is a quantized checkpoint: {reader} reads float weights, those of the checkpoint it was made from"
+    out = tmp_path / "out"
+    if reader == "a sensitivity scan":  # the CLI: one line, exit 2
+        assert main(["analyze", "--sensitivity", "--model", str(q), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"dllm-export: error: {message} (llada)")
+    else:
+        with pytest.raises(D.InputError, match=re.escape(message)):
+            quantize(q, out, QuantizeConfig(method="rtn"), progress=False) if reader == "quantize" else \
+                sensitivity.auto_recipe(q, 4.5)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("method", ["smoothquant", "awq"])
 def test_scale_folding_is_exact(tiny_q, family, method):

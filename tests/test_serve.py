@@ -626,3 +626,53 @@ def test_dream_chat_and_completion():
         streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
             model="default-dream", messages=msgs, max_tokens=16, stream=True) if ch.choices)
         assert streamed == want
+
+
+# fields of both routes with the values a client might send, right or wrong (None: the key is dropped)
+FUZZ_FIELDS = {
+    "max_tokens": [1, 4, 0, -1, 10**9, "4", 2.5, None], "temperature": [0, 0.7, -1, 3, "hot", None],
+    "top_p": [1, 0.5, 0, None], "n": [1, 2, 0, 65, None], "stream": [True, False, "yes", None],
+    "stop": ["\n", ["=", "+"], [""], 5, None], "seed": [0, -1, 2**64, 1.5, None], "steps": [4, 2, 0, 3, None],
+    "block_length": [4, 3, 0, None], "sampler": ["low_confidence", "entropy", "random", "nope", None],
+    "threshold": [0.9, 0, 1.5, float("inf"), None], "factor": [1.0, -1, None], "cache": ["dual", "prefix", "x", None],
+    "refresh": [1, 0, None], "refresh_tokens": [2, -3, None], "preset": ["edge", "reference", "fast", None],
+    "stop_at_eos": [True, 1, None], "cfg_scale": [0, 1.5, -2, None], "top_k": [5, 0, None], "alg_temp": [0.1, -1, None],
+    "canvas": [True, None], "stream_options": [{"include_usage": True}, {"x": 1}, None], "logit_bias": [{"5": 1.0}, None],
+    "presence_penalty": [0, 1, None], "model": ["default", "other", 7, None], "user": ["u", None], "bogus": [1],
+}
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_fuzzed_requests_never_fail_the_server(route, torch_url):
+    """Mixes of right and wrong fields (hypothesis, derandomized): every answer is a 200 with choices
+    or an OpenAI-shaped 4xx naming the problem, never a 500 or a traceback, and the server answers
+    a plain request after them as before."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    base = ({"prompt": st.sampled_from(["1+1=", "", ["a", "b"], [1, 2, 3], "\ud800", 5])} if route == "completions"
+            else {"messages": st.sampled_from([[{"role": "user", "content": "hi"}], [], [{"role": "x", "content": "a"}],
+                                               [{"role": "assistant", "content": None}]])})
+    fields = st.fixed_dictionaries(base, optional={k: st.sampled_from(v) for k, v in FUZZ_FIELDS.items()})
+    statuses = []
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                         phases=(hypothesis.Phase.generate,), suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(body=fields)
+    def one(body):
+        body = {"max_tokens": 4, "steps": 4, **{k: v for k, v in body.items() if v is not None}}
+        r = httpx.post(f"{torch_url}/v1/{route}", content=json.dumps(body), timeout=120,
+                       headers={"content-type": "application/json"})
+        assert r.status_code < 500 and "Traceback" not in r.text, (body, r.status_code, r.text[:300])
+        statuses.append(r.status_code)
+        if r.status_code != 200:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and "\n" not in err["message"], (body, err)
+        elif body.get("stream") is True:
+            assert r.text.rstrip().endswith("data: [DONE]"), (body, r.text[-200:])
+        else:
+            assert r.json()["choices"], (body, r.text[:300])
+
+    one()
+    assert statuses.count(200) >= 5 and statuses.count(400) >= 5, sorted(statuses)  # both paths were exercised
+    r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "1+1=", "max_tokens": 4, "steps": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")

@@ -97,16 +97,13 @@ def check_models(models) -> None:
     """Raise CheckpointError / InputError unless every model is a bundled name or a float checkpoint
     folder (config.json and weights), and no two share a folder name (their cells' cache folders and
     report rows are named after it)."""
-    from ..models.checkpoint import is_quantized, read_config, resolve_checkpoint, weight_files
+    from ..models.checkpoint import read_config, resolve_float_checkpoint, weight_files
 
     seen: dict[str, str] = {}
-    for m in models:
-        path = resolve_checkpoint(m)
+    for m in models:  # a quantized one would fail in every cell, each with its row error
+        path = resolve_float_checkpoint(m, "the report")
         read_config(path)
         weight_files(path)
-        if is_quantized(path):  # quantizing it again fails in every cell, each with a cryptic row error
-            raise InputError(f"{m} is a quantized checkpoint: the report quantizes float checkpoints (pass the "
-                             f"one it was made from)")
         key = Path(str(m)).name.lower()
         if key in seen:
             raise InputError(f"models {seen[key]} and {m} share the name {Path(str(m)).name!r}: their cells would "

@@ -336,9 +336,11 @@ def auto_recipe(model, avg_bits: float, *, target: str | None = None, bits: tupl
         {"allocation", "scan"}).
     """
     from .. import load_model, load_tokenizer
+    from ..models.checkpoint import resolve_float_checkpoint
 
     if target not in TARGET_GRIDS:
         raise InputError(f"--scheme auto: unknown target {target!r}")
+    resolve_float_checkpoint(model, "--scheme auto")  # before a scan's minutes
     grid = dict(TARGET_GRIDS[target])
     kquant = bool(grid.get("kquant"))
     if group_size is not None and (kquant or grid["group_size"] not in (None, group_size)):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder, write_manifest
 from ..formats import TOKENIZER_FILES, artifact_format
 
@@ -90,6 +90,22 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{f}: not a JSON object (got {type(config).__name__})")
     return config
+
+
+def resolve_float_checkpoint(path: str | Path, reader: str) -> Path:
+    """`resolve_checkpoint` for a run that reads float weights (`reader`: quantize, a sensitivity
+    scan): a quantized checkpoint is refused by name, with the source its manifest records (it
+    failed on a missing tensor, or scanned fake-quant weights for minutes)."""
+    p = resolve_checkpoint(path)
+    if is_quantized(p):
+        try:
+            source = json.loads((p / "manifest.json").read_text()).get("source") or {}
+        except (OSError, json.JSONDecodeError):
+            source = {}
+        name = f" ({source['name']})" if isinstance(source, dict) and isinstance(source.get("name"), str) else ""
+        raise InputError(f"{path} is a quantized checkpoint: {reader} reads float weights, those of the "
+                         f"checkpoint it was made from{name}")
+    return p
 
 
 def is_quantized(path: Path) -> bool:

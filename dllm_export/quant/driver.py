@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import CalibrationError, InputError
 from ..models.checks import check_weight
 from ..formats import QUANTIZED_FORMAT, QUANTIZED_VERSION
-from ..models.checkpoint import (open_shards, read_config, resolve_checkpoint, resolve_device, source_record,
+from ..models.checkpoint import (open_shards, read_config, resolve_device, resolve_float_checkpoint, source_record,
                                  tokenizer_files, tokenizer_special_ids, weight_files, write_checkpoint)
 from ..models.loader import build_model
 
@@ -207,7 +207,7 @@ def _prepare(model_path, qcfg: QuantizeConfig, source_model: nn.Module | None, d
 
     if device.type != "cpu" and qcfg.method not in DEVICE_METHODS:
         raise InputError(f"--device {device} runs {', '.join(DEVICE_METHODS)}; {qcfg.method} runs on the CPU")
-    path = resolve_checkpoint(model_path)
+    path = resolve_float_checkpoint(model_path, "quantize")
     config = read_config(path)
     model = build_model(config, dtype=torch.float32, device="meta", added_tokens=tokenizer_special_ids(path))
     spec = model.spec
