@@ -143,6 +143,26 @@ def test_infilling_masks_in_the_prompt(llada):
     assert not (out.ids == m).any()
 
 
+class _PredictsMask(NumpyBackend):
+    """A backend whose first forward ranks the mask token first everywhere, as an untrained model may:
+    the step that commits it leaves its positions masked."""
+
+    def forward(self, ids, attention_mask=None):
+        logits = super().forward(ids, attention_mask)
+        if self.calls == 1:
+            logits[..., self.spec.mask_id] = 100.0
+        return logits
+
+
+@pytest.mark.parametrize("rule", [{"threshold": 0.9}, {"factor": 1.0}])
+def test_parallel_decoding_runs_past_a_step_that_commits_the_mask_id(llada, rule):
+    """Threshold / factor decoding runs a block until it is decoded; a step that writes the mask id
+    back made it need one more step than the schedule, and the loop indexed the schedule's quotas
+    past their end (IndexError). Such a block now takes that step and ends decoded."""
+    out = D.generate(_PredictsMask(llada), PROMPT, gen_length=4, steps=1, block_length=4, **rule)
+    assert (out.generated != llada.spec.mask_id).all() and out.nfe > 1
+
+
 class _NoRows:
     """A torch backend that hides `supports_rows`: the loop then asks for every row's logits."""
 

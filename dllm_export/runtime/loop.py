@@ -267,6 +267,8 @@ def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: 
     # they are decoded as well (identical to the reference when the prompt has none)
     quota = S.get_num_transfer_tokens((x == mask_id) & upto_block, plan.steps_per_block)
     for i in range(plan.max_block_steps):
+        # threshold / factor rules read no quota and may run past the schedule (a committed mask id)
+        q = quota[:, i] if i < quota.shape[1] else None
         eligible = (x == mask_id) & upto_block
         if not bool(eligible.any()):
             break  # nothing left to unmask in this block
@@ -277,10 +279,10 @@ def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: 
         # shape so seeded traces stay those of the references
         cols = eligible.any(0).nonzero().squeeze(1) if plan.greedy else None
         if cols is None:
-            rule(logits, x, eligible, quota[:, i], i)
+            rule(logits, x, eligible, q, i)
         else:
             xs = x[:, cols]
-            rule(logits[:, cols], xs, eligible[:, cols], quota[:, i], i)
+            rule(logits[:, cols], xs, eligible[:, cols], q, i)
             x[:, cols] = xs
         newly = (before & (x != mask_id))[:, P:]
         commit[newly & (commit < 0)] = step_logits.nfe - 1
