@@ -142,7 +142,9 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
         raise InputError(f"target {req.target} cannot carry {req.bits}-bit weights "
                          f"(supported: {', '.join(map(str, allowed))})")
     src = resolve_checkpoint(model)
-    _check_quantized_input(src, req)
+    quantized = is_quantized(src)
+    if quantized:
+        _check_quantized_input(src, req)
     check_output_folder(out)
     extra = dict(req.extra_manifest)
     profile = None
@@ -155,7 +157,7 @@ def plan_export(model: str | Path, out: str | Path, req: ExportRequest) -> Expor
                              f"not --target {req.target}")
         extra["device"] = profile.to_dict()
     plan = RESOLVERS[req.target](req, src, profile, extra)
-    if not is_quantized(src):  # a quantized checkpoint's own grid: `_check_quantized_input`
+    if not quantized:
         _check_ptq_read(plan, req)
     return plan
 
@@ -167,11 +169,9 @@ GRID_OPTIONS = {"bits": "--bits", "scheme": "--scheme", "group_size": "--group-s
 
 def _check_quantized_input(src: Path, req: ExportRequest) -> None:
     """A quantized checkpoint is written as it is: refuse the options that would choose another grid."""
-    from ..models.checkpoint import is_quantized
-
     grid = [flag for name, flag in GRID_OPTIONS.items() if getattr(req, name) is not None]
     grid += ["--method"] * (req.method is not None)
-    if is_quantized(src) and grid:
+    if grid:
         raise InputError(f"{src} is a quantized checkpoint, exported on its own grid: drop {' / '.join(grid)} "
                          f"(to change the grid, quantize the float checkpoint it was made from)")
 
@@ -250,11 +250,11 @@ def _plan_onnx(req: ExportRequest, src: Path, profile, extra: dict) -> ExportPla
     if ocfg.weight_format == "matmulnbits" and req.bits is not None and req.bits not in (*MATMULNBITS_BITS, 16, 32):
         raise InputError(f"--format matmulnbits stores 2, 4 or 8-bit weights, not {req.bits}-bit (use --format qdq)")
     needs_ptq = not quantized_input and not (scheme is None and (req.bits is None or req.bits >= 16))
-    _check_onnx_reads(req, scheme or f"W{req.bits}A16" if needs_ptq else _source_scheme(src) if quantized_input
-                      else None)
-    qcfg = None
     if needs_ptq:
         scheme = scheme or f"W{req.bits}A16"
+    _check_onnx_reads(req, scheme if needs_ptq else _source_scheme(src) if quantized_input else None)
+    qcfg = None
+    if needs_ptq:
         opts = dict(req.quantize_options)
         if req.bits is not None and req.bits < 16:  # with a scheme, `bits` overrides its weight bits
             opts.setdefault("bits", req.bits)
