@@ -6,18 +6,27 @@ InputError naming the field, not a TypeError from deep inside torch halfway thro
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 from .errors import InputError
 
 
 def check_fields(obj, *, ints: tuple[str, ...] = (), reals: tuple[str, ...] = (),
-                 bools: tuple[str, ...] = ()) -> None:
-    """InputError for the first of `obj`'s named attributes (None passes) of another type."""
+                 bools: tuple[str, ...] = (), strs: tuple[str, ...] = (), seqs: tuple[str, ...] = ()) -> None:
+    """InputError for the first of `obj`'s named attributes of another type (`seqs`: a list or
+    tuple). None passes where the field is optional (a dataclass field whose default is None; any
+    field of another object)."""
+    optional = ({f.name for f in dataclasses.fields(obj) if f.default is None} if dataclasses.is_dataclass(obj)
+                else None)
     for names, ok, what in ((ints, lambda v: isinstance(v, numbers.Integral), "an integer"),
                             (reals, lambda v: isinstance(v, numbers.Real), "a number"),
-                            (bools, lambda v: True, "true or false")):
+                            (bools, lambda v: True, "true or false"),
+                            (strs, lambda v: isinstance(v, str), "a name (a string)"),
+                            (seqs, lambda v: isinstance(v, (list, tuple)), "a list")):
         for name in names:
             v = getattr(obj, name)
+            if v is None and optional is not None and name not in optional:  # `temperature=None` failed in math
+                raise InputError(f"{name} must be {what}, got None")
             if v is not None and (isinstance(v, bool) != (what == "true or false") or not ok(v)):
                 raise InputError(f"{name} must be {what}, got {v!r}")

@@ -42,6 +42,8 @@ def probe_writable(folder: Path, name: str) -> None:
 def check_output_folder(out: str | Path) -> Path:
     """`out` as a Path, or InputError when it exists and is not an empty folder, or when no folder
     can be made where it goes (every writer's rule, checked before the work that fills it)."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise InputError(f"an output folder is a path, got {out!r:.60}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output folder {out} is an existing file")

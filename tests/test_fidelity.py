@@ -95,6 +95,10 @@ def test_bad_configs():
     with pytest.raises(InputError, match="mask ratio"):
         FidelityConfig.parse_ratios("0.5,half")
     assert FidelityConfig.parse_ratios("0.15, decode") == (0.15, DECODE)
+    with pytest.raises(InputError, match="ratios must be a list, got None"):  # 'NoneType' is not iterable
+        FidelityConfig(ratios=None)
+    with pytest.raises(InputError, match="windows must be an integer, got '8'"):
+        FidelityConfig(windows="8")
 
 
 # ---- intervals -------------------------------------------------------------------------------------

@@ -149,6 +149,78 @@ def test_an_export_plan_reads_every_option_given(ckpt, qart, tmp_path_factory, d
         assert grid == target_opts["quant"], (grid, target_opts["quant"])
 
 
+def _config_classes():
+    from dllm_export.eval.fidelity import FidelityConfig
+    from dllm_export.exporter.onnx import OnnxExportConfig
+    from dllm_export.quant import CalibConfig, QuantizeConfig
+
+    return [QuantizeConfig, CalibConfig, FidelityConfig, OnnxExportConfig]
+
+
+API_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True, width=32),
+                       st.text(max_size=4), st.sampled_from([[1], (2,), {"a": 1}, b"x", "rtn", "W4A16", "int", "qdq"]))
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+def test_config_constructors_take_any_value(cls):
+    """The Python API's config objects, given any mix of field values (the wrong type, None where a
+    value is required, a number where a list goes), construct or raise a DllmExportError naming the
+    field: never a TypeError or AttributeError from inside (`percdamp=None`, `layer_bits=8`)."""
+    import dataclasses
+
+    from dllm_export import DllmExportError
+
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @fuzz(150)
+    @given(kwargs=st.fixed_dictionaries({}, optional={n: API_VALUES for n in names}))
+    def one(kwargs):
+        try:
+            cls(**kwargs)
+        except DllmExportError as e:
+            assert "\n" not in str(e)
+
+    one()
+
+
+@fuzz(150)
+@given(data=st.data())
+def test_export_requests_take_any_value(ckpt, tmp_path_factory, data):
+    """An `ExportRequest` of any field values (`export()`'s arguments) plans or raises a
+    DllmExportError naming the field (`target=[1]`, `quantize_options=None`, an unknown option)."""
+    import dataclasses
+
+    from dllm_export import DllmExportError
+    from dllm_export.exporter import ExportRequest, plan_export
+
+    values = st.one_of(API_VALUES, st.sampled_from(["onnx", "gguf", "Q4_0", "x86-avx2", {"foo": 1}, {"bits": 4}]))
+    kwargs = data.draw(st.fixed_dictionaries({}, optional={f.name: values for f in dataclasses.fields(ExportRequest)}))
+    try:
+        plan_export(ckpt, tmp_path_factory.getbasetemp() / "never", ExportRequest(**kwargs))
+    except DllmExportError as e:
+        assert "\n" not in str(e)
+
+
+GENERATE_FIELDS = ("gen_length", "steps", "block_length", "sampler", "temperature", "cfg_scale", "top_k", "top_p",
+                   "alg_temp", "eps", "threshold", "seed", "cache", "refresh", "refresh_tokens", "factor", "stop_at_eos")
+
+
+@fuzz(150)
+@given(kwargs=st.fixed_dictionaries({}, optional={n: st.one_of(API_VALUES, st.integers(1, 16),
+                                                                st.sampled_from(["dual", "low_confidence", "entropy"]))
+                                                  for n in GENERATE_FIELDS}),
+       prompt=st.sampled_from([[[5, 9, 33]], [5, 9], [], [[-1]], "hi", [[5.0]]]))
+def test_generate_takes_any_value(ckpt, kwargs, prompt):
+    """`generate` from the Python API with any mix of argument values decodes or raises a
+    DllmExportError naming the argument (`temperature=None` was a TypeError from math.isfinite)."""
+    from dllm_export import DllmExportError, generate, load_model
+
+    try:
+        generate(load_model(ckpt), prompt, **{"gen_length": 8, **kwargs})
+    except DllmExportError as e:
+        assert "\n" not in str(e)
+
+
 def _mutate(data, tree):
     """A copy of JSON `tree` with one value somewhere inside replaced (or its key deleted)."""
     tree = json.loads(json.dumps(tree))

@@ -267,6 +267,9 @@ def test_bad_attention_masks_raise_clear_errors(llada, mask, message):
     (dict(temperature="0.5"), "temperature must be a number"),
     (dict(eps=-1.0), r"eps must lie in \(0, 1\)"),
     (dict(eps=float("nan")), r"eps must lie in \(0, 1\)"),
+    (dict(temperature=None), "temperature must be a number, got None"),  # a TypeError from math.isfinite
+    (dict(gen_length=None), "gen_length must be an integer, got None"),
+    (dict(eps=None), "eps must be a number, got None"),
     (dict(block_length=1, steps=3, threshold=0.9), "steps 3 is fewer than the number of blocks 8"),
     (dict(block_length=1, steps=3, factor=1.0), "steps 3 is fewer than the number of blocks 8"),
 ])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import dllm_export as D
 from dllm_export.models.factory import make_random_checkpoint
+from dllm_export.quant import quantize
 
 from .conftest import GOLDEN
 
@@ -154,6 +156,21 @@ def test_write_checkpoint_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         make_random_checkpoint(tmp_path / "m", vocab_size=128)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: D.load_model(5), "a model is a folder path or a bundled name (default, default-dream), got 5"),
+    (lambda: D.load_backend(None), "a model is a folder path or a bundled name"),
+    (lambda: D.load_tokenizer(["default"]), "a model is a folder path or a bundled name"),
+    (lambda: D.export(None, "unused"), "a model is a folder path or a bundled name"),
+    (lambda: D.export("default", None), "an output folder is a path, got None"),
+    (lambda: quantize("default", "unused", "gptq"), "qcfg must be a QuantizeConfig, got str"),
+])
+def test_api_arguments_of_the_wrong_kind(call, message):
+    """A path or config argument of the wrong kind is an InputError naming it (it was a TypeError
+    from pathlib, or an AttributeError from inside the quantizer)."""
+    with pytest.raises(D.InputError, match=re.escape(message)):
+        call()
 
 
 def test_a_folder_filled_meanwhile_by_another_run_is_kept(tmp_path):

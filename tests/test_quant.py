@@ -537,6 +537,12 @@ def test_options_the_method_reads_are_taken(kwargs):
     (dict(sym="no"), "sym must be true or false, got 'no'"),  # was taken as True
     (dict(calib={"n_samples": 2}), "calib must be a CalibConfig, got dict"),
     (dict(calib=CalibConfig(n_samples=2, seq_len=32), seed=1.5), "seed must be an integer"),
+    # found by fuzzing the constructors: a TypeError / AttributeError from inside before
+    (dict(percdamp=None), "percdamp must be a number, got None"),  # None passes only where it is the default
+    (dict(scheme=None), "scheme must be a name (a string), got None"),
+    (dict(method=4), "method must be a name (a string), got 4"),
+    (dict(layer_bits=8), "layer_bits maps layer names to bits (a dict, or (name, bits) pairs), got 8"),
+    (dict(layer_bits="uniform"), "layer_bits maps layer names to bits"),
     # settings the run would drop without a word (the same bytes as without them)
     (dict(method="rtn", act_sym=True), "act_sym sets the activation grid; scheme W4A16 quantizes no activations"),
     (dict(method="awq", sym=True, zero_kind="float"), "zero_kind float sets an asymmetric grid's zero point"),
@@ -553,6 +559,10 @@ def test_quantize_config_types_and_ranges(kwargs, message):
     (dict(max_prefix=float("nan")), "max_prefix must lie in [0, 1], got nan"),
     (dict(n_samples=2.5), "n_samples must be an integer, got 2.5"),
     (dict(seq_len="32"), "seq_len must be an integer"),
+    (dict(decode_ratios=None), "decode_ratios must be a list, got None"),
+    (dict(decode_ratios=0.5), "decode_ratios must be a list, got 0.5"),
+    (dict(decode_ratios=["a"]), "decode mask ratios must be numbers, got ['a']"),
+    (dict(mask=None), "mask must be a name (a string), got None"),
 ])
 def test_calib_config_types_and_ranges(kwargs, message):
     with pytest.raises(D.InputError, match=re.escape(message)):

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_fields
 from ..errors import InputError
 from ..quant.calibrate import decode_canvas_masks, stratified_quantiles
 from ..runtime.backends import as_backend
@@ -67,6 +68,8 @@ class FidelityConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self, ints=("windows", "window", "gen_length", "block_length", "decode_prompts", "batch", "seed"),
+                     bools=("elbo",), seqs=("ratios",))
         for r in self.ratios:
             if r != DECODE and not (isinstance(r, (int, float)) and 0 < r <= 1):
                 raise InputError(f"fidelity mask ratio must lie in (0, 1] or be 'decode', got {r!r}")

@@ -52,6 +52,21 @@ class ExportRequest:
     quantize_options: dict = field(default_factory=dict)
     extra_manifest: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        import dataclasses
+
+        from ..checks import check_fields
+        from ..quant import QuantizeConfig
+
+        check_fields(self, ints=("bits", "group_size", "accuracy_level"),
+                     strs=("target", "method", "scheme", "weight_format", "act_kernel", "quant", "device", "embed_head"))
+        for name in ("quantize_options", "extra_manifest"):
+            if not isinstance(getattr(self, name), dict):
+                raise InputError(f"{name} must be a dict, got {getattr(self, name)!r:.60}")
+        unknown = sorted(set(self.quantize_options) - {f.name for f in dataclasses.fields(QuantizeConfig)})
+        if unknown:  # QuantizeConfig(**options) would fail with a TypeError after the plan
+            raise InputError(f"unknown quantize option(s) {', '.join(map(str, unknown))} (see quant.QuantizeConfig)")
+
 
 @dataclass(frozen=True)
 class ExportPlan:
@@ -113,7 +128,8 @@ def export(model: str | Path, out: str | Path, *, target: str = "onnx", bits: in
     req = ExportRequest(target=target, bits=bits, method=method, scheme=scheme, group_size=group_size,
                         weight_format=weight_format, accuracy_level=accuracy_level, act_kernel=act_kernel,
                         quant=quant, device=device, embed_head=embed_head,
-                        quantize_options=dict(quantize_options or {}), extra_manifest=dict(extra_manifest or {}))
+                        quantize_options={} if quantize_options is None else quantize_options,
+                        extra_manifest={} if extra_manifest is None else extra_manifest)
     plan = plan_export(model, out, req)
     return run_plan(plan, Path(out), progress=progress)
 

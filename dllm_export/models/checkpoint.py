@@ -31,8 +31,15 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 BUNDLED = {"default": "llada-default", "default-dream": "dream-default"}
 
 
+def check_model_arg(path) -> None:
+    """InputError unless `path` can name a model: a path (str / os.PathLike) or a bundled name."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"a model is a folder path or a bundled name ({', '.join(BUNDLED)}), got {path!r:.60}")
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """Map `default` / `default-dream` to the bundled checkpoints; check that a folder exists."""
+    check_model_arg(path)
     if str(path) in BUNDLED:
         p = Path(__file__).resolve().parent.parent / "assets" / BUNDLED[str(path)]
         if not (p / "config.json").is_file():
@@ -50,6 +57,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """`resolve_model_path` for a checkpoint whose weights are read (float or quantized): an
     exported ONNX / GGUF artifact is refused by name (its manifest used to be read as a quantized
     checkpoint's)."""
+    check_model_arg(path)
     fmt = artifact_format(path) if str(path) not in BUNDLED and Path(path).exists() else None
     if fmt is not None:
         kind = {"onnx": "an ONNX", "gguf": "a GGUF"}[fmt]

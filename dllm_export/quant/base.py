@@ -87,7 +87,8 @@ class QuantizeConfig:
     def __post_init__(self):
         check_fields(self, ints=("bits", "group_size", "block_size", "batch_size", "seed"),
                      reals=("percdamp", "alpha", "avg_bits"),
-                     bools=("sym", "mse_clip", "act_order", "act_sym", "mix_embed_head", "progressive"))
+                     bools=("sym", "mse_clip", "act_order", "act_sym", "mix_embed_head", "progressive"),
+                     strs=("method", "scheme", "zero_kind", "weight_method", "act_granularity", "kquant"))
         if not isinstance(self.calib, CalibConfig):
             raise InputError(f"calib must be a CalibConfig, got {type(self.calib).__name__}")
         if self.batch_size < 1 or self.block_size < 1:
@@ -118,7 +119,10 @@ class QuantizeConfig:
                              f"symmetric (no zero point)")
         from .mixed import option_key, parse_option
 
-        pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
+        pairs = list(self.layer_bits.items()) if isinstance(self.layer_bits, dict) else self.layer_bits
+        if not isinstance(pairs, (list, tuple)) or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in pairs):
+            raise InputError(f"layer_bits maps layer names to bits (a dict, or (name, bits) pairs), "
+                             f"got {self.layer_bits!r:.60}")
         # JSON lists -> pairs; each layer's option canonical: bits, or "{bits}g{group}" (mixed.parse_option)
         object.__setattr__(self, "layer_bits", tuple((str(n), option_key(*parse_option(b))) for n, b in pairs))
         if self.layer_bits:

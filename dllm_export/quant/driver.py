@@ -175,6 +175,8 @@ def quantize_checkpoint(model_path: str | Path, out_dir: str | Path, qcfg: Quant
     Returns:
         the output folder, holding safetensors, config.json, tokenizer files and manifest.json.
     """
+    if not isinstance(qcfg, QuantizeConfig):
+        raise InputError(f"qcfg must be a QuantizeConfig, got {type(qcfg).__name__}")
     run = _prepare(model_path, qcfg, source_model, resolve_device(device))
     # 1 GiB shards: finished blocks leave memory as soon as their shard is written
     return write_checkpoint(out_dir, run.config, _stream(run, progress), dtype=None,

@@ -191,8 +191,9 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = 
     from ..errors import InputError
     from ..fileio import MANIFEST, check_files
     from ..formats import artifact_folder
-    from ..models.checkpoint import BUNDLED
+    from ..models.checkpoint import BUNDLED, check_model_arg
 
+    check_model_arg(path)
     p = Path(path)
     folder = Path(artifact_folder(p))
     if str(path) not in BUNDLED and (folder / MANIFEST).is_file():
