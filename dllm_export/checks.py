@@ -13,17 +13,21 @@ from .errors import InputError
 
 
 def check_fields(obj, *, ints: tuple[str, ...] = (), reals: tuple[str, ...] = (),
-                 bools: tuple[str, ...] = (), strs: tuple[str, ...] = (), seqs: tuple[str, ...] = ()) -> None:
+                 bools: tuple[str, ...] = (), strs: tuple[str, ...] = (), seqs: tuple[str, ...] = (),
+                 int_seqs: tuple[str, ...] = ()) -> None:
     """InputError for the first of `obj`'s named attributes of another type (`seqs`: a list or
-    tuple). None passes where the field is optional (a dataclass field whose default is None; any
-    field of another object)."""
+    tuple; `int_seqs`: one of integers). None passes where the field is optional (a dataclass field
+    whose default is None; any field of another object)."""
     optional = ({f.name for f in dataclasses.fields(obj) if f.default is None} if dataclasses.is_dataclass(obj)
                 else None)
     for names, ok, what in ((ints, lambda v: isinstance(v, numbers.Integral), "an integer"),
                             (reals, lambda v: isinstance(v, numbers.Real), "a number"),
                             (bools, lambda v: True, "true or false"),
                             (strs, lambda v: isinstance(v, str), "a name (a string)"),
-                            (seqs, lambda v: isinstance(v, (list, tuple)), "a list")):
+                            (seqs, lambda v: isinstance(v, (list, tuple)), "a list"),
+                            (int_seqs, lambda v: isinstance(v, (list, tuple)) and all(
+                                isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v),
+                             "a list of integers")):
         for name in names:
             v = getattr(obj, name)
             if v is None and optional is not None and name not in optional:  # `temperature=None` failed in math

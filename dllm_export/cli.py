@@ -145,18 +145,14 @@ def _at_least(lo: int, kind: type = int):
     return convert
 
 
-# more threads than this per CPU only slow a decode down; 100000 would exhaust the process table
-THREADS_PER_CPU = 8
-
-
 def _threads(text: str) -> int:
-    """An argparse `type` for --threads: 0 (one per physical core) up to THREADS_PER_CPU per CPU."""
-    n = _at_least(0)(text)
-    cpus = os.cpu_count() or 1
-    if n > THREADS_PER_CPU * cpus:
-        raise argparse.ArgumentTypeError(f"{n} threads on {cpus} CPUs: at most {THREADS_PER_CPU * cpus} "
-                                         f"({THREADS_PER_CPU} per CPU)")
-    return n
+    """An argparse `type` for --threads: `targets.check_threads` of an integer."""
+    from .targets import check_threads
+
+    try:
+        return check_threads(_at_least(0)(text))
+    except DllmExportError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_list(text: str) -> tuple[int, ...]:

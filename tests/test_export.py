@@ -130,6 +130,16 @@ def test_info_on_an_artifact_reads_its_manifest(w8_onnx, capsys):
     assert info["kind"] == "onnx" and info["scheme"] == "W8A16" and info["files"]["model.onnx"] > 0
 
 
+def test_backend_options_are_the_runtimes_own(w8_onnx):
+    """An option of another runtime is named with the ones this backend takes (llama.cpp's
+    max_tokens given to onnxruntime raised a TypeError from its constructor)."""
+    from dllm_export import InputError, load_backend
+
+    with pytest.raises(InputError, match="backend option.s. max_tokens: the onnxruntime backend takes accuracy_level, "
+                                         "optimize, providers, spinning"):
+        load_backend(w8_onnx, max_tokens=64)
+
+
 def test_an_artifact_is_not_a_checkpoint(w8_onnx, tmp_path):
     """Exporting or quantizing an artifact read its manifest as a quantized checkpoint's ("is not a
     dllm-export quantized manifest"); now it is named for what it is."""

@@ -150,11 +150,20 @@ def test_an_export_plan_reads_every_option_given(ckpt, qart, tmp_path_factory, d
 
 
 def _config_classes():
+    from dllm_export.bench import BenchConfig
     from dllm_export.eval.fidelity import FidelityConfig
+    from dllm_export.eval.outliers import OutlierConfig
+    from dllm_export.eval.report import ReportConfig
+    from dllm_export.eval.sensitivity import SensitivityConfig
+    from dllm_export.exporter.gguf import GgufExportConfig
     from dllm_export.exporter.onnx import OnnxExportConfig
     from dllm_export.quant import CalibConfig, QuantizeConfig
+    from dllm_export.quant.duquant import DuQuantConfig
+    from dllm_export.quant.primitives import ActQuantConfig, WeightQuantConfig
+    from dllm_export.serve.app import ServeConfig
 
-    return [QuantizeConfig, CalibConfig, FidelityConfig, OnnxExportConfig]
+    return [QuantizeConfig, CalibConfig, FidelityConfig, OnnxExportConfig, GgufExportConfig, WeightQuantConfig,
+            ActQuantConfig, DuQuantConfig, SensitivityConfig, OutlierConfig, ReportConfig, BenchConfig, ServeConfig]
 
 
 API_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True, width=32),

@@ -244,6 +244,11 @@ def test_bad_prompts_raise_clear_errors(llada, prompt, message):
             D.infill(llada, prompt)
 
 
+def test_infill_check_must_be_a_function(llada):
+    with pytest.raises(D.InputError, match="check must be a function or None, got 5"):
+        D.infill(llada, [[5, llada.spec.mask_id]], check=5)
+
+
 @pytest.mark.parametrize("mask,message", [
     (torch.full((1, 3), 0.5), "values other than 0 and 1"),  # .long() made it 0: the whole prompt masked
     (torch.full((1, 3), 2), "values other than 0 and 1"),
@@ -268,6 +273,7 @@ def test_bad_attention_masks_raise_clear_errors(llada, mask, message):
     (dict(eps=-1.0), r"eps must lie in \(0, 1\)"),
     (dict(eps=float("nan")), r"eps must lie in \(0, 1\)"),
     (dict(temperature=None), "temperature must be a number, got None"),  # a TypeError from math.isfinite
+    (dict(callback=5), "callback must be a function or None, got 5"),  # "'int' object is not callable" mid-loop
     (dict(gen_length=None), "gen_length must be an integer, got None"),
     (dict(eps=None), "eps must be a number, got None"),
     (dict(block_length=1, steps=3, threshold=0.9), "steps 3 is fewer than the number of blocks 8"),

@@ -165,6 +165,11 @@ def test_write_checkpoint_is_atomic(tmp_path, monkeypatch):
     (lambda: D.export(None, "unused"), "a model is a folder path or a bundled name"),
     (lambda: D.export("default", None), "an output folder is a path, got None"),
     (lambda: quantize("default", "unused", "gptq"), "qcfg must be a QuantizeConfig, got str"),
+    # load_backend: threads a runtime can take, options the backend reads (torch dropped them silently;
+    # llama.cpp's constructor raised a TypeError on a string thread count or an unknown option)
+    (lambda: D.load_backend("default", threads="2"), "threads must be an integer >= 0 (0: one per physical core)"),
+    (lambda: D.load_backend("default", threads=10**6), "1000000 threads on"),
+    (lambda: D.load_backend("default", max_tokens=512), "backend option(s) max_tokens: the torch backend takes none"),
 ])
 def test_api_arguments_of_the_wrong_kind(call, message):
     """A path or config argument of the wrong kind is an InputError naming it (it was a TypeError

@@ -25,6 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..checks import check_fields
 from ..errors import DllmExportError, InputError
 from ..executors import Cell, Executor, LocalExecutor
 from ..fileio import atomic_file, check_output_folder, probe_writable
@@ -58,6 +59,7 @@ class ReportConfig:
         from .fidelity import FidelityConfig
         from .tasks import TASKS, check_items
 
+        check_fields(self, ints=("items", "calib_samples", "calib_seq_len", "fidelity_windows"), bools=("fidelity",))
         for name in ("models", "methods", "schemes", "tasks", "calib_masks"):
             object.__setattr__(self, name, _names(name, getattr(self, name)))
         # canonical scheme names: cell keys and the bits read from them (plots, findings) need "W4A16", not "w4a16"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_fields
 from ..errors import InputError
 from ..quant.base import QuantizeConfig, round_weight
 from ..quant.calibrate import CalibConfig, calibration_ids
@@ -64,6 +65,11 @@ class SensitivityConfig:
     kquant: bool = False
 
     def __post_init__(self):
+        check_fields(self, ints=("group_size",), bools=("sym", "embed_head", "kquant"), strs=("granularity", "method"),
+                     int_seqs=("bits", "group_sizes"))
+        for name, cls in (("calib", CalibConfig), ("fidelity", FidelityConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise InputError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))  # JSON lists -> tuple
         if self.kquant and (self.group_size is not None or self.sym is not None or 7 in self.bits or self.group_sizes):
             raise InputError("the K-quant family fixes groups and symmetry, and has 2, 3, 4, 5, 6 and 8-bit types")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checks import check_fields
 from ..errors import InputError
 from .base import (GROUPS, QuantMethod, calibrate_static_acts, collect_inputs, input_sample,
                    install_qlinear, linear_names, output_rel_err, register_method, sequential_quantize)
@@ -75,6 +76,7 @@ class DuQuantConfig:
     rotation_inputs: str = "mean"
 
     def __post_init__(self):
+        check_fields(self, ints=("block_size", "max_steps"), reals=("weight_clip", "act_clip"), strs=("rotation_inputs",))
         if self.block_size < MIN_BLOCK:
             raise InputError(f"DuQuant block size must be >= {MIN_BLOCK}, got {self.block_size}")
         if self.max_steps < 0:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..checks import check_fields
 from ..errors import InputError
 
 
@@ -55,6 +56,8 @@ class WeightQuantConfig:
     progressive: bool = False
 
     def __post_init__(self):
+        check_fields(self, ints=("bits", "group_size", "super_group", "scale_bits"), bools=("sym", "progressive"),
+                     strs=("zero_kind",))
         if not 2 <= self.bits <= 8:
             raise InputError(f"weight bits must lie in 2..8, got {self.bits}")
         if self.group_size < 0:
@@ -377,6 +380,7 @@ class ActQuantConfig:
     clip: float = 1.0
 
     def __post_init__(self):
+        check_fields(self, ints=("bits",), reals=("clip",), bools=("sym",), strs=("granularity",))
         if not 2 <= self.bits <= 16:
             raise InputError(f"activation bits must lie in 2..16, got {self.bits}")
         if self.granularity not in ("per_token", "per_tensor"):

@@ -175,6 +175,21 @@ def backend_kind(path, backend: str = "auto") -> str:
     return {"onnx": "onnxruntime", "gguf": "llama.cpp"}.get(artifact_format(path), "torch")
 
 
+def _options_of(cls, options: dict) -> dict:
+    """`options` if `cls` takes each by name (its constructor's keywords but the path and threads);
+    else InputError naming the strays (a TypeError from the constructor, or dropped by torch)."""
+    import inspect
+
+    from ..errors import InputError
+
+    known = set() if cls is TorchBackend else set(inspect.signature(cls).parameters) - {"path", "threads"}
+    stray = sorted(set(options) - known)
+    if stray:
+        takes = f"takes {', '.join(sorted(known))}" if known else "takes none"
+        raise InputError(f"backend option(s) {', '.join(stray)}: the {cls.name} backend {takes}")
+    return options
+
+
 def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = None, threads: int = 0,
                  device: str = "cpu", kernel: str = "fake", **options) -> Backend:
     """Open a model for the loop by what `path` holds: an ONNX artifact folder (model.onnx) runs on
@@ -192,8 +207,10 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = 
     from ..fileio import MANIFEST, check_files
     from ..formats import artifact_folder
     from ..models.checkpoint import BUNDLED, check_model_arg
+    from ..targets import check_threads
 
     check_model_arg(path)
+    check_threads(threads)
     p = Path(path)
     folder = Path(artifact_folder(p))
     if str(path) not in BUNDLED and (folder / MANIFEST).is_file():
@@ -205,11 +222,12 @@ def load_backend(path, backend: str = "auto", dtype: torch.dtype | str | None = 
     if kind == "llama.cpp":
         from .llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(p, threads=threads, **options)
+        return LlamaCppBackend(p, threads=threads, **_options_of(LlamaCppBackend, options))
     if kind == "onnxruntime":
         from .ort import OrtBackend
 
-        return OrtBackend(p, threads=threads, **options)
+        return OrtBackend(p, threads=threads, **_options_of(OrtBackend, options))
+    _options_of(TorchBackend, options)
     from ..quant.kernels import check_kernel
     from ..targets import has_bf16
 

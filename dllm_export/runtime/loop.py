@@ -201,6 +201,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     Raises:
         InputError: bad schedule, unknown sampler, ids out of the vocabulary, context overflow.
     """
+    _check_callables(callback=callback, on_canvas=on_canvas)
     backend: Backend = as_backend(model_or_backend)
     spec = backend.spec
     plan = Plan.resolve(spec, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
@@ -408,6 +409,13 @@ class Plan:
         return asdict(self)
 
 
+def _check_callables(**hooks) -> None:
+    """InputError naming a hook argument that is neither None nor callable (a TypeError mid-loop)."""
+    for name, hook in hooks.items():
+        if hook is not None and not callable(hook):
+            raise InputError(f"{name} must be a function or None, got {hook!r:.40}")
+
+
 def _check_prompt(prompt: torch.Tensor, gen_length: int, backend) -> None:
     P = prompt.shape[1]
     if P + gen_length > backend.max_length:
@@ -603,6 +611,7 @@ def infill(model_or_backend, ids, *, check: Callable[[int, int], bool] | None = 
     and None is returned (LLaDA's harness uses this to test whether a continuation is greedy).
     Returns the filled ids.
     """
+    _check_callables(check=check)
     backend: Backend = as_backend(model_or_backend)
     spec = backend.spec
     x, _ = prepare_prompt(ids, spec.pad_id)  # integer ids, [1, L] or [L]

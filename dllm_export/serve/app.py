@@ -53,8 +53,11 @@ class ServeConfig:
     graceful_timeout: float = 30.0
 
     def __post_init__(self):
+        from ..checks import check_fields
         from ..errors import InputError
 
+        check_fields(self, ints=("port", "max_batch", "max_queue", "max_body_bytes"),
+                     reals=("batch_wait", "timeout", "graceful_timeout"), strs=("host", "api_key"))
         if not 0 <= self.port <= 65535:
             raise InputError(f"port must lie in 0..65535 (0: a free one), got {self.port}")
         for name in ("max_batch", "max_queue", "max_body_bytes"):
