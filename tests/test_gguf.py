@@ -273,7 +273,8 @@ def test_backend_threads_default_to_the_cores(threads, f32_exports, monkeypatch)
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(scheme="W8A8"), "GGUF carries weight-only schemes"),
-    (dict(scheme="W2A16"), "GGUF block types carry 4, 5 or 8-bit weights, not W2A16's 2"),  # it said "quantizes activations"
+    # a weight-only scheme of another width: it said "quantizes activations"
+    (dict(scheme="W2A16"), "GGUF block types carry 4, 5 or 8-bit weights, not W2A16's 2"),
     (dict(quant="Q4_0", group_size=64), "groups of 32"),
     (dict(bits=3), "cannot carry 3-bit"),
     (dict(quant="Q4_0", bits=8), "stores 4-bit weights, not 8-bit"),

@@ -386,7 +386,8 @@ def test_fuzzed_schedules_decode_alike_on_torch_and_onnxruntime(tiny_dirs, float
                       prompts=st.lists(st.lists(st.integers(10, 60), min_size=1, max_size=6), min_size=1, max_size=3),
                       sampler=st.sampled_from([None, "low_confidence", "maskgit_plus", "topk_margin", "entropy",
                                                "origin", "random"]),
-                      threshold=st.sampled_from([None, None, 0.3, 0.9]), cache=st.sampled_from(["none", "prefix", "dual"]),
+                      threshold=st.sampled_from([None, None, 0.3, 0.9]),
+                      cache=st.sampled_from(["none", "prefix", "dual"]),
                       refresh_tokens=st.sampled_from([None, None, 1, 3]), stop_at_eos=st.booleans(),
                       cfg_scale=st.sampled_from([0.0, 0.0, 1.0]), temperature=st.sampled_from([0.0, 0.0, 0.7]))
     def one(name, blocks, block, per_block, prompts, sampler, threshold, cache, refresh_tokens, **kw):

@@ -123,7 +123,8 @@ def test_runs_that_read_float_weights_refuse_a_quantized_checkpoint(tiny_q, cali
     import dllm_export.eval.sensitivity as sensitivity
     from dllm_export.cli import main
 
-    q = quantize(tiny_q["llada"], tmp_path / "q", QuantizeConfig(method="rtn", calib=_calib(calib_file)), progress=False)
+    q = quantize(tiny_q["llada"], tmp_path / "q", QuantizeConfig(method="rtn", calib=_calib(calib_file)),
+                 progress=False)
     monkeypatch.setattr(sensitivity, "sensitivity_scan", lambda *a, **k: pytest.fail("scanned a quantized model"))
     message = f"{q} is a quantized checkpoint: {reader} reads float weights, those of the checkpoint it was made from"
     out = tmp_path / "out"

@@ -637,7 +637,8 @@ FUZZ_FIELDS = {
     "threshold": [0.9, 0, 1.5, float("inf"), None], "factor": [1.0, -1, None], "cache": ["dual", "prefix", "x", None],
     "refresh": [1, 0, None], "refresh_tokens": [2, -3, None], "preset": ["edge", "reference", "fast", None],
     "stop_at_eos": [True, 1, None], "cfg_scale": [0, 1.5, -2, None], "top_k": [5, 0, None], "alg_temp": [0.1, -1, None],
-    "canvas": [True, None], "stream_options": [{"include_usage": True}, {"x": 1}, None], "logit_bias": [{"5": 1.0}, None],
+    "canvas": [True, None], "stream_options": [{"include_usage": True}, {"x": 1}, None],
+    "logit_bias": [{"5": 1.0}, None],
     "presence_penalty": [0, 1, None], "model": ["default", "other", 7, None], "user": ["u", None], "bogus": [1],
 }
 

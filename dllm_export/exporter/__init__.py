@@ -59,7 +59,8 @@ class ExportRequest:
         from ..quant import QuantizeConfig
 
         check_fields(self, ints=("bits", "group_size", "accuracy_level"),
-                     strs=("target", "method", "scheme", "weight_format", "act_kernel", "quant", "device", "embed_head"))
+                     strs=("target", "method", "scheme", "weight_format", "act_kernel", "quant", "device",
+                           "embed_head"))
         for name in ("quantize_options", "extra_manifest"):
             if not isinstance(getattr(self, name), dict):
                 raise InputError(f"{name} must be a dict, got {getattr(self, name)!r:.60}")

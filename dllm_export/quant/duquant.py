@@ -76,7 +76,8 @@ class DuQuantConfig:
     rotation_inputs: str = "mean"
 
     def __post_init__(self):
-        check_fields(self, ints=("block_size", "max_steps"), reals=("weight_clip", "act_clip"), strs=("rotation_inputs",))
+        check_fields(self, ints=("block_size", "max_steps"), reals=("weight_clip", "act_clip"),
+                     strs=("rotation_inputs",))
         if self.block_size < MIN_BLOCK:
             raise InputError(f"DuQuant block size must be >= {MIN_BLOCK}, got {self.block_size}")
         if self.max_steps < 0:
