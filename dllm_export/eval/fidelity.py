@@ -71,7 +71,7 @@ class FidelityConfig:
         check_fields(self, ints=("windows", "window", "gen_length", "block_length", "decode_prompts", "batch", "seed"),
                      bools=("elbo",), seqs=("ratios",))
         for r in self.ratios:
-            if r != DECODE and not (isinstance(r, (int, float)) and 0 < r <= 1):
+            if r != DECODE and not (isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1):
                 raise InputError(f"fidelity mask ratio must lie in (0, 1] or be 'decode', got {r!r}")
         if not self.ratios:
             raise InputError("fidelity needs at least one mask ratio")

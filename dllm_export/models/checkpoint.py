@@ -107,9 +107,10 @@ def resolve_float_checkpoint(path: str | Path, reader: str) -> Path:
     p = resolve_checkpoint(path)
     if is_quantized(p):
         try:
-            source = json.loads((p / "manifest.json").read_text()).get("source") or {}
-        except (OSError, json.JSONDecodeError):
-            source = {}
+            manifest = json.loads((p / "manifest.json").read_text())
+        except (OSError, ValueError):  # unreadable or not JSON: the refusal stands, without the name
+            manifest = {}
+        source = manifest.get("source") if isinstance(manifest, dict) else None
         name = f" ({source['name']})" if isinstance(source, dict) and isinstance(source.get("name"), str) else ""
         raise InputError(f"{path} is a quantized checkpoint: {reader} reads float weights, those of the "
                          f"checkpoint it was made from{name}")
