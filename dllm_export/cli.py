@@ -732,16 +732,28 @@ def _fidelity_reference(model: str, reference: str | None) -> str:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     from . import load_tokenizer
-    from .eval.tasks import run_task
+    from .eval.fidelity import FidelityConfig, fidelity, to_markdown
+    from .eval.tasks import TASKS, check_items, run_task
+    from .fileio import atomic_file, check_output_file
+    from .models.checkpoint import resolve_model_path
     from .runtime.backends import load_backend
 
     tasks = args.tasks or ("" if args.fidelity else "docstring_cloze,arithmetic,line_infill")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names and not args.fidelity:
         raise DllmExportError(f"--tasks names no task (got {args.tasks!r})")
+    # everything a later step would refuse, before the first task's minutes
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise DllmExportError(f"unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
+    check_items(args.items)
+    if args.json_out:
+        check_output_file(args.json_out)
+    if args.fidelity:
+        cfg = FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios), windows=args.windows, seed=args.seed)
+        ref = _fidelity_reference(args.model, args.reference)
+        resolve_model_path(ref)  # a reference that is not there: now, not after the tasks
     be = load_backend(args.model)
     tok = load_tokenizer(args.model)
     results = [run_task(be, tok, t, args.items, seed=args.seed) for t in names]
@@ -750,16 +762,13 @@ def cmd_eval(args) -> int:
               f"({r['n']} items)")
     out = {"model": str(args.model), "backend": be.name, "results": results}
     if args.fidelity:
-        from .eval.fidelity import FidelityConfig, fidelity, to_markdown
-
-        cfg = FidelityConfig(ratios=FidelityConfig.parse_ratios(args.ratios), windows=args.windows, seed=args.seed)
-        ref = _fidelity_reference(args.model, args.reference)
         out["reference"] = str(ref)
         out["fidelity"] = fidelity(be, load_backend(ref), tok, cfg)
         print(f"fidelity of {args.model} against {ref}:")
         print(to_markdown(out["fidelity"]), end="")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+        with atomic_file(args.json_out) as tmp:
+            tmp.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -266,3 +266,21 @@ def test_more_bad_input_is_one_line(tiny_dirs, capsys, args, message):
     rc = main([a.format(llada=tiny_dirs["llada"], dream=tiny_dirs["dream"]) for a in args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "arithmetic,bogus"], "unknown task 'bogus'"),  # after arithmetic had run
+    (["--json", "{tmp}"], "is a folder, expected a file name"),  # "Is a directory", exit 1, after the tasks
+    (["--json", "/proc/x/r.json"], "cannot write /proc/x/r.json"),
+    (["--fidelity", "--reference", "{tmp}/missing"], "model folder not found"),
+    (["--items", "0"], "items per task must be >= 1"),
+])
+def test_eval_refuses_before_any_task_runs(tiny_dirs, tmp_path, capsys, monkeypatch, args, message):
+    """`eval` checks its tasks, output file and fidelity reference before the first task's minutes
+    (found by fuzzing its flags: a bad --json path failed with exit 1 after every task had run)."""
+    import dllm_export.eval.tasks as tasks
+
+    monkeypatch.setattr(tasks, "run_task", lambda *a, **k: pytest.fail("a task ran before the input was checked"))
+    rc = main(["eval", "--model", str(tiny_dirs["llada"]), *(a.format(tmp=tmp_path) for a in args)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
