@@ -8,13 +8,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 
-# manifest.json "format" tags of the folders dllm-export writes
+# manifest.json "format" tags of the folders dllm-export writes, and the layout version of each that
+# this code writes and reads: a newer one may mean what this reader would misread, so it is refused
 QUANTIZED_FORMAT = "dllm-export/quantized"
-QUANTIZED_VERSION = 1
 ONNX_FORMAT = "dllm-export/onnx"
 GGUF_FORMAT = "dllm-export/gguf"
+FORMAT_VERSIONS = {QUANTIZED_FORMAT: 1, ONNX_FORMAT: 1, GGUF_FORMAT: 1}
+QUANTIZED_VERSION = FORMAT_VERSIONS[QUANTIZED_FORMAT]
+
+
+def check_format_version(manifest: dict, where) -> None:
+    """CheckpointError unless `manifest` (of a known format tag) has a version this code reads:
+    an integer from 1 to FORMAT_VERSIONS[format]."""
+    fmt, version = manifest.get("format"), manifest.get("version")
+    known = FORMAT_VERSIONS.get(fmt)
+    if known is None:
+        return  # the tag is the caller's to check
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{where}: {fmt} manifest without a valid version (got {version!r})")
+    if version > known:
+        raise CheckpointError(f"{where}: written as {fmt} v{version} by a newer dllm-export; this one reads up "
+                              f"to v{known} (upgrade dllm-export, or export again with this one)")
 
 # Files of a checkpoint's tokenizer, copied beside every quantized checkpoint and exported model.
 # LLaDA ships tokenizer.json; Dream ships a Qwen2 BPE as vocab.json + merges.txt (see tokenizer.py).

@@ -27,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+# the manifest layout this runner reads: formats.FORMAT_VERSIONS of the ONNX and GGUF artifacts, copied
+# because the runner stands alone on a device (tests/test_integrity.py keeps the two equal)
+FORMAT_VERSION = 1
+
 
 class OrtModel:
     """model.onnx through onnxruntime: full-sequence logits for one sequence."""
@@ -153,6 +157,9 @@ def _check(args) -> tuple[Path, dict]:
             raise KeyError(", ".join(missing))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BadInput(f"{folder}: not a dllm-export artifact (manifest.json: {type(e).__name__}: {e})") from None
+    if manifest.get("version") != FORMAT_VERSION:
+        raise BadInput(f"{folder}: manifest version {manifest.get('version')!r}; this runner reads v{FORMAT_VERSION} "
+                       f"(use the ondevice.py of the dllm-export that wrote the artifact)")
     if not any((folder / f).is_file() for f in ("model.onnx", "model.gguf")):
         raise BadInput(f"{folder}: neither model.onnx nor model.gguf")
     for name, entry in (manifest.get("files") or {}).items():  # a truncated file crashes llama.cpp outright

@@ -24,7 +24,7 @@ import torch
 
 from .errors import CheckpointError
 from .fileio import MANIFEST, atomic_folder, check_files, check_manifest_digest, write_manifest
-from .formats import GGUF_FORMAT, ONNX_FORMAT, QUANTIZED_FORMAT
+from .formats import GGUF_FORMAT, ONNX_FORMAT, QUANTIZED_FORMAT, check_format_version
 
 CANVAS_LENGTH = 32
 N_PROBE = 16
@@ -53,6 +53,7 @@ def _read_manifest(folder: Path) -> dict:
         raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), str):
         raise CheckpointError(f"{f}: not a dllm-export manifest (no format tag)")
+    check_format_version(manifest, f)
     return manifest
 
 

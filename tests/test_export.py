@@ -181,6 +181,7 @@ def test_torch_options_on_an_artifact_are_refused(kwargs, w8_onnx):
     (["ART", "--threads", "100000"], "--threads 100000 on"),
     (["ART", "--dump", "MISSING/x.npz"], "give a file name in an existing folder"),  # not after the whole run
     (["TRUNCATED"], "bytes, the manifest says"),  # a truncated model.gguf crashed llama.cpp (SIGSEGV)
+    (["NEWER"], "manifest version 2; this runner reads v1"),  # a newer layout, which it could misread
 ])
 def test_ondevice_runner_bad_input_is_one_line(args, message, w8_onnx, tmp_path, capsys):
     """The device runner answers as the CLI does: one line, exit 2 (a missing manifest was a
@@ -194,8 +195,15 @@ def test_ondevice_runner_bad_input_is_one_line(args, message, w8_onnx, tmp_path,
         shutil.copytree(w8_onnx, cut)
         data = cut / "model.onnx.data"
         data.write_bytes(data.read_bytes()[:-100])
+    if args == ["NEWER"]:
+        import json
+
+        from dllm_export.fileio import write_manifest
+
+        shutil.copytree(w8_onnx, cut)
+        write_manifest(cut, {**json.loads((cut / "manifest.json").read_text()), "version": 2})
     args = [a.replace("MISSING", str(tmp_path / "missing")) if "MISSING" in a else str(w8_onnx) if a == "ART"
-            else str(cut) if a == "TRUNCATED" else a for a in args]
+            else str(cut) if a in ("TRUNCATED", "NEWER") else a for a in args]
     assert runner.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("ondevice: error: ") and message in err and err.count("\n") == 1

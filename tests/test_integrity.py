@@ -100,6 +100,37 @@ def test_truncated_artifact_one_line_error(artifacts, tmp_path, capsys, target, 
     _one_line_error(capsys, f"{file}: {len(raw) - 100} bytes, the manifest says {len(raw)}")
 
 
+@pytest.mark.parametrize("target", ["onnx", "gguf", "quantized"])
+@pytest.mark.parametrize("version,needle", [(2, "v2 by a newer dllm-export; this one reads up to v1"),
+                                            ("1", "manifest without a valid version (got '1')")])
+def test_a_manifest_of_a_newer_format_version_is_refused(artifacts, tmp_path, capsys, target, version, needle):
+    """A folder written by a newer dllm-export (its layout may mean what this one would misread) is
+    refused by every reader with one line, as llama.cpp refuses a GGUF version it does not know."""
+    import shutil
+
+    from dllm_export.fileio import write_manifest
+
+    art = tmp_path / target
+    if target == "quantized":
+        assert main(["quantize", "--model", str(artifacts / "m"), "--method", "rtn", "--calib-samples", "2",
+                     "--calib-seq-len", "32", "--out", str(art), "--no-progress"]) == 0
+    else:
+        shutil.copytree(artifacts / target, art)
+    write_manifest(art, {**json.loads((art / "manifest.json").read_text()), "version": version})  # resealed
+    capsys.readouterr()
+    for argv in (["verify", str(art)], ["generate", "--model", str(art), "--prompt", "x", "--gen-length", "4"]):
+        assert main(argv) == 2, argv
+        _one_line_error(capsys, needle)
+
+
+def test_the_device_runner_reads_the_format_version_of_the_exporters():
+    """ondevice.py stands alone on a device, with its own copy of the version it reads."""
+    from dllm_export import ondevice
+    from dllm_export.formats import FORMAT_VERSIONS, GGUF_FORMAT, ONNX_FORMAT
+
+    assert FORMAT_VERSIONS[ONNX_FORMAT] == FORMAT_VERSIONS[GGUF_FORMAT] == ondevice.FORMAT_VERSION
+
+
 def test_stale_temp_folders_of_dead_runs_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_folder
-from ..formats import GGUF_FORMAT
+from ..formats import FORMAT_VERSIONS, GGUF_FORMAT
 from ..interrupts import kept_interrupts
 from ..models.checkpoint import source_record
 from ..quant.kquant import BLOCK_GRIDS, KQUANTS, kquant_name
@@ -42,7 +42,7 @@ from .gguf_vocab import (check_text, choose_pre, differences, llama_cpp_version,
 from .source import open_source, write_sidecars
 
 FORMAT = GGUF_FORMAT
-VERSION = 1
+VERSION = FORMAT_VERSIONS[FORMAT]
 MODEL_FILE = "model.gguf"
 ADD_BOS = False  # prompts arrive as ids; the chat template adds BOS where the model wants it
 FLOAT_TYPES = ("F32", "F16", "BF16")

@@ -40,14 +40,14 @@ import torch
 
 from ..errors import InputError
 from ..fileio import atomic_folder
-from ..formats import MATMULNBITS_BITS, ONNX_FORMAT, check_matmulnbits, matmulnbits_block_ok
+from ..formats import FORMAT_VERSIONS, MATMULNBITS_BITS, ONNX_FORMAT, check_matmulnbits, matmulnbits_block_ok
 from ..models.checkpoint import source_record
 from ..models.layers import rope_cos_sin
 from ..quant.primitives import ActQuantConfig, QuantizedWeight, WeightQuantConfig, progressive_scales, quantize_weight
 from .source import open_source, write_sidecars
 
 FORMAT = ONNX_FORMAT
-VERSION = 1
+VERSION = FORMAT_VERSIONS[FORMAT]
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 FUNCTION_DOMAIN = "dllm_export"  # the graph's local functions (the dense code rebuild)

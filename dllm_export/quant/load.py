@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.checks import check_weight
-from ..formats import QUANTIZED_FORMAT
+from ..formats import QUANTIZED_FORMAT, check_format_version
 from ..models.checkpoint import open_shards, read_config, set_tensor, tokenizer_special_ids
 from ..models.loader import build_model
 from .base import set_module
@@ -31,6 +31,7 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path / 'manifest.json'}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != QUANTIZED_FORMAT:
         raise CheckpointError(f"{path / 'manifest.json'} is not a dllm-export quantized manifest")
+    check_format_version(manifest, path / "manifest.json")
     layers = manifest.get("layers")
     if not isinstance(layers, dict) or not all(isinstance(e, dict) for e in layers.values()):
         raise CheckpointError(f"{path / 'manifest.json'}: no per-layer entries (`layers`); the manifest is malformed")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..formats import check_format_version
 from ..interrupts import kept_interrupts
 from ..models.layers import check_ids
 from ..models.loader import read_spec
@@ -88,6 +89,15 @@ class LlamaCppBackend:
         self.L = L
         file = gguf_file(path)
         folder = file.parent
+        manifest = folder / "manifest.json"  # a bare .gguf (llama.cpp's own) has none
+        try:
+            self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        except ValueError as e:
+            raise CheckpointError(f"{manifest}: unreadable ({e})") from None
+        if not isinstance(self.manifest, dict):
+            raise CheckpointError(f"{manifest}: not a dllm-export manifest")
+        if self.manifest:
+            check_format_version(self.manifest, manifest)
         _, self.spec, dims = read_spec(folder)
         self.vocab_size = dims.vocab_rows
         self.max_length = dims.context
@@ -121,8 +131,6 @@ class LlamaCppBackend:
             raise CheckpointError(f"llama.cpp could not create a context for {file}")
         self.batch = L.llama_batch_init(self.max_tokens, 0, max_seqs)
         self.path = file
-        manifest = folder / "manifest.json"
-        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
 
     def _decode(self, rows: list[np.ndarray]) -> list[np.ndarray]:
         """One llama_decode over several sequences; returns each one's logits [n_i, V]."""

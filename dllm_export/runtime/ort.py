@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..formats import check_format_version
 from ..models.layers import check_ids
 from ..models.loader import read_spec
 
@@ -23,8 +24,9 @@ def read_onnx_manifest(path: Path) -> dict:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable ONNX manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'manifest.json'} is not a dllm-export ONNX manifest")
+    check_format_version(manifest, path / "manifest.json")
     return manifest
 
 
