@@ -734,7 +734,7 @@ def _fidelity_reference(model: str, reference: str | None) -> str:
 def cmd_eval(args) -> int:
     from . import load_tokenizer
     from .eval.fidelity import FidelityConfig, fidelity, to_markdown
-    from .eval.tasks import TASKS, check_items, run_task
+    from .eval.tasks import check_items, check_tasks, run_task
     from .fileio import atomic_file, check_output_file
     from .models.checkpoint import resolve_model_path
     from .runtime.backends import load_backend
@@ -744,9 +744,7 @@ def cmd_eval(args) -> int:
     if not names and not args.fidelity:
         raise DllmExportError(f"--tasks names no task (got {args.tasks!r})")
     # everything a later step would refuse, before the first task's minutes
-    unknown = [t for t in names if t not in TASKS]
-    if unknown:
-        raise DllmExportError(f"unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
+    check_tasks(names)
     check_items(args.items)
     if args.json_out:
         check_output_file(args.json_out)

@@ -185,6 +185,13 @@ def answer_digits(text: str) -> str:
     return text[: next((i for i, c in enumerate(text) if not c.isdigit()), len(text))]
 
 
+def check_tasks(names) -> None:
+    """Raise InputError naming the first of `names` that is no task (before any of them runs)."""
+    bad = next((n for n in names if n not in TASKS), None)
+    if bad is not None:
+        raise InputError(f"unknown task {bad!r} (choose from {', '.join(TASKS)})")
+
+
 def check_items(n_items: int | None) -> None:
     """Raise InputError unless `n_items` (items per task) is None (the task's own count) or >= 1."""
     if n_items is not None and n_items < 1:
@@ -213,8 +220,7 @@ def run_task(backend, tok, name: str, n_items: int | None = None, seed: int = 0)
     from .likelihood import elbo
     from .stats import wilson
 
-    if name not in TASKS:
-        raise InputError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
+    check_tasks([name])
     check_items(n_items)
     task = TASKS[name]
     n = n_items or task.n_items
