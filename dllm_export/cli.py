@@ -21,8 +21,6 @@ import sys
 import time
 
 from .errors import DllmExportError
-from .quant.kernels import KERNELS
-from .runtime.loop import PRESETS, with_preset
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,6 +212,7 @@ def _add_export_args(x) -> None:
 
 def _add_generate(sub) -> None:
     from .runtime.backends import BACKENDS
+    from .quant.kernels import KERNELS
     from .runtime.loop import CACHES, PRESETS
 
     g = sub.add_parser("generate", help="decode text from a prompt by iterative unmasking")
@@ -298,8 +297,9 @@ def _add_quantize(sub) -> None:
 
 
 def _add_bench_build(sub) -> None:
+    from .quant.kernels import KERNELS
     from .runtime.backends import BACKENDS
-    from .runtime.loop import CACHES
+    from .runtime.loop import CACHES, PRESETS
 
     bn = sub.add_parser("bench", help="artifacts side by side: load, step latency, tokens/s, memory, size")
     bn.add_argument("artifacts", nargs="+", help="checkpoint folders, ONNX / GGUF artifact folders, .gguf files, "
@@ -432,6 +432,7 @@ def _add_report_verify_info(sub) -> None:
 
 def _add_serve(sub) -> None:
     from .runtime.backends import BACKENDS
+    from .runtime.loop import PRESETS
     from .targets import PROFILES
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, batching, "
@@ -483,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from . import generate, load_tokenizer
     from .runtime.backends import load_backend
+    from .runtime.loop import with_preset
     from .tokenizer import encode_prompt
 
     t0 = time.perf_counter()
@@ -989,6 +991,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dllm-export` console script; returns the exit code."""
     from .interrupts import terminate_as_interrupt
 
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # without building the parser (torch: seconds)
+        from . import __version__
+
+        print(__version__)
+        return 0
     with terminate_as_interrupt():
         return _run(build_parser(), argv)
 

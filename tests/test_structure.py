@@ -98,3 +98,25 @@ def test_sources_cite_nothing_outside_the_repository():
     """Docstrings state the fact or cite a public source, never a notes folder of one machine."""
     cited = [f.name for f in PACKAGE.rglob("*.py") if "shared/research" in f.read_text()]
     assert cited == []
+
+
+def test_the_package_imports_without_torch_and_resolves_its_api():
+    """`import dllm_export` (and `dllm-export --version`) load no torch: the API's modules load on
+    first use; every public name resolves to the object its module defines."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, dllm_export, dllm_export.cli as cli; assert 'torch' not in sys.modules, 'torch'; "
+             "assert cli.main(['--version']) == 0; assert 'torch' not in sys.modules, 'torch after --version'")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == __import__("dllm_export").__version__, done.stderr[-500:]
+
+    import importlib
+
+    import dllm_export as D
+
+    for name in D.__all__:
+        value = getattr(D, name)
+        if name in D._LAZY:
+            assert value is getattr(importlib.import_module(D._LAZY[name], "dllm_export"), name)
+    assert sorted(dir(D)) == sorted(D.__all__)
