@@ -12,6 +12,16 @@ import numbers
 from .errors import InputError
 
 
+def is_int(v) -> bool:
+    """An integer (numpy's too), and not a bool: `bits=True` is no bit-width."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A real number (numpy's too), and not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def check_fields(obj, *, ints: tuple[str, ...] = (), reals: tuple[str, ...] = (),
                  bools: tuple[str, ...] = (), strs: tuple[str, ...] = (), seqs: tuple[str, ...] = (),
                  int_seqs: tuple[str, ...] = ()) -> None:
@@ -20,17 +30,16 @@ def check_fields(obj, *, ints: tuple[str, ...] = (), reals: tuple[str, ...] = ()
     whose default is None; any field of another object)."""
     optional = ({f.name for f in dataclasses.fields(obj) if f.default is None} if dataclasses.is_dataclass(obj)
                 else None)
-    for names, ok, what in ((ints, lambda v: isinstance(v, numbers.Integral), "an integer"),
-                            (reals, lambda v: isinstance(v, numbers.Real), "a number"),
-                            (bools, lambda v: True, "true or false"),
+    for names, ok, what in ((ints, is_int, "an integer"), (reals, is_real, "a number"),
+                            (bools, lambda v: isinstance(v, bool), "true or false"),
                             (strs, lambda v: isinstance(v, str), "a name (a string)"),
                             (seqs, lambda v: isinstance(v, (list, tuple)), "a list"),
-                            (int_seqs, lambda v: isinstance(v, (list, tuple)) and all(
-                                isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v),
+                            (int_seqs, lambda v: isinstance(v, (list, tuple)) and all(map(is_int, v)),
                              "a list of integers")):
         for name in names:
             v = getattr(obj, name)
-            if v is None and optional is not None and name not in optional:  # `temperature=None` failed in math
-                raise InputError(f"{name} must be {what}, got None")
-            if v is not None and (isinstance(v, bool) != (what == "true or false") or not ok(v)):
+            if v is None:
+                if optional is not None and name not in optional:  # `temperature=None` failed in math
+                    raise InputError(f"{name} must be {what}, got None")
+            elif not ok(v):
                 raise InputError(f"{name} must be {what}, got {v!r}")

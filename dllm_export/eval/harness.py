@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from ..checks import is_int, is_real
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def parse_gen_kwargs(gen_kwargs: str | dict | None) -> dict | None:
         raise InputError(f"gen kwarg(s) {', '.join(map(str, unknown))} not read by the dllm model (it reads "
                          f"{', '.join(GEN_KWARGS)}; sampling settings are model args, e.g. temperature=0.5)")
     n = kw.get("max_gen_toks")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+    if n is not None and (not is_int(n) or n < 1):
         raise InputError(f"gen kwarg max_gen_toks must be an integer >= 1, got {n!r}")
     until = kw.get("until")
     if until is not None and not (isinstance(until, str) or (isinstance(until, (list, tuple))
@@ -404,7 +404,7 @@ def check_limit(limit) -> int | float | None:
     if limit is None:
         return None
     bad = InputError(f"limit must be a fraction in (0, 1) or a whole number >= 1 of examples per task, got {limit!r}")
-    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit) or limit <= 0:
+    if not is_real(limit) or not math.isfinite(limit) or limit <= 0:
         raise bad
     if limit < 1:
         return float(limit)
@@ -415,8 +415,7 @@ def check_limit(limit) -> int | float | None:
 
 def check_num_fewshot(num_fewshot) -> int | None:
     """`num_fewshot` checked: None (each task's own) or an integer >= 0; InputError otherwise."""
-    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, numbers.Integral)
-                                    or num_fewshot < 0):
+    if num_fewshot is not None and (not is_int(num_fewshot) or num_fewshot < 0):
         raise InputError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}")
     return None if num_fewshot is None else int(num_fewshot)
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import functools
 import json
-import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..checks import check_fields
+from ..checks import check_fields, is_real
 from ..errors import InputError
 
 
@@ -58,7 +57,7 @@ class CalibConfig:
     def __post_init__(self):
         check_fields(self, ints=("n_samples", "seq_len", "seed", "gen_length", "block_length"), reals=("max_prefix",),
                      strs=("source", "mask"), seqs=("decode_ratios",))
-        if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) for r in self.decode_ratios):
+        if not all(map(is_real, self.decode_ratios)):
             raise InputError(f"decode mask ratios must be numbers, got {self.decode_ratios!r:.60}")
         if not 0 <= self.max_prefix <= 1:  # a fraction of the window (2.0 left nothing to mask: plain-text calibration)
             raise InputError(f"max_prefix must lie in [0, 1], got {self.max_prefix}")

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..checks import check_fields
+from ..checks import check_fields, is_int
 from ..errors import InputError
 from ..models.layers import KVCache
 from . import samplers as S
@@ -115,8 +115,7 @@ def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.
     ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), P), dtype=torch.long)
     for i, r in enumerate(rows):
-        if not isinstance(r, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
-                                                        for t in r):
+        if not isinstance(r, (list, tuple)) or not all(map(is_int, r)):
             raise InputError(f"prompt row {i} must be a list of integer token ids, got {r!r:.80}")
         try:
             row = torch.as_tensor([int(t) for t in r])  # numpy integers too

@@ -12,12 +12,12 @@ other work).
 
 from __future__ import annotations
 
-import numbers
 import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..checks import is_int
 from ..errors import InputError
 
 
@@ -125,7 +125,7 @@ def check_threads(n) -> int:
     """`n` if it is a thread count a runtime can take: an integer from 0 (one per physical core) to
     THREADS_PER_CPU per CPU; else InputError (100000 segfaulted torch and hung onnxruntime)."""
     cpus = os.cpu_count() or 1
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+    if not is_int(n) or n < 0:
         raise InputError(f"threads must be an integer >= 0 (0: one per physical core), got {n!r}")
     if n > THREADS_PER_CPU * cpus:
         raise InputError(f"{n} threads on {cpus} CPUs: at most {THREADS_PER_CPU * cpus} ({THREADS_PER_CPU} per CPU)")
