@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from .errors import DllmExportError
+from .errors import DllmExportError, InputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,6 +224,8 @@ def _add_generate(sub) -> None:
                    help="torch backend, quantized checkpoints: fake (dequantized weights, the reference) | int "
                         "(int4/int8 CPU kernels on the packed codes) (default: %(default)s)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--suffix", action="append",
+                   help="infilling: text after the generated tokens (once: every prompt's; or once per --prompt)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the instruct chat template")
     g.add_argument("--gen-length", type=int, default=64, help="tokens to generate (default: %(default)s)")
     g.add_argument("--steps", type=int, help="denoising steps (default: gen-length); threshold / factor decoding "
@@ -496,6 +498,7 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(args.model)
     load_s = time.perf_counter() - t0
     prompts = [encode_prompt(tok, p, chat=args.chat) for p in args.prompt]
+    suffixes = _suffixes(args, tok)
     bar = None
     if not (args.no_progress or args.json) and sys.stderr.isatty():
         from tqdm import tqdm
@@ -512,7 +515,8 @@ def cmd_generate(args) -> int:
                                      "stop_at_eos": args.stop_at_eos}, model.supports_cache)
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                   top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress, **opts)
+                   top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress,
+                   suffix_ids=suffixes, **opts)
     if bar is not None:
         bar.close()
     texts = [tok.decode(row, skip_special_tokens=True) for row in out.generated.tolist()]
@@ -520,7 +524,7 @@ def cmd_generate(args) -> int:
         n_tokens = out.generated.numel()
         print(json.dumps({
             "model": str(args.model), "backend": model.name, "family": model.spec.family, "prompts": args.prompt,
-            "text": texts, "ids": out.ids.tolist(), "prompt_length": out.prompt_length,
+            "suffixes": args.suffix, "text": texts, "ids": out.ids.tolist(), "prompt_length": out.prompt_length,
             "commit_step": out.commit_step.tolist(), "nfe": out.nfe, "settings": out.settings,
             "timings": {"load_s": round(load_s, 4), "generate_s": round(out.seconds, 4),
                         "tokens_per_s": round(n_tokens / out.seconds, 2) if out.seconds else None,
@@ -528,9 +532,25 @@ def cmd_generate(args) -> int:
                         "tokens_per_step": round(n_tokens / max(out.nfe, 1), 3)},
         }, indent=2))
     else:
-        for prompt, text in zip(args.prompt, texts):
-            print(prompt + text if not args.chat else text)
+        after = [""] * len(args.prompt) if not args.suffix else args.suffix * (len(args.prompt) // len(args.suffix))
+        for prompt, text, suffix in zip(args.prompt, texts, after):
+            print(prompt + text + suffix if not args.chat else text)
     return 0
+
+
+def _suffixes(args, tok) -> list[list[int]] | None:
+    """Token ids of `--suffix` (one for every prompt, or one per prompt), or None."""
+    from .tokenizer import encode_prompt
+
+    if not args.suffix:
+        return None
+    if args.chat:
+        raise InputError("--suffix infills between a raw prompt and the suffix; --chat ends the prompt with the "
+                         "assistant's turn (drop one of them)")
+    if len(args.suffix) not in (1, len(args.prompt)):
+        raise InputError(f"{len(args.suffix)} --suffix for {len(args.prompt)} --prompt (give one for every prompt, "
+                         f"or one per prompt)")
+    return [encode_prompt(tok, s) for s in args.suffix]
 
 
 def cmd_quantize(args) -> int:

@@ -32,6 +32,33 @@ def test_generate_text_with_chat_template(tiny_dirs, capsys):
     assert len(out["ids"][0]) - out["prompt_length"] == 8 and out["nfe"] <= 8
 
 
+def test_generate_with_a_suffix_prints_prompt_fill_and_suffix(tiny_dirs, capsys):
+    from dllm_export import generate, load_model, load_tokenizer
+    from dllm_export.tokenizer import encode_prompt
+
+    model = tiny_dirs["llada"]
+    args = ["generate", "--model", str(model), "--prompt", "def f(x):", "--suffix", " return y", "--gen-length", "8"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tok = load_tokenizer(model)
+    want = generate(load_model(model), [encode_prompt(tok, "def f(x):")], gen_length=8,
+                    suffix_ids=[encode_prompt(tok, " return y")])
+    assert out["ids"] == want.ids.tolist() and out["suffixes"] == [" return y"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == "def f(x):" + out["text"][0] + " return y\n"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--chat"], "--suffix infills between a raw prompt and the suffix; --chat ends the prompt"),
+    (["--prompt", "b", "--prompt", "c", "--suffix", "y"], "2 --suffix for 3 --prompt"),
+])
+def test_generate_suffix_misuse_is_one_line(tiny_dirs, capsys, extra, message):
+    rc = main(["generate", "--model", str(tiny_dirs["llada"]), "--prompt", "a", "--suffix", "x", "--gen-length", "8",
+               *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_info(tiny_dirs, capsys):
     assert main(["info", "--model", str(tiny_dirs["llada_gqa"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -231,6 +231,33 @@ def test_generate_takes_any_value(ckpt, kwargs, prompt):
         assert "\n" not in str(e)
 
 
+SUFFIXES = st.one_of(API_VALUES, st.lists(st.integers(-2, 400), max_size=4),
+                    st.lists(st.lists(st.one_of(st.integers(0, 383), st.floats(width=32), st.integers(2**63, 2**70)),
+                                      max_size=3), max_size=3),
+                    st.sampled_from(["<bool>", "<3-d>", "<numpy>", "<float>", [[1], [2, 3]], [[]], [1, [2]]]))
+
+
+@fuzz(80)
+@given(suffix=SUFFIXES, prompt=st.sampled_from([[[5, 9, 33]], [[5, 9], [7]]]), cache=st.sampled_from(["none", "dual"]))
+def test_generate_takes_any_suffix(ckpt, suffix, prompt, cache):
+    """`generate(suffix_ids=...)` with any value infills after the canvas or raises a one-line
+    DllmExportError (a string, floats, ids past 64 bits or the vocabulary, rows that do not match)."""
+    import numpy as np
+    import torch
+
+    from dllm_export import DllmExportError, generate, load_model
+
+    arrays = {"<bool>": torch.ones(2, 2, dtype=torch.bool), "<3-d>": torch.ones(1, 2, 2, dtype=torch.long),
+              "<numpy>": np.array([3, 4]), "<float>": torch.tensor([[5.0]])}
+    suffix = arrays.get(suffix, suffix) if isinstance(suffix, str) else suffix
+    try:
+        out = generate(load_model(ckpt), prompt, gen_length=4, steps=4, cache=cache, suffix_ids=suffix)
+    except DllmExportError as e:
+        assert "\n" not in str(e)
+        return
+    assert out.generated.shape == (len(prompt), 4)
+
+
 def _mutate(data, tree):
     """A copy of JSON `tree` with one value somewhere inside replaced (or its key deleted)."""
     tree = json.loads(json.dumps(tree))

@@ -217,6 +217,10 @@ def test_llamacpp_f32_trace_equals_torch(name, sampler, tiny_dirs, tmp_path):
     a, b = generate(load_model(tiny_dirs[name]), prompts, **kw), generate(be, prompts, **kw)
     assert torch.equal(a.ids, b.ids)
     assert torch.equal(a.commit_step, b.commit_step)
+    # infilling: ragged suffixes after the canvas (right padding, which llama.cpp's rows leave out)
+    kw["suffix_ids"] = [[80, 91, 17], []]
+    a, b = generate(load_model(tiny_dirs[name]), prompts, **kw), generate(be, prompts, **kw)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
 
 
 @pytest.mark.parametrize("qtype,overrides", [q for q in EXACT if q[0] in ("Q4_0", "Q8_0", "Q4_1")],

@@ -368,6 +368,19 @@ def test_cached_traces_equal_torch(name, sampler, cache, parallel, tiny_dirs, fl
     assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
 
 
+@pytest.mark.parametrize("name", ["llada_gqa", "dream"])
+@pytest.mark.parametrize("opts", [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "dual", "threshold": 0.5}])
+def test_infill_traces_equal_torch(name, opts, tiny_dirs, float_exports):
+    """Ragged prompts before the canvas and ragged suffixes after it (left- and right-padded, masked):
+    the same fill on the graph as on the torch model, cached or not."""
+    prompts, suffixes = [[5, 9, 33, 70], [12, 40]], [[80, 91, 17], []]
+    kw = dict(gen_length=16, steps=16, block_length=8, suffix_ids=suffixes, **opts)
+    a = generate(load_model(tiny_dirs[name]), prompts, **kw)
+    b = generate(OrtBackend(float_exports[name]), prompts, **kw)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+    assert a.ids[0, -3:].tolist() == [80, 91, 17]
+
+
 def test_fuzzed_schedules_decode_alike_on_torch_and_onnxruntime(tiny_dirs, float_exports):
     """Differential fuzz (hypothesis, derandomized): random ragged prompts of plain tokens and
     schedules (blocks, steps, samplers, threshold, caches with refresh by commits, stop at EOS,

@@ -129,6 +129,35 @@ def test_completion_with_the_edge_preset_equals_generate(torch_engine, torch_url
     assert r.model_extra["dllm"]["nfe"] < 64  # threshold decoding and the EOS stop: fewer forwards than tokens
 
 
+def test_completion_with_a_suffix_infills_as_generate(torch_engine, torch_url):
+    """OpenAI's `suffix`: the completion is the text between the prompt and the suffix, as `generate`
+    with `suffix_ids` decodes it alone, streamed or not, with n rows, and in a batch beside requests
+    with another suffix or none (right-padded rows); usage counts the suffix as prompt."""
+    tok, c = torch_engine.tokenizer, client(torch_url)
+    cases = [("def add(a, b):\n    ", "\n\nprint(add(1, 2))"), ("12+34=", " is the sum"), ("x = [1, 2, 3]\n", None)]
+    want = {}
+    for prompt, suffix in cases:
+        sfx = None if suffix is None else [encode_prompt(tok, suffix)]
+        want[prompt] = expected(torch_engine, encode_prompt(tok, prompt), gen_length=16, suffix_ids=sfx, **DLLM)
+    prompt, suffix = cases[0]
+    r = c.completions.create(model="default", prompt=prompt, suffix=suffix, max_tokens=16, n=2, extra_body=DLLM)
+    assert [ch.text for ch in r.choices] == [want[prompt]] * 2
+    assert r.usage.prompt_tokens == len(encode_prompt(tok, prompt)) + len(encode_prompt(tok, suffix))
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="default", prompt=prompt, suffix=suffix, max_tokens=16, stream=True, extra_body=DLLM))
+    assert streamed == want[prompt]
+
+    def ask(case):
+        kw = {} if case[1] is None else {"suffix": case[1]}
+        r = c.completions.create(model="default", prompt=case[0], max_tokens=16, extra_body=DLLM, **kw)
+        return case[0], r.choices[0].text, r.model_extra["dllm"]["batch_rows"]
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, cases * 4))
+    assert all(text == want[p] for p, text, _ in answers)
+    assert max(rows for _, _, rows in answers) > 1  # rows with other suffixes shared a batch
+
+
 def test_chat_and_stream_torch(torch_engine, torch_url):
     c = client(torch_url)
     msgs = [{"role": "user", "content": "What is 12+7?"}]
@@ -173,6 +202,9 @@ def test_artifact_backends(backend, artifact_engines):
         chat = c.chat.completions.create(model=engine.model_id, messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=8)
         assert chat.usage.completion_tokens <= 8
+        sfx = c.completions.create(model=engine.model_id, prompt=ids, suffix="ab c", max_tokens=16, extra_body=DLLM)
+        suffix_ids = [encode_prompt(engine.tokenizer, "ab c")]
+        assert sfx.choices[0].text == expected(engine, ids, gen_length=16, suffix_ids=suffix_ids, **DLLM)
         if backend == "llama.cpp":  # no KV cache in llama.cpp: refused by name, not run
             res = httpx.post(f"{url}/v1/completions", json={"prompt": ids, "max_tokens": 8, "cache": "dual"})
             assert res.status_code == 400 and "cache" in res.json()["error"]["message"]
@@ -202,6 +234,10 @@ BAD = [  # (raw body, expected status, a word of the message)
     ('{"prompt": "x", "max_tokens": 8, "seed": 18446744073709551616}', 400, "seed"),
     ('{"prompt": "\\ud800 x", "max_tokens": 8}', 400, "not valid UTF-8"),
     ('{"prompt": "x", "max_tokens": 8, "stream_options": {"include_usage": true}}', 400, "stream_options"),
+    ('{"prompt": "x", "max_tokens": 8, "suffix": "y", "echo": true}', 400, "echo and suffix"),
+    ('{"prompt": "x", "max_tokens": 8, "suffix": "<|mdm_mask|>"}', 400, "mask token"),
+    ('{"prompt": "x", "max_tokens": 8, "suffix": "' + "y " * 1030 + '"}', 400, "+ suffix ("),
+    ('{"prompt": "x", "max_tokens": 8, "suffix": 5}', 400, "suffix"),
 ]
 
 
@@ -640,6 +676,7 @@ FUZZ_FIELDS = {
     "canvas": [True, None], "stream_options": [{"include_usage": True}, {"x": 1}, None],
     "logit_bias": [{"5": 1.0}, None],
     "presence_penalty": [0, 1, None], "model": ["default", "other", 7, None], "user": ["u", None], "bogus": [1],
+    "suffix": ["\n", "", 5, None],
 }
 
 

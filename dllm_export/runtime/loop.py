@@ -1,7 +1,7 @@
 """The iterative-unmasking loop shared by every backend.
 
-The canvas is prompt + `gen_length` mask tokens, decoded left to right in blocks of
-`block_length` (semi-autoregressive; one block = the whole answer by default). Each step runs
+The canvas is prompt + `gen_length` mask tokens (+ a suffix, for infilling), decoded left to
+right in blocks of `block_length` (semi-autoregressive; one block = the whole answer by default). Each step runs
 the backend over the whole canvas, applies classifier-free guidance and the family's logit
 shift, and commits positions of the current block by the sampler's rule. Steps are split evenly
 over blocks, as LLaDA's `generate.py` does; with `threshold` a block runs until it is decoded.
@@ -60,11 +60,13 @@ class GenerateOutput:
     """Result of `generate`.
 
     Attributes:
-        ids: (B, P + gen_length) int64 prompt (left-padded) and generated tokens.
+        ids: (B, P + gen_length + S) int64 prompt (left-padded), generated tokens and the suffix
+            (right-padded; S = 0 without one).
         commit_step: (B, gen_length) int64, 0-based step (counted across blocks) at which each
             generated position stopped being the mask token; -1 if it never did.
         prompt_length: P.
-        attention_mask: (B, P + gen_length) 0/1, zeros at left padding.
+        attention_mask: (B, P + gen_length + S) 0/1, zeros at the prompt's left padding and the
+            suffix's right padding.
         nfe: number of steps, i.e. backend forward calls (a CFG step counts once; so does a batch step
             that refreshes only some rows' caches, though it runs the cached and the full forward).
         seconds: wall time of the loop.
@@ -81,8 +83,8 @@ class GenerateOutput:
 
     @property
     def generated(self) -> torch.Tensor:
-        """(B, gen_length) the generated part of `ids`."""
-        return self.ids[:, self.prompt_length:]
+        """(B, gen_length) the generated part of `ids` (between the prompt and the suffix)."""
+        return self.ids[:, self.prompt_length:self.prompt_length + self.commit_step.shape[1]]
 
 
 def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +128,43 @@ def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.
     return ids, mask
 
 
+def prepare_suffix(suffix_ids, rows: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [rows, S], mask [rows, S]) of the text after the canvas (infilling): a tensor [B, S] / [S]
+    or (ragged) lists of ids, right-padded with the pad id and masked; one row is every row's, and an
+    empty row (or S = 0) is a row without a suffix."""
+    if isinstance(suffix_ids, str):
+        raise InputError("suffix_ids are token ids, got a string: encode text with the model's tokenizer first")
+    if isinstance(suffix_ids, np.ndarray):
+        suffix_ids = torch.from_numpy(suffix_ids)
+    if isinstance(suffix_ids, torch.Tensor):
+        if suffix_ids.is_floating_point() or suffix_ids.is_complex() or suffix_ids.dtype == torch.bool:
+            raise InputError(f"suffix_ids must be integer token ids, got {suffix_ids.dtype}")
+        ids = suffix_ids.long()
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2:
+            raise InputError(f"suffix_ids must be [batch, length], got shape {tuple(suffix_ids.shape)}")
+        lists = ids.tolist()
+    elif isinstance(suffix_ids, (list, tuple)):
+        lists = [suffix_ids] if not suffix_ids or isinstance(suffix_ids[0], numbers.Number) else suffix_ids
+    else:
+        raise InputError(f"suffix_ids must be a tensor or lists of token ids, got {type(suffix_ids).__name__}")
+    if len(lists) == 1:
+        lists = list(lists) * rows
+    if len(lists) != rows:
+        raise InputError(f"suffix_ids has {len(lists)} rows for {rows} prompt rows (give one row, or one per prompt)")
+    for i, r in enumerate(lists):
+        if not isinstance(r, (list, tuple)) or not all(map(is_int, r)):
+            raise InputError(f"suffix row {i} must be a list of integer token ids, got {r!r:.80}")
+        if any(not -(1 << 63) <= int(t) < (1 << 63) for t in r):
+            raise InputError(f"suffix row {i} holds an id beyond 64 bits")
+    S = max(len(r) for r in lists)
+    ids, mask = torch.full((rows, S), pad_id, dtype=torch.long), torch.zeros((rows, S), dtype=torch.long)
+    for i, r in enumerate(lists):
+        ids[i, :len(r)] = torch.as_tensor([int(t) for t in r], dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
 def _check_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
     """The attention mask of a tensor prompt: ids' shape, 0 / 1 only (1 = a real token, 0 = left
     padding), at least one real token a row; `.long()` made 0.5 a 0 and masked the whole prompt."""
@@ -151,7 +190,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
              attention_mask=None, seed: int | None = None, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, cache: str = "none", refresh: int | None = None,
              refresh_tokens: int | None = None, factor: float | None = None, stop_at_eos: bool = False,
-             on_canvas: Callable[[torch.Tensor], None] | None = None) -> GenerateOutput:
+             on_canvas: Callable[[torch.Tensor], None] | None = None, suffix_ids=None) -> GenerateOutput:
     """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
 
     Args:
@@ -190,13 +229,19 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             ended. In a batch, Dream's step quota (a batch mean) then counts the ended rows' zeros. Off by default: the reference
             loops decode the whole canvas (the model may write past an end token).
         attention_mask: [B, P] 0/1 for a pre-padded prompt tensor.
+        suffix_ids: infilling: text that follows the generated tokens, [B, S] / [S] tensor or (ragged)
+            lists of ids (one row: every row's; [] : a row without one). The canvas is prompt +
+            gen_length masks + suffix; the blocks decode the masks between them, every forward reads
+            the suffix (the caches keep it with the rest of the context), classifier-free guidance
+            masks it with the prompt, and `stop_at_eos` fills with EOS up to it. A suffix of mask
+            tokens is refused (masks in the prompt are filled: put them there).
         seed / generator: randomness (None = torch's global generator, like the references).
         callback: called as callback(step_done, steps_total_estimate) after each step.
         on_canvas: called with the live canvas x [B, P + gen_length] after each step (read it, do
             not keep or change it): streaming reads the committed prefix from it; an exception
             raised there stops the loop (a server cancels a batch whose clients all left).
     Returns:
-        GenerateOutput with `.ids` [B, P + gen_length] and `.commit_step` [B, gen_length].
+        GenerateOutput with `.ids` [B, P + gen_length + S] and `.commit_step` [B, gen_length].
     Raises:
         InputError: bad schedule, unknown sampler, ids out of the vocabulary, context overflow.
     """
@@ -211,13 +256,15 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(int(seed))  # numpy integers too
     prompt, pmask = prepare_prompt(prompt_ids, spec.pad_id, attention_mask)
-    _check_prompt(prompt, gen_length, backend)
-
     B, P = prompt.shape
+    suffix, smask = (torch.zeros(B, 0, dtype=torch.long),) * 2 if suffix_ids is None else \
+        prepare_suffix(suffix_ids, B, spec.pad_id)
+    _check_prompt(prompt, gen_length, backend, suffix)
+
     mask_id = spec.mask_id
-    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
-    x[:, :P] = prompt
-    am = torch.cat([pmask, torch.ones(B, gen_length, dtype=torch.long)], dim=1)
+    E = P + gen_length  # the canvas end: the suffix follows
+    x = torch.cat([prompt, torch.full((B, gen_length), mask_id, dtype=torch.long), suffix], dim=1)
+    am = torch.cat([pmask, torch.ones(B, gen_length, dtype=torch.long), smask], dim=1)
     commit = torch.full((B, gen_length), -1, dtype=torch.long)
     step_logits = _StepLogits(backend, plan, x != mask_id, am)
     rule = _rule(plan, mask_id, generator)
@@ -226,10 +273,10 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     with _loop_threads(backend):
         for b in range(plan.num_blocks):
             hi = P + (b + 1) * plan.block_length
-            _decode_block(x, commit, P, hi, plan, step_logits, rule, mask_id, callback, on_canvas)
+            _decode_block(x, commit, P, E, hi, plan, step_logits, rule, mask_id, callback, on_canvas)
             if plan.stop_at_eos:
-                done = end_rows(x, P, hi, spec, mask_id) & ~ended
-                x[done, hi:] = spec.eos_id
+                done = end_rows(x, P, hi, spec, mask_id, E) & ~ended
+                x[done, hi:E] = spec.eos_id
                 commit[done, hi - P:] = step_logits.nfe - 1
                 ended |= done
                 if bool(ended.all()):
@@ -255,7 +302,8 @@ def _loop_threads(backend: Backend):
         torch.set_num_threads(n)
 
 
-def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: Plan, step_logits: "_StepLogits",
+def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int, plan: Plan,
+                  step_logits: "_StepLogits",
                   rule: Callable, mask_id: int, callback: Callable[[int, int], None] | None,
                   on_canvas: Callable[[torch.Tensor], None] | None = None) -> None:
     """Unmask the block ending at `hi` in place (x, and commit: the step of each commit)."""
@@ -284,7 +332,7 @@ def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, hi: int, plan: 
             xs = x[:, cols]
             rule(logits[:, cols], xs, eligible[:, cols], q, i)
             x[:, cols] = xs
-        newly = (before & (x != mask_id))[:, P:]
+        newly = (before & (x != mask_id))[:, P:E]
         commit[newly & (commit < 0)] = step_logits.nfe - 1
         if callback is not None:
             callback(step_logits.nfe, plan.total_estimate)
@@ -415,24 +463,31 @@ def _check_callables(**hooks) -> None:
             raise InputError(f"{name} must be a function or None, got {hook!r:.40}")
 
 
-def _check_prompt(prompt: torch.Tensor, gen_length: int, backend) -> None:
-    P = prompt.shape[1]
-    if P + gen_length > backend.max_length:
-        raise InputError(f"prompt ({P} tokens) + gen_length ({gen_length}) = {P + gen_length} exceeds "
-                         f"the model's context of {backend.max_length} tokens")
-    if int(prompt.min()) < 0 or int(prompt.max()) >= backend.vocab_size:
-        raise InputError(f"prompt token ids must lie in [0, {backend.vocab_size}); got min {int(prompt.min())}, "
-                         f"max {int(prompt.max())}")
+def _check_prompt(prompt: torch.Tensor, gen_length: int, backend, suffix: torch.Tensor | None = None) -> None:
+    P, S = prompt.shape[1], 0 if suffix is None else suffix.shape[1]
+    if P + gen_length + S > backend.max_length:
+        what = f"prompt ({P} tokens) + gen_length ({gen_length})" + (f" + suffix ({S} tokens)" if S else "")
+        raise InputError(f"{what} = {P + gen_length + S} exceeds the model's context of {backend.max_length} tokens")
+    for name, ids in (("prompt", prompt), ("suffix", suffix)):
+        if ids is None or not ids.numel():
+            continue
+        if int(ids.min()) < 0 or int(ids.max()) >= backend.vocab_size:
+            raise InputError(f"{name} token ids must lie in [0, {backend.vocab_size}); got min {int(ids.min())}, "
+                             f"max {int(ids.max())}")
+    if S and bool((suffix == backend.spec.mask_id).any()):
+        raise InputError(f"the suffix holds the mask token (id {backend.spec.mask_id}): generate fills the "
+                         f"canvas before it; masks to fill go in the prompt")
 
 
-def end_rows(x: torch.Tensor, P: int, hi: int, spec, mask_id: int) -> torch.Tensor:
+def end_rows(x: torch.Tensor, P: int, hi: int, spec, mask_id: int, E: int | None = None) -> torch.Tensor:
     """(B,) bool: rows whose generated part up to `hi` is decoded, holds an end token (EOS or end of
-    turn) and has only masks after `hi`: `stop_at_eos` fills the rest of such a row with EOS."""
+    turn) and has only masks from `hi` to the canvas end `E` (default: the row's end; a suffix
+    follows it): `stop_at_eos` fills the rest of such a row's canvas with EOS."""
     stops = torch.tensor([i for i in (spec.eos_id, spec.eot_id) if i is not None], dtype=x.dtype)
     head = x[:, P:hi]
     has_end = torch.isin(head, stops).any(1)
     decoded = (x[:, :hi] != mask_id).all(1)
-    tail_masked = (x[:, hi:] == mask_id).all(1)
+    tail_masked = (x[:, hi:E] == mask_id).all(1)
     return has_end & decoded & tail_masked
 
 

@@ -231,14 +231,15 @@ async def _respond(app: FastAPI, body, request: Request, chat: bool):
     # tokenizing a long prompt takes a while: off the event loop, which serves every other client
     prompts = await asyncio.to_thread(
         lambda: [engine.encode_chat([m.as_dict() for m in body.messages])] if chat else [engine.encode(p) for p in texts])
-    settings = engine.settings(body, [len(p) for p in prompts])
+    suffix = [] if chat else engine.encode_suffix(body.suffix)
+    settings = engine.settings(body, [len(p) for p in prompts], len(suffix))
     loop = asyncio.get_running_loop()
     job = Job(rows=[p for p in prompts for _ in range(body.n)], settings=settings, loop=loop,
               events=asyncio.Queue(), deadline=time.monotonic() + app.state.cfg.timeout, n=body.n, stream=body.stream,
-              canvas=body.canvas, batchable=engine.batchable(settings))
+              canvas=body.canvas, batchable=engine.batchable(settings), suffix=suffix)
     echoes = [_echo(engine, t, p) for t, p in zip(texts, prompts)] if getattr(body, "echo", False) else None
     batcher.submit(job)
-    usage = {"prompt_tokens": sum(len(p) for p in prompts)}
+    usage = {"prompt_tokens": sum(len(p) + len(suffix) for p in prompts)}
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": engine.model_id}
     if body.stream:

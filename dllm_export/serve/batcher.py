@@ -32,6 +32,7 @@ class Job:
 
     Attributes:
         rows: prompt ids of every row (each prompt repeated n times, prompt-major).
+        suffix: ids after every row's completion (infilling), or [].
         settings: the decoding settings (the batch key).
         loop / events: where updates go: ("step", generated [rows, gen] ids) when `stream`
             and a row's committed prefix grew (every step with `canvas`), with each row's
@@ -49,6 +50,7 @@ class Job:
     canvas: bool = False
     cancelled: bool = False
     batchable: bool = True
+    suffix: list[int] = field(default_factory=list)
     enqueued: float = field(default_factory=time.monotonic)
 
     def put(self, event: tuple) -> None:
@@ -197,7 +199,9 @@ class Batcher:
         for job in batch:
             spans.append((start, start + len(job.rows)))
             start += len(job.rows)
-        P = max(len(r) for r in rows)
+        # rows of other suffixes (or none) share the batch: generate right-pads them, as it left-pads prompts
+        suffixes = [job.suffix for job in batch for _ in job.rows]
+        P, G = max(len(r) for r in rows), batch[0].settings.gen_length
         mask_id = self.engine.spec.mask_id
         last = {"t": time.perf_counter(), "prefix": [0] * len(rows)}
 
@@ -214,7 +218,7 @@ class Batcher:
             if all(job.cancelled for job in batch):
                 raise _AllLeft
             if any(job.stream for job in batch):
-                self._stream_step(batch, spans, x[:, P:], mask_id, last["prefix"])
+                self._stream_step(batch, spans, x[:, P:P + G], mask_id, last["prefix"])
 
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(rows))
@@ -222,7 +226,8 @@ class Batcher:
         started = time.monotonic()
         err = None
         try:
-            out = generate(self.engine.backend, rows, on_canvas=on_canvas, **s.kwargs())
+            out = generate(self.engine.backend, rows, on_canvas=on_canvas,
+                           suffix_ids=suffixes if any(suffixes) else None, **s.kwargs())
         except _AllLeft:
             return
         except RequestError as e:

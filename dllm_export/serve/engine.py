@@ -117,6 +117,17 @@ class Engine:
             raise RequestError("the prompt is empty", "prompt")
         return ids
 
+    def encode_suffix(self, suffix: str | None) -> list[int]:
+        """Ids of a completion's `suffix` (infilling: the text after the completion; none: [])."""
+        if not suffix:
+            return []
+        _check_unicode(suffix, "suffix")
+        ids = encode_prompt(self.tokenizer, suffix)
+        if self.spec.mask_id in ids:
+            raise RequestError("the suffix holds the mask token's text: the completion is what gets unmasked",
+                               "suffix")
+        return ids
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Ids of a conversation in the family's chat template, ready for the assistant's turn.
 
@@ -144,9 +155,10 @@ class Engine:
             raise RequestError(f"the chat template refused the messages: {e}", "messages") from None
 
     # -- settings -------------------------------------------------------------------------------
-    def settings(self, req, prompt_lengths: list[int]) -> GenSettings:
-        """Checked GenSettings of a request (a schemas.*Request); RequestError names the field at fault."""
-        longest = max(prompt_lengths)
+    def settings(self, req, prompt_lengths: list[int], suffix_length: int = 0) -> GenSettings:
+        """Checked GenSettings of a request (a schemas.*Request) whose prompts and suffix have these
+        lengths in tokens; RequestError names the field at fault."""
+        longest = max(prompt_lengths) + suffix_length  # the context the completion sits in
         if req.max_tokens is None:  # the default shrinks to the room the prompt leaves (OpenAI's own default)
             gen = min(self.default_max_tokens, max(self.context - longest, 1))
         else:
@@ -155,8 +167,10 @@ class Engine:
             raise RequestError(f"max_tokens {gen} exceeds this server's limit of {self.max_tokens_limit}",
                                "max_tokens")
         if longest + gen > self.context:
-            raise RequestError(f"prompt ({longest} tokens) + max_tokens ({gen}) = {longest + gen} exceeds the "
-                               f"model's context of {self.context} tokens", "max_tokens", "context_length_exceeded")
+            what = f"prompt ({longest - suffix_length} tokens) + max_tokens ({gen})"
+            what += f" + suffix ({suffix_length} tokens)" if suffix_length else ""
+            raise RequestError(f"{what} = {longest + gen} exceeds the model's context of {self.context} tokens",
+                               "max_tokens", "context_length_exceeded")
         top_p = None if req.top_p is None or req.top_p == 1 else req.top_p  # 1: OpenAI's "no filter"
         try:
             fast = with_preset(req.preset or self.preset, {k: getattr(req, k) for k in PRESET_FIELDS},

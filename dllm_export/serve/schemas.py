@@ -95,7 +95,7 @@ class CompletionRequest(_GenRequest):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: str | None = None  # infilling: the text after the completion (the canvas lies between)
 
     def prompts(self) -> list:
         """The prompts: each a string or a list of token ids."""
@@ -110,8 +110,9 @@ class CompletionRequest(_GenRequest):
         super().unsupported()
         if self.logprobs:
             raise RequestError("logprobs are not supported", "logprobs", "unsupported_parameter")
-        if self.suffix:
-            raise RequestError("suffix is not supported", "suffix", "unsupported_parameter")
+        if self.suffix and self.echo:
+            raise RequestError("echo and suffix cannot be combined: the answer is the text between the prompt and "
+                               "the suffix", "echo")
         if self.best_of not in (None, self.n):
             raise RequestError("best_of other than n is not supported", "best_of", "unsupported_parameter")
 
