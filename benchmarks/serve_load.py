@@ -97,7 +97,7 @@ VARIANTS = {"reference": {}, "dual": {"cache": "dual"}, "edge": {"preset": "edge
 
 def to_markdown(res: dict) -> str:
     s = res["settings"]
-    lines = [f"# serve_load: {res['model']} ({res['host']['cpu']}, {res['host']['cores']} cores, "
+    lines = [f"# serve_load: {res['model']} ({res['host']['cpu']}, {res['host']['cpus']} CPUs, "
              f"{s['threads']} torch thread(s) in the server, max_batch {s['max_batch']})", "",
              f"max_tokens {s['body']['max_tokens']}, steps {s['body']['steps']}, block_length "
              f"{s['body']['block_length']}, greedy; at least {s['per_client']} requests per client (8 in all at "

@@ -311,6 +311,25 @@ def test_n_and_stop(torch_engine, torch_url):
         assert streamed == full[:1]
 
 
+def test_a_request_is_answered_once_its_committed_text_has_ended(torch_engine, torch_url):
+    """The reference loop decodes all 8 blocks, but "12+34=" ends (46, then EOS) in the first: the
+    answer goes out after its 8 steps, the text generate's; a stop string in the committed prefix
+    ends a request the same way, the text cut as on the whole row."""
+    c = client(torch_url)
+    kw = {"steps": 64, "block_length": 8}
+    ids = encode_prompt(torch_engine.tokenizer, "12+34=")
+    r = c.completions.create(model="default", prompt="12+34=", max_tokens=64, extra_body=kw)
+    assert r.choices[0].text == expected(torch_engine, ids, gen_length=64, **kw) == "46"
+    assert r.choices[0].finish_reason == "stop" and r.model_extra["dllm"]["nfe"] == 8
+    assert r.usage.completion_tokens == 2
+    full = c.completions.create(model="default", prompt=PROMPTS[1], max_tokens=64, extra_body=kw)
+    assert full.model_extra["dllm"]["nfe"] == 64 and len(full.choices[0].text) > 12
+    stop = full.choices[0].text[8:12]
+    cut = c.completions.create(model="default", prompt=PROMPTS[1], max_tokens=64, stop=[stop], extra_body=kw)
+    assert cut.choices[0].text == full.choices[0].text[:full.choices[0].text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.model_extra["dllm"]["nfe"] < 64
+
+
 def test_bad_requests_name_their_field(torch_url):
     """The field at fault is the error's `param`: a seed torch cannot take, a cache the backend lacks."""
     r = httpx.post(f"{torch_url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "seed": -(1 << 63) - 1})

@@ -236,7 +236,7 @@ async def _respond(app: FastAPI, body, request: Request, chat: bool):
     loop = asyncio.get_running_loop()
     job = Job(rows=[p for p in prompts for _ in range(body.n)], settings=settings, loop=loop,
               events=asyncio.Queue(), deadline=time.monotonic() + app.state.cfg.timeout, n=body.n, stream=body.stream,
-              canvas=body.canvas, batchable=engine.batchable(settings), suffix=suffix)
+              canvas=body.canvas, batchable=engine.batchable(settings), suffix=suffix, stops=stops)
     echoes = [_echo(engine, t, p) for t, p in zip(texts, prompts)] if getattr(body, "echo", False) else None
     batcher.submit(job)
     usage = {"prompt_tokens": sum(len(p) + len(suffix) for p in prompts)}

@@ -4,8 +4,11 @@ Requests with equal, batchable settings (engine.GenSettings) are decoded togethe
 (n per prompt) form one left-padded batch of at most `max_batch` rows; a request that cannot
 join waits for a later batch, in arrival order. The queue is bounded; a request that waits past
 its deadline, or whose client left, is dropped from the queue, and a running batch whose
-clients have all left is stopped between two steps. Results and stream updates go back to the
-request's asyncio loop through thread-safe queue puts.
+clients have all left is stopped between two steps. A request is answered as soon as each of its
+rows' committed left-to-right prefix holds its end (an end token or a stop string): committed
+tokens never change, so that is its final text, and a batch whose requests are all answered
+stops there. Results and stream updates go back to the request's asyncio loop through
+thread-safe queue puts.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Job:
     Attributes:
         rows: prompt ids of every row (each prompt repeated n times, prompt-major).
         suffix: ids after every row's completion (infilling), or [].
+        stops: the request's stop strings (its text ends at the first, or at an end token).
         settings: the decoding settings (the batch key).
         loop / events: where updates go: ("step", generated [rows, gen] ids) when `stream`
             and a row's committed prefix grew (every step with `canvas`), with each row's
@@ -51,6 +55,8 @@ class Job:
     cancelled: bool = False
     batchable: bool = True
     suffix: list[int] = field(default_factory=list)
+    stops: tuple[str, ...] = ()
+    answered: bool = False  # its "done" went out before the batch ended
     enqueued: float = field(default_factory=time.monotonic)
 
     def put(self, event: tuple) -> None:
@@ -62,7 +68,7 @@ class Job:
 
 
 class _AllLeft(Exception):
-    """Raised inside the loop's canvas hook: every request of the batch is cancelled."""
+    """Raised inside the loop's canvas hook: every request of the batch is cancelled or answered."""
 
 
 class Batcher:
@@ -203,27 +209,37 @@ class Batcher:
         suffixes = [job.suffix for job in batch for _ in job.rows]
         P, G = max(len(r) for r in rows), batch[0].settings.gen_length
         mask_id = self.engine.spec.mask_id
-        last = {"t": time.perf_counter(), "prefix": [0] * len(rows)}
+        started, t0 = time.monotonic(), time.perf_counter()
+        last = {"t": t0, "prefix": [0] * len(rows), "steps": 0}
+        ended = _Ends(self.engine, len(rows))
 
         def on_canvas(x: torch.Tensor) -> None:
             t = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.step_seconds.observe(t - last["t"])
             last["t"] = t
+            last["steps"] += 1
             now = time.monotonic()
             for job in batch:
                 if not job.cancelled and now > job.deadline:
                     job.cancelled = True
                     job.put(("error", _timeout()))
-            if all(job.cancelled for job in batch):
-                raise _AllLeft
+            gen = x[:, P:P + G]
+            prefix = _committed_prefix(gen, mask_id)
             if any(job.stream for job in batch):
-                self._stream_step(batch, spans, x[:, P:P + G], mask_id, last["prefix"])
+                self._stream_step(batch, spans, gen, prefix, last["prefix"])
+            for job, (a, b) in zip(batch, spans):  # streamed jobs end themselves (the stream reads their ends)
+                if not (job.cancelled or job.answered or job.stream) and ended.all(job, gen, prefix, a, b):
+                    job.answered = True
+                    info = {"nfe": last["steps"], "seconds": round(t - t0, 4), "batch_rows": len(rows)}
+                    job.put(("done", [gen[r, :prefix[r]].tolist() for r in range(a, b)],
+                             {**info, "queued_s": round(started - job.enqueued, 4)}))
+            if all(job.cancelled or job.answered for job in batch):
+                raise _AllLeft
 
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(rows))
         s = batch[0].settings
-        started = time.monotonic()
         err = None
         try:
             out = generate(self.engine.backend, rows, on_canvas=on_canvas,
@@ -240,28 +256,47 @@ class Batcher:
             self._answered = time.monotonic()
         if err is not None:
             for job in batch:
-                job.put(("error", err))
+                if not job.answered:
+                    job.put(("error", err))
             return
         gen = out.generated
         info = {"nfe": out.nfe, "seconds": round(out.seconds, 4), "batch_rows": len(rows)}
         for job, (a, b) in zip(batch, spans):
-            if not job.cancelled:
+            if not (job.cancelled or job.answered):
                 job.put(("done", gen[a:b].tolist(), {**info, "queued_s": round(started - job.enqueued, 4)}))
 
     @staticmethod
-    def _stream_step(batch: list[Job], spans, gen: torch.Tensor, mask_id: int, seen: list[int]) -> None:
+    def _stream_step(batch: list[Job], spans, gen: torch.Tensor, prefix: list[int], seen: list[int]) -> None:
         """Send streaming jobs their rows when a committed left-to-right prefix grew."""
-        masked = gen == mask_id
-        # length of each row's unmasked prefix: index of its first mask (gen_length if none)
-        prefix = torch.where(masked.any(1), masked.int().argmax(1), torch.full_like(masked[:, 0], gen.shape[1],
-                                                                                     dtype=torch.long))
-        prefix = prefix.tolist()
         for job, (a, b) in zip(batch, spans):
             if job.cancelled or not job.stream:
                 continue
             if job.canvas or any(prefix[r] > seen[r] for r in range(a, b)):
                 job.put(("step", gen[a:b].tolist(), prefix[a:b]))
         seen[:] = prefix
+
+
+def _committed_prefix(gen: torch.Tensor, mask_id: int) -> list[int]:
+    """Each row's committed left-to-right prefix length: the index of its first mask (all if none)."""
+    masked = gen == mask_id
+    return torch.where(masked.any(1), masked.int().argmax(1), gen.shape[1]).tolist()
+
+
+class _Ends:
+    """Which rows' committed prefix holds their text's end (an end token or a stop string), each
+    row read again only when its prefix grew: once found, an end stays (committed tokens stay)."""
+
+    def __init__(self, engine: Engine, rows: int):
+        self.engine = engine
+        self.done, self.read = [False] * rows, [0] * rows
+
+    def all(self, job: Job, gen: torch.Tensor, prefix: list[int], a: int, b: int) -> bool:
+        """Whether every row of `job` (rows a..b) has ended."""
+        for r in range(a, b):
+            if not self.done[r] and prefix[r] > self.read[r]:
+                self.read[r] = prefix[r]
+                self.done[r] = self.engine.text(gen[r, :prefix[r]].tolist(), job.stops)[1] is not None
+        return all(self.done[a:b])
 
 
 def _timeout() -> RequestError:
