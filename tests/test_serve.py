@@ -158,6 +158,38 @@ def test_completion_with_a_suffix_infills_as_generate(torch_engine, torch_url):
     assert max(rows for _, _, rows in answers) > 1  # rows with other suffixes shared a batch
 
 
+def test_logprobs_are_generates_through_the_official_client(torch_engine, torch_url):
+    """`logprobs` (completions: top k <= 5) and `logprobs` + `top_logprobs` (chat): each returned
+    token with its log-probability under the step that committed it, as `generate(logprobs=k)`
+    gives it, its position's top tokens, and offsets into the text; alone or beside other requests."""
+    tok, c = torch_engine.tokenizer, client(torch_url)
+    ids = encode_prompt(tok, PROMPTS[1])
+    out = generate(torch_engine.backend, ids, gen_length=16, logprobs=3, **DLLM)
+    row = out.generated[0].tolist()
+    r = c.completions.create(model="default", prompt=PROMPTS[1], max_tokens=16, logprobs=3, extra_body=DLLM)
+    lp, k = r.choices[0].logprobs, r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == k
+    assert lp.token_logprobs == pytest.approx(out.logprobs[0, :k].tolist(), abs=1e-5)
+    assert lp.text_offset == [len(tok.decode(row[:j], skip_special_tokens=True)) for j in range(k)]
+    for j, top in enumerate(lp.top_logprobs):
+        want = {tok.decode([int(i)]): v for v, i in zip(out.top_logprobs[0][0, j].tolist(), out.top_logprobs[1][0, j])}
+        assert top == pytest.approx(want, abs=1e-5)
+    msgs = [{"role": "user", "content": "What is 12+7?"}]
+    chat_ids = encode_prompt(tok, msgs[0]["content"], chat=True)
+    chat_out = generate(torch_engine.backend, chat_ids, gen_length=16, logprobs=2, **DLLM)
+    with ThreadPoolExecutor(3) as pool:  # beside requests without logprobs, in one batch or not
+        plain = [pool.submit(c.completions.create, model="default", prompt=p, max_tokens=16, extra_body=DLLM)
+                 for p in PROMPTS[2:4]]
+        r = c.chat.completions.create(model="default", messages=msgs, max_tokens=16, logprobs=True, top_logprobs=2,
+                                      extra_body=DLLM)
+        assert all(f.result().choices[0].text for f in plain)
+    content, k = r.choices[0].logprobs.content, r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content and len(content) == k
+    assert [t.logprob for t in content] == pytest.approx(chat_out.logprobs[0, :k].tolist(), abs=1e-5)  # batched: float noise
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+
+
 def test_chat_and_stream_torch(torch_engine, torch_url):
     c = client(torch_url)
     msgs = [{"role": "user", "content": "What is 12+7?"}]
@@ -226,7 +258,9 @@ BAD = [  # (raw body, expected status, a word of the message)
     ('{"prompt": "x", "max_tokens": 8, "sampler": "nope"}', 400, "sampler"),
     ('{"prompt": "x", "max_tokens": 8, "cache": "huge"}', 400, "cache"),
     ('{"prompt": "x", "max_tokens": 8, "top_p": 0.5}', 400, "top_p"),
-    ('{"prompt": "x", "max_tokens": 8, "logprobs": 2}', 400, "logprobs"),
+    ('{"prompt": "x", "max_tokens": 8, "logprobs": 2, "stream": true}', 400, "not supported with stream"),
+    ('{"prompt": "x", "max_tokens": 8, "logprobs": 2, "echo": true}', 400, "would score the prompt"),
+    ('{"prompt": "x", "max_tokens": 8, "logprobs": 6}', 400, "logprobs"),
     ('{"prompt": "x", "max_tokens": 8, "presence_penalty": 1.0}', 400, "presence_penalty"),
     ('{"prompt": "x", "max_tokens": 8, "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     ('{"prompt": "x", "max_tokens": 8, "n": 9}', 400, "n"),
@@ -257,6 +291,8 @@ def test_bad_completion_requests(body, status, word, torch_url):
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": None}]}, "only an assistant message may have null content"),
     ({"messages": [{"role": "user", "content": "\ud800"}]}, "not valid UTF-8"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_bad_chat_requests(body, word, torch_url):
     r = httpx.post(f"{torch_url}/v1/chat/completions", content=json.dumps(body),  # \ud800 stays an escape
@@ -695,7 +731,7 @@ FUZZ_FIELDS = {
     "canvas": [True, None], "stream_options": [{"include_usage": True}, {"x": 1}, None],
     "logit_bias": [{"5": 1.0}, None],
     "presence_penalty": [0, 1, None], "model": ["default", "other", 7, None], "user": ["u", None], "bogus": [1],
-    "suffix": ["\n", "", 5, None],
+    "suffix": ["\n", "", 5, None], "logprobs": [0, 2, True, 9, None], "top_logprobs": [1, 30, None],
 }
 
 

@@ -71,6 +71,11 @@ class GenerateOutput:
             that refreshes only some rows' caches, though it runs the cached and the full forward).
         seconds: wall time of the loop.
         settings: the resolved decoding settings.
+        logprobs: with `generate(logprobs=k)`, (B, gen_length) float64 log-probability of each
+            generated token under the distribution of the step that committed it (NaN where no step
+            did: never committed, or filled by `stop_at_eos`); else None.
+        top_logprobs: with k > 0, ((B, gen_length, k) log-probabilities, (B, gen_length, k) token
+            ids) of that distribution's k most likely tokens; else None.
     """
 
     ids: torch.Tensor
@@ -80,6 +85,8 @@ class GenerateOutput:
     nfe: int
     seconds: float
     settings: dict = field(default_factory=dict)
+    logprobs: torch.Tensor | None = None
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def generated(self) -> torch.Tensor:
@@ -190,7 +197,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
              attention_mask=None, seed: int | None = None, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, cache: str = "none", refresh: int | None = None,
              refresh_tokens: int | None = None, factor: float | None = None, stop_at_eos: bool = False,
-             on_canvas: Callable[[torch.Tensor], None] | None = None, suffix_ids=None) -> GenerateOutput:
+             on_canvas: Callable[[torch.Tensor], None] | None = None, suffix_ids=None,
+             logprobs: int | None = None) -> GenerateOutput:
     """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
 
     Args:
@@ -235,6 +243,11 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             the suffix (the caches keep it with the rest of the context), classifier-free guidance
             masks it with the prompt, and `stop_at_eos` fills with EOS up to it. A suffix of mask
             tokens is refused (masks in the prompt are filled: put them there).
+        logprobs: record each generated token's log-probability under the distribution of the step
+            that committed it (the step's logits after guidance and the family's shift, before
+            temperature and filtering), and with k > 0 that distribution's k most likely tokens
+            (`GenerateOutput.logprobs` / `.top_logprobs`); None records nothing. Diffusion decoding
+            has no left-to-right likelihood: this is the model's confidence when it committed.
         seed / generator: randomness (None = torch's global generator, like the references).
         callback: called as callback(step_done, steps_total_estimate) after each step.
         on_canvas: called with the live canvas x [B, P + gen_length] after each step (read it, do
@@ -246,6 +259,9 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         InputError: bad schedule, unknown sampler, ids out of the vocabulary, context overflow.
     """
     _check_callables(callback=callback, on_canvas=on_canvas)
+    if logprobs is not None and not (is_int(logprobs) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise InputError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS} (top tokens per position) or None, "
+                         f"got {logprobs!r:.40}")
     backend: Backend = as_backend(model_or_backend)
     spec = backend.spec
     plan = Plan.resolve(spec, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
@@ -268,12 +284,13 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     commit = torch.full((B, gen_length), -1, dtype=torch.long)
     step_logits = _StepLogits(backend, plan, x != mask_id, am)
     rule = _rule(plan, mask_id, generator)
+    record = None if logprobs is None else _Logprobs(B, gen_length, P, int(logprobs))
     ended = torch.zeros(B, dtype=torch.bool)
     t0 = time.perf_counter()
     with _loop_threads(backend):
         for b in range(plan.num_blocks):
             hi = P + (b + 1) * plan.block_length
-            _decode_block(x, commit, P, E, hi, plan, step_logits, rule, mask_id, callback, on_canvas)
+            _decode_block(x, commit, P, E, hi, plan, step_logits, rule, mask_id, callback, on_canvas, record)
             if plan.stop_at_eos:
                 done = end_rows(x, P, hi, spec, mask_id, E) & ~ended
                 x[done, hi:E] = spec.eos_id
@@ -282,7 +299,9 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
                 if bool(ended.all()):
                     break
     return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=step_logits.nfe,
-                          seconds=time.perf_counter() - t0, settings=plan.settings())
+                          seconds=time.perf_counter() - t0, settings=plan.settings(),
+                          logprobs=None if record is None else record.token,
+                          top_logprobs=None if record is None or not record.k else (record.top, record.top_ids))
 
 
 @contextmanager
@@ -305,7 +324,7 @@ def _loop_threads(backend: Backend):
 def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int, plan: Plan,
                   step_logits: "_StepLogits",
                   rule: Callable, mask_id: int, callback: Callable[[int, int], None] | None,
-                  on_canvas: Callable[[torch.Tensor], None] | None = None) -> None:
+                  on_canvas: Callable[[torch.Tensor], None] | None = None, record: "_Logprobs | None" = None) -> None:
     """Unmask the block ending at `hi` in place (x, and commit: the step of each commit)."""
     lo = hi - plan.block_length
     # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
@@ -334,6 +353,8 @@ def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int
             x[:, cols] = xs
         newly = (before & (x != mask_id))[:, P:E]
         commit[newly & (commit < 0)] = step_logits.nfe - 1
+        if record is not None:
+            record(logits, newly, x)
         if callback is not None:
             callback(step_logits.nfe, plan.total_estimate)
         if on_canvas is not None:
@@ -589,6 +610,29 @@ class _StepLogits:
             cond, un = out.chunk(2, dim=0)
             out = un + (cfg + 1) * (cond - un)
         return out
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+class _Logprobs:
+    """Each generated token's log-probability under the step that committed it, and that step's top k."""
+
+    def __init__(self, B: int, gen_length: int, P: int, k: int):
+        self.P, self.k = P, k
+        self.token = torch.full((B, gen_length), float("nan"), dtype=torch.float64)
+        self.top = torch.full((B, gen_length, k), float("nan"), dtype=torch.float64)
+        self.top_ids = torch.full((B, gen_length, k), -1, dtype=torch.long)
+
+    def __call__(self, logits: torch.Tensor, newly: torch.Tensor, x: torch.Tensor) -> None:
+        """Record the positions `newly` (B, gen_length) committed from the aligned `logits` [B, L, V]."""
+        b, j = newly.nonzero(as_tuple=True)
+        if not len(b):
+            return
+        lp = torch.log_softmax(logits[b, j + self.P].double(), dim=-1)
+        self.token[b, j] = lp.gather(1, x[b, j + self.P][:, None])[:, 0]
+        if self.k:
+            self.top[b, j], self.top_ids[b, j] = lp.topk(min(self.k, lp.shape[-1]), dim=-1)
 
 
 def _rows_where(keep: torch.Tensor, old, new):

@@ -236,7 +236,8 @@ async def _respond(app: FastAPI, body, request: Request, chat: bool):
     loop = asyncio.get_running_loop()
     job = Job(rows=[p for p in prompts for _ in range(body.n)], settings=settings, loop=loop,
               events=asyncio.Queue(), deadline=time.monotonic() + app.state.cfg.timeout, n=body.n, stream=body.stream,
-              canvas=body.canvas, batchable=engine.batchable(settings), suffix=suffix, stops=stops)
+              canvas=body.canvas, batchable=engine.batchable(settings), suffix=suffix, stops=stops,
+              logprobs=body.wanted_logprobs())
     echoes = [_echo(engine, t, p) for t, p in zip(texts, prompts)] if getattr(body, "echo", False) else None
     batcher.submit(job)
     usage = {"prompt_tokens": sum(len(p) + len(suffix) for p in prompts)}
@@ -251,7 +252,7 @@ async def _respond(app: FastAPI, body, request: Request, chat: bool):
             raise event[1]
         if event[0] == "done":
             return _full_response(engine, event[1], event[2], stops, meta, usage, chat, echoes, body.n,
-                                  app.state.metrics)
+                                  app.state.metrics, event[3] if len(event) > 3 else None)
     raise RequestError("the client left", None, "client_closed", 499)
 
 
@@ -286,17 +287,18 @@ async def _events(batcher: Batcher, job: Job, request: Request | None):
 
 
 def _full_response(engine: Engine, rows: list[list[int]], info: dict, stops, meta: dict, usage: dict, chat: bool,
-                   echoes: list[str] | None, n: int, metrics: Metrics) -> dict:
+                   echoes: list[str] | None, n: int, metrics: Metrics, logprobs: list[tuple] | None = None) -> dict:
     choices, used = [], 0
     for i, tokens in enumerate(rows):
         text, reason, k = engine.text(tokens, stops)
         used += k
+        lp = None if logprobs is None else engine.logprobs(tokens[:k], *logprobs[i], chat)
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                             "finish_reason": reason or "length"})
         else:
             prefix = echoes[i // n] if echoes else ""
-            choices.append({"index": i, "text": prefix + text, "logprobs": None, "finish_reason": reason or "length"})
+            choices.append({"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": reason or "length"})
     usage = {**usage, "completion_tokens": used, "total_tokens": usage["prompt_tokens"] + used}
     metrics.prompt_tokens.inc(usage["prompt_tokens"])
     metrics.completion_tokens.inc(used)

@@ -37,6 +37,7 @@ class Job:
         rows: prompt ids of every row (each prompt repeated n times, prompt-major).
         suffix: ids after every row's completion (infilling), or [].
         stops: the request's stop strings (its text ends at the first, or at an end token).
+        logprobs: top tokens per position to return with each token's log-probability, or None.
         settings: the decoding settings (the batch key).
         loop / events: where updates go: ("step", generated [rows, gen] ids) when `stream`
             and a row's committed prefix grew (every step with `canvas`), with each row's
@@ -56,6 +57,7 @@ class Job:
     batchable: bool = True
     suffix: list[int] = field(default_factory=list)
     stops: tuple[str, ...] = ()
+    logprobs: int | None = None
     answered: bool = False  # its "done" went out before the batch ended
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -228,8 +230,11 @@ class Batcher:
             prefix = _committed_prefix(gen, mask_id)
             if any(job.stream for job in batch):
                 self._stream_step(batch, spans, gen, prefix, last["prefix"])
-            for job, (a, b) in zip(batch, spans):  # streamed jobs end themselves (the stream reads their ends)
-                if not (job.cancelled or job.answered or job.stream) and ended.all(job, gen, prefix, a, b):
+            # streamed jobs end themselves (the stream reads their ends); logprobs come with the loop's output
+            for job, (a, b) in zip(batch, spans):
+                if job.cancelled or job.answered or job.stream or job.logprobs is not None:
+                    continue
+                if ended.all(job, gen, prefix, a, b):
                     job.answered = True
                     info = {"nfe": last["steps"], "seconds": round(t - t0, 4), "batch_rows": len(rows)}
                     job.put(("done", [gen[r, :prefix[r]].tolist() for r in range(a, b)],
@@ -240,9 +245,10 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(rows))
         s = batch[0].settings
+        wanted = [job.logprobs for job in batch if job.logprobs is not None]
         err = None
         try:
-            out = generate(self.engine.backend, rows, on_canvas=on_canvas,
+            out = generate(self.engine.backend, rows, on_canvas=on_canvas, logprobs=max(wanted, default=None),
                            suffix_ids=suffixes if any(suffixes) else None, **s.kwargs())
         except _AllLeft:
             return
@@ -263,7 +269,8 @@ class Batcher:
         info = {"nfe": out.nfe, "seconds": round(out.seconds, 4), "batch_rows": len(rows)}
         for job, (a, b) in zip(batch, spans):
             if not (job.cancelled or job.answered):
-                job.put(("done", gen[a:b].tolist(), {**info, "queued_s": round(started - job.enqueued, 4)}))
+                job.put(("done", gen[a:b].tolist(), {**info, "queued_s": round(started - job.enqueued, 4)},
+                         _logprob_rows(out, job.logprobs, a, b)))
 
     @staticmethod
     def _stream_step(batch: list[Job], spans, gen: torch.Tensor, prefix: list[int], seen: list[int]) -> None:
@@ -274,6 +281,15 @@ class Batcher:
             if job.canvas or any(prefix[r] > seen[r] for r in range(a, b)):
                 job.put(("step", gen[a:b].tolist(), prefix[a:b]))
         seen[:] = prefix
+
+
+def _logprob_rows(out, k: int | None, a: int, b: int) -> list[tuple] | None:
+    """Rows a..b's (token log-probabilities, top-k log-probabilities, top-k ids) as lists, or None."""
+    if k is None:
+        return None
+    top, ids = out.top_logprobs if out.top_logprobs is not None else (None, None)
+    return [(out.logprobs[r].tolist(), [] if not k else top[r, :, :k].tolist(), [] if not k else ids[r, :, :k].tolist())
+            for r in range(a, b)]
 
 
 def _committed_prefix(gen: torch.Tensor, mask_id: int) -> list[int]:

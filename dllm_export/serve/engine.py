@@ -214,6 +214,27 @@ class Engine:
         return text[:min(hits)], "stop", hi
 
 
+    def logprobs(self, tokens: list[int], token_lp: list[float], top_lp: list, top_ids: list, chat: bool) -> dict:
+        """OpenAI's `logprobs` of a choice whose text is `tokens` (those counted in its usage): each
+        token's log-probability (`generate(logprobs=)`: under the step that committed it) and its
+        position's top tokens; the chat shape ({"content": [...]}) or the completions one (tokens,
+        token_logprobs, top_logprobs, text_offset)."""
+        piece = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+        value = lambda x: None if x != x else x  # noqa: E731  (NaN: no step committed it; JSON has no NaN)
+        strings = [piece(t) for t in tokens]
+        if chat:
+            def entry(s: str, lp: float) -> dict:
+                return {"token": s, "logprob": value(lp), "bytes": list(s.encode("utf-8"))}
+            content = [{**entry(s, token_lp[j]),
+                        "top_logprobs": [entry(piece(i), v) for v, i in zip(top_lp[j], top_ids[j])] if top_lp else []}
+                       for j, s in enumerate(strings)]
+            return {"content": content, "refusal": None}
+        offsets = [len(self.tokenizer.decode(tokens[:j], skip_special_tokens=True)) for j in range(len(tokens))]
+        return {"tokens": strings, "token_logprobs": [value(token_lp[j]) for j in range(len(tokens))],
+                "top_logprobs": [{piece(i): value(v) for v, i in zip(top_lp[j], top_ids[j])} for j in range(len(tokens))]
+                if top_lp else None, "text_offset": offsets}
+
+
 def _param_of(message: str) -> str | None:
     """The request field an InputError of `Plan.check` is about (its first word that is one)."""
     names = {"gen_length": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",

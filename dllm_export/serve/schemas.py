@@ -68,6 +68,10 @@ class _GenRequest(_Strict):
     alg_temp: float | None = None
     canvas: bool = False  # streaming: also send the denoising canvas after every step
 
+    def wanted_logprobs(self) -> int | None:
+        """Top tokens per position to return with each token's log-probability (None: no logprobs)."""
+        return None
+
     def stops(self) -> tuple[str, ...]:
         """Stop strings (OpenAI allows up to 4)."""
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -86,6 +90,8 @@ class _GenRequest(_Strict):
             raise RequestError("canvas streams the denoising canvas; it needs stream: true", "canvas")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+        if self.stream and self.wanted_logprobs() is not None:
+            raise RequestError("logprobs are not supported with stream: true", "logprobs", "unsupported_parameter")
 
 
 class CompletionRequest(_GenRequest):
@@ -93,7 +99,7 @@ class CompletionRequest(_GenRequest):
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # top tokens per position (OpenAI's limit: 5)
     best_of: int | None = None
     suffix: str | None = None  # infilling: the text after the completion (the canvas lies between)
 
@@ -106,10 +112,15 @@ class CompletionRequest(_GenRequest):
             raise RequestError("the prompt is empty", "prompt")
         return list(p)
 
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> None:
         super().unsupported()
-        if self.logprobs:
-            raise RequestError("logprobs are not supported", "logprobs", "unsupported_parameter")
+        if self.logprobs is not None and self.echo:
+            raise RequestError("logprobs with echo would score the prompt: diffusion decoding has no left-to-right "
+                               "likelihood (score text with dllm-export eval or the lm-eval adapter)", "echo",
+                               "unsupported_parameter")
         if self.suffix and self.echo:
             raise RequestError("echo and suffix cannot be combined: the answer is the text between the prompt and "
                                "the suffix", "echo")
@@ -151,13 +162,16 @@ class ChatRequest(_GenRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise RequestError("logprobs are not supported", "logprobs", "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
             raise RequestError(f"response_format {self.response_format.type!r} is not supported (only 'text')",
                                "response_format", "unsupported_parameter")
