@@ -252,6 +252,9 @@ def _add_generate(sub) -> None:
                         "where the backend has none) (default: %(default)s)")
     g.add_argument("--seed", type=int, help="random seed (for temperature > 0 or random samplers)")
     g.add_argument("--json", action="store_true", help="print ids, commit steps and timings as JSON")
+    g.add_argument("--logprobs", type=int, metavar="K",
+                   help="with --json: each generated token's log-probability under the step that committed it, "
+                        "and that step's top K tokens (0..20)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -497,6 +500,8 @@ def cmd_generate(args) -> int:
     model = load_backend(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads, kernel=args.kernel)
     tok = load_tokenizer(args.model)
     load_s = time.perf_counter() - t0
+    if args.logprobs is not None and not args.json:
+        raise InputError("--logprobs prints with --json")
     prompts = [encode_prompt(tok, p, chat=args.chat) for p in args.prompt]
     suffixes = _suffixes(args, tok)
     bar = None
@@ -516,7 +521,7 @@ def cmd_generate(args) -> int:
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
                    top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress,
-                   suffix_ids=suffixes, **opts)
+                   suffix_ids=suffixes, logprobs=args.logprobs, **opts)
     if bar is not None:
         bar.close()
     texts = [tok.decode(row, skip_special_tokens=True) for row in out.generated.tolist()]
@@ -526,6 +531,7 @@ def cmd_generate(args) -> int:
             "model": str(args.model), "backend": model.name, "family": model.spec.family, "prompts": args.prompt,
             "suffixes": args.suffix, "text": texts, "ids": out.ids.tolist(), "prompt_length": out.prompt_length,
             "commit_step": out.commit_step.tolist(), "nfe": out.nfe, "settings": out.settings,
+            **_logprobs_json(out),
             "timings": {"load_s": round(load_s, 4), "generate_s": round(out.seconds, 4),
                         "tokens_per_s": round(n_tokens / out.seconds, 2) if out.seconds else None,
                         "s_per_step": round(out.seconds / max(out.nfe, 1), 5),
@@ -536,6 +542,20 @@ def cmd_generate(args) -> int:
         for prompt, text, suffix in zip(args.prompt, texts, after):
             print(prompt + text + suffix if not args.chat else text)
     return 0
+
+
+def _logprobs_json(out) -> dict:
+    """`generate --json --logprobs`'s fields: per row and position the token's log-probability (null
+    where no step committed it) and the top tokens as [id, log-probability] pairs."""
+    if out.logprobs is None:
+        return {}
+    nan_to_none = lambda rows: [[None if v != v else v for v in row] for row in rows]  # noqa: E731
+    res = {"logprobs": nan_to_none(out.logprobs.tolist())}
+    if out.top_logprobs is not None:
+        values, ids = out.top_logprobs
+        res["top_logprobs"] = [[[[i, v] for i, v in zip(pi, pv) if i >= 0] for pi, pv in zip(ri, rv)]
+                               for ri, rv in zip(ids.tolist(), values.tolist())]
+    return res
 
 
 def _suffixes(args, tok) -> list[list[int]] | None:

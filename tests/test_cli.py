@@ -48,6 +48,21 @@ def test_generate_with_a_suffix_prints_prompt_fill_and_suffix(tiny_dirs, capsys)
     assert capsys.readouterr().out == "def f(x):" + out["text"][0] + " return y\n"
 
 
+def test_generate_json_logprobs_are_the_apis(tiny_dirs, capsys):
+    from dllm_export import generate, load_model, load_tokenizer
+    from dllm_export.tokenizer import encode_prompt
+
+    model = tiny_dirs["dream"]
+    assert main(["generate", "--model", str(model), "--prompt", "def f(x):", "--gen-length", "8", "--json",
+                 "--logprobs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = generate(load_model(model), [encode_prompt(load_tokenizer(model), "def f(x):")], gen_length=8, logprobs=2)
+    assert out["logprobs"][0] == pytest.approx(want.logprobs[0].tolist(), abs=1e-9)
+    assert [[i for i, _ in pos] for pos in out["top_logprobs"][0]] == want.top_logprobs[1][0].tolist()
+    assert main(["generate", "--model", str(model), "--prompt", "a", "--gen-length", "8", "--logprobs", "2"]) == 2
+    assert "--logprobs prints with --json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--chat"], "--suffix infills between a raw prompt and the suffix; --chat ends the prompt"),
     (["--prompt", "b", "--prompt", "c", "--suffix", "y"], "2 --suffix for 3 --prompt"),
