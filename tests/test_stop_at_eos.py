@@ -23,7 +23,9 @@ def models():
 
 class EosAt:
     """A torch backend that makes the end token the certain choice at one absolute position
-    (`pos`, None = every position) of batch row `row`, so a random model writes an EOS there."""
+    (`pos`, None = every position) of batch row `row` (with pos None: of the rows without left
+    padding, which stay those rows when a batch drops its ended rows), so a random model writes an
+    EOS there."""
 
     def __init__(self, model, pos: int | None, row: int = 0):
         self.inner = TorchBackend(model)
@@ -35,7 +37,8 @@ class EosAt:
     def forward(self, ids, attention_mask=None, cache=None, rows=None):
         out = self.inner.forward(ids, attention_mask, cache=cache, rows=rows).clone()
         if self.pos is None:
-            out[self.row, :, self.token] += 100.0
+            unpadded = [r for r in range(out.shape[0]) if attention_mask is None or bool(attention_mask[r].all())]
+            out[unpadded, :, self.token] += 100.0
             return out
         # raw row r predicts token r + shift; the output's first row is the absolute position `first`
         first = (0 if cache is None or cache.window is None else cache.window[0]) + (0 if rows is None else rows[0])
@@ -145,3 +148,45 @@ def test_cli_preset_fills_only_the_options_left_open(tiny_dirs, capsys, extra, w
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and {k: out["settings"][k] for k in want} == want
     assert out["timings"]["tokens_per_step"] == pytest.approx(16 / out["nfe"], abs=1e-3)
+
+
+class _Rows(EosAt):
+    """EosAt that records the rows of every forward."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rows = []
+
+    def forward(self, ids, attention_mask=None, cache=None, rows=None):
+        self.rows.append(ids.shape[0])
+        return super().forward(ids, attention_mask, cache=cache, rows=rows)
+
+
+@pytest.mark.parametrize("opts", [{}, {"cache": "dual", "threshold": 0.5}, {"cache": "prefix"}, {"cfg_scale": 1.0}])
+def test_a_batch_drops_its_ended_rows(models, opts):
+    """Once a row has ended (stop_at_eos), the next blocks' forwards leave it out: the other rows
+    decode as they do alone, the hooks still see the whole batch's canvas, logprobs land in the
+    right rows, and the forwards after the first block carry the two rows left (four with guidance)."""
+    be = _Rows(models["llada"], pos=None)  # the unpadded row ends at once
+    prompts = [PROMPT, PROMPT[:4], PROMPT[1:]]
+    kw = dict(gen_length=24, steps=24, block_length=8, stop_at_eos=True, logprobs=1, **opts)
+    seen = []
+    out = D.generate(be, prompts, on_canvas=lambda x: seen.append(x.clone()), **kw)
+    assert (out.generated[0] == be.token).all() and torch.equal(seen[-1], out.ids) and seen[0].shape[0] == 3
+    per_row = 2 if opts.get("cfg_scale") else 1
+    assert set(be.rows[-4:]) == {2 * per_row}  # rows 1 and 2 (padded) decode on
+    for i in (1, 2):
+        alone = D.generate(TorchBackend(models["llada"]), [prompts[i]], **kw)
+        assert torch.equal(out.generated[i], alone.generated[0]), i
+        assert torch.allclose(out.logprobs[i], alone.logprobs[0], atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("opts", [{"sampler": "maskgit_plus"}, {"sampler": "random", "seed": 1},
+                                  {"temperature": 0.5, "seed": 1}])
+def test_rows_that_share_draws_or_a_quota_stay_in_the_batch(models, opts):
+    """Dream's batch-mean quota and shared random draws tie a row's tokens to its batch: there the
+    ended rows stay in every forward (the traces are those of the reference loops)."""
+    model = models["dream"] if opts.get("sampler") == "maskgit_plus" else models["llada"]
+    be = _Rows(model, pos=None)
+    D.generate(be, [PROMPT, PROMPT[:4]], gen_length=24, steps=24, block_length=8, stop_at_eos=True, **opts)
+    assert set(be.rows) == {2}

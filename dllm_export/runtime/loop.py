@@ -234,7 +234,9 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         stop_at_eos: once a block is decoded with an end token (EOS or end of turn) in a row's
             generated part and only masks after the block, that row's rest is filled with EOS
             (commit step: the block's last) and not decoded; the loop ends when every row has
-            ended. In a batch, Dream's step quota (a batch mean) then counts the ended rows' zeros. Off by default: the reference
+            ended, and the next blocks' forwards leave the ended rows out where a row's tokens do
+            not depend on its companions (`Plan.rows_independent`). Otherwise (sampled draws,
+            Dream's batch-mean step quota, which then counts the ended rows' zeros) they stay in. Off by default: the reference
             loops decode the whole canvas (the model may write past an end token).
         attention_mask: [B, P] 0/1 for a pre-padded prompt tensor.
         suffix_ids: infilling: text that follows the generated tokens, [B, S] / [S] tensor or (ragged)
@@ -282,22 +284,28 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     x = torch.cat([prompt, torch.full((B, gen_length), mask_id, dtype=torch.long), suffix], dim=1)
     am = torch.cat([pmask, torch.ones(B, gen_length, dtype=torch.long), smask], dim=1)
     commit = torch.full((B, gen_length), -1, dtype=torch.long)
-    step_logits = _StepLogits(backend, plan, x != mask_id, am)
+    prompt_index = x != mask_id
     rule = _rule(plan, mask_id, generator)
     record = None if logprobs is None else _Logprobs(B, gen_length, P, int(logprobs))
     ended = torch.zeros(B, dtype=torch.bool)
+    live = _LiveRows(x, commit, _StepLogits(backend, plan, prompt_index, am), on_canvas, record)
     t0 = time.perf_counter()
     with _loop_threads(backend):
         for b in range(plan.num_blocks):
             hi = P + (b + 1) * plan.block_length
-            _decode_block(x, commit, P, E, hi, plan, step_logits, rule, mask_id, callback, on_canvas, record)
+            _decode_block(live.x, live.commit, P, E, hi, plan, live.step_logits, rule, mask_id, callback,
+                          live.on_canvas, live.record)
+            live.write_back()
             if plan.stop_at_eos:
                 done = end_rows(x, P, hi, spec, mask_id, E) & ~ended
                 x[done, hi:E] = spec.eos_id
-                commit[done, hi - P:] = step_logits.nfe - 1
+                commit[done, hi - P:] = live.step_logits.nfe - 1
                 ended |= done
                 if bool(ended.all()):
                     break
+                if bool(done.any()) and plan.rows_independent:  # the next block starts with a full forward
+                    live.keep(~ended, _StepLogits(backend, plan, prompt_index[~ended], am[~ended]))
+    step_logits = live.step_logits
     return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=step_logits.nfe,
                           seconds=time.perf_counter() - t0, settings=plan.settings(),
                           logprobs=None if record is None else record.token,
@@ -361,6 +369,40 @@ def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int
             on_canvas(x)
 
 
+class _LiveRows:
+    """The rows still decoding: all of them, or (after `keep`) copies of the rows that have not ended,
+    so that a batch's later blocks compute only those (`stop_at_eos`). Hooks see the whole canvas and
+    logprobs land in the whole batch's rows; `write_back` copies the live rows into the full tensors."""
+
+    def __init__(self, x: torch.Tensor, commit: torch.Tensor, step_logits: "_StepLogits", on_canvas, record):
+        self.full_x, self.full_commit, self.step_logits = x, commit, step_logits
+        self.x, self.commit, self.rows = x, commit, None
+        self._on_canvas, self._record = on_canvas, record
+
+    def keep(self, rows: torch.Tensor, step_logits: "_StepLogits") -> None:
+        """Decode only `rows` (a bool mask over the batch) from the next block on; `step_logits` is a
+        fresh one for them (its first step, a block's first, is a full forward)."""
+        step_logits.nfe = self.step_logits.nfe
+        self.rows = rows.nonzero().squeeze(1)
+        self.x, self.commit, self.step_logits = self.full_x[self.rows], self.full_commit[self.rows], step_logits
+
+    def write_back(self) -> None:
+        if self.rows is not None:
+            self.full_x[self.rows], self.full_commit[self.rows] = self.x, self.commit
+
+    @property
+    def on_canvas(self):
+        if self._on_canvas is None or self.rows is None:
+            return self._on_canvas
+        return lambda x: (self.full_x.index_copy_(0, self.rows, x), self._on_canvas(self.full_x))
+
+    @property
+    def record(self):
+        if self._record is None or self.rows is None:
+            return self._record
+        return lambda logits, newly, x: self._record(logits, newly, x, self.rows)
+
+
 @dataclass(frozen=True)
 class Plan:
     """The decoding settings of one `generate` call, resolved (see `generate` for their meaning)."""
@@ -413,6 +455,12 @@ class Plan:
     @property
     def total_estimate(self) -> int:
         return self.gen_length if self.parallel else self.steps
+
+    @property
+    def rows_independent(self) -> bool:
+        """A row's tokens do not depend on the other rows of its batch: greedy (no shared random draws)
+        and no batch-mean quota (Dream's samplers without threshold / factor)."""
+        return self.greedy and (self.parallel or self.sampler in S.LLADA_SAMPLERS)
 
     @property
     def greedy(self) -> bool:
@@ -624,15 +672,18 @@ class _Logprobs:
         self.top = torch.full((B, gen_length, k), float("nan"), dtype=torch.float64)
         self.top_ids = torch.full((B, gen_length, k), -1, dtype=torch.long)
 
-    def __call__(self, logits: torch.Tensor, newly: torch.Tensor, x: torch.Tensor) -> None:
-        """Record the positions `newly` (B, gen_length) committed from the aligned `logits` [B, L, V]."""
+    def __call__(self, logits: torch.Tensor, newly: torch.Tensor, x: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> None:
+        """Record the positions `newly` (b, gen_length) committed from the aligned `logits` [b, L, V]
+        of the canvas x (`rows`: the batch rows these b are, when only some rows decode)."""
         b, j = newly.nonzero(as_tuple=True)
         if not len(b):
             return
         lp = torch.log_softmax(logits[b, j + self.P].double(), dim=-1)
-        self.token[b, j] = lp.gather(1, x[b, j + self.P][:, None])[:, 0]
+        at = b if rows is None else rows[b]
+        self.token[at, j] = lp.gather(1, x[b, j + self.P][:, None])[:, 0]
         if self.k:
-            self.top[b, j], self.top_ids[b, j] = lp.topk(min(self.k, lp.shape[-1]), dim=-1)
+            self.top[at, j], self.top_ids[at, j] = lp.topk(min(self.k, lp.shape[-1]), dim=-1)
 
 
 def _rows_where(keep: torch.Tensor, old, new):
