@@ -229,9 +229,9 @@ async def _respond(app: FastAPI, body, request: Request, chat: bool):
     stops = body.stops()
     texts = None if chat else body.prompts()
     # tokenizing a long prompt takes a while: off the event loop, which serves every other client
-    prompts = await asyncio.to_thread(
-        lambda: [engine.encode_chat([m.as_dict() for m in body.messages])] if chat else [engine.encode(p) for p in texts])
-    suffix = [] if chat else engine.encode_suffix(body.suffix)
+    prompts, suffix = await asyncio.to_thread(
+        lambda: ([engine.encode_chat([m.as_dict() for m in body.messages])], []) if chat
+        else ([engine.encode(p) for p in texts], engine.encode_suffix(body.suffix)))
     settings = engine.settings(body, [len(p) for p in prompts], len(suffix))
     loop = asyncio.get_running_loop()
     job = Job(rows=[p for p in prompts for _ in range(body.n)], settings=settings, loop=loop,
