@@ -236,8 +236,9 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             (commit step: the block's last) and not decoded; the loop ends when every row has
             ended, and the next blocks' forwards leave the ended rows out where a row's tokens do
             not depend on its companions (`Plan.rows_independent`). Otherwise (sampled draws,
-            Dream's batch-mean step quota, which then counts the ended rows' zeros) they stay in. Off by default: the reference
-            loops decode the whole canvas (the model may write past an end token).
+            Dream's batch-mean step quota, which then counts the ended rows' zeros) they stay in.
+            Off by default: the reference loops decode the whole canvas (the model may write past
+            an end token).
         attention_mask: [B, P] 0/1 for a pre-padded prompt tensor.
         suffix_ids: infilling: text that follows the generated tokens, [B, S] / [S] tensor or (ragged)
             lists of ids (one row: every row's; [] : a row without one). The canvas is prompt +
@@ -252,7 +253,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             has no left-to-right likelihood: this is the model's confidence when it committed.
         seed / generator: randomness (None = torch's global generator, like the references).
         callback: called as callback(step_done, steps_total_estimate) after each step.
-        on_canvas: called with the live canvas x [B, P + gen_length] after each step (read it, do
+        on_canvas: called with the live canvas x [B, P + gen_length + S] after each step (read it, do
             not keep or change it): streaming reads the committed prefix from it; an exception
             raised there stops the loop (a server cancels a batch whose clients all left).
     Returns:
@@ -305,8 +306,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
                     break
                 if bool(done.any()) and plan.rows_independent:  # the next block starts with a full forward
                     live.keep(~ended, _StepLogits(backend, plan, prompt_index[~ended], am[~ended]))
-    step_logits = live.step_logits
-    return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=step_logits.nfe,
+    return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=live.step_logits.nfe,
                           seconds=time.perf_counter() - t0, settings=plan.settings(),
                           logprobs=None if record is None else record.token,
                           top_logprobs=None if record is None or not record.k else (record.top, record.top_ids))
@@ -330,10 +330,11 @@ def _loop_threads(backend: Backend):
 
 
 def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int, plan: Plan,
-                  step_logits: "_StepLogits",
-                  rule: Callable, mask_id: int, callback: Callable[[int, int], None] | None,
+                  step_logits: "_StepLogits", rule: Callable, mask_id: int,
+                  callback: Callable[[int, int], None] | None,
                   on_canvas: Callable[[torch.Tensor], None] | None = None, record: "_Logprobs | None" = None) -> None:
-    """Unmask the block ending at `hi` in place (x, and commit: the step of each commit)."""
+    """Unmask the block ending at `hi` in place (x, and commit: the step of each commit; the canvas
+    is x[:, P:E])."""
     lo = hi - plan.block_length
     # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
     upto_block = torch.zeros_like(x, dtype=torch.bool)

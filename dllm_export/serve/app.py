@@ -252,7 +252,7 @@ async def _respond(app: FastAPI, body, request: Request, chat: bool):
             raise event[1]
         if event[0] == "done":
             return _full_response(engine, event[1], event[2], stops, meta, usage, chat, echoes, body.n,
-                                  app.state.metrics, event[3] if len(event) > 3 else None)
+                                  app.state.metrics, event[3])
     raise RequestError("the client left", None, "client_closed", 499)
 
 

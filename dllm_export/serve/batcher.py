@@ -41,7 +41,8 @@ class Job:
         settings: the decoding settings (the batch key).
         loop / events: where updates go: ("step", generated [rows, gen] ids) when `stream`
             and a row's committed prefix grew (every step with `canvas`), with each row's
-            prefix length: ("step", ids, lengths); then ("done", ids, info) or ("error", RequestError).
+            prefix length: ("step", ids, lengths); then ("done", ids, info, logprob rows or None) or
+            ("error", RequestError).
         deadline: time.monotonic() after which the request is dropped (timeout).
     """
 
@@ -238,7 +239,7 @@ class Batcher:
                     job.answered = True
                     info = {"nfe": last["steps"], "seconds": round(t - t0, 4), "batch_rows": len(rows)}
                     job.put(("done", [gen[r, :prefix[r]].tolist() for r in range(a, b)],
-                             {**info, "queued_s": round(started - job.enqueued, 4)}))
+                             {**info, "queued_s": round(started - job.enqueued, 4)}, None))
             if all(job.cancelled or job.answered for job in batch):
                 raise _AllLeft
 
@@ -284,12 +285,12 @@ class Batcher:
 
 
 def _logprob_rows(out, k: int | None, a: int, b: int) -> list[tuple] | None:
-    """Rows a..b's (token log-probabilities, top-k log-probabilities, top-k ids) as lists, or None."""
+    """Rows a..b's (token log-probabilities, top-k log-probabilities, top-k ids) as lists, or None
+    (the batch ran with the largest k its requests asked for)."""
     if k is None:
         return None
-    top, ids = out.top_logprobs if out.top_logprobs is not None else (None, None)
-    return [(out.logprobs[r].tolist(), [] if not k else top[r, :, :k].tolist(), [] if not k else ids[r, :, :k].tolist())
-            for r in range(a, b)]
+    top = [t[a:b, :, :k].tolist() for t in out.top_logprobs] if k else [[[]] * (b - a)] * 2
+    return list(zip(out.logprobs[a:b].tolist(), *top))
 
 
 def _committed_prefix(gen: torch.Tensor, mask_id: int) -> list[int]:
