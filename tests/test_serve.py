@@ -190,6 +190,34 @@ def test_logprobs_are_generates_through_the_official_client(torch_engine, torch_
     assert all(bytes(t.bytes).decode() == t.token for t in content)
 
 
+def test_streamed_logprobs_are_the_answers_in_parts(torch_url):
+    """Streamed with logprobs, each delta carries the tokens that start in its text: joined, the
+    chunks' tokens, log-probabilities, top tokens and offsets are the non-streamed answer's (four
+    blocks, so the text arrives in parts; the stop string holds text back)."""
+    c = client(torch_url)
+    body = {"steps": 32, "block_length": 8}
+    for kw in ({}, {"stop": ["):"]}):
+        full = c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=32, logprobs=2, extra_body=body,
+                                    **kw)
+        chunks = [ch.choices[0] for ch in c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=32,
+                                                               logprobs=2, stream=True, extra_body=body, **kw)]
+        parts = [ch.logprobs for ch in chunks if ch.logprobs is not None]
+        assert "".join(ch.text for ch in chunks) == full.choices[0].text and len(parts) >= 2
+        want = full.choices[0].logprobs
+        assert sum((p.tokens for p in parts), []) == want.tokens
+        assert sum((p.token_logprobs for p in parts), []) == want.token_logprobs
+        assert sum((p.top_logprobs for p in parts), []) == want.top_logprobs
+        assert sum((p.text_offset for p in parts), []) == want.text_offset
+    msgs = [{"role": "user", "content": "What is 12+7?"}]
+    full = c.chat.completions.create(model="default", messages=msgs, max_tokens=16, logprobs=True, top_logprobs=1,
+                                     extra_body=DLLM)
+    chunks = [ch.choices[0] for ch in c.chat.completions.create(model="default", messages=msgs, max_tokens=16,
+                                                                logprobs=True, top_logprobs=1, stream=True,
+                                                                extra_body=DLLM) if ch.choices]
+    content = sum((ch.logprobs.content for ch in chunks if ch.logprobs is not None), [])
+    assert [t.model_dump() for t in content] == [t.model_dump() for t in full.choices[0].logprobs.content]
+
+
 def test_chat_and_stream_torch(torch_engine, torch_url):
     c = client(torch_url)
     msgs = [{"role": "user", "content": "What is 12+7?"}]
@@ -258,7 +286,6 @@ BAD = [  # (raw body, expected status, a word of the message)
     ('{"prompt": "x", "max_tokens": 8, "sampler": "nope"}', 400, "sampler"),
     ('{"prompt": "x", "max_tokens": 8, "cache": "huge"}', 400, "cache"),
     ('{"prompt": "x", "max_tokens": 8, "top_p": 0.5}', 400, "top_p"),
-    ('{"prompt": "x", "max_tokens": 8, "logprobs": 2, "stream": true}', 400, "not supported with stream"),
     ('{"prompt": "x", "max_tokens": 8, "logprobs": 2, "echo": true}', 400, "would score the prompt"),
     ('{"prompt": "x", "max_tokens": 8, "logprobs": 6}', 400, "logprobs"),
     ('{"prompt": "x", "max_tokens": 8, "presence_penalty": 1.0}', 400, "presence_penalty"),
@@ -358,6 +385,10 @@ def test_a_request_is_answered_once_its_committed_text_has_ended(torch_engine, t
     assert r.choices[0].text == expected(torch_engine, ids, gen_length=64, **kw) == "46"
     assert r.choices[0].finish_reason == "stop" and r.model_extra["dllm"]["nfe"] == 8
     assert r.usage.completion_tokens == 2
+    with_lp = c.completions.create(model="default", prompt="12+34=", max_tokens=64, logprobs=1, extra_body=kw)
+    assert with_lp.model_extra["dllm"]["nfe"] == 8 and with_lp.choices[0].logprobs.tokens == ["4", "6"]
+    want = generate(torch_engine.backend, ids, gen_length=64, logprobs=0, **kw).logprobs[0, :2].tolist()
+    assert with_lp.choices[0].logprobs.token_logprobs == pytest.approx(want, abs=1e-5)
     full = c.completions.create(model="default", prompt=PROMPTS[1], max_tokens=64, extra_body=kw)
     assert full.model_extra["dllm"]["nfe"] == 64 and len(full.choices[0].text) > 12
     stop = full.choices[0].text[8:12]

@@ -198,7 +198,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
              callback: Callable[[int, int], None] | None = None, cache: str = "none", refresh: int | None = None,
              refresh_tokens: int | None = None, factor: float | None = None, stop_at_eos: bool = False,
              on_canvas: Callable[[torch.Tensor], None] | None = None, suffix_ids=None,
-             logprobs: int | None = None) -> GenerateOutput:
+             logprobs: "int | Logprobs | None" = None) -> GenerateOutput:
     """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
 
     Args:
@@ -250,7 +250,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             that committed it (the step's logits after guidance and the family's shift, before
             temperature and filtering), and with k > 0 that distribution's k most likely tokens
             (`GenerateOutput.logprobs` / `.top_logprobs`); None records nothing. Diffusion decoding
-            has no left-to-right likelihood: this is the model's confidence when it committed.
+            has no left-to-right likelihood: this is the model's confidence when it committed. A
+            `Logprobs(k)` recorder does the same and can be read while decoding (from `on_canvas`).
         seed / generator: randomness (None = torch's global generator, like the references).
         callback: called as callback(step_done, steps_total_estimate) after each step.
         on_canvas: called with the live canvas x [B, P + gen_length + S] after each step (read it, do
@@ -262,9 +263,7 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         InputError: bad schedule, unknown sampler, ids out of the vocabulary, context overflow.
     """
     _check_callables(callback=callback, on_canvas=on_canvas)
-    if logprobs is not None and not (is_int(logprobs) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
-        raise InputError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS} (top tokens per position) or None, "
-                         f"got {logprobs!r:.40}")
+    record = logprobs if isinstance(logprobs, Logprobs) or logprobs is None else Logprobs(logprobs)
     backend: Backend = as_backend(model_or_backend)
     spec = backend.spec
     plan = Plan.resolve(spec, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
@@ -287,7 +286,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     commit = torch.full((B, gen_length), -1, dtype=torch.long)
     prompt_index = x != mask_id
     rule = _rule(plan, mask_id, generator)
-    record = None if logprobs is None else _Logprobs(B, gen_length, P, int(logprobs))
+    if record is not None:
+        record.start(B, gen_length, P)
     ended = torch.zeros(B, dtype=torch.bool)
     live = _LiveRows(x, commit, _StepLogits(backend, plan, prompt_index, am), on_canvas, record)
     t0 = time.perf_counter()
@@ -332,7 +332,7 @@ def _loop_threads(backend: Backend):
 def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int, plan: Plan,
                   step_logits: "_StepLogits", rule: Callable, mask_id: int,
                   callback: Callable[[int, int], None] | None,
-                  on_canvas: Callable[[torch.Tensor], None] | None = None, record: "_Logprobs | None" = None) -> None:
+                  on_canvas: Callable[[torch.Tensor], None] | None = None, record: "Logprobs | None" = None) -> None:
     """Unmask the block ending at `hi` in place (x, and commit: the step of each commit; the canvas
     is x[:, P:E])."""
     lo = hi - plan.block_length
@@ -664,14 +664,25 @@ class _StepLogits:
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 
-class _Logprobs:
-    """Each generated token's log-probability under the step that committed it, and that step's top k."""
+class Logprobs:
+    """Where `generate(logprobs=...)` records each generated token's log-probability under the step
+    that committed it, and that step's top `k` tokens: `token` (B, gen_length), `top` and `top_ids`
+    (B, gen_length, k); NaN / -1 until a step commits the position. Pass one to `generate` to read
+    them while it decodes (from `on_canvas`)."""
 
-    def __init__(self, B: int, gen_length: int, P: int, k: int):
-        self.P, self.k = P, k
+    def __init__(self, k: int = 0):
+        if not (is_int(k) and 0 <= k <= MAX_TOP_LOGPROBS):
+            raise InputError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS} (top tokens per position) or None, "
+                             f"got {k!r:.40}")
+        self.k = int(k)
+        self.token = self.top = self.top_ids = None
+
+    def start(self, B: int, gen_length: int, P: int) -> None:
+        """Empty records for a batch of B rows after a prompt of P tokens (generate calls it)."""
+        self.P = P
         self.token = torch.full((B, gen_length), float("nan"), dtype=torch.float64)
-        self.top = torch.full((B, gen_length, k), float("nan"), dtype=torch.float64)
-        self.top_ids = torch.full((B, gen_length, k), -1, dtype=torch.long)
+        self.top = torch.full((B, gen_length, self.k), float("nan"), dtype=torch.float64)
+        self.top_ids = torch.full((B, gen_length, self.k), -1, dtype=torch.long)
 
     def __call__(self, logits: torch.Tensor, newly: torch.Tensor, x: torch.Tensor,
                  rows: torch.Tensor | None = None) -> None:

@@ -306,12 +306,13 @@ def _full_response(engine: Engine, rows: list[list[int]], info: dict, stops, met
             "dllm": info}
 
 
-def _chunk(meta: dict, chat: bool, index: int, text: str | None, reason: str | None, role: bool = False) -> dict:
+def _chunk(meta: dict, chat: bool, index: int, text: str | None, reason: str | None, role: bool = False,
+           logprobs: dict | None = None) -> dict:
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
     return {**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]}
 
 
@@ -338,12 +339,16 @@ async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: boo
                                        "code": err.code}})
             break
         final = event[0] == "done"
-        rows = event[1]
+        rows, lp_rows = event[1], event[3]
         for i, (s, tokens) in enumerate(zip(streams, rows)):
             committed = tokens if final else tokens[:event[2][i]]
             delta, reason = s.feed(committed, final)
+            lp = None
+            if lp_rows is not None and (delta or reason):  # the tokens that start in the text sent
+                first, end = s.token_span(committed)
+                lp = engine.logprobs(committed[:end], *lp_rows[i], chat, start=first)
             if delta or reason:
-                yield _sse_data(_chunk(meta, chat, i, delta, reason))
+                yield _sse_data(_chunk(meta, chat, i, delta, reason, logprobs=lp))
         if all(s.reason is not None for s in streams):
             break  # every choice is finished (end token or stop string): _events frees the slot
         if job.canvas and not final:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.loop import generate
+from ..runtime.loop import Logprobs, generate
 from .engine import Engine, GenSettings, RequestError
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,9 @@ class Job:
         settings: the decoding settings (the batch key).
         loop / events: where updates go: ("step", generated [rows, gen] ids) when `stream`
             and a row's committed prefix grew (every step with `canvas`), with each row's
-            prefix length: ("step", ids, lengths); then ("done", ids, info, logprob rows or None) or
-            ("error", RequestError).
+            prefix length and its logprob rows: ("step", ids, lengths, logprob rows or None); then
+            ("done", ids, info, logprob rows or None) or ("error", RequestError). A logprob row is
+            (token log-probabilities, top-k log-probabilities, top-k ids) of the row's tokens.
         deadline: time.monotonic() after which the request is dropped (timeout).
     """
 
@@ -215,6 +216,9 @@ class Batcher:
         started, t0 = time.monotonic(), time.perf_counter()
         last = {"t": t0, "prefix": [0] * len(rows), "steps": 0}
         ended = _Ends(self.engine, len(rows))
+        # the largest top k any request asks for, read while decoding (streams, early answers)
+        wanted = [job.logprobs for job in batch if job.logprobs is not None]
+        record = Logprobs(max(wanted)) if wanted else None
 
         def on_canvas(x: torch.Tensor) -> None:
             t = time.perf_counter()
@@ -230,26 +234,23 @@ class Batcher:
             gen = x[:, P:P + G]
             prefix = _committed_prefix(gen, mask_id)
             if any(job.stream for job in batch):
-                self._stream_step(batch, spans, gen, prefix, last["prefix"])
-            # streamed jobs end themselves (the stream reads their ends); logprobs come with the loop's output
-            for job, (a, b) in zip(batch, spans):
-                if job.cancelled or job.answered or job.stream or job.logprobs is not None:
-                    continue
-                if ended.all(job, gen, prefix, a, b):
+                self._stream_step(batch, spans, gen, prefix, last["prefix"], record)
+            for job, (a, b) in zip(batch, spans):  # streamed jobs end themselves (the stream reads their ends)
+                if not (job.cancelled or job.answered or job.stream) and ended.all(job, gen, prefix, a, b):
                     job.answered = True
                     info = {"nfe": last["steps"], "seconds": round(t - t0, 4), "batch_rows": len(rows)}
                     job.put(("done", [gen[r, :prefix[r]].tolist() for r in range(a, b)],
-                             {**info, "queued_s": round(started - job.enqueued, 4)}, None))
+                             {**info, "queued_s": round(started - job.enqueued, 4)},
+                             _logprob_rows(record, job.logprobs, a, b, prefix)))
             if all(job.cancelled or job.answered for job in batch):
                 raise _AllLeft
 
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(rows))
         s = batch[0].settings
-        wanted = [job.logprobs for job in batch if job.logprobs is not None]
         err = None
         try:
-            out = generate(self.engine.backend, rows, on_canvas=on_canvas, logprobs=max(wanted, default=None),
+            out = generate(self.engine.backend, rows, on_canvas=on_canvas, logprobs=record,
                            suffix_ids=suffixes if any(suffixes) else None, **s.kwargs())
         except _AllLeft:
             return
@@ -271,26 +272,34 @@ class Batcher:
         for job, (a, b) in zip(batch, spans):
             if not (job.cancelled or job.answered):
                 job.put(("done", gen[a:b].tolist(), {**info, "queued_s": round(started - job.enqueued, 4)},
-                         _logprob_rows(out, job.logprobs, a, b)))
+                         _logprob_rows(record, job.logprobs, a, b)))
 
     @staticmethod
-    def _stream_step(batch: list[Job], spans, gen: torch.Tensor, prefix: list[int], seen: list[int]) -> None:
-        """Send streaming jobs their rows when a committed left-to-right prefix grew."""
+    def _stream_step(batch: list[Job], spans, gen: torch.Tensor, prefix: list[int], seen: list[int],
+                     record: Logprobs | None) -> None:
+        """Send streaming jobs their rows (and their committed prefixes' logprobs) when a committed
+        left-to-right prefix grew."""
         for job, (a, b) in zip(batch, spans):
             if job.cancelled or not job.stream:
                 continue
             if job.canvas or any(prefix[r] > seen[r] for r in range(a, b)):
-                job.put(("step", gen[a:b].tolist(), prefix[a:b]))
+                job.put(("step", gen[a:b].tolist(), prefix[a:b], _logprob_rows(record, job.logprobs, a, b, prefix)))
         seen[:] = prefix
 
 
-def _logprob_rows(out, k: int | None, a: int, b: int) -> list[tuple] | None:
-    """Rows a..b's (token log-probabilities, top-k log-probabilities, top-k ids) as lists, or None
-    (the batch ran with the largest k its requests asked for)."""
+def _logprob_rows(record: Logprobs | None, k: int | None, a: int, b: int,
+                  lengths: list[int] | None = None) -> list[tuple] | None:
+    """Rows a..b's (token log-probabilities, top-k log-probabilities, top-k ids) as lists, each row's
+    first `lengths[r]` positions (all without), or None when the request asked for none (the batch
+    records the largest k its requests asked for)."""
     if k is None:
         return None
-    top = [t[a:b, :, :k].tolist() for t in out.top_logprobs] if k else [[[]] * (b - a)] * 2
-    return list(zip(out.logprobs[a:b].tolist(), *top))
+    rows = []
+    for r in range(a, b):
+        n = record.token.shape[1] if lengths is None else lengths[r]
+        top = (record.top[r, :n, :k].tolist(), record.top_ids[r, :n, :k].tolist()) if k else ([], [])
+        rows.append((record.token[r, :n].tolist(), *top))
+    return rows
 
 
 def _committed_prefix(gen: torch.Tensor, mask_id: int) -> list[int]:

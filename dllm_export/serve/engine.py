@@ -214,25 +214,29 @@ class Engine:
         return text[:min(hits)], "stop", hi
 
 
-    def logprobs(self, tokens: list[int], token_lp: list[float], top_lp: list, top_ids: list, chat: bool) -> dict:
-        """OpenAI's `logprobs` of a choice whose text is `tokens` (those counted in its usage): each
-        token's log-probability (`generate(logprobs=)`: under the step that committed it) and its
-        position's top tokens; the chat shape ({"content": [...]}) or the completions one (tokens,
-        token_logprobs, top_logprobs, text_offset)."""
+    def logprobs(self, tokens: list[int], token_lp: list[float], top_lp: list, top_ids: list, chat: bool,
+                 start: int = 0) -> dict:
+        """OpenAI's `logprobs` of tokens[start:] of a choice whose text is `tokens` (those counted in
+        its usage; a stream sends them in parts): each token's log-probability (`generate(logprobs=)`:
+        under the step that committed it) and its position's top tokens; the chat shape ({"content":
+        [...]}) or the completions one (tokens, token_logprobs, top_logprobs, text_offset)."""
         piece = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
         value = lambda x: None if x != x else x  # noqa: E731  (NaN: no step committed it; JSON has no NaN)
-        strings = [piece(t) for t in tokens]
+        span = range(start, len(tokens))
         if chat:
             def entry(s: str, lp: float) -> dict:
                 return {"token": s, "logprob": value(lp), "bytes": list(s.encode("utf-8"))}
-            content = [{**entry(s, token_lp[j]),
+            content = [{**entry(piece(tokens[j]), token_lp[j]),
                         "top_logprobs": [entry(piece(i), v) for v, i in zip(top_lp[j], top_ids[j])] if top_lp else []}
-                       for j, s in enumerate(strings)]
+                       for j in span]
             return {"content": content, "refusal": None}
-        offsets = [len(self.tokenizer.decode(tokens[:j], skip_special_tokens=True)) for j in range(len(tokens))]
-        return {"tokens": strings, "token_logprobs": [value(token_lp[j]) for j in range(len(tokens))],
-                "top_logprobs": [{piece(i): value(v) for v, i in zip(top_lp[j], top_ids[j])} for j in range(len(tokens))]
-                if top_lp else None, "text_offset": offsets}
+        return {"tokens": [piece(tokens[j]) for j in span], "token_logprobs": [value(token_lp[j]) for j in span],
+                "top_logprobs": [{piece(i): value(v) for v, i in zip(top_lp[j], top_ids[j])} for j in span]
+                if top_lp else None, "text_offset": [self.offset(tokens, j) for j in span]}
+
+    def offset(self, tokens: list[int], j: int) -> int:
+        """Where token j's text starts in the text of `tokens`."""
+        return len(self.tokenizer.decode(tokens[:j], skip_special_tokens=True))
 
 
 def _param_of(message: str) -> str | None:
@@ -298,6 +302,7 @@ class TextStream:
         self.engine, self.stops = engine, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.sent, self.tokens, self.reason = 0, 0, None
+        self.tokens_sent = 0  # tokens whose logprobs went out (with the text they start in)
 
     def feed(self, tokens: list[int], final: bool = False) -> tuple[str, str | None]:
         """(new text, finish reason once finished) for the committed prefix `tokens` (all of them if `final`)."""
@@ -315,3 +320,15 @@ class TextStream:
         self.sent = max(self.sent, safe)
         self.reason = reason
         return delta, reason
+
+    def token_span(self, tokens: list[int]) -> tuple[int, int]:
+        """(first, end) of the tokens whose logprobs go with the text sent so far: those not sent yet
+        that start inside it, or, once finished, every token the usage counts. Call after `feed`."""
+        first, end = self.tokens_sent, self.tokens_sent
+        if self.reason is not None:
+            end = self.tokens
+        else:
+            while end < self.tokens and self.engine.offset(tokens, end) < self.sent:
+                end += 1
+        self.tokens_sent = end
+        return first, end

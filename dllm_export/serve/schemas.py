@@ -90,8 +90,6 @@ class _GenRequest(_Strict):
             raise RequestError("canvas streams the denoising canvas; it needs stream: true", "canvas")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", "stream_options")
-        if self.stream and self.wanted_logprobs() is not None:
-            raise RequestError("logprobs are not supported with stream: true", "logprobs", "unsupported_parameter")
 
 
 class CompletionRequest(_GenRequest):
