@@ -1,6 +1,8 @@
-"""A batch whose rows end at different blocks (`stop_at_eos`): the loop drops the ended rows from
-the next blocks' forwards. Measured side by side in one run against the loop that keeps them (the
-loop before that change: `Plan.rows_independent` patched to False), same prompts, same tokens.
+"""A batch whose rows end at different blocks (`stop_at_eos`) and finish each block at different
+steps (threshold decoding): the loop drops the ended rows from the next blocks' forwards and lets a
+row whose block is decoded sit out the block's next steps. Measured side by side in one run against
+the loop that keeps every row in every forward (`Plan.rows_independent` patched to False), same
+prompts, same tokens.
 
 Prompts: 4 held-out-style arithmetic problems (they end in the first block) and 4 code prompts
 (they fill the canvas), decoded together with the edge preset (dual cache, threshold 0.99,
@@ -84,9 +86,10 @@ def to_markdown(res: dict) -> str:
         f"{' '.join(h['flags'])})", "",
         f"8 prompts in one batch (4 arithmetic, 4 code), {res['settings']['gen_length']} tokens in blocks of "
         f"{res['settings']['block_length']}, edge preset; best of the rounds, both modes in turns in one run.", "",
-        "| ended rows | seconds | row forwards | same tokens |", "| --- | ---: | ---: | :---: |",
+        "| rows done (ended, or their block decoded) | seconds | row forwards | same tokens |",
+        "| --- | ---: | ---: | :---: |",
         f"| kept in every forward | {res['seconds']['kept']} | {res['row_forwards']['kept']} | |",
-        f"| dropped after their block | {res['seconds']['dropped']} | {res['row_forwards']['dropped']} | "
+        f"| left out of the next forwards | {res['seconds']['dropped']} | {res['row_forwards']['dropped']} | "
         f"{'yes' if res['same_tokens'] else 'NO'} |", "",
         f"Speed-up {res['speedup']}x; {res['nfe']} steps.", ""])
 

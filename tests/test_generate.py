@@ -376,7 +376,8 @@ class _WindowLog:
 def test_refresh_tokens_refills_the_cache_once_enough_tokens_were_committed(refresh_tokens, tiny_dirs):
     """A row's step is a full forward iff it starts a block or the row's commits since its last full
     forward reach refresh_tokens (replayed from commit_step): all rows full -> one full forward, none
-    -> one cached forward, some -> the cached forward, then the full one."""
+    -> one cached forward, some -> the cached forward, then the full one. A row whose block is
+    decoded sits out the block's next steps (threshold decoding, independent rows)."""
     from dllm_export.runtime.backends import TorchBackend
 
     be = _WindowLog(TorchBackend(load_model(tiny_dirs["llada"])))
@@ -385,9 +386,10 @@ def test_refresh_tokens_refills_the_cache_once_enough_tokens_were_committed(refr
     want, since, block = [], torch.zeros(2, dtype=torch.long), -1
     for step in range(out.nfe):
         blk = int((out.commit_step < step).all(0).view(3, 8).all(1).sum())  # blocks decoded before this step
-        rows = torch.full((2,), blk != block) | (since >= refresh_tokens)
+        live = (out.commit_step[:, 8 * blk:8 * blk + 8] >= step).any(1)  # rows whose block is not decoded
+        rows = (torch.full((2,), blk != block) | (since >= refresh_tokens)) & live
         block = blk
-        want += [True] if bool(rows.all()) else [False] if not bool(rows.any()) else [False, True]
+        want += [True] if torch.equal(rows, live) else [False] if not bool(rows.any()) else [False, True]
         since[rows] = 0
         since += (out.commit_step == step).sum(1)
     assert be.full == want
@@ -489,3 +491,47 @@ def test_backends_declare_their_capabilities(llada):
     assert as_backend(_NoRows(llada)).supports_cache and not as_backend(_NoRows(llada)).supports_rows
     with pytest.raises(D.InputError, match="the NumpyBackend backend has no KV cache"):
         D.generate(NumpyBackend(llada), PROMPT, gen_length=8, steps=8, cache="prefix")
+
+
+class _CountRows(TorchBackend):
+    """A torch backend that records the rows of every forward."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.rows = []
+
+    def forward(self, ids, attention_mask=None, cache=None, rows=None):
+        self.rows.append(ids.shape[0])
+        return super().forward(ids, attention_mask, cache=cache, rows=rows)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return {"llada": D.load_model("default"), "dream": D.load_model("default-dream")}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("opts", [{"cache": "dual"}, {"cache": "prefix", "refresh_tokens": 2}, {},
+                                  {"cache": "dual", "cfg_scale": 1.0}, {"factor": 1.0, "cache": "dual"}])
+def test_rows_whose_block_is_decoded_sit_out_its_next_steps(bundled, family, opts):
+    """Threshold / factor decoding runs a block until every row has decoded it; a row done early
+    (an arithmetic answer's EOS tail beside code) leaves the block's next forwards (its cached keys /
+    values cut out of the batch's) and comes back at the next block's full forward. Each row's ids,
+    commit steps within each block and logprobs are its own alone (the batch's steps count on while
+    a row waits for the others)."""
+    model = bundled[family]
+    tok = D.load_tokenizer("default" if family == "llada" else "default-dream")
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("12+34=", "def fibonacci(n):", "7*8=")]
+    rule = {} if "factor" in opts else {"threshold": 0.9}
+    kw = dict(gen_length=32, steps=32, block_length=16, logprobs=1, **rule, **opts)
+    be = _CountRows(model)
+    out = D.generate(be, prompts, **kw)
+    per_row = 2 if opts.get("cfg_scale") else 1
+    assert max(be.rows) == 3 * per_row and min(be.rows) < 3 * per_row  # some steps ran without a row
+    for i, p in enumerate(prompts):
+        alone = D.generate(model, [p], **kw)
+        assert torch.equal(out.generated[i], alone.generated[0])
+        in_block = [c.view(2, 16) - c.view(2, 16).min(1, keepdim=True).values for c in (out.commit_step[i],
+                                                                                     alone.commit_step[0])]
+        assert torch.equal(*in_block)
+        assert torch.allclose(out.logprobs[i], alone.logprobs[0], atol=1e-5, equal_nan=True)

@@ -9,6 +9,7 @@ over blocks, as LLaDA's `generate.py` does; with `threshold` a block runs until 
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import time
@@ -216,7 +217,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
         alg_temp: Dream: sample positions from softmax(confidence / alg_temp) instead of top-k.
         eps: Dream's final timestep (timesteps = linspace(1, eps, steps_per_block + 1)).
         threshold: Fast-dLLM parallel decoding: per step commit every position of the block whose
-            top-1 probability is >= threshold, at least one; a block runs until it is decoded.
+            top-1 probability is >= threshold, at least one; a block runs until it is decoded. In
+            a batch of greedy rows, a row whose block is decoded sits out the block's next forwards.
         factor: Fast-dLLM's factor rule instead: commit the n most confident positions while the
             n-th confidence is >= 1 - factor / (n + 1) (at least one).
         cache: Fast-dLLM block caches. "prefix": each block starts with a full forward that caches
@@ -294,8 +296,10 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     with _loop_threads(backend):
         for b in range(plan.num_blocks):
             hi = P + (b + 1) * plan.block_length
-            _decode_block(live.x, live.commit, P, E, hi, plan, live.step_logits, rule, mask_id, callback,
-                          live.on_canvas, live.record)
+            if plan.rows_independent and live.differs(~ended):
+                # a block starts with a full forward: the rows that have not ended decode it, afresh
+                live.keep(~ended, _StepLogits(backend, plan, prompt_index[~ended], am[~ended]))
+            _decode_block(live, P, E, hi, plan, rule, mask_id, callback)
             live.write_back()
             if plan.stop_at_eos:
                 done = end_rows(x, P, hi, spec, mask_id, E) & ~ended
@@ -304,8 +308,6 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
                 ended |= done
                 if bool(ended.all()):
                     break
-                if bool(done.any()) and plan.rows_independent:  # the next block starts with a full forward
-                    live.keep(~ended, _StepLogits(backend, plan, prompt_index[~ended], am[~ended]))
     return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=live.step_logits.nfe,
                           seconds=time.perf_counter() - t0, settings=plan.settings(),
                           logprobs=None if record is None else record.token,
@@ -329,23 +331,23 @@ def _loop_threads(backend: Backend):
         torch.set_num_threads(n)
 
 
-def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int, plan: Plan,
-                  step_logits: "_StepLogits", rule: Callable, mask_id: int,
-                  callback: Callable[[int, int], None] | None,
-                  on_canvas: Callable[[torch.Tensor], None] | None = None, record: "Logprobs | None" = None) -> None:
-    """Unmask the block ending at `hi` in place (x, and commit: the step of each commit; the canvas
-    is x[:, P:E])."""
+def _decode_block(live: "_LiveRows", P: int, E: int, hi: int, plan: Plan, rule: Callable, mask_id: int,
+                  callback: Callable[[int, int], None] | None) -> None:
+    """Unmask the block ending at `hi` in the live rows (their canvas x[:, P:E] and commit steps).
+    Under threshold / factor decoding a row whose block is decoded leaves the block's next steps
+    (`_LiveRows.narrow`) when its tokens do not depend on the others."""
     lo = hi - plan.block_length
     # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
-    upto_block = torch.zeros_like(x, dtype=torch.bool)
+    upto_block = torch.zeros_like(live.x, dtype=torch.bool)
     upto_block[:, :hi] = True
     # LLaDA's quota counts the block's masks; masks left of it (infilling prompts) count too, so
     # they are decoded as well (identical to the reference when the prompt has none)
-    quota = S.get_num_transfer_tokens((x == mask_id) & upto_block, plan.steps_per_block)
+    quota = S.get_num_transfer_tokens((live.x == mask_id) & upto_block, plan.steps_per_block)
     for i in range(plan.max_block_steps):
+        x, commit, step_logits = live.x, live.commit, live.step_logits
         # threshold / factor rules read no quota and may run past the schedule (a committed mask id)
-        q = quota[:, i] if i < quota.shape[1] else None
-        eligible = (x == mask_id) & upto_block
+        q = None if plan.parallel or i >= quota.shape[1] else quota[:, i]
+        eligible = (x == mask_id) & upto_block[:x.shape[0]]
         if not bool(eligible.any()):
             break  # nothing left to unmask in this block
         logits = step_logits(x, i, lo, hi, eligible)
@@ -362,30 +364,55 @@ def _decode_block(x: torch.Tensor, commit: torch.Tensor, P: int, E: int, hi: int
             x[:, cols] = xs
         newly = (before & (x != mask_id))[:, P:E]
         commit[newly & (commit < 0)] = step_logits.nfe - 1
-        if record is not None:
-            record(logits, newly, x)
+        if live.record is not None:
+            live.record(logits, newly, x)
         if callback is not None:
             callback(step_logits.nfe, plan.total_estimate)
-        if on_canvas is not None:
-            on_canvas(x)
+        if live.on_canvas is not None:
+            live.on_canvas(x)
+        if plan.parallel and plan.rows_independent:
+            decoded = ~((x == mask_id) & upto_block[:x.shape[0]]).any(1)
+            if bool(decoded.any()) and not bool(decoded.all()):
+                live.narrow(~decoded)
 
 
 class _LiveRows:
-    """The rows still decoding: all of them, or (after `keep`) copies of the rows that have not ended,
-    so that a batch's later blocks compute only those (`stop_at_eos`). Hooks see the whole canvas and
-    logprobs land in the whole batch's rows; `write_back` copies the live rows into the full tensors."""
+    """The rows of a batch that still decode: all of them, or copies of some (`rows`), so that the
+    forwards compute only those: the rows that have not ended (`stop_at_eos`, from a block's start)
+    and, under threshold / factor decoding, those whose block is not decoded yet. Hooks see the
+    whole canvas and logprobs land in the whole batch's rows; `write_back` copies the live rows into
+    the full tensors."""
 
     def __init__(self, x: torch.Tensor, commit: torch.Tensor, step_logits: "_StepLogits", on_canvas, record):
         self.full_x, self.full_commit, self.step_logits = x, commit, step_logits
         self.x, self.commit, self.rows = x, commit, None
         self._on_canvas, self._record = on_canvas, record
 
+    def differs(self, rows: torch.Tensor) -> bool:
+        """Whether the live rows are other than `rows` (a bool mask over the batch)."""
+        live = torch.arange(len(rows)) if self.rows is None else self.rows
+        return not torch.equal(live, rows.nonzero().squeeze(1))
+
     def keep(self, rows: torch.Tensor, step_logits: "_StepLogits") -> None:
-        """Decode only `rows` (a bool mask over the batch) from the next block on; `step_logits` is a
+        """Decode `rows` (a bool mask over the batch) from a block's start on, with `step_logits` a
         fresh one for them (its first step, a block's first, is a full forward)."""
+        self.write_back()
         step_logits.nfe = self.step_logits.nfe
-        self.rows = rows.nonzero().squeeze(1)
-        self.x, self.commit, self.step_logits = self.full_x[self.rows], self.full_commit[self.rows], step_logits
+        self.step_logits = step_logits
+        self.rows = None if bool(rows.all()) else rows.nonzero().squeeze(1)
+        self._take()
+
+    def narrow(self, keep: torch.Tensor) -> None:
+        """Go on with the live rows where `keep` (a bool mask over them), inside a block: the step
+        state (cached keys / values, logits) is theirs, cut out of the batch's."""
+        self.write_back()
+        live = torch.arange(len(keep)) if self.rows is None else self.rows
+        self.rows, self.step_logits = live[keep], self.step_logits.subset(keep)
+        self._take()
+
+    def _take(self) -> None:
+        self.x, self.commit = ((self.full_x, self.full_commit) if self.rows is None
+                               else (self.full_x[self.rows], self.full_commit[self.rows]))
 
     def write_back(self) -> None:
         if self.rows is not None:
@@ -585,6 +612,23 @@ class _StepLogits:
         # rows split into full and cached ones, though it runs both)
         self.filled: torch.Tensor | None = None  # (B,) decoded positions when the cache was filled
 
+    def subset(self, keep: torch.Tensor) -> "_StepLogits":
+        """This step state for the rows where `keep` (a bool mask over its rows), mid-block: their
+        cached keys / values (both halves' with guidance), last logits and commit counts."""
+        idx = keep.nonzero().squeeze(1)
+        new = copy.copy(self)
+        new.prompt_index = self.prompt_index[idx]
+        new.fwd_mask = None if self.fwd_mask is None else self.fwd_mask[idx]
+        new.logits = None if self.logits is None else self.logits[idx]
+        new.filled = None if self.filled is None else self.filled[idx]
+        if self.kv is not None:
+            B = len(keep)
+            rows = idx if not self.kv.k or self.kv.k[0].shape[0] == B else torch.cat([idx, idx + B])
+            new.kv = KVCache()
+            new.kv.k, new.kv.v = [_take_rows(t, rows) for t in self.kv.k], [_take_rows(t, rows) for t in self.kv.v]
+            new.kv.window, new.kv.length = self.kv.window, self.kv.length
+        return new
+
     def full_rows(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """(B,) bool: the rows whose step `i` of a block is a full forward (which refills their
         cache): every row at a block's start and every `refresh`-th step; with `refresh_tokens`, the
@@ -696,6 +740,11 @@ class Logprobs:
         self.token[at, j] = lp.gather(1, x[b, j + self.P][:, None])[:, 0]
         if self.k:
             self.top[at, j], self.top_ids[at, j] = lp.topk(min(self.k, lp.shape[-1]), dim=-1)
+
+
+def _take_rows(t, rows: torch.Tensor):
+    """A cached layer's keys (or values) at batch rows `rows`: torch tensors or numpy arrays."""
+    return t[rows.to(t.device)] if isinstance(t, torch.Tensor) else t[rows.numpy()]
 
 
 def _rows_where(keep: torch.Tensor, old, new):
