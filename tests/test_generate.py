@@ -535,3 +535,39 @@ def test_rows_whose_block_is_decoded_sit_out_its_next_steps(bundled, family, opt
                                                                                      alone.commit_step[0])]
         assert torch.equal(*in_block)
         assert torch.allclose(out.logprobs[i], alone.logprobs[0], atol=1e-5, equal_nan=True)
+
+
+def test_fuzzed_batches_decode_each_row_as_alone(bundled):
+    """Differential fuzz (hypothesis, derandomized): ragged batches of the bundled models' prompts under
+    greedy schedules (blocks, threshold / factor, caches with refresh by commits, stop at EOS,
+    guidance, suffixes) give each row the tokens and in-block commit order it gets alone, whatever
+    rows sit out which forwards."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    toks = {f: D.load_tokenizer("default" if f == "llada" else "default-dream") for f in bundled}
+    pool = ["12+34=", "def fibonacci(n):", "7*8=", "import os\n", "90-45=", "class Stack:"]
+
+    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                         phases=(hypothesis.Phase.generate,), suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(family=st.sampled_from(["llada", "dream"]), texts=st.lists(st.sampled_from(pool), min_size=2,
+                                                                                   max_size=4),
+                      blocks=st.sampled_from([1, 2, 3]), rule=st.sampled_from([{"threshold": 0.9}, {"threshold": 0.5},
+                                                                               {"factor": 1.0}]),
+                      cache=st.sampled_from(["none", "prefix", "dual"]), refresh_tokens=st.sampled_from([None, 4]),
+                      stop_at_eos=st.booleans(), cfg_scale=st.sampled_from([0.0, 0.0, 1.0]),
+                      suffix=st.sampled_from([None, "\n", " = 0"]))
+    def one(family, texts, blocks, rule, cache, refresh_tokens, stop_at_eos, cfg_scale, suffix):
+        tok = toks[family]
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        sfx = None if suffix is None else [tok(suffix, add_special_tokens=False)["input_ids"]]
+        kw = dict(gen_length=8 * blocks, steps=8 * blocks, block_length=8, cache=cache, stop_at_eos=stop_at_eos,
+                  refresh_tokens=None if cache == "none" else refresh_tokens, cfg_scale=cfg_scale, suffix_ids=sfx,
+                  **rule)
+        out = D.generate(bundled[family], prompts, **kw)
+        for i, p in enumerate(prompts):
+            alone = D.generate(bundled[family], [p], **kw)
+            assert torch.equal(out.generated[i], alone.generated[0]), (family, texts, kw, i)
+            order = [torch.argsort(c.view(blocks, 8), stable=True) for c in (out.commit_step[i], alone.commit_step[0])]
+            assert torch.equal(*order), (family, texts, kw, i)
+
+    one()
