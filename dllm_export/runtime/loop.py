@@ -344,6 +344,7 @@ def _decode_block(live: "_LiveRows", P: int, E: int, hi: int, plan: Plan, rule: 
     # they are decoded as well (identical to the reference when the prompt has none)
     quota = S.get_num_transfer_tokens((live.x == mask_id) & upto_block, plan.steps_per_block)
     for i in range(plan.max_block_steps):
+        # fewer rows once some sit out (upto_block's rows are all alike: its first ones serve them)
         x, commit, step_logits = live.x, live.commit, live.step_logits
         # threshold / factor rules read no quota and may run past the schedule (a committed mask id)
         q = None if plan.parallel or i >= quota.shape[1] else quota[:, i]
