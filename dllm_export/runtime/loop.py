@@ -104,7 +104,7 @@ def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.
     if isinstance(prompt_ids, np.ndarray):
         prompt_ids = torch.from_numpy(prompt_ids)
     if isinstance(prompt_ids, torch.Tensor):
-        _check_int_ids(prompt_ids)
+        _check_int_ids(prompt_ids, "prompt_ids")
         ids = prompt_ids.long()
         if ids.dim() == 1:
             ids = ids[None]
@@ -125,15 +125,19 @@ def prepare_prompt(prompt_ids, pad_id: int, attention_mask=None) -> tuple[torch.
     ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), P), dtype=torch.long)
     for i, r in enumerate(rows):
-        if not isinstance(r, (list, tuple)) or not all(map(is_int, r)):
-            raise InputError(f"prompt row {i} must be a list of integer token ids, got {r!r:.80}")
-        try:
-            row = torch.as_tensor([int(t) for t in r])  # numpy integers too
-        except (OverflowError, ValueError, RuntimeError):
-            raise InputError(f"prompt row {i} holds an id beyond 64 bits") from None
-        ids[i, P - len(r):] = row
+        ids[i, P - len(r):] = _row_ids(r, i, "prompt")
         mask[i, P - len(r):] = 1
     return ids, mask
+
+
+def _row_ids(r, i: int, what: str) -> torch.Tensor:
+    """Row i of lists of token ids as int64 (numpy integers too), or an InputError naming it."""
+    if not isinstance(r, (list, tuple)) or not all(map(is_int, r)):
+        raise InputError(f"{what} row {i} must be a list of integer token ids, got {r!r:.80}")
+    try:
+        return torch.as_tensor([int(t) for t in r], dtype=torch.long)
+    except (OverflowError, ValueError, RuntimeError):
+        raise InputError(f"{what} row {i} holds an id beyond 64 bits") from None
 
 
 def prepare_suffix(suffix_ids, rows: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +149,7 @@ def prepare_suffix(suffix_ids, rows: int, pad_id: int) -> tuple[torch.Tensor, to
     if isinstance(suffix_ids, np.ndarray):
         suffix_ids = torch.from_numpy(suffix_ids)
     if isinstance(suffix_ids, torch.Tensor):
-        if suffix_ids.is_floating_point() or suffix_ids.is_complex() or suffix_ids.dtype == torch.bool:
-            raise InputError(f"suffix_ids must be integer token ids, got {suffix_ids.dtype}")
+        _check_int_ids(suffix_ids, "suffix_ids")
         ids = suffix_ids.long()
         ids = ids[None] if ids.dim() == 1 else ids
         if ids.dim() != 2:
@@ -160,15 +163,11 @@ def prepare_suffix(suffix_ids, rows: int, pad_id: int) -> tuple[torch.Tensor, to
         lists = list(lists) * rows
     if len(lists) != rows:
         raise InputError(f"suffix_ids has {len(lists)} rows for {rows} prompt rows (give one row, or one per prompt)")
-    for i, r in enumerate(lists):
-        if not isinstance(r, (list, tuple)) or not all(map(is_int, r)):
-            raise InputError(f"suffix row {i} must be a list of integer token ids, got {r!r:.80}")
-        if any(not -(1 << 63) <= int(t) < (1 << 63) for t in r):
-            raise InputError(f"suffix row {i} holds an id beyond 64 bits")
-    S = max(len(r) for r in lists)
+    row_ids = [_row_ids(r, i, "suffix") for i, r in enumerate(lists)]
+    S = max(len(r) for r in row_ids)
     ids, mask = torch.full((rows, S), pad_id, dtype=torch.long), torch.zeros((rows, S), dtype=torch.long)
-    for i, r in enumerate(lists):
-        ids[i, :len(r)] = torch.as_tensor([int(t) for t in r], dtype=torch.long)
+    for i, r in enumerate(row_ids):
+        ids[i, :len(r)] = r
         mask[i, :len(r)] = 1
     return ids, mask
 
@@ -186,9 +185,9 @@ def _check_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
     return m.long()
 
 
-def _check_int_ids(t: torch.Tensor) -> None:
+def _check_int_ids(t: torch.Tensor, name: str) -> None:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise InputError(f"prompt_ids must be integer token ids, got {t.dtype}")
+        raise InputError(f"{name} must be integer token ids, got {t.dtype}")
 
 
 def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int | None = None,
