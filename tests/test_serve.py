@@ -385,6 +385,8 @@ def test_a_request_is_answered_once_its_committed_text_has_ended(torch_engine, t
     assert r.choices[0].text == expected(torch_engine, ids, gen_length=64, **kw) == "46"
     assert r.choices[0].finish_reason == "stop" and r.model_extra["dllm"]["nfe"] == 8
     assert r.usage.completion_tokens == 2
+    metrics = httpx.get(f"{torch_url}/metrics").text.splitlines()
+    assert float(next(x for x in metrics if x.startswith("dllm_early_answers_total ")).split()[1]) >= 1
     with_lp = c.completions.create(model="default", prompt="12+34=", max_tokens=64, logprobs=1, extra_body=kw)
     assert with_lp.model_extra["dllm"]["nfe"] == 8 and with_lp.choices[0].logprobs.tokens == ["4", "6"]
     want = generate(torch_engine.backend, ids, gen_length=64, logprobs=0, **kw).logprobs[0, :2].tolist()

@@ -238,6 +238,8 @@ class Batcher:
             for job, (a, b) in zip(batch, spans):  # streamed jobs end themselves (the stream reads their ends)
                 if not (job.cancelled or job.answered or job.stream) and ended.all(job, gen, prefix, a, b):
                     job.answered = True
+                    if self.metrics is not None:
+                        self.metrics.early_answers.inc()
                     info = {"nfe": last["steps"], "seconds": round(t - t0, 4), "batch_rows": len(rows)}
                     job.put(("done", [gen[r, :prefix[r]].tolist() for r in range(a, b)],
                              {**info, "queued_s": round(started - job.enqueued, 4)},

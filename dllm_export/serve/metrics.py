@@ -22,6 +22,8 @@ class Metrics:
         self.batch_rows = Histogram("dllm_batch_rows", "rows decoded together in one batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.queue_depth = Gauge("dllm_queue_depth", "requests waiting for a batch", registry=r)
+        self.early_answers = Counter("dllm_early_answers", "requests answered before their batch ended (their "
+                                     "committed text had ended)", registry=r)
 
     def render(self) -> bytes:
         """The text exposition format."""
