@@ -1,8 +1,8 @@
 """The iterative-unmasking loop shared by every backend.
 
 The canvas is prompt + `gen_length` mask tokens (+ a suffix, for infilling), decoded left to
-right in blocks of `block_length` (semi-autoregressive; one block = the whole answer by default). Each step runs
-the backend over the whole canvas, applies classifier-free guidance and the family's logit
+right in blocks of `block_length` (semi-autoregressive; one block = the whole answer by default).
+Each step runs the backend over the whole canvas, applies classifier-free guidance and the family's logit
 shift, and commits positions of the current block by the sampler's rule. Steps are split evenly
 over blocks, as LLaDA's `generate.py` does; with `threshold` a block runs until it is decoded.
 """
@@ -336,18 +336,17 @@ def _decode_block(live: "_LiveRows", P: int, E: int, hi: int, plan: Plan, rule: 
     Under threshold / factor decoding a row whose block is decoded leaves the block's next steps
     (`_LiveRows.narrow`) when its tokens do not depend on the others."""
     lo = hi - plan.block_length
-    # masks left of the block end are eligible (prompt masks too: infilling), later ones are not
-    upto_block = torch.zeros_like(live.x, dtype=torch.bool)
-    upto_block[:, :hi] = True
+    # masks left of the block end are eligible (prompt masks too: infilling), later ones are not;
+    # one column mask serves every row count (rows that sit out leave fewer)
+    upto_block = torch.arange(live.x.shape[1]) < hi
     # LLaDA's quota counts the block's masks; masks left of it (infilling prompts) count too, so
     # they are decoded as well (identical to the reference when the prompt has none)
     quota = S.get_num_transfer_tokens((live.x == mask_id) & upto_block, plan.steps_per_block)
     for i in range(plan.max_block_steps):
-        # fewer rows once some sit out (upto_block's rows are all alike: its first ones serve them)
         x, commit, step_logits = live.x, live.commit, live.step_logits
         # threshold / factor rules read no quota and may run past the schedule (a committed mask id)
         q = None if plan.parallel or i >= quota.shape[1] else quota[:, i]
-        eligible = (x == mask_id) & upto_block[:x.shape[0]]
+        eligible = (x == mask_id) & upto_block
         if not bool(eligible.any()):
             break  # nothing left to unmask in this block
         logits = step_logits(x, i, lo, hi, eligible)
@@ -364,14 +363,12 @@ def _decode_block(live: "_LiveRows", P: int, E: int, hi: int, plan: Plan, rule: 
             x[:, cols] = xs
         newly = (before & (x != mask_id))[:, P:E]
         commit[newly & (commit < 0)] = step_logits.nfe - 1
-        if live.record is not None:
-            live.record(logits, newly, x)
+        live.record(logits, newly)
         if callback is not None:
             callback(step_logits.nfe, plan.total_estimate)
-        if live.on_canvas is not None:
-            live.on_canvas(x)
+        live.show()
         if plan.parallel and plan.rows_independent:
-            decoded = ~((x == mask_id) & upto_block[:x.shape[0]]).any(1)
+            decoded = ~((x == mask_id) & upto_block).any(1)
             if bool(decoded.any()) and not bool(decoded.all()):
                 live.narrow(~decoded)
 
@@ -418,17 +415,17 @@ class _LiveRows:
         if self.rows is not None:
             self.full_x[self.rows], self.full_commit[self.rows] = self.x, self.commit
 
-    @property
-    def on_canvas(self):
-        if self._on_canvas is None or self.rows is None:
-            return self._on_canvas
-        return lambda x: (self.full_x.index_copy_(0, self.rows, x), self._on_canvas(self.full_x))
+    def show(self) -> None:
+        """Hand the whole canvas, the live rows' latest included, to the `on_canvas` hook."""
+        if self._on_canvas is not None:
+            if self.rows is not None:
+                self.full_x.index_copy_(0, self.rows, self.x)
+            self._on_canvas(self.full_x)
 
-    @property
-    def record(self):
-        if self._record is None or self.rows is None:
-            return self._record
-        return lambda logits, newly, x: self._record(logits, newly, x, self.rows)
+    def record(self, logits: torch.Tensor, newly: torch.Tensor) -> None:
+        """Record the live rows' commits of a step in the `Logprobs` recorder (if any), at their batch rows."""
+        if self._record is not None:
+            self._record(logits, newly, self.x, self.rows)
 
 
 @dataclass(frozen=True)
