@@ -845,3 +845,88 @@ def test_fuzzed_settings_answer_as_generate_does(torch_engine, torch_url):
         assert text == want, (kw, text, want)
 
     one()
+
+
+def test_requests_join_a_running_decoding(torch_engine, torch_url):
+    """Continuous batching: a request that arrives while another decodes joins it at the next block
+    boundary (it shares the decoding: batch_rows 2, though the first started alone) instead of
+    waiting for it to end, and its answer is its decoding alone. The long request streams, so the
+    second is sent once the first is under way."""
+    c = client(torch_url)
+    kw = {"steps": 128, "block_length": 32}
+    want, alone = (expected(torch_engine, encode_prompt(torch_engine.tokenizer, p), gen_length=128, **kw)
+                   for p in (PROMPTS[0], PROMPTS[3]))
+    long = c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=128, stream=True, extra_body=kw)
+    first = next(iter(long))  # the long request is decoding
+    r = c.completions.create(model="default", prompt=PROMPTS[0], max_tokens=128, extra_body=kw)
+    rest = "".join(ch.choices[0].text for ch in long if ch.choices)
+    assert r.choices[0].text == want
+    assert r.model_extra["dllm"]["batch_rows"] == 2
+    assert r.model_extra["dllm"]["nfe"] < 128  # its own steps (an early answer), not the decoding's
+    metrics = httpx.get(f"{torch_url}/metrics").text
+    assert float(next(x for x in metrics.splitlines() if x.startswith("dllm_joined_requests_total ")).split()[1]) >= 1
+    assert first.choices[0].text + rest == alone
+
+
+def test_queued_requests_join_in_arrival_order(torch_engine):
+    """At a block boundary queued requests join from the queue's head while they have the running
+    decoding's settings and fit its free rows: the first that does not stops the scan, so that it
+    runs next and no request waits behind later ones."""
+    import asyncio
+
+    from dllm_export.runtime.loop import Decoding
+    from dllm_export.serve.batcher import _Running
+
+    b = Batcher(torch_engine, max_batch=4)  # not started: _join_queued is called here
+    loop = asyncio.new_event_loop()
+    job = lambda gen, rows=1, block=8: Job(rows=[[1, 2]] * rows, loop=loop, events=asyncio.Queue(),  # noqa: E731
+                                           settings=GenSettings(gen_length=gen, steps=gen, block_length=block),
+                                           deadline=time.monotonic() + 60)
+    first = job(16)
+    run = _Running(b, [first], None)
+    run.dec = Decoding.create(torch_engine.backend, **first.settings.kwargs())
+    assert run.join(first)
+    run.dec.run_block()
+    same, other, later = job(32), job(32, block=16), job(16)  # other blocks: `other` cannot join
+    for j in (same, other, later):
+        b.submit(j)
+    b._join_queued(run)
+    assert run.jobs == [first, same] and list(b._pending) == [other, later]
+    b._pending.remove(other)
+    big = job(16, rows=3)  # 2 rows free: it waits, and so does the one behind it
+    b._pending.appendleft(big)
+    b._join_queued(run)
+    assert run.jobs == [first, same] and list(b._pending) == [big, later]
+    assert run.dec.start.tolist() == [2, 10] and run.dec.hi == 10  # the second joined at the boundary
+    loop.close()
+
+
+@pytest.mark.parametrize("a,b,shared", [
+    (dict(gen_length=64, block_length=16), dict(gen_length=32, block_length=16), True),   # 1 step per token
+    (dict(gen_length=64, block_length=16, steps=32), dict(gen_length=32, block_length=16, steps=16), True),
+    (dict(gen_length=64, block_length=16, steps=32), dict(gen_length=32, block_length=16), False),  # 8 vs 16 a block
+    (dict(gen_length=64), dict(gen_length=32), False),  # one block each: 64 vs 32 wide
+    (dict(gen_length=64, block_length=16, threshold=0.9, steps=64), dict(gen_length=32, block_length=16,
+                                                                         threshold=0.9, steps=4), True),
+    (dict(gen_length=64, block_length=16), dict(gen_length=32, block_length=16, cache="dual"), False),
+])
+def test_requests_of_other_lengths_share_a_decoding_when_their_blocks_match(a, b, shared):
+    assert (GenSettings(**a).batch_key() == GenSettings(**b).batch_key()) is shared
+
+
+def test_requests_of_other_lengths_batch_and_join(torch_engine, torch_url):
+    """Requests with other max_tokens but the same blocks share a decoding, and each is answered as
+    its decoding alone at its own length."""
+    tok, c = torch_engine.tokenizer, client(torch_url)
+    cases = [(PROMPTS[1], 16), (PROMPTS[0], 32), (PROMPTS[3], 48), (PROMPTS[6], 8)]
+    want = {p: expected(torch_engine, encode_prompt(tok, p), gen_length=n, steps=n, block_length=8) for p, n in cases}
+
+    def ask(case):
+        p, n = case
+        r = c.completions.create(model="default", prompt=p, max_tokens=n, extra_body={"steps": n, "block_length": 8})
+        return p, r.choices[0].text, r.model_extra["dllm"]["batch_rows"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, cases * 3))
+    assert all(text == want[p] for p, text, _ in answers)
+    assert max(rows for _, _, rows in answers) > 1

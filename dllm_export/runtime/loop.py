@@ -263,58 +263,207 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
     Raises:
         InputError: bad schedule, unknown sampler, ids out of the vocabulary, context overflow.
     """
-    _check_callables(callback=callback, on_canvas=on_canvas)
-    record = logprobs if isinstance(logprobs, Logprobs) or logprobs is None else Logprobs(logprobs)
-    backend: Backend = as_backend(model_or_backend)
-    spec = backend.spec
-    plan = Plan.resolve(spec, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
-                        temperature=temperature, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, alg_temp=alg_temp,
-                        eps=eps, threshold=threshold, factor=factor, cache=cache, refresh=refresh,
-                        refresh_tokens=refresh_tokens, stop_at_eos=stop_at_eos, seed=seed)
-    plan.check(backend)
-    if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))  # numpy integers too
-    prompt, pmask = prepare_prompt(prompt_ids, spec.pad_id, attention_mask)
-    B, P = prompt.shape
-    suffix, smask = (torch.zeros(B, 0, dtype=torch.long),) * 2 if suffix_ids is None else \
-        prepare_suffix(suffix_ids, B, spec.pad_id)
-    _check_prompt(prompt, gen_length, backend, suffix)
-
-    mask_id = spec.mask_id
-    E = P + gen_length  # the canvas end: the suffix follows
-    x = torch.cat([prompt, torch.full((B, gen_length), mask_id, dtype=torch.long), suffix], dim=1)
-    am = torch.cat([pmask, torch.ones(B, gen_length, dtype=torch.long), smask], dim=1)
-    commit = torch.full((B, gen_length), -1, dtype=torch.long)
-    prompt_index = x != mask_id
-    rule = _rule(plan, mask_id, generator)
-    if record is not None:
-        record.start(B, gen_length, P)
-    ended = torch.zeros(B, dtype=torch.bool)
-    live = _LiveRows(x, commit, _StepLogits(backend, plan, prompt_index, am), on_canvas, record)
+    dec = Decoding.create(model_or_backend, logprobs=logprobs, generator=generator, callback=callback,
+                          on_canvas=on_canvas, gen_length=gen_length, steps=steps, block_length=block_length,
+                          sampler=sampler, temperature=temperature, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                          alg_temp=alg_temp, eps=eps, threshold=threshold, factor=factor, cache=cache,
+                          refresh=refresh, refresh_tokens=refresh_tokens, stop_at_eos=stop_at_eos, seed=seed)
+    dec.admit(prompt_ids, suffix_ids, attention_mask)
     t0 = time.perf_counter()
-    with _loop_threads(backend):
-        for b in range(plan.num_blocks):
-            hi = P + (b + 1) * plan.block_length
-            if plan.rows_independent and live.differs(~ended):
-                # a block starts with a full forward: the rows that have not ended decode it, afresh
-                live.keep(~ended, _StepLogits(backend, plan, prompt_index[~ended], am[~ended]))
-            _decode_block(live, P, E, hi, plan, rule, mask_id, callback)
-            live.write_back()
-            if plan.stop_at_eos:
-                done = end_rows(x, P, hi, spec, mask_id, E) & ~ended
-                x[done, hi:E] = spec.eos_id
-                commit[done, hi - P:] = live.step_logits.nfe - 1
-                ended |= done
-                if bool(ended.all()):
-                    break
-    return GenerateOutput(ids=x, commit_step=commit, prompt_length=P, attention_mask=am, nfe=live.step_logits.nfe,
-                          seconds=time.perf_counter() - t0, settings=plan.settings(),
+    with loop_threads(dec.backend):
+        while not dec.done:
+            dec.run_block()
+    record = dec.record
+    return GenerateOutput(ids=dec.x, commit_step=dec.commit, prompt_length=int(dec.start[0]), attention_mask=dec.am,
+                          nfe=dec.nfe, seconds=time.perf_counter() - t0, settings=dec.plan.settings(),
                           logprobs=None if record is None else record.token,
                           top_logprobs=None if record is None or not record.k else (record.top, record.top_ids))
 
 
+class Decoding:
+    """One batch's unmasking, a block at a time: the canvas x [B, W] (a row: left padding, prompt,
+    its `length` masks from its `start` column, suffix, right padding), each generated position's
+    commit step and the rows that ended. Blocks lie on one grid of columns shared by every row
+    (the last decoded block ends at `hi`), so every step reads one window of the canvas; rows may
+    generate different lengths (whole blocks), decoded with the plan's steps per block.
+
+    `generate` admits every row at once and runs the blocks. A server may also `admit` rows at a
+    block boundary (continuous batching: they decode from the next block on, their masks starting
+    at `hi`) and `retire` rows it has answered. The canvas then moves (padding added or cut) between
+    two blocks, where it may: a block's first step is a full forward over the canvas as it stands,
+    refilling any cache. A row's tokens are then those it gets alone, as in any ragged batch (up to
+    float rounding for LLaDA, whose positions count from the canvas start: RoPE's angles differ, the
+    relative ones do not). Joining rows need `plan.rows_independent` (no shared draws or quotas).
+    """
+
+    def __init__(self, backend: Backend, plan: Plan, *, generator: torch.Generator | None = None,
+                 record: "Logprobs | None" = None, on_canvas=None, callback=None):
+        self.backend, self.plan, self.spec = backend, plan, backend.spec
+        self.rule = _rule(plan, self.spec.mask_id, generator)
+        self.record, self.on_canvas, self.callback = record, on_canvas, callback
+        if record is not None:
+            record.clear()
+        self.x = torch.zeros(0, 0, dtype=torch.long)
+        self.am, self.prompt_index = self.x.clone(), self.x.bool()
+        self.start = torch.zeros(0, dtype=torch.long)  # each row's first generated column
+        self.length = torch.zeros(0, dtype=torch.long)  # and how many it generates
+        self.commit = torch.zeros(0, 0, dtype=torch.long)  # [B, longest length]; -1 past a row's own
+        self.ended = torch.zeros(0, dtype=torch.bool)  # its blocks are decoded, or stop_at_eos ended it
+        self.hi = 0  # the end column of the last decoded block: rows admitted now start there
+        self._nfe = 0
+        self._live: _LiveRows | None = None  # the rows the block under way decodes; None: rebuild
+
+    @classmethod
+    def create(cls, model_or_backend, *, logprobs: "int | Logprobs | None" = None,
+               generator: torch.Generator | None = None, on_canvas=None, callback=None, **settings) -> "Decoding":
+        """An empty decoding of a model or backend with `generate`'s settings (checked)."""
+        _check_callables(callback=callback, on_canvas=on_canvas)
+        record = logprobs if isinstance(logprobs, Logprobs) or logprobs is None else Logprobs(logprobs)
+        backend: Backend = as_backend(model_or_backend)
+        plan = Plan.resolve(backend.spec, **settings)
+        plan.check(backend)
+        if generator is None and plan.seed is not None:
+            generator = torch.Generator().manual_seed(int(plan.seed))  # numpy integers too
+        return cls(backend, plan, generator=generator, record=record, on_canvas=on_canvas, callback=callback)
+
+    @property
+    def nfe(self) -> int:
+        """Steps so far (backend forward calls; see GenerateOutput.nfe)."""
+        return self._nfe if self._live is None else self._live.step_logits.nfe
+
+    @property
+    def done(self) -> bool:
+        """Every row has ended (an empty batch too)."""
+        return bool(self.ended.all())
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """(B, longest length) each row's generated columns of the canvas (masks where not yet
+        decoded; the pad id past the row's length)."""
+        cols, own = _gen_cols(self.start, self.length, self.commit.shape[1], self.x.shape[1])
+        return torch.where(own, self.x.gather(1, cols), self.spec.pad_id)
+
+    def admit(self, prompt_ids, suffix_ids=None, attention_mask=None, gen_length: int | None = None) -> int:
+        """Add rows that decode from the next block on (`prepare_prompt` / `prepare_suffix` inputs),
+        each generating `gen_length` tokens (default: the plan's; whole blocks, at the plan's steps
+        per block); returns how many. The canvas moves right when a prompt is longer than the
+        columns before `hi`; InputError (and nothing added) when the canvas would outgrow the
+        model's context."""
+        spec, G = self.spec, self.plan.gen_length if gen_length is None else gen_length
+        if not (is_int(G) and G >= self.plan.block_length and G % self.plan.block_length == 0):
+            raise InputError(f"gen_length {G!r} of joining rows must be a positive multiple of the block length "
+                             f"{self.plan.block_length}")
+        prompt, pmask = prepare_prompt(prompt_ids, spec.pad_id, attention_mask)
+        n, p = prompt.shape
+        suffix, smask = (torch.zeros(n, 0, dtype=torch.long),) * 2 if suffix_ids is None else \
+            prepare_suffix(suffix_ids, n, spec.pad_id)
+        _check_prompt(prompt, G, self.backend, suffix)
+        first = self.x.shape[0] == 0
+        if first:
+            self.hi = 0  # an empty decoding starts its grid afresh
+        d = max(p - self.hi, 0)  # old rows move right so that the new prompts end at the boundary
+        h = self.hi + d
+        W = max(self.x.shape[1] + d, h + G + suffix.shape[1])
+        new_x = torch.full((n, W), spec.pad_id, dtype=torch.long)
+        new_am = torch.zeros((n, W), dtype=torch.long)
+        new_x[:, h - p:h], new_am[:, h - p:h] = prompt, pmask
+        new_x[:, h:h + G], new_am[:, h:h + G] = spec.mask_id, 1
+        new_x[:, h + G:h + G + suffix.shape[1]], new_am[:, h + G:h + G + suffix.shape[1]] = suffix, smask
+        x, am = (torch.cat([_pad_cols(t, d, W, fill), new]) for t, fill, new in
+                 ((self.x, spec.pad_id, new_x), (self.am, 0, new_am)))
+        pi = torch.cat([_pad_cols(self.prompt_index, d, W, True), new_x != spec.mask_id])
+        start = torch.cat([self.start + d, torch.full((n,), h, dtype=torch.long)])
+        cut = 0 if first else int(_first_real(am).min())  # padding every row has on the left
+        if W - cut - _right_pad(am) > self.backend.max_length:
+            raise InputError(f"joining {n} row(s) would make the batch's canvas {W - cut - _right_pad(am)} tokens, "
+                             f"beyond the model's context of {self.backend.max_length}")
+        self.x, self.am, self.prompt_index, self.start, self.hi = x, am, pi, start, h
+        self.length = torch.cat([self.length, torch.full((n,), G, dtype=torch.long)])
+        width = max(self.commit.shape[1], G)
+        self.commit = torch.cat([_pad_cols(self.commit, 0, width, -1), torch.full((n, width), -1, dtype=torch.long)])
+        self.ended = torch.cat([self.ended, torch.zeros(n, dtype=torch.bool)])
+        if self.record is not None:
+            self.record.add(n, G)
+        if not first:
+            self._trim()
+        self._nfe, self._live = self.nfe, None
+        return n
+
+    def retire(self, keep: torch.Tensor) -> None:
+        """Drop the rows where `keep` (a bool mask over the rows) is False, at a block boundary."""
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        self.x, self.am, self.prompt_index = self.x[keep], self.am[keep], self.prompt_index[keep]
+        self.start, self.length, self.ended = self.start[keep], self.length[keep], self.ended[keep]
+        width = int(self.length.max()) if len(self.length) else 0
+        self.commit = self.commit[keep, :width]
+        if self.record is not None:
+            self.record.keep(keep, width)
+        self._trim()
+        self._nfe, self._live = self.nfe, None
+
+    def _trim(self) -> None:
+        """Cut the columns that are padding in every row (left and right)."""
+        if not self.x.shape[0]:
+            self.x, self.am, self.prompt_index = self.x[:, :0], self.am[:, :0], self.prompt_index[:, :0]
+            return
+        a, b = int(_first_real(self.am).min()), self.x.shape[1] - _right_pad(self.am)
+        self.x, self.am, self.prompt_index = self.x[:, a:b], self.am[:, a:b], self.prompt_index[:, a:b]
+        self.start, self.hi = self.start - a, self.hi - a
+
+    def run_block(self) -> None:
+        """Decode the next block of the grid in every row that has not ended; a row whose last
+        block it was ends (and, under `stop_at_eos`, a row whose decoded part holds an end token)."""
+        plan, spec, mask_id = self.plan, self.spec, self.spec.mask_id
+        hi = self.hi + plan.block_length
+        live = self._live
+        rows = ~self.ended if plan.rows_independent else torch.ones_like(self.ended)
+        if live is None or (plan.rows_independent and live.differs(rows)):
+            # a block starts with a full forward: the rows that have not ended decode it, afresh
+            nfe, live = self.nfe, _LiveRows(self.x, self.commit, self.start, self.length, self.on_canvas, self.record)
+            live.keep(rows, _StepLogits(self.backend, plan, self.prompt_index[rows], self.am[rows]), nfe)
+            self._live = live
+        _decode_block(live, hi, plan, self.rule, mask_id, self.callback)
+        live.write_back()
+        self.hi = hi
+        end = self.start + self.length
+        if plan.stop_at_eos:
+            done = end_rows(self.x, self.start, hi, spec, mask_id, end) & ~self.ended
+            cols = torch.arange(self.x.shape[1])
+            self.x[done[:, None] & (cols >= hi) & (cols < end[:, None])] = spec.eos_id
+            j = torch.arange(self.commit.shape[1])
+            tail = done[:, None] & (j >= (hi - self.start)[:, None]) & (j < self.length[:, None])
+            self.commit[tail] = live.step_logits.nfe - 1
+            self.ended |= done
+        self.ended |= end <= hi
+
+
+def _gen_cols(start: torch.Tensor, length: torch.Tensor, width: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns [B, width] of each row's generated positions, clamped into the canvas of W columns;
+    bool [B, width]: the position is the row's own, j < its length)."""
+    j = torch.arange(width)
+    return (start[:, None] + j).clamp(max=max(W - 1, 0)), j < length[:, None]
+
+
+def _pad_cols(t: torch.Tensor, left: int, width: int, fill) -> torch.Tensor:
+    """t [B, w] with `left` columns of `fill` before it and as many after as make `width`."""
+    out = torch.full((t.shape[0], width), fill, dtype=t.dtype)
+    out[:, left:left + t.shape[1]] = t
+    return out
+
+
+def _first_real(am: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's first column with a real token."""
+    return am.int().argmax(1)
+
+
+def _right_pad(am: torch.Tensor) -> int:
+    """Columns at the canvas end that are padding in every row."""
+    real = am.any(0).nonzero()
+    return am.shape[1] - (int(real[-1, 0]) + 1 if len(real) else 0)
+
+
 @contextmanager
-def _loop_threads(backend: Backend):
+def loop_threads(backend: Backend):
     """The loop's own tensor ops (softmax, confidences, top-k over [B, block, V]) on one torch
     thread while a backend with a thread pool of its own runs the forwards: two pools on the same
     cores made those small ops take as long as an onnxruntime step (bundled LLaDA, W4 ONNX, 2
@@ -330,9 +479,9 @@ def _loop_threads(backend: Backend):
         torch.set_num_threads(n)
 
 
-def _decode_block(live: "_LiveRows", P: int, E: int, hi: int, plan: Plan, rule: Callable, mask_id: int,
+def _decode_block(live: "_LiveRows", hi: int, plan: Plan, rule: Callable, mask_id: int,
                   callback: Callable[[int, int], None] | None) -> None:
-    """Unmask the block ending at `hi` in the live rows (their canvas x[:, P:E] and commit steps).
+    """Unmask the block ending at column `hi` in the live rows (their canvas and commit steps).
     Under threshold / factor decoding a row whose block is decoded leaves the block's next steps
     (`_LiveRows.narrow`) when its tokens do not depend on the others."""
     lo = hi - plan.block_length
@@ -361,7 +510,7 @@ def _decode_block(live: "_LiveRows", P: int, E: int, hi: int, plan: Plan, rule: 
             xs = x[:, cols]
             rule(logits[:, cols], xs, eligible[:, cols], q, i)
             x[:, cols] = xs
-        newly = (before & (x != mask_id))[:, P:E]
+        newly = (before & (x != mask_id)).gather(1, live.cols) & live.own
         commit[newly & (commit < 0)] = step_logits.nfe - 1
         live.record(logits, newly)
         if callback is not None:
@@ -378,23 +527,28 @@ class _LiveRows:
     forwards compute only those: the rows that have not ended (`stop_at_eos`, from a block's start)
     and, under threshold / factor decoding, those whose block is not decoded yet. Hooks see the
     whole canvas and logprobs land in the whole batch's rows; `write_back` copies the live rows into
-    the full tensors."""
+    the full tensors. `cols` [rows, longest length] are the live rows' generated columns, `own`
+    where a column is the row's own (within its length)."""
 
-    def __init__(self, x: torch.Tensor, commit: torch.Tensor, step_logits: "_StepLogits", on_canvas, record):
-        self.full_x, self.full_commit, self.step_logits = x, commit, step_logits
-        self.x, self.commit, self.rows = x, commit, None
+    def __init__(self, x: torch.Tensor, commit: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
+                 on_canvas, record):
+        self.full_x, self.full_commit, self.full_start, self.full_length = x, commit, start, length
+        self.step_logits: _StepLogits | None = None
+        self.rows: torch.Tensor | None = None
         self._on_canvas, self._record = on_canvas, record
+        self._take()
 
     def differs(self, rows: torch.Tensor) -> bool:
         """Whether the live rows are other than `rows` (a bool mask over the batch)."""
         live = torch.arange(len(rows)) if self.rows is None else self.rows
         return not torch.equal(live, rows.nonzero().squeeze(1))
 
-    def keep(self, rows: torch.Tensor, step_logits: "_StepLogits") -> None:
+    def keep(self, rows: torch.Tensor, step_logits: "_StepLogits", nfe: int | None = None) -> None:
         """Decode `rows` (a bool mask over the batch) from a block's start on, with `step_logits` a
-        fresh one for them (its first step, a block's first, is a full forward)."""
+        fresh one for them (its first step, a block's first, is a full forward); its step count
+        goes on from `nfe` (default: the current one's)."""
         self.write_back()
-        step_logits.nfe = self.step_logits.nfe
+        step_logits.nfe = self.step_logits.nfe if nfe is None else nfe
         self.step_logits = step_logits
         self.rows = None if bool(rows.all()) else rows.nonzero().squeeze(1)
         self._take()
@@ -408,8 +562,9 @@ class _LiveRows:
         self._take()
 
     def _take(self) -> None:
-        self.x, self.commit = ((self.full_x, self.full_commit) if self.rows is None
-                               else (self.full_x[self.rows], self.full_commit[self.rows]))
+        r = slice(None) if self.rows is None else self.rows
+        self.x, self.commit = (self.full_x, self.full_commit) if self.rows is None else (self.full_x[r], self.full_commit[r])
+        self.cols, self.own = _gen_cols(self.full_start[r], self.full_length[r], self.commit.shape[1], self.x.shape[1])
 
     def write_back(self) -> None:
         if self.rows is not None:
@@ -425,7 +580,7 @@ class _LiveRows:
     def record(self, logits: torch.Tensor, newly: torch.Tensor) -> None:
         """Record the live rows' commits of a step in the `Logprobs` recorder (if any), at their batch rows."""
         if self._record is not None:
-            self._record(logits, newly, self.x, self.rows)
+            self._record(logits, newly, self.x, self.cols, self.rows)
 
 
 @dataclass(frozen=True)
@@ -573,15 +728,18 @@ def _check_prompt(prompt: torch.Tensor, gen_length: int, backend, suffix: torch.
                          f"canvas before it; masks to fill go in the prompt")
 
 
-def end_rows(x: torch.Tensor, P: int, hi: int, spec, mask_id: int, E: int | None = None) -> torch.Tensor:
-    """(B,) bool: rows whose generated part up to `hi` is decoded, holds an end token (EOS or end of
-    turn) and has only masks from `hi` to the canvas end `E` (default: the row's end; a suffix
-    follows it): `stop_at_eos` fills the rest of such a row's canvas with EOS."""
+def end_rows(x: torch.Tensor, P, hi: int, spec, mask_id: int, E=None) -> torch.Tensor:
+    """(B,) bool: rows whose generated part (from column P) up to `hi` is decoded, holds an end token
+    (EOS or end of turn) and has only masks from `hi` to the canvas end `E` (default: the row's end;
+    a suffix follows it): `stop_at_eos` fills the rest of such a row's canvas with EOS. P and E are
+    columns, or (B,) tensors of each row's."""
     stops = torch.tensor([i for i in (spec.eos_id, spec.eot_id) if i is not None], dtype=x.dtype)
-    head = x[:, P:hi]
-    has_end = torch.isin(head, stops).any(1)
+    cols = torch.arange(x.shape[1])
+    P = torch.as_tensor(P).reshape(-1, 1)
+    E = torch.as_tensor(x.shape[1] if E is None else E).reshape(-1, 1)
+    has_end = (torch.isin(x, stops) & (cols >= P) & (cols < hi)).any(1)
     decoded = (x[:, :hi] != mask_id).all(1)
-    tail_masked = (x[:, hi:E] == mask_id).all(1)
+    tail_masked = ((x == mask_id) | (cols < hi) | (cols >= E)).all(1)
     return has_end & decoded & tail_masked
 
 
@@ -716,25 +874,41 @@ class Logprobs:
             raise InputError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS} (top tokens per position) or None, "
                              f"got {k!r:.40}")
         self.k = int(k)
+        self.clear()
+
+    def clear(self) -> None:
+        """No rows (a decoding starts from here)."""
         self.token = self.top = self.top_ids = None
 
-    def start(self, B: int, gen_length: int, P: int) -> None:
-        """Empty records for a batch of B rows after a prompt of P tokens (generate calls it)."""
-        self.P = P
-        self.token = torch.full((B, gen_length), float("nan"), dtype=torch.float64)
-        self.top = torch.full((B, gen_length, self.k), float("nan"), dtype=torch.float64)
-        self.top_ids = torch.full((B, gen_length, self.k), -1, dtype=torch.long)
+    def add(self, n: int, gen_length: int) -> None:
+        """Empty records for n more rows generating `gen_length` tokens (a decoding calls it as rows
+        join; the records are as wide as the longest row)."""
+        B, width = (0, gen_length) if self.token is None else (self.token.shape[0], max(self.token.shape[1], gen_length))
+        token = torch.full((B + n, width), float("nan"), dtype=torch.float64)
+        top = torch.full((B + n, width, self.k), float("nan"), dtype=torch.float64)
+        top_ids = torch.full((B + n, width, self.k), -1, dtype=torch.long)
+        if self.token is not None:
+            w = self.token.shape[1]
+            token[:B, :w], top[:B, :w], top_ids[:B, :w] = self.token, self.top, self.top_ids
+        self.token, self.top, self.top_ids = token, top, top_ids
 
-    def __call__(self, logits: torch.Tensor, newly: torch.Tensor, x: torch.Tensor,
+    def keep(self, keep: torch.Tensor, width: int | None = None) -> None:
+        """Keep the rows where `keep` (the decoding retired the others), `width` positions of each."""
+        w = slice(None) if width is None else slice(0, width)
+        self.token, self.top, self.top_ids = self.token[keep, w], self.top[keep, w], self.top_ids[keep, w]
+
+    def __call__(self, logits: torch.Tensor, newly: torch.Tensor, x: torch.Tensor, cols: torch.Tensor,
                  rows: torch.Tensor | None = None) -> None:
         """Record the positions `newly` (b, gen_length) committed from the aligned `logits` [b, L, V]
-        of the canvas x (`rows`: the batch rows these b are, when only some rows decode)."""
+        of the canvas x, whose generated positions are at columns `cols` (b, gen_length) (`rows`: the
+        batch rows these b are, when only some rows decode)."""
         b, j = newly.nonzero(as_tuple=True)
         if not len(b):
             return
-        lp = torch.log_softmax(logits[b, j + self.P].double(), dim=-1)
+        c = cols[b, j]
+        lp = torch.log_softmax(logits[b, c].double(), dim=-1)
         at = b if rows is None else rows[b]
-        self.token[at, j] = lp.gather(1, x[b, j + self.P][:, None])[:, 0]
+        self.token[at, j] = lp.gather(1, x[b, c][:, None])[:, 0]
         if self.k:
             self.top[at, j], self.top_ids[at, j] = lp.topk(min(self.k, lp.shape[-1]), dim=-1)
 
@@ -826,7 +1000,7 @@ def infill(model_or_backend, ids, *, check: Callable[[int, int], bool] | None = 
         raise InputError(f"infill takes one sequence [1, L], got shape {tuple(x.shape)}")
     _check_prompt(x, 0, backend)  # in the vocabulary and the context
     x = x.clone()
-    with _loop_threads(backend):
+    with loop_threads(backend):
         while True:
             pos = (x[0] == spec.mask_id).nonzero().flatten()
             if not len(pos):

@@ -1,14 +1,17 @@
-"""One worker thread that decodes queued requests in batches through `runtime.generate`.
+"""One worker thread that decodes queued requests in batches through `runtime.Decoding`.
 
-Requests with equal, batchable settings (engine.GenSettings) are decoded together: their rows
-(n per prompt) form one left-padded batch of at most `max_batch` rows; a request that cannot
-join waits for a later batch, in arrival order. The queue is bounded; a request that waits past
-its deadline, or whose client left, is dropped from the queue, and a running batch whose
-clients have all left is stopped between two steps. A request is answered as soon as each of its
-rows' committed left-to-right prefix holds its end (an end token or a stop string): committed
-tokens never change, so that is its final text, and a batch whose requests are all answered
-stops there. Results and stream updates go back to the request's asyncio loop through
-thread-safe queue puts.
+Requests with batchable settings alike but for their length (`GenSettings.batch_key`: the block
+length and steps per block, not max_tokens) are decoded together: their rows (n per prompt)
+form one left-padded batch of at most `max_batch` rows; a request that cannot
+join waits for a later batch, in arrival order. Batching is continuous where rows cannot change
+each other's tokens (greedy, no shared quota: `Plan.rows_independent`): at every block boundary
+queued requests with the same settings join the running decoding, from the queue's head, as
+rows free up. The queue is bounded; a request that waits past its deadline, or whose client
+left, is dropped, and a decoding whose clients have all left is stopped between two steps. A
+request is answered as soon as each of its rows' committed left-to-right prefix holds its end
+(an end token or a stop string; committed tokens never change, so that is its final text) or
+its blocks are decoded, and its rows leave the decoding at the next block boundary. Results and
+stream updates go back to the request's asyncio loop through thread-safe queue puts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.loop import Logprobs, generate
+from ..errors import InputError
+from ..runtime.loop import MAX_TOP_LOGPROBS, Decoding, Logprobs, loop_threads
 from .engine import Engine, GenSettings, RequestError
 
 log = logging.getLogger(__name__)
@@ -60,8 +64,17 @@ class Job:
     suffix: list[int] = field(default_factory=list)
     stops: tuple[str, ...] = ()
     logprobs: int | None = None
-    answered: bool = False  # its "done" went out before the batch ended
+    answered: bool = False  # its "done" went out
     enqueued: float = field(default_factory=time.monotonic)
+    # while it decodes (set when it joins a decoding): the decoding's step count and clocks then,
+    # the most rows it shared, and per row: its end was found, the committed prefix read / streamed
+    nfe0: int = field(default=0, init=False)
+    t0: float = field(default=0.0, init=False)
+    started: float = field(default=0.0, init=False)
+    batch_rows: int = field(default=0, init=False)
+    ends: list = field(default_factory=list, init=False)
+    read: list = field(default_factory=list, init=False)
+    seen: list = field(default_factory=list, init=False)
 
     def put(self, event: tuple) -> None:
         """Hand an event to the request's loop (from the worker thread)."""
@@ -169,9 +182,9 @@ class Batcher:
                 while (not self._closing and (left := end - time.monotonic()) > 0
                        and self._rows_like(first) < self.max_batch and self._jobs_like(first) < expect):
                     self._cv.wait(left)
-            batch, rows = [], 0
+            batch, rows, key = [], 0, first.settings.batch_key()
             for job in list(self._pending):
-                if job is first or (first.batchable and job.batchable and job.settings == first.settings
+                if job is first or (first.batchable and job.batchable and job.settings.batch_key() == key
                                     and rows + len(job.rows) <= self.max_batch):
                     batch.append(job)
                     rows += len(job.rows)
@@ -183,7 +196,8 @@ class Batcher:
             return batch
 
     def _like(self, first: Job) -> list[Job]:
-        return [j for j in self._pending if j.batchable and j.settings == first.settings]
+        key = first.settings.batch_key()
+        return [j for j in self._pending if j.batchable and j.settings.batch_key() == key]
 
     def _rows_like(self, first: Job) -> int:
         return sum(len(j.rows) for j in self._like(first))
@@ -203,132 +217,195 @@ class Batcher:
                 self._decode(batch)
 
     def _decode(self, batch: list[Job]) -> None:
-        """Run one batch and hand every job its rows."""
-        rows = [r for job in batch for r in job.rows]
-        spans, start = [], 0
-        for job in batch:
-            spans.append((start, start + len(job.rows)))
-            start += len(job.rows)
-        # rows of other suffixes (or none) share the batch: generate right-pads them, as it left-pads prompts
-        suffixes = [job.suffix for job in batch for _ in job.rows]
-        P, G = max(len(r) for r in rows), batch[0].settings.gen_length
-        mask_id = self.engine.spec.mask_id
-        started, t0 = time.monotonic(), time.perf_counter()
-        last = {"t": t0, "prefix": [0] * len(rows), "steps": 0}
-        ended = _Ends(self.engine, len(rows))
-        # the largest top k any request asks for, read while decoding (streams, early answers)
-        wanted = [job.logprobs for job in batch if job.logprobs is not None]
-        record = Logprobs(max(wanted)) if wanted else None
-
-        def on_canvas(x: torch.Tensor) -> None:
-            t = time.perf_counter()
-            if self.metrics is not None:
-                self.metrics.step_seconds.observe(t - last["t"])
-            last["t"] = t
-            last["steps"] += 1
-            now = time.monotonic()
-            for job in batch:
-                if not job.cancelled and now > job.deadline:
-                    job.cancelled = True
-                    job.put(("error", _timeout()))
-            gen = x[:, P:P + G]
-            prefix = _committed_prefix(gen, mask_id)
-            if any(job.stream for job in batch):
-                self._stream_step(batch, spans, gen, prefix, last["prefix"], record)
-            for job, (a, b) in zip(batch, spans):  # streamed jobs end themselves (the stream reads their ends)
-                if not (job.cancelled or job.answered or job.stream) and ended.all(job, gen, prefix, a, b):
-                    job.answered = True
-                    if self.metrics is not None:
-                        self.metrics.early_answers.inc()
-                    info = {"nfe": last["steps"], "seconds": round(t - t0, 4), "batch_rows": len(rows)}
-                    job.put(("done", [gen[r, :prefix[r]].tolist() for r in range(a, b)],
-                             {**info, "queued_s": round(started - job.enqueued, 4)},
-                             _logprob_rows(record, job.logprobs, a, b, prefix)))
-            if all(job.cancelled or job.answered for job in batch):
-                raise _AllLeft
-
-        if self.metrics is not None:
-            self.metrics.batch_rows.observe(len(rows))
+        """Run one decoding: the batch's jobs and (continuous batching) the queued jobs that join at
+        its block boundaries; each job is answered as soon as its rows are done, and leaves."""
         s = batch[0].settings
-        err = None
+        # every top k a request may ask for, read while decoding (streams, early answers)
+        record = Logprobs(MAX_TOP_LOGPROBS) if any(job.logprobs is not None for job in batch) else None
+        run = _Running(self, batch, record)
         try:
-            out = generate(self.engine.backend, rows, on_canvas=on_canvas, logprobs=record,
-                           suffix_ids=suffixes if any(suffixes) else None, **s.kwargs())
+            run.dec = Decoding.create(self.engine.backend, logprobs=record, on_canvas=run.on_step, **s.kwargs())
+            # rows that join must leave the others' tokens unchanged: greedy, no shared quota
+            joinable = batch[0].batchable and run.dec.plan.rows_independent
+            for i, job in enumerate(batch):
+                if not run.join(job):  # the canvas would outgrow the context: the rest waits, in order
+                    with self._cv:
+                        self._pending.extendleft(reversed(batch[i:]))
+                        self._gauge()
+                    break
+            with loop_threads(run.dec.backend):
+                while run.jobs:
+                    run.dec.run_block()
+                    run.boundary()
+                    if joinable and run.jobs and not self._closing:
+                        self._join_queued(run)
         except _AllLeft:
-            return
+            pass
         except RequestError as e:
-            err = e
+            run.fail(e)
         except Exception as e:  # a backend failure fails this batch, never the server
-            log.exception("decoding a batch of %d rows failed", len(rows))
-            err = RequestError(f"decoding failed: {type(e).__name__}: {e}", None, "decode_failed", 500,
-                               "server_error")
+            log.exception("decoding a batch of %d rows failed", run.dec.x.shape[0] if run.dec else 0)
+            run.fail(RequestError(f"decoding failed: {type(e).__name__}: {e}", None, "decode_failed", 500,
+                                  "server_error"))
         finally:
             self._answered = time.monotonic()
-        if err is not None:
-            for job in batch:
-                if not job.answered:
-                    job.put(("error", err))
-            return
-        gen = out.generated
-        info = {"nfe": out.nfe, "seconds": round(out.seconds, 4), "batch_rows": len(rows)}
-        for job, (a, b) in zip(batch, spans):
-            if not (job.cancelled or job.answered):
-                job.put(("done", gen[a:b].tolist(), {**info, "queued_s": round(started - job.enqueued, 4)},
-                         _logprob_rows(record, job.logprobs, a, b)))
+            self._last_jobs = run.most_jobs
 
-    @staticmethod
-    def _stream_step(batch: list[Job], spans, gen: torch.Tensor, prefix: list[int], seen: list[int],
-                     record: Logprobs | None) -> None:
-        """Send streaming jobs their rows (and their committed prefixes' logprobs) when a committed
-        left-to-right prefix grew."""
-        for job, (a, b) in zip(batch, spans):
-            if job.cancelled or not job.stream:
-                continue
-            if job.canvas or any(prefix[r] > seen[r] for r in range(a, b)):
-                job.put(("step", gen[a:b].tolist(), prefix[a:b], _logprob_rows(record, job.logprobs, a, b, prefix)))
-        seen[:] = prefix
+    def _join_queued(self, run: "_Running") -> None:
+        """Let queued jobs join the running decoding at this block boundary, from the queue's head,
+        while each has its settings, fits the free rows and the context, and wants no logprobs the
+        decoding does not record: the first that cannot join stops the scan (it runs next, so the
+        arrival order holds and no request waits behind later ones)."""
+        rows = run.dec.x.shape[0]
+        with self._cv:
+            for job in list(self._pending):
+                if not (job.batchable and job.settings.batch_key() == run.key and rows + len(job.rows) <= self.max_batch
+                        and (job.logprobs is None or run.record is not None) and run.join(job)):
+                    break
+                self._pending.remove(job)
+                rows += len(job.rows)
+                if self.metrics is not None and not job.cancelled:
+                    self.metrics.joined.inc()
+            self._gauge()
 
 
-def _logprob_rows(record: Logprobs | None, k: int | None, a: int, b: int,
-                  lengths: list[int] | None = None) -> list[tuple] | None:
+def _logprob_rows(record: Logprobs | None, k: int | None, a: int, b: int, lengths: list[int]) -> list[tuple] | None:
     """Rows a..b's (token log-probabilities, top-k log-probabilities, top-k ids) as lists, each row's
-    first `lengths[r]` positions (all without), or None when the request asked for none (the batch
-    records the largest k its requests asked for)."""
+    first `lengths[r]` positions, or None when the request asked for none (the decoding records
+    every k a request may ask for)."""
     if k is None:
         return None
     rows = []
     for r in range(a, b):
-        n = record.token.shape[1] if lengths is None else lengths[r]
+        n = lengths[r]
         top = (record.top[r, :n, :k].tolist(), record.top_ids[r, :n, :k].tolist()) if k else ([], [])
         rows.append((record.token[r, :n].tolist(), *top))
     return rows
 
 
-def _committed_prefix(gen: torch.Tensor, mask_id: int) -> list[int]:
-    """Each row's committed left-to-right prefix length: the index of its first mask (all if none)."""
+def _committed_prefix(gen: torch.Tensor, mask_id: int, length: torch.Tensor) -> list[int]:
+    """Each row's committed left-to-right prefix length: the index of its first mask (its `length`,
+    the row's own positions, if none)."""
     masked = gen == mask_id
-    return torch.where(masked.any(1), masked.int().argmax(1), gen.shape[1]).tolist()
+    return torch.where(masked.any(1), masked.int().argmax(1), length).tolist()
 
 
-class _Ends:
-    """Which rows' committed prefix holds their text's end (an end token or a stop string), each
-    row read again only when its prefix grew: once found, an end stays (committed tokens stay)."""
+class _Running:
+    """The decoding the worker runs: its jobs in row order (a job's rows are contiguous), their
+    streams and early answers at every step, their answers and retirement at block boundaries."""
 
-    def __init__(self, engine: Engine, rows: int):
-        self.engine = engine
-        self.done, self.read = [False] * rows, [0] * rows
+    def __init__(self, batcher: Batcher, batch: list[Job], record: Logprobs | None):
+        self.engine, self.metrics = batcher.engine, batcher.metrics
+        self.key, self.record = batch[0].settings.batch_key(), record
+        self.batch = batch  # the jobs it started with (failed together when it cannot start)
+        self.dec: Decoding | None = None
+        self.jobs: list[Job] = []
+        self.most_jobs = 0
+        self.last = time.perf_counter()
 
-    def all(self, job: Job, gen: torch.Tensor, prefix: list[int], a: int, b: int) -> bool:
-        """Whether every row of `job` (rows a..b) has ended. Without stop strings only the newly
-        committed tokens are looked at (no decoding: a step costs milliseconds)."""
-        for r in range(a, b):
-            if not self.done[r] and prefix[r] > self.read[r]:
+    def spans(self):
+        """(job, first row, end row) of every job in the decoding."""
+        a = 0
+        for job in self.jobs:
+            yield job, a, a + len(job.rows)
+            a += len(job.rows)
+
+    def join(self, job: Job) -> bool:
+        """Add a job's rows at the decoding's block boundary; False when the canvas would outgrow
+        the model's context (the job waits for another decoding)."""
+        if job.cancelled:
+            return True
+        if time.monotonic() > job.deadline:
+            job.cancelled = True
+            job.put(("error", _timeout()))
+            return True
+        try:
+            self.dec.admit(job.rows, [job.suffix] * len(job.rows) if job.suffix else None,
+                           gen_length=job.settings.gen_length)
+        except InputError:
+            if self.jobs:
+                return False
+            raise
+        n = len(job.rows)
+        job.nfe0, job.t0, job.started = self.dec.nfe, time.perf_counter(), time.monotonic()
+        job.ends, job.read, job.seen = [False] * n, [0] * n, [0] * n
+        self.jobs.append(job)
+        self.most_jobs = max(self.most_jobs, len(self.jobs))
+        rows = self.dec.x.shape[0]
+        for j in self.jobs:
+            j.batch_rows = max(j.batch_rows, rows)
+        if self.metrics is not None:
+            self.metrics.batch_rows.observe(rows)
+        return True
+
+    def _info(self, job: Job) -> dict:
+        return {"nfe": self.dec.nfe - job.nfe0, "seconds": round(time.perf_counter() - job.t0, 4),
+                "batch_rows": job.batch_rows, "queued_s": round(job.started - job.enqueued, 4)}
+
+    def _answer(self, job: Job, rows: list[list[int]], a: int, b: int, lengths: list[int]) -> None:
+        job.answered = True
+        job.put(("done", rows, self._info(job), _logprob_rows(self.record, job.logprobs, a, b, lengths)))
+
+    def on_step(self, x: torch.Tensor) -> None:
+        """After every step: time out jobs, stream committed prefixes that grew, answer the jobs
+        whose committed prefixes hold their ends (streamed jobs end themselves: the stream reads
+        their ends); stop the decoding once every job is cancelled or answered."""
+        t = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(t - self.last)
+        self.last, now = t, time.monotonic()
+        gen = self.dec.generated
+        prefix = _committed_prefix(gen, self.engine.spec.mask_id, self.dec.length)
+        for job, a, b in self.spans():
+            if not job.cancelled and now > job.deadline:
+                job.cancelled = True
+                job.put(("error", _timeout()))
+            if job.cancelled or job.answered:
+                continue
+            if job.stream:
+                if job.canvas or any(prefix[r] > job.seen[r - a] for r in range(a, b)):
+                    job.put(("step", gen[a:b, :job.settings.gen_length].tolist(), prefix[a:b],
+                             _logprob_rows(self.record, job.logprobs, a, b, prefix)))
+                job.seen = prefix[a:b]
+            elif self._ended(job, gen, prefix, a):
+                if self.metrics is not None:
+                    self.metrics.early_answers.inc()
+                self._answer(job, [gen[r, :prefix[r]].tolist() for r in range(a, b)], a, b, prefix)
+        if all(job.cancelled or job.answered for job in self.jobs):
+            raise _AllLeft
+
+    def _ended(self, job: Job, gen: torch.Tensor, prefix: list[int], a: int) -> bool:
+        """Whether every row of `job` (from row a) has its end in its committed prefix: an end token,
+        or a stop string; each row read again only when its prefix grew (an end, once found, stays:
+        committed tokens stay), and without stop strings only the newly committed tokens."""
+        for i in range(len(job.rows)):
+            r = a + i
+            if not job.ends[i] and prefix[r] > job.read[i]:
                 if job.stops:
-                    self.done[r] = self.engine.text(gen[r, :prefix[r]].tolist(), job.stops)[1] is not None
+                    job.ends[i] = self.engine.text(gen[r, :prefix[r]].tolist(), job.stops)[1] is not None
                 else:
-                    self.done[r] = not self.engine.end_ids.isdisjoint(gen[r, self.read[r]:prefix[r]].tolist())
-                self.read[r] = prefix[r]
-        return all(self.done[a:b])
+                    job.ends[i] = not self.engine.end_ids.isdisjoint(gen[r, job.read[i]:prefix[r]].tolist())
+                job.read[i] = prefix[r]
+        return all(job.ends)
+
+    def boundary(self) -> None:
+        """After a block: answer the jobs whose rows are all decoded, retire the rows of the jobs that
+        are answered or cancelled."""
+        gen = None
+        for job, a, b in self.spans():
+            if not (job.cancelled or job.answered) and bool(self.dec.ended[a:b].all()):
+                gen = self.dec.generated if gen is None else gen
+                self._answer(job, gen[a:b, :job.settings.gen_length].tolist(), a, b, self.dec.length.tolist())
+        keep = [not (job.cancelled or job.answered) for job, a, b in self.spans() for _ in range(b - a)]
+        if not all(keep):
+            self.dec.retire(torch.tensor(keep, dtype=torch.bool))
+            self.jobs = [job for job in self.jobs if not (job.cancelled or job.answered)]
+
+    def fail(self, err: RequestError) -> None:
+        """Hand `err` to every job of the decoding that has no answer yet."""
+        for job in dict.fromkeys(self.batch + self.jobs):
+            if not (job.answered or job.cancelled):
+                job.put(("error", err))
 
 
 def _timeout() -> RequestError:

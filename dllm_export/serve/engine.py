@@ -54,6 +54,16 @@ class GenSettings:
         """Keyword arguments of `generate`."""
         return asdict(self)
 
+    def batch_key(self) -> tuple:
+        """What requests that share a decoding have alike: every setting but the length, with the
+        block length resolved and, where a fixed number of steps decodes a block, the steps per
+        block (`runtime.Decoding.admit(gen_length=)` then decodes each row's blocks as alone)."""
+        block = self.block_length or self.gen_length
+        parallel = self.threshold is not None or self.factor is not None  # steps unread: blocks run until decoded
+        per_block = None if parallel else (self.steps or self.gen_length) // (self.gen_length // block)
+        rest = tuple((k, v) for k, v in asdict(self).items() if k not in ("gen_length", "steps", "block_length"))
+        return block, per_block, rest
+
     def batchable(self, sampler: str) -> bool:
         """Rows of other requests leave this request's tokens unchanged: greedy and unseeded (a shared
         generator would interleave draws), and not Dream's batch-mean quota with ended rows."""

@@ -19,11 +19,14 @@ class Metrics:
                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.step_seconds = Histogram("dllm_step_seconds", "latency of one denoising step of a batch", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-        self.batch_rows = Histogram("dllm_batch_rows", "rows decoded together in one batch", registry=r,
+        self.batch_rows = Histogram("dllm_batch_rows", "rows decoding together, at a batch's start and as "
+                                    "requests join it", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.queue_depth = Gauge("dllm_queue_depth", "requests waiting for a batch", registry=r)
         self.early_answers = Counter("dllm_early_answers", "requests answered before their batch ended (their "
                                      "committed text had ended)", registry=r)
+        self.joined = Counter("dllm_joined_requests", "requests that joined a running batch at a block boundary "
+                              "(continuous batching)", registry=r)
 
     def render(self) -> bytes:
         """The text exposition format."""
