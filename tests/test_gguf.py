@@ -221,6 +221,14 @@ def test_llamacpp_f32_trace_equals_torch(name, sampler, tiny_dirs, tmp_path):
     kw["suffix_ids"] = [[80, 91, 17], []]
     a, b = generate(load_model(tiny_dirs[name]), prompts, **kw), generate(be, prompts, **kw)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+    if sampler == "low_confidence":  # continuous batching: rows joining at block boundaries, other lengths
+        from .test_join import drive
+
+        arrivals = [(0, [5, 9, 33], None, 16), (1, [12, 40, 7, 7, 19, 23, 61, 8, 30, 14], [80, 91], 24)]
+        sched = dict(gen_length=16, steps=8, block_length=8)
+        joined = [drive(m, sched, arrivals)[0] for m in (load_model(tiny_dirs[name]), be)]
+        for (ga, ca), (gb, cb) in zip(*joined):
+            assert torch.equal(ga, gb) and torch.equal(ca, cb)
 
 
 @pytest.mark.parametrize("qtype,overrides", [q for q in EXACT if q[0] in ("Q4_0", "Q8_0", "Q4_1")],

@@ -381,6 +381,23 @@ def test_infill_traces_equal_torch(name, opts, tiny_dirs, float_exports):
     assert a.ids[0, -3:].tolist() == [80, 91, 17]
 
 
+@pytest.mark.parametrize("name", ["llada_gqa", "dream"])
+@pytest.mark.parametrize("opts", [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "dual", "threshold": 0.5}])
+def test_joined_decodings_equal_torch(name, opts, tiny_dirs, float_exports):
+    """Continuous batching on the graph: rows joining a running decoding at block boundaries (a
+    longer prompt that moves the canvas, a suffix, other lengths) and retired when done decode the
+    same tokens and commit steps on onnxruntime as on the torch model."""
+    from .test_join import drive
+
+    arrivals = [(0, [5, 9, 33], None, 16), (1, [12, 40, 7, 7, 19, 23, 61, 8, 30, 14, 15, 16], [80, 91], 24),
+                (2, [44, 45], None, 8)]
+    kw = dict(gen_length=16, steps=16, block_length=8, **opts)
+    a, _ = drive(load_model(tiny_dirs[name]), kw, arrivals)
+    b, _ = drive(OrtBackend(float_exports[name]), kw, arrivals)
+    for (ga, ca), (gb, cb) in zip(a, b):
+        assert torch.equal(ga, gb) and torch.equal(ca, cb)
+
+
 def test_fuzzed_schedules_decode_alike_on_torch_and_onnxruntime(tiny_dirs, float_exports):
     """Differential fuzz (hypothesis, derandomized): random ragged prompts of plain tokens and
     schedules (blocks, steps, samplers, threshold, caches with refresh by commits, stop at EOS,
