@@ -930,3 +930,40 @@ def test_requests_of_other_lengths_batch_and_join(torch_engine, torch_url):
         answers = list(pool.map(ask, cases * 3))
     assert all(text == want[p] for p, text, _ in answers)
     assert max(rows for _, _, rows in answers) > 1
+
+
+def test_a_client_leaving_during_a_boundary_keeps_rows_and_jobs_in_step(torch_engine):
+    """A streamed request's client may leave (its job cancelled from the server's thread) while the
+    worker retires rows at a block boundary: the rows retired and the jobs kept come from one
+    reading, so the decoding's rows stay those of its jobs (a second reading once gave a 500)."""
+    import asyncio
+
+    from dllm_export.runtime.loop import Decoding
+    from dllm_export.serve.batcher import _Running
+
+    class Leaving(Job):  # its client leaves between the worker's second and third look
+        reads = 0
+
+        @property
+        def cancelled(self):
+            self.reads += 1
+            return self.reads > 2
+
+        @cancelled.setter
+        def cancelled(self, value):
+            pass
+
+    b = Batcher(torch_engine, max_batch=4)
+    loop = asyncio.new_event_loop()
+    # the first request ends at the first boundary (its rows retire), the second one block later
+    jobs = [cls(rows=[[1, 2]], settings=GenSettings(gen_length=n, steps=n, block_length=8), loop=loop,
+                events=asyncio.Queue(), deadline=time.monotonic() + 60) for cls, n in ((Job, 8), (Leaving, 16))]
+    run = _Running(b, jobs, None)
+    run.dec = Decoding.create(torch_engine.backend, **jobs[0].settings.kwargs())
+    assert all(run.join(j) for j in jobs)
+    jobs[1].reads = 0
+    for _ in range(2):
+        run.dec.run_block()
+        run.boundary()
+        assert run.dec.x.shape[0] == sum(len(j.rows) for j in run.jobs)
+    loop.close()

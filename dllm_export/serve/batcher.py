@@ -396,10 +396,11 @@ class _Running:
             if not (job.cancelled or job.answered) and bool(self.dec.ended[a:b].all()):
                 gen = self.dec.generated if gen is None else gen
                 self._answer(job, gen[a:b, :job.settings.gen_length].tolist(), a, b, self.dec.length.tolist())
-        keep = [not (job.cancelled or job.answered) for job, a, b in self.spans() for _ in range(b - a)]
-        if not all(keep):
-            self.dec.retire(torch.tensor(keep, dtype=torch.bool))
-            self.jobs = [job for job in self.jobs if not (job.cancelled or job.answered)]
+        # read once: a client that leaves cancels its job from the server's thread at any time
+        gone = [job.cancelled or job.answered for job in self.jobs]
+        if any(gone):
+            self.dec.retire(torch.tensor([not g for job, g in zip(self.jobs, gone) for _ in job.rows]))
+            self.jobs = [job for job, g in zip(self.jobs, gone) if not g]
 
     def fail(self, err: RequestError) -> None:
         """Hand `err` to every job of the decoding that has no answer yet."""
