@@ -967,3 +967,38 @@ def test_a_client_leaving_during_a_boundary_keeps_rows_and_jobs_in_step(torch_en
         run.boundary()
         assert run.dec.x.shape[0] == sum(len(j.rows) for j in run.jobs)
     loop.close()
+
+
+@pytest.mark.parametrize("extra", [{}, {"preset": "edge"}])
+def test_mixed_requests_under_load_equal_their_decodings_alone(torch_engine, torch_url, extra):
+    """16 requests of other prompts, lengths (8 to 24 tokens in blocks of 8), suffixes or none,
+    streamed or not, arriving at random times: they join each other's decodings at block
+    boundaries, and each text is its decoding alone."""
+    import random
+
+    tok, c = torch_engine.tokenizer, client(torch_url)
+    rng = random.Random(3)
+    cases = [(rng.choice(PROMPTS), rng.choice([8, 16, 24]), rng.random() < 0.5, rng.choice([None, "\n\nprint(x)"]),
+              rng.random() * 0.6) for _ in range(16)]
+    fast = {"cache": "dual", "threshold": 0.99, "refresh_tokens": 16, "stop_at_eos": True} if extra else {}
+    want = [expected(torch_engine, encode_prompt(tok, p), gen_length=n, steps=n, block_length=8,
+                     suffix_ids=None if s is None else [encode_prompt(tok, s)], **fast) for p, n, _, s, _ in cases]
+
+    def ask(case):
+        p, n, stream, sfx, wait = case
+        time.sleep(wait)
+        kw = dict(model="default", prompt=p, max_tokens=n, extra_body={"steps": n, "block_length": 8, **extra},
+                  **({"suffix": sfx} if sfx else {}))
+        if stream:
+            return "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw) if ch.choices)
+        return c.completions.create(**kw).choices[0].text
+
+    def joined() -> float:
+        metrics = httpx.get(f"{torch_url}/metrics").text.splitlines()
+        return float(next(x for x in metrics if x.startswith("dllm_joined_requests_total ")).split()[1])
+
+    before = joined()
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, cases))
+    assert got == want
+    assert joined() > before
