@@ -525,7 +525,7 @@ def test_queue_bounds_and_timeout(torch_engine):
 def test_queued_client_that_leaves_frees_its_slot(torch_engine):
     """A request waiting in the queue whose client gives up is dropped: with a queue of one, the
     next request is queued (not refused with 429) while the first still runs."""
-    long = {"prompt": "x", "max_tokens": 512, "steps": 512}
+    long = {"prompt": "x", "max_tokens": 256, "steps": 256}  # ~11 s on 2 cores: well past the 2.5 s this needs
     with running(torch_engine, ServeConfig(max_batch=1, max_queue=1)) as url:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, f"{url}/v1/completions", json=long, timeout=120)
