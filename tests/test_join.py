@@ -158,3 +158,24 @@ def test_joining_rows_generate_whole_blocks(bundled, gen_length):
     with pytest.raises(InputError, match="must be a positive multiple of the block length 8"):
         dec.admit([[5, 6]], gen_length=gen_length)
     assert dec.x.shape[0] == 0
+
+
+def test_recording_started_as_a_row_joins_gives_its_logprobs_alone(bundled, toks):
+    """A decoding that recorded no logprobs starts recording when a row that asks for them joins:
+    that row's logprobs are those it gets alone (rows admitted before hold NaN for earlier commits)."""
+    from dllm_export.runtime.loop import Logprobs
+
+    tok, model = toks["llada"], bundled["llada"]
+    kw = {"gen_length": 16, "block_length": 8, "steps": 16, "cache": "dual"}
+    dec = Decoding.create(model, **kw)
+    dec.admit([ids(tok, "def fibonacci(n):")])
+    dec.run_block()
+    record = Logprobs(3)
+    dec.start_recording(record)
+    dec.admit([ids(tok, "12+34=")])
+    while not dec.done:
+        dec.run_block()
+    alone = D.generate(model, [ids(tok, "12+34=")], logprobs=3, **kw)
+    assert torch.allclose(record.token[1], alone.logprobs[0], atol=1e-5, equal_nan=True)
+    assert torch.equal(record.top_ids[1], alone.top_logprobs[1][0])
+    assert bool(record.token[0, :8].isnan().all())  # committed before recording started

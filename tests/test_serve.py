@@ -850,22 +850,27 @@ def test_fuzzed_settings_answer_as_generate_does(torch_engine, torch_url):
 def test_requests_join_a_running_decoding(torch_engine, torch_url):
     """Continuous batching: a request that arrives while another decodes joins it at the next block
     boundary (it shares the decoding: batch_rows 2, though the first started alone) instead of
-    waiting for it to end, and its answer is its decoding alone. The long request streams, so the
-    second is sent once the first is under way."""
+    waiting for it to end, and its answer and logprobs are its decoding alone's. The long request
+    streams, so the second is sent once the first is under way."""
     c = client(torch_url)
     kw = {"steps": 128, "block_length": 32}
-    want, alone = (expected(torch_engine, encode_prompt(torch_engine.tokenizer, p), gen_length=128, **kw)
-                   for p in (PROMPTS[0], PROMPTS[3]))
+    want, long_want = (expected(torch_engine, encode_prompt(torch_engine.tokenizer, p), gen_length=128, **kw)
+                       for p in (PROMPTS[0], PROMPTS[3]))
     long = c.completions.create(model="default", prompt=PROMPTS[3], max_tokens=128, stream=True, extra_body=kw)
     first = next(iter(long))  # the long request is decoding
-    r = c.completions.create(model="default", prompt=PROMPTS[0], max_tokens=128, extra_body=kw)
+    # it asks for logprobs, which the running decoding did not record: recording starts as it joins
+    r = c.completions.create(model="default", prompt=PROMPTS[0], max_tokens=128, logprobs=2, extra_body=kw)
     rest = "".join(ch.choices[0].text for ch in long if ch.choices)
     assert r.choices[0].text == want
+    alone = generate(torch_engine.backend, encode_prompt(torch_engine.tokenizer, PROMPTS[0]), gen_length=128,
+                     logprobs=2, **kw)
+    k = r.usage.completion_tokens
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(alone.logprobs[0, :k].tolist(), abs=1e-5)
     assert r.model_extra["dllm"]["batch_rows"] == 2
     assert r.model_extra["dllm"]["nfe"] < 128  # its own steps (an early answer), not the decoding's
     metrics = httpx.get(f"{torch_url}/metrics").text
     assert float(next(x for x in metrics.splitlines() if x.startswith("dllm_joined_requests_total ")).split()[1]) >= 1
-    assert first.choices[0].text + rest == alone
+    assert first.choices[0].text + rest == long_want
 
 
 def test_queued_requests_join_in_arrival_order(torch_engine):
@@ -883,7 +888,7 @@ def test_queued_requests_join_in_arrival_order(torch_engine):
                                            settings=GenSettings(gen_length=gen, steps=gen, block_length=block),
                                            deadline=time.monotonic() + 60)
     first = job(16)
-    run = _Running(b, [first], None)
+    run = _Running(b, [first])
     run.dec = Decoding.create(torch_engine.backend, **first.settings.kwargs())
     assert run.join(first)
     run.dec.run_block()
@@ -958,7 +963,7 @@ def test_a_client_leaving_during_a_boundary_keeps_rows_and_jobs_in_step(torch_en
     # the first request ends at the first boundary (its rows retire), the second one block later
     jobs = [cls(rows=[[1, 2]], settings=GenSettings(gen_length=n, steps=n, block_length=8), loop=loop,
                 events=asyncio.Queue(), deadline=time.monotonic() + 60) for cls, n in ((Job, 8), (Leaving, 16))]
-    run = _Running(b, jobs, None)
+    run = _Running(b, jobs)
     run.dec = Decoding.create(torch_engine.backend, **jobs[0].settings.kwargs())
     assert all(run.join(j) for j in jobs)
     jobs[1].reads = 0

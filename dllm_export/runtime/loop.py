@@ -389,6 +389,13 @@ class Decoding:
         self._nfe, self._live = self.nfe, None
         return n
 
+    def start_recording(self, record: "Logprobs") -> None:
+        """Record logprobs from the next block on, into `record` (cleared; rows admitted so far hold
+        NaN for what they committed before): a server starts when a request that asks for them joins."""
+        record.clear()
+        record.add(self.x.shape[0], self.commit.shape[1])
+        self.record, self._nfe, self._live = record, self.nfe, None
+
     def retire(self, keep: torch.Tensor) -> None:
         """Drop the rows where `keep` (a bool mask over the rows) is False, at a block boundary."""
         keep = torch.as_tensor(keep, dtype=torch.bool)

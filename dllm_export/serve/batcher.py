@@ -220,11 +220,9 @@ class Batcher:
         """Run one decoding: the batch's jobs and (continuous batching) the queued jobs that join at
         its block boundaries; each job is answered as soon as its rows are done, and leaves."""
         s = batch[0].settings
-        # every top k a request may ask for, read while decoding (streams, early answers)
-        record = Logprobs(MAX_TOP_LOGPROBS) if any(job.logprobs is not None for job in batch) else None
-        run = _Running(self, batch, record)
+        run = _Running(self, batch)
         try:
-            run.dec = Decoding.create(self.engine.backend, logprobs=record, on_canvas=run.on_step, **s.kwargs())
+            run.dec = Decoding.create(self.engine.backend, on_canvas=run.on_step, **s.kwargs())
             # rows that join must leave the others' tokens unchanged: greedy, no shared quota
             joinable = batch[0].batchable and run.dec.plan.rows_independent
             for i, job in enumerate(batch):
@@ -253,14 +251,14 @@ class Batcher:
 
     def _join_queued(self, run: "_Running") -> None:
         """Let queued jobs join the running decoding at this block boundary, from the queue's head,
-        while each has its settings, fits the free rows and the context, and wants no logprobs the
-        decoding does not record: the first that cannot join stops the scan (it runs next, so the
-        arrival order holds and no request waits behind later ones)."""
+        while each has its schedule and fits the free rows and the context: the first that cannot
+        join stops the scan (it runs next, so the arrival order holds and no request waits behind
+        later ones)."""
         rows = run.dec.x.shape[0]
         with self._cv:
             for job in list(self._pending):
                 if not (job.batchable and job.settings.batch_key() == run.key and rows + len(job.rows) <= self.max_batch
-                        and (job.logprobs is None or run.record is not None) and run.join(job)):
+                        and run.join(job)):
                     break
                 self._pending.remove(job)
                 rows += len(job.rows)
@@ -294,9 +292,9 @@ class _Running:
     """The decoding the worker runs: its jobs in row order (a job's rows are contiguous), their
     streams and early answers at every step, their answers and retirement at block boundaries."""
 
-    def __init__(self, batcher: Batcher, batch: list[Job], record: Logprobs | None):
+    def __init__(self, batcher: Batcher, batch: list[Job]):
         self.engine, self.metrics = batcher.engine, batcher.metrics
-        self.key, self.record = batch[0].settings.batch_key(), record
+        self.key, self.record = batch[0].settings.batch_key(), None  # logprobs: recorded once a job asks
         self.batch = batch  # the jobs it started with (failed together when it cannot start)
         self.dec: Decoding | None = None
         self.jobs: list[Job] = []
@@ -319,6 +317,9 @@ class _Running:
             job.cancelled = True
             job.put(("error", _timeout()))
             return True
+        if job.logprobs is not None and self.record is None:  # every top k a request may ask for
+            self.record = Logprobs(MAX_TOP_LOGPROBS)
+            self.dec.start_recording(self.record)
         try:
             self.dec.admit(job.rows, [job.suffix] * len(job.rows) if job.suffix else None,
                            gen_length=job.settings.gen_length)
