@@ -373,9 +373,9 @@ class Decoding:
                  ((self.x, spec.pad_id, new_x), (self.am, 0, new_am)))
         pi = torch.cat([_pad_cols(self.prompt_index, d, W, True), new_x != spec.mask_id])
         start = torch.cat([self.start + d, torch.full((n,), h, dtype=torch.long)])
-        cut = 0 if first else int(_first_real(am).min())  # padding every row has on the left
-        if W - cut - _right_pad(am) > self.backend.max_length:
-            raise InputError(f"joining {n} row(s) would make the batch's canvas {W - cut - _right_pad(am)} tokens, "
+        a, b = (0, W) if first else _real_span(am)  # the columns left once padding every row has is cut
+        if b - a > self.backend.max_length:
+            raise InputError(f"joining {n} row(s) would make the batch's canvas {b - a} tokens, "
                              f"beyond the model's context of {self.backend.max_length}")
         self.x, self.am, self.prompt_index, self.start, self.hi = x, am, pi, start, h
         self.length = torch.cat([self.length, torch.full((n,), G, dtype=torch.long)])
@@ -384,8 +384,7 @@ class Decoding:
         self.ended = torch.cat([self.ended, torch.zeros(n, dtype=torch.bool)])
         if self.record is not None:
             self.record.add(n, G)
-        if not first:
-            self._trim()
+        self._cut(a, b)
         self._nfe, self._live = self.nfe, None
         return n
 
@@ -405,15 +404,11 @@ class Decoding:
         self.commit = self.commit[keep, :width]
         if self.record is not None:
             self.record.keep(keep, width)
-        self._trim()
+        self._cut(*_real_span(self.am))
         self._nfe, self._live = self.nfe, None
 
-    def _trim(self) -> None:
-        """Cut the columns that are padding in every row (left and right)."""
-        if not self.x.shape[0]:
-            self.x, self.am, self.prompt_index = self.x[:, :0], self.am[:, :0], self.prompt_index[:, :0]
-            return
-        a, b = int(_first_real(self.am).min()), self.x.shape[1] - _right_pad(self.am)
+    def _cut(self, a: int, b: int) -> None:
+        """Keep the canvas columns [a, b) (outside them: padding in every row)."""
         self.x, self.am, self.prompt_index = self.x[:, a:b], self.am[:, a:b], self.prompt_index[:, a:b]
         self.start, self.hi = self.start - a, self.hi - a
 
@@ -458,15 +453,11 @@ def _pad_cols(t: torch.Tensor, left: int, width: int, fill) -> torch.Tensor:
     return out
 
 
-def _first_real(am: torch.Tensor) -> torch.Tensor:
-    """(B,) each row's first column with a real token."""
-    return am.int().argmax(1)
-
-
-def _right_pad(am: torch.Tensor) -> int:
-    """Columns at the canvas end that are padding in every row."""
+def _real_span(am: torch.Tensor) -> tuple[int, int]:
+    """(first, end): the columns from the first to the last that hold a real token in some row
+    ((0, 0) without rows); outside them every row is padding."""
     real = am.any(0).nonzero()
-    return am.shape[1] - (int(real[-1, 0]) + 1 if len(real) else 0)
+    return (int(real[0, 0]), int(real[-1, 0]) + 1) if len(real) else (0, 0)
 
 
 @contextmanager
