@@ -223,7 +223,6 @@ class Engine:
             lo, hi = (lo, mid) if any(s in decode(mid) for s in stops) else (mid + 1, hi)
         return text[:min(hits)], "stop", hi
 
-
     def logprobs(self, tokens: list[int], token_lp: list[float], top_lp: list, top_ids: list, chat: bool,
                  start: int = 0) -> dict:
         """OpenAI's `logprobs` of tokens[start:] of a choice whose text is `tokens` (those counted in
