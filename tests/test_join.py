@@ -86,6 +86,42 @@ def test_rows_that_join_at_block_boundaries_decode_as_alone(bundled, toks, famil
     assert_as_alone(bundled[family], kw, arrivals)
 
 
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_full_forwards_run_once_per_admission_without_the_padding(bundled, toks, cache):
+    """Rows that joined at other times sit on the shared grid with padding on both sides: a block's
+    full forward runs once per admission over the columns its rows span (with the cache, at their
+    canvas positions, the caches put together after), and each row still gets its tokens alone.
+    Rows admitted together (ragged prompts of one `generate` call) keep one forward."""
+    from dllm_export.runtime.backends import TorchBackend
+    from dllm_export.runtime.loop import _real_span
+
+    calls = []
+
+    class Counting(TorchBackend):
+        def forward(self, ids, attention_mask=None, cache=None, rows=None):
+            if cache is None or cache.window is None or cache.fill:
+                calls.append(tuple(ids.shape))
+            return super().forward(ids, attention_mask, cache=cache, rows=rows)
+
+    tok, model = toks["llada"], bundled["llada"]
+    kw = {"gen_length": 16, "block_length": 8, "steps": 16, "cache": cache}
+    long, short = ids(tok, TEXTS[3]), ids(tok, "7*8=")
+    dec = Decoding.create(Counting(model), **kw)
+    dec.admit([long, ids(tok, "12+34=")])
+    dec.run_block()
+    assert calls[0] == (2, dec.x.shape[1]) and (dec.am == 0).any()  # ragged prompts: one forward
+    dec.admit([short], gen_length=32)
+    spans = [_real_span(dec.am[dec.cohort == c]) for c in (0, 1)]
+    assert dec.cohort.tolist() == [0, 0, 1] and sum((n * (e - a)) for n, (a, e) in zip((2, 1), spans)) < 3 * dec.x.shape[1]
+    calls.clear()
+    dec.run_block()
+    assert calls[:2] == [(2, spans[0][1] - spans[0][0]), (1, spans[1][1] - spans[1][0])]
+    while not dec.done:
+        dec.run_block()
+    alone = D.generate(model, [short], **{**kw, "gen_length": 32, "steps": 32})
+    assert torch.equal(dec.generated[2], alone.generated[0])
+
+
 def test_the_canvas_moves_and_shrinks_with_its_rows(bundled, toks):
     """A prompt longer than the columns before the boundary moves the running rows right; retiring
     rows cuts the padding every row has: a lone row left has its own canvas's width."""

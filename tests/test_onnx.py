@@ -357,6 +357,44 @@ def test_block_step_graph_matches_torch_cache(name, tiny_dirs, float_exports):
         assert (part - ref[:, window[0]:window[1]]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", ["llada", "llada_gqa", "dream"])
+def test_fill_forward_equals_the_padded_forward(name, runtime, tiny_dirs, float_exports):
+    """A cached forward with `fill` over the columns [a, e) of rows padded outside them (a row that
+    joined a running batch) gives the padded full forward's logits on those columns and its
+    keys/values there, at the canvas positions (LLaDA's RoPE counts the padding), on the torch
+    model and on the block-step graph; its cache then serves a block step as the padded one does."""
+    from dllm_export.models.layers import KVCache
+    from dllm_export.runtime.backends import TorchBackend
+
+    model = load_model(tiny_dirs[name])
+    be = TorchBackend(model) if runtime == "torch" else OrtBackend(float_exports[name])
+    ids, (a, e) = _ids(), (5, 21)
+    am = torch.zeros_like(ids)
+    am[:, a:e] = 1
+    am[1, a:a + 2] = 0  # a shorter prompt inside the group: padding within its span too
+    ref_kv = KVCache()
+    ref = TorchBackend(model).forward(ids, am, cache=ref_kv)
+    kv = KVCache()
+    kv.fill, kv.window, kv.length = True, (a, e), ids.shape[1]
+    part = be.forward(ids[:, a:e], am, cache=kv)
+    real = am[:, a:e].bool()
+    assert (part - ref[:, a:e])[real].abs().max() < 1e-4
+    for mine, theirs in ((kv.k, ref_kv.k), (kv.v, ref_kv.v)):
+        for layer, full in zip(mine, theirs):
+            diff = torch.as_tensor(layer) - full[:, :, a:e]
+            assert diff.transpose(1, 2)[real].abs().max() < 1e-4
+    # put into the canvas's layout (zeros on the padding), it serves a block step as the padded cache
+    kv.k = [torch.nn.functional.pad(torch.as_tensor(t), (0, 0, a, ids.shape[1] - e)) for t in kv.k]
+    kv.v = [torch.nn.functional.pad(torch.as_tensor(t), (0, 0, a, ids.shape[1] - e)) for t in kv.v]
+    if runtime == "onnxruntime":
+        kv.k, kv.v = [t.numpy() for t in kv.k], [t.numpy() for t in kv.v]
+    kv.fill, kv.window = False, (8, 16)
+    ref_kv.window = (8, 16)
+    step = be.forward(ids[:, 8:16], am, cache=kv)
+    assert (step - TorchBackend(model).forward(ids[:, 8:16], am, cache=ref_kv)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("dream", "entropy")])
 @pytest.mark.parametrize("cache,parallel", [("prefix", {}), ("dual", {}), ("dual", {"threshold": 0.5})])
 def test_cached_traces_equal_torch(name, sampler, cache, parallel, tiny_dirs, float_exports):

@@ -244,7 +244,7 @@ class DreamModelLM(nn.Module):
         if window is not None:  # the window's query rows, at their absolute positions
             s, e = window
             cos, sin = cos[:, :, s:e], sin[:, :, s:e]
-            mask = None if mask is None else mask[:, :, s:e]
+            mask = None if mask is None else mask[:, :, s:e, s:e] if cache.fill else mask[:, :, s:e]
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), rows if i == last else None)

@@ -79,7 +79,10 @@ class KVCache:
     A windowed forward runs only the tokens of positions [start, end) and attends to the stored
     keys/values of every other position plus its own fresh ones, in the original key order, so
     key-padding masks still line up: the prefix cache recomputes [block start, L), the dual cache
-    only the block.
+    only the block. With `fill` set, a windowed forward is the full forward of rows whose other
+    columns are all padding: the window's tokens attend to each other alone, at their positions in
+    a canvas of `length` columns, and their keys/values [B, kvH, end - start, hd] are stored (a
+    batch's rows that joined at other times fill their caches this way, without the padding).
     """
 
     def __init__(self):
@@ -87,13 +90,15 @@ class KVCache:
         self.v: list[torch.Tensor] = []
         self.window: tuple[int, int] | None = None
         self.length = 0
+        self.fill = False
 
     def layer(self, i: int):
         """The hook block i calls with its fresh (k, v); returns the (k, v) to attend over."""
         def hook(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if self.window is None:  # a full forward refreshes the cache
+            if self.window is None or self.fill:  # a full forward refreshes the cache
                 if i == 0:
-                    self.k, self.v, self.length = [], [], k.shape[2]
+                    self.k, self.v = [], []
+                    self.length = k.shape[2] if self.window is None else self.length
                 self.k.append(k)
                 self.v.append(v)
                 return k, v

@@ -243,6 +243,8 @@ class LLaDAModelLM(nn.Module):
         cos, sin, bias = self.block_context(T, x.dtype, input_ids.device, attention_mask)
         if window is not None:  # rotate the window's queries/keys at their absolute positions
             cos, sin = cos[window[0]:window[1]], sin[window[0]:window[1]]
+            if cache.fill and bias is not None:  # its keys are its own columns alone
+                bias = bias[..., window[0]:window[1]]
         last = len(tr.blocks) - 1
         for i, block in enumerate(tr.blocks):
             x = block(x, cos, sin, bias, None if cache is None else cache.layer(i), rows if i == last else None)

@@ -5,9 +5,11 @@ Contract: `forward(ids [B, L] int64, attention_mask [B, L] 0/1 or None) -> logit
 raw (unshifted) logits; `spec` (a ModelSpec), `vocab_size` (rows of the embedding) and
 `max_length` (context) describe the model; `name`, `supports_cache`, `supports_rows` and
 `own_threads` are its capabilities. A backend with `supports_cache = True` also accepts
-`forward(..., cache=KVCache)` for the block caches of the loop; one with `supports_rows = True`
-accepts `forward(..., rows=(start, end))` and returns only those positions' logits (the head is the
-costliest layer of a large-vocabulary model, and its output the largest transfer); one with
+`forward(..., cache=KVCache)` for the block caches of the loop (a full forward, a block step, and
+the full forward of a window's columns alone at their canvas positions, `KVCache.fill`); one with
+`supports_rows = True` accepts `forward(..., rows=(start, end))` and returns only those positions'
+logits (the head is the costliest layer of a large-vocabulary model, and its output the largest
+transfer); one with
 `own_threads = True` computes in a thread pool of its own (onnxruntime, llama.cpp), so the loop runs
 its own tensor ops on one torch thread instead of fighting that pool for the same cores. A backend
 may also supply `op_profile(fn)`: the time per op of its runtime while `fn()` runs (torch's and

@@ -294,6 +294,9 @@ class Decoding:
     refilling any cache. A row's tokens are then those it gets alone, as in any ragged batch (up to
     float rounding for LLaDA, whose positions count from the canvas start: RoPE's angles differ, the
     relative ones do not). Joining rows need `plan.rows_independent` (no shared draws or quotas).
+    The grid pads a row that joined late on both sides (its prompt left of the older rows' blocks,
+    its masks right of theirs); a full forward therefore runs once per admission (`cohort`) over
+    the columns its rows span, where that spares an eighth of the cells or more (`_StepLogits.groups`).
     """
 
     def __init__(self, backend: Backend, plan: Plan, *, generator: torch.Generator | None = None,
@@ -309,6 +312,8 @@ class Decoding:
         self.length = torch.zeros(0, dtype=torch.long)  # and how many it generates
         self.commit = torch.zeros(0, 0, dtype=torch.long)  # [B, longest length]; -1 past a row's own
         self.ended = torch.zeros(0, dtype=torch.bool)  # its blocks are decoded, or stop_at_eos ended it
+        self.cohort = torch.zeros(0, dtype=torch.long)  # the admission that brought each row
+        self._admissions = 0
         self.hi = 0  # the end column of the last decoded block: rows admitted now start there
         self._nfe = 0
         self._live: _LiveRows | None = None  # the rows the block under way decodes; None: rebuild
@@ -382,6 +387,8 @@ class Decoding:
         width = max(self.commit.shape[1], G)
         self.commit = torch.cat([_pad_cols(self.commit, 0, width, -1), torch.full((n, width), -1, dtype=torch.long)])
         self.ended = torch.cat([self.ended, torch.zeros(n, dtype=torch.bool)])
+        self.cohort = torch.cat([self.cohort, torch.full((n,), self._admissions, dtype=torch.long)])
+        self._admissions += 1
         if self.record is not None:
             self.record.add(n, G)
         self._cut(a, b)
@@ -400,6 +407,7 @@ class Decoding:
         keep = torch.as_tensor(keep, dtype=torch.bool)
         self.x, self.am, self.prompt_index = self.x[keep], self.am[keep], self.prompt_index[keep]
         self.start, self.length, self.ended = self.start[keep], self.length[keep], self.ended[keep]
+        self.cohort = self.cohort[keep]
         width = int(self.length.max()) if len(self.length) else 0
         self.commit = self.commit[keep, :width]
         if self.record is not None:
@@ -422,7 +430,8 @@ class Decoding:
         if live is None or (plan.rows_independent and live.differs(rows)):
             # a block starts with a full forward: the rows that have not ended decode it, afresh
             nfe, live = self.nfe, _LiveRows(self.x, self.commit, self.start, self.length, self.on_canvas, self.record)
-            live.keep(rows, _StepLogits(self.backend, plan, self.prompt_index[rows], self.am[rows]), nfe)
+            live.keep(rows, _StepLogits(self.backend, plan, self.prompt_index[rows], self.am[rows], self.cohort[rows]),
+                      nfe)
             self._live = live
         _decode_block(live, hi, plan, self.rule, mask_id, self.callback)
         live.write_back()
@@ -752,11 +761,13 @@ class _StepLogits:
     position to the block end).
     """
 
-    def __init__(self, backend: Backend, plan: Plan, prompt_index: torch.Tensor, am: torch.Tensor):
+    def __init__(self, backend: Backend, plan: Plan, prompt_index: torch.Tensor, am: torch.Tensor,
+                 cohort: torch.Tensor | None = None):
         self.backend, self.plan = backend, plan
         self.spec = backend.spec
         self.prompt_index = prompt_index
         self.fwd_mask = None if bool((am == 1).all()) else am
+        self.cohort = cohort  # (B,) each row's admission (Decoding.admit); full forwards run one per admission
         self.kv = KVCache() if plan.cache != "none" else None
         self.shift = 1 if self.spec.shift_logits else 0
         self.use_rows = plan.greedy and backend.supports_rows
@@ -772,6 +783,7 @@ class _StepLogits:
         new = copy.copy(self)
         new.prompt_index = self.prompt_index[idx]
         new.fwd_mask = None if self.fwd_mask is None else self.fwd_mask[idx]
+        new.cohort = None if self.cohort is None else self.cohort[idx]
         new.logits = None if self.logits is None else self.logits[idx]
         new.filled = None if self.filled is None else self.filled[idx]
         if self.kv is not None:
@@ -839,23 +851,90 @@ class _StepLogits:
 
     def raw(self, x: torch.Tensor, window: tuple[int, int] | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Raw backend logits of the canvas (or of a cached window), with classifier-free guidance."""
+        groups = self.groups() if window is None else None
+        if groups is not None:
+            return self._grouped(x, groups, rows)
+        return self._forward(x, self.prompt_index, self.fwd_mask, window, rows, self.kv)
+
+    def groups(self) -> list[tuple[torch.Tensor, int, int]] | None:
+        """[(rows, a, e)]: the rows of each admission with the columns [a, e) their real tokens
+        span, when one full forward each spares an eighth of the padded canvas's cells or more
+        (rows that joined a running decoding sit on its grid with padding on both sides); else None."""
+        if self.cohort is None or self.fwd_mask is None:
+            return None
+        cohorts = self.cohort.unique()
+        if len(cohorts) < 2:
+            return None
+        groups = []
+        for c in cohorts:
+            idx = (self.cohort == c).nonzero().squeeze(1)
+            groups.append((idx, *_real_span(self.fwd_mask[idx])))
+        B, L = self.fwd_mask.shape
+        return groups if 8 * sum(len(i) * (e - a) for i, a, e in groups) <= 7 * B * L else None
+
+    def _grouped(self, x: torch.Tensor, groups: list, rows: tuple[int, int] | None) -> torch.Tensor:
+        """A full forward as one forward per group over its columns alone, the logits (zeros on
+        the columns a group does not span) and any cache put together in the canvas's layout.
+        Without a cache the columns run from position 0 (LLaDA's RoPE angles move, the relative
+        ones do not; Dream's positions count real tokens); a cache needs the canvas positions
+        (later steps' queries are rotated there), which a cached forward with `fill` gives."""
+        B, L = x.shape
+        lo = 0 if rows is None else rows[0]
+        out, caches = None, []
+        for idx, a, e in groups:
+            c0 = a if rows is None else max(rows[0], a)  # the first canvas column of the logits
+            r = None if rows is None else (c0 - a, rows[1] - a)
+            xs, pi, am = x[idx], self.prompt_index[idx], self.fwd_mask[idx]
+            if self.kv is None:
+                part = self._forward(xs[:, a:e], pi[:, a:e], am[:, a:e], None, r, None)
+            else:
+                kv = KVCache()
+                kv.fill, kv.length = True, L
+                part = self._forward(xs, pi, am, (a, e), r, kv)
+                caches.append(kv)
+            if out is None:
+                out = part.new_zeros((B, L if rows is None else rows[1] - lo, part.shape[-1]))
+            out[idx, c0 - lo:c0 - lo + part.shape[1]] = part
+        if caches:
+            self.kv.k, self.kv.v = (_assemble([getattr(kv, kind) for kv in caches], groups, B, L,
+                                              self.plan.cfg_scale > 0) for kind in ("k", "v"))
+            self.kv.window, self.kv.length = None, L
+        return out
+
+    def _forward(self, x: torch.Tensor, prompt_index: torch.Tensor, am: torch.Tensor | None,
+                 window: tuple[int, int] | None, rows: tuple[int, int] | None, kv: KVCache | None) -> torch.Tensor:
+        """One backend forward of the rows `x` (or of their window), with classifier-free guidance."""
         cfg = self.plan.cfg_scale
         ids = x if window is None else x[:, window[0]:window[1]]
-        am = self.fwd_mask
         if cfg > 0:
             un_x = x.clone()
-            un_x[self.prompt_index] = self.spec.mask_id
+            un_x[prompt_index] = self.spec.mask_id
             ids = torch.cat([ids, un_x if window is None else un_x[:, window[0]:window[1]]])
             am = None if am is None else torch.cat([am, am])
         kw = {} if rows is None else {"rows": rows}
-        if self.kv is not None:
-            self.kv.window = window
-            kw["cache"] = self.kv
+        if kv is not None:
+            kv.window = window
+            kw["cache"] = kv
         out = self.backend.forward(ids, am, **kw)
         if cfg > 0:
             cond, un = out.chunk(2, dim=0)
             out = un + (cfg + 1) * (cond - un)
         return out
+
+
+def _assemble(parts: list[list], groups: list, B: int, L: int, cfg: bool) -> list:
+    """Per layer, the batch's cached keys (or values) [B (2 B with guidance), kvH, L, hd] from each
+    group's [rows, kvH, e - a, hd]; zeros on the padding (masked keys). Torch tensors or numpy arrays."""
+    out = []
+    for layer in zip(*parts):
+        t = layer[0]
+        shape = (2 * B if cfg else B, t.shape[1], L, t.shape[3])
+        full = t.new_zeros(shape) if isinstance(t, torch.Tensor) else np.zeros(shape, t.dtype)
+        for (idx, a, e), g in zip(groups, layer):
+            dest = torch.cat([idx, idx + B]) if cfg else idx
+            full[dest.to(full.device) if isinstance(full, torch.Tensor) else dest.numpy(), :, a:e] = g
+        out.append(full)
+    return out
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs

@@ -147,10 +147,12 @@ class OrtBackend:
         (start, end): only those positions (the head runs on them alone when the graph has
         `logit_positions`, else the full output is sliced).
 
-        With a `KVCache` (models.layers): a full forward (window None) stores every layer's
-        present keys/values; a windowed one (ids = the window's tokens) feeds them as the past.
+        With a `KVCache` (models.layers): a full forward (window None, or a window with `fill`:
+        those columns alone, an empty past) stores every layer's present keys/values; a windowed
+        one (ids = the window's tokens) feeds them as the past.
         """
         window = None if cache is None else cache.window
+        fill = cache is not None and cache.fill and window is not None
         check_ids(ids, self.vocab_size, self.max_length, attention_mask if window is None else None)
         ids_np = ids.to(torch.int64).cpu().numpy()
         B, W = ids_np.shape
@@ -170,16 +172,16 @@ class OrtBackend:
             feed["window_start"] = np.array([0 if window is None else window[0]], np.int64)
             empty = np.zeros((B, *self.kv_shape[:1], 0, self.kv_shape[1]), np.float32)
             for i in range(self.n_layers):
-                feed[f"past.{i}.key"] = empty if window is None else cache.k[i]
-                feed[f"past.{i}.value"] = empty if window is None else cache.v[i]
-            if cache is not None and window is None:
+                feed[f"past.{i}.key"] = empty if window is None or fill else cache.k[i]
+                feed[f"past.{i}.value"] = empty if window is None or fill else cache.v[i]
+            if cache is not None and (window is None or fill):
                 outputs += [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
         elif cache is not None:
             raise CheckpointError(f"{self.path}: exported without the kv_cache inputs (re-export to use caches)")
         out = self.session.run(outputs, feed)
         self.runs += 1
         if len(out) > 1:  # a full forward refreshes the cache
-            cache.k, cache.v, cache.length = out[1::2], out[2::2], W
+            cache.k, cache.v, cache.length = out[1::2], out[2::2], cache.length if fill else W
         logits = torch.from_numpy(out[0])
         return logits if rows is None else logits[:, rows[0]:rows[1]]
 
