@@ -74,13 +74,16 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return statistics.median(out), min(out)
 
 
-def step_kinds(prompt: int, gen: int, block: int) -> dict[str, dict]:
+def step_kinds(prompt: int, gen: int, block: int, narrow: tuple[int, ...] = ()) -> dict[str, dict]:
     """The forwards of the loop: a full canvas; the prefix cache's window (a middle block to the end);
-    the dual cache's window (the block). The head runs on the block's rows (the loop's `rows`)."""
+    the dual cache's window (the block); `dualN`, a window of N rows of that block (what a step
+    would recompute if it skipped the rows committed before it: how a block step's time falls with
+    its rows). The head runs on the block's rows (the loop's `rows`)."""
     L = prompt + gen
     mid = prompt + (gen // block // 2) * block
     return {"full": {"window": None, "rows": L}, "prefix": {"window": (mid, L), "rows": L - mid},
-            "dual": {"window": (mid, mid + block), "rows": block}}
+            "dual": {"window": (mid, mid + block), "rows": block},
+            **{f"dual{n}": {"window": (mid, mid + n), "rows": n} for n in narrow if 0 < n < block}}
 
 
 def time_steps(be, kinds: dict, L: int, block: int, reps: int) -> dict[str, tuple[float, float]]:
@@ -101,7 +104,7 @@ def time_steps(be, kinds: dict, L: int, block: int, reps: int) -> dict[str, tupl
         be.forward(ids, cache=kv)  # fills the cache
         s, e = k["window"]
         kv.window = (s, e)
-        rows = (0, block) if getattr(be, "supports_rows", False) else None
+        rows = (0, min(block, e - s)) if getattr(be, "supports_rows", False) else None
         win = ids[:, s:e]
         out[name] = _timed(lambda: be.forward(win, cache=kv, **({"rows": rows} if rows else {})), reps)
     return out
@@ -322,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--e2e", action="store_true", help="also decode end to end (full and dual cache)")
+    ap.add_argument("--window-rows", type=int, nargs="*", default=[], metavar="N",
+                    help="also time block steps of N rows of the block (e.g. 24 16 8 4)")
     ap.add_argument("--quick", action="store_true", help="2 layers of the anchor shape, a subset, 2 reps")
     ap.add_argument("--no-kernels", action="store_true", help="skip the single-GEMM kernel table")
     ap.add_argument("--workdir", default="benchmarks/results/tmp/roofline")
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         src, label = resolve_model_path(args.model), Path(str(args.model)).name
     _, _, dims = read_spec(src)
     L = args.prompt + args.gen_length
-    kinds = step_kinds(args.prompt, args.gen_length, args.block_length)
+    kinds = step_kinds(args.prompt, args.gen_length, args.block_length, tuple(args.window_rows))
     res = {"model": label, "layers": dims.n_layers, "threads": args.threads, "prompt": args.prompt,
            "gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps,
            "e2e_gen_length": args.e2e_gen_length or args.gen_length,
@@ -384,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, (med, sec) in times.items():
             k = kinds[kind.split("-")[0]]
             # the rows the loop reads (llama.cpp's encoder path outputs every token, though)
-            head_rows = args.block_length if getattr(be, "supports_rows", False) else k["rows"]
+            head_rows = min(args.block_length, k["rows"]) if getattr(be, "supports_rows", False) else k["rows"]
             cost = step_cost(dims, prec, rows=k["rows"], keys=L, head_rows=head_rows,
                              cached=k["window"] is not None)
             f = floor_s(cost, host, prec.compute, prec.attention)
