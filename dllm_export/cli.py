@@ -441,7 +441,7 @@ def _add_serve(sub) -> None:
     from .targets import PROFILES
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, batching, "
-                                      "metrics) for a checkpoint or artifact")
+                                      "metrics; Ollama's /api/* too) for a checkpoint or artifact")
     sv.add_argument("model", nargs="?", default="default",
                     help="checkpoint folder, 'default' / 'default-dream', ONNX or GGUF artifact (default: %(default)s)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")

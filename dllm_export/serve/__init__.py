@@ -1,4 +1,5 @@
-"""`dllm-export serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for any artifact.
+"""`dllm-export serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for any artifact, with
+Ollama's API beside (`ollama`).
 
     engine = load_engine("default")              # or an ONNX / GGUF artifact folder
     make_server(engine, ServeConfig(port=8000)).run(sockets=[bind_socket("127.0.0.1", 8000)])

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app (FastAPI) and its uvicorn server.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream: server-sent events),
-GET /v1/models, GET /health, GET /metrics (Prometheus). Every refused request is answered
-with OpenAI's error shape {"error": {"message", "type", "param", "code"}} and a 4xx status.
+GET /v1/models, GET /health, GET /metrics (Prometheus), and Ollama's /api/* (`ollama`). Every
+refused request is answered with OpenAI's error shape {"error": {"message", "type", "param",
+"code"}} (Ollama's {"error": message} on its routes) and a 4xx status.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from starlette.exceptions import HTTPException
 from ..errors import DllmExportError
 from .batcher import Batcher, Job
 from .engine import Engine, RequestError, TextStream
+from .jobs import events, no_model, submit
 from .metrics import Metrics
+from .ollama import add_routes as add_ollama_routes
 from .schemas import ChatRequest, CompletionRequest
 
 
@@ -70,13 +73,17 @@ class ServeConfig:
                 raise InputError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
 
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat")
+ROUTES = GENERATION_ROUTES + ("/v1/models", "/health", "/metrics", "/api/tags", "/api/show", "/api/ps", "/api/version")
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    """A JSON error in OpenAI's shape. A timeout (408) says `x-should-retry: false`: the official
-    clients would otherwise resend the same long generation twice more."""
+                   code: str | None = None, path: str = "") -> JSONResponse:
+    """A JSON error in OpenAI's shape, or Ollama's {"error": message} on its routes (`path` under
+    /api/). A timeout (408) says `x-should-retry: false`: the official OpenAI clients would
+    otherwise resend the same long generation twice more."""
+    if path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status)
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
                         status_code=status, headers={"x-should-retry": "false"} if status == 408 else None)
 
@@ -98,14 +105,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class _Guard:
-    """ASGI middleware: refuses /v1/* requests without the API key (401, before their body is read),
-    bodies over the limit (413), and counts every answer in the metrics."""
+    """ASGI middleware: refuses /v1/* and /api/* requests without the API key (401, before their
+    body is read), bodies over the limit (413), and counts every answer in the metrics."""
 
     def __init__(self, app, max_body: int, metrics: Metrics, api_key: str | None = None):
         self.app, self.max_body, self.metrics, self.api_key = app, max_body, metrics, api_key
 
     def _authorized(self, scope) -> bool:
-        if self.api_key is None or not scope["path"].startswith("/v1/"):
+        if self.api_key is None or not scope["path"].startswith(("/v1/", "/api/")):
             return True
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
@@ -134,14 +141,15 @@ class _Guard:
         try:
             if not self._authorized(scope):
                 await error_response(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                     code="invalid_api_key")(scope, receive, counted_send)
+                                     code="invalid_api_key", path=scope["path"])(scope, receive, counted_send)
             elif length.isdigit() and int(length) > self.max_body:
-                await error_response(413, too_large, param=None, code="body_too_large")(scope, receive, counted_send)
+                await error_response(413, too_large, code="body_too_large",
+                                     path=scope["path"])(scope, receive, counted_send)
             else:
                 await self.app(scope, guarded_receive, counted_send)
         finally:
             self.metrics.requests.labels(route, str(status[0])).inc()
-            if route in ROUTES[:2]:
+            if route in GENERATION_ROUTES:
                 self.metrics.request_seconds.observe(time.perf_counter() - t0)
 
 
@@ -180,7 +188,7 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str):
         if model_id != engine.model_id:
-            raise _no_model(model_id, engine, "model")
+            raise no_model(model_id, engine, "model")
         return model
 
     @app.post("/v1/completions")
@@ -191,99 +199,51 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request):
         return await _respond(app, body, request, chat=True)
 
+    add_ollama_routes(app)
     return app
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, path=request.url.path)
 
     @app.exception_handler(DllmExportError)
     async def library_error(request, exc: DllmExportError):
-        return error_response(400, str(exc))
+        return error_response(400, str(exc), path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return error_response(400, message, param=param)
+        return error_response(400, message, param=param, path=request.url.path)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         return error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)),
-                              code="body_too_large" if exc.status_code == 413 else None)
+                              code="body_too_large" if exc.status_code == 413 else None, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def internal(request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error", path=request.url.path)
 
 
 async def _respond(app: FastAPI, body, request: Request, chat: bool):
     """Validate, queue, and answer one generation request (JSON, or SSE when body.stream)."""
-    engine: Engine = app.state.engine
-    batcher: Batcher = app.state.batcher
-    body.unsupported()
-    if body.model is not None and body.model != engine.model_id:
-        raise _no_model(body.model, engine, "model")
-    stops = body.stops()
-    texts = None if chat else body.prompts()
-    # tokenizing a long prompt takes a while: off the event loop, which serves every other client
-    prompts, suffix = await asyncio.to_thread(
-        lambda: ([engine.encode_chat([m.as_dict() for m in body.messages])], []) if chat
-        else ([engine.encode(p) for p in texts], engine.encode_suffix(body.suffix)))
-    settings = engine.settings(body, [len(p) for p in prompts], len(suffix))
-    loop = asyncio.get_running_loop()
-    job = Job(rows=[p for p in prompts for _ in range(body.n)], settings=settings, loop=loop,
-              events=asyncio.Queue(), deadline=time.monotonic() + app.state.cfg.timeout, n=body.n, stream=body.stream,
-              canvas=body.canvas, batchable=engine.batchable(settings), suffix=suffix, stops=stops,
-              logprobs=body.wanted_logprobs())
-    echoes = [_echo(engine, t, p) for t, p in zip(texts, prompts)] if getattr(body, "echo", False) else None
-    batcher.submit(job)
-    usage = {"prompt_tokens": sum(len(p) + len(suffix) for p in prompts)}
+    job, stops, usage, echoes = await submit(app, body, chat)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-            "model": engine.model_id}
+            "model": app.state.engine.model_id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(app, job, stops, meta, usage, chat, include_usage, echoes),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    async for event in _events(batcher, job, request):
+    async for event in events(app.state.batcher, job, request):
         if event[0] == "error":
             raise event[1]
         if event[0] == "done":
-            return _full_response(engine, event[1], event[2], stops, meta, usage, chat, echoes, body.n,
+            return _full_response(app.state.engine, event[1], event[2], stops, meta, usage, chat, echoes, body.n,
                                   app.state.metrics, event[3])
     raise RequestError("the client left", None, "client_closed", 499)
-
-
-def _no_model(name: str, engine: Engine, param: str | None) -> RequestError:
-    return RequestError(f"the model {name!r} does not exist (this server has {engine.model_id!r})", param,
-                        "model_not_found", 404)
-
-
-def _echo(engine: Engine, text, ids: list[int]) -> str:
-    return text if isinstance(text, str) else engine.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-async def _events(batcher: Batcher, job: Job, request: Request | None):
-    """The job's events until done or error; a client that leaves or a deadline cancels the job."""
-    try:
-        while True:
-            left = job.deadline - time.monotonic()
-            if left <= 0:
-                yield ("error", RequestError("the request timed out", None, "timeout", 408, "timeout_error"))
-                return
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=min(left, 0.5))
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
-            yield event
-            if event[0] in ("done", "error"):
-                return
-    finally:  # also on a client disconnect (the stream's task is cancelled): free the slot
-        batcher.cancel(job)
 
 
 def _full_response(engine: Engine, rows: list[list[int]], info: dict, stops, meta: dict, usage: dict, chat: bool,
@@ -332,7 +292,7 @@ async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: boo
             yield _sse_data(_chunk(meta, chat, i, None, None, role=True))
         elif echoes and echoes[i // job.n]:
             yield _sse_data(_chunk(meta, chat, i, echoes[i // job.n], None))
-    async for event in _events(app.state.batcher, job, None):
+    async for event in events(app.state.batcher, job, None):
         if event[0] == "error":
             err = event[1]
             yield _sse_data({"error": {"message": err.message, "type": err.type, "param": err.param,
@@ -350,7 +310,7 @@ async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: boo
             if delta or reason:
                 yield _sse_data(_chunk(meta, chat, i, delta, reason, logprobs=lp))
         if all(s.reason is not None for s in streams):
-            break  # every choice is finished (end token or stop string): _events frees the slot
+            break  # every choice is finished (end token or stop string): `events` frees the slot
         if job.canvas and not final:
             yield _sse_data({**meta, "object": "dllm.canvas", "choices": [], "canvas": _canvas(engine, rows)})
     used = sum(s.tokens for s in streams)

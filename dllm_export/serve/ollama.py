@@ -1,0 +1,315 @@
+"""Ollama's API beside OpenAI's, for the clients that speak it (Ollama's Python and JS clients, Open
+WebUI, ...): POST /api/generate and /api/chat (NDJSON streams unless `"stream": false`), GET
+/api/tags, POST /api/show, GET /api/ps, GET /api/version.
+
+A request becomes the OpenAI routes' request (`schemas`), so it is checked, queued, batched and
+decoded as those are: /api/chat and /api/generate through the model's chat template (`system`,
+`prompt`), /api/generate with `raw` or a `suffix` (infilling) as a plain completion. Sampling and
+the dLLM settings go in `options`: Ollama's `num_predict`, `temperature`, `top_p`, `top_k`, `seed`,
+`stop`, and `steps`, `block_length`, `sampler`, `threshold`, `cache`, `preset`, ... (top-level
+`steps`, Ollama's diffusion steps, too). Options that only place or size a llama.cpp runtime are
+ignored; penalties and other samplers' settings are refused unless neutral. Answers take Ollama's
+shapes, errors `{"error": message}` with a 4xx status (in a stream: an error line).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import EXTENSIONS, RequestError, TextStream
+from .jobs import events, no_model, submit
+from .schemas import ChatRequest, CompletionRequest
+
+# Ollama options and the OpenAI request fields they set
+RENAMED = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+           "seed": "seed", "stop": "stop"}
+# options that place or size llama.cpp's runtime: nothing of the answer depends on them here
+IGNORED = ("numa", "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
+           "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_keep")
+# other samplers' settings, accepted at the value that turns them off
+NEUTRAL = {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "tfs_z": 1.0, "typical_p": 1.0,
+           "min_p": 0.0, "mirostat": 0, "repeat_last_n": None, "mirostat_tau": None, "mirostat_eta": None,
+           "penalize_newline": None}
+VERSION = "0.6.0"  # the Ollama API this module answers as (clients check it before they talk)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1)
+    stream: bool | None = None
+    options: dict[str, Any] | None = None
+    format: Union[str, dict, None] = None
+    keep_alive: Union[int, float, str, None] = None
+    think: Union[bool, str, None] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def refused(self) -> None:
+        """RequestError for what diffusion decoding here cannot honour."""
+        if self.format not in (None, ""):
+            raise RequestError("format (structured output) is not supported", "format", "unsupported_parameter")
+        if self.think not in (None, False):
+            raise RequestError("think is not supported: these models do not think apart", "think",
+                               "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+
+
+class GenerateBody(_Body):
+    """POST /api/generate."""
+
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = None
+    images: list | None = None
+    steps: int | None = None  # Ollama's diffusion steps
+    width: int | None = None
+    height: int | None = None
+
+    def refused(self) -> None:
+        super().refused()
+        if self.template:
+            raise RequestError("template is not supported: the tokenizer's chat template applies", "template",
+                               "unsupported_parameter")
+        if self.context:
+            raise RequestError("context is not supported: send the conversation to /api/chat", "context",
+                               "unsupported_parameter")
+        for name in ("images", "width", "height"):
+            if getattr(self, name):
+                raise RequestError(f"{name} is not supported: this is a text model", name, "unsupported_parameter")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    thinking: str | None = None  # an assistant turn's own thinking: chat templates drop it
+    images: list | None = None
+    tool_calls: list | None = None
+    tool_name: str | None = None
+
+
+class ChatBody(_Body):
+    """POST /api/chat."""
+
+    messages: list[ChatMessage] = Field(default_factory=list)  # none: load the model (Ollama's way)
+    tools: list | None = None
+
+    def refused(self) -> None:
+        super().refused()
+        if self.tools:
+            raise RequestError("tools are not supported", "tools", "unsupported_parameter")
+        for m in self.messages:
+            if m.role == "tool" or m.tool_calls or m.tool_name:
+                raise RequestError("tool messages are not supported", "messages", "unsupported_parameter")
+            if m.images:
+                raise RequestError("images are not supported: this is a text model", "messages",
+                                   "unsupported_parameter")
+
+
+def openai_fields(options: dict[str, Any] | None) -> dict[str, Any]:
+    """The OpenAI request fields of Ollama `options` (RequestError for unknown or unsupported ones)."""
+    fields: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if key == "num_predict":  # -1: no limit, -2: fill the context: the server's default here
+            fields["max_tokens"] = None if value in (-1, -2) else value
+        elif key in RENAMED or key in EXTENSIONS:
+            fields[RENAMED.get(key, key)] = value
+        elif key in NEUTRAL:
+            if NEUTRAL[key] is not None and value not in (None, NEUTRAL[key]):
+                raise RequestError(f"options.{key} is not supported by diffusion decoding (only {NEUTRAL[key]})",
+                                   f"options.{key}", "unsupported_parameter")
+        elif key not in IGNORED:
+            raise RequestError(f"unknown option {key!r}", f"options.{key}")
+    return fields
+
+
+def _checked(cls, fields: dict[str, Any]):
+    """cls (an OpenAI request model) of `fields`; a RequestError naming the Ollama field at fault."""
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err.get("loc") else "body"
+        ollama = {v: k for k, v in RENAMED.items()}.get(name, name)
+        where = f"options.{ollama}" if ollama in RENAMED or ollama in EXTENSIONS else ollama
+        raise RequestError(f"{where}: {err.get('msg')} (got {json.dumps(err.get('input'), default=str)[:80]})",
+                           where) from None
+
+
+def _request(body: GenerateBody | ChatBody, engine) -> tuple[CompletionRequest | ChatRequest, bool]:
+    """The OpenAI request an Ollama body stands for, and whether it goes through the chat template."""
+    body.refused()
+    if body.model != engine.model_id:
+        raise no_model(body.model, engine, "model")
+    fields = {"model": body.model, "stream": False, **openai_fields(body.options)}
+    if getattr(body, "steps", None) is not None:
+        if fields.setdefault("steps", body.steps) != body.steps:
+            raise RequestError("steps and options.steps differ", "steps")
+    if isinstance(body, ChatBody):
+        messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+        chat = True
+    elif body.raw or body.suffix:  # the prompt as it stands; a suffix is infilling around the answer
+        if body.system:
+            raise RequestError("system needs the chat template: leave raw and suffix out", "system")
+        fields["prompt"], fields["suffix"] = body.prompt or "", body.suffix or None
+        chat = False
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                   [{"role": "user", "content": body.prompt or ""}]
+        chat = True
+    if body.logprobs:
+        fields.update({"logprobs": True, "top_logprobs": body.top_logprobs or 0} if chat else
+                      {"logprobs": body.top_logprobs or 0})
+    if chat:
+        return _checked(ChatRequest, {**fields, "messages": messages}), True
+    if not fields["prompt"]:
+        raise RequestError("the prompt is empty", "prompt")
+    return _checked(CompletionRequest, fields), False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _logprobs(engine, tokens: list[int], lp_row, start: int = 0) -> list[dict]:
+    """Ollama's logprobs [{token, logprob, top_logprobs: [{token, logprob}]}] of tokens[start:]."""
+    entries = engine.logprobs(tokens, *lp_row, True, start=start)["content"]
+    return [{"token": e["token"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in e["top_logprobs"]]}
+            for e in entries]
+
+
+def _final(app, chat_route: bool, t0: float, usage: dict, used: int, reason: str, job) -> dict:
+    """The last object of an answer: done, why, token counts and durations (ns; diffusion has no
+    separate prompt pass: the prompt is decoded with every step, so its eval time is 0)."""
+    app.state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+    app.state.metrics.completion_tokens.inc(used)
+    now = time.perf_counter()
+    return {"model": app.state.engine.model_id, "created_at": _now(),
+            **({"message": {"role": "assistant", "content": ""}} if chat_route else {"response": ""}),
+            "done": True, "done_reason": reason, "total_duration": int((now - t0) * 1e9), "load_duration": 0,
+            "prompt_eval_count": usage["prompt_tokens"], "prompt_eval_duration": 0, "eval_count": used,
+            "eval_duration": int((now - job.t0) * 1e9) if job.t0 else 0}
+
+
+def _part(engine, chat_route: bool, text: str, logprobs: list | None) -> dict:
+    out = {"model": engine.model_id, "created_at": _now(),
+           **({"message": {"role": "assistant", "content": text}} if chat_route else {"response": text}),
+           "done": False}
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+    return out
+
+
+def _loads_only(body: GenerateBody | ChatBody) -> bool:
+    """Ollama's way to load a model: /api/generate without prompt or suffix, /api/chat without messages."""
+    return not body.messages if isinstance(body, ChatBody) else not (body.prompt or body.suffix)
+
+
+async def _answer(app, body, request: Request, chat_route: bool):
+    """Answer one /api/generate or /api/chat request: JSON, or NDJSON lines unless stream is false."""
+    t0 = time.perf_counter()
+    engine = app.state.engine
+    if _loads_only(body):  # the model is loaded already: say so (checked like any request)
+        body.refused()
+        if body.model != engine.model_id:
+            raise no_model(body.model, engine, "model")
+        out = {"model": engine.model_id, "created_at": _now(),
+               **({"message": {"role": "assistant", "content": ""}} if chat_route else {"response": ""}),
+               "done": True, "done_reason": "load"}
+        if body.stream is False:
+            return out
+        return StreamingResponse(iter([json.dumps(out) + "\n"]), media_type="application/x-ndjson")
+    req, chat = _request(body, engine)
+    job, stops, usage, _ = await submit(app, req, chat)
+    if body.stream is not False:
+        return StreamingResponse(_ndjson(app, job, stops, usage, chat_route, t0), media_type="application/x-ndjson")
+    async for event in events(app.state.batcher, job, request):
+        if event[0] == "error":
+            raise event[1]
+        if event[0] == "done":
+            tokens = event[1][0]
+            text, reason, used = engine.text(tokens, stops)
+            out = _final(app, chat_route, t0, usage, used, reason or "length", job)
+            out["message" if chat_route else "response"] = \
+                {"role": "assistant", "content": text} if chat_route else text
+            if event[3] is not None:
+                out["logprobs"] = _logprobs(engine, tokens[:used], event[3][0])
+            return out
+    raise RequestError("the client left", None, "client_closed", 499)
+
+
+async def _ndjson(app, job, stops, usage: dict, chat_route: bool, t0: float):
+    """The NDJSON lines of a streamed answer: each delta of the committed text, then the last
+    object (done, with counts and durations); an error line if the request fails."""
+    engine = app.state.engine
+    s = TextStream(engine, stops)
+    async for event in events(app.state.batcher, job, None):
+        if event[0] == "error":
+            yield json.dumps({"error": event[1].message}) + "\n"
+            return
+        final = event[0] == "done"
+        tokens = event[1][0]
+        committed = tokens if final else tokens[:event[2][0]]
+        delta, reason = s.feed(committed, final)
+        lp = None
+        if event[3] is not None and (delta or reason):
+            first, end = s.token_span(committed)
+            lp = _logprobs(engine, committed[:end], event[3][0], start=first)
+        if delta or lp:
+            yield json.dumps(_part(engine, chat_route, delta, lp)) + "\n"
+        if reason is not None:
+            yield json.dumps(_final(app, chat_route, t0, usage, s.tokens, reason, job)) + "\n"
+            return
+
+
+def add_routes(app: FastAPI) -> None:
+    """Ollama's routes on `app` (create_app's: its engine, batcher, metrics and limits)."""
+    engine = app.state.engine
+    details = {"parent_model": "", "format": getattr(engine.backend, "name", "?"), "family": engine.spec.family,
+               "families": [engine.spec.family], "parameter_size": "", "quantization_level": ""}
+    entry = {"name": engine.model_id, "model": engine.model_id, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+             "digest": "", "details": details}
+
+    @app.get("/api/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.get("/api/tags")
+    async def tags():
+        return {"models": [entry]}
+
+    @app.get("/api/ps")
+    async def ps():
+        return {"models": [{**entry, "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
+                            "context_length": engine.context}]}
+
+    @app.post("/api/show")
+    async def show(body: dict):
+        name = body.get("model") or body.get("name")
+        if name != engine.model_id:
+            raise no_model(str(name), engine, "model")
+        return {"modelfile": "", "parameters": "", "template": "", "details": details,
+                "model_info": {"general.architecture": engine.spec.family, "general.context_length": engine.context},
+                "capabilities": ["completion", "insert"]}
+
+    @app.post("/api/generate")
+    async def generate(body: GenerateBody, request: Request):
+        return await _answer(app, body, request, chat_route=False)
+
+    @app.post("/api/chat")
+    async def chat(body: ChatBody, request: Request):
+        return await _answer(app, body, request, chat_route=True)
