@@ -52,6 +52,14 @@ class _Body(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    def loads_only(self) -> bool:
+        """Ollama's way to load a model: a request with nothing to answer."""
+        raise NotImplementedError
+
+    def inputs(self) -> tuple[dict[str, Any], bool]:
+        """The OpenAI request's prompt fields, and whether they go through the chat template."""
+        raise NotImplementedError
+
     def refused(self) -> None:
         """RequestError for what diffusion decoding here cannot honour."""
         if self.format not in (None, ""):
@@ -88,6 +96,22 @@ class GenerateBody(_Body):
         for name in ("images", "width", "height"):
             if getattr(self, name):
                 raise RequestError(f"{name} is not supported: this is a text model", name, "unsupported_parameter")
+        if self.steps is not None and (self.options or {}).get("steps", self.steps) != self.steps:
+            raise RequestError("steps and options.steps differ", "steps")
+
+    def loads_only(self) -> bool:
+        return not (self.prompt or self.suffix)
+
+    def inputs(self) -> tuple[dict[str, Any], bool]:
+        extra = {} if self.steps is None else {"steps": self.steps}
+        if self.raw or self.suffix:  # the prompt as it stands; a suffix is infilling around the answer
+            if self.system:
+                raise RequestError("system needs the chat template: leave raw and suffix out", "system")
+            if not self.prompt:
+                raise RequestError("the prompt is empty", "prompt")
+            return {**extra, "prompt": self.prompt, "suffix": self.suffix or None}, False
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return {**extra, "messages": system + [{"role": "user", "content": self.prompt or ""}]}, True
 
 
 class ChatMessage(BaseModel):
@@ -117,6 +141,12 @@ class ChatBody(_Body):
             if m.images:
                 raise RequestError("images are not supported: this is a text model", "messages",
                                    "unsupported_parameter")
+
+    def loads_only(self) -> bool:
+        return not self.messages
+
+    def inputs(self) -> tuple[dict[str, Any], bool]:
+        return {"messages": [{"role": m.role, "content": m.content or ""} for m in self.messages]}, True
 
 
 def openai_fields(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -154,30 +184,12 @@ def _request(body: GenerateBody | ChatBody, engine) -> tuple[CompletionRequest |
     body.refused()
     if body.model != engine.model_id:
         raise no_model(body.model, engine, "model")
-    fields = {"model": body.model, "stream": False, **openai_fields(body.options)}
-    if getattr(body, "steps", None) is not None:
-        if fields.setdefault("steps", body.steps) != body.steps:
-            raise RequestError("steps and options.steps differ", "steps")
-    if isinstance(body, ChatBody):
-        messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
-        chat = True
-    elif body.raw or body.suffix:  # the prompt as it stands; a suffix is infilling around the answer
-        if body.system:
-            raise RequestError("system needs the chat template: leave raw and suffix out", "system")
-        fields["prompt"], fields["suffix"] = body.prompt or "", body.suffix or None
-        chat = False
-    else:
-        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                   [{"role": "user", "content": body.prompt or ""}]
-        chat = True
+    inputs, chat = body.inputs()
+    fields = {"model": body.model, "stream": False, **openai_fields(body.options), **inputs}
     if body.logprobs:
         fields.update({"logprobs": True, "top_logprobs": body.top_logprobs or 0} if chat else
                       {"logprobs": body.top_logprobs or 0})
-    if chat:
-        return _checked(ChatRequest, {**fields, "messages": messages}), True
-    if not fields["prompt"]:
-        raise RequestError("the prompt is empty", "prompt")
-    return _checked(CompletionRequest, fields), False
+    return _checked(ChatRequest if chat else CompletionRequest, fields), chat
 
 
 def _now() -> str:
@@ -192,44 +204,32 @@ def _logprobs(engine, tokens: list[int], lp_row, start: int = 0) -> list[dict]:
             for e in entries]
 
 
-def _final(app, chat_route: bool, t0: float, usage: dict, used: int, reason: str, job) -> dict:
+def _object(engine, chat_route: bool, text: str, **rest) -> dict:
+    """One object of an answer: the model, the time, the text (a chat message or a response), `rest`."""
+    said = {"message": {"role": "assistant", "content": text}} if chat_route else {"response": text}
+    return {"model": engine.model_id, "created_at": _now(), **said, **rest}
+
+
+def _final(app, chat_route: bool, t0: float, usage: dict, used: int, reason: str, job, text: str = "") -> dict:
     """The last object of an answer: done, why, token counts and durations (ns; diffusion has no
     separate prompt pass: the prompt is decoded with every step, so its eval time is 0)."""
     app.state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
     app.state.metrics.completion_tokens.inc(used)
     now = time.perf_counter()
-    return {"model": app.state.engine.model_id, "created_at": _now(),
-            **({"message": {"role": "assistant", "content": ""}} if chat_route else {"response": ""}),
-            "done": True, "done_reason": reason, "total_duration": int((now - t0) * 1e9), "load_duration": 0,
-            "prompt_eval_count": usage["prompt_tokens"], "prompt_eval_duration": 0, "eval_count": used,
-            "eval_duration": int((now - job.t0) * 1e9) if job.t0 else 0}
-
-
-def _part(engine, chat_route: bool, text: str, logprobs: list | None) -> dict:
-    out = {"model": engine.model_id, "created_at": _now(),
-           **({"message": {"role": "assistant", "content": text}} if chat_route else {"response": text}),
-           "done": False}
-    if logprobs is not None:
-        out["logprobs"] = logprobs
-    return out
-
-
-def _loads_only(body: GenerateBody | ChatBody) -> bool:
-    """Ollama's way to load a model: /api/generate without prompt or suffix, /api/chat without messages."""
-    return not body.messages if isinstance(body, ChatBody) else not (body.prompt or body.suffix)
+    return _object(app.state.engine, chat_route, text, done=True, done_reason=reason,
+                   total_duration=int((now - t0) * 1e9), load_duration=0, prompt_eval_count=usage["prompt_tokens"],
+                   prompt_eval_duration=0, eval_count=used, eval_duration=int((now - job.t0) * 1e9) if job.t0 else 0)
 
 
 async def _answer(app, body, request: Request, chat_route: bool):
     """Answer one /api/generate or /api/chat request: JSON, or NDJSON lines unless stream is false."""
     t0 = time.perf_counter()
     engine = app.state.engine
-    if _loads_only(body):  # the model is loaded already: say so (checked like any request)
+    if body.loads_only():  # the model is loaded already: say so (checked like any request)
         body.refused()
         if body.model != engine.model_id:
             raise no_model(body.model, engine, "model")
-        out = {"model": engine.model_id, "created_at": _now(),
-               **({"message": {"role": "assistant", "content": ""}} if chat_route else {"response": ""}),
-               "done": True, "done_reason": "load"}
+        out = _object(engine, chat_route, "", done=True, done_reason="load")
         if body.stream is False:
             return out
         return StreamingResponse(iter([json.dumps(out) + "\n"]), media_type="application/x-ndjson")
@@ -243,9 +243,7 @@ async def _answer(app, body, request: Request, chat_route: bool):
         if event[0] == "done":
             tokens = event[1][0]
             text, reason, used = engine.text(tokens, stops)
-            out = _final(app, chat_route, t0, usage, used, reason or "length", job)
-            out["message" if chat_route else "response"] = \
-                {"role": "assistant", "content": text} if chat_route else text
+            out = _final(app, chat_route, t0, usage, used, reason or "length", job, text)
             if event[3] is not None:
                 out["logprobs"] = _logprobs(engine, tokens[:used], event[3][0])
             return out
@@ -270,7 +268,8 @@ async def _ndjson(app, job, stops, usage: dict, chat_route: bool, t0: float):
             first, end = s.token_span(committed)
             lp = _logprobs(engine, committed[:end], event[3][0], start=first)
         if delta or lp:
-            yield json.dumps(_part(engine, chat_route, delta, lp)) + "\n"
+            yield json.dumps(_object(engine, chat_route, delta, done=False,
+                                     **({} if lp is None else {"logprobs": lp}))) + "\n"
         if reason is not None:
             yield json.dumps(_final(app, chat_route, t0, usage, s.tokens, reason, job)) + "\n"
             return
