@@ -457,7 +457,8 @@ def _add_serve(sub) -> None:
                     help="under concurrency, wait this long for requests to join a batch (default: %(default)s)")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     sv.add_argument("--api-key", default=os.environ.get("DLLM_EXPORT_API_KEY"),
-                    help="require Authorization: Bearer KEY on /v1/* (default: $DLLM_EXPORT_API_KEY, or none)")
+                    help="require Authorization: Bearer KEY on /v1/* and /api/* (default: $DLLM_EXPORT_API_KEY, "
+                         "or none)")
     sv.add_argument("--max-tokens", type=_at_least(1),
                     help="gen length when a request sets no max_tokens (default: 64, or the limit where lower)")
     sv.add_argument("--preset", choices=sorted(PRESETS), default="reference",
@@ -465,6 +466,10 @@ def _add_serve(sub) -> None:
                          "reference (the released loops) | edge (dual cache refreshed after 16 commits, threshold "
                          "0.99, stop at EOS) (default: %(default)s)")
     sv.add_argument("--max-tokens-limit", type=_at_least(1), help="largest max_tokens accepted (default: the context)")
+    sv.add_argument("--block-length", type=_at_least(1),
+                    help="block length of requests that name none, where it divides their max_tokens and steps: "
+                         "requests of other lengths then share decodings and join them at block boundaries "
+                         "(default: one block of max_tokens, as generate)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.add_argument("--model-id", help="the model name clients use (default: the folder's name)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
@@ -935,7 +940,8 @@ def cmd_serve(args) -> int:
     sock = bind_socket(args.host, args.port)  # before the load: a taken port fails fast
     engine = load_engine(args.model, backend=args.backend, device=args.device, threads=args.threads,
                          model_id=args.model_id, default_max_tokens=args.max_tokens,
-                         max_tokens_limit=args.max_tokens_limit, preset=args.preset)
+                         max_tokens_limit=args.max_tokens_limit, preset=args.preset,
+                         default_block_length=args.block_length)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"dllm-export: warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"dllm-export: serving {engine.model_id!r} ({engine.backend.name}) at "

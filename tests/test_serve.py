@@ -1007,3 +1007,30 @@ def test_mixed_requests_under_load_equal_their_decodings_alone(torch_engine, tor
         got = list(pool.map(ask, cases))
     assert got == want
     assert joined() > before
+
+
+def test_a_default_block_length_lets_requests_of_other_lengths_share(torch_engine):
+    """`--block-length`: requests that name no block length decode in blocks of it where it divides
+    their max_tokens and steps (each as `generate` with that block length), so requests of other
+    lengths share decodings; where it does not divide them a request is one block, as before."""
+    tok = torch_engine.tokenizer
+    engine = load_engine("default", default_block_length=8)
+    cases = [(PROMPTS[1], 16, None, 8), (PROMPTS[0], 32, 16, 8), (PROMPTS[3], 24, None, 8), (PROMPTS[6], 12, None, None),
+             (PROMPTS[2], 16, 9, None)]  # 12 tokens: not whole blocks of 8; 9 steps: not whole steps per block
+    want = {p: expected(engine, encode_prompt(tok, p), gen_length=n, steps=steps or n, block_length=b or n)
+            for p, n, steps, b in cases}
+    with running(engine, ServeConfig(max_batch=8, batch_wait=0.05)) as url:
+        c = client(url)
+
+        def ask(case):
+            p, n, steps, _ = case
+            r = c.completions.create(model="default", prompt=p, max_tokens=n,
+                                     extra_body={} if steps is None else {"steps": steps})
+            return p, r.choices[0].text, r.model_extra["dllm"]["batch_rows"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, cases * 2))
+    assert all(text == want[p] for p, text, _ in answers)
+    assert max(rows for p, _, rows in answers if p in (PROMPTS[1], PROMPTS[3])) > 1
+    with pytest.raises(InputError, match="default_block_length must be >= 1"):
+        load_engine("default", default_block_length=0)

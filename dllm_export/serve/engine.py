@@ -91,15 +91,22 @@ class Engine:
         preset: the decoding preset (runtime.loop.PRESETS) of requests that name none; a request's
             own cache / threshold / refresh_tokens / stop_at_eos win over it (a backend without a KV
             cache takes the preset without its cache).
+        default_block_length: the block length of requests that name none, where it divides their
+            max_tokens (and their steps into whole blocks); requests of other lengths then share
+            decodings and join them at block boundaries. None: such a request is one block of its
+            own length (`generate`'s default).
     """
 
     def __init__(self, backend, tokenizer, model_id: str, default_max_tokens: int | None = None,
-                 max_tokens_limit: int | None = None, preset: str = "reference"):
+                 max_tokens_limit: int | None = None, preset: str = "reference",
+                 default_block_length: int | None = None):
         with_preset(preset, {})  # an unknown preset fails here, at start-up
-        for name, n in (("default_max_tokens", default_max_tokens), ("max_tokens_limit", max_tokens_limit)):
+        for name, n in (("default_max_tokens", default_max_tokens), ("max_tokens_limit", max_tokens_limit),
+                        ("default_block_length", default_block_length)):
             if n is not None and n < 1:
                 raise InputError(f"{name} must be >= 1, got {n}")
         self.backend, self.tokenizer, self.model_id, self.preset = backend, tokenizer, model_id, preset
+        self.default_block_length = default_block_length
         self.spec = backend.spec
         self.context = backend.max_length
         self.max_tokens_limit = max_tokens_limit or self.context
@@ -187,8 +194,9 @@ class Engine:
                                self.backend.supports_cache)
         except InputError as e:
             raise RequestError(str(e), "preset") from None
-        s = GenSettings(gen_length=gen, steps=req.steps, block_length=req.block_length, sampler=req.sampler,
-                        temperature=req.temperature or 0.0, cfg_scale=req.cfg_scale or 0.0, top_k=req.top_k,
+        s = GenSettings(gen_length=gen, steps=req.steps, block_length=self.block_length(req, gen),
+                        sampler=req.sampler, temperature=req.temperature or 0.0, cfg_scale=req.cfg_scale or 0.0,
+                        top_k=req.top_k,
                         top_p=top_p, alg_temp=req.alg_temp, refresh=req.refresh, seed=req.seed,
                         **{"cache": "none", **fast, "stop_at_eos": bool(fast.get("stop_at_eos"))})
         try:
@@ -198,6 +206,14 @@ class Engine:
             unsupported = "backend" in msg or "does not read" in msg
             raise RequestError(msg, _param_of(str(e)), "unsupported_parameter" if unsupported else None) from None
         return s
+
+    def block_length(self, req, gen: int) -> int | None:
+        """A request's block length: its own, else the server's default where that divides its
+        max_tokens `gen` and its steps into whole blocks, else None (one block)."""
+        n = self.default_block_length
+        if req.block_length is not None or n is None or gen % n or (req.steps is not None and req.steps % (gen // n)):
+            return req.block_length
+        return n
 
     def batchable(self, s: GenSettings) -> bool:
         """Whether requests with settings `s` may share a batch (GenSettings.batchable)."""
