@@ -420,11 +420,13 @@ def test_infill_traces_equal_torch(name, opts, tiny_dirs, float_exports):
 
 
 @pytest.mark.parametrize("name", ["llada_gqa", "dream"])
-@pytest.mark.parametrize("opts", [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "dual", "threshold": 0.5}])
+@pytest.mark.parametrize("opts", [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "dual", "threshold": 0.5},
+                                  {"cache": "dual", "factor": 1.0, "cfg_scale": 1.0}])
 def test_joined_decodings_equal_torch(name, opts, tiny_dirs, float_exports):
     """Continuous batching on the graph: rows joining a running decoding at block boundaries (a
     longer prompt that moves the canvas, a suffix, other lengths) and retired when done decode the
-    same tokens and commit steps on onnxruntime as on the torch model."""
+    same tokens and commit steps on onnxruntime as on the torch model (full forwards once per
+    admission, caches put together, with guidance's doubled rows too)."""
     from .test_join import drive
 
     arrivals = [(0, [5, 9, 33], None, 16), (1, [12, 40, 7, 7, 19, 23, 61, 8, 30, 14, 15, 16], [80, 91], 24),
