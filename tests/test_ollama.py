@@ -109,7 +109,7 @@ def test_model_routes(engine, url):
     assert [m.model for m in c.list().models] == ["default"]
     assert c.list().models[0].details.family == "llada"
     shown = c.show("default")
-    assert shown.modelinfo["general.context_length"] == engine.context and "completion" in shown.capabilities
+    assert shown.modelinfo["llada.context_length"] == engine.context and "completion" in shown.capabilities
     assert c.ps().models[0].context_length == engine.context
     assert httpx.get(f"{url}/api/version").json()["version"]
     loaded = c.generate(model="default")  # no prompt: Ollama's way to load a model

@@ -302,7 +302,8 @@ def add_routes(app: FastAPI) -> None:
         if name != engine.model_id:
             raise no_model(str(name), engine, "model")
         return {"modelfile": "", "parameters": "", "template": "", "details": details,
-                "model_info": {"general.architecture": engine.spec.family, "general.context_length": engine.context},
+                "model_info": {"general.architecture": engine.spec.family,  # clients read <arch>.context_length
+                               f"{engine.spec.family}.context_length": engine.context},
                 "capabilities": ["completion", "insert"]}
 
     @app.post("/api/generate")
