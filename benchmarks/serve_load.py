@@ -16,6 +16,8 @@ running decoding (continuous batching) shows, in the latency from arrival to ans
     python benchmarks/serve_load.py --model out/onnx --clients 1,8 --threads 2
     python benchmarks/serve_load.py --variants edge --rates 1,2 --requests 32 --max-tokens 128 --steps 128 \
         --block-length 16
+    python benchmarks/serve_load.py --variants dual --rates 1.5 --max-tokens 64,128 --block-length 0 \
+        --server-block-length 16     # mixed lengths, requests naming no block length (the server's --block-length)
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dllm_export.cli", "serve", args.model, "--port", str(port), "--threads",
            str(args.threads), "--max-batch", str(args.max_batch), "--log-level", "warning",
            "--batch-wait-ms", str(args.batch_wait_ms)]
+    if args.server_block_length:
+        cmd += ["--block-length", str(args.server_block_length)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, env=env)
     t0 = time.monotonic()
@@ -66,7 +70,7 @@ def run_level(url: str, clients: int, per_client: int, body: dict) -> dict:
             for j in range(per_client):
                 prompt = PROMPTS[(k * per_client + j) % len(PROMPTS)]
                 t0 = time.perf_counter()
-                r = http.post("/v1/completions", json={**body, "prompt": prompt})
+                r = http.post("/v1/completions", json=request(body, prompt))
                 dt = time.perf_counter() - t0
                 r.raise_for_status()
                 with lock:
@@ -100,7 +104,7 @@ def run_open(url: str, rate: float, requests: int, body: dict, seed: int = 0) ->
         prompt = PROMPTS[k % len(PROMPTS)]
         sent = time.perf_counter()
         with httpx.Client(base_url=url, timeout=600) as http:
-            r = http.post("/v1/completions", json={**body, "prompt": prompt})
+            r = http.post("/v1/completions", json=request(body, prompt))
         r.raise_for_status()
         with lock:
             results.append((prompt, time.perf_counter() - sent, r.json()))
@@ -114,14 +118,23 @@ def run_open(url: str, rate: float, requests: int, body: dict, seed: int = 0) ->
     return _summary(results, time.perf_counter() - t0, body, rate=rate)
 
 
+def request(body: dict, prompt: str) -> dict:
+    """The request body of `prompt`: its max_tokens (and steps, 1 a token, when the body has none)
+    by its place in PROMPTS, so that each prompt keeps its length whatever the level."""
+    lengths = body["max_tokens"]
+    n = lengths[PROMPTS.index(prompt) % len(lengths)]
+    return {**body, "prompt": prompt, "max_tokens": n, "steps": body.get("steps") or n}
+
+
 def _summary(results: list[tuple[str, float, dict]], wall: float, body: dict, **level) -> dict:
     """Throughput, latency percentiles, batch rows and answers of one level's requests."""
     lat = sorted(dt for _, dt, _ in results)
     n = len(results)
     returned = sum(r["usage"]["completion_tokens"] for _, _, r in results)
+    generated = sum(request(body, p)["max_tokens"] for p, _, _ in results)
     return {
         **level, "requests": n, "wall_s": round(wall, 3),
-        "tokens_per_s": round(n * body["max_tokens"] / wall, 2), "returned_tokens_per_s": round(returned / wall, 2),
+        "tokens_per_s": round(generated / wall, 2), "returned_tokens_per_s": round(returned / wall, 2),
         "requests_per_s": round(n / wall, 3),
         "latency_p50_s": round(statistics.median(lat), 3),
         "latency_p95_s": round(lat[min(n - 1, int(round(0.95 * (n - 1))))], 3),
@@ -142,8 +155,8 @@ def to_markdown(res: dict) -> str:
     open_loop = bool(s.get("rates"))
     lines = [f"# serve_load: {res['model']} ({res['host']['cpu']}, {res['host']['cpus']} CPUs, "
              f"{s['threads']} torch thread(s) in the server, max_batch {s['max_batch']})", "",
-             f"max_tokens {s['body']['max_tokens']}, steps {s['body']['steps']}, block_length "
-             f"{s['body']['block_length']}, greedy; "
+             f"max_tokens {s['body']['max_tokens']}, steps {s['body'].get('steps', 'max_tokens')}, block_length "
+             f"{s['body'].get('block_length', 'none sent')} (server's: {s.get('server_block_length')}), greedy; "
              + (f"open loop: {s['requests']} requests at Poisson arrivals of each rate (seeded), latency from "
                 f"arrival to answer" if open_loop else
                 f"at least {s['per_client']} requests per client (8 in all at 1 client)")
@@ -201,9 +214,10 @@ def main() -> int:
     ap.add_argument("--rates", default=None, help="open loop instead: Poisson arrival rates (requests/s), e.g. 1,2")
     ap.add_argument("--requests", type=int, default=32, help="requests per open-loop level")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the levels (medians are reported)")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--block-length", type=int, default=8)
+    ap.add_argument("--max-tokens", default="32", help="max_tokens, or a list (a prompt's by its index), e.g. 64,128")
+    ap.add_argument("--steps", type=int, default=None, help="steps of every request (default: its max_tokens)")
+    ap.add_argument("--block-length", type=int, default=8, help="block_length of every request (0: none sent)")
+    ap.add_argument("--server-block-length", type=int, help="the server's --block-length (requests naming none)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
@@ -211,7 +225,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
     args = ap.parse_args()
     body = {"model": args.model if args.model.startswith("default") else Path(args.model).name,
-            "max_tokens": args.max_tokens, "steps": args.steps, "block_length": args.block_length, "temperature": 0}
+            "max_tokens": [int(n) for n in args.max_tokens.split(",")], "temperature": 0,
+            **({"steps": args.steps} if args.steps else {}),
+            **({"block_length": args.block_length} if args.block_length else {})}
     clients = [int(c) for c in args.clients.split(",")]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else None
     proc = start_server(args, args.port)
@@ -224,6 +240,7 @@ def main() -> int:
         proc.wait(60)
     res = {"model": args.model, "host": host_info(),
            "settings": {"threads": args.threads, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
+                        "server_block_length": args.server_block_length,
                         "per_client": args.per_client, "repeats": args.repeats, "body": body,
                         "rates": rates, "requests": args.requests},
            "variants": variants}
