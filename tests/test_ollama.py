@@ -10,33 +10,22 @@ ollama = pytest.importorskip("ollama")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from dllm_export.serve import ServeConfig, load_engine  # noqa: E402
+from dllm_export.serve import ServeConfig  # noqa: E402
 from dllm_export.serve.ollama import openai_fields  # noqa: E402
 from dllm_export.serve.engine import RequestError  # noqa: E402
 from dllm_export.tokenizer import encode_prompt  # noqa: E402
 
-from .test_serve import client, expected, one_thread, running  # noqa: E402,F401  (one_thread: an autouse fixture)
+from .test_serve import client, expected, one_thread, running, torch_engine, torch_url  # noqa: E402,F401  (fixtures)
 
 OPTS = {"num_predict": 16, "steps": 16, "block_length": 8}
 DLLM = {"gen_length": 16, "steps": 16, "block_length": 8}
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return load_engine("default")
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with running(engine, ServeConfig(max_batch=8, batch_wait=0.02)) as u:
-        yield u
-
-
 @pytest.mark.parametrize("stream", [False, True])
-def test_raw_generate_equals_generate(engine, url, stream):
-    ids = encode_prompt(engine.tokenizer, "def fibonacci(n):")
-    want = expected(engine, ids, **DLLM)
-    c = ollama.Client(host=url)
+def test_raw_generate_equals_generate(torch_engine, torch_url, stream):
+    ids = encode_prompt(torch_engine.tokenizer, "def fibonacci(n):")
+    want = expected(torch_engine, ids, **DLLM)
+    c = ollama.Client(host=torch_url)
     if stream:
         parts = list(c.generate(model="default", prompt="def fibonacci(n):", raw=True, options=OPTS, stream=True))
         text, last = "".join(p.response for p in parts), parts[-1]
@@ -50,11 +39,11 @@ def test_raw_generate_equals_generate(engine, url, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_chat_and_templated_generate_equal_generate(engine, url, stream):
+def test_chat_and_templated_generate_equal_generate(torch_engine, torch_url, stream):
     """/api/chat and /api/generate (system + prompt, not raw) go through the chat template."""
-    c = ollama.Client(host=url)
+    c = ollama.Client(host=torch_url)
     msgs = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 12+7?"}]
-    want = expected(engine, engine.encode_chat(msgs), **DLLM)
+    want = expected(torch_engine, torch_engine.encode_chat(msgs), **DLLM)
     if stream:
         chat = "".join(p.message.content for p in c.chat(model="default", messages=msgs, options=OPTS, stream=True))
         gen = "".join(p.response for p in c.generate(model="default", system=msgs[0]["content"],
@@ -67,14 +56,14 @@ def test_chat_and_templated_generate_equal_generate(engine, url, stream):
     assert chat == want and gen == want
 
 
-def test_generate_with_a_suffix_infills(engine, url):
+def test_generate_with_a_suffix_infills(torch_engine, torch_url):
     from dllm_export import generate
 
     prompt, suffix = "def add(a, b):\n    ", "\n\nprint(add(2, 3))"
-    ids, sfx = encode_prompt(engine.tokenizer, prompt), encode_prompt(engine.tokenizer, suffix)
-    row = generate(engine.backend, ids, suffix_ids=[sfx], **DLLM).generated[0].tolist()
-    r = ollama.Client(host=url).generate(model="default", prompt=prompt, suffix=suffix, options=OPTS)
-    assert r.response == engine.text(row)[0]
+    ids, sfx = encode_prompt(torch_engine.tokenizer, prompt), encode_prompt(torch_engine.tokenizer, suffix)
+    row = generate(torch_engine.backend, ids, suffix_ids=[sfx], **DLLM).generated[0].tolist()
+    r = ollama.Client(host=torch_url).generate(model="default", prompt=prompt, suffix=suffix, options=OPTS)
+    assert r.response == torch_engine.text(row)[0]
 
 
 def test_options_map_to_the_openai_fields():
@@ -86,14 +75,14 @@ def test_options_map_to_the_openai_fields():
             openai_fields(bad)
 
 
-def test_logprobs_equal_the_openai_routes(url):
+def test_logprobs_equal_the_openai_routes(torch_url):
     """Each token's log-probability and its position's top ones, as /v1/chat/completions gives them
     (the same decoding), streamed or not."""
     msgs = [{"role": "user", "content": "What is 12+7?"}]
-    ref = client(url).chat.completions.create(model="default", messages=msgs, max_tokens=16, logprobs=True,
+    ref = client(torch_url).chat.completions.create(model="default", messages=msgs, max_tokens=16, logprobs=True,
                                               top_logprobs=2, extra_body={"steps": 16, "block_length": 8})
     want = [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in ref.choices[0].logprobs.content]
-    c = ollama.Client(host=url)
+    c = ollama.Client(host=torch_url)
     r = c.chat(model="default", messages=msgs, options=OPTS, logprobs=True, top_logprobs=2)
     parts = list(c.chat(model="default", messages=msgs, options=OPTS, logprobs=True, top_logprobs=2, stream=True))
     assert len(want) == ref.usage.completion_tokens
@@ -104,14 +93,14 @@ def test_logprobs_equal_the_openai_routes(url):
         assert flat(got) == pytest.approx(flat(want), abs=1e-6)
 
 
-def test_model_routes(engine, url):
-    c = ollama.Client(host=url)
+def test_model_routes(torch_engine, torch_url):
+    c = ollama.Client(host=torch_url)
     assert [m.model for m in c.list().models] == ["default"]
     assert c.list().models[0].details.family == "llada"
     shown = c.show("default")
-    assert shown.modelinfo["llada.context_length"] == engine.context and "completion" in shown.capabilities
-    assert c.ps().models[0].context_length == engine.context
-    assert httpx.get(f"{url}/api/version").json()["version"]
+    assert shown.modelinfo["llada.context_length"] == torch_engine.context and "completion" in shown.capabilities
+    assert c.ps().models[0].context_length == torch_engine.context
+    assert httpx.get(f"{torch_url}/api/version").json()["version"]
     loaded = c.generate(model="default")  # no prompt: Ollama's way to load a model
     assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
     assert c.chat(model="default", messages=[]).done_reason == "load"
@@ -138,20 +127,20 @@ def test_model_routes(engine, url):
     ("chat", {"model": "default", "messages": [{"role": "user", "content": "x"}], "think": True}, 400, "think"),
     ("chat", {"model": "default", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
 ])
-def test_bad_requests_get_ollamas_error_shape(url, route, body, status, words):
+def test_bad_requests_get_ollamas_error_shape(torch_url, route, body, status, words):
     """Refused before any decoding: the status, and {"error": message} naming the problem (what the
     official client raises as ResponseError), streamed or not."""
     for stream in (False, True):
-        r = httpx.post(f"{url}/api/{route}", json={**body, "stream": stream}, timeout=60)
+        r = httpx.post(f"{torch_url}/api/{route}", json={**body, "stream": stream}, timeout=60)
         assert r.status_code == status and set(r.json()) == {"error"} and words in r.json()["error"], r.text
     if "bogus" not in body:  # a field the client has no argument for
         with pytest.raises(ollama.ResponseError) as e:
-            getattr(ollama.Client(host=url), route)(**body)
+            getattr(ollama.Client(host=torch_url), route)(**body)
         assert e.value.status_code == status and words in e.value.error
 
 
-def test_api_key_guards_the_ollama_routes(engine):
-    with running(engine, ServeConfig(api_key="k")) as u:
+def test_api_key_guards_the_ollama_routes(torch_engine):
+    with running(torch_engine, ServeConfig(api_key="k")) as u:
         r = httpx.post(f"{u}/api/generate", json={"model": "default", "prompt": "1+1=", "options": OPTS})
         assert r.status_code == 401 and "API key" in r.json()["error"]
         ok = ollama.Client(host=u, headers={"Authorization": "Bearer k"}).generate(
@@ -159,8 +148,8 @@ def test_api_key_guards_the_ollama_routes(engine):
         assert ok.done
 
 
-def test_streamed_lines_are_ndjson(url):
-    with httpx.stream("POST", f"{url}/api/generate", json={"model": "default", "prompt": "7*8=", "raw": True,
+def test_streamed_lines_are_ndjson(torch_url):
+    with httpx.stream("POST", f"{torch_url}/api/generate", json={"model": "default", "prompt": "7*8=", "raw": True,
                                                            "options": OPTS}, timeout=60) as r:
         assert r.headers["content-type"].startswith("application/x-ndjson")
         lines = [json.loads(line) for line in r.iter_lines() if line]
@@ -178,7 +167,7 @@ BODY_FUZZ = {"stream": [True, False, "yes"], "raw": [True, False, 1], "system": 
 
 
 @pytest.mark.parametrize("route", ["generate", "chat"])
-def test_fuzzed_requests_never_fail_the_server(url, route):
+def test_fuzzed_requests_never_fail_the_server(torch_url, route):
     """Mixes of right and wrong fields and options (hypothesis, derandomized): every answer is a 200
     (NDJSON lines ending in a done object, or one done object) or a 4xx {"error": one line}; never
     a 500 or a traceback."""
@@ -200,7 +189,7 @@ def test_fuzzed_requests_never_fail_the_server(url, route):
     @hypothesis.given(body=fields)
     def one(body):
         body = {"model": "default", **body, "options": {"num_predict": 4, "steps": 4, **body["options"]}}
-        r = httpx.post(f"{url}/api/{route}", content=json.dumps(body), timeout=120,
+        r = httpx.post(f"{torch_url}/api/{route}", content=json.dumps(body), timeout=120,
                        headers={"content-type": "application/json"})
         assert r.status_code < 500 and "Traceback" not in r.text, (body, r.status_code, r.text[:300])
         statuses.append(r.status_code)
@@ -215,12 +204,12 @@ def test_fuzzed_requests_never_fail_the_server(url, route):
     assert statuses.count(200) >= 2 and statuses.count(400) >= 2, sorted(statuses)
 
 
-def test_a_request_that_times_out_says_so(engine):
+def test_a_request_that_times_out_says_so(torch_engine):
     """Past the server's timeout: a 408 {"error"} before any line, or an error line in a stream (the
     official client raises ResponseError either way)."""
     body = {"model": "default", "prompt": "def fibonacci(n):", "raw": True,
             "options": {"num_predict": 256, "steps": 256, "block_length": 256}}
-    with running(engine, ServeConfig(timeout=0.3)) as u:
+    with running(torch_engine, ServeConfig(timeout=0.3)) as u:
         r = httpx.post(f"{u}/api/generate", json={**body, "stream": False}, timeout=60)
         assert r.status_code == 408 and r.json() == {"error": "the request timed out"}
         with httpx.stream("POST", f"{u}/api/generate", json=body, timeout=60) as s:
