@@ -108,9 +108,9 @@ def run(args) -> dict:
                                        "nfe": b["nfe"], "padding_share": b["padding_share"], "cells": b["cells"]}
                                    for m, b in best.items()}}
         r = res["presets"][name]
-        print(f"{name:9s} per admission {r['per_admission']['seconds']:7.2f} s (padding {r['per_admission']['padding_share']:.2f})"
-              f"  shared grid {r['shared_grid']['seconds']:7.2f} s (padding {r['shared_grid']['padding_share']:.2f})"
-              f"  equal tokens {equal}/{args.requests}", flush=True)
+        a, b = r["per_admission"], r["shared_grid"]
+        print(f"{name:9s} per admission {a['seconds']:7.2f} s (padding {a['padding_share']:.2f})  shared grid "
+              f"{b['seconds']:7.2f} s (padding {b['padding_share']:.2f})  equal tokens {equal}/{args.requests}", flush=True)
     return res
 
 
@@ -119,7 +119,8 @@ def to_markdown(res: dict) -> str:
     lines = [f"# join_padding: {res['model']} ({h['cpu']}, {res['threads']} torch thread(s))", "",
              f"{res['requests']} rows, up to {res['rows']} at once, gen {res['gen_length']} in blocks of "
              f"{res['block_length']}, seeded arrivals ({res['seed']}); best of {res['reps']} in turns.", "",
-             "| preset | per admission s | its padding share | shared grid s | its padding share | speed-up | rows with equal tokens |",
+             "| preset | per admission s | its padding share | shared grid s | its padding share | speed-up "
+             "| rows with equal tokens |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in res["presets"].items():
         a, b = r["per_admission"], r["shared_grid"]

@@ -81,7 +81,8 @@ def test_logprobs_equal_the_openai_routes(torch_url):
     msgs = [{"role": "user", "content": "What is 12+7?"}]
     ref = client(torch_url).chat.completions.create(model="default", messages=msgs, max_tokens=16, logprobs=True,
                                               top_logprobs=2, extra_body={"steps": 16, "block_length": 8})
-    want = [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in ref.choices[0].logprobs.content]
+    want = [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs])
+            for t in ref.choices[0].logprobs.content]
     c = ollama.Client(host=torch_url)
     r = c.chat(model="default", messages=msgs, options=OPTS, logprobs=True, top_logprobs=2)
     parts = list(c.chat(model="default", messages=msgs, options=OPTS, logprobs=True, top_logprobs=2, stream=True))
