@@ -301,12 +301,8 @@ async def _sse(app: FastAPI, job: Job, stops, meta: dict, usage: dict, chat: boo
         final = event[0] == "done"
         rows, lp_rows = event[1], event[3]
         for i, (s, tokens) in enumerate(zip(streams, rows)):
-            committed = tokens if final else tokens[:event[2][i]]
-            delta, reason = s.feed(committed, final)
-            lp = None
-            if lp_rows is not None and (delta or reason):  # the tokens that start in the text sent
-                first, end = s.token_span(committed)
-                lp = engine.logprobs(committed[:end], *lp_rows[i], chat, start=first)
+            delta, reason, lp = s.advance(tokens, final, 0 if final else event[2][i],
+                                          None if lp_rows is None else lp_rows[i], chat)
             if delta or reason:
                 yield _sse_data(_chunk(meta, chat, i, delta, reason, logprobs=lp))
         if all(s.reason is not None for s in streams):

@@ -346,6 +346,17 @@ class TextStream:
         self.reason = reason
         return delta, reason
 
+    def advance(self, tokens: list[int], final: bool, length: int, lp_row, chat: bool) -> tuple:
+        """One update of the choice from a decoding event (its generated `tokens`, committed up to
+        `length` unless `final`): (new text, finish reason or None, the logprobs of the tokens that
+        start in the text sent, in `Engine.logprobs`'s shape, or None without a logprob row)."""
+        committed = tokens if final else tokens[:length]
+        delta, reason = self.feed(committed, final)
+        if lp_row is None or not (delta or reason):
+            return delta, reason, None
+        first, end = self.token_span(committed)
+        return delta, reason, self.engine.logprobs(committed[:end], *lp_row, chat, start=first)
+
     def token_span(self, tokens: list[int]) -> tuple[int, int]:
         """(first, end) of the tokens whose logprobs go with the text sent so far: those not sent yet
         that start inside it, or, once finished, every token the usage counts. Call after `feed`."""

@@ -179,11 +179,16 @@ def _checked(cls, fields: dict[str, Any]):
                            where) from None
 
 
-def _request(body: GenerateBody | ChatBody, engine) -> tuple[CompletionRequest | ChatRequest, bool]:
-    """The OpenAI request an Ollama body stands for, and whether it goes through the chat template."""
+def _accept(body: GenerateBody | ChatBody, engine) -> None:
+    """RequestError for a body this server cannot answer at all (refused fields, another model)."""
     body.refused()
     if body.model != engine.model_id:
         raise no_model(body.model, engine, "model")
+
+
+def _request(body: GenerateBody | ChatBody, engine) -> tuple[CompletionRequest | ChatRequest, bool]:
+    """The OpenAI request an Ollama body stands for, and whether it goes through the chat template."""
+    _accept(body, engine)
     inputs, chat = body.inputs()
     fields = {"model": body.model, "stream": False, **openai_fields(body.options), **inputs}
     if body.logprobs:
@@ -196,12 +201,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _logprobs(engine, tokens: list[int], lp_row, start: int = 0) -> list[dict]:
-    """Ollama's logprobs [{token, logprob, top_logprobs: [{token, logprob}]}] of tokens[start:]."""
-    entries = engine.logprobs(tokens, *lp_row, True, start=start)["content"]
+def _logprobs(chat_logprobs: dict) -> list[dict]:
+    """Ollama's logprobs [{token, logprob, top_logprobs: [{token, logprob}]}] of OpenAI chat ones."""
     return [{"token": e["token"], "logprob": e["logprob"],
              "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in e["top_logprobs"]]}
-            for e in entries]
+            for e in chat_logprobs["content"]]
 
 
 def _object(engine, chat_route: bool, text: str, **rest) -> dict:
@@ -226,9 +230,7 @@ async def _answer(app, body, request: Request, chat_route: bool):
     t0 = time.perf_counter()
     engine = app.state.engine
     if body.loads_only():  # the model is loaded already: say so (checked like any request)
-        body.refused()
-        if body.model != engine.model_id:
-            raise no_model(body.model, engine, "model")
+        _accept(body, engine)
         out = _object(engine, chat_route, "", done=True, done_reason="load")
         if body.stream is False:
             return out
@@ -245,7 +247,7 @@ async def _answer(app, body, request: Request, chat_route: bool):
             text, reason, used = engine.text(tokens, stops)
             out = _final(app, chat_route, t0, usage, used, reason or "length", job, text)
             if event[3] is not None:
-                out["logprobs"] = _logprobs(engine, tokens[:used], event[3][0])
+                out["logprobs"] = _logprobs(engine.logprobs(tokens[:used], *event[3][0], True))
             return out
     raise RequestError("the client left", None, "client_closed", 499)
 
@@ -260,13 +262,9 @@ async def _ndjson(app, job, stops, usage: dict, chat_route: bool, t0: float):
             yield json.dumps({"error": event[1].message}) + "\n"
             return
         final = event[0] == "done"
-        tokens = event[1][0]
-        committed = tokens if final else tokens[:event[2][0]]
-        delta, reason = s.feed(committed, final)
-        lp = None
-        if event[3] is not None and (delta or reason):
-            first, end = s.token_span(committed)
-            lp = _logprobs(engine, committed[:end], event[3][0], start=first)
+        delta, reason, lp = s.advance(event[1][0], final, 0 if final else event[2][0],
+                                      None if event[3] is None else event[3][0], True)
+        lp = None if lp is None else _logprobs(lp)
         if delta or lp:
             yield json.dumps(_object(engine, chat_route, delta, done=False,
                                      **({} if lp is None else {"logprobs": lp}))) + "\n"
