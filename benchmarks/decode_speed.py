@@ -5,6 +5,12 @@ decoding, and their combinations, side by side in one run, with ratios and a tim
 
     python benchmarks/decode_speed.py                        # bundled default model, gen 256, block 32
     python benchmarks/decode_speed.py --shape 1b --gen-length 64 --problems 0   # ~1.3B random LLaDA shape
+    python benchmarks/decode_speed.py --variants reference dual dual+blocks4 dual+blocks8 edge edge+blocks8 \
+        --problems 100 --code-prompts 4 --no-profile       # the cache across blocks (refresh_blocks), quality
+
+Quality beside every speed: arithmetic exact match on held-out problems, and for the code prompts
+the tokens equal to the first variant's and the share of the generated lines (up to the first end
+token) that parse alone as Python (`eval_default.line_kinds`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ VARIANTS = {
     "dual+threshold0.99+refresh16": {"cache": "dual", "threshold": 0.99, "refresh_tokens": 16},
     "fast-dllm+eos": {"cache": "dual", "threshold": 0.9, "stop_at_eos": True},  # Fast-dLLM dual + 0.9 (the earlier edge preset)
     "edge": PRESETS["edge"],  # the loop's edge preset
+    # the cache lives across blocks: a full forward every 4th / 8th block, the others renew it (refresh_blocks)
+    "dual+blocks4": {"cache": "dual", "refresh_blocks": 4},
+    "dual+blocks8": {"cache": "dual", "refresh_blocks": 8},
+    "edge+blocks8": {**PRESETS["edge"], "refresh_blocks": 8},
 }
+CODE_PROMPTS = ("def fibonacci(n):", "class Stack:", "def read_config(path):", "for i in range(10):")
 
 
 class TimedBackend:
@@ -98,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", help="a random checkpoint shape from benchmarks/backend_speed.py (e.g. 1b)")
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--steps", type=int, help="denoising steps (default: --gen-length; threshold decoding reads none)")
     ap.add_argument("--problems", type=int, default=16, help="held-out arithmetic problems for accuracy (0 = none)")
-    ap.add_argument("--code-prompts", type=int, default=1, help="also decode the code prompt (speed on text)")
+    ap.add_argument("--code-prompts", type=int, default=1,
+                    help="also decode this many code prompts (speed on text; CODE_PROMPTS in turn)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -116,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     from dllm_export.eval.tasks import answer_digits
     from dllm_export.runtime.backends import TorchBackend
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from eval_default import line_kinds
+
     torch.set_num_threads(args.threads)
     if args.shape:
-        sys.path.insert(0, str(Path(__file__).parent))
         from backend_speed import SHAPES
 
         from dllm_export.models.factory import make_random_checkpoint
@@ -137,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         for a, op, b in arithmetic_test_problems()[:: max(1, 1000 // args.problems)][: args.problems]:
             prompts.append(tok(f"{a}{op}{b}=", add_special_tokens=False)["input_ids"])
             answers.append(format_problem(a, op, b).split("=")[1])
-    code = [tok("def fibonacci(n):", add_special_tokens=False)["input_ids"]] * args.code_prompts
-    results = {"model": label, "gen_length": args.gen_length, "block_length": args.block_length,
+    code = [tok(CODE_PROMPTS[i % len(CODE_PROMPTS)], add_special_tokens=False)["input_ids"]
+            for i in range(args.code_prompts)]
+    results = {"model": label, "gen_length": args.gen_length, "steps": args.steps or args.gen_length,
+               "block_length": args.block_length,
                "threads": args.threads, "device": args.device, "problems": len(prompts), "variants": {}}
     if args.device != "cpu":
         results["gpu"] = torch.cuda.get_device_name()
@@ -153,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         n_tok, nfe, correct = 0, 0, 0
         kinds = {"arith": [0.0, 0, 0], "code": [0.0, 0, 0]}  # seconds, tokens, tokens equal to the reference
+        lines = {"code": 0, "comment": 0, "other": 0}
         for j, (p, want) in enumerate(list(zip(prompts, answers)) + [(c, None) for c in code]):  # one at a time
             t1 = time.perf_counter()
-            out = generate(be, [p], gen_length=args.gen_length, steps=args.gen_length,
+            out = generate(be, [p], gen_length=args.gen_length, steps=args.steps or args.gen_length,
                            block_length=args.block_length, **opts)
             k = kinds["arith" if want is not None else "code"]
             k[0] += time.perf_counter() - t1
@@ -167,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
             nfe += out.nfe
             if want is not None:
                 correct += answer_digits(tok.decode(gen)) == want
+            else:
+                for kind, n in line_kinds(tok.decode(gen).split(tok.eos_token or "\0")[0]).items():
+                    lines[kind] += n
         total = time.perf_counter() - t0
         res = {"options": opts, "seconds": round(total, 3), "tokens_per_s": round(n_tok / total, 2),
                "nfe": nfe, "tokens_per_step": round(n_tok / nfe, 2),
                "forward_share": round(be.forward_s / total, 3),
                "forward_tokens_per_step": round(be.forward_tokens / nfe, 1),
-               "arith_em": None if not prompts else round(correct / len(prompts), 4)}
+               "arith_em": None if not prompts else round(correct / len(prompts), 4),
+               "code_lines": lines, "code_lines_parse": round(lines["code"] / max(sum(lines.values()), 1), 3)}
         for kind, (sec, toks, same) in kinds.items():  # speed per prompt kind, with tokens equal to the first variant
             if toks:
                 res[kind] = {"seconds": round(sec, 3), "tokens_per_s": round(toks / sec, 2),
@@ -180,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         results["variants"][name] = res
         print(f"{name:22s} {res['tokens_per_s']:9.2f} tok/s  {res['tokens_per_step']:5.2f} tok/step  "
               f"forward {100 * res['forward_share']:4.1f}% of time, {res['forward_tokens_per_step']:7.1f} "
-              f"tokens/forward  EM {res['arith_em']}  " + "  ".join(
+              f"tokens/forward  EM {res['arith_em']}  lines parse {res['code_lines_parse']}  " + "  ".join(
                   f"{k} {v['tokens_per_s']} tok/s ({100 * v['same_tokens']:.0f}% = ref)"
                   for k, v in res.items() if k in kinds), flush=True)
     # the CPU profile splits CPU time by op; on a GPU the ops run asynchronously, so it is skipped

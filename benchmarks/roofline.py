@@ -6,10 +6,13 @@ step kind (full forward; prefix and dual block steps with a KV cache) and divide
 max(bytes read / bandwidth, linear FLOPs / its kernel's peak + attention FLOPs / fp32's peak
 (bf16's in torch bf16)). With `--e2e` it also decodes the fixed-schedule job end to end (steps =
 gen_length / 4: random weights never reach a threshold) for the x-torch-fp32 table, beside the same
-job at its steps' floors. JSON + markdown + PNG under benchmarks/results/.
+job at its steps' floors; `--refresh-blocks N` adds the dual cache that starts only every N-th block
+with the full forward (the others renew it from the block before: the `renew` step kind).
+JSON + markdown + PNG under benchmarks/results/.
 
     python benchmarks/roofline.py --quick                    # ~2 min: 2 layers of the anchor shape
     python benchmarks/roofline.py --shape anchor --e2e       # the 478M LLaDA shape, end to end
+    python benchmarks/roofline.py --shape anchor --e2e --refresh-blocks 8 --artifacts torch-fp32 onnx-W8A8
     python benchmarks/roofline.py --model default --e2e      # the bundled LLaDA
     python benchmarks/roofline.py --shape 8b --layers 1      # one 8B block + its head (layer level)
 """
@@ -76,14 +79,19 @@ def _timed(fn, reps: int) -> tuple[float, float]:
 
 def step_kinds(prompt: int, gen: int, block: int, narrow: tuple[int, ...] = ()) -> dict[str, dict]:
     """The forwards of the loop: a full canvas; the prefix cache's window (a middle block to the end);
-    the dual cache's window (the block); `dualN`, a window of N rows of that block (what a step
-    would recompute if it skipped the rows committed before it: how a block step's time falls with
-    its rows). The head runs on the block's rows (the loop's `rows`)."""
+    the dual cache's window (the block); `renew`, a block start under `refresh_blocks` (the block
+    before and the block, its keys/values written into the cache); `dualN`, a window of N rows of
+    the block (what a step would recompute if it skipped the rows committed before it: how a block
+    step's time falls with its rows). The head runs on the block's rows (`head`, the loop's `rows`,
+    within the window)."""
     L = prompt + gen
     mid = prompt + (gen // block // 2) * block
-    return {"full": {"window": None, "rows": L}, "prefix": {"window": (mid, L), "rows": L - mid},
-            "dual": {"window": (mid, mid + block), "rows": block},
-            **{f"dual{n}": {"window": (mid, mid + n), "rows": n} for n in narrow if 0 < n < block}}
+    return {"full": {"window": None, "rows": L, "head": (L - block, L)},
+            "prefix": {"window": (mid, L), "rows": L - mid, "head": (0, block)},
+            "dual": {"window": (mid, mid + block), "rows": block, "head": (0, block)},
+            "renew": {"window": (mid - block, mid + block), "rows": 2 * block, "head": (block, 2 * block),
+                      "update": True},
+            **{f"dual{n}": {"window": (mid, mid + n), "rows": n, "head": (0, n)} for n in narrow if 0 < n < block}}
 
 
 def time_steps(be, kinds: dict, L: int, block: int, reps: int) -> dict[str, tuple[float, float]]:
@@ -93,9 +101,8 @@ def time_steps(be, kinds: dict, L: int, block: int, reps: int) -> dict[str, tupl
     ids = torch.randint(0, min(be.vocab_size, 256), (1, L), generator=torch.Generator().manual_seed(0))
     out = {}
     for name, k in kinds.items():
+        kw = {"rows": k["head"]} if getattr(be, "supports_rows", False) else {}
         if k["window"] is None:
-            rows = (L - block, L)
-            kw = {"rows": rows} if getattr(be, "supports_rows", False) else {}
             out[name] = _timed(lambda: be.forward(ids, **kw), reps)
             continue
         if not getattr(be, "supports_cache", False):
@@ -103,10 +110,9 @@ def time_steps(be, kinds: dict, L: int, block: int, reps: int) -> dict[str, tupl
         kv = KVCache()
         be.forward(ids, cache=kv)  # fills the cache
         s, e = k["window"]
-        kv.window = (s, e)
-        rows = (0, min(block, e - s)) if getattr(be, "supports_rows", False) else None
+        kv.window, kv.update = (s, e), k.get("update", False)  # renewing the same tokens keeps the cache
         win = ids[:, s:e]
-        out[name] = _timed(lambda: be.forward(win, cache=kv, **({"rows": rows} if rows else {})), reps)
+        out[name] = _timed(lambda: be.forward(win, cache=kv, **kw), reps)
     return out
 
 
@@ -135,13 +141,14 @@ def build(name: str, src: Path, work: Path, threads: int):
     return load_backend(path, threads=threads, **kw), art, artifact_precision(path)
 
 
-def e2e(be, prompt_len: int, gen: int, block: int, steps: int, cache: str) -> dict:
+def e2e(be, prompt_len: int, gen: int, block: int, steps: int, cache: str, refresh_blocks: int | None = None) -> dict:
     """One fixed-schedule decode: seconds, NFE, tokens/s."""
     from dllm_export import generate
 
     prompt = torch.randint(0, min(be.vocab_size, 256), (1, prompt_len), generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
-    out = generate(be, prompt.tolist(), gen_length=gen, steps=steps, block_length=block, cache=cache)
+    out = generate(be, prompt.tolist(), gen_length=gen, steps=steps, block_length=block, cache=cache,
+                   refresh_blocks=refresh_blocks)
     s = time.perf_counter() - t0
     return {"seconds": round(s, 3), "nfe": out.nfe, "tokens_per_s": round(gen / s, 2),
             "s_per_step": round(s / out.nfe, 4)}
@@ -149,12 +156,17 @@ def e2e(be, prompt_len: int, gen: int, block: int, steps: int, cache: str) -> di
 
 def _e2e_floor(r: dict, steps: dict, blocks: int, base_s: float | None) -> dict:
     """The job at its steps' floors: a full forward per step without a cache; with the dual cache
-    one per block (it fills the cache) and block steps for the rest."""
-    full, dual = steps.get("full"), steps.get("dual")
-    if full is None or (r["cache"] == "dual" and dual is None) or r["cache"] not in ("none", "dual"):
+    one per block (it fills the cache; with `refresh_blocks` N, one per N blocks and a renewing
+    window at the other block starts) and block steps for the rest."""
+    full, dual, renew = steps.get("full"), steps.get("dual"), steps.get("renew")
+    every = r.get("refresh_blocks") or 1
+    if full is None or (r["cache"] == "dual" and dual is None) or r["cache"] not in ("none", "dual") or \
+            (every > 1 and renew is None):
         return {}
-    n_full = r["nfe"] if r["cache"] == "none" else blocks
-    s = (n_full * full["floor_ms"] + (r["nfe"] - n_full) * (dual["floor_ms"] if dual else 0)) / 1000
+    n_full = r["nfe"] if r["cache"] == "none" else -(-blocks // every)
+    n_renew = 0 if r["cache"] == "none" else blocks - n_full
+    s = (n_full * full["floor_ms"] + n_renew * (renew["floor_ms"] if renew else 0)
+         + (r["nfe"] - n_full - n_renew) * (dual["floor_ms"] if dual else 0)) / 1000
     return {"floor_s": round(s, 3), "x_torch_fp32_at_floor": round(base_s / s, 2) if base_s else None}
 
 
@@ -273,7 +285,8 @@ def to_markdown(res: dict) -> str:
                   "| artifact | cache | s | s/step | tok/s | x torch fp32 | s at the floors | x torch fp32 at the floors |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for key, r in res["e2e"].items():
-            lines.append(f"| {r['artifact']} | {r['cache']} | {r['seconds']} | {r['s_per_step']} | "
+            cache = r["cache"] + (f", refresh_blocks {r['refresh_blocks']}" if r.get("refresh_blocks") else "")
+            lines.append(f"| {r['artifact']} | {cache} | {r['seconds']} | {r['s_per_step']} | "
                          f"{r['tokens_per_s']} | {r.get('x_torch_fp32', '')} | {r.get('floor_s', '')} | "
                          f"{r.get('x_torch_fp32_at_floor', '')} |")
     return "\n".join(lines) + "\n"
@@ -325,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--e2e", action="store_true", help="also decode end to end (full and dual cache)")
+    ap.add_argument("--refresh-blocks", type=int, nargs="*", default=[], metavar="N",
+                    help="with --e2e: also the dual cache with refresh_blocks N (a full forward every N blocks)")
     ap.add_argument("--window-rows", type=int, nargs="*", default=[], metavar="N",
                     help="also time block steps of N rows of the block (e.g. 24 16 8 4)")
     ap.add_argument("--quick", action="store_true", help="2 layers of the anchor shape, a subset, 2 reps")
@@ -403,10 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.e2e:  # the reference loop for torch fp32 (the baseline), each artifact's fastest mode
             caches = ("none",) if not getattr(be, "supports_cache", False) else \
                 ("none", "dual") if name == "torch-fp32" else ("dual",)
-            for cache in caches:
-                r = e2e(be, args.prompt, args.e2e_gen_length or args.gen_length, args.block_length, args.steps, cache)
-                res["e2e"][f"{name}:{cache}"] = {"artifact": name, "cache": cache, **r}
-                print(f"{name:12s} e2e cache={cache:5s} {r['seconds']:8.2f} s  {r['tokens_per_s']} tok/s", flush=True)
+            runs = [(cache, None) for cache in caches]
+            runs += [("dual", n) for n in args.refresh_blocks if "dual" in caches and n > 1]
+            for cache, every in runs:
+                r = e2e(be, args.prompt, args.e2e_gen_length or args.gen_length, args.block_length, args.steps, cache,
+                        every)
+                label = cache if every is None else f"{cache}, refresh_blocks {every}"
+                res["e2e"][f"{name}:{cache}" + (f"+rb{every}" if every else "")] = {
+                    "artifact": name, "cache": cache, "refresh_blocks": every, **r}
+                print(f"{name:12s} e2e cache={label:5s} {r['seconds']:8.2f} s  {r['tokens_per_s']} tok/s", flush=True)
         res["artifacts"][name] = entry
         del be
         if art is not None:

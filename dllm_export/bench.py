@@ -38,7 +38,8 @@ class BenchConfig:
         canvas: tokens of the full forward timed as one denoising step.
         reps: timed steps (after one warm-up).
         decode_reps: timed decodes (after one warm-up decode); tokens/s is their median.
-        gen_length / steps / block_length / cache / threshold / refresh_tokens / stop_at_eos / preset:
+        gen_length / steps / block_length / cache / threshold / refresh_tokens / refresh_blocks / stop_at_eos /
+        preset:
             the decode timed for tokens/s (steps None = gen_length; `generate`'s options, None: the preset's
             for that artifact's backend, `runtime.loop.with_preset`; each row records its own as
             "decode_settings").
@@ -64,6 +65,7 @@ class BenchConfig:
     cache: str | None = None
     threshold: float | None = None
     refresh_tokens: int | None = None
+    refresh_blocks: int | None = None
     stop_at_eos: bool | None = None
     preset: str = "reference"
     threads: int = 0
@@ -116,7 +118,8 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     steps.sort()
     prompt = ids[:, : max(1, cfg.canvas - cfg.gen_length)].tolist()
     settings = with_preset(cfg.preset, {"cache": cfg.cache, "threshold": cfg.threshold,
-                                        "refresh_tokens": cfg.refresh_tokens, "stop_at_eos": cfg.stop_at_eos},
+                                        "refresh_tokens": cfg.refresh_tokens, "refresh_blocks": cfg.refresh_blocks,
+                                        "stop_at_eos": cfg.stop_at_eos},
                            be.supports_cache)
     block = cfg.block_length or (32 if cfg.gen_length % 32 == 0 else cfg.gen_length)
     opts = dict(gen_length=cfg.gen_length, steps=cfg.steps or cfg.gen_length, block_length=block, **settings)

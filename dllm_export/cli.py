@@ -244,6 +244,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--refresh", type=int, help="with a cache: also a full forward every N steps inside a block")
     g.add_argument("--refresh-tokens", type=int,
                    help="with a cache: a full forward once N tokens were committed since the cache was filled")
+    g.add_argument("--refresh-blocks", type=int,
+                   help="with a cache: a full forward starts only every N-th block; the others start by renewing the "
+                        "cache from the block before's start (dLLM-Cache's long-interval prompt cache; other tokens)")
     g.add_argument("--stop-at-eos", action="store_true", default=None,
                    help="stop once a decoded block holds an end token; fill the rest with EOS")
     g.add_argument("--preset", choices=sorted(PRESETS), default="reference",
@@ -323,6 +326,7 @@ def _add_bench_build(sub) -> None:
     bn.add_argument("--cache", choices=CACHES, help="block KV cache of the timed decode (default: none)")
     bn.add_argument("--threshold", type=float)
     bn.add_argument("--refresh-tokens", type=int, help="with a cache: a full forward once N tokens were committed past it")
+    bn.add_argument("--refresh-blocks", type=int, help="with a cache: a full forward starts only every N-th block")
     bn.add_argument("--stop-at-eos", action="store_true", default=None, help="stop the timed decode at an EOS block")
     bn.add_argument("--preset", choices=sorted(PRESETS), default="reference",
                     help="defaults for --cache/--threshold/--refresh-tokens/--stop-at-eos, as generate's, per "
@@ -522,7 +526,8 @@ def cmd_generate(args) -> int:
 
     opts = with_preset(args.preset, {"cache": args.cache, "threshold": args.threshold, "factor": args.factor,
                                      "refresh": args.refresh, "refresh_tokens": args.refresh_tokens,
-                                     "stop_at_eos": args.stop_at_eos}, model.supports_cache)
+                                     "refresh_blocks": args.refresh_blocks, "stop_at_eos": args.stop_at_eos},
+                       model.supports_cache)
     out = generate(model, prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                    sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale, top_k=args.top_k,
                    top_p=args.top_p, alg_temp=args.alg_temp, seed=args.seed, callback=progress,
@@ -630,7 +635,8 @@ def cmd_bench(args) -> int:
             check_output_file(f)
     cfg = BenchConfig(canvas=args.canvas, reps=args.reps, decode_reps=args.decode_reps, gen_length=args.gen_length,
                       steps=args.steps, block_length=args.block_length, cache=args.cache, threshold=args.threshold,
-                      refresh_tokens=args.refresh_tokens, stop_at_eos=args.stop_at_eos, preset=args.preset,
+                      refresh_tokens=args.refresh_tokens, refresh_blocks=args.refresh_blocks,
+                      stop_at_eos=args.stop_at_eos, preset=args.preset,
                       threads=args.threads, backend=args.backend, quality=args.quality, device=args.torch_device,
                       kernel=args.kernel, roofline=not args.no_roofline, profile=args.profile)
     res = bench(args.artifacts, cfg)

@@ -211,7 +211,8 @@ def test_export_requests_take_any_value(ckpt, tmp_path_factory, data):
 
 
 GENERATE_FIELDS = ("gen_length", "steps", "block_length", "sampler", "temperature", "cfg_scale", "top_k", "top_p",
-                   "alg_temp", "eps", "threshold", "seed", "cache", "refresh", "refresh_tokens", "factor",
+                   "alg_temp", "eps", "threshold", "seed", "cache", "refresh", "refresh_tokens", "refresh_blocks",
+                   "factor",
                    "stop_at_eos", "logprobs")
 
 

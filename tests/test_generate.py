@@ -310,9 +310,11 @@ def test_stops_early_when_nothing_is_left_to_unmask(llada):
 
 @pytest.mark.parametrize("name", ["llada", "llada_gqa", "dream"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_windowed_forward_reuses_cache_exactly(name, padded, tiny_dirs):
+@pytest.mark.parametrize("update", [False, True])
+def test_windowed_forward_reuses_cache_exactly(name, padded, update, tiny_dirs):
     """A window forward over unchanged tokens, attending to cached keys/values of the rest,
-    reproduces the full forward's rows (the cache mechanism, free of staleness)."""
+    reproduces the full forward's rows (the cache mechanism, free of staleness); one that renews
+    the cache (`update`) stores the keys/values the full forward stored."""
     from dllm_export.models.layers import KVCache
 
     model = load_model(tiny_dirs[name])
@@ -323,9 +325,12 @@ def test_windowed_forward_reuses_cache_exactly(name, padded, tiny_dirs):
         am[1, :5] = 0
     kv = KVCache()
     full = model(ids, attention_mask=am, cache=kv).float()
+    stored = [t.clone() for t in kv.k + kv.v]
+    kv.update = update
     for window in [(8, 16), (8, 24), (0, 4)]:
         kv.window = window
         part = model(ids[:, window[0]:window[1]], attention_mask=am, cache=kv).float()
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(kv.k + kv.v, stored))
         ref = full[:, window[0]:window[1]]
         if padded:  # pad query rows are never read
             assert (part[0] - ref[0]).abs().max() < 1e-5
@@ -359,16 +364,18 @@ def test_cache_refreshed_after_every_commit_is_the_reference(name, sampler, cach
 
 
 class _WindowLog:
-    """A backend wrapper that records, per forward, whether it was a full forward (no cache window)."""
+    """A backend wrapper that records, per forward, whether it was a full forward (no cache window)
+    and its (window, update)."""
 
     def __init__(self, inner):
-        self.inner, self.full = inner, []
+        self.inner, self.full, self.windows = inner, [], []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def forward(self, ids, attention_mask=None, **kw):
         self.full.append(kw["cache"].window is None)
+        self.windows.append((kw["cache"].window, kw["cache"].update))
         return self.inner.forward(ids, attention_mask, **kw)
 
 
@@ -394,6 +401,50 @@ def test_refresh_tokens_refills_the_cache_once_enough_tokens_were_committed(refr
         since += (out.commit_step == step).sum(1)
     assert be.full == want
     assert sum(want) > 3 if refresh_tokens < 8 else sum(want) == 3  # 3 blocks: 3 full forwards at least
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("refresh_blocks", [None, 1, 2, 3, 100])
+def test_refresh_blocks_renews_the_cache_from_the_block_before(cache, refresh_blocks, tiny_dirs):
+    """Every refresh_blocks-th block (the first included) starts with the full forward; the others
+    start with a window from the block before's start to the block's end (prefix: the canvas end)
+    that renews the cache there; every other step is the cache's own window, kept as it is."""
+    from dllm_export.runtime.backends import TorchBackend
+
+    be = _WindowLog(TorchBackend(load_model(tiny_dirs["llada"])))
+    out = generate(be, [[5, 9, 33], [12, 40, 7]], gen_length=32, steps=16, block_length=8, cache=cache,
+                   refresh_blocks=refresh_blocks)
+    want, L = [], 3 + 32
+    for b in range(4):
+        lo, hi = 3 + 8 * b, 11 + 8 * b
+        end = L if cache == "prefix" else hi
+        want.append((None, False) if b % (refresh_blocks or 1) == 0 else ((lo - 8, end), True))
+        want += [((lo, end), False)] * 3
+    assert be.windows == want and out.nfe == 16
+    assert (out.generated != be.spec.mask_id).all()
+
+
+@pytest.mark.parametrize("opts", [{"stop_at_eos": True}, {"threshold": 0.9, "stop_at_eos": True},
+                                  {"refresh_tokens": 8}])
+def test_refresh_blocks_rows_in_a_batch_decode_as_alone(opts):
+    """With refresh_blocks the rows stay in the batch's forwards to the end (ended ones and those
+    whose block is decoded too: the renewed cache lives across blocks), so every row keeps the
+    schedule it has alone and decodes its tokens."""
+    from dllm_export import load_tokenizer
+    from dllm_export.runtime.backends import TorchBackend
+
+    model, tok = load_model("default"), load_tokenizer("default")
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("38+32=", "def fibonacci(n):", "7*8=")]
+    kw = dict(gen_length=64, block_length=16, cache="dual", refresh_blocks=3, **opts)
+    logged = _WindowLog(TorchBackend(model))
+    batch = generate(logged, prompts, **kw)
+    refills = []  # each row's full forwards and renewals alone
+    for r, p in enumerate(prompts):
+        alone = _WindowLog(TorchBackend(model))
+        assert batch.generated[r].tolist() == generate(alone, [p], **kw).generated[0].tolist()
+        refills.append([w for w in alone.windows if w[0] is None or w[1]])
+    if opts.get("stop_at_eos"):  # the arithmetic rows end in the first block: the code row's schedule goes on
+        assert len(refills[0]) == 1 and [w for w in logged.windows if w[0] is None or w[1]] == refills[1]
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -355,6 +355,18 @@ def test_block_step_graph_matches_torch_cache(name, tiny_dirs, float_exports):
         kv.window = window
         part = be.forward(ids[:, window[0]:window[1]], am, cache=kv)
         assert (part - ref[:, window[0]:window[1]]).abs().max() < 1e-4
+    # a window that renews the cache over new tokens stores what the torch model's renewal stores
+    torch_kv = KVCache()
+    model(ids, attention_mask=am, cache=torch_kv)
+    new = ids.clone()
+    new[:, 8:24] = (new[:, 8:24] * 7 + 3) % 300
+    for c in (kv, torch_kv):
+        c.window, c.update = (8, 24), True
+    part = be.forward(new[:, 8:24], am, cache=kv)
+    assert (part - model(new[:, 8:24], attention_mask=am, cache=torch_kv).float()).abs().max() < 1e-4
+    for mine, theirs in zip(kv.k + kv.v, torch_kv.k + torch_kv.v):  # (padding keys are masked: left out)
+        assert mine.shape == tuple(theirs.shape)
+        assert (torch.as_tensor(mine) - theirs).transpose(1, 2)[am.bool()].abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
@@ -396,7 +408,9 @@ def test_fill_forward_equals_the_padded_forward(name, runtime, tiny_dirs, float_
 
 
 @pytest.mark.parametrize("name,sampler", [("llada", "low_confidence"), ("dream", "entropy")])
-@pytest.mark.parametrize("cache,parallel", [("prefix", {}), ("dual", {}), ("dual", {"threshold": 0.5})])
+@pytest.mark.parametrize("cache,parallel", [("prefix", {}), ("dual", {}), ("dual", {"threshold": 0.5}),
+                                            ("prefix", {"refresh_blocks": 2}),
+                                            ("dual", {"threshold": 0.5, "refresh_blocks": 2})])
 def test_cached_traces_equal_torch(name, sampler, cache, parallel, tiny_dirs, float_exports):
     prompts = [[5, 9, 33, 70], [12, 40]]
     kw = dict(gen_length=16, steps=16, block_length=8, temperature=0.0, cache=cache, **parallel,
@@ -460,11 +474,14 @@ def test_fuzzed_schedules_decode_alike_on_torch_and_onnxruntime(tiny_dirs, float
                                                "origin", "random"]),
                       threshold=st.sampled_from([None, None, 0.3, 0.9]),
                       cache=st.sampled_from(["none", "prefix", "dual"]),
-                      refresh_tokens=st.sampled_from([None, None, 1, 3]), stop_at_eos=st.booleans(),
+                      refresh_tokens=st.sampled_from([None, None, 1, 3]),
+                      refresh_blocks=st.sampled_from([None, None, 2]),
+                      stop_at_eos=st.booleans(),
                       cfg_scale=st.sampled_from([0.0, 0.0, 1.0]), temperature=st.sampled_from([0.0, 0.0, 0.7]))
-    def one(name, blocks, block, per_block, prompts, sampler, threshold, cache, refresh_tokens, **kw):
+    def one(name, blocks, block, per_block, prompts, sampler, threshold, cache, refresh_tokens, refresh_blocks, **kw):
         kw.update(gen_length=blocks * block, block_length=block, steps=blocks * per_block, sampler=sampler,
-                  threshold=threshold, cache=cache, refresh_tokens=None if cache == "none" else refresh_tokens, seed=3)
+                  threshold=threshold, cache=cache, refresh_tokens=None if cache == "none" else refresh_tokens,
+                  refresh_blocks=None if cache == "none" else refresh_blocks, seed=3)
         try:
             a = generate(models[name], prompts, **kw)
         except InputError as e:

@@ -129,6 +129,15 @@ def test_completion_with_the_edge_preset_equals_generate(torch_engine, torch_url
     assert r.model_extra["dllm"]["nfe"] < 64  # threshold decoding and the EOS stop: fewer forwards than tokens
 
 
+def test_completion_with_a_cache_across_blocks_equals_generate(torch_engine, torch_url):
+    """`refresh_blocks` through the official client: the request decodes alone, as `generate` does."""
+    ids = encode_prompt(torch_engine.tokenizer, PROMPTS[1])
+    kw = {"steps": 32, "block_length": 8, "cache": "dual", "refresh_blocks": 4}
+    r = client(torch_url).completions.create(model="default", prompt=PROMPTS[1], max_tokens=32, temperature=0,
+                                             extra_body=kw)
+    assert r.choices[0].text == expected(torch_engine, ids, gen_length=32, **kw)
+
+
 def test_completion_with_a_suffix_infills_as_generate(torch_engine, torch_url):
     """OpenAI's `suffix`: the completion is the text between the prompt and the suffix, as `generate`
     with `suffix_ids` decodes it alone, streamed or not, with n rows, and in a batch beside requests
@@ -592,6 +601,8 @@ def test_request_settings_are_the_loop_plan_fields():
     (dict(cache="dual"), True),
     (dict(cache="dual", refresh=2), True),
     (dict(cache="dual", refresh_tokens=4), True),  # each row's cache is refreshed on its own commits
+    (dict(cache="dual", refresh_blocks=1), True),
+    (dict(cache="dual", refresh_blocks=4), False),  # retired rows would restart the others' cache
     (dict(seed=1), False),
 ])
 def test_which_requests_share_a_batch(settings, batchable):

@@ -26,8 +26,8 @@ Model args (`--model_args k=v,...`; numbers and true/false are typed by lm-eval'
         a time, most confident first, and compare), argmax (one forward with the continuation masked),
         off (always False; saves the forwards).
     gen_length, steps, block_length, cache (none | prefix | dual), threshold, factor, refresh, refresh_tokens,
-        sampler, temperature, cfg_scale, top_k, top_p, alg_temp, eps: the unmasking loop (see `generate`);
-        default gen_length 256, steps = gen_length, block_length 32.
+        refresh_blocks, sampler, temperature, cfg_scale, top_k, top_p, alg_temp, eps: the unmasking loop (see
+        `generate`); default gen_length 256, steps = gen_length, block_length 32.
     seed: every ELBO and every generation is seeded with it, so results do not depend on the order
         or the batching of requests (default 0).
     add_bos: prepend the model's BOS to every context (default false).
@@ -67,14 +67,14 @@ _ARGS: dict[str, tuple[type, Any]] = {
     "mc_num": (int, 128), "batch": (int, 16), "greedy": (str, "unmask"),
     "gen_length": (int, 256), "steps": (int, None), "block_length": (int, 32), "cache": (str, "none"),
     "threshold": (float, None), "factor": (float, None), "refresh": (int, None),
-    "refresh_tokens": (int, None), "sampler": (str, None),
+    "refresh_tokens": (int, None), "refresh_blocks": (int, None), "sampler": (str, None),
     "temperature": (float, 0.0), "cfg_scale": (float, 0.0), "top_k": (int, None), "top_p": (float, None),
     "alg_temp": (float, None), "eps": (float, 1e-3), "seed": (int, 0), "add_bos": (bool, False),
     "disable_tqdm": (bool, False),
 }
 # the model args that are the loop's settings as they are (generate's keywords, Plan's fields)
 _PLAN_ARGS = ("temperature", "cfg_scale", "top_k", "top_p", "alg_temp", "eps", "threshold", "factor", "cache",
-              "refresh", "refresh_tokens", "seed")
+              "refresh", "refresh_tokens", "refresh_blocks", "seed")
 _IGNORED = ("batch_size", "max_batch_size")  # lm-eval's own batching: requests run one at a time here
 # the task generation kwargs `generate_until` reads; sampling settings are model args (see the module docstring)
 GEN_KWARGS = ("until", "max_gen_toks")

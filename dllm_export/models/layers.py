@@ -83,6 +83,8 @@ class KVCache:
     columns are all padding: the window's tokens attend to each other alone, at their positions in
     a canvas of `length` columns, and their keys/values [B, kvH, end - start, hd] are stored (a
     batch's rows that joined at other times fill their caches this way, without the padding).
+    With `update` set, a windowed forward also stores its fresh keys/values over the window's
+    stale ones (a block start that renews only the columns that changed: `refresh_blocks`).
     """
 
     def __init__(self):
@@ -91,6 +93,7 @@ class KVCache:
         self.window: tuple[int, int] | None = None
         self.length = 0
         self.fill = False
+        self.update = False
 
     def layer(self, i: int):
         """The hook block i calls with its fresh (k, v); returns the (k, v) to attend over."""
@@ -104,7 +107,10 @@ class KVCache:
                 return k, v
             s, e = self.window
             K, V = self.k[i], self.v[i]
-            return torch.cat([K[:, :, :s], k, K[:, :, e:]], dim=2), torch.cat([V[:, :, :s], v, V[:, :, e:]], dim=2)
+            K, V = torch.cat([K[:, :, :s], k, K[:, :, e:]], dim=2), torch.cat([V[:, :, :s], v, V[:, :, e:]], dim=2)
+            if self.update:
+                self.k[i], self.v[i] = K, V
+            return K, V
         return hook
 
 

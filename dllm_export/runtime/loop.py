@@ -196,8 +196,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
              alg_temp: float | None = None, eps: float = 1e-3, threshold: float | None = None,
              attention_mask=None, seed: int | None = None, generator: torch.Generator | None = None,
              callback: Callable[[int, int], None] | None = None, cache: str = "none", refresh: int | None = None,
-             refresh_tokens: int | None = None, factor: float | None = None, stop_at_eos: bool = False,
-             on_canvas: Callable[[torch.Tensor], None] | None = None, suffix_ids=None,
+             refresh_tokens: int | None = None, refresh_blocks: int | None = None, factor: float | None = None,
+             stop_at_eos: bool = False, on_canvas: Callable[[torch.Tensor], None] | None = None, suffix_ids=None,
              logprobs: "int | Logprobs | None" = None) -> GenerateOutput:
     """Decode `gen_length` tokens after `prompt_ids` by iterative unmasking.
 
@@ -232,6 +232,13 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
             while one-token steps keep the cache. 1 refreshes after every commit (the reference trace).
             Per row: in a batch each row is refreshed when it needs it (a step where only some rows
             do runs the cached and the full forward), so its tokens are those it gets alone.
+        refresh_blocks: with a cache, only every `refresh_blocks`-th block (the first included)
+            starts with the full forward; the others start with a windowed forward from the start
+            of the block just decoded (its final tokens and the new block; "prefix": to the end)
+            that writes those columns' keys/values into the cache, while the prompt's and the rest
+            keep those of the last full forward (dLLM-Cache's long-interval prompt cache). Block
+            starts then cost a block step of two blocks instead of a forward over the canvas; the
+            tokens are no longer the dual cache's (measure quality). None or 1: every block.
         stop_at_eos: once a block is decoded with an end token (EOS or end of turn) in a row's
             generated part and only masks after the block, that row's rest is filled with EOS
             (commit step: the block's last) and not decoded; the loop ends when every row has
@@ -267,7 +274,8 @@ def generate(model_or_backend, prompt_ids, *, gen_length: int = 128, steps: int 
                           on_canvas=on_canvas, gen_length=gen_length, steps=steps, block_length=block_length,
                           sampler=sampler, temperature=temperature, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
                           alg_temp=alg_temp, eps=eps, threshold=threshold, factor=factor, cache=cache,
-                          refresh=refresh, refresh_tokens=refresh_tokens, stop_at_eos=stop_at_eos, seed=seed)
+                          refresh=refresh, refresh_tokens=refresh_tokens, refresh_blocks=refresh_blocks,
+                          stop_at_eos=stop_at_eos, seed=seed)
     dec.admit(prompt_ids, suffix_ids, attention_mask)
     t0 = time.perf_counter()
     with loop_threads(dec.backend):
@@ -609,6 +617,7 @@ class Plan:
     cache: str = "none"
     refresh: int | None = None
     refresh_tokens: int | None = None
+    refresh_blocks: int | None = None
     stop_at_eos: bool = False
     seed: int | None = None
 
@@ -645,9 +654,12 @@ class Plan:
 
     @property
     def rows_independent(self) -> bool:
-        """A row's tokens do not depend on the other rows of its batch: greedy (no shared random draws)
-        and no batch-mean quota (Dream's samplers without threshold / factor)."""
-        return self.greedy and (self.parallel or self.sampler in S.LLADA_SAMPLERS)
+        """Rows may leave (or join) a batch without changing the others' tokens: greedy (no shared
+        random draws), no batch-mean quota (Dream's samplers without threshold / factor), and every
+        block start refreshes the cache (with `refresh_blocks`, a batch whose rows changed would
+        start its next block with the full forward, where each row alone renews its cache)."""
+        return (self.greedy and (self.parallel or self.sampler in S.LLADA_SAMPLERS)
+                and (self.refresh_blocks or 1) == 1)
 
     @property
     def greedy(self) -> bool:
@@ -672,7 +684,7 @@ class Plan:
                 raise InputError(f"factor decoding ranks by confidence; sampler {self.sampler!r} has none")
         if self.cache not in CACHES:
             raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
-        for name in ("refresh", "refresh_tokens"):
+        for name in ("refresh", "refresh_tokens", "refresh_blocks"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
@@ -684,7 +696,8 @@ class Plan:
     def _check_types(self) -> None:
         """Counts are integers and settings numbers (numpy's too; a bool is neither): `gen_length=8.0`
         or `temperature="0.5"` failed deep inside torch, `refresh=1.5` ran a schedule nobody asked for."""
-        check_fields(self, ints=("gen_length", "steps", "block_length", "top_k", "refresh", "refresh_tokens", "seed"),
+        check_fields(self, ints=("gen_length", "steps", "block_length", "top_k", "refresh", "refresh_tokens",
+                                 "refresh_blocks", "seed"),
                      reals=("temperature", "cfg_scale", "top_p", "alg_temp", "eps", "threshold", "factor"),
                      bools=("stop_at_eos",))
         if not 0 < self.eps < 1:  # Dream's schedule runs from t = 1 down to eps
@@ -695,7 +708,7 @@ class Plan:
     def _check_reads(self) -> None:
         """Refuse settings the decoding would drop without a word: a cache refresh without a cache,
         Dream's sampling filters where a LLaDA sampler or a threshold / factor rule commits."""
-        refresh = [n for n in ("refresh", "refresh_tokens") if getattr(self, n) is not None]
+        refresh = [n for n in ("refresh", "refresh_tokens", "refresh_blocks") if getattr(self, n) is not None]
         if refresh and self.cache == "none":
             raise InputError(f"{' and '.join(refresh)} {'needs' if len(refresh) == 1 else 'need'} a block cache: "
                              f"set cache to {' or '.join(repr(c) for c in CACHES if c != 'none')}")
@@ -756,9 +769,10 @@ class _StepLogits:
     Without a cache every step is a full forward (the reference). With one, a block's first step
     (every `refresh`-th, and for a row the first with `refresh_tokens` commits past its cache) is a
     full forward that fills the KVCache; the other steps run only the cached window (the block for
-    "dual", block to end for "prefix") and write its rows into the last full logits. A backend with
-    `supports_rows` computes the head only on the rows the greedy samplers read (the first eligible
-    position to the block end).
+    "dual", block to end for "prefix") and write its rows into the last full logits. With
+    `refresh_blocks`, the other blocks start with a window from the block before's start that renews
+    the cache there (`KVCache.update`). A backend with `supports_rows` computes the head only on the
+    rows the greedy samplers read (the first eligible position to the block end).
     """
 
     def __init__(self, backend: Backend, plan: Plan, prompt_index: torch.Tensor, am: torch.Tensor,
@@ -775,6 +789,8 @@ class _StepLogits:
         self.nfe = 0  # steps, i.e. backend forward calls (a CFG step counts once, so does a step whose
         # rows split into full and cached ones, though it runs both)
         self.filled: torch.Tensor | None = None  # (B,) decoded positions when the cache was filled
+        self.block_starts = 0  # blocks started on this cache (refresh_blocks counts them)
+        self.last_lo: int | None = None  # the start column of the block before
 
     def subset(self, keep: torch.Tensor) -> "_StepLogits":
         """This step state for the rows where `keep` (a bool mask over its rows), mid-block: their
@@ -810,7 +826,21 @@ class _StepLogits:
         self.filled = torch.where(full, filled, self.filled)
         return full
 
+    def renew_from(self, i: int, lo_blk: int) -> int | None:
+        """At a block's start: the column from which a windowed forward renews the cache (the start
+        of the block before) where `refresh_blocks` spares this block the full forward, else None."""
+        if i != 0 or self.kv is None:
+            return None
+        since, self.last_lo = self.last_lo, lo_blk
+        self.block_starts += 1
+        return None if since is None or (self.block_starts - 1) % (self.plan.refresh_blocks or 1) == 0 else since
+
     def __call__(self, x: torch.Tensor, i: int, lo_blk: int, hi: int, eligible: torch.Tensor) -> torch.Tensor:
+        since = self.renew_from(i, lo_blk)
+        if since is not None:
+            self.nfe += 1
+            self.filled = (x != self.spec.mask_id).sum(1)  # every committed token is in the cache again
+            return self.step(x, False, lo_blk, hi, eligible, since)
         full = self.full_rows(x, i)
         self.nfe += 1
         if bool(full.all()) or not bool(full.any()):
@@ -826,8 +856,10 @@ class _StepLogits:
         self.kv.v = [_rows_where(keep, o, n) for o, n in zip(old_v, self.kv.v)]
         return self.logits
 
-    def step(self, x: torch.Tensor, full: bool, lo_blk: int, hi: int, eligible: torch.Tensor) -> torch.Tensor:
-        """The logits of a full forward (refilling the cache) or of a cached window, for every row."""
+    def step(self, x: torch.Tensor, full: bool, lo_blk: int, hi: int, eligible: torch.Tensor,
+             since: int | None = None) -> torch.Tensor:
+        """The logits of a full forward (refilling the cache) or of a cached window, for every row;
+        with `since` (`renew_from`), the window starts there and its keys/values renew the cache."""
         plan, shift, L = self.plan, self.shift, x.shape[1]
         if full and not self.use_rows:
             logits = self.spec.align_logits(self.raw(x, None))
@@ -836,11 +868,13 @@ class _StepLogits:
             self.logits = logits
             return logits
         # raw rows [ra, rb) feed aligned rows [ra + shift, rb + shift)
-        window = None if full else (lo_blk, L) if plan.cache == "prefix" else (lo_blk, hi)
-        ra = max(int(eligible.any(0).nonzero()[0, 0]) - shift, 0) if full else lo_blk
-        rb = hi - shift if self.use_rows else window[1]  # aligned rows up to the block end are read
+        a = lo_blk if since is None else since
+        window = None if full else (a, L) if plan.cache == "prefix" else (a, hi)
         off = 0 if window is None else window[0]
-        part = self.raw(x, window, (ra - off, rb - off) if self.use_rows else None)
+        first = max(int(eligible.any(0).nonzero()[0, 0]) - shift, 0)  # the first raw row a sampler reads
+        ra = off if not self.use_rows else first if full else lo_blk if since is None else max(first, since)
+        rb = hi - shift if self.use_rows else window[1]  # aligned rows up to the block end are read
+        part = self.raw(x, window, (ra - off, rb - off) if self.use_rows else None, update=since is not None)
         if self.logits is None:
             self.logits = torch.empty(x.shape[0], L, part.shape[-1], dtype=part.dtype)
         lo, up = ra + shift, min(rb + shift, L)
@@ -849,12 +883,14 @@ class _StepLogits:
             self.logits[:, 0] = part[:, 0]
         return self.logits
 
-    def raw(self, x: torch.Tensor, window: tuple[int, int] | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Raw backend logits of the canvas (or of a cached window), with classifier-free guidance."""
+    def raw(self, x: torch.Tensor, window: tuple[int, int] | None, rows: tuple[int, int] | None = None,
+            update: bool = False) -> torch.Tensor:
+        """Raw backend logits of the canvas (or of a cached window, which with `update` renews the
+        cache there), with classifier-free guidance."""
         groups = self.groups() if window is None else None
         if groups is not None:
             return self._grouped(x, groups, rows)
-        return self._forward(x, self.prompt_index, self.fwd_mask, window, rows, self.kv)
+        return self._forward(x, self.prompt_index, self.fwd_mask, window, rows, self.kv, update)
 
     def groups(self) -> list[tuple[torch.Tensor, int, int]] | None:
         """[(rows, a, e)]: the rows of each admission with the columns [a, e) their real tokens
@@ -902,7 +938,8 @@ class _StepLogits:
         return out
 
     def _forward(self, x: torch.Tensor, prompt_index: torch.Tensor, am: torch.Tensor | None,
-                 window: tuple[int, int] | None, rows: tuple[int, int] | None, kv: KVCache | None) -> torch.Tensor:
+                 window: tuple[int, int] | None, rows: tuple[int, int] | None, kv: KVCache | None,
+                 update: bool = False) -> torch.Tensor:
         """One backend forward of the rows `x` (or of their window), with classifier-free guidance."""
         cfg = self.plan.cfg_scale
         ids = x if window is None else x[:, window[0]:window[1]]
@@ -913,7 +950,7 @@ class _StepLogits:
             am = None if am is None else torch.cat([am, am])
         kw = {} if rows is None else {"rows": rows}
         if kv is not None:
-            kv.window = window
+            kv.window, kv.update = window, update
             kw["cache"] = kv
         out = self.backend.forward(ids, am, **kw)
         if cfg > 0:

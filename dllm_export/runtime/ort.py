@@ -149,7 +149,8 @@ class OrtBackend:
 
         With a `KVCache` (models.layers): a full forward (window None, or a window with `fill`:
         those columns alone, an empty past) stores every layer's present keys/values; a windowed
-        one (ids = the window's tokens) feeds them as the past.
+        one (ids = the window's tokens) feeds them as the past, and with `update` stores the
+        window's fresh ones (the present's last rows) over them.
         """
         window = None if cache is None else cache.window
         fill = cache is not None and cache.fill and window is not None
@@ -174,13 +175,17 @@ class OrtBackend:
             for i in range(self.n_layers):
                 feed[f"past.{i}.key"] = empty if window is None or fill else cache.k[i]
                 feed[f"past.{i}.value"] = empty if window is None or fill else cache.v[i]
-            if cache is not None and (window is None or fill):
+            if cache is not None and (window is None or fill or cache.update):
                 outputs += [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
         elif cache is not None:
             raise CheckpointError(f"{self.path}: exported without the kv_cache inputs (re-export to use caches)")
         out = self.session.run(outputs, feed)
         self.runs += 1
-        if len(out) > 1:  # a full forward refreshes the cache
+        if len(out) > 1 and window is not None and not fill:  # the present = [past, the window's fresh rows]
+            s, e = window
+            cache.k, cache.v = ([np.concatenate([c[:, :, :s], p[:, :, T:], c[:, :, e:]], axis=2)
+                                 for c, p in zip(old, new)] for old, new in ((cache.k, out[1::2]), (cache.v, out[2::2])))
+        elif len(out) > 1:  # a full forward refreshes the cache
             cache.k, cache.v, cache.length = out[1::2], out[2::2], cache.length if fill else W
         logits = torch.from_numpy(out[0])
         return logits if rows is None else logits[:, rows[0]:rows[1]]

@@ -47,6 +47,7 @@ class GenSettings:
     cache: str = "none"
     refresh: int | None = None
     refresh_tokens: int | None = None
+    refresh_blocks: int | None = None
     stop_at_eos: bool = False
     seed: int | None = None
 
@@ -66,15 +67,18 @@ class GenSettings:
 
     def batchable(self, sampler: str) -> bool:
         """Rows of other requests leave this request's tokens unchanged: greedy and unseeded (a shared
-        generator would interleave draws), and not Dream's batch-mean quota with ended rows."""
+        generator would interleave draws), not Dream's batch-mean quota with ended rows, and not a cache
+        that lives across blocks (`refresh_blocks`: rows answered and retired restart it for the rest)."""
         if self.seed is not None or self.temperature > 0 or sampler in ("random", "origin") or self.alg_temp:
+            return False
+        if (self.refresh_blocks or 1) > 1:
             return False
         return not (self.stop_at_eos and sampler in DREAM_SAMPLERS and self.threshold is None and self.factor is None)
 
 
 # dLLM extensions a request may carry (OpenAI clients send them through `extra_body`)
 EXTENSIONS = ("steps", "block_length", "sampler", "threshold", "factor", "cache", "refresh", "refresh_tokens",
-              "stop_at_eos", "cfg_scale", "top_k", "alg_temp", "preset")
+              "refresh_blocks", "stop_at_eos", "cfg_scale", "top_k", "alg_temp", "preset")
 # the request fields a preset fills when the request leaves them open (factor: it takes none then)
 PRESET_FIELDS = ("cache", "threshold", "factor", "refresh_tokens", "stop_at_eos")
 
@@ -197,7 +201,8 @@ class Engine:
         s = GenSettings(gen_length=gen, steps=req.steps, block_length=self.block_length(req, gen),
                         sampler=req.sampler, temperature=req.temperature or 0.0, cfg_scale=req.cfg_scale or 0.0,
                         top_k=req.top_k,
-                        top_p=top_p, alg_temp=req.alg_temp, refresh=req.refresh, seed=req.seed,
+                        top_p=top_p, alg_temp=req.alg_temp, refresh=req.refresh, refresh_blocks=req.refresh_blocks,
+                        seed=req.seed,
                         **{"cache": "none", **fast, "stop_at_eos": bool(fast.get("stop_at_eos"))})
         try:
             Plan.resolve(self.spec, **s.kwargs()).check(self.backend)

@@ -61,6 +61,7 @@ class _GenRequest(_Strict):
     cache: str | None = None
     refresh: int | None = None
     refresh_tokens: int | None = None
+    refresh_blocks: int | None = None
     preset: str | None = None  # runtime.loop.PRESETS; default: the server's --preset
     stop_at_eos: bool | None = None
     cfg_scale: float | None = Field(None, ge=0)
