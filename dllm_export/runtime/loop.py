@@ -872,7 +872,12 @@ class _StepLogits:
         window = None if full else (a, L) if plan.cache == "prefix" else (a, hi)
         off = 0 if window is None else window[0]
         first = max(int(eligible.any(0).nonzero()[0, 0]) - shift, 0)  # the first raw row a sampler reads
-        ra = off if not self.use_rows else first if full else lo_blk if since is None else max(first, since)
+        if not self.use_rows:
+            ra = off  # the backend returns the whole window
+        elif full or since is not None:
+            ra = max(first, off)  # a renewing window's rows before that are the block just decoded
+        else:
+            ra = lo_blk
         rb = hi - shift if self.use_rows else window[1]  # aligned rows up to the block end are read
         part = self.raw(x, window, (ra - off, rb - off) if self.use_rows else None, update=since is not None)
         if self.logits is None:
