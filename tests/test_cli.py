@@ -21,6 +21,23 @@ def test_generate_json(tiny_dirs, capsys, name):
     assert out["timings"]["generate_s"] > 0 and out["timings"]["tokens_per_s"] > 0
 
 
+def test_generate_with_a_cache_across_blocks_is_the_apis(tiny_dirs, capsys):
+    """`--cache dual --refresh-blocks 2` decodes as `generate(refresh_blocks=2)`; without a cache it is
+    refused in one line (exit 2)."""
+    from dllm_export import generate, load_model, load_tokenizer
+    from dllm_export.tokenizer import encode_prompt
+
+    model = tiny_dirs["llada"]
+    args = ["generate", "--model", str(model), "--prompt", "def f(x):", "--gen-length", "24", "--block-length", "8"]
+    assert main([*args, "--cache", "dual", "--refresh-blocks", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = generate(load_model(model), [encode_prompt(load_tokenizer(model), "def f(x):")], gen_length=24,
+                    block_length=8, cache="dual", refresh_blocks=2)
+    assert out["ids"] == want.ids.tolist() and out["settings"]["refresh_blocks"] == 2
+    assert main([*args, "--refresh-blocks", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("refresh_blocks needs a block cache: set cache to 'prefix' or 'dual'")
+
+
 def test_generate_text_with_chat_template(tiny_dirs, capsys):
     args = ["generate", "--model", str(tiny_dirs["llada"]), "--prompt", "hi", "--chat", "--gen-length", "8",
             "--threshold", "0.5"]
