@@ -35,7 +35,8 @@ def test_generate_with_a_cache_across_blocks_is_the_apis(tiny_dirs, capsys):
                     block_length=8, cache="dual", refresh_blocks=2)
     assert out["ids"] == want.ids.tolist() and out["settings"]["refresh_blocks"] == 2
     assert main([*args, "--refresh-blocks", "2"]) == 2
-    assert capsys.readouterr().err.strip().endswith("refresh_blocks needs a block cache: set cache to 'prefix' or 'dual'")
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("refresh_blocks needs a block cache: set cache to 'prefix' or 'dual'") and "\n" not in err
 
 
 def test_generate_text_with_chat_template(tiny_dirs, capsys):
