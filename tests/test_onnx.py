@@ -421,7 +421,8 @@ def test_cached_traces_equal_torch(name, sampler, cache, parallel, tiny_dirs, fl
 
 
 @pytest.mark.parametrize("name", ["llada_gqa", "dream"])
-@pytest.mark.parametrize("opts", [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "dual", "threshold": 0.5}])
+@pytest.mark.parametrize("opts", [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "dual", "threshold": 0.5},
+                                  {"cache": "dual", "refresh_blocks": 2}])
 def test_infill_traces_equal_torch(name, opts, tiny_dirs, float_exports):
     """Ragged prompts before the canvas and ragged suffixes after it (left- and right-padded, masked):
     the same fill on the graph as on the torch model, cached or not."""
