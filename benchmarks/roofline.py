@@ -154,6 +154,11 @@ def e2e(be, prompt_len: int, gen: int, block: int, steps: int, cache: str, refre
             "s_per_step": round(s / out.nfe, 4)}
 
 
+def _cache_label(cache: str, refresh_blocks: int | None) -> str:
+    """How a decode's cache reads in the output: "dual", or "dual, refresh_blocks 8"."""
+    return cache if not refresh_blocks else f"{cache}, refresh_blocks {refresh_blocks}"
+
+
 def _e2e_floor(r: dict, steps: dict, blocks: int, base_s: float | None) -> dict:
     """The job at its steps' floors: a full forward per step without a cache; with the dual cache
     one per block (it fills the cache; with `refresh_blocks` N, one per N blocks and a renewing
@@ -285,8 +290,7 @@ def to_markdown(res: dict) -> str:
                   "| artifact | cache | s | s/step | tok/s | x torch fp32 | s at the floors | x torch fp32 at the floors |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for key, r in res["e2e"].items():
-            cache = r["cache"] + (f", refresh_blocks {r['refresh_blocks']}" if r.get("refresh_blocks") else "")
-            lines.append(f"| {r['artifact']} | {cache} | {r['seconds']} | {r['s_per_step']} | "
+            lines.append(f"| {r['artifact']} | {_cache_label(r['cache'], r.get('refresh_blocks'))} | {r['seconds']} | {r['s_per_step']} | "
                          f"{r['tokens_per_s']} | {r.get('x_torch_fp32', '')} | {r.get('floor_s', '')} | "
                          f"{r.get('x_torch_fp32_at_floor', '')} |")
     return "\n".join(lines) + "\n"
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             for cache, every in runs:
                 r = e2e(be, args.prompt, args.e2e_gen_length or args.gen_length, args.block_length, args.steps, cache,
                         every)
-                label = cache if every is None else f"{cache}, refresh_blocks {every}"
+                label = _cache_label(cache, every)
                 res["e2e"][f"{name}:{cache}" + (f"+rb{every}" if every else "")] = {
                     "artifact": name, "cache": cache, "refresh_blocks": every, **r}
                 print(f"{name:12s} e2e cache={label:5s} {r['seconds']:8.2f} s  {r['tokens_per_s']} tok/s", flush=True)

@@ -183,8 +183,12 @@ class OrtBackend:
         self.runs += 1
         if len(out) > 1 and window is not None and not fill:  # the present = [past, the window's fresh rows]
             s, e = window
-            cache.k, cache.v = ([np.concatenate([c[:, :, :s], p[:, :, T:], c[:, :, e:]], axis=2)
-                                 for c, p in zip(old, new)] for old, new in ((cache.k, out[1::2]), (cache.v, out[2::2])))
+
+            def splice(cached: list, present: list) -> list:
+                return [np.concatenate([c[:, :, :s], p[:, :, T:], c[:, :, e:]], axis=2)
+                        for c, p in zip(cached, present)]
+
+            cache.k, cache.v = splice(cache.k, out[1::2]), splice(cache.v, out[2::2])
         elif len(out) > 1:  # a full forward refreshes the cache
             cache.k, cache.v, cache.length = out[1::2], out[2::2], cache.length if fill else W
         logits = torch.from_numpy(out[0])
